@@ -1,0 +1,53 @@
+# Every third-party dependency is found here, in one place (see third_party_notes.md).
+
+# ccache: honour precompiled headers (ccache refuses PCH users unless told these are safe).
+find_program(NEVA_CCACHE ccache)
+if(NEVA_CCACHE AND NOT CMAKE_CXX_COMPILER_LAUNCHER)
+  set(CMAKE_CXX_COMPILER_LAUNCHER
+      ${CMAKE_COMMAND} -E env CCACHE_SLOPPINESS=pch_defines,time_macros,include_file_mtime,include_file_ctime
+      ${NEVA_CCACHE})
+endif()
+
+# LibTorch from the pinned PyPI torch wheel (CMAKE_PREFIX_PATH points at torch/share/cmake).
+# The wheel is the CUDA build: its config needs the CUDA toolkit, which our machines have.
+find_package(Torch 2.11 REQUIRED)
+string(REGEX MATCH "^[0-9]+\\.[0-9]+\\.[0-9]+" NEVA_TORCH_VERSION "${Torch_VERSION}")
+# LibTorch's own c10d + CUDA-side libraries; TORCH_LIBRARIES carries them.
+add_library(neva_torch INTERFACE)
+target_link_libraries(neva_torch INTERFACE ${TORCH_LIBRARIES})
+target_compile_options(neva_torch INTERFACE ${TORCH_CXX_FLAGS})
+# c10d's headers need these to declare the Gloo and NCCL backends; both are inside the wheel's libraries.
+target_compile_definitions(neva_torch INTERFACE USE_DISTRIBUTED USE_C10D_GLOO USE_C10D_NCCL)
+# fmt: exactly one copy, the headers LibTorch ships (fmt >= 11), header-only. Debian's libfmt is never used.
+target_compile_definitions(neva_torch INTERFACE FMT_HEADER_ONLY)
+
+find_package(tomlplusplus REQUIRED)          # Debian libtomlplusplus-dev
+find_package(doctest REQUIRED)               # Debian doctest-dev
+find_package(nlohmann_json 3.11 REQUIRED)    # Debian nlohmann-json3-dev
+find_package(CLI11 REQUIRED)                 # Debian libcli11-dev
+find_package(Boost 1.74 REQUIRED COMPONENTS filesystem)  # Boost.DLL is header-only over Boost.Filesystem
+
+# gloo's headers: the wheel links gloo statically but does not ship its headers, which
+# ProcessGroupGloo.hpp includes. Debian's libgloo-dev provides them; we only call out-of-line
+# ProcessGroupGloo entry points and never instantiate gloo types ourselves, and never link libgloo.
+find_path(NEVA_GLOO_INCLUDE_DIR gloo/algorithm.h REQUIRED)
+
+# CUDA toolkit headers for nccl.h (ProcessGroupNCCL.hpp); found by Torch's config already.
+find_path(NEVA_NCCL_INCLUDE_DIR nccl.h HINTS ${CUDAToolkit_INCLUDE_DIRS} /usr/local/cuda/include REQUIRED)
+
+set(NEVA_WARNINGS -Wall -Wextra -Wno-unused-parameter -Werror=return-type -Werror=non-virtual-dtor)
+
+# One precompiled header for every target (same flags everywhere, so it is built once).
+add_library(neva_pch OBJECT ${PROJECT_SOURCE_DIR}/cmake/pch.cpp)
+target_link_libraries(neva_pch PUBLIC neva_torch)
+target_compile_options(neva_pch PRIVATE ${NEVA_WARNINGS})
+target_precompile_headers(neva_pch PRIVATE
+  <torch/nn/module.h> <torch/nn/modules/linear.h> <torch/nn/modules/activation.h>
+  <torch/nn/modules/container/sequential.h> <ATen/ATen.h>
+  <string> <vector> <memory> <map> <optional> <stdexcept>)
+
+# neva_target_defaults(TARGET): warnings and the shared precompiled header.
+function(neva_target_defaults target)
+  target_compile_options(${target} PRIVATE ${NEVA_WARNINGS})
+  target_precompile_headers(${target} REUSE_FROM neva_pch)
+endfunction()

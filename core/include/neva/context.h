@@ -1,0 +1,43 @@
+#pragma once
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+#include <memory>
+
+#include "neva/export.h"
+
+namespace neva {
+
+class ProcessGroup;  // neva/distributed.h
+
+// Which dtype each kind of tensor uses, decided by the PrecisionRecipe.
+struct DTypePolicy {
+  c10::ScalarType params = c10::ScalarType::Float;       // weights as the model holds them
+  c10::ScalarType compute = c10::ScalarType::Float;      // matmuls and activations
+  c10::ScalarType main_params = c10::ScalarType::Float;  // optimizer's master copy (bf16-O2: fp32)
+};
+
+// The process groups a rank belongs to, one per parallel dimension (Megatron's tp/pp/dp/ep/cp).
+// A null group means "this rank alone" (size 1): every layer works unchanged at size 1.
+struct ParallelGroups {
+  std::shared_ptr<ProcessGroup> tensor;
+  std::shared_ptr<ProcessGroup> pipeline;
+  std::shared_ptr<ProcessGroup> data;
+  std::shared_ptr<ProcessGroup> expert;
+  std::shared_ptr<ProcessGroup> context;
+};
+
+NEVA_API int group_size(const std::shared_ptr<ProcessGroup>& group);
+NEVA_API int group_rank(const std::shared_ptr<ProcessGroup>& group);
+
+// Everything a layer needs to know about where and how it runs. Passed explicitly to every component
+// a plugin builds; there is no global state behind it.
+struct RuntimeContext {
+  c10::Device device{c10::DeviceType::CPU};
+  DTypePolicy dtypes;
+  ParallelGroups groups;
+  std::uint64_t seed = 0;
+};
+
+}  // namespace neva

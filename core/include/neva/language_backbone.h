@@ -1,0 +1,49 @@
+#pragma once
+#include <torch/nn/module.h>
+
+#include <cstdint>
+#include <memory>
+
+#include "neva/component.h"
+
+namespace neva {
+
+struct NEVA_API LanguageBackboneConfig : ComponentConfig {
+  ~LanguageBackboneConfig() override;
+};
+
+// Per-sequence decoding state a backbone keeps between calls (keys and values of past tokens).
+// Opaque to the host; made by the backbone that reads it.
+class NEVA_API KVCache {
+ public:
+  virtual ~KVCache();
+};
+
+struct BackboneInputs {
+  at::Tensor embeddings;      // [batch, seq, hidden]: token embeddings with image features spliced in
+  at::Tensor positions;       // [batch, seq] int64; restarts at 0 for each packed sample
+  at::Tensor attention_mask;  // optional [batch, seq]: 1 for real tokens, 0 for padding
+  at::Tensor segment_ids;     // optional [batch, seq]: packed sample index; attention stays inside one
+  KVCache* cache = nullptr;   // optional: incremental decoding; the new tokens follow the cached ones
+};
+
+struct BackboneOutputs {
+  at::Tensor logits;    // [batch, seq, vocab]
+  at::Tensor aux_loss;  // optional scalar added to the training loss (e.g. MoE load balancing)
+};
+
+// A decoder-only language model (Llama, Mistral, Mixtral, Nemotron, ...).
+class NEVA_API LanguageBackbone : public torch::nn::Module, public Component {
+ public:
+  static constexpr const char* kKind = "language_backbone";
+  ~LanguageBackbone() override;
+
+  // token ids [batch, seq] int64 -> embeddings [batch, seq, hidden_size()]
+  virtual at::Tensor embed(const at::Tensor& token_ids) = 0;
+  virtual BackboneOutputs forward(const BackboneInputs& inputs) = 0;
+  virtual std::unique_ptr<KVCache> new_cache(std::int64_t batch, std::int64_t max_tokens) = 0;
+  virtual std::int64_t hidden_size() const = 0;
+  virtual std::int64_t vocab_size() const = 0;
+};
+
+}  // namespace neva

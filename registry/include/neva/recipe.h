@@ -1,0 +1,78 @@
+#pragma once
+// A recipe, parsed into typed configs that are complete before anything is built. Key names follow
+// NeMo NeVA where NeMo has the key (model.mm_cfg.llm.freeze, model.tensor_model_parallel_size, ...);
+// every key is documented in docs/recipes.md.
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "neva/config.h"
+#include "neva/connector.h"
+#include "neva/context.h"
+#include "neva/parallel_strategy.h"
+#include "neva/registry.h"
+
+namespace neva {
+
+struct RunConfig {
+  std::string mode = "inspect";  // what neva-run does with this recipe
+  std::uint64_t seed = 1234;
+  std::string device = "cpu";    // "cpu", "cuda", "cuda:N"
+  std::vector<std::filesystem::path> plugin_paths;  // absolute (resolved against the recipe's directory)
+};
+
+struct TrainerConfig {
+  std::string precision = "32";  // NeMo trainer.precision: 32 | bf16 | bf16-mixed
+};
+
+// One model part: which plugin builds it, and the config that plugin parsed from its table.
+struct ComponentSpec {
+  std::string kind;
+  std::string plugin;           // the name the recipe used
+  std::string section;          // dotted recipe path of its table, for messages
+  bool freeze = false;
+  std::string from_pretrained;  // checkpoint directory or file; "" = random initialisation
+  std::shared_ptr<ComponentConfig> config;
+};
+
+struct MultimodalConfig {       // model.mm_cfg
+  std::string mm_mlp_adapter_type = "mlp2x_gelu";
+  bool use_im_start_end = false;
+  std::string pretrain_mm_mlp_adapter;
+  std::optional<ComponentSpec> llm;
+  std::optional<ComponentSpec> vision_encoder;
+  ComponentSpec connector;      // table model.mm_cfg.mm_mlp_adapter
+};
+
+struct ModelConfig {            // model
+  ParallelSizes parallel;
+  std::int64_t micro_batch_size = 1;
+  std::int64_t global_batch_size = 1;
+  bool megatron_amp_O2 = false;
+  MultimodalConfig mm_cfg;
+};
+
+struct NEVA_API Recipe {
+  std::string source;           // file path, or a description of the embedded recipe
+  RunConfig run;
+  TrainerConfig trainer;
+  ModelConfig model;
+  std::shared_ptr<Registry> registry;  // plugins from run.plugin_paths, NEVA_PLUGIN_PATH, install dir
+
+  DTypePolicy dtype_policy() const;
+  RuntimeContext runtime_context() const;  // single-process groups; device and dtypes from the recipe
+};
+
+// Parses a recipe document (after its --set overrides). `base_directory` resolves relative
+// run.plugin_paths. Throws RecipeError (bad recipe) or PluginError (plugins unusable).
+NEVA_API Recipe parse_recipe(const ConfigDocument& document, const std::filesystem::path& base_directory,
+                             const Registry::Options& registry_options = {});
+
+// Reads `path`, applies `overrides` ("section.key=value"), parses.
+NEVA_API Recipe load_recipe(const std::filesystem::path& path, const std::vector<std::string>& overrides,
+                            const Registry::Options& registry_options = {});
+
+}  // namespace neva

@@ -1,0 +1,91 @@
+#pragma once
+// Finds plugin libraries, checks them, lists them without instantiating anything, and creates
+// components by (kind, name). Every object a plugin creates keeps the plugin's library loaded for as
+// long as the object lives.
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "neva/component.h"
+#include "neva/config.h"
+#include "neva/context.h"
+#include "neva/error.h"
+#include "neva/plugin_abi.h"
+
+namespace neva {
+
+struct PluginInfo {
+  std::string kind;
+  std::string name;
+  std::string version;
+  std::string torch_version;
+  std::string summary;
+  PluginAbiVersion abi{};
+  std::filesystem::path path;
+};
+
+class LoadedPlugin;  // one library and its descriptor
+
+class NEVA_API Registry {
+ public:
+  struct Options {
+    // Searched first, in order. Must be absolute (callers resolve recipe paths against the recipe).
+    std::vector<std::filesystem::path> search_paths;
+    // Then NEVA_PLUGIN_PATH (':'-separated absolute directories), then the install directory
+    // (<directory of the running executable>/../lib/neva/plugins). The current directory never.
+    bool use_environment = true;
+    bool use_install_directory = true;
+  };
+
+  // Scans every directory and loads every *.so in it. Throws PluginError naming the file for: a
+  // group- or world-writable file or directory, a library that fails to load, a missing entry
+  // symbol, an ABI or LibTorch mismatch, an incomplete descriptor, or a duplicate (kind, name).
+  explicit Registry(const Options& options);
+  ~Registry();
+  Registry(const Registry&) = delete;
+  Registry& operator=(const Registry&) = delete;
+
+  // The directories searched, in order (existing or not).
+  const std::vector<std::filesystem::path>& directories() const { return directories_; }
+  std::vector<PluginInfo> list() const;
+
+  // The plugin of `kind` called `name`, or answering to it. Throws PluginError listing those available.
+  const PluginInfo& find(const std::string& kind, const std::string& name) const;
+
+  // Runs the plugin's parse_config on `section`. RecipeErrors pass through; anything else the plugin
+  // throws becomes a PluginError naming it.
+  std::shared_ptr<ComponentConfig> parse_config(const std::string& kind, const std::string& name,
+                                                      const ConfigSection& section) const;
+
+  // Builds a component; the result keeps the plugin library loaded.
+  template <class Interface>
+  std::shared_ptr<Interface> create(const std::string& name, const ComponentConfig& config,
+                                    const RuntimeContext& context) const {
+    auto [component, library] = create_component(Interface::kKind, name, config, context);
+    auto* typed = dynamic_cast<Interface*>(component);
+    if (!typed) {
+      delete component;
+      throw_wrong_type(Interface::kKind, name);
+    }
+    // Constructed from the typed pointer so that torch::nn::Module's shared_from_this works; the
+    // deleter deletes through Component, then releases the library it holds.
+    return std::shared_ptr<Interface>(typed, [component, library](Interface*) { delete component; });
+  }
+
+  // The host's install plugin directory for the running executable.
+  static std::filesystem::path install_directory();
+
+ private:
+  std::pair<Component*, std::shared_ptr<const LoadedPlugin>> create_component(
+      const std::string& kind, const std::string& name, const ComponentConfig& config,
+      const RuntimeContext& context) const;
+  const LoadedPlugin& plugin(const std::string& kind, const std::string& name) const;
+  [[noreturn]] void throw_wrong_type(const std::string& kind, const std::string& name) const;
+
+  std::vector<std::filesystem::path> directories_;
+  std::vector<std::shared_ptr<LoadedPlugin>> plugins_;
+};
+
+}  // namespace neva

@@ -1,0 +1,173 @@
+#include "neva/recipe.h"
+
+#include <c10/core/Device.h>
+
+#include "neva/error.h"
+#include "neva/language_backbone.h"
+#include "neva/vision_encoder.h"
+
+namespace neva {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+const std::vector<std::string> kModes = {"inspect"};
+const std::vector<std::string> kPrecisions = {"32", "bf16", "bf16-mixed"};
+
+RunConfig parse_run(const ConfigSection& run, const fs::path& base_directory) {
+  RunConfig config;
+  config.mode = run.choice("mode", config.mode, kModes);
+  config.seed = static_cast<std::uint64_t>(run.integer("seed", static_cast<std::int64_t>(config.seed), 0));
+  config.device = run.get<std::string>("device", config.device);
+  try {
+    c10::Device device(config.device);
+    if (!device.is_cpu() && !device.is_cuda()) run.fail("device", "expected cpu, cuda or cuda:N, got '" + config.device + "'");
+  } catch (const c10::Error&) {
+    run.fail("device", "expected cpu, cuda or cuda:N, got '" + config.device + "'");
+  }
+  for (const auto& path : run.get<std::vector<std::string>>("plugin_paths", {})) {
+    fs::path resolved = fs::path(path).is_absolute() ? fs::path(path) : base_directory / path;
+    config.plugin_paths.push_back(resolved.lexically_normal());
+  }
+  return config;
+}
+
+ParallelSizes parse_parallel(const ConfigSection& model) {
+  ParallelSizes sizes;
+  sizes.tensor = model.integer("tensor_model_parallel_size", 1, 1);
+  sizes.pipeline = model.integer("pipeline_model_parallel_size", 1, 1);
+  sizes.virtual_pipeline = model.integer("virtual_pipeline_model_parallel_size", 1, 1);
+  sizes.context = model.integer("context_parallel_size", 1, 1);
+  sizes.expert = model.integer("expert_model_parallel_size", 1, 1);
+  sizes.sequence_parallel = model.get<bool>("sequence_parallel", false);
+  if (sizes.sequence_parallel && sizes.tensor == 1) {
+    model.fail("sequence_parallel", "sequence parallelism splits activations across the tensor-parallel group; "
+                                    "it needs tensor_model_parallel_size > 1");
+  }
+  if (sizes.virtual_pipeline > 1 && sizes.pipeline == 1) {
+    model.fail("virtual_pipeline_model_parallel_size", "interleaved pipelining needs pipeline_model_parallel_size > 1");
+  }
+  return sizes;
+}
+
+// Resolves `name` to a plugin of `kind`; an unknown name is the recipe's fault, located at `key`.
+void require_plugin(const Registry& registry, const ConfigSection& where, const std::string& key,
+                    const std::string& kind, const std::string& name) {
+  try {
+    registry.find(kind, name);
+  } catch (const PluginError& error) {
+    where.fail(key, error.what());
+  }
+}
+
+// A model component's table: host keys (plugin, from_pretrained, freeze), then the plugin's own.
+std::optional<ComponentSpec> parse_component(const Registry& registry, const ConfigSection& parent,
+                                             const std::string& key, const std::string& kind, bool default_freeze) {
+  if (!parent.has(key)) return std::nullopt;
+  ConfigSection table = parent.section(key);
+  ComponentSpec spec;
+  spec.kind = kind;
+  spec.section = table.path();
+  spec.plugin = table.require<std::string>("plugin");
+  spec.from_pretrained = table.get<std::string>("from_pretrained", "");
+  spec.freeze = table.get<bool>("freeze", default_freeze);
+  require_plugin(registry, table, "plugin", kind, spec.plugin);
+  spec.config = registry.parse_config(kind, spec.plugin, table);
+  return spec;
+}
+
+void check_connector_size(const ConfigSection& table, const char* key, std::int64_t value, const char* source) {
+  if (value <= 0) {
+    table.fail(key, std::string("required while the recipe has no ") + source + " to take it from (expected an integer >= 1)");
+  }
+}
+
+}  // namespace
+
+Recipe parse_recipe(const ConfigDocument& document, const fs::path& base_directory,
+                    const Registry::Options& registry_options) {
+  ConfigSection root = document.root();
+  Recipe recipe;
+  recipe.source = document.source_name();
+  recipe.run = parse_run(root.section("run"), base_directory);
+
+  Registry::Options options = registry_options;
+  options.search_paths.insert(options.search_paths.begin(), recipe.run.plugin_paths.begin(),
+                              recipe.run.plugin_paths.end());
+  recipe.registry = std::make_shared<Registry>(options);
+  const Registry& registry = *recipe.registry;
+
+  ConfigSection trainer = root.section("trainer");
+  recipe.trainer.precision = trainer.choice("precision", recipe.trainer.precision, kPrecisions);
+
+  ConfigSection model = root.section("model");
+  recipe.model.parallel = parse_parallel(model);
+  recipe.model.micro_batch_size = model.integer("micro_batch_size", 1, 1);
+  recipe.model.global_batch_size = model.integer("global_batch_size", recipe.model.micro_batch_size, 1);
+  if (recipe.model.global_batch_size % recipe.model.micro_batch_size != 0) {
+    model.fail("global_batch_size", "must be a multiple of micro_batch_size (" +
+                                        std::to_string(recipe.model.micro_batch_size) + "), got " +
+                                        std::to_string(recipe.model.global_batch_size));
+  }
+  recipe.model.megatron_amp_O2 = model.get<bool>("megatron_amp_O2", false);
+  if (recipe.model.megatron_amp_O2 && recipe.trainer.precision == "32") {
+    model.fail("megatron_amp_O2", "O2 keeps bf16 weights with fp32 main weights; it needs trainer.precision = \"bf16\"");
+  }
+
+  ConfigSection mm = model.section("mm_cfg");
+  MultimodalConfig& mm_cfg = recipe.model.mm_cfg;
+  mm_cfg.use_im_start_end = mm.get<bool>("use_im_start_end", false);
+  mm_cfg.pretrain_mm_mlp_adapter = mm.get<std::string>("pretrain_mm_mlp_adapter", "");
+  // NeVA's stage defaults: the language model and the vision tower start frozen only when asked.
+  mm_cfg.llm = parse_component(registry, mm, "llm", LanguageBackbone::kKind, false);
+  mm_cfg.vision_encoder = parse_component(registry, mm, "vision_encoder", VisionEncoder::kKind, true);
+
+  mm_cfg.mm_mlp_adapter_type = mm.get<std::string>("mm_mlp_adapter_type", mm_cfg.mm_mlp_adapter_type);
+  require_plugin(registry, mm, "mm_mlp_adapter_type", Connector::kKind, mm_cfg.mm_mlp_adapter_type);
+  ConfigSection adapter = mm.section("mm_mlp_adapter");
+  ComponentSpec& connector = mm_cfg.connector;
+  connector.kind = Connector::kKind;
+  connector.plugin = mm_cfg.mm_mlp_adapter_type;
+  connector.section = adapter.path();
+  connector.freeze = adapter.get<bool>("freeze", false);
+  connector.from_pretrained = mm_cfg.pretrain_mm_mlp_adapter;
+  connector.config = registry.parse_config(Connector::kKind, connector.plugin, adapter);
+  auto* sizes = dynamic_cast<ConnectorConfig*>(connector.config.get());
+  if (!sizes) {
+    throw PluginError(registry.find(Connector::kKind, connector.plugin).path.string() +
+                      ": parse_config did not return a ConnectorConfig");
+  }
+  if (!mm_cfg.vision_encoder) check_connector_size(adapter, "input_size", sizes->input_size, "vision_encoder");
+  if (!mm_cfg.llm) check_connector_size(adapter, "output_size", sizes->output_size, "llm");
+
+  root.reject_unknown_keys();
+  return recipe;
+}
+
+Recipe load_recipe(const fs::path& path, const std::vector<std::string>& overrides,
+                   const Registry::Options& registry_options) {
+  ConfigDocument document = ConfigDocument::load(path.string());
+  for (const auto& assignment : overrides) document.set(assignment);
+  fs::path directory = fs::absolute(path).parent_path();
+  return parse_recipe(document, directory, registry_options);
+}
+
+DTypePolicy Recipe::dtype_policy() const {
+  DTypePolicy policy;
+  if (trainer.precision != "32") {
+    policy.compute = c10::ScalarType::BFloat16;
+    if (model.megatron_amp_O2) policy.params = c10::ScalarType::BFloat16;
+  }
+  return policy;
+}
+
+RuntimeContext Recipe::runtime_context() const {
+  RuntimeContext context;
+  context.device = c10::Device(run.device);
+  context.dtypes = dtype_policy();
+  context.seed = run.seed;
+  return context;
+}
+
+}  // namespace neva

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# One idempotent setup for neva, then an optional action.
+#
+#   scripts/setup.sh            set up and build only
+#   scripts/setup.sh run [ARGS] set up, build, then `neva-run demo ARGS` (the embedded default recipe)
+#   scripts/setup.sh test       set up, build, then run the whole test suite (ctest)
+#
+# Steps, each skipped when already done:
+#   1. Debian packages (apt-get; as root or through sudo)
+#   2. .venv with the Python packages pinned in scripts/requirements.txt. Wheels are downloaded once
+#      into a per-user cache keyed by the pins ($NEVA_CACHE, default ~/.cache/neva), so a fresh clone
+#      on a machine that already ran this installs offline in about a minute.
+#   3. CMake configure (Ninja, ccache, precompiled headers) into build/, and build.
+# A second run with nothing changed finishes in seconds.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+action="${1:-build}"
+[ $# -gt 0 ] && shift
+
+say() { printf '[setup] %s\n' "$*" >&2; }
+
+# --- 1. Debian packages ---------------------------------------------------------------------------
+# Keep in sync with third_party_notes.md.
+apt_packages=(
+  build-essential cmake ninja-build ccache git python3-venv
+  libtomlplusplus-dev doctest-dev libboost-dev libboost-filesystem-dev
+  nlohmann-json3-dev libgloo-dev
+)
+missing=()
+for p in "${apt_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing Debian packages: ${missing[*]}"
+  sudo_cmd=()
+  [ "$(id -u)" -ne 0 ] && sudo_cmd=(sudo)
+  "${sudo_cmd[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# --- 2. Python venv with pinned wheels --------------------------------------------------------------
+python="${NEVA_PYTHON:-python3}"
+venv="$root/.venv"
+pytag="$("$python" -c 'import sys, platform; print(f"cp{sys.version_info[0]}{sys.version_info[1]}-{platform.machine()}")')"
+req="$root/scripts/requirements.txt"
+reqkey="$(cat "$req" | sha256sum | cut -c1-16)-$pytag"
+stamp="$venv/.neva-requirements-$reqkey"
+if [ ! -f "$stamp" ]; then
+  cache="${NEVA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/neva}"
+  wheelhouse="$cache/wheels/$reqkey"
+  if [ ! -f "$wheelhouse/.complete" ]; then
+    say "downloading pinned wheels into $wheelhouse (once per machine)"
+    mkdir -p "$wheelhouse"
+    "$python" -m pip download --quiet --disable-pip-version-check -r "$req" -d "$wheelhouse"
+    touch "$wheelhouse/.complete"
+  fi
+  [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+  say "installing pinned wheels into .venv from $wheelhouse"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-index \
+    --find-links "$wheelhouse" -r "$req"
+  rm -f "$venv"/.neva-requirements-*
+  touch "$stamp"
+fi
+
+# --- 3. Configure and build -------------------------------------------------------------------------
+build="${NEVA_BUILD_DIR:-$root/build}"
+if [ ! -f "$build/build.ninja" ]; then
+  torch_prefix="$("$venv/bin/python" -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')"
+  say "configuring $build"
+  cmake -S "$root" -B "$build" -G Ninja \
+    -DCMAKE_BUILD_TYPE="${NEVA_BUILD_TYPE:-Release}" \
+    -DCMAKE_PREFIX_PATH="$torch_prefix" \
+    -DNEVA_PYTHON="$venv/bin/python" >/dev/null
+fi
+cmake --build "$build" -- -j"${NEVA_JOBS:-$(nproc)}" | { grep -vE '^\[[0-9]+/[0-9]+\]' || true; }
+
+case "$action" in
+  build) ;;
+  run) exec "$build/apps/neva-run" demo "$@" ;;
+  test) cd "$build" && exec ctest --output-on-failure -j"${NEVA_JOBS:-$(nproc)}" "$@" ;;
+  *) say "unknown action '$action' (expected: build, run, test)"; exit 2 ;;
+esac
