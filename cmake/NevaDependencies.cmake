@@ -14,7 +14,10 @@ find_package(Torch 2.11 REQUIRED)
 string(REGEX MATCH "^[0-9]+\\.[0-9]+\\.[0-9]+" NEVA_TORCH_VERSION "${Torch_VERSION}")
 # LibTorch's own c10d + CUDA-side libraries; TORCH_LIBRARIES carries them.
 add_library(neva_torch INTERFACE)
-target_link_libraries(neva_torch INTERFACE ${TORCH_LIBRARIES})
+# The wheel's libtorch.so (built with GCC 13) exports its own copies of some libstdc++ symbols,
+# std::filesystem among them; resolved against ours they crash (e.g. in filesystem::remove_all).
+# Listing libstdc++ before LibTorch puts it first in the global lookup order, so ours win.
+target_link_libraries(neva_torch INTERFACE -Wl,--push-state,--no-as-needed stdc++ -Wl,--pop-state ${TORCH_LIBRARIES})
 target_compile_options(neva_torch INTERFACE ${TORCH_CXX_FLAGS})
 # c10d's headers need these to declare the Gloo and NCCL backends; both are inside the wheel's libraries.
 target_compile_definitions(neva_torch INTERFACE USE_DISTRIBUTED USE_C10D_GLOO USE_C10D_NCCL)
@@ -49,5 +52,11 @@ target_precompile_headers(neva_pch PRIVATE
 # neva_target_defaults(TARGET): warnings and the shared precompiled header.
 function(neva_target_defaults target)
   target_compile_options(${target} PRIVATE ${NEVA_WARNINGS})
+  # Executables compile as -fPIC too (not -fPIE), so the one precompiled header fits them.
+  get_target_property(type ${target} TYPE)
+  if(type STREQUAL "EXECUTABLE")
+    set_target_properties(${target} PROPERTIES POSITION_INDEPENDENT_CODE OFF)
+    target_compile_options(${target} PRIVATE -fPIC)
+  endif()
   target_precompile_headers(${target} REUSE_FROM neva_pch)
 endfunction()

@@ -45,16 +45,18 @@ python="${NEVA_PYTHON:-python3}"
 venv="$root/.venv"
 pytag="$("$python" -c 'import sys, platform; print(f"cp{sys.version_info[0]}{sys.version_info[1]}-{platform.machine()}")')"
 req="$root/scripts/requirements.txt"
-reqkey="$(cat "$req" | sha256sum | cut -c1-16)-$pytag"
-stamp="$venv/.neva-requirements-$reqkey"
+reqkey="$(sha256sum < "$req" | cut -c1-16)"
+stamp="$venv/.neva-requirements-$reqkey-$pytag"
 if [ ! -f "$stamp" ]; then
+  # One wheelhouse per Python; pip download skips wheels already there, so changing a pin fetches
+  # only what changed.
   cache="${NEVA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/neva}"
-  wheelhouse="$cache/wheels/$reqkey"
-  if [ ! -f "$wheelhouse/.complete" ]; then
-    say "downloading pinned wheels into $wheelhouse (once per machine)"
+  wheelhouse="$cache/wheels/$pytag"
+  if [ ! -f "$wheelhouse/.complete-$reqkey" ]; then
+    say "downloading pinned wheels into $wheelhouse (once per machine and pin set)"
     mkdir -p "$wheelhouse"
     "$python" -m pip download --quiet --disable-pip-version-check -r "$req" -d "$wheelhouse"
-    touch "$wheelhouse/.complete"
+    touch "$wheelhouse/.complete-$reqkey"
   fi
   [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
   say "installing pinned wheels into .venv from $wheelhouse"
@@ -67,7 +69,8 @@ fi
 # --- 3. Configure and build -------------------------------------------------------------------------
 build="${NEVA_BUILD_DIR:-$root/build}"
 if [ ! -f "$build/build.ninja" ]; then
-  torch_prefix="$("$venv/bin/python" -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')"
+  # torch/share/cmake, found without importing torch (fast, and quiet about optional modules).
+  torch_prefix="$("$venv/bin/python" -c 'import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec("torch").origin).parent / "share" / "cmake")')"
   say "configuring $build"
   cmake -S "$root" -B "$build" -G Ninja \
     -DCMAKE_BUILD_TYPE="${NEVA_BUILD_TYPE:-Release}" \

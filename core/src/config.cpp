@@ -242,7 +242,11 @@ void ConfigSection::reject_unknown_keys() const {
     if (!impl_->asked.count(name)) {
       std::string hint = did_you_mean(name, known);
       if (hint.empty() && !known.empty()) hint = " (known keys here: " + join(known) + ")";
-      fail(name, "unknown key" + hint);
+      // Located at the key itself, or at its --set.
+      auto override_it = impl_->document->overrides.find(key_path(name));
+      std::string where = override_it != impl_->document->overrides.end() ? "--set " + override_it->second
+                                                                           : position(*impl_->document, key.source());
+      throw RecipeError(where + ": " + key_path(name) + ": unknown key" + hint);
     }
   }
   for (const auto& [name, child] : impl_->children) ConfigSection(child).reject_unknown_keys();

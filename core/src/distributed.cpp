@@ -56,6 +56,13 @@ c10d::ReduceOp to_c10d(ReduceOp op) {
 
 }  // namespace
 
+World::World() = default;
+World::~World() = default;
+World::World(const World&) = default;
+World& World::operator=(const World&) = default;
+World::World(World&&) noexcept = default;
+World& World::operator=(World&&) noexcept = default;
+
 World World::from_environment(std::chrono::milliseconds timeout) {
   World world;
   const char* launcher = nullptr;
@@ -98,6 +105,7 @@ ProcessGroup::~ProcessGroup() = default;
 
 int ProcessGroup::rank() const { return backend_->getRank(); }
 int ProcessGroup::size() const { return backend_->getSize(); }
+std::string ProcessGroup::backend_name() const { return backend_->getBackendName(); }
 
 namespace {
 

@@ -23,7 +23,14 @@ class Store;
 namespace neva {
 
 // This process's place in the job, and the job's rendezvous store.
-struct World {
+struct NEVA_API World {
+  World();
+  ~World();
+  World(const World&);
+  World& operator=(const World&);
+  World(World&&) noexcept;
+  World& operator=(World&&) noexcept;
+
   int rank = 0;
   int size = 1;
   int local_rank = 0;
@@ -33,7 +40,7 @@ struct World {
 
   // Reads the launcher's environment (torchrun first, then Slurm) and connects to the TCPStore held
   // by rank 0. Without any launcher variables: a world of one, no store. Errors name the variable.
-  NEVA_API static World from_environment(std::chrono::milliseconds timeout = std::chrono::minutes(5));
+  static World from_environment(std::chrono::milliseconds timeout = std::chrono::minutes(5));
 };
 
 enum class ReduceOp { Sum, Max, Min, Avg };
@@ -51,6 +58,7 @@ class NEVA_API ProcessGroup {
   const std::string& name() const { return name_; }
   const std::vector<int>& global_ranks() const { return global_ranks_; }
   c10d::Backend& backend() const { return *backend_; }
+  std::string backend_name() const;  // "gloo", "nccl"
 
   // Blocking collectives (wait for completion); errors name the group and this rank.
   void all_reduce(at::Tensor& tensor, ReduceOp op = ReduceOp::Sum);

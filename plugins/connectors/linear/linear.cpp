@@ -1,5 +1,6 @@
 // The `linear` connector: one affine projection from vision features to the language model's width
 // (LLaVA's mm_projector_type "linear"; weights `weight` [output, input] and `bias` [output]).
+#include <torch/nn/functional/linear.h>
 #include <torch/nn/modules/linear.h>
 
 #include "neva/connector.h"
@@ -17,17 +18,24 @@ struct LinearConfig : neva::ConnectorConfig {
 
 class LinearConnector : public neva::Connector {
  public:
-  LinearConnector(const LinearConfig& config, const neva::RuntimeContext& context)
-      : projection_(register_module("projection", torch::nn::Linear(config.input_size, config.output_size))) {
+  LinearConnector(const LinearConfig& config, const neva::RuntimeContext& context) {
+    // Parameters sit directly on the connector ("weight", "bias"), as on LLaVA's nn.Linear projector;
+    // initialised as torch.nn.Linear does.
+    torch::nn::Linear initial(config.input_size, config.output_size);
+    weight_ = register_parameter("weight", initial->weight.detach());
+    bias_ = register_parameter("bias", initial->bias.detach());
     to(context.device, context.dtypes.params);
   }
 
-  at::Tensor forward(const at::Tensor& vision_features) override { return projection_->forward(vision_features); }
-  std::int64_t input_size() const override { return projection_->options.in_features(); }
-  std::int64_t output_size() const override { return projection_->options.out_features(); }
+  at::Tensor forward(const at::Tensor& vision_features) override {
+    return torch::nn::functional::linear(vision_features, weight_, bias_);
+  }
+  std::int64_t input_size() const override { return weight_.size(1); }
+  std::int64_t output_size() const override { return weight_.size(0); }
 
  private:
-  torch::nn::Linear projection_;
+  at::Tensor weight_;
+  at::Tensor bias_;
 };
 
 const neva::PluginDescriptor* describe() {

@@ -1,0 +1,39 @@
+#pragma once
+// Helpers shared by the doctest suites: build-tree paths, temporary directories, running commands.
+#include <filesystem>
+#include <string>
+
+namespace neva::test {
+
+// Paths baked in by tests/CMakeLists.txt.
+std::filesystem::path plugin_directory();         // build/lib/neva/plugins (the real plugins)
+std::filesystem::path broken_plugin_directory(const std::string& fault);  // one directory per fault
+std::filesystem::path binary(const std::string& name);                  // build/bin/<name>
+std::filesystem::path source_directory();
+
+// A fresh directory (mode 0755) removed when the object dies.
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  const std::filesystem::path& path() const { return path_; }
+  std::filesystem::path write(const std::string& name, const std::string& content) const;
+
+ private:
+  std::filesystem::path path_;
+};
+
+struct CommandResult {
+  int exit_code = -1;
+  std::string out;
+  std::string err;
+};
+
+// Runs `command` through /bin/sh with a time limit (seconds); a command that hangs fails the test
+// instead of hanging it.
+CommandResult run_command(const std::string& command, int timeout_seconds = 120);
+
+// A TCP port on 127.0.0.1 that was free a moment ago.
+int free_port();
+
+}  // namespace neva::test

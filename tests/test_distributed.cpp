@@ -1,0 +1,88 @@
+#include <doctest/doctest.h>
+
+#include <cstdlib>
+
+#include "neva/distributed.h"
+#include "neva/error.h"
+#include "test_support.h"
+
+using neva::test::run_command;
+
+namespace {
+
+// Launches `ranks` workers as torchrun would (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
+neva::test::CommandResult launch(int ranks) {
+  std::string worker = neva::test::binary("neva_dist_worker").string();
+  int port = neva::test::free_port();
+  std::string script = "status=0\npids=''\n";
+  for (int rank = 0; rank < ranks; ++rank) {
+    script += "RANK=" + std::to_string(rank) + " LOCAL_RANK=" + std::to_string(rank) + " WORLD_SIZE=" +
+              std::to_string(ranks) + " MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(port) + " " + worker +
+              " &\npids=\"$pids $!\"\n";
+  }
+  script += "for p in $pids; do wait $p || status=1; done\nexit $status\n";
+  return run_command(script, 120);
+}
+
+struct EnvGuard {
+  std::vector<std::string> names;
+  void set(const std::string& name, const std::string& value) {
+    names.push_back(name);
+    ::setenv(name.c_str(), value.c_str(), 1);
+  }
+  ~EnvGuard() {
+    for (const auto& name : names) ::unsetenv(name.c_str());
+  }
+};
+
+}  // namespace
+
+TEST_CASE("two processes form a Gloo process group through c10d and agree on collectives") {
+  auto result = launch(2);
+  INFO("stdout: " << result.out << "\nstderr: " << result.err);
+  CHECK(result.exit_code == 0);
+  CHECK(result.out.find("rank 0/2 backend gloo sum ok max ok avg ok broadcast ok") != std::string::npos);
+  CHECK(result.out.find("rank 1/2 backend gloo sum ok max ok avg ok broadcast ok") != std::string::npos);
+}
+
+TEST_CASE("without launcher variables the world is this process alone") {
+  neva::World world = neva::World::from_environment();
+  CHECK(world.size == 1);
+  CHECK(world.rank == 0);
+  CHECK(!world.store);
+  CHECK(neva::new_group(world, "solo", {0}, c10::Device(c10::DeviceType::CPU)) == nullptr);
+}
+
+TEST_CASE("launcher misconfiguration is a clear error naming the variable") {
+  SUBCASE("rank out of range") {
+    EnvGuard env;
+    env.set("RANK", "2");
+    env.set("WORLD_SIZE", "2");
+    CHECK_THROWS_WITH_AS(neva::World::from_environment(),
+                         "environment variable RANK='2': expected an integer in [0, 1]", neva::Error);
+  }
+  SUBCASE("no rendezvous address") {
+    EnvGuard env;
+    env.set("SLURM_PROCID", "0");
+    env.set("SLURM_NTASKS", "4");
+    CHECK_THROWS_WITH_AS(neva::World::from_environment(),
+                         doctest::Contains("MASTER_ADDR is not set; Slurm launches need MASTER_ADDR and MASTER_PORT"),
+                         neva::Error);
+  }
+  SUBCASE("rank not in the group") {
+    neva::World world;
+    world.size = 2;
+    CHECK_THROWS_WITH_AS(neva::new_group(world, "tp", {1}, c10::Device(c10::DeviceType::CPU)),
+                         "process group 'tp': rank 0 is not one of its members", neva::Error);
+  }
+}
+
+TEST_CASE("a rank whose peers never arrive fails within its timeout instead of hanging") {
+  EnvGuard env;
+  env.set("RANK", "0");
+  env.set("WORLD_SIZE", "2");
+  env.set("MASTER_ADDR", "127.0.0.1");
+  env.set("MASTER_PORT", std::to_string(neva::test::free_port()));
+  CHECK_THROWS_WITH_AS(neva::World::from_environment(std::chrono::seconds(2)),
+                       doctest::Contains("rank 0 of 2: cannot reach the rendezvous store at 127.0.0.1:"), neva::Error);
+}

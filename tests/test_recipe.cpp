@@ -1,0 +1,129 @@
+#include <doctest/doctest.h>
+
+#include "neva/error.h"
+#include "neva/recipe.h"
+#include "test_support.h"
+
+namespace fs = std::filesystem;
+using neva::test::plugin_directory;
+
+namespace {
+
+neva::Registry::Options only_builtin() {
+  neva::Registry::Options options;
+  options.search_paths = {plugin_directory()};
+  options.use_environment = false;
+  options.use_install_directory = false;
+  return options;
+}
+
+const char* kMinimal = R"(
+[model.mm_cfg]
+mm_mlp_adapter_type = "mlp2x_gelu"
+
+[model.mm_cfg.mm_mlp_adapter]
+input_size = 16
+output_size = 32
+)";
+
+neva::Recipe parse(const std::string& text, const std::vector<std::string>& overrides = {}) {
+  auto document = neva::ConfigDocument::parse(text, "recipe.toml");
+  for (const auto& assignment : overrides) document.set(assignment);
+  return neva::parse_recipe(document, "/recipes", only_builtin());
+}
+
+std::string recipe_error(const std::string& text, const std::vector<std::string>& overrides = {}) {
+  try {
+    parse(text, overrides);
+  } catch (const neva::RecipeError& error) {
+    return error.what();
+  }
+  FAIL("expected a RecipeError");
+  return {};
+}
+
+}  // namespace
+
+TEST_CASE("a minimal recipe gets NeMo's defaults and its plugins' typed configs") {
+  neva::Recipe recipe = parse(kMinimal);
+  CHECK(recipe.run.mode == "inspect");
+  CHECK(recipe.trainer.precision == "32");
+  CHECK(recipe.model.parallel.tensor == 1);
+  CHECK(recipe.model.micro_batch_size == 1);
+  CHECK(recipe.model.mm_cfg.connector.plugin == "mlp2x_gelu");
+  auto* config = dynamic_cast<neva::ConnectorConfig*>(recipe.model.mm_cfg.connector.config.get());
+  REQUIRE(config);
+  CHECK(config->input_size == 16);
+  CHECK(config->output_size == 32);
+  CHECK(!recipe.model.mm_cfg.llm);
+}
+
+TEST_CASE("every recipe in configs/ validates") {
+  for (const auto& entry : fs::directory_iterator(neva::test::source_directory() / "configs")) {
+    if (entry.path().extension() != ".toml") continue;
+    CAPTURE(entry.path());
+    CHECK_NOTHROW(neva::load_recipe(entry.path(), {}, only_builtin()));
+  }
+}
+
+TEST_CASE("precision decides the dtype policy") {
+  auto policy = parse(kMinimal, {"trainer.precision=bf16"}).dtype_policy();
+  CHECK((policy.params == c10::ScalarType::Float));
+  CHECK((policy.compute == c10::ScalarType::BFloat16));
+  auto o2 = parse(kMinimal, {"trainer.precision=bf16", "model.megatron_amp_O2=true"}).dtype_policy();
+  CHECK((o2.params == c10::ScalarType::BFloat16));
+  CHECK((o2.main_params == c10::ScalarType::Float));
+}
+
+TEST_CASE("plugin paths in a recipe resolve against the recipe's directory") {
+  auto recipe = parse(std::string("[run]\nplugin_paths = [\"") + plugin_directory().string() + "\"]\n" + kMinimal);
+  CHECK(recipe.run.plugin_paths.front() == plugin_directory());
+  auto document = neva::ConfigDocument::parse("[run]\nplugin_paths = [\"../plugins\"]\n", "r.toml");
+  neva::RunConfig run;
+  try {
+    neva::parse_recipe(document, "/recipes/sub", only_builtin());
+  } catch (const neva::PluginError& error) {
+    CHECK(std::string(error.what()) == "plugin directory /recipes/plugins does not exist or is not a directory");
+  }
+}
+
+TEST_CASE("recipe errors name the place and what was expected") {
+  CHECK(recipe_error(std::string(kMinimal) + "[run]\nmode = \"trian\"\n") ==
+        "recipe.toml:9:8: run.mode: expected one of inspect, got 'trian'");
+  CHECK(recipe_error(std::string("[model]\nmicro_batch_size = 3\nglobal_batch_size = 4\n") + kMinimal) ==
+        "recipe.toml:3:21: model.global_batch_size: must be a multiple of micro_batch_size (3), got 4");
+  CHECK(recipe_error(std::string("[model]\nsequence_parallel = true\n") + kMinimal).find(
+            "model.sequence_parallel: sequence parallelism splits activations") != std::string::npos);
+  CHECK(recipe_error(kMinimal, {"model.tensor_model_parallel_size=0"}) ==
+        "--set model.tensor_model_parallel_size=0: model.tensor_model_parallel_size: expected an integer >= 1, got 0");
+  CHECK(recipe_error(kMinimal, {"run.device=tpu"}) == "--set run.device=tpu: run.device: expected cpu, cuda or cuda:N, got 'tpu'");
+  CHECK(recipe_error(kMinimal, {"model.megatron_amp_O2=true"}).find("needs trainer.precision = \"bf16\"") !=
+        std::string::npos);
+}
+
+TEST_CASE("unknown keys anywhere, including a plugin's table, are errors with a did-you-mean") {
+  CHECK(recipe_error(std::string("[model]\ntensor_model_paralel_size = 2\n") + kMinimal) ==
+        "recipe.toml:2:1: model.tensor_model_paralel_size: unknown key (did you mean 'tensor_model_parallel_size'?)");
+  CHECK(recipe_error(kMinimal, {"model.mm_cfg.mm_mlp_adapter.input_sise=3"}) ==
+        "--set model.mm_cfg.mm_mlp_adapter.input_sise=3: model.mm_cfg.mm_mlp_adapter.input_sise: unknown key "
+        "(did you mean 'input_size'?)");
+  CHECK(recipe_error(kMinimal, {"model.mm_cfg.mm_mlp_adapter_type=mlp", "model.mm_cfg.mm_mlp_adapter.dept=3"})
+            .find("(did you mean 'depth'?)") != std::string::npos);
+}
+
+TEST_CASE("an unknown plugin name is a recipe error listing what is available") {
+  CHECK(recipe_error(kMinimal, {"model.mm_cfg.mm_mlp_adapter_type=mpl"})
+            .rfind("--set model.mm_cfg.mm_mlp_adapter_type=mpl: model.mm_cfg.mm_mlp_adapter_type: no connector plugin "
+                   "named 'mpl' (did you mean 'mlp'?); available: linear, mlp",
+                   0) == 0);
+  CHECK(recipe_error(std::string(kMinimal) + "[model.mm_cfg.llm]\nplugin = \"llama\"\n")
+            .rfind("recipe.toml:9:10: model.mm_cfg.llm.plugin: no language_backbone plugin named 'llama'; "
+                   "available: none",
+                   0) == 0);
+}
+
+TEST_CASE("connector sizes are required while nothing else provides them") {
+  CHECK(recipe_error("[model.mm_cfg]\nmm_mlp_adapter_type = 'linear'\n") ==
+        "recipe.toml: model.mm_cfg.mm_mlp_adapter.input_size: required while the recipe has no vision_encoder to "
+        "take it from (expected an integer >= 1)");
+}

@@ -1,0 +1,203 @@
+#include <doctest/doctest.h>
+#include <sys/stat.h>
+
+#include <filesystem>
+
+#include "neva/connector.h"
+#include "neva/registry.h"
+#include "test_support.h"
+
+namespace fs = std::filesystem;
+using neva::PluginError;
+using neva::Registry;
+using neva::test::broken_plugin_directory;
+using neva::test::plugin_directory;
+using neva::test::TempDir;
+
+namespace {
+
+Registry::Options only(std::vector<fs::path> directories) {
+  Registry::Options options;
+  options.search_paths = std::move(directories);
+  options.use_environment = false;
+  options.use_install_directory = false;
+  return options;
+}
+
+std::string registry_error(const Registry::Options& options) {
+  try {
+    Registry registry(options);
+  } catch (const PluginError& error) {
+    return error.what();
+  }
+  FAIL("expected a PluginError");
+  return {};
+}
+
+fs::path broken_file(const std::string& fault) {
+  return broken_plugin_directory(fault) / ("libneva-test-" + fault + ".so");
+}
+
+bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
+
+neva::ConfigDocument sizes_recipe() { return neva::ConfigDocument::parse("input_size = 8\noutput_size = 4\n", "t.toml"); }
+
+}  // namespace
+
+TEST_CASE("the built-in connectors are listed without being instantiated") {
+  Registry registry(only({plugin_directory()}));
+  auto plugins = registry.list();
+  REQUIRE(plugins.size() == 2);
+  CHECK(plugins[0].kind == "connector");
+  CHECK(plugins[0].name == "linear");
+  CHECK(plugins[1].name == "mlp");
+  CHECK(plugins[1].abi.major == neva::kPluginAbiMajor);
+  CHECK(plugins[1].torch_version == TORCH_VERSION);
+  CHECK(registry.find("connector", "mlp2x_gelu").name == "mlp");  // answers_to
+}
+
+TEST_CASE("a created component keeps its library loaded after the registry is gone") {
+  std::shared_ptr<neva::Connector> connector;
+  {
+    Registry registry(only({plugin_directory()}));
+    auto config = registry.parse_config("connector", "linear", sizes_recipe().root());
+    connector = registry.create<neva::Connector>("linear", *config, neva::RuntimeContext{});
+  }
+  // Calls into the plugin's code: would crash had the library been unloaded with the registry.
+  auto out = connector->forward(torch::ones({1, 3, 8}));
+  CHECK(out.sizes() == at::IntArrayRef({1, 3, 4}));
+  CHECK(connector->named_parameters().size() == 2);
+}
+
+TEST_CASE("ABI major mismatch is refused with both versions named") {
+  auto message = registry_error(only({broken_plugin_directory("abi_major")}));
+  CHECK(contains(message, broken_file("abi_major").string()));
+  CHECK(contains(message, "plugin ABI 2.0 is incompatible with this neva (plugin ABI 1.0)"));
+}
+
+TEST_CASE("a plugin built for a newer minor ABI is refused") {
+  auto message = registry_error(only({broken_plugin_directory("abi_minor")}));
+  CHECK(contains(message, "plugin ABI 1.1 is newer than this neva's 1.0"));
+}
+
+TEST_CASE("a plugin built against another LibTorch is refused") {
+  auto message = registry_error(only({broken_plugin_directory("torch_version")}));
+  CHECK(contains(message, std::string("built against LibTorch 1.13.0, but neva runs LibTorch ") + TORCH_VERSION));
+}
+
+TEST_CASE("a library without the entry symbol is not a plugin") {
+  auto message = registry_error(only({broken_plugin_directory("no_entry")}));
+  CHECK(contains(message, broken_file("no_entry").string() +
+                              " is not a neva plugin: it does not export the entry symbol 'neva_plugin'"));
+}
+
+TEST_CASE("a library that fails to load reports the loader's message") {
+  SUBCASE("unresolved symbol") {
+    auto message = registry_error(only({broken_plugin_directory("undefined_symbol")}));
+    CHECK(contains(message, broken_file("undefined_symbol").string() + " failed to load"));
+    CHECK(contains(message, "neva_test_symbol_that_no_library_defines"));
+  }
+  SUBCASE("not a shared library at all") {
+    TempDir dir;
+    dir.write("libgarbage.so", std::string(256, 'x'));  // long enough to be read, not ELF
+    auto message = registry_error(only({dir.path()}));
+    CHECK(contains(message, "libgarbage.so failed to load"));
+    CHECK(contains(message, "invalid ELF header"));
+  }
+}
+
+TEST_CASE("an incomplete descriptor is refused") {
+  auto message = registry_error(only({broken_plugin_directory("empty_name")}));
+  CHECK(contains(message, "descriptor field 'name' is empty"));
+}
+
+TEST_CASE("a duplicate (kind, name) names both files") {
+  TempDir dir;
+  fs::copy_file(plugin_directory() / "libneva-connector-mlp.so", dir.path() / "libcopy-of-mlp.so");
+  auto message = registry_error(only({plugin_directory(), dir.path()}));
+  CHECK(contains(message, "duplicate connector plugin 'mlp': " + (plugin_directory() / "libneva-connector-mlp.so").string() +
+                              " and " + (dir.path() / "libcopy-of-mlp.so").string()));
+}
+
+TEST_CASE("the same directory named twice is searched once") {
+  Registry registry(only({plugin_directory(), plugin_directory() / "." }));
+  CHECK(registry.list().size() == 2);
+}
+
+TEST_CASE("plugin files and directories writable by group or others are refused") {
+  SUBCASE("file") {
+    TempDir dir;
+    fs::path copy = dir.path() / "libneva-connector-linear.so";
+    fs::copy_file(plugin_directory() / "libneva-connector-linear.so", copy);
+    ::chmod(copy.c_str(), 0775);
+    auto message = registry_error(only({dir.path()}));
+    CHECK(contains(message, "plugin file " + copy.string() + " is writable by group or others (mode 0775)"));
+  }
+  SUBCASE("directory") {
+    TempDir dir;
+    ::chmod(dir.path().c_str(), 0777);
+    auto message = registry_error(only({dir.path()}));
+    CHECK(contains(message, "plugin directory " + fs::canonical(dir.path()).string() +
+                                " is writable by group or others (mode 0777)"));
+  }
+}
+
+TEST_CASE("search paths must exist and be absolute") {
+  CHECK(contains(registry_error(only({"/nonexistent/plugins"})),
+                 "plugin directory /nonexistent/plugins does not exist or is not a directory"));
+  CHECK(contains(registry_error(only({"relative/plugins"})), "plugin directory 'relative/plugins' is not an absolute path"));
+}
+
+TEST_CASE("NEVA_PLUGIN_PATH is searched, and relative entries are refused") {
+  Registry::Options options = only({});
+  options.use_environment = true;
+  ::setenv("NEVA_PLUGIN_PATH", plugin_directory().c_str(), 1);
+  CHECK(Registry(options).list().size() == 2);
+  ::setenv("NEVA_PLUGIN_PATH", "plugins", 1);
+  CHECK(contains(registry_error(options), "NEVA_PLUGIN_PATH entry 'plugins' is not an absolute path"));
+  ::unsetenv("NEVA_PLUGIN_PATH");
+}
+
+TEST_CASE("an unknown name lists the available plugins of that kind") {
+  Registry registry(only({plugin_directory()}));
+  try {
+    registry.find("connector", "mpl");
+    FAIL("expected a PluginError");
+  } catch (const PluginError& error) {
+    std::string message = error.what();
+    CHECK(contains(message, "no connector plugin named 'mpl' (did you mean 'mlp'?); available: linear, mlp"));
+  }
+  CHECK_THROWS_WITH_AS(registry.find("language_backbone", "llama"),
+                       doctest::Contains("no language_backbone plugin named 'llama'; available: none"), PluginError);
+}
+
+TEST_CASE("a factory that throws becomes a host error naming the plugin") {
+  Registry registry(only({broken_plugin_directory("throwing_factory")}));
+  auto config = registry.parse_config("connector", "test_throwing_factory", sizes_recipe().root());
+  CHECK_THROWS_WITH_AS(registry.create<neva::Connector>("test_throwing_factory", *config, neva::RuntimeContext{}),
+                       doctest::Contains(("connector plugin 'test_throwing_factory' (" +
+                                          broken_file("throwing_factory").string() +
+                                          "): create failed: factory exploded on purpose")
+                                             .c_str()),
+                       PluginError);
+}
+
+TEST_CASE("a config parser that throws becomes a host error naming the plugin") {
+  Registry registry(only({broken_plugin_directory("throwing_parse")}));
+  CHECK_THROWS_WITH_AS(registry.parse_config("connector", "test_throwing_parse", sizes_recipe().root()),
+                       doctest::Contains("parse_config failed: parse exploded"), PluginError);
+}
+
+TEST_CASE("a plugin whose object does not implement its kind's interface is refused") {
+  Registry registry(only({broken_plugin_directory("wrong_interface")}));
+  auto config = registry.parse_config("connector", "test_wrong_interface", sizes_recipe().root());
+  CHECK_THROWS_WITH_AS(registry.create<neva::Connector>("test_wrong_interface", *config, neva::RuntimeContext{}),
+                       doctest::Contains("does not implement the connector interface"), PluginError);
+}
+
+TEST_CASE("the well-formed test plugin loads (the faults above are the only difference)") {
+  Registry registry(only({broken_plugin_directory("ok")}));
+  auto config = registry.parse_config("connector", "test_ok", sizes_recipe().root());
+  auto connector = registry.create<neva::Connector>("test_ok", *config, neva::RuntimeContext{});
+  CHECK(connector->input_size() == 8);
+}
