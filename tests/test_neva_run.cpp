@@ -53,7 +53,7 @@ TEST_CASE("usage errors exit 2 with one line on stderr") {
   CHECK(none.err == "neva-run: no recipe given (see neva-run --help)\n");
 }
 
-TEST_CASE("neva-run plugins lists the connectors, as text and as JSON") {
+TEST_CASE("neva-run plugins lists the built-in plugins, as text and as JSON") {
   auto text = neva_run("plugins");
   CHECK(text.exit_code == 0);
   CHECK(contains(text.out, "connector\tlinear\t0.1.0"));
@@ -61,7 +61,7 @@ TEST_CASE("neva-run plugins lists the connectors, as text and as JSON") {
   auto json = neva_run("plugins --json");
   REQUIRE(json.exit_code == 0);
   auto list = nlohmann::json::parse(json.out);
-  REQUIRE(list.size() == 2);
+  REQUIRE(list.size() == 3);
   CHECK(list[1]["name"] == "mlp");
   CHECK(list[1]["abi"] == "1.0");
 }

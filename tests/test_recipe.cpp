@@ -116,9 +116,9 @@ TEST_CASE("an unknown plugin name is a recipe error listing what is available") 
             .rfind("--set model.mm_cfg.mm_mlp_adapter_type=mpl: model.mm_cfg.mm_mlp_adapter_type: no connector plugin "
                    "named 'mpl' (did you mean 'mlp'?); available: linear, mlp",
                    0) == 0);
-  CHECK(recipe_error(std::string(kMinimal) + "[model.mm_cfg.llm]\nplugin = \"llama\"\n")
-            .rfind("recipe.toml:9:10: model.mm_cfg.llm.plugin: no language_backbone plugin named 'llama'; "
-                   "available: none",
+  CHECK(recipe_error(std::string(kMinimal) + "[model.mm_cfg.llm]\nplugin = \"lama\"\n")
+            .rfind("recipe.toml:9:10: model.mm_cfg.llm.plugin: no language_backbone plugin named 'lama' (did you "
+                   "mean 'llama'?); available: llama",
                    0) == 0);
 }
 

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <set>
@@ -21,6 +22,7 @@ static constexpr int kMaxRecipeDepth = 16;
 struct Document {
   toml::table root;
   std::string source_name;
+  std::string base_directory;  // where relative paths in the recipe resolve
   // Full dotted key -> the --set argument that gave it (overrides carry no file position).
   std::map<std::string, std::string> overrides;
 };
@@ -216,6 +218,14 @@ std::int64_t ConfigSection::integer(std::string_view key, std::int64_t fallback,
   return value;
 }
 
+std::optional<std::string> ConfigSection::path_value(std::string_view key) const {
+  auto value = optional<std::string>(key);
+  if (!value || value->empty()) return value;
+  std::filesystem::path path(*value);
+  if (path.is_absolute()) return value;
+  return (std::filesystem::path(impl_->document->base_directory) / path).lexically_normal().string();
+}
+
 ConfigSection ConfigSection::section(std::string_view key) const {
   impl_->asked.emplace(key);
   auto& child = impl_->children[std::string(key)];
@@ -258,7 +268,7 @@ namespace {
 
 void check_depth(const toml::node& node, const std::string& source_name, int depth) {
   if (depth > kMaxRecipeDepth) {
-    throw RecipeError(position(Document{{}, source_name, {}}, node.source()) +
+    throw RecipeError(position(Document{{}, source_name, {}, {}}, node.source()) +
                       ": recipe nests deeper than " + std::to_string(kMaxRecipeDepth) + " levels");
   }
   if (const toml::table* table = node.as_table()) {
@@ -287,6 +297,10 @@ ConfigDocument::ConfigDocument(std::shared_ptr<ConfigSection::Impl> root) : root
 ConfigDocument ConfigDocument::parse(std::string_view text, std::string source_name) {
   auto document = std::make_shared<Document>();
   document->root = parse_toml(text, source_name);
+  std::error_code error;
+  bool is_file = std::filesystem::is_regular_file(source_name, error);
+  document->base_directory = is_file ? std::filesystem::absolute(source_name).parent_path().string()
+                                     : std::filesystem::current_path().string();
   document->source_name = std::move(source_name);
   auto root = std::make_shared<ConfigSection::Impl>();
   root->document = document;

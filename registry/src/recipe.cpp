@@ -70,7 +70,7 @@ std::optional<ComponentSpec> parse_component(const Registry& registry, const Con
   spec.kind = kind;
   spec.section = table.path();
   spec.plugin = table.require<std::string>("plugin");
-  spec.from_pretrained = table.get<std::string>("from_pretrained", "");
+  spec.from_pretrained = table.path_value("from_pretrained").value_or("");
   spec.freeze = table.get<bool>("freeze", default_freeze);
   require_plugin(registry, table, "plugin", kind, spec.plugin);
   spec.config = registry.parse_config(kind, spec.plugin, table);

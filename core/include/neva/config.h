@@ -50,6 +50,10 @@ class NEVA_API ConfigSection {
   std::int64_t integer(std::string_view key, std::int64_t fallback, std::int64_t min,
                        std::int64_t max = INT64_MAX) const;
 
+  // A filesystem path: relative values resolve against the recipe file's directory (the current
+  // directory for recipes that are not files).
+  std::optional<std::string> path_value(std::string_view key) const;
+
   // A sub-table; an empty section when absent. Error when `key` holds something that is not a table.
   ConfigSection section(std::string_view key) const;
 

@@ -1,0 +1,58 @@
+#pragma once
+// Causal self-attention with grouped-query heads, RoPE, a per-layer KV cache, padding masks, packed
+// segments and an optional sliding window, computed with the fused scaled-dot-product kernel.
+#include <torch/nn/module.h>
+#include <torch/nn/modules/linear.h>
+
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "neva/export.h"
+#include "neva/nn/rotary.h"
+
+namespace neva {
+
+// Keys and values of one layer for every token seen so far: [batch, kv_heads, capacity, head_dim].
+struct LayerCache {
+  at::Tensor keys;
+  at::Tensor values;
+};
+
+// Which keys each query may see, shared by all layers of one forward call.
+struct AttentionMask {
+  // Boolean [batch, 1, queries, keys] (true = visible), or undefined when plain causal attention
+  // over exactly the new tokens applies (the fast path: is_causal in the kernel).
+  at::Tensor visible;
+  std::int64_t past = 0;  // tokens already in the cache before this call
+
+  // `attention_mask`: optional [batch, past + seq] (1 = real token); `segment_ids`: optional
+  // [batch, seq] packed-sample ids; `window`: 0 for none, else a key is visible iff q - window < k <= q.
+  NEVA_API static AttentionMask build(std::int64_t batch, std::int64_t seq, std::int64_t past,
+                                      const at::Tensor& attention_mask, const at::Tensor& segment_ids,
+                                      std::int64_t window, c10::Device device);
+};
+
+struct AttentionConfig {
+  std::int64_t hidden_size = 0;
+  std::int64_t num_heads = 0;
+  std::int64_t num_kv_heads = 0;
+  std::int64_t head_dim = 0;
+  bool bias = false;         // q/k/v/o biases (Llama attention_bias)
+  bool output_bias = false;  // o_proj bias
+};
+
+// Parameter names match transformers: q_proj, k_proj, v_proj, o_proj.
+class NEVA_API SelfAttention : public torch::nn::Module {
+ public:
+  explicit SelfAttention(const AttentionConfig& config);
+  // x [batch, seq, hidden]; cos/sin from RotaryEmbedding::cos_sin; cache appended in place when given.
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const AttentionMask& mask,
+                     LayerCache* cache);
+
+ private:
+  AttentionConfig config_;
+  torch::nn::Linear q_proj_{nullptr}, k_proj_{nullptr}, v_proj_{nullptr}, o_proj_{nullptr};
+};
+
+}  // namespace neva

@@ -1,0 +1,133 @@
+#include "neva/hf_config.h"
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "neva/error.h"
+
+namespace neva {
+
+using nlohmann::json;
+
+struct HfConfig::Impl {
+  std::shared_ptr<const json> document;  // keeps the whole file alive for children
+  const json* object = nullptr;
+  std::string source;  // "path/config.json" or "path/config.json: text_config"
+};
+
+HfConfig::HfConfig(std::shared_ptr<const Impl> impl) : impl_(std::move(impl)) {}
+HfConfig::HfConfig(const HfConfig&) = default;
+HfConfig::~HfConfig() = default;
+
+HfConfig HfConfig::parse(const std::string& text, const std::string& source_name) {
+  auto document = std::make_shared<json>();
+  try {
+    *document = json::parse(text);
+  } catch (const json::exception& error) {
+    throw Error(source_name + ": invalid JSON: " + error.what());
+  }
+  if (!document->is_object()) throw Error(source_name + ": expected a JSON object");
+  auto impl = std::make_shared<Impl>();
+  impl->document = document;
+  impl->object = document.get();
+  impl->source = source_name;
+  return HfConfig(impl);
+}
+
+HfConfig HfConfig::load(const std::string& path) {
+  std::filesystem::path file(path);
+  if (std::filesystem::is_directory(file)) file /= "config.json";
+  std::ifstream in(file, std::ios::binary);
+  if (!in) throw Error(file.string() + ": cannot open: " + std::strerror(errno));
+  std::ostringstream text;
+  text << in.rdbuf();
+  return parse(text.str(), file.string());
+}
+
+const std::string& HfConfig::source() const { return impl_->source; }
+
+bool HfConfig::has(const std::string& key) const {
+  auto found = impl_->object->find(key);
+  return found != impl_->object->end() && !found->is_null();
+}
+
+void HfConfig::fail(const std::string& key, const std::string& what) const {
+  throw Error(impl_->source + ": " + key + ": " + what);
+}
+
+template <class T>
+std::optional<T> HfConfig::optional(const std::string& key) const {
+  if (!has(key)) return std::nullopt;
+  const json& value = impl_->object->at(key);
+  if constexpr (std::is_same_v<T, bool>) {
+    if (value.is_boolean()) return value.get<bool>();
+    fail(key, "expected a boolean, got " + value.dump());
+  } else if constexpr (std::is_same_v<T, std::int64_t>) {
+    if (value.is_number_integer()) return value.get<std::int64_t>();
+    fail(key, "expected an integer, got " + value.dump());
+  } else if constexpr (std::is_same_v<T, double>) {
+    if (value.is_number()) return value.get<double>();
+    fail(key, "expected a number, got " + value.dump());
+  } else {
+    if (value.is_string()) return value.get<std::string>();
+    fail(key, "expected a string, got " + value.dump());
+  }
+}
+
+template <class T>
+T HfConfig::require(const std::string& key) const {
+  auto value = optional<T>(key);
+  if (!value) fail(key, "missing required key");
+  return *value;
+}
+
+template NEVA_API std::optional<bool> HfConfig::optional<bool>(const std::string&) const;
+template NEVA_API std::optional<std::int64_t> HfConfig::optional<std::int64_t>(const std::string&) const;
+template NEVA_API std::optional<double> HfConfig::optional<double>(const std::string&) const;
+template NEVA_API std::optional<std::string> HfConfig::optional<std::string>(const std::string&) const;
+template NEVA_API bool HfConfig::require<bool>(const std::string&) const;
+template NEVA_API std::int64_t HfConfig::require<std::int64_t>(const std::string&) const;
+template NEVA_API double HfConfig::require<double>(const std::string&) const;
+template NEVA_API std::string HfConfig::require<std::string>(const std::string&) const;
+
+HfConfig HfConfig::child(const std::string& key) const {
+  if (!has(key) || !impl_->object->at(key).is_object()) fail(key, "expected an object");
+  auto impl = std::make_shared<Impl>();
+  impl->document = impl_->document;
+  impl->object = &impl_->object->at(key);
+  impl->source = impl_->source + ": " + key;
+  return HfConfig(impl);
+}
+
+RopeConfig HfConfig::rope(std::int64_t head_dim) const {
+  RopeConfig rope;
+  rope.head_dim = head_dim;
+  rope.max_position_embeddings = get<std::int64_t>("max_position_embeddings", rope.max_position_embeddings);
+  rope.theta = get<double>("rope_theta", rope.theta);
+  rope.partial_rotary_factor = get<double>("partial_rotary_factor", rope.partial_rotary_factor);
+
+  // 5.x: rope_parameters; 4.x: rope_scaling (whose "type" older files spell instead of "rope_type").
+  std::string key = has("rope_parameters") ? "rope_parameters" : "rope_scaling";
+  if (has(key)) {
+    HfConfig parameters = child(key);
+    rope.theta = parameters.get<double>("rope_theta", rope.theta);
+    rope.partial_rotary_factor = parameters.get<double>("partial_rotary_factor", rope.partial_rotary_factor);
+    rope.type = parameters.get<std::string>("rope_type", parameters.get<std::string>("type", "default"));
+    if (rope.type != "default") rope.factor = parameters.require<double>("factor");
+    if (rope.type == "llama3") {
+      rope.low_freq_factor = parameters.require<double>("low_freq_factor");
+      rope.high_freq_factor = parameters.require<double>("high_freq_factor");
+      rope.original_max_position_embeddings = parameters.require<std::int64_t>("original_max_position_embeddings");
+    }
+    if (rope.type != "default" && rope.type != "linear" && rope.type != "dynamic" && rope.type != "llama3") {
+      parameters.fail("rope_type", "unsupported rope type '" + rope.type + "' (supported: default, linear, dynamic, llama3)");
+    }
+  }
+  return rope;
+}
+
+}  // namespace neva

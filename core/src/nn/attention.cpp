@@ -1,0 +1,78 @@
+#include "neva/nn/attention.h"
+
+#include <ATen/ATen.h>
+
+#include "neva/error.h"
+
+namespace neva {
+
+AttentionMask AttentionMask::build(std::int64_t batch, std::int64_t seq, std::int64_t past,
+                                   const at::Tensor& attention_mask, const at::Tensor& segment_ids,
+                                   std::int64_t window, c10::Device device) {
+  AttentionMask mask;
+  mask.past = past;
+  const std::int64_t keys = past + seq;
+  if (!attention_mask.defined() && !segment_ids.defined() && window <= 0 && past == 0) return mask;  // plain causal
+
+  at::Tensor query_position = at::arange(past, keys, at::TensorOptions().dtype(at::kLong).device(device)).view({seq, 1});
+  at::Tensor key_position = at::arange(0, keys, at::TensorOptions().dtype(at::kLong).device(device)).view({1, keys});
+  at::Tensor visible = key_position <= query_position;  // [seq, keys]
+  if (window > 0) visible = visible & (key_position > query_position - window);
+  visible = visible.view({1, 1, seq, keys}).expand({batch, 1, seq, keys});
+  if (attention_mask.defined()) {
+    if (attention_mask.dim() != 2 || attention_mask.size(0) != batch || attention_mask.size(1) != keys) {
+      throw Error("attention_mask has shape " + std::string(c10::str(attention_mask.sizes())) + ", expected [" +
+                  std::to_string(batch) + ", " + std::to_string(keys) + "] (past and new tokens)");
+    }
+    visible = visible & attention_mask.to(device).to(at::kBool).view({batch, 1, 1, keys});
+  }
+  if (segment_ids.defined()) {
+    if (past != 0) throw Error("packed segments cannot be combined with a KV cache");
+    at::Tensor ids = segment_ids.to(device);
+    visible = visible & (ids.view({batch, 1, seq, 1}) == ids.view({batch, 1, 1, seq}));
+  }
+  // A query that sees nothing (a padding token) would give NaN, which then leaks through zero-weight
+  // products; let such rows see themselves. Only padding rows are affected.
+  at::Tensor diagonal = (key_position == query_position).view({1, 1, seq, keys});
+  at::Tensor empty_rows = visible.any(-1, true).logical_not();
+  mask.visible = visible | (empty_rows & diagonal);
+  return mask;
+}
+
+SelfAttention::SelfAttention(const AttentionConfig& config) : config_(config) {
+  auto linear = [](std::int64_t in, std::int64_t out, bool bias) {
+    return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(bias));
+  };
+  q_proj_ = register_module("q_proj", linear(config.hidden_size, config.num_heads * config.head_dim, config.bias));
+  k_proj_ = register_module("k_proj", linear(config.hidden_size, config.num_kv_heads * config.head_dim, config.bias));
+  v_proj_ = register_module("v_proj", linear(config.hidden_size, config.num_kv_heads * config.head_dim, config.bias));
+  o_proj_ = register_module("o_proj", linear(config.num_heads * config.head_dim, config.hidden_size, config.output_bias));
+}
+
+at::Tensor SelfAttention::forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                                  const AttentionMask& mask, LayerCache* cache) {
+  const std::int64_t batch = x.size(0), seq = x.size(1), hd = config_.head_dim;
+  at::Tensor q = q_proj_->forward(x).view({batch, seq, config_.num_heads, hd}).transpose(1, 2);
+  at::Tensor k = k_proj_->forward(x).view({batch, seq, config_.num_kv_heads, hd}).transpose(1, 2);
+  at::Tensor v = v_proj_->forward(x).view({batch, seq, config_.num_kv_heads, hd}).transpose(1, 2);
+  std::tie(q, k) = apply_rotary(q, k, cos, sin);
+
+  if (cache) {
+    const std::int64_t capacity = cache->keys.size(2);
+    if (mask.past + seq > capacity) {
+      throw Error("KV cache holds " + std::to_string(capacity) + " tokens; this step needs " +
+                  std::to_string(mask.past + seq));
+    }
+    cache->keys.narrow(2, mask.past, seq).copy_(k);
+    cache->values.narrow(2, mask.past, seq).copy_(v);
+    k = cache->keys.narrow(2, 0, mask.past + seq);
+    v = cache->values.narrow(2, 0, mask.past + seq);
+  }
+  const bool plain_causal = !mask.visible.defined();
+  at::Tensor out = at::scaled_dot_product_attention(q, k, v, plain_causal ? std::optional<at::Tensor>() : mask.visible,
+                                                    0.0, plain_causal, std::pow(static_cast<double>(hd), -0.5),
+                                                    config_.num_heads != config_.num_kv_heads);
+  return o_proj_->forward(out.transpose(1, 2).reshape({batch, seq, config_.num_heads * hd}));
+}
+
+}  // namespace neva

@@ -1,0 +1,160 @@
+// The llama plugin against transformers' LlamaForCausalLM (reference data: llama_oracle.py).
+#include <doctest/doctest.h>
+#include <torch/types.h>
+#include <torch/utils.h>
+
+#include <cstdlib>
+
+#include "neva/language_backbone.h"
+#include "neva/registry.h"
+#include "neva/safetensors.h"
+#include "test_support.h"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+const char* kCases[] = {"mha", "gqa_tied_bias", "mqa_linear_v4", "llama3", "dynamic"};
+
+fs::path oracle_directory() {
+  const char* directory = std::getenv("NEVA_ORACLE_DIR");
+  REQUIRE_MESSAGE(directory, "NEVA_ORACLE_DIR is not set (ctest sets it after running the oracle scripts)");
+  return fs::path(directory) / "llama";
+}
+
+std::shared_ptr<neva::LanguageBackbone> load(const fs::path& directory, c10::ScalarType dtype = at::kFloat) {
+  neva::Registry::Options options;
+  options.search_paths = {neva::test::plugin_directory()};
+  options.use_environment = false;
+  options.use_install_directory = false;
+  neva::Registry registry(options);
+  auto document = neva::ConfigDocument::parse("from_pretrained = \"" + directory.string() + "\"\n", "oracle.toml");
+  auto config = registry.parse_config("language_backbone", "llama", document.root());
+  document.root().reject_unknown_keys();
+  neva::RuntimeContext context;
+  context.dtypes.params = context.dtypes.compute = dtype;
+  return registry.create<neva::LanguageBackbone>("llama", *config, context);
+}
+
+double max_difference(const at::Tensor& a, const at::Tensor& b) {
+  return (a.to(at::kFloat) - b.to(at::kFloat)).abs().max().item<double>();
+}
+
+at::Tensor logits_of(neva::LanguageBackbone& model, const at::Tensor& ids, neva::KVCache* cache = nullptr) {
+  neva::BackboneInputs inputs;
+  inputs.embeddings = model.embed(ids);
+  inputs.cache = cache;
+  return model.forward(inputs).logits;
+}
+
+}  // namespace
+
+TEST_CASE("llama fp32 logits match transformers within 1e-4") {
+  torch::NoGradGuard no_grad;
+  for (const char* name : kCases) {
+    CAPTURE(name);
+    auto directory = oracle_directory() / name;
+    neva::SafetensorsFile reference((directory / "reference.safetensors").string());
+    auto model = load(directory);
+    double difference = max_difference(logits_of(*model, reference.tensor("prompt")), reference.tensor("logits"));
+    MESSAGE(name << ": max |logit difference| " << difference);
+    CHECK(difference <= 1e-4);
+  }
+}
+
+TEST_CASE("llama with a left-padded batch matches transformers at every real token") {
+  torch::NoGradGuard no_grad;
+  for (const char* name : kCases) {
+    CAPTURE(name);
+    auto directory = oracle_directory() / name;
+    neva::SafetensorsFile reference((directory / "reference.safetensors").string());
+    auto model = load(directory);
+    neva::BackboneInputs inputs;
+    inputs.embeddings = model->embed(reference.tensor("padded_ids"));
+    inputs.attention_mask = reference.tensor("padded_mask");
+    inputs.positions = reference.tensor("padded_positions");
+    at::Tensor logits = model->forward(inputs).logits;
+    at::Tensor real = reference.tensor("padded_mask").to(at::kBool);
+    CHECK(!logits.isnan().any().item<bool>());
+    CHECK(max_difference(logits.index({real}), reference.tensor("padded_logits").index({real})) <= 1e-4);
+  }
+}
+
+TEST_CASE("llama greedy decoding with the KV cache gives transformers' 32 tokens") {
+  torch::NoGradGuard no_grad;
+  for (const char* name : kCases) {
+    CAPTURE(name);
+    auto directory = oracle_directory() / name;
+    neva::SafetensorsFile reference((directory / "reference.safetensors").string());
+    auto model = load(directory);
+    at::Tensor prompt = reference.tensor("prompt");
+    at::Tensor expected = reference.tensor("greedy");
+    auto cache = model->new_cache(1, prompt.size(1) + expected.size(1));
+    at::Tensor logits = logits_of(*model, prompt, cache.get());
+    std::vector<std::int64_t> tokens;
+    for (std::int64_t step = 0; step < expected.size(1); ++step) {
+      at::Tensor next = logits.select(1, -1).argmax(-1, true);
+      tokens.push_back(next.item<std::int64_t>());
+      logits = logits_of(*model, next, cache.get());
+    }
+    CHECK(torch::equal(torch::tensor(tokens).view({1, -1}), expected));
+  }
+}
+
+TEST_CASE("incremental decoding with the KV cache equals the full forward pass") {
+  torch::NoGradGuard no_grad;
+  // "dynamic" is left out on purpose: its frequencies depend on the longest position seen, so
+  // transformers itself rotates cached keys differently from a full pass once past the trained length.
+  for (const char* name : {"mha", "gqa_tied_bias", "mqa_linear_v4", "llama3"}) {
+    CAPTURE(name);
+    auto directory = oracle_directory() / name;
+    neva::SafetensorsFile reference((directory / "reference.safetensors").string());
+    auto model = load(directory);
+    at::Tensor sequence = at::cat({reference.tensor("prompt"), reference.tensor("greedy")}, 1);
+    at::Tensor full = logits_of(*model, sequence);
+    auto cache = model->new_cache(1, sequence.size(1));
+    std::vector<at::Tensor> pieces{logits_of(*model, sequence.narrow(1, 0, 5), cache.get())};
+    for (std::int64_t i = 5; i < sequence.size(1); ++i) pieces.push_back(logits_of(*model, sequence.narrow(1, i, 1), cache.get()));
+    CHECK(max_difference(at::cat(pieces, 1), full) <= 1e-4);
+  }
+}
+
+TEST_CASE("llama bf16 logits stay within the documented tolerance of transformers' bf16 and fp32") {
+  torch::NoGradGuard no_grad;
+  for (const char* name : kCases) {
+    CAPTURE(name);
+    auto directory = oracle_directory() / name;
+    neva::SafetensorsFile reference((directory / "reference.safetensors").string());
+    auto model = load(directory, at::kBFloat16);
+    at::Tensor logits = logits_of(*model, reference.tensor("prompt"));
+    CHECK((logits.scalar_type() == at::kBFloat16));
+    double versus_bf16 = max_difference(logits, reference.tensor("bf16_logits"));
+    double versus_fp32 = max_difference(logits, reference.tensor("logits"));
+    double scale = reference.tensor("logits").abs().max().item<double>();
+    MESSAGE(name << ": bf16 vs transformers bf16 " << versus_bf16 << ", vs fp32 " << versus_fp32 << " (logit scale "
+                 << scale << ")");
+    // bf16 keeps 8 mantissa bits: two bf16 implementations agree to a few ulps of the logit scale.
+    CHECK(versus_bf16 <= 0.03 * scale);
+    CHECK(versus_fp32 <= 0.03 * scale);
+  }
+}
+
+TEST_CASE("a checkpoint whose tensor disagrees with config.json is named") {
+  neva::test::TempDir dir;
+  auto source = oracle_directory() / "mha";
+  fs::copy_file(source / "config.json", dir.path() / "config.json");
+  neva::SafetensorsFile original((source / "model.safetensors").string());
+  std::vector<std::pair<std::string, at::Tensor>> tensors;
+  for (const auto& entry : original.entries()) {
+    at::Tensor value = original.tensor(entry.name);
+    if (entry.name == "model.norm.weight") value = value.narrow(0, 0, 32);
+    tensors.emplace_back(entry.name, value);
+  }
+  neva::write_safetensors((dir.path() / "model.safetensors").string(), tensors);
+  CHECK_THROWS_WITH_AS(load(dir.path()), doctest::Contains("tensor 'model.norm.weight' has shape [32], expected [64]"),
+                       neva::PluginError);
+  tensors.erase(std::remove_if(tensors.begin(), tensors.end(), [](auto& t) { return t.first == "model.norm.weight"; }),
+                tensors.end());
+  neva::write_safetensors((dir.path() / "model.safetensors").string(), tensors);
+  CHECK_THROWS_WITH_AS(load(dir.path()), doctest::Contains("missing tensor 'model.norm.weight'"), neva::PluginError);
+}
