@@ -2,16 +2,30 @@
 #include <torch/nn/module.h>
 
 #include <cstdint>
+#include <string>
 
 #include "neva/component.h"
+#include "neva/config.h"
 
 namespace neva {
 
-// NeVA's vision_encoder keys shared by every encoder; the host fills them from the recipe.
+// The vision_encoder keys every encoder shares (NeMo's and transformers' names).
 struct NEVA_API VisionEncoderConfig : ComponentConfig {
-  std::int64_t vision_select_layer = -2;  // hidden layer whose output feeds the connector
-  std::int64_t class_token_length = 1;    // leading class tokens dropped from the features
+  // Which hidden state feeds the connector: 0 is the embeddings, i the output of layer i, negative
+  // values count from the end (-1 the last layer, -2 the one before: LLaVA's choice).
+  std::int64_t vision_select_layer = -2;
+  // "default" drops the leading class tokens from the features, "full" keeps them
+  // (transformers' vision_feature_select_strategy).
+  std::string vision_feature_select_strategy = "default";
+  // How many leading class tokens the encoder emits (CLIP 1, SigLIP 0), i.e. how many "default" drops.
+  std::int64_t class_token_length = 1;
   ~VisionEncoderConfig() override;
+
+  // Reads the shared keys; `defaults` holds the encoder's own defaults (e.g. from a llava config.json).
+  void read_common(const ConfigSection& section, const VisionEncoderConfig& defaults);
+  // The hidden-state index vision_select_layer selects in an encoder of `num_layers` layers; throws
+  // when it is out of range.
+  std::int64_t selected_hidden_state(std::int64_t num_layers) const;
 };
 
 // Turns preprocessed images into a sequence of feature vectors per image (CLIP, SigLIP, ...).

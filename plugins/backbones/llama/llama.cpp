@@ -4,15 +4,13 @@
 // maps one-to-one.
 //
 // Recipe keys (table model.mm_cfg.llm):
-//   from_pretrained  a Hugging Face directory: config.json + model.safetensors[.index.json]
+//   from_pretrained  a Hugging Face directory: config.json + model.safetensors[.index.json], either a
+//                    LlamaForCausalLM or a llava-hf LlavaForConditionalGeneration (its text model, in
+//                    either key layout)
 //   config           a config.json alone: the same architecture, randomly initialised (debug flavour)
-//   weights_prefix   where this model's tensors sit in the checkpoint (default "": LlamaForCausalLM
-//                    names; e.g. "language_model." inside a llava-hf checkpoint)
 #include <ATen/ATen.h>
 #include <torch/nn/modules/container/modulelist.h>
 #include <torch/nn/modules/embedding.h>
-
-#include <set>
 
 #include "neva/error.h"
 #include "neva/hf_config.h"
@@ -23,13 +21,13 @@
 #include "neva/nn/rotary.h"
 #include "neva/plugin_abi.h"
 #include "neva/safetensors.h"
+#include "neva/weights.h"
 
 namespace {
 
 struct LlamaConfig : neva::LanguageBackboneConfig {
   std::string config_source;  // the config.json read, for messages
   std::string weights;        // checkpoint directory; "" = random initialisation
-  std::string weights_prefix;
   std::int64_t vocab_size = 0, hidden_size = 0, intermediate_size = 0, num_layers = 0;
   std::int64_t num_heads = 0, num_kv_heads = 0, head_dim = 0;
   double rms_norm_eps = 1e-6;
@@ -41,7 +39,6 @@ struct LlamaConfig : neva::LanguageBackboneConfig {
     LlamaConfig config;
     auto pretrained = section.path_value("from_pretrained");
     auto config_file = section.path_value("config");
-    config.weights_prefix = section.get<std::string>("weights_prefix", "");
     if (pretrained && config_file) section.fail("config", "give from_pretrained or config, not both");
     if (!pretrained && !config_file) {
       section.fail("from_pretrained", "missing: a Hugging Face Llama directory (or `config`, a config.json for a "
@@ -57,26 +54,30 @@ struct LlamaConfig : neva::LanguageBackboneConfig {
     return config;
   }
 
-  void read(const neva::HfConfig& hf) {
+  void read(const neva::HfConfig& file) {
+    // A llava-hf directory keeps the language model's settings under text_config.
+    std::string file_type = file.get<std::string>("model_type", "llama");
+    neva::HfConfig hf = file_type == "llava" ? file.child("text_config") : file;
     config_source = hf.source();
     std::string model_type = hf.get<std::string>("model_type", "llama");
-    if (model_type != "llama") hf.fail("model_type", "expected \"llama\", got \"" + model_type + "\"");
-    auto positive = [&](const char* key, std::optional<std::int64_t> fallback = std::nullopt) {
-      std::int64_t value = fallback ? hf.get<std::int64_t>(key, *fallback) : hf.require<std::int64_t>(key);
+    if (model_type != "llama") hf.fail("model_type", "expected \"llama\" (or \"llava\" with a llama text_config), got \"" + model_type + "\"");
+    // Missing keys take LlamaConfig's defaults, as transformers does (llava-hf text_configs rely on them).
+    auto positive = [&](const char* key, std::int64_t fallback) {
+      std::int64_t value = hf.get<std::int64_t>(key, fallback);
       if (value <= 0) hf.fail(key, "expected a positive integer, got " + std::to_string(value));
       return value;
     };
-    vocab_size = positive("vocab_size");
-    hidden_size = positive("hidden_size");
-    intermediate_size = positive("intermediate_size");
-    num_layers = positive("num_hidden_layers");
-    num_heads = positive("num_attention_heads");
+    vocab_size = positive("vocab_size", 32000);
+    hidden_size = positive("hidden_size", 4096);
+    intermediate_size = positive("intermediate_size", 11008);
+    num_layers = positive("num_hidden_layers", 32);
+    num_heads = positive("num_attention_heads", 32);
     num_kv_heads = positive("num_key_value_heads", num_heads);
     if (num_heads % num_kv_heads != 0) {
       hf.fail("num_key_value_heads", std::to_string(num_kv_heads) + " does not divide num_attention_heads " +
                                          std::to_string(num_heads));
     }
-    head_dim = hf.has("head_dim") ? positive("head_dim") : hidden_size / num_heads;
+    head_dim = positive("head_dim", hidden_size / num_heads);
     rms_norm_eps = hf.get<double>("rms_norm_eps", rms_norm_eps);
     tie_word_embeddings = hf.get<bool>("tie_word_embeddings", false);
     attention_bias = hf.get<bool>("attention_bias", false);
@@ -198,30 +199,26 @@ class LlamaBackbone : public neva::LanguageBackbone {
   std::int64_t vocab_size() const override { return config_.vocab_size; }
 
  private:
-  // Strict: every parameter must be in the checkpoint with its shape, and every checkpoint tensor
-  // under this model's names must be used (a tied lm_head copy and rotary buffers excepted).
+  // LlamaForCausalLM names, or a llava-hf checkpoint's text model in its older or newer layout.
   void load(const std::string& directory) {
     neva::SafetensorsCheckpoint checkpoint(directory);
-    const std::string& prefix = config_.weights_prefix;
-    std::set<std::string> used;
-    torch::NoGradGuard no_grad;
-    for (auto& item : named_parameters()) {
-      std::string name = prefix + item.key();
-      item.value().copy_(checkpoint.tensor(name, item.value().sizes()));
-      used.insert(name);
+    neva::WeightMap map;
+    if (checkpoint.contains("model.embed_tokens.weight")) {
+      map.prefixes = {{"model.", "model."}, {"lm_head.", "lm_head."}};
+    } else if (checkpoint.contains("language_model.model.embed_tokens.weight")) {
+      map.prefixes = {{"model.", "language_model.model."}, {"lm_head.", "language_model.lm_head."}};
+    } else if (checkpoint.contains("model.language_model.embed_tokens.weight")) {
+      map.prefixes = {{"model.", "model.language_model."}, {"lm_head.", "lm_head."}};
+    } else {
+      throw neva::Error(directory + ": no Llama weights found (looked for model.embed_tokens.weight and the "
+                                    "llava-hf layouts language_model.model.* and model.language_model.*)");
     }
-    for (const auto& name : checkpoint.names()) {
-      if (name.compare(0, prefix.size(), prefix) != 0 || used.count(name)) continue;
-      std::string local = name.substr(prefix.size());
-      bool tied_copy = config_.tie_word_embeddings && local == "lm_head.weight";
-      bool rotary_buffer = local.size() > 9 && local.compare(local.size() - 9, 9, ".inv_freq") == 0;
-      // Without a prefix, only LlamaForCausalLM's own names are ours; others belong to other components.
-      bool ours = !prefix.empty() || local.compare(0, 6, "model.") == 0 || local == "lm_head.weight";
-      if (ours && !tied_copy && !rotary_buffer) {
-        throw neva::Error(checkpoint.path() + ": unexpected tensor '" + name + "' for a Llama model with " +
-                          std::to_string(config_.num_layers) + " layers (config " + config_.config_source + ")");
-      }
-    }
+    const bool tied = config_.tie_word_embeddings;
+    map.may_ignore = [tied](const std::string& name) {
+      return (tied && name == "lm_head.weight") ||
+             (name.size() > 9 && name.compare(name.size() - 9, 9, ".inv_freq") == 0);
+    };
+    neva::load_weights(*this, checkpoint, map, "Llama language model (" + config_.config_source + ")");
   }
 
   LlamaConfig config_;

@@ -1,0 +1,54 @@
+"""Reference outputs for the `clip` plugin, from transformers' CLIPVisionModel and CLIPModel.
+
+Saves a tiny random CLIPVisionModel and a tiny full CLIPModel as Hugging Face directories and
+records, for fixed pixel values, every hidden state (output_hidden_states=True): the C++ tests pick
+the one vision_select_layer names and drop the class token or not.
+
+Usage: clip_oracle.py OUTPUT_DIR
+"""
+import pathlib
+import sys
+
+import torch
+from safetensors.torch import save_file
+from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
+
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=28,
+              patch_size=7, layer_norm_eps=1e-5, hidden_act="quick_gelu", initializer_factor=1.0)
+
+
+def perturb_norms(model):
+    with torch.no_grad():  # LayerNorms away from the identity, so a skipped or misplaced norm shows
+        for name, parameter in model.named_parameters():
+            if "layer_norm" in name or "layrnorm" in name or "layernorm" in name:
+                parameter.add_(0.2 * torch.randn_like(parameter))
+
+
+def record(model, vision_model, directory):
+    pixels = torch.randn(2, 3, VISION["image_size"], VISION["image_size"], generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        hidden = vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states
+    save_file({"pixel_values": pixels, "hidden_states": torch.stack(hidden)}, str(directory / "reference.safetensors"))
+    print(f"{directory.name}: {len(hidden)} hidden states of {tuple(hidden[0].shape)}")
+
+
+def main():
+    out_dir = pathlib.Path(sys.argv[1])
+    torch.manual_seed(0)
+    vision = CLIPVisionModel(CLIPVisionConfig(**VISION)).eval()
+    perturb_norms(vision)
+    vision.save_pretrained(out_dir / "vision_model", safe_serialization=True)
+    record(vision, vision, out_dir / "vision_model")
+
+    torch.manual_seed(1)
+    full = CLIPModel(CLIPConfig(vision_config=VISION, text_config=dict(hidden_size=32, intermediate_size=64,
+                                                                       num_hidden_layers=2, num_attention_heads=4,
+                                                                       vocab_size=99, bos_token_id=1, eos_token_id=2,
+                                                                       pad_token_id=0), projection_dim=16)).eval()
+    perturb_norms(full)
+    full.save_pretrained(out_dir / "clip_model", safe_serialization=True)
+    record(full, full.vision_model, out_dir / "clip_model")
+
+
+if __name__ == "__main__":
+    main()

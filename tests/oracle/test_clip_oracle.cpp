@@ -1,0 +1,93 @@
+// The clip plugin against transformers' CLIPVisionModel / CLIPModel (reference data: clip_oracle.py).
+#include <doctest/doctest.h>
+#include <torch/types.h>
+#include <torch/utils.h>
+
+#include <cstdlib>
+
+#include "neva/registry.h"
+#include "neva/safetensors.h"
+#include "neva/vision_encoder.h"
+#include "test_support.h"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+fs::path oracle_directory() {
+  const char* directory = std::getenv("NEVA_ORACLE_DIR");
+  REQUIRE_MESSAGE(directory, "NEVA_ORACLE_DIR is not set (ctest sets it after running the oracle scripts)");
+  return fs::path(directory) / "clip";
+}
+
+std::shared_ptr<neva::VisionEncoder> load(const fs::path& directory, const std::string& keys,
+                                          c10::ScalarType dtype = at::kFloat) {
+  neva::Registry::Options options;
+  options.search_paths = {neva::test::plugin_directory()};
+  options.use_environment = false;
+  options.use_install_directory = false;
+  neva::Registry registry(options);
+  auto document = neva::ConfigDocument::parse("from_pretrained = \"" + directory.string() + "\"\n" + keys, "o.toml");
+  auto config = registry.parse_config("vision_encoder", "clip", document.root());
+  document.root().reject_unknown_keys();
+  neva::RuntimeContext context;
+  context.dtypes.params = context.dtypes.compute = dtype;
+  return registry.create<neva::VisionEncoder>("clip", *config, context);
+}
+
+struct Selection {
+  const char* keys;
+  std::int64_t hidden_state;  // index into transformers' hidden_states
+  std::int64_t dropped;       // leading tokens removed
+};
+
+}  // namespace
+
+TEST_CASE("clip features match transformers' hidden states for each select layer and strategy") {
+  torch::NoGradGuard no_grad;
+  const Selection selections[] = {
+      {"", 2, 1},                                                      // LLaVA's default: layer -2, drop CLS
+      {"vision_select_layer = -1\nvision_feature_select_strategy = 'full'\n", 3, 0},
+      {"vision_select_layer = -2\nvision_feature_select_strategy = 'full'\n", 2, 0},
+      {"vision_select_layer = 0\n", 0, 1},                             // the pre_layrnorm output
+      {"vision_select_layer = 1\nclass_token_length = 0\n", 1, 0},     // NeMo's key: nothing to drop
+  };
+  for (const char* model : {"vision_model", "clip_model"}) {
+    auto directory = oracle_directory() / model;
+    neva::SafetensorsFile reference((directory / "reference.safetensors").string());
+    at::Tensor pixels = reference.tensor("pixel_values");
+    at::Tensor hidden = reference.tensor("hidden_states");
+    for (const auto& selection : selections) {
+      std::string context = std::string(model) + " with keys: " + selection.keys;
+      CAPTURE(context);
+      auto encoder = load(directory, selection.keys);
+      at::Tensor expected = hidden[selection.hidden_state].narrow(1, selection.dropped,
+                                                                  hidden.size(2) - selection.dropped);
+      at::Tensor features = encoder->forward(pixels);
+      CHECK(encoder->num_tokens() == expected.size(1));
+      REQUIRE(features.sizes() == expected.sizes());
+      CHECK((features - expected).abs().max().item<double>() <= 1e-5);
+    }
+  }
+}
+
+TEST_CASE("clip in bf16 stays close to fp32 transformers") {
+  torch::NoGradGuard no_grad;
+  auto directory = oracle_directory() / "vision_model";
+  neva::SafetensorsFile reference((directory / "reference.safetensors").string());
+  auto encoder = load(directory, "", at::kBFloat16);
+  at::Tensor features = encoder->forward(reference.tensor("pixel_values"));
+  at::Tensor expected = reference.tensor("hidden_states")[2].narrow(1, 1, 16);
+  double scale = expected.abs().max().item<double>();
+  CHECK((features.to(at::kFloat) - expected).abs().max().item<double>() <= 0.03 * scale);
+}
+
+TEST_CASE("clip refuses images of the wrong size and out-of-range select layers") {
+  auto directory = oracle_directory() / "vision_model";
+  auto encoder = load(directory, "");
+  CHECK_THROWS_WITH_AS(encoder->forward(torch::zeros({1, 3, 32, 32})),
+                       "clip: pixel_values have shape [1, 3, 32, 32], expected [images, 3, 28, 28]", neva::Error);
+  CHECK_THROWS_WITH_AS(load(directory, "vision_select_layer = -5\n"),
+                       doctest::Contains("vision_select_layer -5 is out of range for an encoder of 3 layers"),
+                       neva::RecipeError);
+}
