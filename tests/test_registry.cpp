@@ -47,12 +47,11 @@ neva::ConfigDocument sizes_recipe() { return neva::ConfigDocument::parse("input_
 TEST_CASE("the built-in plugins are listed without being instantiated") {
   Registry registry(only({plugin_directory()}));
   auto plugins = registry.list();
-  REQUIRE(plugins.size() == 3);
-  CHECK(plugins[0].kind == "connector");
-  CHECK(plugins[0].name == "linear");
-  CHECK(plugins[1].name == "mlp");
-  CHECK(plugins[2].kind == "language_backbone");
-  CHECK(plugins[2].name == "llama");
+  std::vector<std::string> names;
+  for (const auto& plugin : plugins) names.push_back(plugin.kind + "/" + plugin.name);
+  // Sorted by (kind, name).
+  CHECK(names == std::vector<std::string>{"connector/linear", "connector/mlp", "language_backbone/llama",
+                                          "vision_encoder/clip"});
   CHECK(plugins[1].abi.major == neva::kPluginAbiMajor);
   CHECK(plugins[1].torch_version == TORCH_VERSION);
   CHECK(registry.find("connector", "mlp2x_gelu").name == "mlp");  // answers_to
@@ -123,7 +122,7 @@ TEST_CASE("a duplicate (kind, name) names both files") {
 
 TEST_CASE("the same directory named twice is searched once") {
   Registry registry(only({plugin_directory(), plugin_directory() / "." }));
-  CHECK(registry.list().size() == 3);
+  CHECK(registry.list().size() == Registry(only({plugin_directory()})).list().size());
 }
 
 TEST_CASE("plugin files and directories writable by group or others are refused") {
@@ -154,7 +153,7 @@ TEST_CASE("NEVA_PLUGIN_PATH is searched, and relative entries are refused") {
   Registry::Options options = only({});
   options.use_environment = true;
   ::setenv("NEVA_PLUGIN_PATH", plugin_directory().c_str(), 1);
-  CHECK(Registry(options).list().size() == 3);
+  CHECK(Registry(options).list().size() == Registry(only({plugin_directory()})).list().size());
   ::setenv("NEVA_PLUGIN_PATH", "plugins", 1);
   CHECK(contains(registry_error(options), "NEVA_PLUGIN_PATH entry 'plugins' is not an absolute path"));
   ::unsetenv("NEVA_PLUGIN_PATH");
@@ -169,8 +168,8 @@ TEST_CASE("an unknown name lists the available plugins of that kind") {
     std::string message = error.what();
     CHECK(contains(message, "no connector plugin named 'mpl' (did you mean 'mlp'?); available: linear, mlp"));
   }
-  CHECK_THROWS_WITH_AS(registry.find("vision_encoder", "clip"),
-                       doctest::Contains("no vision_encoder plugin named 'clip'; available: none"), PluginError);
+  CHECK_THROWS_WITH_AS(registry.find("precision_recipe", "fp8"),
+                       doctest::Contains("no precision_recipe plugin named 'fp8'; available: none"), PluginError);
 }
 
 TEST_CASE("a factory that throws becomes a host error naming the plugin") {
