@@ -18,6 +18,16 @@ std::string WeightMap::checkpoint_name(const std::string& module_name) const {
   return best ? best->second + module_name.substr(best->first.size()) : std::string();
 }
 
+WeightMap detect_layout(const SafetensorsCheckpoint& checkpoint, const std::vector<WeightLayout>& layouts,
+                        const std::string& what, std::function<bool(const std::string&)> may_ignore) {
+  std::string probes;
+  for (const auto& layout : layouts) {
+    if (checkpoint.contains(layout.probe)) return WeightMap{layout.prefixes, std::move(may_ignore)};
+    probes += (probes.empty() ? "" : ", ") + layout.probe;
+  }
+  throw Error(checkpoint.path() + ": no " + what + " weights found (looked for " + probes + ")");
+}
+
 void load_weights(torch::nn::Module& module, const SafetensorsCheckpoint& checkpoint, const WeightMap& map,
                   const std::string& what) {
   std::set<std::string> used;

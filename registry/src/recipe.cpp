@@ -3,6 +3,8 @@
 #include <c10/core/Device.h>
 
 #include "neva/error.h"
+#include "neva/hf_config.h"
+#include "neva/llava_model.h"
 #include "neva/language_backbone.h"
 #include "neva/vision_encoder.h"
 
@@ -118,10 +120,24 @@ Recipe parse_recipe(const ConfigDocument& document, const fs::path& base_directo
   ConfigSection mm = model.section("mm_cfg");
   MultimodalConfig& mm_cfg = recipe.model.mm_cfg;
   mm_cfg.use_im_start_end = mm.get<bool>("use_im_start_end", false);
-  mm_cfg.pretrain_mm_mlp_adapter = mm.get<std::string>("pretrain_mm_mlp_adapter", "");
+  mm_cfg.pretrain_mm_mlp_adapter = mm.path_value("pretrain_mm_mlp_adapter").value_or("");
   // NeVA's stage defaults: the language model and the vision tower start frozen only when asked.
   mm_cfg.llm = parse_component(registry, mm, "llm", LanguageBackbone::kKind, false);
   mm_cfg.vision_encoder = parse_component(registry, mm, "vision_encoder", VisionEncoder::kKind, true);
+  mm_cfg.image_token_index = mm.integer("image_token_index", -1, 0);
+  if (mm_cfg.image_token_index < 0 && mm_cfg.llm && !mm_cfg.llm->from_pretrained.empty()) {
+    try {  // a llava-hf directory says which token its images fill
+      HfConfig llava = HfConfig::load(mm_cfg.llm->from_pretrained);
+      if (llava.get<std::string>("model_type", "") == "llava") {
+        mm_cfg.image_token_index = llava.get<std::int64_t>("image_token_index", llava.get<std::int64_t>("image_token_id", -1));
+      }
+    } catch (const Error&) {
+      // Not a directory with a config.json: the llm plugin has already said what it needs.
+    }
+  }
+  if (mm_cfg.vision_encoder && mm_cfg.image_token_index < 0) {
+    mm.fail("image_token_index", "missing: the token id image features replace (e.g. 32000 for llava-1.5)");
+  }
 
   mm_cfg.mm_mlp_adapter_type = mm.get<std::string>("mm_mlp_adapter_type", mm_cfg.mm_mlp_adapter_type);
   require_plugin(registry, mm, "mm_mlp_adapter_type", Connector::kKind, mm_cfg.mm_mlp_adapter_type);
@@ -131,18 +147,62 @@ Recipe parse_recipe(const ConfigDocument& document, const fs::path& base_directo
   connector.plugin = mm_cfg.mm_mlp_adapter_type;
   connector.section = adapter.path();
   connector.freeze = adapter.get<bool>("freeze", false);
-  connector.from_pretrained = mm_cfg.pretrain_mm_mlp_adapter;
+  auto adapter_weights = adapter.path_value("from_pretrained");
+  if (adapter_weights && !mm_cfg.pretrain_mm_mlp_adapter.empty()) {
+    adapter.fail("from_pretrained", "give the connector's weights once: here or in model.mm_cfg.pretrain_mm_mlp_adapter");
+  }
+  connector.from_pretrained = adapter_weights.value_or(mm_cfg.pretrain_mm_mlp_adapter);
   connector.config = registry.parse_config(Connector::kKind, connector.plugin, adapter);
   auto* sizes = dynamic_cast<ConnectorConfig*>(connector.config.get());
   if (!sizes) {
     throw PluginError(registry.find(Connector::kKind, connector.plugin).path.string() +
                       ": parse_config did not return a ConnectorConfig");
   }
-  if (!mm_cfg.vision_encoder) check_connector_size(adapter, "input_size", sizes->input_size, "vision_encoder");
-  if (!mm_cfg.llm) check_connector_size(adapter, "output_size", sizes->output_size, "llm");
+  sizes->weights = connector.from_pretrained;
+  // The connector's widths come from the components it joins; given explicitly, they must agree.
+  auto derive = [&](const char* key, std::int64_t& size, std::int64_t from, const std::string& source) {
+    if (size > 0 && size != from) {
+      adapter.fail(key, std::to_string(size) + " disagrees with " + source + " (" + std::to_string(from) + ")");
+    }
+    size = from;
+  };
+  if (mm_cfg.vision_encoder) {
+    auto* encoder = dynamic_cast<VisionEncoderConfig*>(mm_cfg.vision_encoder->config.get());
+    if (!encoder || encoder->hidden_size <= 0) throw PluginError(mm_cfg.vision_encoder->plugin + ": parse_config did not give a VisionEncoderConfig with its hidden_size");
+    derive("input_size", sizes->input_size, encoder->hidden_size, "the vision encoder's hidden size");
+  } else {
+    check_connector_size(adapter, "input_size", sizes->input_size, "vision_encoder");
+  }
+  if (mm_cfg.llm) {
+    auto* llm = dynamic_cast<LanguageBackboneConfig*>(mm_cfg.llm->config.get());
+    if (!llm || llm->hidden_size <= 0) throw PluginError(mm_cfg.llm->plugin + ": parse_config did not give a LanguageBackboneConfig with its hidden_size");
+    derive("output_size", sizes->output_size, llm->hidden_size, "the language model's hidden size");
+  } else {
+    check_connector_size(adapter, "output_size", sizes->output_size, "llm");
+  }
 
   root.reject_unknown_keys();
   return recipe;
+}
+
+LlavaModel build_model(const Recipe& recipe, const RuntimeContext& context) {
+  const MultimodalConfig& mm_cfg = recipe.model.mm_cfg;
+  if (!mm_cfg.llm) throw Error(recipe.source + ": the recipe has no [model.mm_cfg.llm] to build a model around");
+  auto freeze = [](torch::nn::Module& module, bool frozen) {
+    if (!frozen) return;
+    for (auto& parameter : module.parameters()) parameter.set_requires_grad(false);
+  };
+  auto backbone = recipe.registry->create<LanguageBackbone>(mm_cfg.llm->plugin, *mm_cfg.llm->config, context);
+  freeze(*backbone, mm_cfg.llm->freeze);
+  std::shared_ptr<VisionEncoder> encoder;
+  std::shared_ptr<Connector> connector;
+  if (mm_cfg.vision_encoder) {
+    encoder = recipe.registry->create<VisionEncoder>(mm_cfg.vision_encoder->plugin, *mm_cfg.vision_encoder->config, context);
+    freeze(*encoder, mm_cfg.vision_encoder->freeze);
+    connector = recipe.registry->create<Connector>(mm_cfg.connector.plugin, *mm_cfg.connector.config, context);
+    freeze(*connector, mm_cfg.connector.freeze);
+  }
+  return LlavaModel(encoder, connector, backbone, mm_cfg.image_token_index);
 }
 
 Recipe load_recipe(const fs::path& path, const std::vector<std::string>& overrides,

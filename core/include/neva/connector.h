@@ -2,6 +2,7 @@
 #include <torch/nn/module.h>
 
 #include <cstdint>
+#include <string>
 
 #include "neva/component.h"
 #include "neva/config.h"
@@ -11,6 +12,9 @@ namespace neva {
 struct NEVA_API ConnectorConfig : ComponentConfig {
   std::int64_t input_size = 0;   // vision feature width (the encoder's hidden size)
   std::int64_t output_size = 0;  // language-model width (the backbone's hidden size)
+  // Checkpoint to load (file or directory); "" = random initialisation. Set by the host from
+  // model.mm_cfg.pretrain_mm_mlp_adapter or the adapter table's from_pretrained.
+  std::string weights;
   ~ConnectorConfig() override;
 
   // Reads the optional input_size / output_size keys; without them the host derives both from the

@@ -9,6 +9,9 @@
 namespace neva {
 
 struct NEVA_API LanguageBackboneConfig : ComponentConfig {
+  // Filled by the plugin when it parses its config, so the host can wire the connector to it.
+  std::int64_t hidden_size = 0;
+  std::int64_t vocab_size = 0;
   ~LanguageBackboneConfig() override;
 };
 

@@ -19,6 +19,8 @@ struct NEVA_API VisionEncoderConfig : ComponentConfig {
   std::string vision_feature_select_strategy = "default";
   // How many leading class tokens the encoder emits (CLIP 1, SigLIP 0), i.e. how many "default" drops.
   std::int64_t class_token_length = 1;
+  // Filled by the plugin when it parses its config: the feature width the connector receives.
+  std::int64_t hidden_size = 0;
   ~VisionEncoderConfig() override;
 
   // Reads the shared keys; `defaults` holds the encoder's own defaults (e.g. from a llava config.json).

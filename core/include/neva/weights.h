@@ -27,6 +27,18 @@ struct WeightMap {
   std::string checkpoint_name(const std::string& module_name) const;
 };
 
+// One way a checkpoint may name a component's tensors, recognised by one tensor it must hold.
+struct WeightLayout {
+  std::string probe;  // a checkpoint tensor name present only in this layout
+  std::vector<std::pair<std::string, std::string>> prefixes;
+};
+
+// The first layout whose probe `checkpoint` holds (with `may_ignore` attached); throws naming the
+// probes looked for when none matches.
+NEVA_API WeightMap detect_layout(const SafetensorsCheckpoint& checkpoint, const std::vector<WeightLayout>& layouts,
+                                 const std::string& what,
+                                 std::function<bool(const std::string&)> may_ignore = nullptr);
+
 // Copies every parameter of `module` from `checkpoint` (converting dtype, keeping device).
 // `what` names the component in errors ("llama language model").
 NEVA_API void load_weights(torch::nn::Module& module, const SafetensorsCheckpoint& checkpoint, const WeightMap& map,

@@ -28,7 +28,7 @@ namespace {
 struct LlamaConfig : neva::LanguageBackboneConfig {
   std::string config_source;  // the config.json read, for messages
   std::string weights;        // checkpoint directory; "" = random initialisation
-  std::int64_t vocab_size = 0, hidden_size = 0, intermediate_size = 0, num_layers = 0;
+  std::int64_t intermediate_size = 0, num_layers = 0;  // hidden_size, vocab_size: in the base
   std::int64_t num_heads = 0, num_kv_heads = 0, head_dim = 0;
   double rms_norm_eps = 1e-6;
   bool tie_word_embeddings = false, attention_bias = false, mlp_bias = false;
@@ -202,22 +202,16 @@ class LlamaBackbone : public neva::LanguageBackbone {
   // LlamaForCausalLM names, or a llava-hf checkpoint's text model in its older or newer layout.
   void load(const std::string& directory) {
     neva::SafetensorsCheckpoint checkpoint(directory);
-    neva::WeightMap map;
-    if (checkpoint.contains("model.embed_tokens.weight")) {
-      map.prefixes = {{"model.", "model."}, {"lm_head.", "lm_head."}};
-    } else if (checkpoint.contains("language_model.model.embed_tokens.weight")) {
-      map.prefixes = {{"model.", "language_model.model."}, {"lm_head.", "language_model.lm_head."}};
-    } else if (checkpoint.contains("model.language_model.embed_tokens.weight")) {
-      map.prefixes = {{"model.", "model.language_model."}, {"lm_head.", "lm_head."}};
-    } else {
-      throw neva::Error(directory + ": no Llama weights found (looked for model.embed_tokens.weight and the "
-                                    "llava-hf layouts language_model.model.* and model.language_model.*)");
-    }
     const bool tied = config_.tie_word_embeddings;
-    map.may_ignore = [tied](const std::string& name) {
-      return (tied && name == "lm_head.weight") ||
-             (name.size() > 9 && name.compare(name.size() - 9, 9, ".inv_freq") == 0);
-    };
+    auto map = neva::detect_layout(
+        checkpoint,
+        {{"model.embed_tokens.weight", {{"model.", "model."}, {"lm_head.", "lm_head."}}},
+         {"language_model.model.embed_tokens.weight", {{"model.", "language_model.model."}, {"lm_head.", "language_model.lm_head."}}},
+         {"model.language_model.embed_tokens.weight", {{"model.", "model.language_model."}, {"lm_head.", "lm_head."}}}},
+        "Llama", [tied](const std::string& name) {
+          return (tied && name == "lm_head.weight") ||
+                 (name.size() > 9 && name.compare(name.size() - 9, 9, ".inv_freq") == 0);
+        });
     neva::load_weights(*this, checkpoint, map, "Llama language model (" + config_.config_source + ")");
   }
 

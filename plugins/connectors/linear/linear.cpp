@@ -5,6 +5,7 @@
 
 #include "neva/connector.h"
 #include "neva/plugin_abi.h"
+#include "neva/weights.h"
 
 namespace {
 
@@ -25,6 +26,16 @@ class LinearConnector : public neva::Connector {
     weight_ = register_parameter("weight", initial->weight.detach());
     bias_ = register_parameter("bias", initial->bias.detach());
     to(context.device, context.dtypes.params);
+    if (!config.weights.empty()) {
+      // LLaVA's names (model.mm_projector.weight) or a bare projector file (weight, bias).
+      neva::SafetensorsCheckpoint checkpoint(config.weights);
+      auto map = neva::detect_layout(checkpoint,
+                                     {{"model.mm_projector.weight", {{"", "model.mm_projector."}}},
+                                      {"mm_projector.weight", {{"", "mm_projector."}}},
+                                      {"weight", {{"", ""}}}},
+                                     "linear connector");
+      neva::load_weights(*this, checkpoint, map, "linear connector");
+    }
   }
 
   at::Tensor forward(const at::Tensor& vision_features) override {

@@ -10,6 +10,7 @@
 
 #include "neva/connector.h"
 #include "neva/plugin_abi.h"
+#include "neva/weights.h"
 
 namespace {
 
@@ -49,6 +50,7 @@ class MlpConnector : public neva::Connector {
     // Registered directly so names are "0.weight", "2.weight", ... as in LLaVA's mm_projector.
     for (const auto& item : layers_->named_children()) register_module(item.key(), item.value());
     to(context.device, context.dtypes.params);
+    if (!config.weights.empty()) load(config.weights, config.depth);
   }
 
   at::Tensor forward(const at::Tensor& vision_features) override { return layers_->forward(vision_features); }
@@ -56,6 +58,22 @@ class MlpConnector : public neva::Connector {
   std::int64_t output_size() const override { return output_size_; }
 
  private:
+  // LLaVA's own names (model.mm_projector.N), a bare projector file (N.weight), or llava-hf's
+  // multi_modal_projector.linear_1/2 (two layers only) in either layout.
+  void load(const std::string& path, std::int64_t depth) {
+    neva::SafetensorsCheckpoint checkpoint(path);
+    std::vector<neva::WeightLayout> layouts = {{"model.mm_projector.0.weight", {{"", "model.mm_projector."}}},
+                                               {"mm_projector.0.weight", {{"", "mm_projector."}}}};
+    if (depth == 2) {
+      for (std::string prefix : {"multi_modal_projector.", "model.multi_modal_projector."}) {
+        layouts.push_back({prefix + "linear_1.weight", {{"0.", prefix + "linear_1."}, {"2.", prefix + "linear_2."}}});
+      }
+    }
+    layouts.push_back({"0.weight", {{"", ""}}});
+    neva::load_weights(*this, checkpoint, neva::detect_layout(checkpoint, layouts, "mlp connector"),
+                       "mlp" + std::to_string(depth) + "x_gelu connector");
+  }
+
   std::int64_t input_size_;
   std::int64_t output_size_;
   torch::nn::Sequential layers_;

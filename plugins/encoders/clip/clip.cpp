@@ -29,7 +29,7 @@ namespace {
 struct ClipConfig : neva::VisionEncoderConfig {
   std::string config_source;
   std::string weights;  // "" = random initialisation
-  std::int64_t hidden_size = 768, intermediate_size = 3072, num_layers = 12, num_heads = 12;
+  std::int64_t intermediate_size = 3072, num_layers = 12, num_heads = 12;  // hidden_size: in the base
   std::int64_t num_channels = 3, image_size = 224, patch_size = 32;
   double layer_norm_eps = 1e-5;
   std::string hidden_act = "quick_gelu";
@@ -85,7 +85,7 @@ struct ClipConfig : neva::VisionEncoderConfig {
       if (value <= 0) hf.fail(key, "expected a positive integer, got " + std::to_string(value));
       return value;
     };
-    hidden_size = positive("hidden_size", hidden_size);
+    hidden_size = positive("hidden_size", 768);
     intermediate_size = positive("intermediate_size", intermediate_size);
     num_layers = positive("num_hidden_layers", num_layers);
     num_heads = positive("num_attention_heads", num_heads);
@@ -179,19 +179,16 @@ class ClipEncoder : public neva::VisionEncoder {
 
   void load(const std::string& directory) {
     neva::SafetensorsCheckpoint checkpoint(directory);
-    neva::WeightMap map;
-    // CLIPModel / CLIPVisionModel (4.x), llava-hf (older, newer), CLIPVisionModel saved by 5.x (bare).
-    for (const char* prefix : {"vision_model.", "vision_tower.vision_model.", "model.vision_tower.vision_model.", ""}) {
-      if (checkpoint.contains(std::string(prefix) + "embeddings.class_embedding")) {
-        map.prefixes = {{"vision_model.", prefix}};
-        break;
-      }
+    // CLIPModel / CLIPVisionModel (4.x); llava-hf hub files, transformers 4.52+ nesting, and what
+    // transformers 5 writes (towers without the vision_model. level); a bare CLIPVisionModel (5.x).
+    std::vector<neva::WeightLayout> layouts;
+    for (const char* prefix : {"vision_model.", "vision_tower.vision_model.", "model.vision_tower.vision_model.",
+                               "vision_tower.", "model.vision_tower.", ""}) {
+      layouts.push_back({std::string(prefix) + "embeddings.class_embedding", {{"vision_model.", prefix}}});
     }
-    if (map.prefixes.empty()) {
-      throw neva::Error(directory + ": no CLIP vision tower found (looked for embeddings.class_embedding, bare or "
-                                    "under vision_model., vision_tower.vision_model. or model.vision_tower.vision_model.)");
-    }
-    map.may_ignore = [](const std::string& name) { return name == "vision_model.embeddings.position_ids"; };
+    auto map = neva::detect_layout(checkpoint, layouts, "CLIP vision tower", [](const std::string& name) {
+      return name == "vision_model.embeddings.position_ids";
+    });
     neva::load_weights(*this, checkpoint, map, "CLIP vision tower (" + config_.config_source + ")");
   }
 

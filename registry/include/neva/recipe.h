@@ -12,6 +12,7 @@
 #include "neva/config.h"
 #include "neva/connector.h"
 #include "neva/context.h"
+#include "neva/llava_model.h"
 #include "neva/parallel_strategy.h"
 #include "neva/registry.h"
 
@@ -40,6 +41,9 @@ struct ComponentSpec {
 
 struct MultimodalConfig {       // model.mm_cfg
   std::string mm_mlp_adapter_type = "mlp2x_gelu";
+  // The token id whose positions image features fill (transformers' image_token_index). Read from a
+  // llava-hf llm directory's config.json when the recipe does not give it; -1 = not known.
+  std::int64_t image_token_index = -1;
   bool use_im_start_end = false;
   std::string pretrain_mm_mlp_adapter;
   std::optional<ComponentSpec> llm;
@@ -65,6 +69,10 @@ struct NEVA_API Recipe {
   DTypePolicy dtype_policy() const;
   RuntimeContext runtime_context() const;  // single-process groups; device and dtypes from the recipe
 };
+
+// Builds the model the recipe describes: every component through the registry, frozen as asked.
+// The encoder and connector are null when the recipe has no vision_encoder.
+NEVA_API LlavaModel build_model(const Recipe& recipe, const RuntimeContext& context);
 
 // Parses a recipe document (after its --set overrides). `base_directory` resolves relative
 // run.plugin_paths. Throws RecipeError (bad recipe) or PluginError (plugins unusable).

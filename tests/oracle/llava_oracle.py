@@ -1,0 +1,93 @@
+"""Reference outputs for a LLaVA composition (llama + clip + mlp2x_gelu), from transformers'
+LlavaForConditionalGeneration.
+
+Saves one tiny random llava-hf model in three key layouts: as transformers 5.23 writes it
+("transformers5": language_model.model.*, language_model.lm_head.*, vision_tower.* without
+vision_model., multi_modal_projector.*), as the llava-hf hub files have it ("hub": the same with
+vision_tower.vision_model.*), and as transformers 4.52+ names the nested LlavaModel ("nested":
+model.language_model.*, model.vision_tower.vision_model.*, model.multi_modal_projector.*, lm_head.*).
+Records logits and a greedy continuation for a prompt holding two images.
+
+Usage: llava_oracle.py OUTPUT_DIR
+"""
+import pathlib
+import shutil
+import sys
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+IMAGE_TOKEN = 255
+VISION = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+              num_attention_heads=4, image_size=28, patch_size=7, hidden_act="quick_gelu")
+TEXT = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
+            initializer_range=0.08, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+LAYOUTS = {  # renames from the names transformers 5.23 writes
+    "hub": [("vision_tower.", "vision_tower.vision_model.")],
+    "nested": [("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
+               ("vision_tower.", "model.vision_tower.vision_model."),
+               ("multi_modal_projector.", "model.multi_modal_projector.")],
+}
+
+
+def greedy(model, input_ids, pixel_values, steps=8):
+    out = model(input_ids=input_ids, pixel_values=pixel_values, use_cache=True)
+    past, logits, tokens = out.past_key_values, out.logits[:, -1], []
+    for _ in range(steps):
+        top = logits.topk(2, dim=-1).values
+        assert (top[0, 0] - top[0, 1]).item() > 1e-3, "greedy step too close to a tie; pick another seed"
+        token = logits.argmax(-1, keepdim=True)
+        tokens.append(token)
+        out = model(input_ids=token, past_key_values=past, use_cache=True)
+        past, logits = out.past_key_values, out.logits[:, -1]
+    return torch.cat(tokens, 1)
+
+
+def main():
+    out_dir = pathlib.Path(sys.argv[1])
+    torch.manual_seed(3)
+    config = LlavaConfig(vision_config=VISION, text_config=TEXT, image_token_index=IMAGE_TOKEN,
+                         projector_hidden_act="gelu", vision_feature_layer=-2,
+                         vision_feature_select_strategy="default")
+    model = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.add_(0.2 * torch.randn_like(parameter))
+            if "multi_modal_projector" in name:  # projector init is tiny; make the images matter
+                parameter.mul_(20.0)
+    saved = out_dir / "transformers5"
+    model.save_pretrained(saved, safe_serialization=True)
+    directories = [saved]
+    for layout, renames in LAYOUTS.items():
+        directory = out_dir / layout
+        directory.mkdir(parents=True, exist_ok=True)
+        shutil.copy(saved / "config.json", directory / "config.json")
+        renamed = {}
+        for name, tensor in load_file(str(saved / "model.safetensors")).items():
+            for prefix, replacement in renames:
+                if name.startswith(prefix):
+                    name = replacement + name[len(prefix):]
+                    break
+            renamed[name] = tensor
+        save_file(renamed, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        directories.append(directory)
+
+    generator = torch.Generator().manual_seed(11)
+    text = lambda n: torch.randint(3, IMAGE_TOKEN, (n,), generator=generator)
+    image = torch.full((16,), IMAGE_TOKEN)
+    input_ids = torch.cat([torch.tensor([1]), text(3), image, text(4), image, text(5)]).unsqueeze(0)
+    pixel_values = torch.randn(2, 3, 28, 28, generator=generator)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, pixel_values=pixel_values).logits
+        continuation = greedy(model, input_ids, pixel_values)
+    tensors = {"input_ids": input_ids, "pixel_values": pixel_values, "logits": logits, "greedy": continuation}
+    for directory in directories:
+        save_file(tensors, str(directory / "reference.safetensors"))
+    print("llava: logits", list(logits.shape), "greedy", continuation.tolist())
+
+
+if __name__ == "__main__":
+    main()

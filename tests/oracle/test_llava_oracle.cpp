@@ -1,0 +1,111 @@
+// A LLaVA model composed from the llama, clip and mlp plugins through a recipe, against
+// transformers' LlavaForConditionalGeneration (reference data: llava_oracle.py).
+#include <doctest/doctest.h>
+#include <torch/types.h>
+#include <torch/utils.h>
+
+#include <cstdlib>
+
+#include "neva/llava_model.h"
+#include "neva/recipe.h"
+#include "neva/safetensors.h"
+#include "test_support.h"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+fs::path oracle_directory() {
+  const char* directory = std::getenv("NEVA_ORACLE_DIR");
+  REQUIRE_MESSAGE(directory, "NEVA_ORACLE_DIR is not set (ctest sets it after running the oracle scripts)");
+  return fs::path(directory) / "llava";
+}
+
+neva::Recipe recipe_for(const fs::path& directory, const std::string& extra = "") {
+  std::string text = "[model.mm_cfg]\nmm_mlp_adapter_type = \"mlp2x_gelu\"\npretrain_mm_mlp_adapter = \"" +
+                     directory.string() + "\"\n" + extra +
+                     "[model.mm_cfg.llm]\nplugin = \"llama\"\nfrom_pretrained = \"" + directory.string() +
+                     "\"\n[model.mm_cfg.vision_encoder]\nplugin = \"clip\"\nfrom_pretrained = \"" + directory.string() +
+                     "\"\n";
+  neva::Registry::Options options;
+  options.search_paths = {neva::test::plugin_directory()};
+  options.use_environment = false;
+  options.use_install_directory = false;
+  return neva::parse_recipe(neva::ConfigDocument::parse(text, "llava.toml"), directory, options);
+}
+
+}  // namespace
+
+TEST_CASE("a LLaVA recipe over one llava-hf directory matches transformers in every key layout") {
+  torch::NoGradGuard no_grad;
+  for (const char* layout : {"transformers5", "hub", "nested"}) {
+    CAPTURE(std::string(layout));
+    auto directory = oracle_directory() / layout;
+    neva::SafetensorsFile reference((directory / "reference.safetensors").string());
+    neva::Recipe recipe = recipe_for(directory);
+    CHECK(recipe.model.mm_cfg.image_token_index == 255);  // from config.json
+    neva::LlavaModel model = neva::build_model(recipe, recipe.runtime_context());
+    CHECK(model.tokens_per_image() == 16);
+
+    neva::MultimodalInputs inputs;
+    inputs.input_ids = reference.tensor("input_ids");
+    inputs.pixel_values = reference.tensor("pixel_values");
+    at::Tensor logits = model.forward(inputs).logits;
+    double difference = (logits - reference.tensor("logits")).abs().max().item<double>();
+    MESSAGE(layout << ": max |logit difference| " << difference);
+    CHECK(difference <= 1e-4);
+
+    // Greedy continuation with the KV cache: images only in the prefill step.
+    at::Tensor expected = reference.tensor("greedy");
+    auto cache = model.backbone().new_cache(1, inputs.input_ids.size(1) + expected.size(1));
+    inputs.cache = cache.get();
+    at::Tensor step_logits = model.forward(inputs).logits;
+    std::vector<std::int64_t> tokens;
+    for (std::int64_t i = 0; i < expected.size(1); ++i) {
+      at::Tensor next = step_logits.select(1, -1).argmax(-1, true);
+      tokens.push_back(next.item<std::int64_t>());
+      neva::MultimodalInputs step;
+      step.input_ids = next;
+      step.cache = cache.get();
+      step_logits = model.forward(step).logits;
+    }
+    CHECK(torch::equal(torch::tensor(tokens).view({1, -1}), expected));
+  }
+}
+
+TEST_CASE("the connector's widths come from the encoder and the language model") {
+  auto recipe = recipe_for(oracle_directory() / "hub");
+  auto* connector = dynamic_cast<neva::ConnectorConfig*>(recipe.model.mm_cfg.connector.config.get());
+  REQUIRE(connector);
+  CHECK(connector->input_size == 32);
+  CHECK(connector->output_size == 64);
+  CHECK_THROWS_WITH_AS(recipe_for(oracle_directory() / "hub", "[model.mm_cfg.mm_mlp_adapter]\noutput_size = 4096\n"),
+                       doctest::Contains("model.mm_cfg.mm_mlp_adapter.output_size: 4096 disagrees with the language "
+                                         "model's hidden size (64)"),
+                       neva::RecipeError);
+}
+
+TEST_CASE("image placeholders that do not match the images are an error, not a silent mismatch") {
+  torch::NoGradGuard no_grad;
+  auto directory = oracle_directory() / "hub";
+  neva::SafetensorsFile reference((directory / "reference.safetensors").string());
+  neva::Recipe recipe = recipe_for(directory);
+  neva::LlavaModel model = neva::build_model(recipe, recipe.runtime_context());
+  neva::MultimodalInputs inputs;
+  inputs.input_ids = reference.tensor("input_ids");
+  inputs.pixel_values = reference.tensor("pixel_values").narrow(0, 0, 1);
+  CHECK_THROWS_WITH_AS(model.forward(inputs),
+                       "image tokens and images do not match: the text holds 32 image placeholder tokens (id 255), "
+                       "but 1 image(s) of 16 tokens each need 16",
+                       neva::Error);
+}
+
+TEST_CASE("freeze keeps the frozen components out of training") {
+  auto directory = oracle_directory() / "hub";
+  neva::Recipe recipe = recipe_for(directory);
+  recipe.model.mm_cfg.llm->freeze = true;
+  neva::LlavaModel model = neva::build_model(recipe, recipe.runtime_context());
+  for (const auto& parameter : model.backbone().parameters()) CHECK(!parameter.requires_grad());
+  for (const auto& parameter : model.encoder()->parameters()) CHECK(!parameter.requires_grad());  // default: frozen
+  for (const auto& parameter : model.connector()->parameters()) CHECK(parameter.requires_grad());
+}
