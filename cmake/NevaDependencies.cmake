@@ -29,6 +29,9 @@ find_package(doctest REQUIRED)               # Debian doctest-dev
 find_package(nlohmann_json 3.11 REQUIRED)    # Debian nlohmann-json3-dev
 find_package(CLI11 REQUIRED)                 # Debian libcli11-dev
 find_package(Boost 1.74 REQUIRED COMPONENTS filesystem)  # Boost.DLL is header-only over Boost.Filesystem
+find_package(PkgConfig REQUIRED)
+pkg_check_modules(pcre2 REQUIRED IMPORTED_TARGET libpcre2-8)           # Debian libpcre2-dev: tokenizer regexes
+pkg_check_modules(sentencepiece REQUIRED IMPORTED_TARGET sentencepiece)  # Debian libsentencepiece-dev
 
 # gloo's headers: the wheel links gloo statically but does not ship its headers, which
 # ProcessGroupGloo.hpp includes. Debian's libgloo-dev provides them; we only call out-of-line

@@ -1,0 +1,38 @@
+#pragma once
+// Text <-> token ids, with the ids Hugging Face's tokenizers give.
+//
+// Two sources, chosen by what a model directory holds:
+//   tokenizer.json   Hugging Face tokenizers' format: BPE (byte-level as in Llama 3, or with byte
+//                    fallback and Metaspace as in Llama 2 / Mistral conversions), its normalizers,
+//                    pre-tokenizers, post-processor, decoder and added tokens.
+//   tokenizer.model  a SentencePiece model (Llama 2, Mistral, Nemotron), run by the SentencePiece library.
+// Special tokens written in the text ("<image>", "<|eot_id|>") become their ids.
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "neva/export.h"
+
+namespace neva {
+
+class NEVA_API Tokenizer {
+ public:
+  virtual ~Tokenizer();
+
+  // `add_special_tokens`: the post-processor's additions (e.g. a leading BOS).
+  virtual std::vector<std::int64_t> encode(std::string_view text, bool add_special_tokens = true) const = 0;
+  virtual std::string decode(const std::vector<std::int64_t>& ids, bool skip_special_tokens = true) const = 0;
+  // The id of a token spelled exactly `token` (vocabulary or added token).
+  virtual std::optional<std::int64_t> token_id(std::string_view token) const = 0;
+  virtual std::int64_t vocab_size() const = 0;
+  virtual bool is_special(std::int64_t id) const = 0;
+
+  // tokenizer.json if `path` (a directory or a file) has one, else tokenizer.model. Throws neva::Error
+  // naming the file and the unsupported component or malformed entry.
+  static std::unique_ptr<Tokenizer> load(const std::string& path);
+};
+
+}  // namespace neva

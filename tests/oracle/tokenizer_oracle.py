@@ -1,0 +1,111 @@
+"""Reference token ids for neva's tokenizers, from Hugging Face tokenizers / transformers.
+
+Trains two small tokenizers on a fixed multilingual corpus and records what transformers encodes
+and decodes for a set of test texts (special tokens, several scripts, emoji, digits, whitespace
+runs, characters never seen in training):
+  bytelevel/  Llama 3 style: byte-level BPE, Llama 3's split regex, ignore_merges, BOS template,
+              special tokens <|begin_of_text|> ... <image>  (tokenizer.json)
+  spbpe/      Llama 2 style: a SentencePiece BPE model with byte fallback (tokenizer.model), and the
+              tokenizer.json transformers converts it to (Metaspace, ByteFallback decoder)
+
+Usage: tokenizer_oracle.py OUTPUT_DIR
+"""
+import json
+import pathlib
+import sys
+
+import sentencepiece as spm
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaTokenizer, PreTrainedTokenizerFast
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. What is shown in this image?",
+    "A red circle is at the top left; a blue square is at the bottom right.",
+    "Das ist schön. Über allen Gipfeln ist Ruh. Grüße aus München!",
+    "这是一个测试。图片里有什么？ 我们喜欢学习机器学习。",
+    "Il était une fois une petite fille. ¿Qué hay en la imagen? Sí, señor.",
+    "def forward(self, x):\n    return self.linear(x) + 1234567890\n",
+    "Numbers: 3.14159, 2718, 42, 1000000; emoji: 🙂🚀 and symbols #@$%^&*()",
+    "I'm sure they'll say it's fine, we've done what you'd expect.\n\n\tTabs\tand  double  spaces.",
+] * 20
+SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<image>"]
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+TEXTS = [
+    "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWhat's in this image? <image>\nDescribe it.<|eot_id|>",
+    "Das ist schön – 这是什么？ 🙂 1234567 tokens!!",
+    "  leading spaces, trailing spaces   ",
+    "line one\nline two\r\n\n\ttabbed   triple",
+    "Ελληνικά και 한국어 are not in the training corpus; neither is ∮ or 𝔘.",
+    "USER: <image>\nWhat color is the circle? ASSISTANT: red</s>",
+    "",
+    "I'LL SAY IT'S 3.14159!",
+]
+
+
+def record(directory, tokenizer, texts):
+    cases = []
+    for text in texts:
+        ids = tokenizer.encode(text, add_special_tokens=True)
+        cases.append({"text": text, "ids": ids,
+                      "ids_without_special": tokenizer.encode(text, add_special_tokens=False),
+                      "decoded": tokenizer.decode(ids, skip_special_tokens=False),
+                      "decoded_skip_special": tokenizer.decode(ids, skip_special_tokens=True)})
+    (directory / "reference.json").write_text(json.dumps(cases, ensure_ascii=False, indent=1))
+
+
+def bytelevel(out_dir):
+    directory = out_dir / "bytelevel"
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer(models.BPE(ignore_merges=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1200, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=SPECIAL)
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    tokenizer.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                      special_tokens=[("<|begin_of_text|>", tokenizer.token_to_id("<|begin_of_text|>"))])])
+    tokenizer.save(str(directory / "tokenizer.json"))
+    fast = PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json"))
+    record(directory, fast, TEXTS)
+
+
+def spbpe(out_dir):
+    directory = out_dir / "spbpe"
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "corpus.txt").write_text("\n".join(CORPUS))
+    spm.SentencePieceTrainer.train(input=str(directory / "corpus.txt"), model_prefix=str(directory / "tokenizer"),
+                                   model_type="bpe", vocab_size=600, byte_fallback=True, character_coverage=1.0,
+                                   bos_id=1, eos_id=2, unk_id=0, pad_id=-1, add_dummy_prefix=True,
+                                   split_digits=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
+                                   normalization_rule_name="identity", minloglevel=2)
+    (directory / "corpus.txt").unlink()
+    (directory / "tokenizer.vocab").unlink()
+    converted = directory / "converted"
+    tokenizer = LlamaTokenizer.from_pretrained(str(directory), legacy=False)
+    tokenizer.save_pretrained(str(converted))
+    for name in ("tokenizer.model",):
+        path = converted / name
+        if path.exists():
+            path.unlink()
+    record(directory, tokenizer, [t for t in TEXTS if "<|" not in t])
+    # SentencePiece's own ids, for the tokenizer.model path (dummy prefix on every stretch of text).
+    processor = spm.SentencePieceProcessor(model_file=str(directory / "tokenizer.model"))
+    plain = [t for t in TEXTS if "<" not in t]
+    (directory / "sentencepiece.json").write_text(json.dumps(
+        [{"text": t, "ids": [1] + processor.encode(t)} for t in plain], ensure_ascii=False, indent=1))
+
+
+def main():
+    out_dir = pathlib.Path(sys.argv[1])
+    bytelevel(out_dir)
+    spbpe(out_dir)
+    print("tokenizers recorded in", out_dir)
+
+
+if __name__ == "__main__":
+    main()
