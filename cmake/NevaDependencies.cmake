@@ -32,6 +32,8 @@ find_package(Boost 1.74 REQUIRED COMPONENTS filesystem)  # Boost.DLL is header-o
 find_package(PkgConfig REQUIRED)
 pkg_check_modules(pcre2 REQUIRED IMPORTED_TARGET libpcre2-8)           # Debian libpcre2-dev: tokenizer regexes
 pkg_check_modules(sentencepiece REQUIRED IMPORTED_TARGET sentencepiece)  # Debian libsentencepiece-dev
+find_package(JPEG REQUIRED)  # Debian libjpeg-dev (libjpeg-turbo): the decoder Pillow uses too
+find_package(PNG REQUIRED)   # Debian libpng-dev
 
 # gloo's headers: the wheel links gloo statically but does not ship its headers, which
 # ProcessGroupGloo.hpp includes. Debian's libgloo-dev provides them; we only call out-of-line

@@ -26,7 +26,7 @@ say() { printf '[setup] %s\n' "$*" >&2; }
 apt_packages=(
   build-essential cmake ninja-build ccache git python3-venv
   libtomlplusplus-dev doctest-dev libboost-dev libboost-filesystem-dev
-  nlohmann-json3-dev libgloo-dev libcli11-dev libpcre2-dev libsentencepiece-dev pkg-config
+  nlohmann-json3-dev libgloo-dev libcli11-dev libpcre2-dev libsentencepiece-dev pkg-config libjpeg-dev libpng-dev
 )
 missing=()
 for p in "${apt_packages[@]}"; do
