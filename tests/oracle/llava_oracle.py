@@ -83,10 +83,21 @@ def main():
     with torch.no_grad():
         logits = model(input_ids=input_ids, pixel_values=pixel_values).logits
         continuation = greedy(model, input_ids, pixel_values)
-    tensors = {"input_ids": input_ids, "pixel_values": pixel_values, "logits": logits, "greedy": continuation}
+        # transformers' sampling (repetition penalty, temperature, top-k, top-p, multinomial) from seed 42.
+        model.generation_config.eos_token_id = None
+        torch.manual_seed(42)
+        sampled = model.generate(input_ids=input_ids, pixel_values=pixel_values, do_sample=True, temperature=0.7,
+                                 top_k=50, top_p=0.9, repetition_penalty=1.3, max_new_tokens=12, min_new_tokens=12,
+                                 pad_token_id=0)[:, input_ids.shape[1]:]
+        # log p of each greedy token given everything before it
+        full = torch.cat([input_ids, continuation], 1)
+        log_probs = model(input_ids=full, pixel_values=pixel_values).logits.log_softmax(-1)[0, input_ids.shape[1] - 1:-1]
+        scores = log_probs.gather(1, continuation[0, :, None])[:, 0]
+    tensors = {"input_ids": input_ids, "pixel_values": pixel_values, "logits": logits, "greedy": continuation,
+               "sampled": sampled, "greedy_log_probs": scores}
     for directory in directories:
         save_file(tensors, str(directory / "reference.safetensors"))
-    print("llava: logits", list(logits.shape), "greedy", continuation.tolist())
+    print("llava: logits", list(logits.shape), "greedy", continuation.tolist(), "sampled", sampled.tolist())
 
 
 if __name__ == "__main__":

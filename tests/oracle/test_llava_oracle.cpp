@@ -6,6 +6,7 @@
 
 #include <cstdlib>
 
+#include "neva/generation.h"
 #include "neva/llava_model.h"
 #include "neva/recipe.h"
 #include "neva/safetensors.h"
@@ -108,4 +109,76 @@ TEST_CASE("freeze keeps the frozen components out of training") {
   for (const auto& parameter : model.backbone().parameters()) CHECK(!parameter.requires_grad());
   for (const auto& parameter : model.encoder()->parameters()) CHECK(!parameter.requires_grad());  // default: frozen
   for (const auto& parameter : model.connector()->parameters()) CHECK(parameter.requires_grad());
+}
+
+namespace {
+
+std::vector<std::int64_t> to_vector(const at::Tensor& tensor) {
+  at::Tensor flat = tensor.contiguous().view({-1}).to(at::kLong);
+  return std::vector<std::int64_t>(flat.data_ptr<std::int64_t>(), flat.data_ptr<std::int64_t>() + flat.numel());
+}
+
+std::unique_ptr<neva::Tokenizer> any_tokenizer() {  // decoding only; the tiny model has no tokenizer of its own
+  return neva::Tokenizer::load((oracle_directory().parent_path() / "tokenizers" / "bytelevel").string());
+}
+
+}  // namespace
+
+TEST_CASE("generate: greedy and seeded sampling reproduce transformers' generate") {
+  auto directory = oracle_directory() / "hub";
+  neva::SafetensorsFile reference((directory / "reference.safetensors").string());
+  neva::Recipe recipe = recipe_for(directory);
+  neva::LlavaModel model = neva::build_model(recipe, recipe.runtime_context());
+  auto tokenizer = any_tokenizer();
+  neva::GenerationRequest request{to_vector(reference.tensor("input_ids")), reference.tensor("pixel_values")};
+
+  neva::SamplingConfig greedy;
+  greedy.max_new_tokens = 8;
+  auto result = neva::generate(model, *tokenizer, {request}, greedy);
+  CHECK(result[0].token_ids == to_vector(reference.tensor("greedy")));
+  CHECK(result[0].finish_reason == "length");
+
+  neva::SamplingConfig sampling;
+  sampling.greedy = false;
+  sampling.temperature = 0.7;
+  sampling.top_k = 50;
+  sampling.top_p = 0.9;
+  sampling.repetition_penalty = 1.3;
+  sampling.max_new_tokens = 12;
+  sampling.seed = 42;
+  CHECK(neva::generate(model, *tokenizer, {request}, sampling)[0].token_ids == to_vector(reference.tensor("sampled")));
+}
+
+TEST_CASE("generate: a batch with padding gives each prompt its own answer, and stop tokens end it") {
+  auto directory = oracle_directory() / "hub";
+  neva::SafetensorsFile reference((directory / "reference.safetensors").string());
+  neva::Recipe recipe = recipe_for(directory);
+  neva::LlavaModel model = neva::build_model(recipe, recipe.runtime_context());
+  auto tokenizer = any_tokenizer();
+  neva::GenerationRequest with_images{to_vector(reference.tensor("input_ids")), reference.tensor("pixel_values")};
+  neva::GenerationRequest short_text{{1, 17, 42, 99}, {}};
+  neva::SamplingConfig greedy;
+  greedy.max_new_tokens = 8;
+  auto alone = neva::generate(model, *tokenizer, {short_text}, greedy);
+  auto batch = neva::generate(model, *tokenizer, {short_text, with_images}, greedy);
+  CHECK(batch[0].token_ids == alone[0].token_ids);
+  CHECK(batch[1].token_ids == to_vector(reference.tensor("greedy")));
+
+  auto expected = to_vector(reference.tensor("greedy"));
+  greedy.stop_token_ids = {expected[3]};
+  auto stopped = neva::generate(model, *tokenizer, {with_images}, greedy);
+  CHECK(stopped[0].token_ids == std::vector<std::int64_t>(expected.begin(), expected.begin() + 3));
+  CHECK(stopped[0].finish_reason == "stop_token");
+}
+
+TEST_CASE("score: per-token log-probabilities of a continuation match transformers") {
+  auto directory = oracle_directory() / "hub";
+  neva::SafetensorsFile reference((directory / "reference.safetensors").string());
+  neva::Recipe recipe = recipe_for(directory);
+  neva::LlavaModel model = neva::build_model(recipe, recipe.runtime_context());
+  auto scores = neva::score_continuation(model, to_vector(reference.tensor("input_ids")), reference.tensor("pixel_values"),
+                                         to_vector(reference.tensor("greedy")));
+  auto expected = reference.tensor("greedy_log_probs");
+  REQUIRE(scores.size() == static_cast<std::size_t>(expected.numel()));
+  for (std::size_t i = 0; i < scores.size(); ++i) CHECK(scores[i] == doctest::Approx(expected[i].item<double>()).epsilon(1e-5));
 }
