@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "embedded_recipe.h"
+#include "inference.h"
 #include "inspect.h"
 #include "neva/error.h"
 #include "neva/recipe.h"
@@ -37,7 +38,9 @@ neva::Recipe load_demo(const std::vector<std::string>& overrides, const std::vec
 }
 
 void run(const neva::Recipe& recipe) {
-  // Modes are checked when the recipe is parsed; "inspect" is the one this build has.
+  // Modes are checked when the recipe is parsed.
+  if (recipe.run.mode == "generate") return neva::run_generate(recipe);
+  if (recipe.run.mode == "score") return neva::run_score(recipe);
   neva::run_inspect(recipe, std::cout);
 }
 

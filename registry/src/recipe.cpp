@@ -2,6 +2,7 @@
 
 #include <c10/core/Device.h>
 
+#include "neva/conversation.h"
 #include "neva/error.h"
 #include "neva/hf_config.h"
 #include "neva/llava_model.h"
@@ -14,7 +15,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-const std::vector<std::string> kModes = {"inspect"};
+const std::vector<std::string> kModes = {"inspect", "generate", "score"};
 const std::vector<std::string> kPrecisions = {"32", "bf16", "bf16-mixed"};
 
 RunConfig parse_run(const ConfigSection& run, const fs::path& base_directory) {
@@ -179,6 +180,56 @@ Recipe parse_recipe(const ConfigDocument& document, const fs::path& base_directo
     derive("output_size", sizes->output_size, llm->hidden_size, "the language model's hidden size");
   } else {
     check_connector_size(adapter, "output_size", sizes->output_size, "llm");
+  }
+
+  // Tokenizer (NeMo: model.tokenizer.model) and data keys; generation needs a language model.
+  recipe.model.tokenizer = model.section("tokenizer").path_value("model").value_or("");
+  if (recipe.model.tokenizer.empty() && mm_cfg.llm) recipe.model.tokenizer = mm_cfg.llm->from_pretrained;
+  ConfigSection data = model.section("data");
+  recipe.model.data.conv_template = data.choice("conv_template", recipe.model.data.conv_template,
+                                                conversation_template_names());
+  recipe.model.data.image_aspect_ratio = data.choice("image_aspect_ratio", "square", {"square", "pad"});
+  recipe.model.data.image_folder = data.path_value("image_folder").value_or("");
+
+  ConfigSection inference = root.section("inference");
+  InferenceConfig& infer = recipe.inference;
+  infer.greedy = inference.get<bool>("greedy", infer.greedy);
+  infer.top_k = inference.integer("top_k", infer.top_k, 0);
+  infer.top_p = inference.get<double>("top_p", infer.top_p);
+  if (infer.top_p <= 0 || infer.top_p > 1) inference.fail("top_p", "expected a number in (0, 1]");
+  infer.temperature = inference.get<double>("temperature", infer.temperature);
+  if (infer.temperature <= 0) inference.fail("temperature", "expected a number > 0");
+  infer.repetition_penalty = inference.get<double>("repetition_penalty", infer.repetition_penalty);
+  if (infer.repetition_penalty <= 0) inference.fail("repetition_penalty", "expected a number > 0");
+  infer.tokens_to_generate = inference.integer("tokens_to_generate", infer.tokens_to_generate, 1);
+  infer.end_strings = inference.get<std::vector<std::string>>("end_strings", {});
+  infer.system = inference.get<std::string>("system", "");
+  infer.prompts = inference.get<std::vector<std::string>>("prompts", {});
+  infer.images = inference.get<std::vector<std::string>>("images", {});
+  infer.input_file = inference.path_value("input_file").value_or("");
+  infer.output_file = inference.path_value("output_file").value_or("");
+  infer.max_image_pixels = inference.integer("max_image_pixels", 0, 1);
+  if (!infer.images.empty() && infer.images.size() != infer.prompts.size()) {
+    inference.fail("images", "expected one entry per prompt (" + std::to_string(infer.prompts.size()) + "), got " +
+                                 std::to_string(infer.images.size()) + " (use \"\" for a prompt without an image)");
+  }
+  if (!infer.input_file.empty() && !infer.prompts.empty()) {
+    inference.fail("input_file", "give requests either as prompts or in input_file, not both");
+  }
+  if (recipe.run.mode == "generate" || recipe.run.mode == "score") {
+    ConfigSection run = root.section("run");
+    if (!mm_cfg.llm) run.fail("mode", "mode '" + recipe.run.mode + "' needs a language model: add [model.mm_cfg.llm]");
+    if (recipe.model.tokenizer.empty()) {
+      model.section("tokenizer").fail("model", "missing: mode '" + recipe.run.mode + "' needs a tokenizer (a directory "
+                                               "with tokenizer.json or tokenizer.model)");
+    }
+    if (recipe.run.mode == "score" && infer.input_file.empty()) {
+      inference.fail("input_file", "missing: mode 'score' reads requests {\"prompt\", \"continuation\", \"image\"} "
+                                   "from a JSONL file");
+    }
+    if (recipe.run.mode == "generate" && infer.input_file.empty() && infer.prompts.empty()) {
+      inference.fail("prompts", "missing: mode 'generate' needs prompts (or input_file)");
+    }
   }
 
   root.reject_unknown_keys();

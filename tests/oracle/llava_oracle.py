@@ -16,13 +16,32 @@ import sys
 
 import torch
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-IMAGE_TOKEN = 255
+CORPUS = ["What is in the image? A red circle at the top left and a blue square.",
+          "Describe the picture in one word. Shapes, colours, positions: left, right, top, bottom."] * 10
+
+
+def make_tokenizer():
+    """A small byte-level BPE whose "<image>" id is the model's image token, as in llava-hf."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|begin_of_text|>", "<|eot_id|>", "<image>"]))
+    tokenizer.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                             special_tokens=[("<|begin_of_text|>", 0)])
+    return tokenizer
+
+
+TOKENIZER = make_tokenizer()
+IMAGE_TOKEN = TOKENIZER.token_to_id("<image>")
 VISION = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
               num_attention_heads=4, image_size=28, patch_size=7, hidden_act="quick_gelu")
-TEXT = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
+TEXT = dict(model_type="llama", vocab_size=TOKENIZER.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
             initializer_range=0.08, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 LAYOUTS = {  # renames from the names transformers 5.23 writes
     "hub": [("vision_tower.", "vision_tower.vision_model.")],
@@ -74,11 +93,13 @@ def main():
             renamed[name] = tensor
         save_file(renamed, str(directory / "model.safetensors"), metadata={"format": "pt"})
         directories.append(directory)
+    for directory in directories:
+        TOKENIZER.save(str(directory / "tokenizer.json"))
 
     generator = torch.Generator().manual_seed(11)
-    text = lambda n: torch.randint(3, IMAGE_TOKEN, (n,), generator=generator)
+    text = lambda n: torch.randint(IMAGE_TOKEN + 1, TEXT["vocab_size"], (n,), generator=generator)
     image = torch.full((16,), IMAGE_TOKEN)
-    input_ids = torch.cat([torch.tensor([1]), text(3), image, text(4), image, text(5)]).unsqueeze(0)
+    input_ids = torch.cat([torch.tensor([0]), text(3), image, text(4), image, text(5)]).unsqueeze(0)
     pixel_values = torch.randn(2, 3, 28, 28, generator=generator)
     with torch.no_grad():
         logits = model(input_ids=input_ids, pixel_values=pixel_values).logits

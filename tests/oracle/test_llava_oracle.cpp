@@ -5,6 +5,8 @@
 #include <torch/utils.h>
 
 #include <cstdlib>
+#include <fstream>
+#include <nlohmann/json.hpp>
 
 #include "neva/generation.h"
 #include "neva/llava_model.h"
@@ -44,7 +46,7 @@ TEST_CASE("a LLaVA recipe over one llava-hf directory matches transformers in ev
     auto directory = oracle_directory() / layout;
     neva::SafetensorsFile reference((directory / "reference.safetensors").string());
     neva::Recipe recipe = recipe_for(directory);
-    CHECK(recipe.model.mm_cfg.image_token_index == 255);  // from config.json
+    CHECK(recipe.model.mm_cfg.image_token_index == 2);  // from config.json
     neva::LlavaModel model = neva::build_model(recipe, recipe.runtime_context());
     CHECK(model.tokens_per_image() == 16);
 
@@ -96,7 +98,7 @@ TEST_CASE("image placeholders that do not match the images are an error, not a s
   inputs.input_ids = reference.tensor("input_ids");
   inputs.pixel_values = reference.tensor("pixel_values").narrow(0, 0, 1);
   CHECK_THROWS_WITH_AS(model.forward(inputs),
-                       "image tokens and images do not match: the text holds 32 image placeholder tokens (id 255), "
+                       "image tokens and images do not match: the text holds 32 image placeholder tokens (id 2), "
                        "but 1 image(s) of 16 tokens each need 16",
                        neva::Error);
 }
@@ -118,9 +120,7 @@ std::vector<std::int64_t> to_vector(const at::Tensor& tensor) {
   return std::vector<std::int64_t>(flat.data_ptr<std::int64_t>(), flat.data_ptr<std::int64_t>() + flat.numel());
 }
 
-std::unique_ptr<neva::Tokenizer> any_tokenizer() {  // decoding only; the tiny model has no tokenizer of its own
-  return neva::Tokenizer::load((oracle_directory().parent_path() / "tokenizers" / "bytelevel").string());
-}
+std::unique_ptr<neva::Tokenizer> any_tokenizer() { return neva::Tokenizer::load((oracle_directory() / "hub").string()); }
 
 }  // namespace
 
@@ -165,9 +165,11 @@ TEST_CASE("generate: a batch with padding gives each prompt its own answer, and 
   CHECK(batch[1].token_ids == to_vector(reference.tensor("greedy")));
 
   auto expected = to_vector(reference.tensor("greedy"));
-  greedy.stop_token_ids = {expected[3]};
+  std::size_t first_new = 1;  // the first token not generated before: stopping on it keeps the ones before
+  while (std::find(expected.begin(), expected.begin() + first_new, expected[first_new]) != expected.begin() + first_new) ++first_new;
+  greedy.stop_token_ids = {expected[first_new]};
   auto stopped = neva::generate(model, *tokenizer, {with_images}, greedy);
-  CHECK(stopped[0].token_ids == std::vector<std::int64_t>(expected.begin(), expected.begin() + 3));
+  CHECK(stopped[0].token_ids == std::vector<std::int64_t>(expected.begin(), expected.begin() + first_new));
   CHECK(stopped[0].finish_reason == "stop_token");
 }
 
@@ -181,4 +183,99 @@ TEST_CASE("score: per-token log-probabilities of a continuation match transforme
   auto expected = reference.tensor("greedy_log_probs");
   REQUIRE(scores.size() == static_cast<std::size_t>(expected.numel()));
   for (std::size_t i = 0; i < scores.size(); ++i) CHECK(scores[i] == doctest::Approx(expected[i].item<double>()).epsilon(1e-5));
+}
+
+namespace {
+
+std::string llava_recipe(const std::string& mode, const std::string& inference) {
+  std::string hub = (oracle_directory() / "hub").string();
+  return "[run]\nmode = \"" + mode + "\"\n[model]\nmicro_batch_size = 2\n[model.data]\nconv_template = \"v1\"\n" +
+         "[model.mm_cfg]\nmm_mlp_adapter_type = \"mlp2x_gelu\"\npretrain_mm_mlp_adapter = \"" + hub + "\"\n" +
+         "[model.mm_cfg.llm]\nplugin = \"llama\"\nfrom_pretrained = \"" + hub + "\"\n" +
+         "[model.mm_cfg.vision_encoder]\nplugin = \"clip\"\nfrom_pretrained = \"" + hub + "\"\n[inference]\n" + inference;
+}
+
+neva::test::CommandResult neva_run(const std::string& arguments) {
+  return neva::test::run_command(neva::test::binary("neva-run").string() + " " + arguments, 300);
+}
+
+std::vector<nlohmann::json> json_lines(const fs::path& path) {
+  std::ifstream in(path);
+  std::vector<nlohmann::json> lines;
+  for (std::string line; std::getline(in, line);) lines.push_back(nlohmann::json::parse(line));
+  return lines;
+}
+
+}  // namespace
+
+TEST_CASE("neva-run generate answers a batch of prompts with and without images, as JSON lines") {
+  neva::test::TempDir dir;
+  std::string image = (oracle_directory().parent_path() / "images" / "wide.png").string();
+  auto recipe = dir.write("generate.toml", llava_recipe("generate", "tokens_to_generate = 6\nprompts = [\"What is in the "
+                                                                    "image?\", \"Describe it.\"]\nimages = [\"" + image +
+                                                                    "\", \"\"]\noutput_file = \"answers.jsonl\"\n"));
+  auto result = neva_run(recipe.string());
+  INFO(result.err);
+  REQUIRE(result.exit_code == 0);
+  auto lines = json_lines(dir.path() / "answers.jsonl");
+  REQUIRE(lines.size() == 2);
+  CHECK(lines[0]["images"].size() == 1);
+  CHECK(lines[1]["images"].size() == 0);
+  for (const auto& line : lines) {
+    CHECK(line["answer"].is_string());
+    CHECK(line["tokens"].get<int>() <= 6);
+  }
+  std::size_t leftovers = 0;
+  for (const auto& entry : fs::directory_iterator(dir.path())) leftovers += entry.path().string().find(".tmp.") != std::string::npos;
+  CHECK(leftovers == 0);
+}
+
+TEST_CASE("neva-run score gives a log-probability for every continuation token") {
+  neva::test::TempDir dir;
+  std::string image = (oracle_directory().parent_path() / "images" / "photo.jpg").string();
+  dir.write("requests.jsonl", "{\"prompt\": \"What shape is it?\", \"image\": \"" + image +
+                                  "\", \"continuation\": \"A red circle.\"}\n\n{\"prompt\": \"Say hi\", \"continuation\": "
+                                  "\"hi\"}\n");
+  auto recipe = dir.write("score.toml", llava_recipe("score", "input_file = \"requests.jsonl\"\noutput_file = \"scores.jsonl\"\n"));
+  auto result = neva_run(recipe.string());
+  INFO(result.err);
+  REQUIRE(result.exit_code == 0);
+  auto lines = json_lines(dir.path() / "scores.jsonl");
+  REQUIRE(lines.size() == 2);
+  auto log_probs = lines[0]["token_logprobs"].get<std::vector<double>>();
+  CHECK(log_probs.size() == lines[0]["token_ids"].size());
+  CHECK(!log_probs.empty());
+  double total = 0;
+  for (double value : log_probs) {
+    CHECK(value <= 0);
+    total += value;
+  }
+  CHECK(lines[0]["logprob"].get<double>() == doctest::Approx(total));
+}
+
+TEST_CASE("bad requests give one clear error and no partial output") {
+  neva::test::TempDir dir;
+  auto missing = dir.write("missing.toml", llava_recipe("generate", "prompts = [\"Hi\"]\nimages = [\"" +
+                                                                        (dir.path() / "nowhere.png").string() +
+                                                                        "\"]\noutput_file = \"out.jsonl\"\n"));
+  auto result = neva_run(missing.string());
+  CHECK(result.exit_code == 1);
+  CHECK(result.err.find("nowhere.png: cannot open image") != std::string::npos);
+  CHECK(!fs::exists(dir.path() / "out.jsonl"));
+
+  dir.write("bad.jsonl", "{\"prompt\": \"ok\", \"continuation\": \"x\"}\n{\"prompt\": oops}\n");
+  auto bad = dir.write("bad.toml", llava_recipe("score", "input_file = \"bad.jsonl\"\n"));
+  result = neva_run(bad.string());
+  CHECK(result.exit_code == 1);
+  CHECK(result.err.find("bad.jsonl:2: invalid JSON") != std::string::npos);
+
+  auto long_prompt = dir.write("long.toml", llava_recipe("generate", "prompts = [\"" + std::string(2000, '~') + "\"]\n"));
+  result = neva_run(long_prompt.string());
+  CHECK(result.exit_code == 1);
+  CHECK(result.err.find("exceeds the model's context of 512 tokens") != std::string::npos);
+
+  auto no_prompts = dir.write("none.toml", llava_recipe("generate", ""));
+  result = neva_run("validate " + no_prompts.string());
+  CHECK(result.exit_code == 2);
+  CHECK(result.err.find("inference.prompts: missing: mode 'generate' needs prompts") != std::string::npos);
 }

@@ -47,6 +47,8 @@ class NEVA_API LanguageBackbone : public torch::nn::Module, public Component {
   virtual std::unique_ptr<KVCache> new_cache(std::int64_t batch, std::int64_t max_tokens) = 0;
   virtual std::int64_t hidden_size() const = 0;
   virtual std::int64_t vocab_size() const = 0;
+  // The longest sequence (prompt plus generated tokens) the model was trained for.
+  virtual std::int64_t max_position_embeddings() const = 0;
 };
 
 }  // namespace neva

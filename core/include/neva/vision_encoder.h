@@ -6,6 +6,7 @@
 
 #include "neva/component.h"
 #include "neva/config.h"
+#include "neva/image.h"
 
 namespace neva {
 
@@ -41,6 +42,8 @@ class NEVA_API VisionEncoder : public torch::nn::Module, public Component {
   virtual std::int64_t hidden_size() const = 0;
   virtual std::int64_t image_size() const = 0;
   virtual std::int64_t num_tokens() const = 0;
+  // How images must be prepared for this encoder (resize, crop, mean, std).
+  virtual ImageProcessorConfig image_processor() const = 0;
 };
 
 }  // namespace neva

@@ -197,6 +197,7 @@ class LlamaBackbone : public neva::LanguageBackbone {
 
   std::int64_t hidden_size() const override { return config_.hidden_size; }
   std::int64_t vocab_size() const override { return config_.vocab_size; }
+  std::int64_t max_position_embeddings() const override { return config_.rope.max_position_embeddings; }
 
  private:
   // LlamaForCausalLM names, or a llava-hf checkpoint's text model in its older or newer layout.

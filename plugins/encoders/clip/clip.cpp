@@ -171,6 +171,12 @@ class ClipEncoder : public neva::VisionEncoder {
   std::int64_t hidden_size() const override { return config_.hidden_size; }
   std::int64_t image_size() const override { return config_.image_size; }
   std::int64_t num_tokens() const override { return config_.num_patches() + 1 - dropped(); }
+  // CLIPImageProcessor: shortest edge to the input size, centre crop, OpenAI CLIP mean and std.
+  neva::ImageProcessorConfig image_processor() const override {
+    neva::ImageProcessorConfig processor;
+    processor.size = processor.crop_size = static_cast<int>(config_.image_size);
+    return processor;
+  }
 
  private:
   std::int64_t dropped() const {

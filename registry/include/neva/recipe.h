@@ -19,7 +19,7 @@
 namespace neva {
 
 struct RunConfig {
-  std::string mode = "inspect";  // what neva-run does with this recipe
+  std::string mode = "inspect";  // what neva-run does with this recipe: inspect | generate | score
   std::uint64_t seed = 1234;
   std::string device = "cpu";    // "cpu", "cuda", "cuda:N"
   std::vector<std::filesystem::path> plugin_paths;  // absolute (resolved against the recipe's directory)
@@ -51,11 +51,36 @@ struct MultimodalConfig {       // model.mm_cfg
   ComponentSpec connector;      // table model.mm_cfg.mm_mlp_adapter
 };
 
+struct DataConfig {             // model.data (NeMo's names)
+  std::string conv_template = "v1";
+  std::string image_aspect_ratio = "square";  // square | pad
+  std::string image_folder;                   // relative image paths in requests resolve here
+};
+
+// NeMo's inference keys (neva_inference.yaml) plus where requests come from and answers go.
+struct InferenceConfig {          // inference
+  bool greedy = true;
+  std::int64_t top_k = 0;
+  double top_p = 1.0;
+  double temperature = 1.0;
+  double repetition_penalty = 1.0;
+  std::int64_t tokens_to_generate = 64;
+  std::vector<std::string> end_strings;
+  std::string system;             // overrides the template's system prompt when not empty
+  std::vector<std::string> prompts;
+  std::vector<std::string> images;  // one per prompt ("" for none)
+  std::string input_file;           // JSONL requests instead of prompts/images
+  std::string output_file;          // JSONL answers; "" = stdout
+  std::int64_t max_image_pixels = 0;  // 0 = the built-in budget
+};
+
 struct ModelConfig {            // model
   ParallelSizes parallel;
   std::int64_t micro_batch_size = 1;
   std::int64_t global_batch_size = 1;
   bool megatron_amp_O2 = false;
+  std::string tokenizer;        // model.tokenizer.model: a tokenizer directory or file
+  DataConfig data;
   MultimodalConfig mm_cfg;
 };
 
@@ -64,6 +89,7 @@ struct NEVA_API Recipe {
   RunConfig run;
   TrainerConfig trainer;
   ModelConfig model;
+  InferenceConfig inference;
   std::shared_ptr<Registry> registry;  // plugins from run.plugin_paths, NEVA_PLUGIN_PATH, install dir
 
   DTypePolicy dtype_policy() const;

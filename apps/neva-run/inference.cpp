@@ -1,0 +1,233 @@
+#include "inference.h"
+
+#include <unistd.h>
+
+#include <ATen/ATen.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <nlohmann/json.hpp>
+
+#include "neva/conversation.h"
+#include "neva/error.h"
+#include "neva/generation.h"
+#include "neva/image.h"
+#include "neva/llava_model.h"
+#include "neva/tokenizer.h"
+
+namespace neva {
+
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+struct Request {
+  std::string prompt;
+  std::vector<std::string> images;
+  std::string continuation;  // score mode
+  std::string where;         // "file:line" or "inference.prompts[i]", for messages
+};
+
+std::vector<Request> read_requests(const Recipe& recipe, bool need_continuation) {
+  const InferenceConfig& inference = recipe.inference;
+  std::vector<Request> requests;
+  if (inference.input_file.empty()) {
+    for (std::size_t i = 0; i < inference.prompts.size(); ++i) {
+      Request request{inference.prompts[i], {}, "", "inference.prompts[" + std::to_string(i) + "]"};
+      if (i < inference.images.size() && !inference.images[i].empty()) request.images.push_back(inference.images[i]);
+      requests.push_back(request);
+    }
+    return requests;
+  }
+  std::ifstream in(inference.input_file);
+  if (!in) throw Error(inference.input_file + ": cannot open request file");
+  std::string line;
+  for (int number = 1; std::getline(in, line); ++number) {
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    std::string where = inference.input_file + ":" + std::to_string(number);
+    json item;
+    try {
+      item = json::parse(line);
+    } catch (const json::exception& error) {
+      throw Error(where + ": invalid JSON: " + error.what());
+    }
+    if (!item.is_object() || !item.contains("prompt") || !item["prompt"].is_string()) {
+      throw Error(where + ": expected an object with a string \"prompt\"");
+    }
+    Request request{item["prompt"].get<std::string>(), {}, "", where};
+    if (item.contains("image")) {
+      if (!item["image"].is_string()) throw Error(where + ": \"image\" must be a string (a path)");
+      request.images.push_back(item["image"].get<std::string>());
+    }
+    if (item.contains("images")) {
+      if (!item["images"].is_array()) throw Error(where + ": \"images\" must be an array of paths");
+      for (const auto& image : item["images"]) request.images.push_back(image.get<std::string>());
+    }
+    if (need_continuation) {
+      if (!item.contains("continuation") || !item["continuation"].is_string()) {
+        throw Error(where + ": expected a string \"continuation\" to score");
+      }
+      request.continuation = item["continuation"].get<std::string>();
+    }
+    requests.push_back(request);
+  }
+  return requests;
+}
+
+class Session {
+ public:
+  explicit Session(const Recipe& recipe)
+      : recipe_(recipe),
+        model_(build_model(recipe, recipe.runtime_context())),
+        tokenizer_(Tokenizer::load(recipe.model.tokenizer)),
+        conversation_(conversation_template(recipe.model.data.conv_template)) {}
+
+  // The templated prompt's ids and its images' pixel values.
+  GenerationRequest prepare(const Request& request) {
+    std::string text = request.prompt;
+    if (!request.images.empty() && text.find("<image>") == std::string::npos) {
+      for (std::size_t i = 0; i < request.images.size(); ++i) text = "<image>\n" + text;  // LLaVA's convention
+    }
+    std::string prompt = render_conversation(conversation_, {{Turn::Role::User, text}}, true, recipe_.inference.system);
+    GenerationRequest prepared;
+    if (!request.images.empty()) {
+      if (!model_.encoder()) throw Error(request.where + ": the request has images, but the model has no vision encoder");
+      ImageProcessorConfig processor = model_.encoder()->image_processor();
+      processor.aspect_ratio = recipe_.model.data.image_aspect_ratio;
+      std::vector<at::Tensor> pixels;
+      for (const auto& image : request.images) {
+        fs::path path(image);
+        if (path.is_relative() && !recipe_.model.data.image_folder.empty()) path = fs::path(recipe_.model.data.image_folder) / path;
+        std::int64_t budget = recipe_.inference.max_image_pixels > 0 ? recipe_.inference.max_image_pixels : kDefaultMaxImagePixels;
+        pixels.push_back(preprocess_image(load_image(path.string(), budget), processor));
+      }
+      prepared.pixel_values = at::stack(pixels);
+    }
+    prepared.prompt_ids = tokenize_with_images(*tokenizer_, prompt, model_.image_token_id(), model_.tokens_per_image());
+    std::int64_t placeholders = std::count(prepared.prompt_ids.begin(), prepared.prompt_ids.end(), model_.image_token_id());
+    std::int64_t expected = static_cast<std::int64_t>(request.images.size()) * model_.tokens_per_image();
+    if (placeholders != expected) {
+      throw Error(request.where + ": the prompt holds " + std::to_string(placeholders / std::max<std::int64_t>(model_.tokens_per_image(), 1)) +
+                  " <image> placeholder(s) but " + std::to_string(request.images.size()) + " image(s) were given");
+    }
+    return prepared;
+  }
+
+  SamplingConfig sampling() const {
+    const InferenceConfig& inference = recipe_.inference;
+    SamplingConfig config;
+    config.greedy = inference.greedy;
+    config.top_k = inference.top_k;
+    config.top_p = inference.top_p;
+    config.temperature = inference.temperature;
+    config.repetition_penalty = inference.repetition_penalty;
+    config.max_new_tokens = inference.tokens_to_generate;
+    config.seed = recipe_.run.seed;
+    config.stop_strings = inference.end_strings;
+    config.stop_strings.push_back(assistant_end(conversation_));
+    for (const char* end : {"</s>", "<|eot_id|>", "<|end_of_text|>", "<extra_id_1>"}) {
+      auto id = tokenizer_->token_id(end);
+      if (id && tokenizer_->is_special(*id)) config.stop_token_ids.push_back(*id);
+    }
+    return config;
+  }
+
+  LlavaModel& model() { return model_; }
+  const Tokenizer& tokenizer() const { return *tokenizer_; }
+
+ private:
+  const Recipe& recipe_;
+  LlavaModel model_;
+  std::unique_ptr<Tokenizer> tokenizer_;
+  ConversationTemplate conversation_;
+};
+
+// Lines of JSON, written to a temporary file and renamed into place when complete.
+class JsonlOutput {
+ public:
+  explicit JsonlOutput(const std::string& path) : path_(path) {
+    if (path_.empty()) return;
+    temporary_ = path_ + ".tmp." + std::to_string(::getpid());
+    file_.open(temporary_);
+    if (!file_) throw Error(temporary_ + ": cannot write");
+  }
+  ~JsonlOutput() {
+    if (!path_.empty() && !committed_) std::remove(temporary_.c_str());
+  }
+  void write(const json& line) {
+    (path_.empty() ? std::cout : file_) << line.dump() << "\n";
+    if (path_.empty()) std::cout.flush();
+  }
+  void commit() {
+    if (path_.empty()) return;
+    file_.close();
+    if (!file_ || std::rename(temporary_.c_str(), path_.c_str()) != 0) throw Error(path_ + ": cannot write the answers");
+    committed_ = true;
+  }
+
+ private:
+  std::string path_, temporary_;
+  std::ofstream file_;
+  bool committed_ = false;
+};
+
+}  // namespace
+
+void run_generate(const Recipe& recipe) {
+  Session session(recipe);
+  std::vector<Request> requests = read_requests(recipe, false);
+  std::vector<GenerationRequest> prepared;
+  for (const auto& request : requests) prepared.push_back(session.prepare(request));
+  SamplingConfig sampling = session.sampling();
+  const std::int64_t context = session.model().backbone().max_position_embeddings();
+
+  // One request to a terminal: stream the answer as it is written. Otherwise one JSON line each.
+  const bool stream = recipe.inference.output_file.empty() && requests.size() == 1 && ::isatty(STDOUT_FILENO);
+  JsonlOutput output(recipe.inference.output_file);
+  const std::size_t batch = static_cast<std::size_t>(recipe.model.micro_batch_size);
+  for (std::size_t start = 0; start < prepared.size(); start += batch) {
+    std::vector<GenerationRequest> chunk(prepared.begin() + start,
+                                         prepared.begin() + std::min(prepared.size(), start + batch));
+    TextCallback on_text;
+    if (stream) on_text = [](std::size_t, const std::string& text) { std::cout << text << std::flush; };
+    auto results = generate(session.model(), session.tokenizer(), chunk, sampling, on_text, context);
+    for (std::size_t i = 0; i < results.size(); ++i) {
+      if (stream) {
+        std::cout << "\n";
+        continue;
+      }
+      const Request& request = requests[start + i];
+      output.write({{"prompt", request.prompt}, {"images", request.images}, {"answer", results[i].text},
+                    {"tokens", results[i].token_ids.size()}, {"finish_reason", results[i].finish_reason}});
+    }
+  }
+  output.commit();
+}
+
+void run_score(const Recipe& recipe) {
+  Session session(recipe);
+  JsonlOutput output(recipe.inference.output_file);
+  const std::int64_t context = session.model().backbone().max_position_embeddings();
+  for (const auto& request : read_requests(recipe, true)) {
+    GenerationRequest prepared = session.prepare(request);
+    std::vector<std::int64_t> continuation = session.tokenizer().encode(request.continuation, false);
+    if (static_cast<std::int64_t>(prepared.prompt_ids.size() + continuation.size()) > context) {
+      throw Error(request.where + ": prompt and continuation are " +
+                  std::to_string(prepared.prompt_ids.size() + continuation.size()) +
+                  " tokens, longer than the model's context of " + std::to_string(context));
+    }
+    auto log_probs = score_continuation(session.model(), prepared.prompt_ids, prepared.pixel_values, continuation);
+    double total = 0;
+    for (double value : log_probs) total += value;
+    json tokens = json::array();
+    for (std::int64_t id : continuation) tokens.push_back(session.tokenizer().decode({id}, false));
+    output.write({{"prompt", request.prompt}, {"continuation", request.continuation}, {"token_ids", continuation},
+                  {"tokens", tokens}, {"token_logprobs", log_probs}, {"logprob", total}});
+  }
+  output.commit();
+}
+
+}  // namespace neva
