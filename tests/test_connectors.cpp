@@ -4,6 +4,7 @@
 
 #include "neva/connector.h"
 #include "neva/registry.h"
+#include "neva/safetensors.h"
 #include "test_support.h"
 
 namespace F = torch::nn::functional;
@@ -77,4 +78,29 @@ TEST_CASE("gradients reach every connector parameter") {
     REQUIRE(item.value().grad().defined());
     CHECK(item.value().grad().abs().sum().item<double>() > 0);
   }
+}
+
+TEST_CASE("connectors load LLaVA's projector names from a safetensors file") {
+  neva::test::TempDir dir;
+  torch::manual_seed(3);
+  auto path = (dir.path() / "mm_projector.safetensors").string();
+  at::Tensor w0 = torch::randn({20, 12}), b0 = torch::randn({20}), w2 = torch::randn({20, 20}), b2 = torch::randn({20});
+  neva::write_safetensors(path, {{"model.mm_projector.0.weight", w0}, {"model.mm_projector.0.bias", b0},
+                                 {"model.mm_projector.2.weight", w2}, {"model.mm_projector.2.bias", b2}});
+  neva::Registry::Options options;
+  options.search_paths = {neva::test::plugin_directory()};
+  options.use_environment = false;
+  options.use_install_directory = false;
+  neva::Registry registry(options);
+  auto document = neva::ConfigDocument::parse("input_size = 12\noutput_size = 20\n", "c.toml");
+  auto config = registry.parse_config("connector", "mlp2x_gelu", document.root());
+  dynamic_cast<neva::ConnectorConfig&>(*config).weights = path;
+  auto connector = registry.create<neva::Connector>("mlp2x_gelu", *config, neva::RuntimeContext{});
+  auto p = parameters(*connector);
+  CHECK(torch::equal(p["0.weight"], w0));
+  CHECK(torch::equal(p["2.bias"], b2));
+
+  neva::write_safetensors(path, {{"model.mm_projector.0.weight", w0}, {"model.mm_projector.0.bias", b0}});
+  CHECK_THROWS_WITH_AS(registry.create<neva::Connector>("mlp2x_gelu", *config, neva::RuntimeContext{}),
+                       doctest::Contains("missing tensor 'model.mm_projector.2.weight'"), neva::PluginError);
 }

@@ -91,6 +91,22 @@ class Session {
     if (!request.images.empty() && text.find("<image>") == std::string::npos) {
       for (std::size_t i = 0; i < request.images.size(); ++i) text = "<image>\n" + text;  // LLaVA's convention
     }
+    if (recipe_.model.mm_cfg.use_im_start_end) {
+      // LLaVA's mm_use_im_start_end: the image tokens sit between <im_start> and <im_end>.
+      for (const char* token : {"<im_start>", "<im_end>"}) {
+        if (!tokenizer_->token_id(token)) {
+          throw Error("model.mm_cfg.use_im_start_end is set, but the tokenizer (" + recipe_.model.tokenizer +
+                      ") has no " + token + " token");
+        }
+      }
+      std::string wrapped;
+      std::size_t cursor = 0;
+      for (std::size_t at = text.find("<image>"); at != std::string::npos; at = text.find("<image>", cursor)) {
+        wrapped += text.substr(cursor, at - cursor) + "<im_start><image><im_end>";
+        cursor = at + 7;
+      }
+      text = wrapped + text.substr(cursor);
+    }
     std::string prompt = render_conversation(conversation_, {{Turn::Role::User, text}}, true, recipe_.inference.system);
     GenerationRequest prepared;
     if (!request.images.empty()) {

@@ -277,6 +277,8 @@ RuntimeContext Recipe::runtime_context() const {
   RuntimeContext context;
   context.device = c10::Device(run.device);
   context.dtypes = dtype_policy();
+  // Inference keeps no fp32 master copy: bf16 precision means bf16 weights (oneDNN/AMX matmuls).
+  if (run.mode == "generate" || run.mode == "score") context.dtypes.params = context.dtypes.compute;
   context.seed = run.seed;
   return context;
 }

@@ -279,3 +279,30 @@ TEST_CASE("bad requests give one clear error and no partial output") {
   CHECK(result.exit_code == 2);
   CHECK(result.err.find("inference.prompts: missing: mode 'generate' needs prompts") != std::string::npos);
 }
+
+TEST_CASE("an llm directory of another model type is refused by name") {
+  neva::test::TempDir dir;
+  dir.write("config.json", R"({"model_type": "mistral", "hidden_size": 64})");
+  std::string text = "[model.mm_cfg]\nmm_mlp_adapter_type = 'linear'\n[model.mm_cfg.mm_mlp_adapter]\ninput_size = 4\n"
+                     "[model.mm_cfg.llm]\nplugin = 'llama'\nconfig = '" + (dir.path() / "config.json").string() + "'\n";
+  neva::Registry::Options options;
+  options.search_paths = {neva::test::plugin_directory()};
+  options.use_environment = false;
+  options.use_install_directory = false;
+  CHECK_THROWS_WITH_AS(neva::parse_recipe(neva::ConfigDocument::parse(text, "r.toml"), dir.path(), options),
+                       doctest::Contains("config.json: model_type: expected \"llama\""), neva::RecipeError);
+}
+
+TEST_CASE("neva-run generate in bf16, and use_im_start_end needs its tokens") {
+  neva::test::TempDir dir;
+  std::string image = (oracle_directory().parent_path() / "images" / "wide.png").string();
+  auto recipe = dir.write("bf16.toml", llava_recipe("generate", "tokens_to_generate = 4\nprompts = [\"What?\"]\nimages = [\"" +
+                                                                    image + "\"]\noutput_file = \"a.jsonl\"\n"));
+  auto result = neva_run(recipe.string() + " --set trainer.precision=bf16");
+  INFO(result.err);
+  CHECK(result.exit_code == 0);
+  CHECK(json_lines(dir.path() / "a.jsonl").size() == 1);
+  result = neva_run(recipe.string() + " --set model.mm_cfg.use_im_start_end=true");
+  CHECK(result.exit_code == 1);
+  CHECK(result.err.find("use_im_start_end is set, but the tokenizer") != std::string::npos);
+}
