@@ -17,7 +17,9 @@ import sys
 import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlavaConfig, LlavaForConditionalGeneration
+from PIL import Image
+from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 CORPUS = ["What is in the image? A red circle at the top left and a blue square.",
           "Describe the picture in one word. Shapes, colours, positions: left, right, top, bottom."] * 10
@@ -116,6 +118,22 @@ def main():
         scores = log_probs.gather(1, continuation[0, :, None])[:, 0]
     tensors = {"input_ids": input_ids, "pixel_values": pixel_values, "logits": logits, "greedy": continuation,
                "sampled": sampled, "greedy_log_probs": scores}
+    # End to end through transformers' LlavaProcessor: a v1 prompt and a non-square image file.
+    image_path = out_dir / "scene.png"
+    pixels8 = torch.randint(0, 256, (45, 70, 3), generator=generator, dtype=torch.uint8).numpy()
+    Image.fromarray(pixels8).save(image_path)
+    prompt = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+              "detailed, and polite answers to the user's questions. USER: <image>\nWhat is in the image? ASSISTANT:")
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}),
+        tokenizer=PreTrainedTokenizerFast(tokenizer_object=TOKENIZER), patch_size=7,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    processed = processor(images=Image.open(image_path).convert("RGB"), text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        answer = greedy(model, processed["input_ids"], processed["pixel_values"])
+    tensors.update({"e2e_input_ids": processed["input_ids"], "e2e_pixel_values": processed["pixel_values"],
+                    "e2e_greedy": answer})
+    (out_dir / "e2e_prompt.txt").write_text(prompt)
     for directory in directories:
         save_file(tensors, str(directory / "reference.safetensors"))
     print("llava: logits", list(logits.shape), "greedy", continuation.tolist(), "sampled", sampled.tolist())

@@ -8,7 +8,9 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "neva/conversation.h"
 #include "neva/generation.h"
+#include "neva/image.h"
 #include "neva/llava_model.h"
 #include "neva/recipe.h"
 #include "neva/safetensors.h"
@@ -305,4 +307,44 @@ TEST_CASE("neva-run generate in bf16, and use_im_start_end needs its tokens") {
   result = neva_run(recipe.string() + " --set model.mm_cfg.use_im_start_end=true");
   CHECK(result.exit_code == 1);
   CHECK(result.err.find("use_im_start_end is set, but the tokenizer") != std::string::npos);
+}
+
+TEST_CASE("end to end: prompt text and an image file give transformers' LlavaProcessor inputs and answer") {
+  auto directory = oracle_directory() / "hub";
+  neva::SafetensorsFile reference((directory / "reference.safetensors").string());
+  std::ifstream prompt_file(oracle_directory() / "e2e_prompt.txt");
+  std::string expected_prompt((std::istreambuf_iterator<char>(prompt_file)), std::istreambuf_iterator<char>());
+
+  std::string prompt = neva::render_conversation(neva::conversation_template("v1"),
+                                                 {{neva::Turn::Role::User, "<image>\nWhat is in the image?"}}, true);
+  CHECK(prompt == expected_prompt);
+
+  neva::Recipe recipe = recipe_for(directory);
+  neva::LlavaModel model = neva::build_model(recipe, recipe.runtime_context());
+  auto tokenizer = neva::Tokenizer::load(directory.string());
+  auto ids = neva::tokenize_with_images(*tokenizer, prompt, model.image_token_id(), model.tokens_per_image());
+  CHECK(ids == to_vector(reference.tensor("e2e_input_ids")));
+
+  at::Tensor pixels = neva::preprocess_image(neva::load_image((oracle_directory() / "scene.png").string()),
+                                             model.encoder()->image_processor())
+                          .unsqueeze(0);
+  at::Tensor expected_pixels = reference.tensor("e2e_pixel_values");
+  REQUIRE(pixels.sizes() == expected_pixels.sizes());
+  CHECK((pixels - expected_pixels).abs().max().item<double>() <= 1.0 / 255);
+
+  neva::SamplingConfig greedy;
+  greedy.max_new_tokens = 8;
+  auto answer = neva::generate(model, *tokenizer, {{ids, pixels}}, greedy);
+  CHECK(answer[0].token_ids == to_vector(reference.tensor("e2e_greedy")));
+
+  // The same through neva-run: a prompt and an image file in a recipe.
+  neva::test::TempDir dir;
+  auto recipe_file = dir.write("e2e.toml", llava_recipe("generate", "tokens_to_generate = 8\nprompts = [\"What is in the "
+                                                                    "image?\"]\nimages = [\"" +
+                                                                    (oracle_directory() / "scene.png").string() +
+                                                                    "\"]\noutput_file = \"a.jsonl\"\n"));
+  auto result = neva_run(recipe_file.string());
+  INFO(result.err);
+  REQUIRE(result.exit_code == 0);
+  CHECK(json_lines(dir.path() / "a.jsonl")[0]["answer"] == tokenizer->decode(to_vector(reference.tensor("e2e_greedy")), true));
 }
