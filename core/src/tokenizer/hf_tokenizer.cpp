@@ -558,11 +558,11 @@ class HfTokenizer : public Tokenizer {
       if (!symbols.empty()) symbols.back().next = index;
       symbols.push_back({id, index - 1, -1, true});
     };
-    std::optional<std::int64_t> pending_unk;
+    std::int64_t pending_unk = -1;  // an unknown-character run not yet emitted
     for (const auto& character : utf8_chars(word)) {
       auto found = vocab_.find(character);
       if (found != vocab_.end()) {
-        if (pending_unk) add(*pending_unk), pending_unk.reset();
+        if (pending_unk >= 0) add(pending_unk), pending_unk = -1;
         add(found->second);
         continue;
       }
@@ -576,17 +576,17 @@ class HfTokenizer : public Tokenizer {
           bytes.push_back(byte_token->second);
         }
         if (bytes.size() == character.size()) {
-          if (pending_unk) add(*pending_unk), pending_unk.reset();
+          if (pending_unk >= 0) add(pending_unk), pending_unk = -1;
           for (std::int64_t id : bytes) add(id);
           continue;
         }
       }
       if (unk_id_ >= 0) {
-        if (pending_unk && !fuse_unk_) add(*pending_unk);
+        if (pending_unk >= 0 && !fuse_unk_) add(pending_unk);
         pending_unk = unk_id_;
       }
     }
-    if (pending_unk) add(*pending_unk);
+    if (pending_unk >= 0) add(pending_unk);
 
     struct Merge {
       std::int64_t rank, position, new_id;
