@@ -21,6 +21,7 @@ struct HfConfig::Impl {
 
 HfConfig::HfConfig(std::shared_ptr<const Impl> impl) : impl_(std::move(impl)) {}
 HfConfig::HfConfig(const HfConfig&) = default;
+HfConfig& HfConfig::operator=(const HfConfig&) = default;
 HfConfig::~HfConfig() = default;
 
 HfConfig HfConfig::parse(const std::string& text, const std::string& source_name) {
@@ -93,6 +94,31 @@ template NEVA_API bool HfConfig::require<bool>(const std::string&) const;
 template NEVA_API std::int64_t HfConfig::require<std::int64_t>(const std::string&) const;
 template NEVA_API double HfConfig::require<double>(const std::string&) const;
 template NEVA_API std::string HfConfig::require<std::string>(const std::string&) const;
+
+std::int64_t HfConfig::positive(const std::string& key, std::int64_t fallback) const {
+  std::int64_t value = get<std::int64_t>(key, fallback);
+  if (value <= 0) fail(key, "expected a positive integer, got " + std::to_string(value));
+  return value;
+}
+
+HfSource read_hf_source(const ConfigSection& section, const std::string& llava_sub_config) {
+  auto pretrained = section.path_value("from_pretrained");
+  auto config_file = section.path_value("config");
+  if (pretrained && config_file) section.fail("config", "give from_pretrained or config, not both");
+  if (!pretrained && !config_file) {
+    section.fail("from_pretrained", "missing: a Hugging Face model directory (or `config`, a config.json for a "
+                                    "randomly initialised model)");
+  }
+  const std::string key = pretrained ? "from_pretrained" : "config";
+  try {
+    HfConfig file = HfConfig::load(pretrained ? *pretrained : *config_file);
+    bool llava = file.get<std::string>("model_type", "") == "llava";
+    HfConfig config = llava ? file.child(llava_sub_config) : file;
+    return HfSource{config, file, pretrained.value_or(""), key};
+  } catch (const Error& error) {
+    section.fail(key, error.what());
+  }
+}
 
 HfConfig HfConfig::child(const std::string& key) const {
   if (!has(key) || !impl_->object->at(key).is_object()) fail(key, "expected an object");

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "neva/config.h"
 #include "neva/export.h"
 #include "neva/nn/rotary.h"
 
@@ -17,6 +18,7 @@ class NEVA_API HfConfig {
   static HfConfig load(const std::string& path);
   static HfConfig parse(const std::string& text, const std::string& source_name);
   HfConfig(const HfConfig&);
+  HfConfig& operator=(const HfConfig&);
   ~HfConfig();
 
   const std::string& source() const;
@@ -31,6 +33,8 @@ class NEVA_API HfConfig {
   }
   template <class T>
   T require(const std::string& key) const;
+  // An integer >= 1 (fallback when absent), else an error naming the key.
+  std::int64_t positive(const std::string& key, std::int64_t fallback) const;
   // A nested object ("text_config", "vision_config").
   HfConfig child(const std::string& key) const;
   [[noreturn]] void fail(const std::string& key, const std::string& what) const;
@@ -44,5 +48,17 @@ class NEVA_API HfConfig {
   explicit HfConfig(std::shared_ptr<const Impl> impl);
   std::shared_ptr<const Impl> impl_;
 };
+
+// Where a Hugging Face plugin's model comes from, read from its recipe table:
+//   from_pretrained  a model directory (config.json + weights); for a llava-hf directory the model's
+//                    settings are taken from its `llava_sub_config` ("text_config", "vision_config")
+//   config           a config.json alone: the same architecture, randomly initialised
+struct HfSource {
+  HfConfig config;      // this model's settings
+  HfConfig file;        // the whole config.json
+  std::string weights;  // the directory to load weights from; "" for random initialisation
+  std::string key;      // "from_pretrained" or "config": where errors about the file point
+};
+NEVA_API HfSource read_hf_source(const ConfigSection& section, const std::string& llava_sub_config);
 
 }  // namespace neva

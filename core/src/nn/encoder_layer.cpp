@@ -4,7 +4,7 @@
 
 #include <cmath>
 
-#include "neva/nn/gated_mlp.h"
+#include "neva/nn/mlp.h"
 
 namespace neva {
 

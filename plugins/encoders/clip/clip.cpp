@@ -18,7 +18,7 @@
 #include "neva/error.h"
 #include "neva/hf_config.h"
 #include "neva/nn/encoder_layer.h"
-#include "neva/nn/gated_mlp.h"
+#include "neva/nn/mlp.h"
 #include "neva/plugin_abi.h"
 #include "neva/safetensors.h"
 #include "neva/vision_encoder.h"

@@ -1,0 +1,62 @@
+#pragma once
+// A decoder-only language model assembled from core blocks: token embedding, pre-norm layers of
+// self-attention (GQA, RoPE, optional sliding window) and a feed-forward block (gated, plain or
+// sparse MoE), a final norm and the LM head (tied or not). Backbone plugins (llama, mistral,
+// mixtral, nemotron) fill a DecoderConfig from their config.json and build this.
+//
+// Parameter names are transformers': model.embed_tokens, model.layers.N.{input_layernorm,
+// self_attn.{q,k,v,o}_proj, post_attention_layernorm, mlp | block_sparse_moe}, model.norm, lm_head.
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "neva/context.h"
+#include "neva/language_backbone.h"
+#include "neva/nn/rotary.h"
+#include "neva/weights.h"
+
+namespace neva {
+
+struct DecoderConfig {
+  std::string source;  // the config.json it came from, for messages
+  std::int64_t vocab_size = 0, hidden_size = 0, intermediate_size = 0, num_layers = 0;
+  std::int64_t num_heads = 0, num_kv_heads = 0, head_dim = 0;
+  std::string norm = "rms";        // rms | layernorm1p
+  double norm_eps = 1e-6;
+  std::string mlp = "gated";       // gated | plain | moe
+  std::string activation = "silu";
+  bool attention_bias = false, mlp_bias = false, tie_word_embeddings = false;
+  std::int64_t sliding_window = 0;  // 0: none
+  std::int64_t num_experts = 0, experts_per_token = 0;  // moe
+  double router_aux_loss_coef = 0;                      // moe: weight of the load-balancing loss
+  RopeConfig rope;
+};
+
+class DecoderModel;  // model.*: embed_tokens, layers, norm
+
+class NEVA_API DecoderBackbone : public LanguageBackbone {
+ public:
+  DecoderBackbone(const DecoderConfig& config, const RuntimeContext& context);
+  ~DecoderBackbone() override;
+
+  at::Tensor embed(const at::Tensor& token_ids) override;
+  // In training mode with experts, aux_loss = router_aux_loss_coef * load-balancing loss.
+  BackboneOutputs forward(const BackboneInputs& inputs) override;
+  std::unique_ptr<KVCache> new_cache(std::int64_t batch, std::int64_t max_tokens) override;
+  std::int64_t hidden_size() const override { return config_.hidden_size; }
+  std::int64_t vocab_size() const override { return config_.vocab_size; }
+  std::int64_t max_position_embeddings() const override { return config_.rope.max_position_embeddings; }
+
+  // Loads a checkpoint in CausalLM names or a llava-hf text model (hub, nested or transformers 5
+  // layouts), strictly; `what` names the architecture in errors.
+  void load(const std::string& checkpoint, const std::string& what);
+
+ private:
+  DecoderConfig config_;
+  RuntimeContext context_;
+  RotaryEmbedding rotary_;
+  std::shared_ptr<DecoderModel> model_;
+  torch::nn::Linear lm_head_{nullptr};
+};
+
+}  // namespace neva

@@ -1,0 +1,79 @@
+#pragma once
+// Feed-forward blocks of decoder layers, with transformers' parameter names.
+#include <torch/nn/module.h>
+#include <torch/nn/modules/container/modulelist.h>
+#include <torch/nn/modules/linear.h>
+
+#include <string>
+
+#include "neva/export.h"
+
+namespace neva {
+
+// Applies a transformers activation by its config name: silu, gelu, gelu_pytorch_tanh, quick_gelu, relu2, relu.
+NEVA_API at::Tensor activation(const std::string& name, const at::Tensor& x);
+// Throws neva::Error for a name activation() does not know.
+NEVA_API void check_activation(const std::string& name, const std::string& where);
+
+class NEVA_API FeedForward : public torch::nn::Module {
+ public:
+  ~FeedForward() override;
+  virtual at::Tensor forward(const at::Tensor& x) = 0;
+};
+
+// down(act(gate(x)) * up(x)): the SwiGLU family. Names: gate_proj/up_proj/down_proj (Llama, Mistral)
+// or w1/w3/w2 (Mixtral experts).
+class NEVA_API GatedMLP : public FeedForward {
+ public:
+  struct Names {
+    const char* gate = "gate_proj";
+    const char* up = "up_proj";
+    const char* down = "down_proj";
+  };
+  GatedMLP(std::int64_t hidden_size, std::int64_t intermediate_size, bool bias, std::string activation, Names names);
+  GatedMLP(std::int64_t hidden_size, std::int64_t intermediate_size, bool bias, std::string activation)
+      : GatedMLP(hidden_size, intermediate_size, bias, std::move(activation), Names{}) {}
+  at::Tensor forward(const at::Tensor& x) override;
+
+ private:
+  torch::nn::Linear gate_{nullptr}, up_{nullptr}, down_{nullptr};
+  std::string activation_;
+};
+
+// down_proj(act(up_proj(x))), no gate (Nemotron's relu2 MLP).
+class NEVA_API PlainMLP : public FeedForward {
+ public:
+  PlainMLP(std::int64_t hidden_size, std::int64_t intermediate_size, bool bias, std::string activation);
+  at::Tensor forward(const at::Tensor& x) override;
+
+ private:
+  torch::nn::Linear up_proj_{nullptr}, down_proj_{nullptr};
+  std::string activation_;
+};
+
+// Mixtral's sparse mixture of experts: router softmax in fp32 over all experts, top-k, renormalised
+// weights, SwiGLU experts (gate, experts.N.w1/w2/w3). Experts are separate modules so that expert
+// parallelism can place them on different ranks.
+class NEVA_API SparseMoE : public FeedForward {
+ public:
+  SparseMoE(std::int64_t hidden_size, std::int64_t intermediate_size, std::int64_t num_experts, std::int64_t top_k,
+            std::string activation);
+  at::Tensor forward(const at::Tensor& x) override;
+  // Router logits [tokens, experts] of the last forward (for the load-balancing loss).
+  const at::Tensor& router_logits() const { return router_logits_; }
+  std::int64_t num_experts() const { return num_experts_; }
+  std::int64_t top_k() const { return top_k_; }
+
+ private:
+  std::int64_t num_experts_, top_k_;
+  torch::nn::Linear gate_{nullptr};
+  torch::nn::ModuleList experts_{nullptr};
+  at::Tensor router_logits_;
+};
+
+// Mixtral's load_balancing_loss_func over the router logits of every layer (unweighted):
+// E * sum(fraction of tokens routed to each expert * mean router probability of that expert).
+NEVA_API at::Tensor load_balancing_loss(const std::vector<at::Tensor>& router_logits, std::int64_t num_experts,
+                                        std::int64_t top_k);
+
+}  // namespace neva

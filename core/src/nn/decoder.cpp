@@ -1,0 +1,159 @@
+#include "neva/nn/decoder.h"
+
+#include <ATen/ATen.h>
+#include <torch/nn/modules/container/modulelist.h>
+#include <torch/nn/modules/embedding.h>
+
+#include "neva/error.h"
+#include "neva/nn/attention.h"
+#include "neva/nn/mlp.h"
+#include "neva/nn/norm.h"
+#include "neva/safetensors.h"
+
+namespace neva {
+
+namespace {
+
+class DecoderLayer : public torch::nn::Module {
+ public:
+  explicit DecoderLayer(const DecoderConfig& config) {
+    input_layernorm_ = register_module("input_layernorm", make_norm(config.norm, config.hidden_size, config.norm_eps));
+    self_attn_ = register_module("self_attn", std::make_shared<SelfAttention>(AttentionConfig{
+                                                  config.hidden_size, config.num_heads, config.num_kv_heads,
+                                                  config.head_dim, config.attention_bias, config.attention_bias}));
+    post_attention_layernorm_ =
+        register_module("post_attention_layernorm", make_norm(config.norm, config.hidden_size, config.norm_eps));
+    if (config.mlp == "moe") {
+      moe_ = std::make_shared<SparseMoE>(config.hidden_size, config.intermediate_size, config.num_experts,
+                                         config.experts_per_token, config.activation);
+      mlp_ = register_module("block_sparse_moe", moe_);
+    } else if (config.mlp == "plain") {
+      mlp_ = register_module("mlp", std::make_shared<PlainMLP>(config.hidden_size, config.intermediate_size,
+                                                               config.mlp_bias, config.activation));
+    } else {
+      mlp_ = register_module("mlp", std::make_shared<GatedMLP>(config.hidden_size, config.intermediate_size,
+                                                               config.mlp_bias, config.activation));
+    }
+  }
+
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const AttentionMask& mask,
+                     LayerCache* cache) {
+    at::Tensor h = x + self_attn_->forward(input_layernorm_->forward(x), cos, sin, mask, cache);
+    return h + mlp_->forward(post_attention_layernorm_->forward(h));
+  }
+
+  const std::shared_ptr<SparseMoE>& moe() const { return moe_; }
+
+ private:
+  std::shared_ptr<Norm> input_layernorm_, post_attention_layernorm_;
+  std::shared_ptr<SelfAttention> self_attn_;
+  std::shared_ptr<FeedForward> mlp_;
+  std::shared_ptr<SparseMoE> moe_;
+};
+
+struct DecoderCache : KVCache {
+  std::vector<LayerCache> layers;
+  std::int64_t length = 0;
+};
+
+}  // namespace
+
+class DecoderModel : public torch::nn::Module {
+ public:
+  explicit DecoderModel(const DecoderConfig& config) {
+    embed_tokens = register_module("embed_tokens", torch::nn::Embedding(config.vocab_size, config.hidden_size));
+    layers = register_module("layers", torch::nn::ModuleList());
+    for (std::int64_t i = 0; i < config.num_layers; ++i) layers->push_back(std::make_shared<DecoderLayer>(config));
+    norm = register_module("norm", make_norm(config.norm, config.hidden_size, config.norm_eps));
+  }
+  torch::nn::Embedding embed_tokens{nullptr};
+  torch::nn::ModuleList layers{nullptr};
+  std::shared_ptr<Norm> norm;
+};
+
+DecoderBackbone::DecoderBackbone(const DecoderConfig& config, const RuntimeContext& context)
+    : config_(config), context_(context), rotary_(config.rope) {
+  model_ = register_module("model", std::make_shared<DecoderModel>(config));
+  if (!config.tie_word_embeddings) {
+    lm_head_ = register_module("lm_head", torch::nn::Linear(torch::nn::LinearOptions(config.hidden_size, config.vocab_size)
+                                                                .bias(false)));
+  }
+  to(context.device, context.dtypes.params);
+}
+
+DecoderBackbone::~DecoderBackbone() = default;
+
+at::Tensor DecoderBackbone::embed(const at::Tensor& token_ids) {
+  if (token_ids.numel() > 0) {
+    auto [low, high] = at::aminmax(token_ids);
+    std::int64_t lowest = low.item<std::int64_t>(), highest = high.item<std::int64_t>();
+    if (lowest < 0 || highest >= config_.vocab_size) {
+      throw Error("token id " + std::to_string(lowest < 0 ? lowest : highest) + " is outside the vocabulary of " +
+                  std::to_string(config_.vocab_size));
+    }
+  }
+  return model_->embed_tokens->forward(token_ids.to(context_.device));
+}
+
+BackboneOutputs DecoderBackbone::forward(const BackboneInputs& inputs) {
+  const at::Tensor& x0 = inputs.embeddings;
+  if (x0.dim() != 3 || x0.size(2) != config_.hidden_size) {
+    throw Error("embeddings have shape " + std::string(c10::str(x0.sizes())) + ", expected [batch, seq, " +
+                std::to_string(config_.hidden_size) + "]");
+  }
+  const std::int64_t batch = x0.size(0), seq = x0.size(1);
+  auto* cache = dynamic_cast<DecoderCache*>(inputs.cache);
+  if (inputs.cache && !cache) throw Error("the KV cache was not made by this backbone");
+  const std::int64_t past = cache ? cache->length : 0;
+  at::Tensor positions =
+      inputs.positions.defined()
+          ? inputs.positions.to(context_.device)
+          : at::arange(past, past + seq, at::TensorOptions().dtype(at::kLong).device(context_.device)).expand({batch, seq});
+  auto mask = AttentionMask::build(batch, seq, past, inputs.attention_mask, inputs.segment_ids, config_.sliding_window,
+                                   context_.device);
+  auto [cos, sin] = rotary_.cos_sin(positions, x0.scalar_type());
+
+  at::Tensor h = x0;
+  std::vector<at::Tensor> router_logits;
+  for (std::size_t i = 0; i < model_->layers->size(); ++i) {
+    auto layer = model_->layers->ptr<DecoderLayer>(i);
+    h = layer->forward(h, cos, sin, mask, cache ? &cache->layers[i] : nullptr);
+    if (layer->moe()) router_logits.push_back(layer->moe()->router_logits());
+  }
+  h = model_->norm->forward(h);
+  if (cache) cache->length += seq;
+  BackboneOutputs outputs;
+  outputs.logits = lm_head_ ? lm_head_->forward(h) : at::linear(h, model_->embed_tokens->weight);
+  if (is_training() && !router_logits.empty() && config_.router_aux_loss_coef > 0) {
+    outputs.aux_loss = config_.router_aux_loss_coef *
+                       load_balancing_loss(router_logits, config_.num_experts, config_.experts_per_token);
+  }
+  return outputs;
+}
+
+std::unique_ptr<KVCache> DecoderBackbone::new_cache(std::int64_t batch, std::int64_t max_tokens) {
+  auto cache = std::make_unique<DecoderCache>();
+  auto options = at::TensorOptions().device(context_.device).dtype(context_.dtypes.compute);
+  for (std::int64_t i = 0; i < config_.num_layers; ++i) {
+    cache->layers.push_back({at::empty({batch, config_.num_kv_heads, max_tokens, config_.head_dim}, options),
+                             at::empty({batch, config_.num_kv_heads, max_tokens, config_.head_dim}, options)});
+  }
+  return cache;
+}
+
+void DecoderBackbone::load(const std::string& checkpoint_path, const std::string& what) {
+  SafetensorsCheckpoint checkpoint(checkpoint_path);
+  const bool tied = config_.tie_word_embeddings;
+  auto map = detect_layout(
+      checkpoint,
+      {{"model.embed_tokens.weight", {{"model.", "model."}, {"lm_head.", "lm_head."}}},
+       {"language_model.model.embed_tokens.weight", {{"model.", "language_model.model."}, {"lm_head.", "language_model.lm_head."}}},
+       {"model.language_model.embed_tokens.weight", {{"model.", "model.language_model."}, {"lm_head.", "lm_head."}}}},
+      what, [tied](const std::string& name) {
+        return (tied && name == "lm_head.weight") ||
+               (name.size() > 9 && name.compare(name.size() - 9, 9, ".inv_freq") == 0);
+      });
+  load_weights(*this, checkpoint, map, what + " language model (" + config_.source + ")");
+}
+
+}  // namespace neva

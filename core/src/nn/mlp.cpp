@@ -1,0 +1,99 @@
+#include "neva/nn/mlp.h"
+
+#include <ATen/ATen.h>
+
+#include "neva/error.h"
+
+namespace neva {
+
+at::Tensor activation(const std::string& name, const at::Tensor& x) {
+  if (name == "silu" || name == "swish") return at::silu(x);
+  if (name == "gelu") return at::gelu(x);
+  if (name == "gelu_pytorch_tanh") return at::gelu(x, "tanh");
+  if (name == "quick_gelu") return x * at::sigmoid(1.702 * x);
+  if (name == "relu") return at::relu(x);
+  if (name == "relu2") return at::relu(x).pow(2);
+  throw Error("unknown activation '" + name + "'");
+}
+
+void check_activation(const std::string& name, const std::string& where) {
+  static const char* known[] = {"silu", "swish", "gelu", "gelu_pytorch_tanh", "quick_gelu", "relu", "relu2"};
+  for (const char* candidate : known) {
+    if (name == candidate) return;
+  }
+  throw Error(where + ": unknown activation '" + name +
+              "' (known: silu, gelu, gelu_pytorch_tanh, quick_gelu, relu, relu2)");
+}
+
+FeedForward::~FeedForward() = default;
+
+namespace {
+torch::nn::Linear linear(std::int64_t in, std::int64_t out, bool bias) {
+  return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(bias));
+}
+}  // namespace
+
+GatedMLP::GatedMLP(std::int64_t hidden_size, std::int64_t intermediate_size, bool bias, std::string activation,
+                   Names names)
+    : activation_(std::move(activation)) {
+  gate_ = register_module(names.gate, linear(hidden_size, intermediate_size, bias));
+  up_ = register_module(names.up, linear(hidden_size, intermediate_size, bias));
+  down_ = register_module(names.down, linear(intermediate_size, hidden_size, bias));
+}
+
+at::Tensor GatedMLP::forward(const at::Tensor& x) {
+  return down_->forward(activation(activation_, gate_->forward(x)) * up_->forward(x));
+}
+
+PlainMLP::PlainMLP(std::int64_t hidden_size, std::int64_t intermediate_size, bool bias, std::string activation)
+    : activation_(std::move(activation)) {
+  up_proj_ = register_module("up_proj", linear(hidden_size, intermediate_size, bias));
+  down_proj_ = register_module("down_proj", linear(intermediate_size, hidden_size, bias));
+}
+
+at::Tensor PlainMLP::forward(const at::Tensor& x) { return down_proj_->forward(activation(activation_, up_proj_->forward(x))); }
+
+SparseMoE::SparseMoE(std::int64_t hidden_size, std::int64_t intermediate_size, std::int64_t num_experts,
+                     std::int64_t top_k, std::string activation)
+    : num_experts_(num_experts), top_k_(top_k) {
+  gate_ = register_module("gate", linear(hidden_size, num_experts, false));
+  experts_ = register_module("experts", torch::nn::ModuleList());
+  for (std::int64_t e = 0; e < num_experts; ++e) {
+    experts_->push_back(std::make_shared<GatedMLP>(hidden_size, intermediate_size, false, activation,
+                                                   GatedMLP::Names{"w1", "w3", "w2"}));
+  }
+}
+
+at::Tensor SparseMoE::forward(const at::Tensor& x) {
+  const auto shape = x.sizes().vec();
+  at::Tensor tokens = x.reshape({-1, x.size(-1)});
+  router_logits_ = gate_->forward(tokens);
+  at::Tensor probabilities = router_logits_.softmax(1, at::kFloat);
+  auto [weights, selected] = probabilities.topk(top_k_, -1);
+  weights = (weights / weights.sum(-1, true)).to(tokens.scalar_type());
+  at::Tensor out = at::zeros_like(tokens);
+  // Experts in index order, each over the tokens routed to it; an expert without tokens is skipped.
+  at::Tensor routed = at::one_hot(selected, num_experts_).permute({2, 1, 0});  // [experts, top_k, tokens]
+  for (std::int64_t e = 0; e < num_experts_; ++e) {
+    at::Tensor hits = routed[e].nonzero();  // [n, 2]: (slot, token)
+    if (hits.size(0) == 0) continue;
+    at::Tensor slot = hits.select(1, 0), token = hits.select(1, 1);
+    at::Tensor result = experts_->ptr<GatedMLP>(e)->forward(tokens.index_select(0, token)) *
+                        weights.index({token, slot}).unsqueeze(-1);
+    out.index_add_(0, token, result.to(out.scalar_type()));
+  }
+  return out.view(shape);
+}
+
+at::Tensor load_balancing_loss(const std::vector<at::Tensor>& router_logits, std::int64_t num_experts,
+                               std::int64_t top_k) {
+  at::Tensor logits = at::cat(router_logits, 0);
+  at::Tensor probabilities = logits.softmax(-1, at::kFloat);
+  at::Tensor selected = std::get<1>(probabilities.topk(top_k, -1));
+  at::Tensor mask = at::one_hot(selected, num_experts).to(at::kFloat);       // [tokens, k, experts]
+  at::Tensor tokens_per_expert = mask.mean(0);                                // [k, experts]
+  at::Tensor probability_per_expert = probabilities.mean(0);                  // [experts]
+  return (tokens_per_expert * probability_per_expert.unsqueeze(0)).sum() * num_experts;
+}
+
+}  // namespace neva
