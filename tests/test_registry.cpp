@@ -51,7 +51,8 @@ TEST_CASE("the built-in plugins are listed without being instantiated") {
   for (const auto& plugin : plugins) names.push_back(plugin.kind + "/" + plugin.name);
   // Sorted by (kind, name).
   CHECK(names == std::vector<std::string>{"connector/linear", "connector/mlp", "language_backbone/llama",
-                                          "vision_encoder/clip"});
+                                          "language_backbone/mistral", "language_backbone/mixtral",
+                                          "language_backbone/nemotron4", "vision_encoder/clip"});
   CHECK(plugins[1].abi.major == neva::kPluginAbiMajor);
   CHECK(plugins[1].torch_version == TORCH_VERSION);
   CHECK(registry.find("connector", "mlp2x_gelu").name == "mlp");  // answers_to

@@ -129,11 +129,11 @@ HfConfig HfConfig::child(const std::string& key) const {
   return HfConfig(impl);
 }
 
-RopeConfig HfConfig::rope(std::int64_t head_dim) const {
+RopeConfig HfConfig::rope(std::int64_t head_dim, double default_theta, std::int64_t default_max_positions) const {
   RopeConfig rope;
   rope.head_dim = head_dim;
-  rope.max_position_embeddings = get<std::int64_t>("max_position_embeddings", rope.max_position_embeddings);
-  rope.theta = get<double>("rope_theta", rope.theta);
+  rope.max_position_embeddings = get<std::int64_t>("max_position_embeddings", default_max_positions);
+  rope.theta = get<double>("rope_theta", default_theta);
   rope.partial_rotary_factor = get<double>("partial_rotary_factor", rope.partial_rotary_factor);
 
   // 5.x: rope_parameters; 4.x: rope_scaling (whose "type" older files spell instead of "rope_type").

@@ -41,7 +41,8 @@ class NEVA_API HfConfig {
 
   // RoPE settings in either form: top-level rope_theta + rope_scaling {type|rope_type, factor, ...}
   // (transformers 4.x) or rope_parameters {rope_type, rope_theta, ...} (5.x).
-  RopeConfig rope(std::int64_t head_dim) const;
+  // `default_theta` and `default_max_positions` are the architecture's defaults for absent keys.
+  RopeConfig rope(std::int64_t head_dim, double default_theta = 10000.0, std::int64_t default_max_positions = 2048) const;
 
  private:
   struct Impl;

@@ -141,6 +141,35 @@ std::unique_ptr<KVCache> DecoderBackbone::new_cache(std::int64_t batch, std::int
   return cache;
 }
 
+DecoderPluginConfig::~DecoderPluginConfig() = default;
+
+DecoderPluginConfig* parse_decoder_plugin_config(const ConfigSection& section, const std::string& architecture,
+                                                 const std::string& model_type,
+                                                 void (*read)(const HfConfig&, DecoderConfig&)) {
+  HfSource source = read_hf_source(section, "text_config");
+  auto config = std::make_unique<DecoderPluginConfig>();
+  config->architecture = architecture;
+  try {
+    std::string found = source.config.get<std::string>("model_type", model_type);
+    if (found != model_type) source.config.fail("model_type", "expected \"" + model_type + "\", got \"" + found + "\"");
+    config->decoder.source = source.config.source();
+    read(source.config, config->decoder);
+  } catch (const Error& error) {
+    section.fail(source.key, error.what());
+  }
+  config->weights = source.weights;
+  config->hidden_size = config->decoder.hidden_size;
+  config->vocab_size = config->decoder.vocab_size;
+  return config.release();
+}
+
+Component* create_decoder_backbone(const ComponentConfig& config, const RuntimeContext& context) {
+  const auto& plugin = dynamic_cast<const DecoderPluginConfig&>(config);
+  auto backbone = std::make_unique<DecoderBackbone>(plugin.decoder, context);
+  if (!plugin.weights.empty()) backbone->load(plugin.weights, plugin.architecture);
+  return backbone.release();
+}
+
 void DecoderBackbone::load(const std::string& checkpoint_path, const std::string& what) {
   SafetensorsCheckpoint checkpoint(checkpoint_path);
   const bool tied = config_.tie_word_embeddings;

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "neva/context.h"
+#include "neva/hf_config.h"
 #include "neva/language_backbone.h"
 #include "neva/nn/rotary.h"
 #include "neva/weights.h"
@@ -58,5 +59,21 @@ class NEVA_API DecoderBackbone : public LanguageBackbone {
   std::shared_ptr<DecoderModel> model_;
   torch::nn::Linear lm_head_{nullptr};
 };
+
+// What a Hugging Face decoder plugin parses: the architecture's settings and where its weights are.
+struct NEVA_API DecoderPluginConfig : LanguageBackboneConfig {
+  std::string architecture;  // "Llama", "Mistral", ... for messages
+  DecoderConfig decoder;
+  std::string weights;       // "" = random initialisation
+  ~DecoderPluginConfig() override;
+};
+
+// A plugin's parse_config: reads from_pretrained / config (HfSource; a llava-hf directory's
+// text_config), checks model_type, and lets `read` fill the DecoderConfig from config.json.
+NEVA_API DecoderPluginConfig* parse_decoder_plugin_config(const ConfigSection& section, const std::string& architecture,
+                                                          const std::string& model_type,
+                                                          void (*read)(const HfConfig&, DecoderConfig&));
+// A plugin's create: the DecoderBackbone, with its weights loaded when from_pretrained was given.
+NEVA_API Component* create_decoder_backbone(const ComponentConfig& config, const RuntimeContext& context);
 
 }  // namespace neva

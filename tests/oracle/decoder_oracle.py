@@ -1,10 +1,11 @@
-"""Reference outputs for the `llama` plugin, from transformers' LlamaForCausalLM.
+"""Reference outputs for the decoder plugins (llama, mistral, mixtral, nemotron4), from transformers'
+LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM and NemotronForCausalLM.
 
-Builds tiny random Llama models in several configurations, saves each as a Hugging Face directory
+Builds tiny random models in several configurations, saves each as a Hugging Face directory
 (config.json + model.safetensors) and records what transformers computes for fixed inputs:
 full-sequence logits, logits for a left-padded batch, a 32-token greedy continuation decoded with
-the KV cache, and bf16 logits. The C++ tests (tests/oracle/test_llama_oracle.cpp) load the same
-directories through the plugin and compare.
+the KV cache, and bf16 logits. The C++ tests (tests/oracle/test_decoder_oracle.cpp) load the same
+directories through the plugins and compare.
 
 Usage: llama_oracle.py OUTPUT_DIR
 """
@@ -15,7 +16,11 @@ import sys
 
 import torch
 from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig,
+                          MixtralForCausalLM, NemotronConfig, NemotronForCausalLM)
+
+FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
+            "mixtral": (MixtralConfig, MixtralForCausalLM), "nemotron": (NemotronConfig, NemotronForCausalLM)}
 
 BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
@@ -24,6 +29,19 @@ BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_la
 CASES = {
     # multi-head attention, untied embeddings, default RoPE
     "mha": dict(),
+    # Mistral: a 5-token sliding window (shorter than the prompt), head_dim != hidden / heads, GQA
+    "mistral_window": dict(family="mistral", num_key_value_heads=2, head_dim=24, sliding_window=5),
+    # Mistral without a window (v0.2 / v0.3 style), theta 1e6
+    "mistral_nowindow": dict(family="mistral", num_key_value_heads=2, sliding_window=None,
+                             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    # Mixtral: 4 experts, top-2, a 6-token window
+    "mixtral": dict(family="mixtral", seed=7, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                    sliding_window=6),
+    # Mixtral with 8 experts and top-1 routing: on a 12-token prompt some experts get no tokens
+    "mixtral_sparse": dict(family="mixtral", seed=15, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=1),
+    # Nemotron-4: LayerNorm1P, relu2 MLP without gate, partial RoPE (factor 0.5), GQA
+    "nemotron": dict(family="nemotron", seed=1, initializer_range=0.2, num_key_value_heads=2, norm_eps=1e-5, partial_rotary_factor=0.5,
+                     hidden_act="relu2"),
     # grouped-query attention, tied embeddings, biases on attention and MLP
     "gqa_tied_bias": dict(num_key_value_heads=2, tie_word_embeddings=True, attention_bias=True, mlp_bias=True),
     # one KV head, linear RoPE scaling written in the 4.x form (rope_theta + rope_scaling)
@@ -71,13 +89,19 @@ def rewrite_as_v4(directory):
 
 
 def make_case(name, overrides, out_dir):
-    torch.manual_seed(sum(map(ord, name)))
-    config = LlamaConfig(**{**BASE, **overrides})
-    model = LlamaForCausalLM(config).eval()
+    overrides = dict(overrides)
+    torch.manual_seed(overrides.pop("seed", sum(map(ord, name))))
+    config_class, model_class = FAMILIES[overrides.pop("family", "llama")]
+    settings = {**BASE, **overrides}
+    if config_class is NemotronConfig:
+        settings.pop("rms_norm_eps")
+    config = config_class(**settings)
+    model = model_class(config).eval()
     with torch.no_grad():  # norms away from 1, so a wrong norm formula shows
         for module_name, parameter in model.named_parameters():
-            if "norm" in module_name:
-                parameter.copy_(1 + 0.2 * torch.randn_like(parameter))
+            if "norm" in module_name:  # LayerNorm1P stores weight - 1: perturb around its own centre
+                centre = 0.0 if isinstance(model, NemotronForCausalLM) or module_name.endswith("bias") else 1.0
+                parameter.copy_(centre + 0.2 * torch.randn_like(parameter))
     directory = out_dir / name
     model.save_pretrained(directory, safe_serialization=True)
     if name.endswith("_v4"):

@@ -1,4 +1,5 @@
-// The llama plugin against transformers' LlamaForCausalLM (reference data: llama_oracle.py).
+// The decoder plugins (llama, mistral, mixtral, nemotron4) against transformers' *ForCausalLM
+// (reference data: decoder_oracle.py).
 #include <doctest/doctest.h>
 #include <torch/types.h>
 #include <torch/utils.h>
@@ -14,26 +15,34 @@ namespace fs = std::filesystem;
 
 namespace {
 
-const char* kCases[] = {"mha", "gqa_tied_bias", "mqa_linear_v4", "llama3", "dynamic"};
+struct Case {
+  const char* name;
+  const char* plugin;
+};
+const Case kCases[] = {{"mha", "llama"},           {"gqa_tied_bias", "llama"},    {"mqa_linear_v4", "llama"},
+                       {"llama3", "llama"},        {"dynamic", "llama"},          {"mistral_window", "mistral"},
+                       {"mistral_nowindow", "mistral"}, {"mixtral", "mixtral"},   {"mixtral_sparse", "mixtral"},
+                       {"nemotron", "nemotron4"}};
 
 fs::path oracle_directory() {
   const char* directory = std::getenv("NEVA_ORACLE_DIR");
   REQUIRE_MESSAGE(directory, "NEVA_ORACLE_DIR is not set (ctest sets it after running the oracle scripts)");
-  return fs::path(directory) / "llama";
+  return fs::path(directory) / "decoder";
 }
 
-std::shared_ptr<neva::LanguageBackbone> load(const fs::path& directory, c10::ScalarType dtype = at::kFloat) {
+std::shared_ptr<neva::LanguageBackbone> load(const fs::path& directory, const char* plugin = "llama",
+                                             c10::ScalarType dtype = at::kFloat) {
   neva::Registry::Options options;
   options.search_paths = {neva::test::plugin_directory()};
   options.use_environment = false;
   options.use_install_directory = false;
   neva::Registry registry(options);
   auto document = neva::ConfigDocument::parse("from_pretrained = \"" + directory.string() + "\"\n", "oracle.toml");
-  auto config = registry.parse_config("language_backbone", "llama", document.root());
+  auto config = registry.parse_config("language_backbone", plugin, document.root());
   document.root().reject_unknown_keys();
   neva::RuntimeContext context;
   context.dtypes.params = context.dtypes.compute = dtype;
-  return registry.create<neva::LanguageBackbone>("llama", *config, context);
+  return registry.create<neva::LanguageBackbone>(plugin, *config, context);
 }
 
 double max_difference(const at::Tensor& a, const at::Tensor& b) {
@@ -49,26 +58,26 @@ at::Tensor logits_of(neva::LanguageBackbone& model, const at::Tensor& ids, neva:
 
 }  // namespace
 
-TEST_CASE("llama fp32 logits match transformers within 1e-4") {
+TEST_CASE("decoder fp32 logits match transformers within 1e-4") {
   torch::NoGradGuard no_grad;
-  for (const char* name : kCases) {
-    CAPTURE(name);
+  for (const auto& [name, plugin] : kCases) {
+    CAPTURE(std::string(name));
     auto directory = oracle_directory() / name;
     neva::SafetensorsFile reference((directory / "reference.safetensors").string());
-    auto model = load(directory);
+    auto model = load(directory, plugin);
     double difference = max_difference(logits_of(*model, reference.tensor("prompt")), reference.tensor("logits"));
-    MESSAGE(name << ": max |logit difference| " << difference);
+    MESSAGE(std::string(name) << ": max |logit difference| " << difference);
     CHECK(difference <= 1e-4);
   }
 }
 
-TEST_CASE("llama with a left-padded batch matches transformers at every real token") {
+TEST_CASE("decoders with a left-padded batch match transformers at every real token") {
   torch::NoGradGuard no_grad;
-  for (const char* name : kCases) {
-    CAPTURE(name);
+  for (const auto& [name, plugin] : kCases) {
+    CAPTURE(std::string(name));
     auto directory = oracle_directory() / name;
     neva::SafetensorsFile reference((directory / "reference.safetensors").string());
-    auto model = load(directory);
+    auto model = load(directory, plugin);
     neva::BackboneInputs inputs;
     inputs.embeddings = model->embed(reference.tensor("padded_ids"));
     inputs.attention_mask = reference.tensor("padded_mask");
@@ -80,13 +89,13 @@ TEST_CASE("llama with a left-padded batch matches transformers at every real tok
   }
 }
 
-TEST_CASE("llama greedy decoding with the KV cache gives transformers' 32 tokens") {
+TEST_CASE("decoder greedy decoding with the KV cache gives transformers' 32 tokens") {
   torch::NoGradGuard no_grad;
-  for (const char* name : kCases) {
-    CAPTURE(name);
+  for (const auto& [name, plugin] : kCases) {
+    CAPTURE(std::string(name));
     auto directory = oracle_directory() / name;
     neva::SafetensorsFile reference((directory / "reference.safetensors").string());
-    auto model = load(directory);
+    auto model = load(directory, plugin);
     at::Tensor prompt = reference.tensor("prompt");
     at::Tensor expected = reference.tensor("greedy");
     auto cache = model->new_cache(1, prompt.size(1) + expected.size(1));
@@ -105,11 +114,12 @@ TEST_CASE("incremental decoding with the KV cache equals the full forward pass")
   torch::NoGradGuard no_grad;
   // "dynamic" is left out on purpose: its frequencies depend on the longest position seen, so
   // transformers itself rotates cached keys differently from a full pass once past the trained length.
-  for (const char* name : {"mha", "gqa_tied_bias", "mqa_linear_v4", "llama3"}) {
-    CAPTURE(name);
+  for (const auto& [name, plugin] : kCases) {
+    if (std::string(name) == "dynamic") continue;
+    CAPTURE(std::string(name));
     auto directory = oracle_directory() / name;
     neva::SafetensorsFile reference((directory / "reference.safetensors").string());
-    auto model = load(directory);
+    auto model = load(directory, plugin);
     at::Tensor sequence = at::cat({reference.tensor("prompt"), reference.tensor("greedy")}, 1);
     at::Tensor full = logits_of(*model, sequence);
     auto cache = model->new_cache(1, sequence.size(1));
@@ -119,19 +129,19 @@ TEST_CASE("incremental decoding with the KV cache equals the full forward pass")
   }
 }
 
-TEST_CASE("llama bf16 logits stay within the documented tolerance of transformers' bf16 and fp32") {
+TEST_CASE("decoder bf16 logits stay within the documented tolerance of transformers' bf16 and fp32") {
   torch::NoGradGuard no_grad;
-  for (const char* name : kCases) {
-    CAPTURE(name);
+  for (const auto& [name, plugin] : kCases) {
+    CAPTURE(std::string(name));
     auto directory = oracle_directory() / name;
     neva::SafetensorsFile reference((directory / "reference.safetensors").string());
-    auto model = load(directory, at::kBFloat16);
+    auto model = load(directory, plugin, at::kBFloat16);
     at::Tensor logits = logits_of(*model, reference.tensor("prompt"));
     CHECK((logits.scalar_type() == at::kBFloat16));
     double versus_bf16 = max_difference(logits, reference.tensor("bf16_logits"));
     double versus_fp32 = max_difference(logits, reference.tensor("logits"));
     double scale = reference.tensor("logits").abs().max().item<double>();
-    MESSAGE(name << ": bf16 vs transformers bf16 " << versus_bf16 << ", vs fp32 " << versus_fp32 << " (logit scale "
+    MESSAGE(std::string(name) << ": bf16 vs transformers bf16 " << versus_bf16 << ", vs fp32 " << versus_fp32 << " (logit scale "
                  << scale << ")");
     // bf16 keeps 8 mantissa bits: two bf16 implementations agree to a few ulps of the logit scale.
     CHECK(versus_bf16 <= 0.03 * scale);
