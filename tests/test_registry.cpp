@@ -52,7 +52,8 @@ TEST_CASE("the built-in plugins are listed without being instantiated") {
   // Sorted by (kind, name).
   CHECK(names == std::vector<std::string>{"connector/linear", "connector/mlp", "language_backbone/llama",
                                           "language_backbone/mistral", "language_backbone/mixtral",
-                                          "language_backbone/nemotron4", "vision_encoder/clip"});
+                                          "language_backbone/nemotron4", "vision_encoder/clip",
+                                          "vision_encoder/siglip"});
   CHECK(plugins[1].abi.major == neva::kPluginAbiMajor);
   CHECK(plugins[1].torch_version == TORCH_VERSION);
   CHECK(registry.find("connector", "mlp2x_gelu").name == "mlp");  // answers_to

@@ -1,20 +1,24 @@
-"""Reference outputs for the `clip` plugin, from transformers' CLIPVisionModel and CLIPModel.
+"""Reference outputs for the vision encoder plugins, from transformers' CLIPVisionModel, CLIPModel,
+SiglipVisionModel (with and without its pooling head) and SiglipModel.
 
-Saves a tiny random CLIPVisionModel and a tiny full CLIPModel as Hugging Face directories and
-records, for fixed pixel values, every hidden state (output_hidden_states=True): the C++ tests pick
-the one vision_select_layer names and drop the class token or not.
+Saves tiny random towers as Hugging Face directories and records, for fixed pixel values, every
+hidden state (output_hidden_states=True): the C++ tests pick the one vision_select_layer names and
+drop the class token or not.
 
-Usage: clip_oracle.py OUTPUT_DIR
+Usage: vision_oracle.py OUTPUT_DIR
 """
 import pathlib
 import sys
 
 import torch
 from safetensors.torch import save_file
-from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
+from transformers import (CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, SiglipConfig, SiglipModel,
+                          SiglipVisionConfig, SiglipVisionModel)
 
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=28,
               patch_size=7, layer_norm_eps=1e-5, hidden_act="quick_gelu", initializer_factor=1.0)
+SIGLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=28,
+              patch_size=7)
 
 
 def perturb_norms(model):
@@ -25,6 +29,7 @@ def perturb_norms(model):
 
 
 def record(model, vision_model, directory):
+    directory.mkdir(parents=True, exist_ok=True)
     pixels = torch.randn(2, 3, VISION["image_size"], VISION["image_size"], generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         hidden = vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states
@@ -48,6 +53,27 @@ def main():
     perturb_norms(full)
     full.save_pretrained(out_dir / "clip_model", safe_serialization=True)
     record(full, full.vision_model, out_dir / "clip_model")
+
+    torch.manual_seed(2)
+    siglip = SiglipVisionModel(SiglipVisionConfig(**SIGLIP)).eval()
+    perturb_norms(siglip)
+    siglip.save_pretrained(out_dir / "siglip_vision_model", safe_serialization=True)
+    record(siglip, siglip, out_dir / "siglip_vision_model")
+
+    torch.manual_seed(3)
+    headless = SiglipVisionModel(SiglipVisionConfig(**SIGLIP, vision_use_head=False)).eval()
+    perturb_norms(headless)
+    headless.save_pretrained(out_dir / "siglip_headless", safe_serialization=True)
+    record(headless, headless, out_dir / "siglip_headless")
+
+    torch.manual_seed(4)
+    dual = SiglipModel(SiglipConfig(vision_config=SIGLIP, text_config=dict(hidden_size=32, intermediate_size=64,
+                                                                          num_hidden_layers=2, num_attention_heads=4,
+                                                                          vocab_size=99, bos_token_id=1, eos_token_id=2,
+                                                                          pad_token_id=0))).eval()
+    perturb_norms(dual)
+    dual.save_pretrained(out_dir / "siglip_model", safe_serialization=True)
+    record(dual, dual.vision_model, out_dir / "siglip_model")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-// The clip plugin against transformers' CLIPVisionModel / CLIPModel (reference data: clip_oracle.py).
+// The vision encoder plugins (clip, siglip) against transformers' CLIPVisionModel, CLIPModel,
+// SiglipVisionModel and SiglipModel (reference data: vision_oracle.py).
 #include <doctest/doctest.h>
 #include <torch/types.h>
 #include <torch/utils.h>
@@ -17,22 +18,22 @@ namespace {
 fs::path oracle_directory() {
   const char* directory = std::getenv("NEVA_ORACLE_DIR");
   REQUIRE_MESSAGE(directory, "NEVA_ORACLE_DIR is not set (ctest sets it after running the oracle scripts)");
-  return fs::path(directory) / "clip";
+  return fs::path(directory) / "vision";
 }
 
 std::shared_ptr<neva::VisionEncoder> load(const fs::path& directory, const std::string& keys,
-                                          c10::ScalarType dtype = at::kFloat) {
+                                          c10::ScalarType dtype = at::kFloat, const std::string& plugin = "clip") {
   neva::Registry::Options options;
   options.search_paths = {neva::test::plugin_directory()};
   options.use_environment = false;
   options.use_install_directory = false;
   neva::Registry registry(options);
   auto document = neva::ConfigDocument::parse("from_pretrained = \"" + directory.string() + "\"\n" + keys, "o.toml");
-  auto config = registry.parse_config("vision_encoder", "clip", document.root());
+  auto config = registry.parse_config("vision_encoder", plugin, document.root());
   document.root().reject_unknown_keys();
   neva::RuntimeContext context;
   context.dtypes.params = context.dtypes.compute = dtype;
-  return registry.create<neva::VisionEncoder>("clip", *config, context);
+  return registry.create<neva::VisionEncoder>(plugin, *config, context);
 }
 
 struct Selection {
@@ -90,4 +91,53 @@ TEST_CASE("clip refuses images of the wrong size and out-of-range select layers"
   CHECK_THROWS_WITH_AS(load(directory, "vision_select_layer = -5\n"),
                        doctest::Contains("vision_select_layer -5 is out of range for an encoder of 3 layers"),
                        neva::RecipeError);
+}
+
+TEST_CASE("siglip features match transformers' hidden states, with or without the pooling head") {
+  torch::NoGradGuard no_grad;
+  const Selection selections[] = {
+      {"", 2, 0},                               // layer -2; SigLIP has no class token to drop
+      {"vision_select_layer = -1\n", 3, 0},    // the last layer, without post_layernorm
+      {"vision_select_layer = 0\n", 0, 0},     // the embeddings
+      {"vision_feature_select_strategy = 'full'\n", 2, 0},
+  };
+  for (const char* model : {"siglip_vision_model", "siglip_headless", "siglip_model"}) {
+    auto directory = oracle_directory() / model;
+    neva::SafetensorsFile reference((directory / "reference.safetensors").string());
+    at::Tensor pixels = reference.tensor("pixel_values");
+    at::Tensor hidden = reference.tensor("hidden_states");
+    for (const auto& selection : selections) {
+      std::string context = std::string(model) + " with keys: " + selection.keys;
+      CAPTURE(context);
+      auto encoder = load(directory, selection.keys, at::kFloat, "siglip");
+      at::Tensor expected = hidden[selection.hidden_state];
+      at::Tensor features = encoder->forward(pixels);
+      CHECK(encoder->num_tokens() == expected.size(1));
+      REQUIRE(features.sizes() == expected.sizes());
+      CHECK((features - expected).abs().max().item<double>() <= 1e-5);
+    }
+  }
+}
+
+TEST_CASE("the so400m-patch14-384 SigLIP shape loads: 1152 wide, 27 layers, 729 tokens") {
+  neva::test::TempDir dir;
+  dir.write("config.json", R"({"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
+    "num_hidden_layers": 27, "num_attention_heads": 16, "image_size": 384, "patch_size": 14,
+    "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6})");
+  neva::Registry::Options options;
+  options.search_paths = {neva::test::plugin_directory()};
+  options.use_environment = false;
+  options.use_install_directory = false;
+  neva::Registry registry(options);
+  auto document = neva::ConfigDocument::parse("config = \"" + (dir.path() / "config.json").string() + "\"\n", "s.toml");
+  auto config = registry.parse_config("vision_encoder", "siglip", document.root());
+  neva::RuntimeContext context;
+  context.dtypes.params = at::kBFloat16;  // 400M parameters: half the memory
+  auto encoder = registry.create<neva::VisionEncoder>("siglip", *config, context);
+  CHECK(encoder->num_tokens() == 729);
+  CHECK(encoder->hidden_size() == 1152);
+  CHECK(encoder->image_processor().size == 384);
+  std::int64_t parameters = 0;
+  for (const auto& parameter : encoder->parameters()) parameters += parameter.numel();
+  CHECK(parameters > 400'000'000);
 }

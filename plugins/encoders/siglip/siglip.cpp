@@ -1,0 +1,144 @@
+// The `siglip` vision encoder: transformers' SiglipVisionModel — patch conv with bias, no class
+// token, learned positions, tanh-approximate GELU encoder layers, post_layernorm over the whole last
+// hidden state. Features are the hidden state vision_select_layer picks (hidden states carry no
+// post_layernorm); the attention-pooling head is loaded when the checkpoint has it but never used.
+// Images are resized straight to the square input size, mean = std = 0.5.
+//
+// Recipe keys (table model.mm_cfg.vision_encoder): from_pretrained (a SiglipVisionModel, SiglipModel
+// or llava-hf directory) or config; vision_select_layer, vision_feature_select_strategy,
+// class_token_length (0: SigLIP has no class token).
+#include <ATen/ATen.h>
+#include <torch/nn/modules/conv.h>
+#include <torch/nn/modules/embedding.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/modules/normalization.h>
+
+#include "neva/error.h"
+#include "neva/nn/encoder_layer.h"
+#include "neva/nn/vision_tower.h"
+#include "neva/plugin_abi.h"
+
+namespace {
+
+using Config = neva::VisionTowerConfig;
+
+// SiglipVisionConfig's defaults.
+constexpr neva::VisionTowerDefaults kSiglip{"SigLIP", "siglip_vision_model", "siglip", 768, 3072, 12, 12, 224, 16, 1e-6,
+                                            "gelu_pytorch_tanh", 0};
+
+class SiglipEmbeddings : public torch::nn::Module {
+ public:
+  explicit SiglipEmbeddings(const Config& config) {
+    patch_embedding = register_module(
+        "patch_embedding",
+        torch::nn::Conv2d(torch::nn::Conv2dOptions(config.num_channels, config.hidden_size, config.patch_size)
+                              .stride(config.patch_size)));
+    position_embedding = register_module("position_embedding",
+                                         torch::nn::Embedding(config.num_patches(), config.hidden_size));
+  }
+
+  at::Tensor forward(const at::Tensor& pixel_values) {
+    const at::Tensor& weight = patch_embedding->weight;
+    at::Tensor patches = patch_embedding->forward(pixel_values.to(weight.device(), weight.scalar_type()));
+    return patches.flatten(2).transpose(1, 2) + position_embedding->weight.to(patches.scalar_type());
+  }
+
+  torch::nn::Conv2d patch_embedding{nullptr};
+  torch::nn::Embedding position_embedding{nullptr};
+};
+
+// SiglipMultiheadAttentionPoolingHead's parameters (probe, attention.in_proj_*, attention.out_proj,
+// layernorm, mlp): held so checkpoints load strictly; LLaVA-style models never use the head.
+class SiglipHead : public torch::nn::Module {
+ public:
+  explicit SiglipHead(const Config& config) {
+    const std::int64_t d = config.hidden_size;
+    register_parameter("probe", at::zeros({1, 1, d}));
+    auto attention = register_module("attention", std::make_shared<torch::nn::Module>());
+    attention->register_parameter("in_proj_weight", at::zeros({3 * d, d}));
+    attention->register_parameter("in_proj_bias", at::zeros({3 * d}));
+    attention->register_module("out_proj", torch::nn::Linear(d, d));
+    register_module("layernorm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({d}).eps(config.layer_norm_eps)));
+    register_module("mlp", std::make_shared<neva::EncoderMLP>(d, config.intermediate_size, config.hidden_act));
+  }
+};
+
+class SiglipTransformer : public torch::nn::Module {
+ public:
+  explicit SiglipTransformer(const Config& config) {
+    embeddings = register_module("embeddings", std::make_shared<SiglipEmbeddings>(config));
+    encoder = register_module("encoder", std::make_shared<neva::EncoderStack>(config));
+    register_module("post_layernorm",
+                    torch::nn::LayerNorm(torch::nn::LayerNormOptions({config.hidden_size}).eps(config.layer_norm_eps)));
+    if (config.use_head) register_module("head", std::make_shared<SiglipHead>(config));
+  }
+
+  std::shared_ptr<SiglipEmbeddings> embeddings;
+  std::shared_ptr<neva::EncoderStack> encoder;
+};
+
+class SiglipEncoder : public neva::VisionEncoder {
+ public:
+  SiglipEncoder(const Config& config, const neva::RuntimeContext& context)
+      : config_(config), hidden_state_(config.selected_hidden_state(config.num_layers)) {
+    vision_model_ = register_module("vision_model", std::make_shared<SiglipTransformer>(config));
+    to(context.device, context.dtypes.params);
+    if (!config.weights.empty()) {
+      neva::SafetensorsCheckpoint checkpoint(config.weights);
+      auto map = neva::vision_tower_weights(checkpoint, "embeddings.patch_embedding.bias", "SigLIP vision tower", nullptr);
+      neva::load_weights(*this, checkpoint, map, "SigLIP vision tower (" + config.config_source + ")");
+    }
+  }
+
+  at::Tensor forward(const at::Tensor& pixel_values) override {
+    if (pixel_values.dim() != 4 || pixel_values.size(1) != config_.num_channels ||
+        pixel_values.size(2) != config_.image_size || pixel_values.size(3) != config_.image_size) {
+      throw neva::Error("siglip: pixel_values have shape " + std::string(c10::str(pixel_values.sizes())) +
+                        ", expected [images, " + std::to_string(config_.num_channels) + ", " +
+                        std::to_string(config_.image_size) + ", " + std::to_string(config_.image_size) + "]");
+    }
+    at::Tensor h = vision_model_->encoder->run(vision_model_->embeddings->forward(pixel_values), hidden_state_);
+    return dropped() ? h.narrow(1, dropped(), h.size(1) - dropped()) : h;
+  }
+
+  std::int64_t hidden_size() const override { return config_.hidden_size; }
+  std::int64_t image_size() const override { return config_.image_size; }
+  std::int64_t num_tokens() const override { return config_.num_patches() - dropped(); }
+  // SiglipImageProcessor: resize straight to the square input size, mean = std = 0.5.
+  neva::ImageProcessorConfig image_processor() const override {
+    neva::ImageProcessorConfig processor;
+    processor.resize = neva::ImageProcessorConfig::Resize::Exact;
+    processor.size = processor.crop_size = static_cast<int>(config_.image_size);
+    processor.mean = {0.5f, 0.5f, 0.5f};
+    processor.std = {0.5f, 0.5f, 0.5f};
+    return processor;
+  }
+
+ private:
+  std::int64_t dropped() const {
+    return config_.vision_feature_select_strategy == "default" ? config_.class_token_length : 0;
+  }
+
+  Config config_;
+  std::int64_t hidden_state_;
+  std::shared_ptr<SiglipTransformer> vision_model_;
+};
+
+neva::ComponentConfig* parse(const char*, const neva::ConfigSection& section) {
+  auto config = std::make_unique<Config>();
+  neva::parse_vision_tower(section, kSiglip, *config);
+  return config.release();
+}
+
+const neva::PluginDescriptor* describe() {
+  static const neva::PluginDescriptor descriptor{
+      NEVA_PLUGIN_ABI_FIELDS,       neva::VisionEncoder::kKind, "siglip", "0.1.0", NEVA_PLUGIN_TORCH_VERSION,
+      "SigLIP vision tower (transformers SiglipVisionModel)", nullptr, &parse,
+      &neva::create_plugin_component<Config, SiglipEncoder>,
+  };
+  return &descriptor;
+}
+
+}  // namespace
+
+NEVA_PLUGIN(describe)
