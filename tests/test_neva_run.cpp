@@ -104,3 +104,15 @@ TEST_CASE("plugin trust failures are runtime errors (exit 1)") {
   CHECK(result.exit_code == 1);
   CHECK(contains(result.err, "is writable by group or others (mode 0777)"));
 }
+
+TEST_CASE("every tiny recipe runs: each backbone and encoder plugin is built and runs a forward pass") {
+  for (const auto& entry : std::filesystem::directory_iterator(neva::test::source_directory() / "configs" / "tiny")) {
+    if (entry.path().extension() != ".toml") continue;
+    CAPTURE(entry.path());
+    auto result = neva_run(entry.path().string());
+    INFO(result.err);
+    CHECK(result.exit_code == 0);
+    CHECK(contains(result.out, "forward: 2 x ("));
+    CHECK(contains(result.out, "image + 16 text tokens) -> logits"));
+  }
+}

@@ -1,5 +1,7 @@
 #include <doctest/doctest.h>
 
+#include <fstream>
+
 #include "neva/error.h"
 #include "neva/recipe.h"
 #include "test_support.h"
@@ -58,12 +60,40 @@ TEST_CASE("a minimal recipe gets NeMo's defaults and its plugins' typed configs"
   CHECK(!recipe.model.mm_cfg.llm);
 }
 
-TEST_CASE("every recipe in configs/ validates") {
-  for (const auto& entry : fs::directory_iterator(neva::test::source_directory() / "configs")) {
+// A real recipe with each `... = "path"  # tiny: NAME` line pointed at configs/tiny/models/NAME
+// (`# tiny: none`: the line dropped), so everything but the checkpoints themselves is checked.
+std::string with_tiny_models(const fs::path& recipe) {
+  std::ifstream in(recipe);
+  std::string out, line;
+  while (std::getline(in, line)) {
+    std::size_t marker = line.find("# tiny: ");
+    if (marker != std::string::npos) {
+      std::string name = line.substr(marker + 8);
+      if (name == "none") continue;
+      line = "config = \"tiny/models/" + name + "/config.json\"";
+    }
+    out += line + "\n";
+  }
+  return out;
+}
+
+TEST_CASE("every recipe in configs/ validates (real ones with their tiny model configs)") {
+  fs::path configs = neva::test::source_directory() / "configs";
+  std::size_t real = 0, tiny = 0;
+  for (const auto& entry : fs::directory_iterator(configs)) {
+    if (entry.path().extension() != ".toml") continue;
+    CAPTURE(entry.path());
+    auto document = neva::ConfigDocument::parse(with_tiny_models(entry.path()), entry.path().string());
+    CHECK_NOTHROW(neva::parse_recipe(document, configs, only_builtin()));
+    ++real;
+  }
+  for (const auto& entry : fs::directory_iterator(configs / "tiny")) {
     if (entry.path().extension() != ".toml") continue;
     CAPTURE(entry.path());
     CHECK_NOTHROW(neva::load_recipe(entry.path(), {}, only_builtin()));
+    ++tiny;
   }
+  CHECK(real == tiny + 1);  // every real recipe has a tiny sibling; demo.toml is the embedded one
 }
 
 TEST_CASE("precision decides the dtype policy") {

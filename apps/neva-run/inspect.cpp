@@ -6,6 +6,8 @@
 #include <torch/utils.h>
 
 #include <chrono>
+
+#include "neva/llava_model.h"
 #include <iomanip>
 
 namespace neva {
@@ -54,6 +56,43 @@ class AutocastScope {
   c10::DeviceType device_;
 };
 
+// The whole model: every component, then one forward pass of a micro-batch of random token ids with
+// one random image each (placeholders first), reporting the logits.
+void inspect_model(const Recipe& recipe, const RuntimeContext& context, std::ostream& out) {
+  const MultimodalConfig& mm_cfg = recipe.model.mm_cfg;
+  LlavaModel model = build_model(recipe, context);
+  describe(out, recipe, *mm_cfg.llm, count_and_freeze(model.backbone(), false));
+  if (model.encoder()) {
+    describe(out, recipe, *mm_cfg.vision_encoder, count_and_freeze(*model.encoder(), false));
+    describe(out, recipe, mm_cfg.connector, count_and_freeze(*model.connector(), false));
+  }
+  const std::int64_t batch = recipe.model.micro_batch_size, text = 16;
+  const std::int64_t image_tokens = model.encoder() ? model.tokens_per_image() : 0;
+  at::Tensor ids = at::randint(0, model.backbone().vocab_size(), {batch, image_tokens + text}, at::kLong);
+  ids.masked_fill_(ids == model.image_token_id(), 0);
+  MultimodalInputs inputs;
+  if (image_tokens) {
+    ids.narrow(1, 0, image_tokens).fill_(model.image_token_id());
+    const std::int64_t side = model.encoder()->image_size();
+    inputs.pixel_values = at::randn({batch, 3, side, side});
+  }
+  inputs.input_ids = ids;
+  model.backbone().eval();
+  if (model.encoder()) model.encoder()->eval();
+  torch::NoGradGuard no_grad;
+  auto start = std::chrono::steady_clock::now();
+  at::Tensor logits;
+  {
+    AutocastScope autocast(context);
+    logits = model.forward(inputs).logits;
+  }
+  double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  out << "forward: " << batch << " x (" << image_tokens << " image + " << text << " text tokens) -> logits "
+      << logits.sizes() << " " << c10::toString(logits.scalar_type()) << " in " << std::fixed << std::setprecision(1)
+      << seconds * 1e3 << " ms\n";
+  if (!logits.isfinite().all().item<bool>()) throw Error("the model's logits contain NaN or Inf");
+}
+
 }  // namespace
 
 void run_inspect(const Recipe& recipe, std::ostream& out) {
@@ -72,11 +111,16 @@ void run_inspect(const Recipe& recipe, std::ostream& out) {
   out << "\ncomponents:\n";
 
   torch::manual_seed(context.seed);
-  const ComponentSpec& spec = recipe.model.mm_cfg.connector;
+  const MultimodalConfig& mm_cfg = recipe.model.mm_cfg;
+  if (mm_cfg.llm) {
+    inspect_model(recipe, context, out);
+    return;
+  }
+  const ComponentSpec& spec = mm_cfg.connector;
   auto connector = recipe.registry->create<Connector>(spec.plugin, *spec.config, context);
   describe(out, recipe, spec, count_and_freeze(*connector, spec.freeze));
 
-  // CLIP ViT-L/14-336 yields 576 patch tokens per image; the encoder's own count once one is configured.
+  // Without an encoder there is no token count to take: CLIP ViT-L/14-336's 576 patch tokens.
   const std::int64_t tokens = 576;
   at::Tensor features = torch::randn({recipe.model.micro_batch_size, tokens, connector->input_size()},
                                      at::TensorOptions().device(context.device).dtype(context.dtypes.params));

@@ -119,7 +119,10 @@ std::vector<GenerationResult> generate(LlavaModel& model, const Tokenizer& token
     std::int64_t offset = longest - static_cast<std::int64_t>(prompt.size());
     ids[b].narrow(0, offset, prompt.size()).copy_(at::tensor(prompt, at::kLong));
     mask[b].narrow(0, offset, prompt.size()).fill_(1);
-    seen[b].insert(prompt.begin(), prompt.end());
+    // Ids past the vocabulary (an image placeholder such as LLaVA's -200 style ids) have no logits to penalise.
+    for (std::int64_t id : prompt) {
+      if (id >= 0 && id < model.backbone().vocab_size()) seen[b].insert(id);
+    }
     if (requests[b].pixel_values.defined()) images.push_back(requests[b].pixel_values);
   }
   at::Tensor positions = (mask.cumsum(1) - 1).clamp_min(0);

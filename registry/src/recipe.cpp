@@ -125,8 +125,8 @@ Recipe parse_recipe(const ConfigDocument& document, const fs::path& base_directo
   // NeVA's stage defaults: the language model and the vision tower start frozen only when asked.
   mm_cfg.llm = parse_component(registry, mm, "llm", LanguageBackbone::kKind, false);
   mm_cfg.vision_encoder = parse_component(registry, mm, "vision_encoder", VisionEncoder::kKind, true);
-  mm_cfg.image_token_index = mm.integer("image_token_index", -1, 0);
-  if (mm_cfg.image_token_index < 0 && mm_cfg.llm && !mm_cfg.llm->from_pretrained.empty()) {
+  mm_cfg.image_token_index = mm.get<std::int64_t>("image_token_index", -1);  // any id: placeholders are never embedded
+  if (!mm.has("image_token_index") && mm_cfg.llm && !mm_cfg.llm->from_pretrained.empty()) {
     try {  // a llava-hf directory says which token its images fill
       HfConfig llava = HfConfig::load(mm_cfg.llm->from_pretrained);
       if (llava.get<std::string>("model_type", "") == "llava") {
@@ -136,7 +136,7 @@ Recipe parse_recipe(const ConfigDocument& document, const fs::path& base_directo
       // Not a directory with a config.json: the llm plugin has already said what it needs.
     }
   }
-  if (mm_cfg.vision_encoder && mm_cfg.image_token_index < 0) {
+  if (mm_cfg.vision_encoder && !mm.has("image_token_index") && mm_cfg.image_token_index < 0) {
     mm.fail("image_token_index", "missing: the token id image features replace (e.g. 32000 for llava-1.5)");
   }
 
