@@ -348,3 +348,29 @@ TEST_CASE("end to end: prompt text and an image file give transformers' LlavaPro
   REQUIRE(result.exit_code == 0);
   CHECK(json_lines(dir.path() / "a.jsonl")[0]["answer"] == tokenizer->decode(to_vector(reference.tensor("e2e_greedy")), true));
 }
+
+TEST_CASE("a Mistral + SigLIP composition matches transformers' LlavaForConditionalGeneration") {
+  torch::NoGradGuard no_grad;
+  auto directory = oracle_directory() / "mistral_siglip";
+  neva::SafetensorsFile reference((directory / "reference.safetensors").string());
+  std::string path = directory.string();
+  std::string text = "[model.mm_cfg]\nmm_mlp_adapter_type = \"mlp2x_gelu\"\npretrain_mm_mlp_adapter = \"" + path +
+                     "\"\n[model.mm_cfg.llm]\nplugin = \"mistral\"\nfrom_pretrained = \"" + path +
+                     "\"\n[model.mm_cfg.vision_encoder]\nplugin = \"siglip\"\nfrom_pretrained = \"" + path + "\"\n";
+  neva::Registry::Options options;
+  options.search_paths = {neva::test::plugin_directory()};
+  options.use_environment = false;
+  options.use_install_directory = false;
+  neva::Recipe recipe = neva::parse_recipe(neva::ConfigDocument::parse(text, "ms.toml"), directory, options);
+  neva::LlavaModel model = neva::build_model(recipe, recipe.runtime_context());
+  CHECK(model.tokens_per_image() == 16);  // 'full' with no class token: every patch
+  neva::MultimodalInputs inputs;
+  inputs.input_ids = reference.tensor("input_ids");
+  inputs.pixel_values = reference.tensor("pixel_values");
+  CHECK((model.forward(inputs).logits - reference.tensor("logits")).abs().max().item<double>() <= 1e-4);
+  auto tokenizer = neva::Tokenizer::load(path);
+  neva::SamplingConfig greedy;
+  greedy.max_new_tokens = 8;
+  auto answer = neva::generate(model, *tokenizer, {{to_vector(inputs.input_ids), inputs.pixel_values}}, greedy);
+  CHECK(answer[0].token_ids == to_vector(reference.tensor("greedy")));
+}
