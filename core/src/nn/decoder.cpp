@@ -143,6 +143,27 @@ std::unique_ptr<KVCache> DecoderBackbone::new_cache(std::int64_t batch, std::int
 
 DecoderPluginConfig::~DecoderPluginConfig() = default;
 
+void read_decoder_shape(const HfConfig& hf, const DecoderDefaults& defaults, DecoderConfig& d) {
+  d.vocab_size = hf.positive("vocab_size", defaults.vocab_size);
+  d.hidden_size = hf.positive("hidden_size", defaults.hidden_size);
+  d.intermediate_size = hf.positive("intermediate_size", defaults.intermediate_size);
+  d.num_layers = hf.positive("num_hidden_layers", defaults.num_layers);
+  d.num_heads = hf.positive("num_attention_heads", defaults.num_heads);
+  if (defaults.num_kv_heads < 0) {
+    d.num_kv_heads = hf.require<std::int64_t>("num_key_value_heads");
+  } else {
+    d.num_kv_heads = hf.positive("num_key_value_heads", defaults.num_kv_heads ? defaults.num_kv_heads : d.num_heads);
+  }
+  if (d.num_kv_heads <= 0 || d.num_heads % d.num_kv_heads != 0) {
+    hf.fail("num_key_value_heads", "expected a positive divisor of num_attention_heads (" + std::to_string(d.num_heads) + ")");
+  }
+  d.head_dim = hf.positive("head_dim", d.hidden_size / d.num_heads);
+  d.activation = hf.get<std::string>("hidden_act", defaults.activation);
+  check_activation(d.activation, hf.source() + ": hidden_act");
+  d.tie_word_embeddings = hf.get<bool>("tie_word_embeddings", false);
+  d.rope = hf.rope(d.head_dim, defaults.rope_theta, defaults.max_position_embeddings);
+}
+
 DecoderPluginConfig* parse_decoder_plugin_config(const ConfigSection& section, const std::string& architecture,
                                                  const std::string& model_type,
                                                  void (*read)(const HfConfig&, DecoderConfig&)) {

@@ -5,37 +5,23 @@
 // Recipe keys (table model.mm_cfg.llm): from_pretrained (a NemotronForCausalLM or llava-hf directory)
 // or config (a config.json alone).
 #include "neva/nn/decoder.h"
-#include "neva/nn/mlp.h"
 #include "neva/plugin_abi.h"
 
 namespace {
 
 // config.json -> DecoderConfig; absent keys take NemotronConfig's defaults.
 void read_nemotron(const neva::HfConfig& hf, neva::DecoderConfig& d) {
-  d.vocab_size = hf.positive("vocab_size", 256000);
-  d.hidden_size = hf.positive("hidden_size", 6144);
-  d.intermediate_size = hf.positive("intermediate_size", 24576);
-  d.num_layers = hf.positive("num_hidden_layers", 32);
-  d.num_heads = hf.positive("num_attention_heads", 48);
-  // NemotronConfig does not default the KV heads to the attention heads: config.json must say.
-  d.num_kv_heads = hf.require<std::int64_t>("num_key_value_heads");
-  if (d.num_kv_heads <= 0 || d.num_heads % d.num_kv_heads != 0) {
-    hf.fail("num_key_value_heads", "expected a positive divisor of num_attention_heads");
-  }
-  d.head_dim = hf.positive("head_dim", d.hidden_size / d.num_heads);
+  // NemotronConfig does not default the KV heads to the attention heads: config.json must say (-1).
+  neva::read_decoder_shape(hf, {256000, 6144, 24576, 32, 48, -1, "relu2", 10000.0, 4096}, d);
   d.norm = "layernorm1p";
   d.norm_eps = hf.get<double>("norm_eps", 1e-5);
   d.mlp = "plain";
-  d.activation = hf.get<std::string>("hidden_act", "relu2");
-  neva::check_activation(d.activation, hf.source() + ": hidden_act");
-  d.tie_word_embeddings = hf.get<bool>("tie_word_embeddings", false);
   d.attention_bias = hf.get<bool>("attention_bias", false);
   d.mlp_bias = hf.get<bool>("mlp_bias", false);
-  d.rope = hf.rope(d.head_dim, 10000.0, 4096);
   bool given = hf.has("partial_rotary_factor") ||
                (hf.has("rope_parameters") && hf.child("rope_parameters").has("partial_rotary_factor"));
   if (!given) d.rope.partial_rotary_factor = 0.5;  // NemotronConfig's default
-  d.rope.type = "default";  // Nemotron's rotary embedding ignores rope scaling
+  d.rope.type = "default";                         // Nemotron's rotary embedding ignores rope scaling
 }
 
 neva::ComponentConfig* parse(const char*, const neva::ConfigSection& section) {

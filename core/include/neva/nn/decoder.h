@@ -60,6 +60,19 @@ class NEVA_API DecoderBackbone : public LanguageBackbone {
   torch::nn::Linear lm_head_{nullptr};
 };
 
+// An architecture's transformers defaults for absent config.json keys.
+struct DecoderDefaults {
+  std::int64_t vocab_size, hidden_size, intermediate_size, num_layers, num_heads;
+  std::int64_t num_kv_heads;  // 0: as many as the attention heads; -1: config.json must say
+  const char* activation;
+  double rope_theta;
+  std::int64_t max_position_embeddings;
+};
+
+// Reads the keys every decoder shares (sizes, heads, head_dim, hidden_act, tie_word_embeddings,
+// RoPE) with the architecture's defaults; the plugin sets what is its own.
+NEVA_API void read_decoder_shape(const HfConfig& hf, const DecoderDefaults& defaults, DecoderConfig& config);
+
 // What a Hugging Face decoder plugin parses: the architecture's settings and where its weights are.
 struct NEVA_API DecoderPluginConfig : LanguageBackboneConfig {
   std::string architecture;  // "Llama", "Mistral", ... for messages
