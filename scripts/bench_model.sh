@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Side-by-side: neva vs transformers (PyTorch eager, same wheel, same threads) on the benchmark
+# recipe's shapes, fp32 and bf16. Run after scripts/setup.sh. Figures go to docs/benchmarks.md.
+#   scripts/bench_model.sh [PROMPT_TOKENS] [NEW_TOKENS]
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+prompt="${1:-256}"
+new="${2:-32}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
+models="$root/configs/bench/models"
+echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) CPUs; threads: $OMP_NUM_THREADS; $(date -u +%F)"
+for precision in 32 bf16; do
+  "$root/build/bin/neva-bench-model" "$root/configs/bench/mixtral-siglip.toml" --prompt-tokens "$prompt" \
+    --new-tokens "$new" --precision "$precision"
+  TRANSFORMERS_VERBOSITY=error "$root/.venv/bin/python" "$root/scripts/bench_transformers.py" \
+    "$models/mixtral-bench/config.json" "$models/siglip-so400m/config.json" "$prompt" "$new" "$precision"
+done

@@ -1,0 +1,49 @@
+"""The transformers side of scripts/bench_model.sh: the same measurement as neva-bench-model
+(prefill and decode tokens/s at batch 1 with the KV cache; one image through the vision tower) on
+randomly initialised models built from the same config.json files.
+
+Usage: bench_transformers.py LLM_CONFIG VISION_CONFIG PROMPT_TOKENS NEW_TOKENS {32,bf16}
+"""
+import json
+import sys
+import time
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+
+def main():
+    llm_config, vision_config, prompt_tokens, new_tokens, precision = sys.argv[1:6]
+    prompt_tokens, new_tokens = int(prompt_tokens), int(new_tokens)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(**json.load(open(llm_config)))
+    model = AutoModelForCausalLM.from_config(config).eval().to(dtype)
+    prompt = torch.randint(0, config.vocab_size, (1, prompt_tokens))
+    with torch.no_grad():
+        model(input_ids=prompt, use_cache=True)  # warm-up
+        start = time.perf_counter()
+        out = model(input_ids=prompt, use_cache=True)
+        prefill = time.perf_counter() - start
+        past, logits = out.past_key_values, out.logits[:, -1]
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            out = model(input_ids=logits.argmax(-1, keepdim=True), past_key_values=past, use_cache=True)
+            past, logits = out.past_key_values, out.logits[:, -1]
+        decode = time.perf_counter() - start
+    print(f"hf     {precision:<5} prefill {prompt_tokens:5d} tokens: {prompt_tokens / prefill:8.1f} tokens/s   "
+          f"decode {new_tokens:4d} tokens: {new_tokens / decode:7.2f} tokens/s")
+    vision = SiglipVisionModel(SiglipVisionConfig(**{k: v for k, v in json.load(open(vision_config)).items()
+                                                     if k != "model_type"})).eval().to(dtype)
+    side = vision.config.image_size
+    pixels = torch.randn(1, 3, side, side, dtype=dtype)
+    with torch.no_grad():
+        vision(pixel_values=pixels)
+        start = time.perf_counter()
+        features = vision(pixel_values=pixels).last_hidden_state
+        encode = time.perf_counter() - start
+    print(f"hf     {precision:<5} encode 1 image {side}x{side} -> {features.shape[1]} tokens: {encode * 1e3:8.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
