@@ -124,9 +124,21 @@ def make_case(name, overrides, out_dir):
         greedy, margin = greedy_with_cache(model, prompt)
         bf16_logits = bf16_model(input_ids=prompt).logits.float()
     assert margin > 1e-3, f"{name}: greedy decoding is too close to a tie ({margin}); pick another seed"
-    save_file({"prompt": prompt, "logits": logits, "padded_ids": padded, "padded_mask": mask,
+    tensors = {"prompt": prompt, "logits": logits, "padded_ids": padded, "padded_mask": mask,
                "padded_positions": positions, "padded_logits": padded_logits, "greedy": greedy,
-               "bf16_logits": bf16_logits}, str(directory / "reference.safetensors"))
+               "bf16_logits": bf16_logits}
+    if isinstance(model, MixtralForCausalLM):
+        # The load-balancing loss (unweighted), as MixtralForCausalLM computes it for training.
+        with torch.no_grad():
+            routed = model(input_ids=prompt, output_router_logits=True)
+        tensors["aux_loss"] = routed.aux_loss.reshape(1)
+        used = set()
+        for layer_logits in routed.router_logits:
+            used |= set(layer_logits.topk(config.num_experts_per_tok, -1).indices.flatten().tolist())
+        tensors["experts_used"] = torch.tensor([len(used)])
+        if name == "mixtral_sparse":
+            assert len(used) < config.num_local_experts, "every expert got tokens; the case must leave some idle"
+    save_file(tensors, str(directory / "reference.safetensors"))
     print(f"{name}: logits {tuple(logits.shape)}, greedy margin {margin:.4f}")
 
 

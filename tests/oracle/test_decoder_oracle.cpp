@@ -168,3 +168,20 @@ TEST_CASE("a checkpoint whose tensor disagrees with config.json is named") {
   neva::write_safetensors((dir.path() / "model.safetensors").string(), tensors);
   CHECK_THROWS_WITH_AS(load(dir.path()), doctest::Contains("missing tensor 'model.norm.weight'"), neva::PluginError);
 }
+
+TEST_CASE("mixtral's load-balancing loss matches transformers', and idle experts are handled") {
+  for (const char* name : {"mixtral", "mixtral_sparse"}) {
+    CAPTURE(std::string(name));
+    auto directory = oracle_directory() / name;
+    neva::SafetensorsFile reference((directory / "reference.safetensors").string());
+    auto model = load(directory, "mixtral");
+    model->train();  // the aux loss is a training output
+    neva::BackboneInputs inputs;
+    inputs.embeddings = model->embed(reference.tensor("prompt"));
+    auto outputs = model->forward(inputs);
+    REQUIRE(outputs.aux_loss.defined());
+    double coef = 0.001;  // MixtralConfig's router_aux_loss_coef (the oracle keeps the default)
+    CHECK(outputs.aux_loss.item<double>() / coef == doctest::Approx(reference.tensor("aux_loss").item<double>()).epsilon(1e-5));
+    if (std::string(name) == "mixtral_sparse") CHECK(reference.tensor("experts_used").item<std::int64_t>() < 8);
+  }
+}
