@@ -113,22 +113,22 @@ class Session {
       if (!model_.encoder()) throw Error(request.where + ": the request has images, but the model has no vision encoder");
       ImageProcessorConfig processor = model_.encoder()->image_processor();
       processor.aspect_ratio = recipe_.model.data.image_aspect_ratio;
-      std::vector<at::Tensor> pixels;
       for (const auto& image : request.images) {
         fs::path path(image);
         if (path.is_relative() && !recipe_.model.data.image_folder.empty()) path = fs::path(recipe_.model.data.image_folder) / path;
         std::int64_t budget = recipe_.inference.max_image_pixels > 0 ? recipe_.inference.max_image_pixels : kDefaultMaxImagePixels;
-        pixels.push_back(preprocess_image(load_image(path.string(), budget), processor));
+        prepared.images.push_back(preprocess_image(load_image(path.string(), budget), processor));
       }
-      prepared.pixel_values = at::stack(pixels);
     }
-    prepared.prompt_ids = tokenize_with_images(*tokenizer_, prompt, model_.image_token_id(), model_.tokens_per_image());
-    std::int64_t placeholders = std::count(prepared.prompt_ids.begin(), prepared.prompt_ids.end(), model_.image_token_id());
-    std::int64_t expected = static_cast<std::int64_t>(request.images.size()) * model_.tokens_per_image();
-    if (placeholders != expected) {
-      throw Error(request.where + ": the prompt holds " + std::to_string(placeholders / std::max<std::int64_t>(model_.tokens_per_image(), 1)) +
-                  " <image> placeholder(s) but " + std::to_string(request.images.size()) + " image(s) were given");
+    std::size_t markers = 0;
+    for (std::size_t at = prompt.find("<image>"); at != std::string::npos; at = prompt.find("<image>", at + 7)) ++markers;
+    if (markers != request.images.size()) {
+      throw Error(request.where + ": the prompt holds " + std::to_string(markers) + " <image> placeholder(s) but " +
+                  std::to_string(request.images.size()) + " image(s) were given");
     }
+    std::vector<std::int64_t> counts;
+    for (const auto& image : prepared.images) counts.push_back(model_.tokens_for_image(image.size(1), image.size(2)));
+    prepared.prompt_ids = tokenize_with_images(*tokenizer_, prompt, model_.image_token_id(), counts);
     return prepared;
   }
 
@@ -235,7 +235,7 @@ void run_score(const Recipe& recipe) {
                   std::to_string(prepared.prompt_ids.size() + continuation.size()) +
                   " tokens, longer than the model's context of " + std::to_string(context));
     }
-    auto log_probs = score_continuation(session.model(), prepared.prompt_ids, prepared.pixel_values, continuation);
+    auto log_probs = score_continuation(session.model(), prepared, continuation);
     double total = 0;
     for (double value : log_probs) total += value;
     json tokens = json::array();

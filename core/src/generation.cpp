@@ -61,16 +61,23 @@ bool ends_incomplete(const std::string& text) {
 }  // namespace
 
 std::vector<std::int64_t> tokenize_with_images(const Tokenizer& tokenizer, const std::string& text,
-                                               std::int64_t image_token_id, std::int64_t tokens_per_image,
+                                               std::int64_t image_token_id,
+                                               const std::vector<std::int64_t>& tokens_per_image,
                                                bool add_special_tokens) {
   const std::string marker = "<image>";
+  std::size_t image = 0;
+  auto next_count = [&]() {
+    std::int64_t count = tokens_per_image.empty() ? 0 : tokens_per_image[std::min(image, tokens_per_image.size() - 1)];
+    ++image;
+    return count;
+  };
   auto marker_id = tokenizer.token_id(marker);
   if (marker_id && *marker_id == image_token_id) {
     std::string expanded;
     std::size_t cursor = 0;
     for (std::size_t at = text.find(marker); at != std::string::npos; at = text.find(marker, cursor)) {
       expanded += text.substr(cursor, at - cursor);
-      for (std::int64_t i = 0; i < tokens_per_image; ++i) expanded += marker;
+      for (std::int64_t i = 0, n = next_count(); i < n; ++i) expanded += marker;
       cursor = at + marker.size();
     }
     expanded += text.substr(cursor);
@@ -88,7 +95,7 @@ std::vector<std::int64_t> tokenize_with_images(const Tokenizer& tokenizer, const
     }
     first = false;
     if (at == std::string::npos) break;
-    ids.insert(ids.end(), tokens_per_image, image_token_id);
+    ids.insert(ids.end(), next_count(), image_token_id);
     cursor = at + marker.size();
   }
   return ids;
@@ -123,14 +130,18 @@ std::vector<GenerationResult> generate(LlavaModel& model, const Tokenizer& token
     for (std::int64_t id : prompt) {
       if (id >= 0 && id < model.backbone().vocab_size()) seen[b].insert(id);
     }
-    if (requests[b].pixel_values.defined()) images.push_back(requests[b].pixel_values);
+    if (requests[b].pixel_values.defined()) {
+      auto stacked = requests[b].pixel_values.unbind(0);
+      images.insert(images.end(), stacked.begin(), stacked.end());
+    }
+    images.insert(images.end(), requests[b].images.begin(), requests[b].images.end());
   }
   at::Tensor positions = (mask.cumsum(1) - 1).clamp_min(0);
   auto cache = model.backbone().new_cache(batch, longest + config.max_new_tokens);
 
   MultimodalInputs inputs;
   inputs.input_ids = ids;
-  if (!images.empty()) inputs.pixel_values = at::cat(images, 0);
+  inputs.images = images;
   inputs.attention_mask = mask;
   inputs.positions = positions;
   inputs.cache = cache.get();
@@ -197,16 +208,18 @@ std::vector<GenerationResult> generate(LlavaModel& model, const Tokenizer& token
   return results;
 }
 
-std::vector<double> score_continuation(LlavaModel& model, const std::vector<std::int64_t>& prompt_ids,
-                                       const at::Tensor& pixel_values, const std::vector<std::int64_t>& continuation_ids) {
+std::vector<double> score_continuation(LlavaModel& model, const GenerationRequest& prompt,
+                                       const std::vector<std::int64_t>& continuation_ids) {
   torch::NoGradGuard no_grad;
+  const std::vector<std::int64_t>& prompt_ids = prompt.prompt_ids;
   if (prompt_ids.empty()) throw Error("scoring: the prompt has no tokens (a continuation needs at least one before it)");
   if (continuation_ids.empty()) return {};
   std::vector<std::int64_t> all = prompt_ids;
   all.insert(all.end(), continuation_ids.begin(), continuation_ids.end());
   MultimodalInputs inputs;
   inputs.input_ids = at::tensor(all, at::kLong).view({1, -1});
-  inputs.pixel_values = pixel_values;
+  inputs.pixel_values = prompt.pixel_values;
+  inputs.images = prompt.images;
   at::Tensor logits = model.forward(inputs).logits[0].to(at::kFloat).cpu();
   const std::int64_t start = static_cast<std::int64_t>(prompt_ids.size()) - 1;
   at::Tensor log_probs = logits.narrow(0, start, continuation_ids.size()).log_softmax(-1);

@@ -314,10 +314,24 @@ at::Tensor preprocess_image(const Image& input, const ImageProcessorConfig& conf
     std::array<std::uint8_t, 3> background{};
     for (int c = 0; c < 3; ++c) background[c] = static_cast<std::uint8_t>(static_cast<int>(config.mean[c] * 255));
     image = expand_to_square(image, background);
+  } else if (config.aspect_ratio == "keep") {
+    // NeMo neva_dataset's 'keep': the processor without centre crop, at a shortest edge that keeps the
+    // long edge within 448.
+    if (config.resize == ImageProcessorConfig::Resize::Exact) {
+      throw Error("image_aspect_ratio 'keep' needs a shortest-edge processor (CLIP), not a fixed-size one (SigLIP)");
+    }
+    double aspect = static_cast<double>(std::max(image.width, image.height)) / std::min(image.width, image.height);
+    int shortest_edge = static_cast<int>(std::min(448.0 / aspect, 224.0));
+    bool wide = image.width >= image.height;
+    int shortest = wide ? image.height : image.width, longest = wide ? image.width : image.height;
+    int scaled = static_cast<int>(static_cast<double>(shortest_edge) * longest / shortest);
+    image = wide ? resize_bicubic(image, scaled, shortest_edge) : resize_bicubic(image, shortest_edge, scaled);
   } else if (config.aspect_ratio != "square") {
-    throw Error("image_aspect_ratio '" + config.aspect_ratio + "' is not supported (supported: pad, square)");
+    throw Error("image_aspect_ratio '" + config.aspect_ratio + "' is not supported (supported: pad, square, keep)");
   }
-  if (config.resize == ImageProcessorConfig::Resize::Exact) {
+  if (config.aspect_ratio == "keep") {
+    // resized above; no crop
+  } else if (config.resize == ImageProcessorConfig::Resize::Exact) {
     image = resize_bicubic(image, config.size, config.size);
   } else {
     // Shortest edge to `size`; the long edge scales and truncates (transformers' get_resize_output_image_size).

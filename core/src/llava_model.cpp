@@ -26,31 +26,50 @@ std::int64_t LlavaModel::tokens_per_image() const {
   return encoder_ ? connector_->output_tokens(encoder_->num_tokens()) : 0;
 }
 
-at::Tensor LlavaModel::image_features(const at::Tensor& pixel_values) {
-  if (!encoder_) throw Error("this model has no vision encoder, but images were given");
-  return connector_->forward(encoder_->forward(pixel_values));
+std::int64_t LlavaModel::tokens_for_image(std::int64_t height, std::int64_t width) const {
+  return encoder_ ? connector_->output_tokens(encoder_->num_tokens_for(height, width)) : 0;
 }
 
-at::Tensor LlavaModel::embed(const at::Tensor& input_ids, const at::Tensor& pixel_values) {
+at::Tensor LlavaModel::image_features(const std::vector<at::Tensor>& images) {
+  if (!encoder_) throw Error("this model has no vision encoder, but images were given");
+  std::vector<at::Tensor> features;
+  // Consecutive images of one size go through the encoder together.
+  for (std::size_t start = 0; start < images.size();) {
+    std::size_t end = start + 1;
+    while (end < images.size() && images[end].sizes() == images[start].sizes()) ++end;
+    std::vector<at::Tensor> group(images.begin() + start, images.begin() + end);
+    at::Tensor projected = connector_->forward(encoder_->forward(at::stack(group)));
+    features.push_back(projected.reshape({-1, projected.size(-1)}));
+    start = end;
+  }
+  return at::cat(features, 0);
+}
+
+at::Tensor LlavaModel::embed(const at::Tensor& input_ids, const std::vector<at::Tensor>& images) {
   at::Tensor placeholders = input_ids == image_token_id_;
   const std::int64_t count = placeholders.sum().item<std::int64_t>();
-  const std::int64_t images = pixel_values.defined() ? pixel_values.size(0) : 0;
-  if (count != images * tokens_per_image()) {
+  std::int64_t needed = 0;
+  for (const auto& image : images) needed += tokens_for_image(image.size(-2), image.size(-1));
+  if (count != needed) {
     throw Error("image tokens and images do not match: the text holds " + std::to_string(count) +
-                " image placeholder tokens (id " + std::to_string(image_token_id_) + "), but " + std::to_string(images) +
-                " image(s) of " + std::to_string(tokens_per_image()) + " tokens each need " +
-                std::to_string(images * tokens_per_image()));
+                " image placeholder tokens (id " + std::to_string(image_token_id_) + "), but the " +
+                std::to_string(images.size()) + " image(s) need " + std::to_string(needed));
   }
   // The placeholder's own embedding is discarded, so its id need not be inside the vocabulary.
   at::Tensor embeddings = backbone_->embed(at::where(placeholders, at::zeros_like(input_ids), input_ids));
-  if (images == 0) return embeddings;
-  at::Tensor features = image_features(pixel_values).to(embeddings.scalar_type());
+  if (images.empty()) return embeddings;
+  at::Tensor features = image_features(images).to(embeddings.scalar_type());
   return embeddings.masked_scatter(placeholders.unsqueeze(-1).to(embeddings.device()), features);
 }
 
 BackboneOutputs LlavaModel::forward(const MultimodalInputs& inputs) {
   BackboneInputs backbone_inputs;
-  backbone_inputs.embeddings = embed(inputs.input_ids, inputs.pixel_values);
+  std::vector<at::Tensor> images = inputs.images;
+  if (inputs.pixel_values.defined()) {
+    auto stacked = inputs.pixel_values.unbind(0);
+    images.insert(images.end(), stacked.begin(), stacked.end());
+  }
+  backbone_inputs.embeddings = embed(inputs.input_ids, images);
   backbone_inputs.attention_mask = inputs.attention_mask;
   backbone_inputs.positions = inputs.positions;
   backbone_inputs.segment_ids = inputs.segment_ids;

@@ -188,7 +188,7 @@ Recipe parse_recipe(const ConfigDocument& document, const fs::path& base_directo
   ConfigSection data = model.section("data");
   recipe.model.data.conv_template = data.choice("conv_template", recipe.model.data.conv_template,
                                                 conversation_template_names());
-  recipe.model.data.image_aspect_ratio = data.choice("image_aspect_ratio", "square", {"square", "pad"});
+  recipe.model.data.image_aspect_ratio = data.choice("image_aspect_ratio", "square", {"square", "pad", "keep"});
   recipe.model.data.image_folder = data.path_value("image_folder").value_or("");
 
   ConfigSection inference = root.section("inference");

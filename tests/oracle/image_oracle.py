@@ -57,6 +57,10 @@ def main():
         for processor_name, processor in PROCESSORS.items():
             pixels = processor(images=decoded, return_tensors="np")["pixel_values"][0]
             tensors[f"{name}/{processor_name}"] = pixels.astype(np.float32)
+        # NeMo's image_aspect_ratio "keep": shortest edge int(min(448 / aspect, 224)), no centre crop.
+        aspect = max(decoded.size) / min(decoded.size)
+        keep = CLIPImageProcessorPil(size={"shortest_edge": int(min(448 / aspect, 224))}, do_center_crop=False)
+        tensors[f"{name}/clip_keep"] = keep(images=decoded, return_tensors="np")["pixel_values"][0].astype(np.float32)
         manifest.append(name)
     save_file(tensors, str(out_dir / "reference.safetensors"))
     (out_dir / "images.json").write_text(json.dumps(manifest))

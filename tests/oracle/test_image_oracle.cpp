@@ -31,6 +31,7 @@ neva::ImageProcessorConfig processor(const std::string& name) {
   neva::ImageProcessorConfig config;
   config.size = config.crop_size = 48;
   if (name == "llava_pad") config.aspect_ratio = "pad";
+  if (name == "clip_keep") config.aspect_ratio = "keep";
   if (name == "siglip") {
     config.resize = neva::ImageProcessorConfig::Resize::Exact;
     config.size = 40;
@@ -55,11 +56,11 @@ TEST_CASE("JPEG and PNG decode to Pillow's RGB pixels exactly") {
   }
 }
 
-TEST_CASE("CLIP, LLaVA-pad and SigLIP preprocessing give transformers' pixel_values within 1/255") {
+TEST_CASE("CLIP, LLaVA-pad, SigLIP and NeMo-keep preprocessing give transformers' pixel_values within 1/255") {
   neva::SafetensorsFile reference((oracle_directory() / "reference.safetensors").string());
   for (const auto& name : image_names()) {
     neva::Image image = neva::load_image((oracle_directory() / name).string());
-    for (const char* processor_name : {"clip", "llava_pad", "siglip"}) {
+    for (const char* processor_name : {"clip", "llava_pad", "siglip", "clip_keep"}) {
       std::string label = name + " / " + processor_name;
       CAPTURE(label);
       at::Tensor expected = reference.tensor(name + "/" + processor_name);

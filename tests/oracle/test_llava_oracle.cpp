@@ -101,7 +101,7 @@ TEST_CASE("image placeholders that do not match the images are an error, not a s
   inputs.pixel_values = reference.tensor("pixel_values").narrow(0, 0, 1);
   CHECK_THROWS_WITH_AS(model.forward(inputs),
                        "image tokens and images do not match: the text holds 32 image placeholder tokens (id 2), "
-                       "but 1 image(s) of 16 tokens each need 16",
+                       "but the 1 image(s) need 16",
                        neva::Error);
 }
 
@@ -180,8 +180,8 @@ TEST_CASE("score: per-token log-probabilities of a continuation match transforme
   neva::SafetensorsFile reference((directory / "reference.safetensors").string());
   neva::Recipe recipe = recipe_for(directory);
   neva::LlavaModel model = neva::build_model(recipe, recipe.runtime_context());
-  auto scores = neva::score_continuation(model, to_vector(reference.tensor("input_ids")), reference.tensor("pixel_values"),
-                                         to_vector(reference.tensor("greedy")));
+  neva::GenerationRequest prompt{to_vector(reference.tensor("input_ids")), reference.tensor("pixel_values")};
+  auto scores = neva::score_continuation(model, prompt, to_vector(reference.tensor("greedy")));
   auto expected = reference.tensor("greedy_log_probs");
   REQUIRE(scores.size() == static_cast<std::size_t>(expected.numel()));
   for (std::size_t i = 0; i < scores.size(); ++i) CHECK(scores[i] == doctest::Approx(expected[i].item<double>()).epsilon(1e-5));
@@ -373,4 +373,27 @@ TEST_CASE("a Mistral + SigLIP composition matches transformers' LlavaForConditio
   greedy.max_new_tokens = 8;
   auto answer = neva::generate(model, *tokenizer, {{to_vector(inputs.input_ids), inputs.pixel_values}}, greedy);
   CHECK(answer[0].token_ids == to_vector(reference.tensor("greedy")));
+}
+
+TEST_CASE("images of different sizes (aspect ratio 'keep') batch together and match separate runs") {
+  auto directory = oracle_directory() / "hub";
+  neva::Recipe recipe = recipe_for(directory);
+  neva::LlavaModel model = neva::build_model(recipe, recipe.runtime_context());
+  auto tokenizer = any_tokenizer();
+  torch::manual_seed(5);
+  at::Tensor square = torch::randn({3, 28, 28}), wide = torch::randn({3, 28, 42});
+  CHECK(model.tokens_for_image(28, 28) == 16);
+  CHECK(model.tokens_for_image(28, 42) == 24);
+  auto prompt_for = [&](const at::Tensor& image) {
+    neva::GenerationRequest request;
+    request.prompt_ids = neva::tokenize_with_images(*tokenizer, "<image>\nWhat?", model.image_token_id(),
+                                                    std::vector<std::int64_t>{model.tokens_for_image(image.size(1), image.size(2))});
+    request.images = {image};
+    return request;
+  };
+  neva::SamplingConfig greedy;
+  greedy.max_new_tokens = 6;
+  auto together = neva::generate(model, *tokenizer, {prompt_for(square), prompt_for(wide)}, greedy);
+  CHECK(together[0].token_ids == neva::generate(model, *tokenizer, {prompt_for(square)}, greedy)[0].token_ids);
+  CHECK(together[1].token_ids == neva::generate(model, *tokenizer, {prompt_for(wide)}, greedy)[0].token_ids);
 }

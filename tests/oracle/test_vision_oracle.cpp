@@ -72,6 +72,19 @@ TEST_CASE("clip features match transformers' hidden states for each select layer
   }
 }
 
+TEST_CASE("clip on a non-square image interpolates its positions as transformers' interpolate_pos_encoding") {
+  torch::NoGradGuard no_grad;
+  auto directory = oracle_directory() / "vision_model";
+  neva::SafetensorsFile reference((directory / "reference.safetensors").string());
+  auto encoder = load(directory, "");
+  at::Tensor pixels = reference.tensor("wide_pixel_values");  // 28 x 42: a 4 x 6 patch grid
+  at::Tensor expected = reference.tensor("wide_hidden_states")[2].narrow(1, 1, 24);
+  CHECK(encoder->num_tokens_for(28, 42) == 24);
+  at::Tensor features = encoder->forward(pixels);
+  REQUIRE(features.sizes() == expected.sizes());
+  CHECK((features - expected).abs().max().item<double>() <= 1e-5);
+}
+
 TEST_CASE("clip in bf16 stays close to fp32 transformers") {
   torch::NoGradGuard no_grad;
   auto directory = oracle_directory() / "vision_model";
@@ -86,8 +99,9 @@ TEST_CASE("clip in bf16 stays close to fp32 transformers") {
 TEST_CASE("clip refuses images of the wrong size and out-of-range select layers") {
   auto directory = oracle_directory() / "vision_model";
   auto encoder = load(directory, "");
-  CHECK_THROWS_WITH_AS(encoder->forward(torch::zeros({1, 3, 32, 32})),
-                       "clip: pixel_values have shape [1, 3, 32, 32], expected [images, 3, 28, 28]", neva::Error);
+  CHECK_THROWS_WITH_AS(encoder->forward(torch::zeros({1, 4, 28, 28})),
+                       doctest::Contains("clip: pixel_values have shape [1, 4, 28, 28], expected [images, 3, height, width]"),
+                       neva::Error);
   CHECK_THROWS_WITH_AS(load(directory, "vision_select_layer = -5\n"),
                        doctest::Contains("vision_select_layer -5 is out of range for an encoder of 3 layers"),
                        neva::RecipeError);

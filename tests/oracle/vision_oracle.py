@@ -30,10 +30,19 @@ def perturb_norms(model):
 
 def record(model, vision_model, directory):
     directory.mkdir(parents=True, exist_ok=True)
-    pixels = torch.randn(2, 3, VISION["image_size"], VISION["image_size"], generator=torch.Generator().manual_seed(7))
+    generator = torch.Generator().manual_seed(7)
+    pixels = torch.randn(2, 3, VISION["image_size"], VISION["image_size"], generator=generator)
+    wide = torch.randn(1, 3, VISION["image_size"], VISION["image_size"] * 3 // 2, generator=generator)
     with torch.no_grad():
         hidden = vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states
-    save_file({"pixel_values": pixels, "hidden_states": torch.stack(hidden)}, str(directory / "reference.safetensors"))
+        tensors = {"pixel_values": pixels, "hidden_states": torch.stack(hidden)}
+        if isinstance(vision_model, CLIPVisionModel) or hasattr(vision_model, "embeddings") and hasattr(
+                vision_model.embeddings, "class_embedding"):
+            # image_aspect_ratio "keep": a non-square image, positions interpolated
+            wide_hidden = vision_model(pixel_values=wide, output_hidden_states=True,
+                                       interpolate_pos_encoding=True).hidden_states
+            tensors.update({"wide_pixel_values": wide, "wide_hidden_states": torch.stack(wide_hidden)})
+    save_file(tensors, str(directory / "reference.safetensors"))
     print(f"{directory.name}: {len(hidden)} hidden states of {tuple(hidden[0].shape)}")
 
 

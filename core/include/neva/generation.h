@@ -30,6 +30,7 @@ struct SamplingConfig {
 struct GenerationRequest {
   std::vector<std::int64_t> prompt_ids;  // with image placeholders already expanded
   at::Tensor pixel_values;               // [images, 3, H, W] for this prompt's placeholders, or undefined
+  std::vector<at::Tensor> images;        // or [3, H, W] each, when their sizes differ
 };
 
 struct GenerationResult {
@@ -48,15 +49,22 @@ NEVA_API std::vector<GenerationResult> generate(LlavaModel& model, const Tokeniz
                                                 std::int64_t max_context = 0);
 
 // log p(continuation_ids[i] | prompt, continuation[:i]) for each continuation token, in fp32.
-NEVA_API std::vector<double> score_continuation(LlavaModel& model, const std::vector<std::int64_t>& prompt_ids,
-                                                const at::Tensor& pixel_values,
+NEVA_API std::vector<double> score_continuation(LlavaModel& model, const GenerationRequest& prompt,
                                                 const std::vector<std::int64_t>& continuation_ids);
 
-// Tokenizes `text`, turning each "<image>" into `tokens_per_image` copies of `image_token_id`: as
-// transformers' processors do when the tokenizer has "<image>" as a token, else by tokenizing the
-// text around each "<image>" separately (LLaVA's tokenizer_image_token).
+// Tokenizes `text`, turning the i-th "<image>" into tokens_per_image[i] copies of `image_token_id`
+// (the last count repeats for further images): as transformers' processors do when the tokenizer has
+// "<image>" as a token, else by tokenizing the text around each "<image>" separately (LLaVA's
+// tokenizer_image_token).
 NEVA_API std::vector<std::int64_t> tokenize_with_images(const Tokenizer& tokenizer, const std::string& text,
-                                                        std::int64_t image_token_id, std::int64_t tokens_per_image,
+                                                        std::int64_t image_token_id,
+                                                        const std::vector<std::int64_t>& tokens_per_image,
                                                         bool add_special_tokens = true);
+inline std::vector<std::int64_t> tokenize_with_images(const Tokenizer& tokenizer, const std::string& text,
+                                                      std::int64_t image_token_id, std::int64_t tokens_per_image,
+                                                      bool add_special_tokens = true) {
+  return tokenize_with_images(tokenizer, text, image_token_id, std::vector<std::int64_t>{tokens_per_image},
+                              add_special_tokens);
+}
 
 }  // namespace neva

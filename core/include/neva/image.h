@@ -45,7 +45,8 @@ struct ImageProcessorConfig {
   std::array<float, 3> mean{0.48145466f, 0.4578275f, 0.40821073f};  // OpenAI CLIP
   std::array<float, 3> std{0.26862954f, 0.26130258f, 0.27577711f};
   // LLaVA's image_aspect_ratio: "pad" squares the image first (background = mean * 255), "square"
-  // hands it to the processor as it is.
+  // hands it to the processor as it is, "keep" (NeMo) keeps the aspect ratio: shortest edge
+  // int(min(448 / (long / short), 224)), no crop.
   std::string aspect_ratio = "square";
 };
 

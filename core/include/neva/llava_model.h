@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "neva/connector.h"
 #include "neva/export.h"
@@ -17,6 +18,7 @@ namespace neva {
 struct MultimodalInputs {
   at::Tensor input_ids;       // [batch, seq] int64, with image_token_id placeholders
   at::Tensor pixel_values;    // optional [images, 3, H, W], in placeholder order across the batch
+  std::vector<at::Tensor> images;  // or images of different sizes, [3, H, W] each (aspect ratio "keep")
   at::Tensor attention_mask;  // optional [batch, past + seq]
   at::Tensor positions;       // optional [batch, seq]
   at::Tensor segment_ids;     // optional [batch, seq] (packing)
@@ -30,10 +32,12 @@ class NEVA_API LlavaModel {
              std::shared_ptr<LanguageBackbone> backbone, std::int64_t image_token_id);
 
   // Token embeddings with the projected image features written over the placeholders. Throws when
-  // the number of placeholders is not images x tokens per image.
-  at::Tensor embed(const at::Tensor& input_ids, const at::Tensor& pixel_values);
-  // [images, tokens per image, backbone hidden]
-  at::Tensor image_features(const at::Tensor& pixel_values);
+  // the number of placeholders is not the images' token count.
+  at::Tensor embed(const at::Tensor& input_ids, const std::vector<at::Tensor>& images);
+  // All images' features, one after the other: [total tokens, backbone hidden].
+  at::Tensor image_features(const std::vector<at::Tensor>& images);
+  // Tokens an image of this size becomes (the encoder's count, through the connector).
+  std::int64_t tokens_for_image(std::int64_t height, std::int64_t width) const;
   BackboneOutputs forward(const MultimodalInputs& inputs);
 
   std::int64_t image_token_id() const { return image_token_id_; }

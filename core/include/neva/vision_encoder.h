@@ -42,6 +42,9 @@ class NEVA_API VisionEncoder : public torch::nn::Module, public Component {
   virtual std::int64_t hidden_size() const = 0;
   virtual std::int64_t image_size() const = 0;
   virtual std::int64_t num_tokens() const = 0;
+  // Tokens for an image of another size, for encoders that interpolate their position embeddings
+  // (image_aspect_ratio "keep"); others accept only image_size x image_size.
+  virtual std::int64_t num_tokens_for(std::int64_t height, std::int64_t width) const { return num_tokens(); }
   // How images must be prepared for this encoder (resize, crop, mean, std).
   virtual ImageProcessorConfig image_processor() const = 0;
 };

@@ -7,6 +7,8 @@
 // llava-hf directory) or config (a config.json alone); vision_select_layer,
 // vision_feature_select_strategy, class_token_length (docs/recipes.md).
 #include <ATen/ATen.h>
+
+#include <cmath>
 #include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/embedding.h>
 #include <torch/nn/modules/normalization.h>
@@ -38,10 +40,22 @@ class ClipEmbeddings : public torch::nn::Module {
 
   at::Tensor forward(const at::Tensor& pixel_values) {
     const at::Tensor& weight = patch_embedding->weight;
-    at::Tensor patches = patch_embedding->forward(pixel_values.to(weight.device(), weight.scalar_type()));
-    patches = patches.flatten(2).transpose(1, 2);  // [images, patches, hidden], row-major patch order
+    at::Tensor grid = patch_embedding->forward(pixel_values.to(weight.device(), weight.scalar_type()));
+    const std::int64_t rows = grid.size(2), columns = grid.size(3);
+    at::Tensor patches = grid.flatten(2).transpose(1, 2);  // [images, patches, hidden], row-major patch order
     at::Tensor cls = class_embedding.to(patches.scalar_type()).view({1, 1, -1}).expand({patches.size(0), 1, -1});
-    return at::cat({cls, patches}, 1) + position_embedding->weight.to(patches.scalar_type());
+    return at::cat({cls, patches}, 1) + positions(rows, columns).to(patches.scalar_type());
+  }
+
+  // The learned positions, bicubically interpolated to another patch grid as transformers'
+  // interpolate_pos_encoding does (align_corners = false); unchanged for the trained square grid.
+  at::Tensor positions(std::int64_t rows, std::int64_t columns) {
+    const at::Tensor& table = position_embedding->weight;
+    const std::int64_t side = static_cast<std::int64_t>(std::lround(std::sqrt(static_cast<double>(table.size(0) - 1))));
+    if (rows == side && columns == side) return table;
+    at::Tensor grid = table.narrow(0, 1, side * side).view({1, side, side, -1}).permute({0, 3, 1, 2});
+    grid = at::upsample_bicubic2d(grid, {rows, columns}, /*align_corners=*/false);
+    return at::cat({table.narrow(0, 0, 1), grid.permute({0, 2, 3, 1}).reshape({rows * columns, -1})}, 0);
   }
 
   at::Tensor class_embedding;
@@ -79,7 +93,7 @@ class ClipEncoder : public neva::VisionEncoder {
   }
 
   at::Tensor forward(const at::Tensor& pixel_values) override {
-    check_pixels(pixel_values);
+    check_pixels(pixel_values);  // other sizes than image_size get interpolated position embeddings
     at::Tensor h = vision_model_->pre_layrnorm->forward(vision_model_->embeddings->forward(pixel_values));
     h = vision_model_->encoder->run(h, hidden_state_);  // layers after the selected one never run
     return dropped() ? h.narrow(1, dropped(), h.size(1) - dropped()) : h;
@@ -88,6 +102,9 @@ class ClipEncoder : public neva::VisionEncoder {
   std::int64_t hidden_size() const override { return config_.hidden_size; }
   std::int64_t image_size() const override { return config_.image_size; }
   std::int64_t num_tokens() const override { return config_.num_patches() + 1 - dropped(); }
+  std::int64_t num_tokens_for(std::int64_t height, std::int64_t width) const override {
+    return (height / config_.patch_size) * (width / config_.patch_size) + 1 - dropped();
+  }
   // CLIPImageProcessor: shortest edge to the input size, centre crop, OpenAI CLIP mean and std.
   neva::ImageProcessorConfig image_processor() const override {
     neva::ImageProcessorConfig processor;
@@ -100,11 +117,12 @@ class ClipEncoder : public neva::VisionEncoder {
     return config_.vision_feature_select_strategy == "default" ? config_.class_token_length : 0;
   }
   void check_pixels(const at::Tensor& pixels) const {
-    if (pixels.dim() != 4 || pixels.size(1) != config_.num_channels || pixels.size(2) != config_.image_size ||
-        pixels.size(3) != config_.image_size) {
+    if (pixels.dim() != 4 || pixels.size(1) != config_.num_channels || pixels.size(2) < config_.patch_size ||
+        pixels.size(3) < config_.patch_size) {
       throw neva::Error("clip: pixel_values have shape " + std::string(c10::str(pixels.sizes())) + ", expected [images, " +
-                        std::to_string(config_.num_channels) + ", " + std::to_string(config_.image_size) + ", " +
-                        std::to_string(config_.image_size) + "]");
+                        std::to_string(config_.num_channels) + ", height, width] with height and width at least the " +
+                        "patch size " + std::to_string(config_.patch_size) + " (trained on " +
+                        std::to_string(config_.image_size) + "x" + std::to_string(config_.image_size) + ")");
     }
   }
 
