@@ -17,10 +17,11 @@ import sys
 import torch
 from safetensors.torch import save_file
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig,
-                          MixtralForCausalLM, NemotronConfig, NemotronForCausalLM)
+                          MixtralForCausalLM, NemotronConfig, NemotronForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
-            "mixtral": (MixtralConfig, MixtralForCausalLM), "nemotron": (NemotronConfig, NemotronForCausalLM)}
+            "mixtral": (MixtralConfig, MixtralForCausalLM), "nemotron": (NemotronConfig, NemotronForCausalLM),
+            "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
 
 BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
@@ -29,6 +30,9 @@ BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_la
 CASES = {
     # multi-head attention, untied embeddings, default RoPE
     "mha": dict(),
+    # Qwen2 (the out-of-tree example plugin): q/k/v biases, no o_proj bias, GQA, theta 1e6
+    "qwen2": dict(family="qwen2", num_key_value_heads=2,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
     # Mistral: a 5-token sliding window (shorter than the prompt), head_dim != hidden / heads, GQA
     "mistral_window": dict(family="mistral", num_key_value_heads=2, head_dim=24, sliding_window=5),
     # Mistral without a window (v0.2 / v0.3 style), theta 1e6

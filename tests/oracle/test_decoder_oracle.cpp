@@ -7,6 +7,8 @@
 #include <cstdlib>
 
 #include "neva/language_backbone.h"
+#include "neva/llava_model.h"
+#include "neva/recipe.h"
 #include "neva/registry.h"
 #include "neva/safetensors.h"
 #include "test_support.h"
@@ -22,7 +24,17 @@ struct Case {
 const Case kCases[] = {{"mha", "llama"},           {"gqa_tied_bias", "llama"},    {"mqa_linear_v4", "llama"},
                        {"llama3", "llama"},        {"dynamic", "llama"},          {"mistral_window", "mistral"},
                        {"mistral_nowindow", "mistral"}, {"mixtral", "mixtral"},   {"mixtral_sparse", "mixtral"},
-                       {"nemotron", "nemotron4"}};
+                       {"nemotron", "nemotron4"}, {"qwen2", "qwen2"}};
+
+// Built-in plugins and the out-of-tree example (built by ctest against the installed SDK).
+neva::Registry::Options plugin_options() {
+  neva::Registry::Options options;
+  options.search_paths = {neva::test::plugin_directory()};
+  options.search_paths.push_back(neva::test::example_plugin_directory());
+  options.use_environment = false;
+  options.use_install_directory = false;
+  return options;
+}
 
 fs::path oracle_directory() {
   const char* directory = std::getenv("NEVA_ORACLE_DIR");
@@ -32,11 +44,7 @@ fs::path oracle_directory() {
 
 std::shared_ptr<neva::LanguageBackbone> load(const fs::path& directory, const char* plugin = "llama",
                                              c10::ScalarType dtype = at::kFloat) {
-  neva::Registry::Options options;
-  options.search_paths = {neva::test::plugin_directory()};
-  options.use_environment = false;
-  options.use_install_directory = false;
-  neva::Registry registry(options);
+  neva::Registry registry(plugin_options());
   auto document = neva::ConfigDocument::parse("from_pretrained = \"" + directory.string() + "\"\n", "oracle.toml");
   auto config = registry.parse_config("language_backbone", plugin, document.root());
   document.root().reject_unknown_keys();
@@ -184,4 +192,19 @@ TEST_CASE("mixtral's load-balancing loss matches transformers', and idle experts
     CHECK(outputs.aux_loss.item<double>() / coef == doctest::Approx(reference.tensor("aux_loss").item<double>()).epsilon(1e-5));
     if (std::string(name) == "mixtral_sparse") CHECK(reference.tensor("experts_used").item<std::int64_t>() < 8);
   }
+}
+
+TEST_CASE("the out-of-tree qwen2 example loads by name from a recipe's plugin_paths") {
+  std::string example = neva::test::example_plugin_directory().string();
+  std::string text = std::string("[run]\nplugin_paths = [\"") + example + "\"]\n[model.mm_cfg]\nmm_mlp_adapter_type = "
+                     "\"linear\"\n[model.mm_cfg.mm_mlp_adapter]\ninput_size = 8\n[model.mm_cfg.llm]\nplugin = \"qwen2\"\n"
+                     "from_pretrained = \"" + (oracle_directory() / "qwen2").string() + "\"\n";
+  neva::Registry::Options options;
+  options.search_paths = {neva::test::plugin_directory()};
+  options.use_environment = false;
+  options.use_install_directory = false;
+  neva::Recipe recipe = neva::parse_recipe(neva::ConfigDocument::parse(text, "q.toml"), "/", options);
+  CHECK(recipe.registry->find("language_backbone", "qwen2").path.string().find(example) == 0);
+  neva::LlavaModel model = neva::build_model(recipe, recipe.runtime_context());
+  CHECK(model.backbone().hidden_size() == 64);
 }

@@ -19,6 +19,7 @@ fs::path plugin_directory() { return NEVA_TEST_PLUGIN_DIR; }
 fs::path broken_plugin_directory(const std::string& fault) { return fs::path(NEVA_TEST_BROKEN_DIR) / fault; }
 fs::path binary(const std::string& name) { return fs::path(NEVA_TEST_BINARY_DIR) / name; }
 fs::path source_directory() { return NEVA_TEST_SOURCE_DIR; }
+fs::path example_plugin_directory() { return NEVA_TEST_EXAMPLE_PLUGIN_DIR; }
 
 TempDir::TempDir() {
   std::random_device random;

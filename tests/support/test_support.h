@@ -10,6 +10,7 @@ std::filesystem::path plugin_directory();         // build/lib/neva/plugins (the
 std::filesystem::path broken_plugin_directory(const std::string& fault);  // one directory per fault
 std::filesystem::path binary(const std::string& name);                  // build/bin/<name>
 std::filesystem::path source_directory();
+std::filesystem::path example_plugin_directory();  // examples/qwen2, built out of tree against the SDK
 
 // A fresh directory (mode 0755) removed when the object dies.
 class TempDir {

@@ -20,7 +20,7 @@ class DecoderLayer : public torch::nn::Module {
     input_layernorm_ = register_module("input_layernorm", make_norm(config.norm, config.hidden_size, config.norm_eps));
     self_attn_ = register_module("self_attn", std::make_shared<SelfAttention>(AttentionConfig{
                                                   config.hidden_size, config.num_heads, config.num_kv_heads,
-                                                  config.head_dim, config.attention_bias, config.attention_bias}));
+                                                  config.head_dim, config.attention_bias, config.attention_output_bias}));
     post_attention_layernorm_ =
         register_module("post_attention_layernorm", make_norm(config.norm, config.hidden_size, config.norm_eps));
     if (config.mlp == "moe") {

@@ -13,7 +13,7 @@ namespace {
 void read_llama(const neva::HfConfig& hf, neva::DecoderConfig& d) {
   neva::read_decoder_shape(hf, {32000, 4096, 11008, 32, 32, 0, "silu", 10000.0, 2048}, d);
   d.norm_eps = hf.get<double>("rms_norm_eps", 1e-6);
-  d.attention_bias = hf.get<bool>("attention_bias", false);
+  d.attention_bias = d.attention_output_bias = hf.get<bool>("attention_bias", false);
   d.mlp_bias = hf.get<bool>("mlp_bias", false);
 }
 

@@ -16,7 +16,7 @@ void read_nemotron(const neva::HfConfig& hf, neva::DecoderConfig& d) {
   d.norm = "layernorm1p";
   d.norm_eps = hf.get<double>("norm_eps", 1e-5);
   d.mlp = "plain";
-  d.attention_bias = hf.get<bool>("attention_bias", false);
+  d.attention_bias = d.attention_output_bias = hf.get<bool>("attention_bias", false);
   d.mlp_bias = hf.get<bool>("mlp_bias", false);
   bool given = hf.has("partial_rotary_factor") ||
                (hf.has("rope_parameters") && hf.child("rope_parameters").has("partial_rotary_factor"));

@@ -6,6 +6,8 @@
 //
 // Parameter names are transformers': model.embed_tokens, model.layers.N.{input_layernorm,
 // self_attn.{q,k,v,o}_proj, post_attention_layernorm, mlp | block_sparse_moe}, model.norm, lm_head.
+#include <torch/nn/modules/linear.h>
+
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -26,7 +28,9 @@ struct DecoderConfig {
   double norm_eps = 1e-6;
   std::string mlp = "gated";       // gated | plain | moe
   std::string activation = "silu";
-  bool attention_bias = false, mlp_bias = false, tie_word_embeddings = false;
+  bool attention_bias = false;         // q/k/v projections
+  bool attention_output_bias = false;  // o_proj (Llama: as attention_bias; Qwen2: q/k/v only)
+  bool mlp_bias = false, tie_word_embeddings = false;
   std::int64_t sliding_window = 0;  // 0: none
   std::int64_t num_experts = 0, experts_per_token = 0;  // moe
   double router_aux_loss_coef = 0;                      // moe: weight of the load-balancing loss
