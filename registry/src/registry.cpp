@@ -143,6 +143,12 @@ fs::path Registry::install_directory() {
 }
 
 Registry::Registry(const Options& options) {
+  for (const auto& file : options.plugin_files) {
+    if (!file.is_absolute()) throw PluginError("plugin file '" + file.string() + "' is not an absolute path");
+    if (!fs::is_regular_file(file)) throw PluginError("plugin file " + file.string() + " does not exist");
+    check_trusted(file.parent_path(), "plugin directory");
+    plugins_.push_back(load_plugin(file));
+  }
   // (directory, required): explicitly named directories must exist; the install directory may not.
   std::vector<std::pair<fs::path, bool>> candidates;
   for (const auto& path : options.search_paths) {
@@ -182,6 +188,9 @@ Registry::Registry(const Options& options) {
     }
     std::sort(files.begin(), files.end());
     for (const auto& file : files) {
+      if (std::any_of(plugins_.begin(), plugins_.end(), [&](const auto& p) { return fs::equivalent(p->info.path, file); })) {
+        continue;  // already loaded as a single file
+      }
       auto plugin = load_plugin(file);
       for (const auto& other : plugins_) {
         if (other->info.kind == plugin->info.kind && other->info.name == plugin->info.name) {

@@ -208,3 +208,15 @@ TEST_CASE("the out-of-tree qwen2 example loads by name from a recipe's plugin_pa
   neva::LlavaModel model = neva::build_model(recipe, recipe.runtime_context());
   CHECK(model.backbone().hidden_size() == 64);
 }
+
+TEST_CASE("the out-of-tree qwen2 example passes the conformance battery") {
+  neva::test::TempDir dir;
+  auto config = dir.write("qwen2.toml", "from_pretrained = \"" + (oracle_directory() / "qwen2").string() + "\"\n");
+  auto result = neva::test::run_command(neva::test::binary("neva-conformance").string() + " " +
+                                            (neva::test::example_plugin_directory() / "libneva-language_backbone-qwen2.so").string() +
+                                            " --config " + config.string(),
+                                        600);
+  INFO(result.out << result.err);
+  CHECK(result.exit_code == 0);
+  CHECK(result.out.find("11 passed, 0 failed") != std::string::npos);
+}

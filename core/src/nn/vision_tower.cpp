@@ -68,6 +68,12 @@ at::Tensor EncoderStack::run(at::Tensor hidden, std::int64_t count) {
   return hidden;
 }
 
+void EncoderStack::freeze_from(std::int64_t count) {
+  for (std::int64_t i = count; i < static_cast<std::int64_t>(layers_->size()); ++i) {
+    for (auto& parameter : layers_[i]->parameters()) parameter.set_requires_grad(false);
+  }
+}
+
 WeightMap vision_tower_weights(const SafetensorsCheckpoint& checkpoint, const std::string& probe, const std::string& what,
                                std::function<bool(const std::string&)> may_ignore) {
   std::vector<WeightLayout> layouts;

@@ -68,9 +68,15 @@ class SiglipTransformer : public torch::nn::Module {
   explicit SiglipTransformer(const Config& config) {
     embeddings = register_module("embeddings", std::make_shared<SiglipEmbeddings>(config));
     encoder = register_module("encoder", std::make_shared<neva::EncoderStack>(config));
-    register_module("post_layernorm",
-                    torch::nn::LayerNorm(torch::nn::LayerNormOptions({config.hidden_size}).eps(config.layer_norm_eps)));
-    if (config.use_head) register_module("head", std::make_shared<SiglipHead>(config));
+    auto post = register_module("post_layernorm",
+                                torch::nn::LayerNorm(torch::nn::LayerNormOptions({config.hidden_size}).eps(config.layer_norm_eps)));
+    std::shared_ptr<torch::nn::Module> head;
+    if (config.use_head) head = register_module("head", std::make_shared<SiglipHead>(config));
+    // Held for checkpoints; LLaVA features never pass through them, so they are not trainable.
+    for (auto& parameter : post->parameters()) parameter.set_requires_grad(false);
+    if (head) {
+      for (auto& parameter : head->parameters()) parameter.set_requires_grad(false);
+    }
   }
 
   std::shared_ptr<SiglipEmbeddings> embeddings;
@@ -82,6 +88,7 @@ class SiglipEncoder : public neva::VisionEncoder {
   SiglipEncoder(const Config& config, const neva::RuntimeContext& context)
       : config_(config), hidden_state_(config.selected_hidden_state(config.num_layers)) {
     vision_model_ = register_module("vision_model", std::make_shared<SiglipTransformer>(config));
+    vision_model_->encoder->freeze_from(hidden_state_);
     to(context.device, context.dtypes.params);
     if (!config.weights.empty()) {
       neva::SafetensorsCheckpoint checkpoint(config.weights);

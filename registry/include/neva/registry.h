@@ -37,6 +37,8 @@ class NEVA_API Registry {
     // (<directory of the running executable>/../lib/neva/plugins). The current directory never.
     bool use_environment = true;
     bool use_install_directory = true;
+    // Single plugin files loaded first (absolute paths), e.g. the one neva-conformance examines.
+    std::vector<std::filesystem::path> plugin_files;
   };
 
   // Scans every directory and loads every *.so in it. Throws PluginError naming the file for: a

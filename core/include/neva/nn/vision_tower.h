@@ -53,6 +53,8 @@ class NEVA_API EncoderStack : public torch::nn::Module {
   explicit EncoderStack(const VisionTowerConfig& config);
   // The output of layer `count` (0: the input itself).
   at::Tensor run(at::Tensor hidden, std::int64_t count);
+  // Layers from `count` on never run: they are loaded (checkpoints hold them) but not trainable.
+  void freeze_from(std::int64_t count);
 
  private:
   torch::nn::ModuleList layers_{nullptr};

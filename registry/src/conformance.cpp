@@ -1,0 +1,336 @@
+#include "neva/conformance.h"
+
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/grad_mode.h>
+
+#include <functional>
+#include <map>
+#include <sstream>
+#include <thread>
+#include <unistd.h>
+
+#include "neva/connector.h"
+#include "neva/error.h"
+#include "neva/language_backbone.h"
+#include "neva/registry.h"
+#include "neva/safetensors.h"
+#include "neva/vision_encoder.h"
+
+namespace neva {
+
+namespace {
+
+namespace fs = std::filesystem;
+
+struct Subject {
+  std::shared_ptr<Registry> registry;
+  PluginInfo info;
+  std::string config_toml;
+
+  static Subject open(const fs::path& plugin, const std::string& config_toml) {
+    Registry::Options options;
+    options.plugin_files = {fs::absolute(plugin)};
+    options.use_environment = false;
+    options.use_install_directory = false;
+    auto registry = std::make_shared<Registry>(options);
+    for (const auto& info : registry->list()) {
+      if (fs::equivalent(info.path, plugin)) return {registry, info, config_toml};
+    }
+    throw Error(plugin.string() + ": not loaded");
+  }
+
+  std::shared_ptr<ComponentConfig> parse(const std::string& toml) const {
+    auto document = ConfigDocument::parse(toml, "conformance config");
+    auto config = registry->parse_config(info.kind, info.name, document.root());
+    document.root().reject_unknown_keys();
+    return config;
+  }
+
+  // A fresh component; `dtype` for its parameters and compute.
+  std::shared_ptr<torch::nn::Module> build(c10::ScalarType dtype = at::kFloat, std::uint64_t seed = 0) const {
+    auto config = parse(config_toml);
+    RuntimeContext context;
+    context.dtypes.params = context.dtypes.compute = dtype;
+    at::manual_seed(seed);
+    if (info.kind == Connector::kKind) return registry->create<Connector>(info.name, *config, context);
+    if (info.kind == VisionEncoder::kKind) return registry->create<VisionEncoder>(info.name, *config, context);
+    if (info.kind == LanguageBackbone::kKind) return registry->create<LanguageBackbone>(info.name, *config, context);
+    throw Error("no conformance battery for plugins of kind '" + info.kind + "'");
+  }
+};
+
+// The kind's standard input (deterministic): features, pixels or token ids.
+at::Tensor standard_input(torch::nn::Module& module, std::int64_t batch = 2) {
+  at::manual_seed(1234);
+  if (auto* connector = dynamic_cast<Connector*>(&module)) {
+    return at::randn({batch, 7, connector->input_size()}).to(module.parameters()[0].scalar_type());
+  }
+  if (auto* encoder = dynamic_cast<VisionEncoder*>(&module)) {
+    return at::randn({batch, 3, encoder->image_size(), encoder->image_size()});
+  }
+  auto& backbone = dynamic_cast<LanguageBackbone&>(module);
+  return at::randint(0, backbone.vocab_size(), {batch, 12}, at::kLong);
+}
+
+// One forward pass, returning the main output (logits for a backbone).
+at::Tensor forward_on(torch::nn::Module& module, const at::Tensor& input) {
+  if (auto* connector = dynamic_cast<Connector*>(&module)) return connector->forward(input);
+  if (auto* encoder = dynamic_cast<VisionEncoder*>(&module)) return encoder->forward(input);
+  auto& backbone = dynamic_cast<LanguageBackbone&>(module);
+  BackboneInputs inputs;
+  inputs.embeddings = backbone.embed(input);
+  return backbone.forward(inputs).logits;
+}
+
+at::Tensor run_forward(const Subject&, torch::nn::Module& module, std::int64_t batch = 2) {
+  return forward_on(module, standard_input(module, batch));
+}
+
+void expect(bool condition, const std::string& what) {
+  if (!condition) throw Error(what);
+}
+
+double max_difference(const at::Tensor& a, const at::Tensor& b) {
+  return (a.to(at::kFloat) - b.to(at::kFloat)).abs().max().item<double>();
+}
+
+double scale_of(const at::Tensor& t) { return std::max(t.to(at::kFloat).abs().max().item<double>(), 1e-6); }
+
+void check_forward(const Subject& subject) {
+  auto module = subject.build();
+  module->eval();
+  torch::NoGradGuard no_grad;
+  at::Tensor out = run_forward(subject, *module);
+  if (auto* connector = dynamic_cast<Connector*>(module.get())) {
+    expect(out.dim() == 3 && out.size(0) == 2 && out.size(1) == connector->output_tokens(7) &&
+               out.size(2) == connector->output_size(),
+           "connector output has shape " + std::string(c10::str(out.sizes())) + ", expected [2, output_tokens(7), " +
+               std::to_string(connector->output_size()) + "]");
+  } else if (auto* encoder = dynamic_cast<VisionEncoder*>(module.get())) {
+    expect(out.dim() == 3 && out.size(0) == 2 && out.size(1) == encoder->num_tokens() &&
+               out.size(2) == encoder->hidden_size(),
+           "encoder output has shape " + std::string(c10::str(out.sizes())) + ", expected [2, num_tokens() = " +
+               std::to_string(encoder->num_tokens()) + ", hidden_size() = " + std::to_string(encoder->hidden_size()) + "]");
+  } else {
+    auto& backbone = dynamic_cast<LanguageBackbone&>(*module);
+    expect(out.dim() == 3 && out.size(0) == 2 && out.size(1) == 12 && out.size(2) == backbone.vocab_size(),
+           "logits have shape " + std::string(c10::str(out.sizes())) + ", expected [2, 12, vocab_size() = " +
+               std::to_string(backbone.vocab_size()) + "]");
+  }
+  expect(out.is_floating_point(), "output is not floating point");
+  expect(out.isfinite().all().item<bool>(), "output contains NaN or Inf");
+}
+
+void check_determinism(const Subject& subject) {
+  auto module = subject.build();
+  module->eval();
+  torch::NoGradGuard no_grad;
+  at::Tensor input = standard_input(*module);  // no reseeding between the two passes
+  at::Tensor first = forward_on(*module, input), second = forward_on(*module, input);
+  expect(at::equal(first, second), "two forward passes on the same input differ (max |diff| " +
+                                       std::to_string(max_difference(first, second)) + ")");
+}
+
+void check_gradients(const Subject& subject) {
+  auto module = subject.build();
+  module->train();
+  std::vector<std::pair<std::string, at::Tensor>> trainable, fixed;
+  for (const auto& item : module->named_parameters()) {
+    (item.value().requires_grad() ? trainable : fixed).emplace_back(item.key(), item.value());
+  }
+  expect(!trainable.empty(), "the component has no trainable parameters");
+  auto backward = [&] {
+    for (auto& item : module->named_parameters()) item.value().mutable_grad().reset();
+    run_forward(subject, *module, 4).to(at::kFloat).pow(2).mean().backward();
+  };
+  // Every trainable parameter gets a gradient; none of those the plugin holds frozen does.
+  backward();
+  for (const auto& [name, parameter] : trainable) {
+    expect(parameter.grad().defined(), "no gradient reached trainable parameter '" + name + "'");
+    expect(parameter.grad().isfinite().all().item<bool>(), "gradient of '" + name + "' is not finite");
+  }
+  for (const auto& [name, parameter] : fixed) {
+    expect(!parameter.grad().defined(), "frozen parameter '" + name + "' received a gradient");
+  }
+  // Freezing a parameter from outside (as NeVA's stages do) keeps its gradient away.
+  trainable.front().second.set_requires_grad(false);
+  backward();
+  expect(!trainable.front().second.grad().defined(),
+         "parameter '" + trainable.front().first + "' received a gradient after requires_grad(false)");
+}
+
+void check_kv_cache(const Subject& subject) {
+  auto module = subject.build();
+  module->eval();
+  torch::NoGradGuard no_grad;
+  auto& backbone = dynamic_cast<LanguageBackbone&>(*module);
+  at::manual_seed(7);
+  at::Tensor ids = at::randint(0, backbone.vocab_size(), {1, 10}, at::kLong);
+  BackboneInputs full;
+  full.embeddings = backbone.embed(ids);
+  at::Tensor expected = backbone.forward(full).logits;
+  auto cache = backbone.new_cache(1, 10);
+  std::vector<at::Tensor> pieces;
+  for (std::int64_t start = 0; start < 10;) {
+    std::int64_t length = start == 0 ? 4 : 1;  // a prefill, then one token at a time
+    BackboneInputs step;
+    step.embeddings = backbone.embed(ids.narrow(1, start, length));
+    step.cache = cache.get();
+    pieces.push_back(backbone.forward(step).logits);
+    start += length;
+  }
+  at::Tensor incremental = at::cat(pieces, 1);
+  double difference = max_difference(incremental, expected);
+  expect(difference <= 1e-4 * scale_of(expected) + 1e-5,
+         "incremental decoding with the KV cache differs from the full forward pass by " + std::to_string(difference));
+}
+
+void check_batch_padding(const Subject& subject) {
+  auto module = subject.build();
+  module->eval();
+  torch::NoGradGuard no_grad;
+  auto& backbone = dynamic_cast<LanguageBackbone&>(*module);
+  at::manual_seed(8);
+  at::Tensor sample = at::randint(0, backbone.vocab_size(), {1, 6}, at::kLong);
+  at::Tensor other = at::randint(0, backbone.vocab_size(), {1, 9}, at::kLong);
+  BackboneInputs alone;
+  alone.embeddings = backbone.embed(sample);
+  at::Tensor expected = backbone.forward(alone).logits[0];
+  // The sample left-padded to 9 in a batch with a longer one.
+  at::Tensor ids = at::cat({at::cat({at::zeros({1, 3}, at::kLong), sample}, 1), other});
+  at::Tensor mask = at::ones({2, 9}, at::kLong);
+  mask[0].narrow(0, 0, 3).fill_(0);
+  BackboneInputs batch;
+  batch.embeddings = backbone.embed(ids);
+  batch.attention_mask = mask;
+  batch.positions = (mask.cumsum(1) - 1).clamp_min(0);
+  at::Tensor got = backbone.forward(batch).logits[0].narrow(0, 3, 6);
+  double difference = max_difference(got, expected);
+  expect(difference <= 1e-4 * scale_of(expected) + 1e-5,
+         "a sample's logits change when it is left-padded in a batch (max |diff| " + std::to_string(difference) + ")");
+}
+
+void check_save_load(const Subject& subject) {
+  auto original = subject.build(at::kFloat, 1);
+  original->eval();
+  char directory[] = "/tmp/neva-conformance-XXXXXX";
+  expect(::mkdtemp(directory) != nullptr, "cannot create a temporary directory");
+  std::string file = std::string(directory) + "/state.safetensors";
+  std::vector<std::pair<std::string, at::Tensor>> tensors;
+  for (const auto& item : original->named_parameters()) tensors.emplace_back(item.key(), item.value());
+  for (const auto& item : original->named_buffers()) tensors.emplace_back(item.key(), item.value());
+  write_safetensors(file, tensors);
+  auto copy = subject.build(at::kFloat, 2);  // different initialisation
+  copy->eval();
+  {
+    SafetensorsFile saved(file);
+    torch::NoGradGuard no_grad;
+    for (auto& item : copy->named_parameters()) item.value().copy_(saved.tensor(item.key()));
+    for (auto& item : copy->named_buffers()) item.value().copy_(saved.tensor(item.key()));
+  }
+  fs::remove_all(directory);
+  torch::NoGradGuard no_grad;
+  expect(at::equal(run_forward(subject, *original), run_forward(subject, *copy)),
+         "a copy loaded from the saved parameters and buffers computes something else: state lives outside them");
+}
+
+void check_bf16(const Subject& subject) {
+  auto full = subject.build(at::kFloat, 3), half = subject.build(at::kBFloat16, 3);
+  full->eval();
+  half->eval();
+  torch::NoGradGuard no_grad;
+  at::Tensor reference = run_forward(subject, *full), low = run_forward(subject, *half);
+  double difference = max_difference(low, reference), scale = scale_of(reference);
+  expect(difference <= 0.05 * scale, "bf16 output differs from fp32 by " + std::to_string(difference) +
+                                         ", more than 5% of the output scale " + std::to_string(scale));
+}
+
+void check_threads(const Subject& subject) {
+  auto module = subject.build();
+  module->eval();
+  torch::NoGradGuard no_grad;
+  at::Tensor input = standard_input(*module);
+  at::Tensor expected = forward_on(*module, input);
+  at::Tensor results[2];
+  std::thread workers[2];
+  for (int t = 0; t < 2; ++t) {
+    workers[t] = std::thread([&, t] {
+      torch::NoGradGuard guard;  // grad mode is per thread
+      results[t] = forward_on(*module, input);
+    });
+  }
+  for (auto& worker : workers) worker.join();
+  for (const auto& result : results) {
+    expect(at::equal(result, expected), "concurrent inference from two threads gives other results than one at a time");
+  }
+}
+
+void check_bad_config(const Subject& subject) {
+  // Garbled values for each key of the working config, and no keys at all: each must be refused with
+  // an error (or, with defaults, still build), never crash.
+  std::vector<std::string> candidates = {""};
+  std::istringstream lines(subject.config_toml);
+  for (std::string line; std::getline(lines, line);) {
+    std::size_t equals = line.find('=');
+    if (equals == std::string::npos || line.find('[') == 0) continue;
+    candidates.push_back(line.substr(0, equals) + "= \"not a valid value\"\n");
+    candidates.push_back(line.substr(0, equals) + "= -7\n");
+  }
+  for (const auto& toml : candidates) {
+    try {
+      auto config = subject.parse(toml);
+      RuntimeContext context;
+      if (subject.info.kind == Connector::kKind) subject.registry->create<Connector>(subject.info.name, *config, context);
+    } catch (const Error&) {
+      // a clear refusal is what we want
+    }
+  }
+}
+
+const std::map<std::string, std::function<void(const Subject&)>>& check_bodies() {
+  static const std::map<std::string, std::function<void(const Subject&)>> bodies = {
+      {"descriptor", [](const Subject&) {}},  // opening the subject already checked ABI, fields, LibTorch
+      {"build", [](const Subject& s) { s.build(); }},
+      {"bad_config", check_bad_config},
+      {"forward", check_forward},
+      {"determinism", check_determinism},
+      {"gradients", check_gradients},
+      {"kv_cache", check_kv_cache},
+      {"batch_padding", check_batch_padding},
+      {"save_load", check_save_load},
+      {"bf16", check_bf16},
+      {"threads", check_threads},
+  };
+  return bodies;
+}
+
+}  // namespace
+
+std::vector<ConformanceCheck> conformance_checks(const std::string& kind) {
+  std::vector<ConformanceCheck> checks = {
+      {"descriptor", "the descriptor is valid: ABI version, fields, LibTorch version"},
+      {"build", "the factory builds the component from the given config"},
+      {"bad_config", "garbled or missing config values give an error, not a crash"},
+      {"forward", "forward gives the interface's shapes and dtypes, all finite"},
+      {"determinism", "the same input gives the same output twice"},
+      {"gradients", "gradients reach every trainable parameter and none reaches a frozen one"},
+  };
+  if (kind == LanguageBackbone::kKind) {
+    checks.push_back({"kv_cache", "incremental decoding with the KV cache equals the full forward pass"});
+    checks.push_back({"batch_padding", "left padding and batch company do not change a sample's logits"});
+  }
+  checks.push_back({"save_load", "a copy loaded from the saved parameters computes the same output"});
+  checks.push_back({"bf16", "bf16 stays within 5% of the fp32 output scale"});
+  checks.push_back({"threads", "two threads running inference concurrently get the serial results"});
+  return checks;
+}
+
+void run_conformance_check(const std::string& name, const fs::path& plugin, const std::string& config_toml) {
+  auto body = check_bodies().find(name);
+  if (body == check_bodies().end()) throw Error("unknown conformance check '" + name + "'");
+  body->second(Subject::open(plugin, config_toml));
+}
+
+std::string plugin_kind(const fs::path& plugin) { return Subject::open(plugin, "").info.kind; }
+
+}  // namespace neva

@@ -1,0 +1,89 @@
+// Plugins with one behavioural fault each (NEVA_FAULT), which neva-conformance must catch:
+// a connector whose forward is not deterministic, one through which no gradient flows, one that
+// crashes in forward, and a language backbone whose KV cache is ignored.
+#include <ATen/ATen.h>
+#include <torch/nn/modules/linear.h>
+
+#include <cstdlib>
+
+#include "neva/connector.h"
+#include "neva/nn/decoder.h"
+#include "neva/plugin_abi.h"
+
+#define FAULT_NONDETERMINISTIC 1
+#define FAULT_NO_GRADIENT 2
+#define FAULT_CRASH 3
+#define FAULT_BROKEN_CACHE 4
+
+namespace {
+
+#if NEVA_FAULT == FAULT_BROKEN_CACHE
+void read_llama_shape(const neva::HfConfig& hf, neva::DecoderConfig& d) {
+  neva::read_decoder_shape(hf, {32000, 4096, 11008, 32, 32, 0, "silu", 10000.0, 2048}, d);
+}
+
+// Decodes every step as if it were the whole sequence: the cache is silently ignored.
+class ForgetfulBackbone : public neva::DecoderBackbone {
+ public:
+  ForgetfulBackbone(const neva::DecoderPluginConfig& config, const neva::RuntimeContext& context)
+      : DecoderBackbone(config.decoder, context) {}
+  neva::BackboneOutputs forward(const neva::BackboneInputs& inputs) override {
+    neva::BackboneInputs without = inputs;
+    without.cache = nullptr;
+    return DecoderBackbone::forward(without);
+  }
+};
+
+neva::ComponentConfig* parse(const char*, const neva::ConfigSection& section) {
+  return neva::parse_decoder_plugin_config(section, "Forgetful", "llama", &read_llama_shape);
+}
+
+const neva::PluginDescriptor* describe() {
+  static const neva::PluginDescriptor descriptor{
+      NEVA_PLUGIN_ABI_FIELDS, neva::LanguageBackbone::kKind, NEVA_TEST_PLUGIN_NAME, "0.0.1", NEVA_PLUGIN_TORCH_VERSION,
+      "test backbone that ignores its KV cache", nullptr, &parse,
+      &neva::create_plugin_component<neva::DecoderPluginConfig, ForgetfulBackbone>};
+  return &descriptor;
+}
+#else
+struct Config : neva::ConnectorConfig {
+  static Config parse(const char*, const neva::ConfigSection& section) {
+    Config config;
+    config.read_sizes(section);
+    return config;
+  }
+};
+
+class FaultyConnector : public neva::Connector {
+ public:
+  FaultyConnector(const Config& config, const neva::RuntimeContext&) {
+    linear_ = register_module("linear", torch::nn::Linear(config.input_size, config.output_size));
+  }
+  at::Tensor forward(const at::Tensor& x) override {
+#if NEVA_FAULT == FAULT_NONDETERMINISTIC
+    return linear_->forward(x) + 1e-3 * at::randn({1}, x.options());
+#elif NEVA_FAULT == FAULT_NO_GRADIENT
+    return at::linear(x, linear_->weight.detach(), linear_->bias);
+#else
+    std::abort();
+#endif
+  }
+  std::int64_t input_size() const override { return linear_->options.in_features(); }
+  std::int64_t output_size() const override { return linear_->options.out_features(); }
+
+ private:
+  torch::nn::Linear linear_{nullptr};
+};
+
+const neva::PluginDescriptor* describe() {
+  static const neva::PluginDescriptor descriptor{
+      NEVA_PLUGIN_ABI_FIELDS, neva::Connector::kKind, NEVA_TEST_PLUGIN_NAME, "0.0.1", NEVA_PLUGIN_TORCH_VERSION,
+      "test connector with a behavioural fault", nullptr, &neva::parse_plugin_config<Config>,
+      &neva::create_plugin_component<Config, FaultyConnector>};
+  return &descriptor;
+}
+#endif
+
+}  // namespace
+
+NEVA_PLUGIN(describe)
