@@ -131,6 +131,13 @@ def make_case(name, overrides, out_dir):
     tensors = {"prompt": prompt, "logits": logits, "padded_ids": padded, "padded_mask": mask,
                "padded_positions": positions, "padded_logits": padded_logits, "greedy": greedy,
                "bf16_logits": bf16_logits}
+    if name == "mha":
+        # transformers' causal-LM loss with the first tokens unlabelled (-100), for neva's causal_lm_loss
+        labels = prompt.clone()
+        labels[:, :4] = -100
+        with torch.no_grad():
+            tensors["labels"] = labels
+            tensors["loss"] = model(input_ids=prompt, labels=labels).loss.reshape(1)
     if isinstance(model, MixtralForCausalLM):
         # The load-balancing loss (unweighted), as MixtralForCausalLM computes it for training.
         with torch.no_grad():

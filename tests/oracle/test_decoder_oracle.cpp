@@ -8,6 +8,7 @@
 
 #include "neva/language_backbone.h"
 #include "neva/llava_model.h"
+#include "neva/optim.h"
 #include "neva/recipe.h"
 #include "neva/registry.h"
 #include "neva/safetensors.h"
@@ -219,4 +220,10 @@ TEST_CASE("the out-of-tree qwen2 example passes the conformance battery") {
   INFO(result.out << result.err);
   CHECK(result.exit_code == 0);
   CHECK(result.out.find("11 passed, 0 failed") != std::string::npos);
+}
+
+TEST_CASE("causal_lm_loss equals transformers' loss with unlabelled positions") {
+  neva::SafetensorsFile reference((oracle_directory() / "mha" / "reference.safetensors").string());
+  at::Tensor loss = neva::causal_lm_loss(reference.tensor("logits"), reference.tensor("labels"));
+  CHECK(loss.item<double>() == doctest::Approx(reference.tensor("loss").item<double>()).epsilon(1e-6));
 }

@@ -1,0 +1,46 @@
+#pragma once
+// Training building blocks with NeMo/Megatron's conventions: AdamW whose weight decay skips norms
+// and biases, linear warmup then cosine decay to min_lr, the causal-LM loss over labelled tokens
+// only, and global gradient-norm clipping.
+#include <ATen/core/Tensor.h>
+#include <torch/nn/module.h>
+#include <torch/optim/adamw.h>
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "neva/export.h"
+
+namespace neva {
+
+inline constexpr std::int64_t kIgnoreIndex = -100;  // labels that do not count (prompt, image, padding)
+
+struct OptimizerConfig {
+  double lr = 2e-3;
+  double min_lr = 2e-5;
+  double weight_decay = 0.0;
+  double beta1 = 0.9, beta2 = 0.95, eps = 1e-8;
+  std::int64_t warmup_steps = 0;
+  std::int64_t max_steps = 1;
+  double clip_grad = 1.0;  // 0: no clipping
+};
+
+// Learning rate at optimizer step `step` (0-based): linear warmup from lr / warmup_steps to lr over
+// warmup_steps, then cosine from lr down to min_lr at max_steps, min_lr after.
+NEVA_API double learning_rate(const OptimizerConfig& config, std::int64_t step);
+
+// AdamW over the trainable parameters of `modules`: two groups, with weight decay for matrices and
+// without for vectors (norm weights, biases) — Megatron's rule of no decay on 1-D parameters.
+NEVA_API std::unique_ptr<torch::optim::AdamW> make_adamw(const std::vector<torch::nn::Module*>& modules,
+                                                          const OptimizerConfig& config);
+NEVA_API void set_learning_rate(torch::optim::Optimizer& optimizer, double lr);
+
+// Mean next-token cross entropy over positions whose label is not kIgnoreIndex: logits [B, S, V]
+// predict labels [B, S] shifted by one (logits at t score label t + 1), computed in fp32.
+NEVA_API at::Tensor causal_lm_loss(const at::Tensor& logits, const at::Tensor& labels);
+
+// Scales gradients so their global L2 norm is at most `max_norm`; returns the norm before clipping.
+NEVA_API double clip_gradients(const std::vector<torch::nn::Module*>& modules, double max_norm);
+
+}  // namespace neva

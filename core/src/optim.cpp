@@ -1,0 +1,76 @@
+#include "neva/optim.h"
+
+#include <ATen/ATen.h>
+#include <torch/nn/utils/clip_grad.h>
+
+#include <cmath>
+
+#include "neva/error.h"
+
+namespace neva {
+
+double learning_rate(const OptimizerConfig& config, std::int64_t step) {
+  if (config.warmup_steps > 0 && step < config.warmup_steps) {
+    return config.lr * static_cast<double>(step + 1) / static_cast<double>(config.warmup_steps);
+  }
+  const std::int64_t decay_steps = config.max_steps - config.warmup_steps;
+  if (decay_steps <= 0 || step >= config.max_steps) return config.min_lr;
+  double progress = static_cast<double>(step - config.warmup_steps) / static_cast<double>(decay_steps);
+  return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1.0 + std::cos(M_PI * progress));
+}
+
+std::unique_ptr<torch::optim::AdamW> make_adamw(const std::vector<torch::nn::Module*>& modules,
+                                                 const OptimizerConfig& config) {
+  std::vector<at::Tensor> decayed, plain;
+  for (auto* module : modules) {
+    if (!module) continue;
+    for (const auto& parameter : module->parameters()) {
+      if (!parameter.requires_grad()) continue;
+      (parameter.dim() >= 2 ? decayed : plain).push_back(parameter);
+    }
+  }
+  if (decayed.empty() && plain.empty()) throw Error("nothing to train: every parameter is frozen");
+  auto options = [&](double weight_decay) {
+    return std::make_unique<torch::optim::AdamWOptions>(torch::optim::AdamWOptions(config.lr)
+                                                            .betas({config.beta1, config.beta2})
+                                                            .eps(config.eps)
+                                                            .weight_decay(weight_decay));
+  };
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  if (!decayed.empty()) groups.emplace_back(decayed, options(config.weight_decay));
+  if (!plain.empty()) groups.emplace_back(plain, options(0.0));
+  return std::make_unique<torch::optim::AdamW>(groups, torch::optim::AdamWOptions(config.lr));
+}
+
+void set_learning_rate(torch::optim::Optimizer& optimizer, double lr) {
+  for (auto& group : optimizer.param_groups()) group.options().set_lr(lr);
+}
+
+at::Tensor causal_lm_loss(const at::Tensor& logits, const at::Tensor& labels) {
+  if (logits.dim() != 3 || labels.dim() != 2 || logits.size(0) != labels.size(0) || logits.size(1) != labels.size(1)) {
+    throw Error("causal_lm_loss: logits " + std::string(c10::str(logits.sizes())) + " and labels " +
+                std::string(c10::str(labels.sizes())) + " do not line up ([B, S, V] and [B, S])");
+  }
+  at::Tensor scores = logits.narrow(1, 0, logits.size(1) - 1).to(at::kFloat).reshape({-1, logits.size(2)});
+  at::Tensor targets = labels.narrow(1, 1, labels.size(1) - 1).reshape({-1}).to(logits.device());
+  return at::cross_entropy_loss(scores, targets, {}, at::Reduction::Mean, kIgnoreIndex);
+}
+
+double clip_gradients(const std::vector<torch::nn::Module*>& modules, double max_norm) {
+  std::vector<at::Tensor> parameters;
+  for (auto* module : modules) {
+    if (!module) continue;
+    for (const auto& parameter : module->parameters()) {
+      if (parameter.requires_grad() && parameter.grad().defined()) parameters.push_back(parameter);
+    }
+  }
+  if (parameters.empty()) return 0.0;
+  if (max_norm <= 0) {
+    double total = 0;
+    for (const auto& p : parameters) total += p.grad().to(at::kFloat).pow(2).sum().item<double>();
+    return std::sqrt(total);
+  }
+  return torch::nn::utils::clip_grad_norm_(parameters, max_norm);
+}
+
+}  // namespace neva

@@ -1,0 +1,80 @@
+#include <doctest/doctest.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/modules/normalization.h>
+#include <torch/types.h>
+
+#include <cmath>
+
+#include "neva/error.h"
+#include "neva/optim.h"
+
+TEST_CASE("learning rate: linear warmup, then cosine from lr to min_lr") {
+  neva::OptimizerConfig config;
+  config.lr = 1.0;
+  config.min_lr = 0.1;
+  config.warmup_steps = 4;
+  config.max_steps = 14;
+  CHECK(neva::learning_rate(config, 0) == doctest::Approx(0.25));
+  CHECK(neva::learning_rate(config, 3) == doctest::Approx(1.0));
+  CHECK(neva::learning_rate(config, 4) == doctest::Approx(1.0));       // cosine starts at lr
+  CHECK(neva::learning_rate(config, 9) == doctest::Approx(0.55));      // halfway: (lr + min_lr) / 2
+  CHECK(neva::learning_rate(config, 14) == doctest::Approx(0.1));
+  CHECK(neva::learning_rate(config, 100) == doctest::Approx(0.1));
+  for (std::int64_t step = 5; step < 14; ++step) {
+    CHECK(neva::learning_rate(config, step) < neva::learning_rate(config, step - 1));
+  }
+}
+
+TEST_CASE("AdamW decays matrices only: norm weights and biases are left alone") {
+  torch::nn::Linear linear(4, 3);
+  torch::nn::LayerNorm norm(torch::nn::LayerNormOptions({3}));
+  neva::OptimizerConfig config;
+  config.lr = 0.1;
+  config.weight_decay = 0.5;
+  auto optimizer = neva::make_adamw({linear.ptr().get(), norm.ptr().get()}, config);
+  REQUIRE(optimizer->param_groups().size() == 2);
+  auto& decayed = optimizer->param_groups()[0];
+  auto& plain = optimizer->param_groups()[1];
+  CHECK(decayed.params().size() == 1);  // linear.weight
+  CHECK(plain.params().size() == 3);    // linear.bias, norm.weight, norm.bias
+  CHECK(static_cast<torch::optim::AdamWOptions&>(decayed.options()).weight_decay() == doctest::Approx(0.5));
+  CHECK(static_cast<torch::optim::AdamWOptions&>(plain.options()).weight_decay() == doctest::Approx(0.0));
+  neva::set_learning_rate(*optimizer, 0.01);
+  for (auto& group : optimizer->param_groups()) CHECK(group.options().get_lr() == doctest::Approx(0.01));
+  linear->weight.set_requires_grad(false);
+  linear->bias.set_requires_grad(false);
+  norm->weight.set_requires_grad(false);
+  norm->bias.set_requires_grad(false);
+  CHECK_THROWS_AS(neva::make_adamw({linear.ptr().get(), norm.ptr().get()}, config), neva::Error);
+}
+
+TEST_CASE("causal_lm_loss is next-token cross entropy over labelled positions only") {
+  torch::manual_seed(0);
+  at::Tensor logits = torch::randn({2, 5, 7});
+  at::Tensor labels = torch::randint(0, 7, {2, 5}, at::kLong);
+  labels.index_put_({0, torch::indexing::Slice(0, 3)}, neva::kIgnoreIndex);
+  // Written out: position t predicts label t + 1.
+  at::Tensor log_probs = logits.log_softmax(-1);
+  double total = 0;
+  int count = 0;
+  for (int b = 0; b < 2; ++b) {
+    for (int t = 0; t < 4; ++t) {
+      std::int64_t target = labels[b][t + 1].item<std::int64_t>();
+      if (target == neva::kIgnoreIndex) continue;
+      total -= log_probs[b][t][target].item<double>();
+      ++count;
+    }
+  }
+  CHECK(neva::causal_lm_loss(logits, labels).item<double>() == doctest::Approx(total / count).epsilon(1e-6));
+  CHECK_THROWS_AS(neva::causal_lm_loss(logits, labels.narrow(1, 0, 4)), neva::Error);
+}
+
+TEST_CASE("gradient clipping bounds the global norm and reports it before clipping") {
+  torch::nn::Linear linear(3, 2);
+  linear->weight.mutable_grad() = torch::full({2, 3}, 2.0);
+  linear->bias.mutable_grad() = torch::full({2}, 2.0);
+  double norm = neva::clip_gradients({linear.ptr().get()}, 1.0);
+  CHECK(norm == doctest::Approx(std::sqrt(8 * 4.0)));
+  double after = std::sqrt(linear->weight.grad().pow(2).sum().item<double>() + linear->bias.grad().pow(2).sum().item<double>());
+  CHECK(after == doctest::Approx(1.0).epsilon(1e-4));
+}
