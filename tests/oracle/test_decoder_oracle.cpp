@@ -5,6 +5,7 @@
 #include <torch/utils.h>
 
 #include <cstdlib>
+#include <functional>
 
 #include "neva/language_backbone.h"
 #include "neva/llava_model.h"
@@ -65,97 +66,88 @@ at::Tensor logits_of(neva::LanguageBackbone& model, const at::Tensor& ids, neva:
   return model.forward(inputs).logits;
 }
 
+// Runs `body` for every oracle case with its reference tensors and the plugin's model loaded from
+// the same directory (in `dtype`).
+void for_each_case(const std::function<void(const Case&, neva::SafetensorsFile&, neva::LanguageBackbone&)>& body,
+                   c10::ScalarType dtype = at::kFloat) {
+  torch::NoGradGuard no_grad;
+  for (const auto& item : kCases) {
+    std::string name = item.name;
+    CAPTURE(name);
+    auto directory = oracle_directory() / item.name;
+    neva::SafetensorsFile reference((directory / "reference.safetensors").string());
+    auto model = load(directory, item.plugin, dtype);
+    body(item, reference, *model);
+  }
+}
+
 }  // namespace
 
 TEST_CASE("decoder fp32 logits match transformers within 1e-4") {
-  torch::NoGradGuard no_grad;
-  for (const auto& [name, plugin] : kCases) {
-    CAPTURE(std::string(name));
-    auto directory = oracle_directory() / name;
-    neva::SafetensorsFile reference((directory / "reference.safetensors").string());
-    auto model = load(directory, plugin);
-    double difference = max_difference(logits_of(*model, reference.tensor("prompt")), reference.tensor("logits"));
-    MESSAGE(std::string(name) << ": max |logit difference| " << difference);
+  for_each_case([](const Case& item, neva::SafetensorsFile& reference, neva::LanguageBackbone& backbone) {
+    const std::string name = item.name;
+    double difference = max_difference(logits_of(backbone, reference.tensor("prompt")), reference.tensor("logits"));
+    MESSAGE(name << ": max |logit difference| " << difference);
     CHECK(difference <= 1e-4);
-  }
+  });
 }
 
 TEST_CASE("decoders with a left-padded batch match transformers at every real token") {
-  torch::NoGradGuard no_grad;
-  for (const auto& [name, plugin] : kCases) {
-    CAPTURE(std::string(name));
-    auto directory = oracle_directory() / name;
-    neva::SafetensorsFile reference((directory / "reference.safetensors").string());
-    auto model = load(directory, plugin);
+  for_each_case([](const Case&, neva::SafetensorsFile& reference, neva::LanguageBackbone& backbone) {
     neva::BackboneInputs inputs;
-    inputs.embeddings = model->embed(reference.tensor("padded_ids"));
+    inputs.embeddings = backbone.embed(reference.tensor("padded_ids"));
     inputs.attention_mask = reference.tensor("padded_mask");
     inputs.positions = reference.tensor("padded_positions");
-    at::Tensor logits = model->forward(inputs).logits;
+    at::Tensor logits = backbone.forward(inputs).logits;
     at::Tensor real = reference.tensor("padded_mask").to(at::kBool);
     CHECK(!logits.isnan().any().item<bool>());
     CHECK(max_difference(logits.index({real}), reference.tensor("padded_logits").index({real})) <= 1e-4);
-  }
+  });
 }
 
 TEST_CASE("decoder greedy decoding with the KV cache gives transformers' 32 tokens") {
-  torch::NoGradGuard no_grad;
-  for (const auto& [name, plugin] : kCases) {
-    CAPTURE(std::string(name));
-    auto directory = oracle_directory() / name;
-    neva::SafetensorsFile reference((directory / "reference.safetensors").string());
-    auto model = load(directory, plugin);
+  for_each_case([](const Case&, neva::SafetensorsFile& reference, neva::LanguageBackbone& backbone) {
     at::Tensor prompt = reference.tensor("prompt");
     at::Tensor expected = reference.tensor("greedy");
-    auto cache = model->new_cache(1, prompt.size(1) + expected.size(1));
-    at::Tensor logits = logits_of(*model, prompt, cache.get());
+    auto cache = backbone.new_cache(1, prompt.size(1) + expected.size(1));
+    at::Tensor logits = logits_of(backbone, prompt, cache.get());
     std::vector<std::int64_t> tokens;
     for (std::int64_t step = 0; step < expected.size(1); ++step) {
       at::Tensor next = logits.select(1, -1).argmax(-1, true);
       tokens.push_back(next.item<std::int64_t>());
-      logits = logits_of(*model, next, cache.get());
+      logits = logits_of(backbone, next, cache.get());
     }
     CHECK(torch::equal(torch::tensor(tokens).view({1, -1}), expected));
-  }
+  });
 }
 
 TEST_CASE("incremental decoding with the KV cache equals the full forward pass") {
-  torch::NoGradGuard no_grad;
-  // "dynamic" is left out on purpose: its frequencies depend on the longest position seen, so
-  // transformers itself rotates cached keys differently from a full pass once past the trained length.
-  for (const auto& [name, plugin] : kCases) {
-    if (std::string(name) == "dynamic") continue;
-    CAPTURE(std::string(name));
-    auto directory = oracle_directory() / name;
-    neva::SafetensorsFile reference((directory / "reference.safetensors").string());
-    auto model = load(directory, plugin);
+  for_each_case([](const Case& item, neva::SafetensorsFile& reference, neva::LanguageBackbone& backbone) {
+    const std::string name = item.name;
+    if (name == "dynamic") return;
     at::Tensor sequence = at::cat({reference.tensor("prompt"), reference.tensor("greedy")}, 1);
-    at::Tensor full = logits_of(*model, sequence);
-    auto cache = model->new_cache(1, sequence.size(1));
-    std::vector<at::Tensor> pieces{logits_of(*model, sequence.narrow(1, 0, 5), cache.get())};
-    for (std::int64_t i = 5; i < sequence.size(1); ++i) pieces.push_back(logits_of(*model, sequence.narrow(1, i, 1), cache.get()));
+    at::Tensor full = logits_of(backbone, sequence);
+    auto cache = backbone.new_cache(1, sequence.size(1));
+    std::vector<at::Tensor> pieces{logits_of(backbone, sequence.narrow(1, 0, 5), cache.get())};
+    for (std::int64_t i = 5; i < sequence.size(1); ++i) pieces.push_back(logits_of(backbone, sequence.narrow(1, i, 1), cache.get()));
     CHECK(max_difference(at::cat(pieces, 1), full) <= 1e-4);
-  }
+  });
 }
 
 TEST_CASE("decoder bf16 logits stay within the documented tolerance of transformers' bf16 and fp32") {
-  torch::NoGradGuard no_grad;
-  for (const auto& [name, plugin] : kCases) {
-    CAPTURE(std::string(name));
-    auto directory = oracle_directory() / name;
-    neva::SafetensorsFile reference((directory / "reference.safetensors").string());
-    auto model = load(directory, plugin, at::kBFloat16);
-    at::Tensor logits = logits_of(*model, reference.tensor("prompt"));
+  for_each_case([](const Case& item, neva::SafetensorsFile& reference, neva::LanguageBackbone& backbone) {
+    const std::string name = item.name;
+    at::Tensor logits = logits_of(backbone, reference.tensor("prompt"));
     CHECK((logits.scalar_type() == at::kBFloat16));
     double versus_bf16 = max_difference(logits, reference.tensor("bf16_logits"));
     double versus_fp32 = max_difference(logits, reference.tensor("logits"));
     double scale = reference.tensor("logits").abs().max().item<double>();
-    MESSAGE(std::string(name) << ": bf16 vs transformers bf16 " << versus_bf16 << ", vs fp32 " << versus_fp32 << " (logit scale "
+    MESSAGE(name << ": bf16 vs transformers bf16 " << versus_bf16 << ", vs fp32 " << versus_fp32 << " (logit scale "
                  << scale << ")");
     // bf16 keeps 8 mantissa bits: two bf16 implementations agree to a few ulps of the logit scale.
     CHECK(versus_bf16 <= 0.03 * scale);
     CHECK(versus_fp32 <= 0.03 * scale);
-  }
+  }, at::kBFloat16);
 }
 
 TEST_CASE("a checkpoint whose tensor disagrees with config.json is named") {
