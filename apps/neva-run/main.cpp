@@ -76,12 +76,16 @@ void list_plugins(const std::vector<std::string>& plugin_paths, bool json) {
 int main(int argc, char** argv) {
   CLI::App app{
       "neva-run: NeVA/LLaVA vision-language models from TOML recipes, with every model part a plugin.\n\n"
-      "  neva-run RECIPE.toml [--set section.key=value]...   run the recipe (its run.mode)\n"
+      "  neva-run RECIPE.toml [--set section.key=value]...   run the recipe's run.mode:\n"
+      "        inspect   build every component, run one forward pass, report\n"
+      "        generate  answer [inference] prompts (with images), streamed or as JSON lines\n"
+      "        score     log-probabilities of continuations from a JSONL file\n"
       "  neva-run demo [--set ...]                           run the embedded default recipe\n"
       "  neva-run validate RECIPE.toml [--set ...]           check a recipe without running it\n"
       "  neva-run plugins [--json]                           list the plugins found\n\n"
       "Plugins are searched in run.plugin_paths, --plugin-path, NEVA_PLUGIN_PATH and the install\n"
-      "directory, never the current directory. Recipe keys: docs/recipes.md.\n"
+      "directory, never the current directory. Recipe keys: docs/recipes.md; example recipes: configs/.\n"
+      "Check a plugin of your own with neva-conformance PLUGIN.so (docs/plugins.md).\n"
       "Exit codes: 0 success, 2 usage or recipe error, 1 runtime error.",
       "neva-run"};
   app.set_version_flag("--version", std::string("neva-run ") + NEVA_VERSION + " (LibTorch " + TORCH_VERSION +
