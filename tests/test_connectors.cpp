@@ -5,6 +5,7 @@
 #include "neva/connector.h"
 #include "neva/registry.h"
 #include "neva/safetensors.h"
+#include "builtin_plugins.h"
 #include "test_support.h"
 
 namespace F = torch::nn::functional;
@@ -13,10 +14,7 @@ namespace {
 
 std::shared_ptr<neva::Connector> build(const std::string& type, const std::string& extra = "",
                                        neva::RuntimeContext context = {}) {
-  neva::Registry::Options options;
-  options.search_paths = {neva::test::plugin_directory()};
-  options.use_environment = false;
-  options.use_install_directory = false;
+  neva::Registry::Options options = neva::test::builtin_plugins();
   neva::Registry registry(options);
   auto document = neva::ConfigDocument::parse("input_size = 12\noutput_size = 20\n" + extra, "c.toml");
   auto config = registry.parse_config("connector", type, document.root());
@@ -87,10 +85,7 @@ TEST_CASE("connectors load LLaVA's projector names from a safetensors file") {
   at::Tensor w0 = torch::randn({20, 12}), b0 = torch::randn({20}), w2 = torch::randn({20, 20}), b2 = torch::randn({20});
   neva::write_safetensors(path, {{"model.mm_projector.0.weight", w0}, {"model.mm_projector.0.bias", b0},
                                  {"model.mm_projector.2.weight", w2}, {"model.mm_projector.2.bias", b2}});
-  neva::Registry::Options options;
-  options.search_paths = {neva::test::plugin_directory()};
-  options.use_environment = false;
-  options.use_install_directory = false;
+  neva::Registry::Options options = neva::test::builtin_plugins();
   neva::Registry registry(options);
   auto document = neva::ConfigDocument::parse("input_size = 12\noutput_size = 20\n", "c.toml");
   auto config = registry.parse_config("connector", "mlp2x_gelu", document.root());

@@ -4,6 +4,7 @@
 
 #include "neva/error.h"
 #include "neva/recipe.h"
+#include "builtin_plugins.h"
 #include "test_support.h"
 
 namespace fs = std::filesystem;
@@ -11,13 +12,7 @@ using neva::test::plugin_directory;
 
 namespace {
 
-neva::Registry::Options only_builtin() {
-  neva::Registry::Options options;
-  options.search_paths = {plugin_directory()};
-  options.use_environment = false;
-  options.use_install_directory = false;
-  return options;
-}
+neva::Registry::Options only_builtin() { return neva::test::builtin_plugins(); }
 
 const char* kMinimal = R"(
 [model.mm_cfg]

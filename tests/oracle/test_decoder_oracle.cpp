@@ -13,6 +13,7 @@
 #include "neva/recipe.h"
 #include "neva/registry.h"
 #include "neva/safetensors.h"
+#include "builtin_plugins.h"
 #include "test_support.h"
 
 namespace fs = std::filesystem;
@@ -30,11 +31,8 @@ const Case kCases[] = {{"mha", "llama"},           {"gqa_tied_bias", "llama"},  
 
 // Built-in plugins and the out-of-tree example (built by ctest against the installed SDK).
 neva::Registry::Options plugin_options() {
-  neva::Registry::Options options;
-  options.search_paths = {neva::test::plugin_directory()};
+  neva::Registry::Options options = neva::test::builtin_plugins();
   options.search_paths.push_back(neva::test::example_plugin_directory());
-  options.use_environment = false;
-  options.use_install_directory = false;
   return options;
 }
 
@@ -192,10 +190,7 @@ TEST_CASE("the out-of-tree qwen2 example loads by name from a recipe's plugin_pa
   std::string text = std::string("[run]\nplugin_paths = [\"") + example + "\"]\n[model.mm_cfg]\nmm_mlp_adapter_type = "
                      "\"linear\"\n[model.mm_cfg.mm_mlp_adapter]\ninput_size = 8\n[model.mm_cfg.llm]\nplugin = \"qwen2\"\n"
                      "from_pretrained = \"" + (oracle_directory() / "qwen2").string() + "\"\n";
-  neva::Registry::Options options;
-  options.search_paths = {neva::test::plugin_directory()};
-  options.use_environment = false;
-  options.use_install_directory = false;
+  neva::Registry::Options options = neva::test::builtin_plugins();
   neva::Recipe recipe = neva::parse_recipe(neva::ConfigDocument::parse(text, "q.toml"), "/", options);
   CHECK(recipe.registry->find("language_backbone", "qwen2").path.string().find(example) == 0);
   neva::LlavaModel model = neva::build_model(recipe, recipe.runtime_context());

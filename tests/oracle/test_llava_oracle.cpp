@@ -14,6 +14,7 @@
 #include "neva/llava_model.h"
 #include "neva/recipe.h"
 #include "neva/safetensors.h"
+#include "builtin_plugins.h"
 #include "test_support.h"
 
 namespace fs = std::filesystem;
@@ -32,10 +33,7 @@ neva::Recipe recipe_for(const fs::path& directory, const std::string& extra = ""
                      "[model.mm_cfg.llm]\nplugin = \"llama\"\nfrom_pretrained = \"" + directory.string() +
                      "\"\n[model.mm_cfg.vision_encoder]\nplugin = \"clip\"\nfrom_pretrained = \"" + directory.string() +
                      "\"\n";
-  neva::Registry::Options options;
-  options.search_paths = {neva::test::plugin_directory()};
-  options.use_environment = false;
-  options.use_install_directory = false;
+  neva::Registry::Options options = neva::test::builtin_plugins();
   return neva::parse_recipe(neva::ConfigDocument::parse(text, "llava.toml"), directory, options);
 }
 
@@ -287,10 +285,7 @@ TEST_CASE("an llm directory of another model type is refused by name") {
   dir.write("config.json", R"({"model_type": "mistral", "hidden_size": 64})");
   std::string text = "[model.mm_cfg]\nmm_mlp_adapter_type = 'linear'\n[model.mm_cfg.mm_mlp_adapter]\ninput_size = 4\n"
                      "[model.mm_cfg.llm]\nplugin = 'llama'\nconfig = '" + (dir.path() / "config.json").string() + "'\n";
-  neva::Registry::Options options;
-  options.search_paths = {neva::test::plugin_directory()};
-  options.use_environment = false;
-  options.use_install_directory = false;
+  neva::Registry::Options options = neva::test::builtin_plugins();
   CHECK_THROWS_WITH_AS(neva::parse_recipe(neva::ConfigDocument::parse(text, "r.toml"), dir.path(), options),
                        doctest::Contains("config.json: model_type: expected \"llama\""), neva::RecipeError);
 }
@@ -357,10 +352,7 @@ TEST_CASE("a Mistral + SigLIP composition matches transformers' LlavaForConditio
   std::string text = "[model.mm_cfg]\nmm_mlp_adapter_type = \"mlp2x_gelu\"\npretrain_mm_mlp_adapter = \"" + path +
                      "\"\n[model.mm_cfg.llm]\nplugin = \"mistral\"\nfrom_pretrained = \"" + path +
                      "\"\n[model.mm_cfg.vision_encoder]\nplugin = \"siglip\"\nfrom_pretrained = \"" + path + "\"\n";
-  neva::Registry::Options options;
-  options.search_paths = {neva::test::plugin_directory()};
-  options.use_environment = false;
-  options.use_install_directory = false;
+  neva::Registry::Options options = neva::test::builtin_plugins();
   neva::Recipe recipe = neva::parse_recipe(neva::ConfigDocument::parse(text, "ms.toml"), directory, options);
   neva::LlavaModel model = neva::build_model(recipe, recipe.runtime_context());
   CHECK(model.tokens_per_image() == 16);  // 'full' with no class token: every patch

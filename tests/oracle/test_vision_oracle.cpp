@@ -9,6 +9,7 @@
 #include "neva/registry.h"
 #include "neva/safetensors.h"
 #include "neva/vision_encoder.h"
+#include "builtin_plugins.h"
 #include "test_support.h"
 
 namespace fs = std::filesystem;
@@ -23,10 +24,7 @@ fs::path oracle_directory() {
 
 std::shared_ptr<neva::VisionEncoder> load(const fs::path& directory, const std::string& keys,
                                           c10::ScalarType dtype = at::kFloat, const std::string& plugin = "clip") {
-  neva::Registry::Options options;
-  options.search_paths = {neva::test::plugin_directory()};
-  options.use_environment = false;
-  options.use_install_directory = false;
+  neva::Registry::Options options = neva::test::builtin_plugins();
   neva::Registry registry(options);
   auto document = neva::ConfigDocument::parse("from_pretrained = \"" + directory.string() + "\"\n" + keys, "o.toml");
   auto config = registry.parse_config("vision_encoder", plugin, document.root());
@@ -138,10 +136,7 @@ TEST_CASE("the so400m-patch14-384 SigLIP shape loads: 1152 wide, 27 layers, 729 
   dir.write("config.json", R"({"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
     "num_hidden_layers": 27, "num_attention_heads": 16, "image_size": 384, "patch_size": 14,
     "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6})");
-  neva::Registry::Options options;
-  options.search_paths = {neva::test::plugin_directory()};
-  options.use_environment = false;
-  options.use_install_directory = false;
+  neva::Registry::Options options = neva::test::builtin_plugins();
   neva::Registry registry(options);
   auto document = neva::ConfigDocument::parse("config = \"" + (dir.path() / "config.json").string() + "\"\n", "s.toml");
   auto config = registry.parse_config("vision_encoder", "siglip", document.root());
