@@ -104,12 +104,8 @@ TEST_CASE("plugin paths in a recipe resolve against the recipe's directory") {
   auto recipe = parse(std::string("[run]\nplugin_paths = [\"") + plugin_directory().string() + "\"]\n" + kMinimal);
   CHECK(recipe.run.plugin_paths.front() == plugin_directory());
   auto document = neva::ConfigDocument::parse("[run]\nplugin_paths = [\"../plugins\"]\n", "r.toml");
-  neva::RunConfig run;
-  try {
-    neva::parse_recipe(document, "/recipes/sub", only_builtin());
-  } catch (const neva::PluginError& error) {
-    CHECK(std::string(error.what()) == "plugin directory /recipes/plugins does not exist or is not a directory");
-  }
+  CHECK_THROWS_WITH_AS(neva::parse_recipe(document, "/recipes/sub", only_builtin()),
+                       "plugin directory /recipes/plugins does not exist or is not a directory", neva::PluginError);
 }
 
 TEST_CASE("recipe errors name the place and what was expected") {

@@ -1,5 +1,6 @@
 #include "inference.h"
 
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <ATen/ATen.h>
@@ -180,7 +181,12 @@ class JsonlOutput {
   void commit() {
     if (path_.empty()) return;
     file_.close();
-    if (!file_ || std::rename(temporary_.c_str(), path_.c_str()) != 0) throw Error(path_ + ": cannot write the answers");
+    int fd = ::open(temporary_.c_str(), O_RDONLY | O_CLOEXEC);  // on disk before it takes the final name
+    bool synced = fd >= 0 && ::fsync(fd) == 0;
+    if (fd >= 0) ::close(fd);
+    if (!file_ || !synced || std::rename(temporary_.c_str(), path_.c_str()) != 0) {
+      throw Error(path_ + ": cannot write the answers");
+    }
     committed_ = true;
   }
 

@@ -18,12 +18,11 @@ namespace neva {
 
 namespace {
 
-void check_budget(const std::string& name, std::int64_t width, std::int64_t height, std::int64_t max_pixels) {
-  if (width <= 0 || height <= 0) throw Error(name + ": image has no pixels (" + std::to_string(width) + "x" + std::to_string(height) + ")");
-  if (width * height > max_pixels) {
-    throw Error(name + ": image of " + std::to_string(width) + "x" + std::to_string(height) + " pixels exceeds the budget of " +
-                std::to_string(max_pixels) + " pixels");
-  }
+// "" when a width x height image fits the budget, else why not: checked from the header, before decoding.
+std::string over_budget(std::int64_t width, std::int64_t height, std::int64_t max_pixels) {
+  if (width * height <= max_pixels) return {};
+  return "image of " + std::to_string(width) + "x" + std::to_string(height) + " pixels exceeds the budget of " +
+         std::to_string(max_pixels) + " pixels";
 }
 
 // ------------------------------------------------------------------ JPEG (libjpeg-turbo)
@@ -56,10 +55,7 @@ Image decode_jpeg(const std::string& bytes, const std::string& name, std::int64_
   jpeg_mem_src(&info, reinterpret_cast<const unsigned char*>(bytes.data()), bytes.size());
   jpeg_read_header(&info, TRUE);
   if (info.jpeg_color_space == JCS_CMYK || info.jpeg_color_space == JCS_YCCK) failure = "CMYK JPEGs are not supported";
-  if (failure.empty() && static_cast<std::int64_t>(info.image_width) * info.image_height > max_pixels) {
-    failure = "image of " + std::to_string(info.image_width) + "x" + std::to_string(info.image_height) +
-              " pixels exceeds the budget of " + std::to_string(max_pixels) + " pixels";
-  }
+  if (failure.empty()) failure = over_budget(info.image_width, info.image_height, max_pixels);
   if (!failure.empty()) {
     jpeg_destroy_decompress(&info);
     throw Error(name + ": " + failure);
@@ -117,11 +113,8 @@ Image decode_png(const std::string& bytes, const std::string& name, std::int64_t
   }
   png_read_info(png, info);
   png_uint_32 width = png_get_image_width(png, info), height = png_get_image_height(png, info);
-  if (static_cast<std::int64_t>(width) * height > max_pixels) {
-    failure = "image of " + std::to_string(width) + "x" + std::to_string(height) + " pixels exceeds the budget of " +
-              std::to_string(max_pixels) + " pixels";
-    png_longjmp(png, 1);
-  }
+  failure = over_budget(width, height, max_pixels);
+  if (!failure.empty()) png_longjmp(png, 1);
   // To 8-bit RGB as Pillow's convert("RGB"): palettes and low-bit grey expand, 16-bit keeps its
   // high byte, alpha is dropped (not composited), grey is replicated. No gamma handling.
   png_set_expand(png);
@@ -218,7 +211,9 @@ Image load_image(const std::string& path, std::int64_t max_pixels) {
 
 Image resize_bicubic(const Image& image, int width, int height) {
   if (width == image.width && height == image.height) return image;  // Pillow returns a copy
-  check_budget("resize", width, height, INT64_MAX);
+  if (width <= 0 || height <= 0) {
+    throw Error("resize: target size " + std::to_string(width) + "x" + std::to_string(height) + " has no pixels");
+  }
   Coefficients horizontal = coefficients(image.width, width);
   Coefficients vertical = coefficients(image.height, height);
   // Horizontal pass over only the rows the vertical pass reads (Pillow's ybox_first/ybox_last).
@@ -246,11 +241,7 @@ Image resize_bicubic(const Image& image, int width, int height) {
     source = &temporary;
     for (int y = 0; y < height; ++y) vertical.bounds[y * 2] -= first_row;
   }
-  if (height == source->height && source == &image) return image;
-  if (height == image.height && source == &temporary) {
-    // Only the width changed: the horizontal pass covered every row.
-    return temporary;
-  }
+  if (height == image.height) return temporary;  // only the width changed: the horizontal pass covered every row
   Image out;
   out.width = width;
   out.height = height;

@@ -213,22 +213,22 @@ std::vector<PluginInfo> Registry::list() const {
   return out;
 }
 
-const LoadedPlugin& Registry::plugin(const std::string& kind, const std::string& name) const {
-  std::vector<const LoadedPlugin*> answering;
+const std::shared_ptr<LoadedPlugin>& Registry::plugin(const std::string& kind, const std::string& name) const {
+  std::vector<const std::shared_ptr<LoadedPlugin>*> answering;
   std::vector<std::string> available;
   for (const auto& plugin : plugins_) {
     if (plugin->info.kind != kind) continue;
-    if (plugin->info.name == name) return *plugin;
+    if (plugin->info.name == name) return plugin;
     available.push_back(plugin->info.name);
     if (plugin->descriptor->answers_to &&
         call_plugin(*plugin, "answers_to", [&] { return plugin->descriptor->answers_to(name.c_str()); })) {
-      answering.push_back(plugin.get());
+      answering.push_back(&plugin);
     }
   }
   if (answering.size() == 1) return *answering.front();
   if (answering.size() > 1) {
-    throw PluginError("several " + kind + " plugins answer to '" + name + "': " + answering[0]->label() + " and " +
-                      answering[1]->label());
+    throw PluginError("several " + kind + " plugins answer to '" + name + "': " + (*answering[0])->label() + " and " +
+                      (*answering[1])->label());
   }
   std::sort(available.begin(), available.end());
   std::string searched;
@@ -238,14 +238,13 @@ const LoadedPlugin& Registry::plugin(const std::string& kind, const std::string&
 }
 
 const PluginInfo& Registry::find(const std::string& kind, const std::string& name) const {
-  return plugin(kind, name).info;
+  return plugin(kind, name)->info;
 }
 
 std::shared_ptr<ComponentConfig> Registry::parse_config(const std::string& kind, const std::string& name,
                                                               const ConfigSection& section) const {
-  const LoadedPlugin& found = plugin(kind, name);
-  std::shared_ptr<const LoadedPlugin> library = *std::find_if(
-      plugins_.begin(), plugins_.end(), [&](const auto& candidate) { return candidate.get() == &found; });
+  std::shared_ptr<const LoadedPlugin> library = plugin(kind, name);
+  const LoadedPlugin& found = *library;
   ComponentConfig* config = call_plugin(found, "parse_config", [&] { return found.descriptor->parse_config(name.c_str(), section); });
   if (!config) throw PluginError(found.label() + ": parse_config returned nothing");
   return std::shared_ptr<ComponentConfig>(config, [library](ComponentConfig* c) { delete c; });
@@ -254,16 +253,15 @@ std::shared_ptr<ComponentConfig> Registry::parse_config(const std::string& kind,
 std::pair<Component*, std::shared_ptr<const LoadedPlugin>> Registry::create_component(
     const std::string& kind, const std::string& name, const ComponentConfig& config,
     const RuntimeContext& context) const {
-  const LoadedPlugin& found = plugin(kind, name);
-  std::shared_ptr<const LoadedPlugin> library = *std::find_if(
-      plugins_.begin(), plugins_.end(), [&](const auto& candidate) { return candidate.get() == &found; });
+  std::shared_ptr<const LoadedPlugin> library = plugin(kind, name);
+  const LoadedPlugin& found = *library;
   Component* component = call_plugin(found, "create", [&] { return found.descriptor->create(config, context); });
   if (!component) throw PluginError(found.label() + ": create returned nothing");
   return {component, std::move(library)};
 }
 
 void Registry::throw_wrong_type(const std::string& kind, const std::string& name) const {
-  throw PluginError(plugin(kind, name).label() + ": create returned an object that does not implement the " + kind +
+  throw PluginError(plugin(kind, name)->label() + ": create returned an object that does not implement the " + kind +
                     " interface");
 }
 

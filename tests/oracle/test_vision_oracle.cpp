@@ -40,18 +40,11 @@ struct Selection {
   std::int64_t dropped;       // leading tokens removed
 };
 
-}  // namespace
-
-TEST_CASE("clip features match transformers' hidden states for each select layer and strategy") {
+// Each selection's features against the hidden state transformers recorded, for each model directory.
+void check_selections(const std::string& plugin, const std::vector<const char*>& models,
+                      const std::vector<Selection>& selections) {
   torch::NoGradGuard no_grad;
-  const Selection selections[] = {
-      {"", 2, 1},                                                      // LLaVA's default: layer -2, drop CLS
-      {"vision_select_layer = -1\nvision_feature_select_strategy = 'full'\n", 3, 0},
-      {"vision_select_layer = -2\nvision_feature_select_strategy = 'full'\n", 2, 0},
-      {"vision_select_layer = 0\n", 0, 1},                             // the pre_layrnorm output
-      {"vision_select_layer = 1\nclass_token_length = 0\n", 1, 0},     // NeMo's key: nothing to drop
-  };
-  for (const char* model : {"vision_model", "clip_model"}) {
+  for (const char* model : models) {
     auto directory = oracle_directory() / model;
     neva::SafetensorsFile reference((directory / "reference.safetensors").string());
     at::Tensor pixels = reference.tensor("pixel_values");
@@ -59,7 +52,7 @@ TEST_CASE("clip features match transformers' hidden states for each select layer
     for (const auto& selection : selections) {
       std::string context = std::string(model) + " with keys: " + selection.keys;
       CAPTURE(context);
-      auto encoder = load(directory, selection.keys);
+      auto encoder = load(directory, selection.keys, at::kFloat, plugin);
       at::Tensor expected = hidden[selection.hidden_state].narrow(1, selection.dropped,
                                                                   hidden.size(2) - selection.dropped);
       at::Tensor features = encoder->forward(pixels);
@@ -68,6 +61,19 @@ TEST_CASE("clip features match transformers' hidden states for each select layer
       CHECK((features - expected).abs().max().item<double>() <= 1e-5);
     }
   }
+}
+
+}  // namespace
+
+TEST_CASE("clip features match transformers' hidden states for each select layer and strategy") {
+  const Selection selections[] = {
+      {"", 2, 1},                                                      // LLaVA's default: layer -2, drop CLS
+      {"vision_select_layer = -1\nvision_feature_select_strategy = 'full'\n", 3, 0},
+      {"vision_select_layer = -2\nvision_feature_select_strategy = 'full'\n", 2, 0},
+      {"vision_select_layer = 0\n", 0, 1},                             // the pre_layrnorm output
+      {"vision_select_layer = 1\nclass_token_length = 0\n", 1, 0},     // NeMo's key: nothing to drop
+  };
+  check_selections("clip", {"vision_model", "clip_model"}, {std::begin(selections), std::end(selections)});
 }
 
 TEST_CASE("clip on a non-square image interpolates its positions as transformers' interpolate_pos_encoding") {
@@ -106,29 +112,14 @@ TEST_CASE("clip refuses images of the wrong size and out-of-range select layers"
 }
 
 TEST_CASE("siglip features match transformers' hidden states, with or without the pooling head") {
-  torch::NoGradGuard no_grad;
   const Selection selections[] = {
       {"", 2, 0},                               // layer -2; SigLIP has no class token to drop
       {"vision_select_layer = -1\n", 3, 0},    // the last layer, without post_layernorm
       {"vision_select_layer = 0\n", 0, 0},     // the embeddings
       {"vision_feature_select_strategy = 'full'\n", 2, 0},
   };
-  for (const char* model : {"siglip_vision_model", "siglip_headless", "siglip_model"}) {
-    auto directory = oracle_directory() / model;
-    neva::SafetensorsFile reference((directory / "reference.safetensors").string());
-    at::Tensor pixels = reference.tensor("pixel_values");
-    at::Tensor hidden = reference.tensor("hidden_states");
-    for (const auto& selection : selections) {
-      std::string context = std::string(model) + " with keys: " + selection.keys;
-      CAPTURE(context);
-      auto encoder = load(directory, selection.keys, at::kFloat, "siglip");
-      at::Tensor expected = hidden[selection.hidden_state];
-      at::Tensor features = encoder->forward(pixels);
-      CHECK(encoder->num_tokens() == expected.size(1));
-      REQUIRE(features.sizes() == expected.sizes());
-      CHECK((features - expected).abs().max().item<double>() <= 1e-5);
-    }
-  }
+  check_selections("siglip", {"siglip_vision_model", "siglip_headless", "siglip_model"},
+                   {std::begin(selections), std::end(selections)});
 }
 
 TEST_CASE("the so400m-patch14-384 SigLIP shape loads: 1152 wide, 27 layers, 729 tokens") {

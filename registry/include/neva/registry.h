@@ -83,7 +83,7 @@ class NEVA_API Registry {
   std::pair<Component*, std::shared_ptr<const LoadedPlugin>> create_component(
       const std::string& kind, const std::string& name, const ComponentConfig& config,
       const RuntimeContext& context) const;
-  const LoadedPlugin& plugin(const std::string& kind, const std::string& name) const;
+  const std::shared_ptr<LoadedPlugin>& plugin(const std::string& kind, const std::string& name) const;
   [[noreturn]] void throw_wrong_type(const std::string& kind, const std::string& name) const;
 
   std::vector<std::filesystem::path> directories_;
