@@ -75,12 +75,12 @@ TEST_CASE("a created component keeps its library loaded after the registry is go
 TEST_CASE("ABI major mismatch is refused with both versions named") {
   auto message = registry_error(only({broken_plugin_directory("abi_major")}));
   CHECK(contains(message, broken_file("abi_major").string()));
-  CHECK(contains(message, "plugin ABI 2.0 is incompatible with this neva (plugin ABI 1.0)"));
+  CHECK(contains(message, "plugin ABI 2.0 is incompatible with this neva (plugin ABI 1.1)"));
 }
 
 TEST_CASE("a plugin built for a newer minor ABI is refused") {
   auto message = registry_error(only({broken_plugin_directory("abi_minor")}));
-  CHECK(contains(message, "plugin ABI 1.1 is newer than this neva's 1.0"));
+  CHECK(contains(message, "plugin ABI 1.2 is newer than this neva's 1.1"));
 }
 
 TEST_CASE("a plugin built against another LibTorch is refused") {

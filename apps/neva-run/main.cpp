@@ -7,9 +7,10 @@
 #include <iostream>
 #include <nlohmann/json.hpp>
 
-#include "embedded_recipe.h"
+#include "demo.h"
 #include "inference.h"
 #include "inspect.h"
+#include "train.h"
 #include "neva/error.h"
 #include "neva/recipe.h"
 
@@ -31,16 +32,15 @@ neva::Recipe load(const std::string& recipe_path, const std::vector<std::string>
   return neva::load_recipe(recipe_path, overrides, registry_options(plugin_paths));
 }
 
-neva::Recipe load_demo(const std::vector<std::string>& overrides, const std::vector<std::string>& plugin_paths) {
-  auto document = neva::ConfigDocument::parse(neva::kDemoRecipe, "<embedded demo recipe>");
-  for (const auto& assignment : overrides) document.set(assignment);
-  return neva::parse_recipe(document, fs::current_path(), registry_options(plugin_paths));
-}
 
 void run(const neva::Recipe& recipe) {
   // Modes are checked when the recipe is parsed.
   if (recipe.run.mode == "generate") return neva::run_generate(recipe);
   if (recipe.run.mode == "score") return neva::run_score(recipe);
+  if (recipe.run.mode == "train") {
+    neva::run_train(recipe);
+    return;
+  }
   neva::run_inspect(recipe, std::cout);
 }
 
@@ -78,9 +78,11 @@ int main(int argc, char** argv) {
       "neva-run: NeVA/LLaVA vision-language models from TOML recipes, with every model part a plugin.\n\n"
       "  neva-run RECIPE.toml [--set section.key=value]...   run the recipe's run.mode:\n"
       "        inspect   build every component, run one forward pass, report\n"
+      "        train     train either NeVA stage on LLaVA data (checkpoints, exact resume, export)\n"
       "        generate  answer [inference] prompts (with images), streamed or as JSON lines\n"
       "        score     log-probabilities of continuations from a JSONL file\n"
-      "  neva-run demo [--set ...]                           run the embedded default recipe\n"
+      "  neva-run demo [--dir DIR] [--set ...]               train a tiny NeVA on synthetic shapes (both\n"
+      "                                                      stages), then answer questions on held-out images\n"
       "  neva-run validate RECIPE.toml [--set ...]           check a recipe without running it\n"
       "  neva-run plugins [--json]                           list the plugins found\n\n"
       "Plugins are searched in run.plugin_paths, --plugin-path, NEVA_PLUGIN_PATH and the install\n"
@@ -105,8 +107,13 @@ int main(int argc, char** argv) {
   app.add_option("recipe", recipe_path, "Recipe to run (TOML)")->type_name("RECIPE.toml");
   add_common(&app);
 
-  auto* demo = app.add_subcommand("demo", "Run the embedded default recipe (configs/demo.toml)");
+  auto* demo = app.add_subcommand("demo", "Train and evaluate a tiny NeVA on synthetic data (configs/demo/*.toml)");
   add_common(demo);
+  std::string demo_dir = "neva-demo";
+  demo->add_option("--dir", demo_dir, "Where the demo writes its data, model and runs (default ./neva-demo)")
+      ->type_name("DIR");
+  bool prepare_only = false;
+  demo->add_flag("--prepare-only", prepare_only, "Write the dataset, base model and recipes; train nothing");
   auto* validate = app.add_subcommand("validate", "Parse and check a recipe and its plugins' keys; build nothing");
   validate->add_option("recipe", recipe_path, "Recipe to check")->required()->type_name("RECIPE.toml");
   add_common(validate);
@@ -139,7 +146,7 @@ int main(int argc, char** argv) {
       neva::Recipe recipe = load(recipe_path, overrides, plugin_paths);
       std::cout << recipe.source << ": valid (mode " << recipe.run.mode << ")\n";
     } else if (*demo) {
-      run(load_demo(overrides, plugin_paths));
+      return neva::run_demo(demo_dir, overrides, registry_options(plugin_paths), prepare_only);
     } else if (!recipe_path.empty()) {
       run(load(recipe_path, overrides, plugin_paths));
     } else {

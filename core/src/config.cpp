@@ -226,6 +226,22 @@ std::optional<std::string> ConfigSection::path_value(std::string_view key) const
   return (std::filesystem::path(impl_->document->base_directory) / path).lexically_normal().string();
 }
 
+std::vector<std::string> ConfigSection::path_list(std::string_view key) const {
+  if (!has(key)) return {};
+  std::vector<std::string> paths;
+  if (impl_->table->get(key)->is_string()) {
+    paths.push_back(require<std::string>(key));
+  } else {
+    paths = require<std::vector<std::string>>(key);
+  }
+  for (auto& value : paths) {
+    if (value.empty()) fail(key, "expected a path, got an empty string");
+    std::filesystem::path path(value);
+    if (!path.is_absolute()) value = (std::filesystem::path(impl_->document->base_directory) / path).lexically_normal().string();
+  }
+  return paths;
+}
+
 ConfigSection ConfigSection::section(std::string_view key) const {
   impl_->asked.emplace(key);
   auto& child = impl_->children[std::string(key)];

@@ -346,3 +346,49 @@ at::Tensor preprocess_image(const Image& input, const ImageProcessorConfig& conf
 }
 
 }  // namespace neva
+
+namespace neva {
+
+std::string encode_png(const Image& image) {
+  if (image.width <= 0 || image.height <= 0 ||
+      image.rgb.size() != static_cast<std::size_t>(image.width) * static_cast<std::size_t>(image.height) * 3) {
+    throw Error("encode_png: the image is " + std::to_string(image.width) + "x" + std::to_string(image.height) +
+                " with " + std::to_string(image.rgb.size()) + " bytes (expected width * height * 3)");
+  }
+  std::string out;
+  std::string failure;
+  png_structp png = png_create_write_struct(PNG_LIBPNG_VER_STRING, nullptr, nullptr, nullptr);
+  png_infop info = png ? png_create_info_struct(png) : nullptr;
+  if (!info) {
+    png_destroy_write_struct(&png, nullptr);
+    throw Error("encode_png: libpng could not start");
+  }
+  png_set_error_fn(png, &failure,
+                   [](png_structp p, png_const_charp text) {
+                     *static_cast<std::string*>(png_get_error_ptr(p)) = text;
+                     png_longjmp(p, 1);
+                   },
+                   [](png_structp, png_const_charp) {});
+  png_set_write_fn(
+      png, &out,
+      [](png_structp p, png_bytep data, png_size_t length) {
+        static_cast<std::string*>(png_get_io_ptr(p))->append(reinterpret_cast<const char*>(data), length);
+      },
+      [](png_structp) {});
+  std::vector<png_bytep> rows(static_cast<std::size_t>(image.height));
+  for (int y = 0; y < image.height; ++y) {
+    rows[y] = const_cast<png_bytep>(image.rgb.data() + static_cast<std::size_t>(y) * image.width * 3);
+  }
+  if (setjmp(png_jmpbuf(png))) {
+    png_destroy_write_struct(&png, &info);
+    throw Error("encode_png: " + failure);
+  }
+  png_set_IHDR(png, info, image.width, image.height, 8, PNG_COLOR_TYPE_RGB, PNG_INTERLACE_NONE,
+               PNG_COMPRESSION_TYPE_DEFAULT, PNG_FILTER_TYPE_DEFAULT);
+  png_set_rows(png, info, rows.data());
+  png_write_png(png, info, PNG_TRANSFORM_IDENTITY, nullptr);
+  png_destroy_write_struct(&png, &info);
+  return out;
+}
+
+}  // namespace neva

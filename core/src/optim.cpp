@@ -19,16 +19,25 @@ double learning_rate(const OptimizerConfig& config, std::int64_t step) {
   return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1.0 + std::cos(M_PI * progress));
 }
 
-std::unique_ptr<torch::optim::AdamW> make_adamw(const std::vector<torch::nn::Module*>& modules,
-                                                 const OptimizerConfig& config) {
-  std::vector<at::Tensor> decayed, plain;
+std::vector<at::Tensor> trainable_parameters(const std::vector<torch::nn::Module*>& modules) {
+  std::vector<at::Tensor> parameters;
   for (auto* module : modules) {
     if (!module) continue;
     for (const auto& parameter : module->parameters()) {
-      if (!parameter.requires_grad()) continue;
-      (parameter.dim() >= 2 ? decayed : plain).push_back(parameter);
+      if (parameter.requires_grad()) parameters.push_back(parameter);
     }
   }
+  return parameters;
+}
+
+std::unique_ptr<torch::optim::AdamW> make_adamw(const std::vector<torch::nn::Module*>& modules,
+                                                 const OptimizerConfig& config) {
+  return make_adamw(trainable_parameters(modules), config);
+}
+
+std::unique_ptr<torch::optim::AdamW> make_adamw(const std::vector<at::Tensor>& parameters, const OptimizerConfig& config) {
+  std::vector<at::Tensor> decayed, plain;
+  for (const auto& parameter : parameters) (parameter.dim() >= 2 ? decayed : plain).push_back(parameter);
   if (decayed.empty() && plain.empty()) throw Error("nothing to train: every parameter is frozen");
   auto options = [&](double weight_decay) {
     return std::make_unique<torch::optim::AdamWOptions>(torch::optim::AdamWOptions(config.lr)
@@ -57,12 +66,13 @@ at::Tensor causal_lm_loss(const at::Tensor& logits, const at::Tensor& labels) {
 }
 
 double clip_gradients(const std::vector<torch::nn::Module*>& modules, double max_norm) {
+  return clip_gradients(trainable_parameters(modules), max_norm);
+}
+
+double clip_gradients(const std::vector<at::Tensor>& all, double max_norm) {
   std::vector<at::Tensor> parameters;
-  for (auto* module : modules) {
-    if (!module) continue;
-    for (const auto& parameter : module->parameters()) {
-      if (parameter.requires_grad() && parameter.grad().defined()) parameters.push_back(parameter);
-    }
+  for (const auto& parameter : all) {
+    if (parameter.grad().defined()) parameters.push_back(parameter);
   }
   if (parameters.empty()) return 0.0;
   if (max_norm <= 0) {

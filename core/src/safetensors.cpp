@@ -1,5 +1,7 @@
 #include "neva/safetensors.h"
 
+#include "neva/atomic_file.h"
+
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <fcntl.h>
@@ -382,44 +384,12 @@ void write_safetensors(const std::string& path, const std::vector<std::pair<std:
   std::string text = header.dump();
   text.append((8 - text.size() % 8) % 8, ' ');
 
-  fs::path target(path);
-  fs::path directory = target.parent_path().empty() ? fs::path(".") : target.parent_path();
-  fs::path temporary = directory / ("." + target.filename().string() + ".tmp." + std::to_string(::getpid()));
-  int fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) throw Error(temporary.string() + ": cannot create: " + std::strerror(errno));
-  auto write_all = [&](const void* data, std::size_t size) {
-    const char* cursor = static_cast<const char*>(data);
-    while (size > 0) {
-      ssize_t written = ::write(fd, cursor, size);
-      if (written < 0 && errno == EINTR) continue;
-      if (written <= 0) {
-        int saved = errno;
-        ::close(fd);
-        ::unlink(temporary.c_str());
-        throw Error(temporary.string() + ": write failed: " + std::strerror(saved));
-      }
-      cursor += written;
-      size -= static_cast<std::size_t>(written);
-    }
-  };
+  AtomicFile file(path);
   std::uint64_t header_size = text.size();
-  write_all(&header_size, 8);
-  write_all(text.data(), text.size());
-  for (const auto& item : items) write_all(item.data.data_ptr(), item.data.numel() * item.data.element_size());
-  if (::fsync(fd) != 0 || ::close(fd) != 0) {
-    ::unlink(temporary.c_str());
-    throw Error(temporary.string() + ": cannot flush to disk: " + std::strerror(errno));
-  }
-  if (::rename(temporary.c_str(), target.c_str()) != 0) {
-    int saved = errno;
-    ::unlink(temporary.c_str());
-    throw Error(path + ": cannot move the finished file into place: " + std::strerror(saved));
-  }
-  int directory_fd = ::open(directory.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (directory_fd >= 0) {
-    ::fsync(directory_fd);
-    ::close(directory_fd);
-  }
+  file.write(&header_size, 8);
+  file.write(text.data(), text.size());
+  for (const auto& item : items) file.write(item.data.data_ptr(), item.data.numel() * item.data.element_size());
+  file.commit();
 }
 
 }  // namespace neva

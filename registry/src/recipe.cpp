@@ -6,6 +6,7 @@
 #include "neva/error.h"
 #include "neva/hf_config.h"
 #include "neva/llava_model.h"
+#include "neva/precision.h"
 #include "neva/language_backbone.h"
 #include "neva/vision_encoder.h"
 
@@ -15,7 +16,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-const std::vector<std::string> kModes = {"inspect", "generate", "score"};
+const std::vector<std::string> kModes = {"inspect", "train", "generate", "score"};
 const std::vector<std::string> kPrecisions = {"32", "bf16", "bf16-mixed"};
 
 RunConfig parse_run(const ConfigSection& run, const fs::path& base_directory) {
@@ -74,6 +75,7 @@ std::optional<ComponentSpec> parse_component(const Registry& registry, const Con
   spec.section = table.path();
   spec.plugin = table.require<std::string>("plugin");
   spec.from_pretrained = table.path_value("from_pretrained").value_or("");
+  spec.hf_config = table.path_value("config").value_or(spec.from_pretrained);
   spec.freeze = table.get<bool>("freeze", default_freeze);
   require_plugin(registry, table, "plugin", kind, spec.plugin);
   spec.config = registry.parse_config(kind, spec.plugin, table);
@@ -103,6 +105,21 @@ Recipe parse_recipe(const ConfigDocument& document, const fs::path& base_directo
 
   ConfigSection trainer = root.section("trainer");
   recipe.trainer.precision = trainer.choice("precision", recipe.trainer.precision, kPrecisions);
+  recipe.trainer.max_steps = trainer.integer("max_steps", 0, 1);
+  recipe.trainer.log_every_n_steps = trainer.integer("log_every_n_steps", recipe.trainer.log_every_n_steps, 1);
+  recipe.trainer.exit_interval = trainer.integer("exit_interval", 0, 0);
+  recipe.trainer.gradient_clip_val = trainer.get<double>("gradient_clip_val", recipe.trainer.gradient_clip_val);
+  if (recipe.trainer.gradient_clip_val < 0) trainer.fail("gradient_clip_val", "expected a number >= 0 (0: no clipping)");
+  recipe.trainer.loss_explosion_factor = trainer.get<double>("loss_explosion_factor", recipe.trainer.loss_explosion_factor);
+
+  ConfigSection exp = root.section("exp_manager");
+  ExpManagerConfig& exp_manager = recipe.exp_manager;
+  exp_manager.explicit_log_dir = exp.path_value("explicit_log_dir").value_or("");
+  exp_manager.resume_if_exists = exp.get<bool>("resume_if_exists", exp_manager.resume_if_exists);
+  exp_manager.export_hf = exp.get<bool>("export_hf", exp_manager.export_hf);
+  ConfigSection checkpoints = exp.section("checkpoint_callback_params");
+  exp_manager.every_n_train_steps = checkpoints.integer("every_n_train_steps", 0, 0);
+  exp_manager.save_top_k = checkpoints.integer("save_top_k", exp_manager.save_top_k, 1);
 
   ConfigSection model = root.section("model");
   recipe.model.parallel = parse_parallel(model);
@@ -117,6 +134,33 @@ Recipe parse_recipe(const ConfigDocument& document, const fs::path& base_directo
   if (recipe.model.megatron_amp_O2 && recipe.trainer.precision == "32") {
     model.fail("megatron_amp_O2", "O2 keeps bf16 weights with fp32 main weights; it needs trainer.precision = \"bf16\"");
   }
+
+  recipe.model.encoder_seq_length = model.integer("encoder_seq_length", recipe.model.encoder_seq_length, 2);
+  ActivationCheckpointConfig& recompute = recipe.model.activations_checkpoint;
+  recompute.granularity = model.choice("activations_checkpoint_granularity", "", {"", "full", "selective"});
+  recompute.method = model.choice("activations_checkpoint_method", recompute.method, {"uniform", "block"});
+  recompute.num_layers = model.integer("activations_checkpoint_num_layers", recompute.num_layers, 1);
+
+  ConfigSection optim = model.section("optim");
+  OptimizerConfig& adam = recipe.model.optim;
+  optim.choice("name", "adamw", {"adamw", "fused_adam", "distributed_fused_adam"});  // all AdamW here
+  adam.lr = optim.get<double>("lr", adam.lr);
+  if (!(adam.lr > 0)) optim.fail("lr", "expected a learning rate > 0");
+  adam.weight_decay = optim.get<double>("weight_decay", adam.weight_decay);
+  auto betas = optim.get<std::vector<double>>("betas", {adam.beta1, adam.beta2});
+  if (betas.size() != 2 || betas[0] < 0 || betas[0] >= 1 || betas[1] < 0 || betas[1] >= 1) {
+    optim.fail("betas", "expected two numbers in [0, 1)");
+  }
+  adam.beta1 = betas[0];
+  adam.beta2 = betas[1];
+  adam.eps = optim.get<double>("eps", adam.eps);
+  ConfigSection sched = optim.section("sched");
+  sched.choice("name", "CosineAnnealing", {"CosineAnnealing"});
+  adam.warmup_steps = sched.integer("warmup_steps", 0, 0);
+  adam.min_lr = sched.get<double>("min_lr", std::min(adam.min_lr, adam.lr));
+  if (adam.min_lr < 0 || adam.min_lr > adam.lr) sched.fail("min_lr", "expected a number in [0, lr]");
+  adam.max_steps = recipe.trainer.max_steps;
+  adam.clip_grad = recipe.trainer.gradient_clip_val;
 
   ConfigSection mm = model.section("mm_cfg");
   MultimodalConfig& mm_cfg = recipe.model.mm_cfg;
@@ -190,6 +234,17 @@ Recipe parse_recipe(const ConfigDocument& document, const fs::path& base_directo
                                                 conversation_template_names());
   recipe.model.data.image_aspect_ratio = data.choice("image_aspect_ratio", "square", {"square", "pad", "keep"});
   recipe.model.data.image_folder = data.path_value("image_folder").value_or("");
+  recipe.model.data.data_path = data.path_list("data_path");
+  recipe.model.data.data_weights = data.get<std::vector<double>>("data_weights", {});
+  if (!recipe.model.data.data_weights.empty() && recipe.model.data.data_weights.size() != recipe.model.data.data_path.size()) {
+    data.fail("data_weights", "expected one weight per data_path entry (" + std::to_string(recipe.model.data.data_path.size()) + ")");
+  }
+  for (double weight : recipe.model.data.data_weights) {
+    if (!(weight > 0)) data.fail("data_weights", "weights must be > 0");
+  }
+  recipe.model.data.skip_bad_samples = data.choice("bad_samples", "skip", {"skip", "fail"}) == "skip";
+  recipe.model.data.packed_sequence = data.get<bool>("packed_sequence", false);
+  recipe.model.data.prefetch = data.integer("prefetch", recipe.model.data.prefetch, 1, 1024);
 
   ConfigSection inference = root.section("inference");
   InferenceConfig& infer = recipe.inference;
@@ -232,6 +287,20 @@ Recipe parse_recipe(const ConfigDocument& document, const fs::path& base_directo
     }
   }
 
+  if (recipe.run.mode == "train") {
+    ConfigSection run = root.section("run");
+    if (!mm_cfg.llm) run.fail("mode", "mode 'train' needs a language model: add [model.mm_cfg.llm]");
+    if (recipe.model.tokenizer.empty()) model.section("tokenizer").fail("model", "missing: mode 'train' needs a tokenizer");
+    if (recipe.model.data.data_path.empty()) data.fail("data_path", "missing: mode 'train' needs LLaVA data (.json or .jsonl)");
+    if (recipe.trainer.max_steps < 1) trainer.fail("max_steps", "missing: mode 'train' needs the number of optimizer steps");
+    if (recipe.exp_manager.explicit_log_dir.empty()) {
+      exp.fail("explicit_log_dir", "missing: mode 'train' writes checkpoints and metrics into a run directory");
+    }
+    if (recipe.model.optim.warmup_steps > recipe.trainer.max_steps) {
+      sched.fail("warmup_steps", "longer than trainer.max_steps (" + std::to_string(recipe.trainer.max_steps) + ")");
+    }
+  }
+
   root.reject_unknown_keys();
   return recipe;
 }
@@ -265,12 +334,7 @@ Recipe load_recipe(const fs::path& path, const std::vector<std::string>& overrid
 }
 
 DTypePolicy Recipe::dtype_policy() const {
-  DTypePolicy policy;
-  if (trainer.precision != "32") {
-    policy.compute = c10::ScalarType::BFloat16;
-    if (model.megatron_amp_O2) policy.params = c10::ScalarType::BFloat16;
-  }
-  return policy;
+  return make_precision_recipe(trainer.precision, model.megatron_amp_O2)->dtype_policy();
 }
 
 RuntimeContext Recipe::runtime_context() const {
@@ -280,6 +344,7 @@ RuntimeContext Recipe::runtime_context() const {
   // Inference keeps no fp32 master copy: bf16 precision means bf16 weights (oneDNN/AMX matmuls).
   if (run.mode == "generate" || run.mode == "score") context.dtypes.params = context.dtypes.compute;
   context.seed = run.seed;
+  context.activations_checkpoint = model.activations_checkpoint;
   return context;
 }
 

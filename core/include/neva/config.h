@@ -53,6 +53,8 @@ class NEVA_API ConfigSection {
   // A filesystem path: relative values resolve against the recipe file's directory (the current
   // directory for recipes that are not files).
   std::optional<std::string> path_value(std::string_view key) const;
+  // One path or a list of paths, resolved as path_value does; empty when absent.
+  std::vector<std::string> path_list(std::string_view key) const;
 
   // A sub-table; an empty section when absent. Error when `key` holds something that is not a table.
   ConfigSection section(std::string_view key) const;

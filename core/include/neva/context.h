@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 
 #include "neva/export.h"
 
@@ -31,6 +32,16 @@ struct ParallelGroups {
 NEVA_API int group_size(const std::shared_ptr<ProcessGroup>& group);
 NEVA_API int group_rank(const std::shared_ptr<ProcessGroup>& group);
 
+// Activation checkpointing (Megatron's names): recompute activations in the backward pass instead
+// of keeping them. "full" recomputes whole decoder layers (method uniform: every num_layers-th
+// layer boundary is kept; block: the first num_layers layers are recomputed, the rest keep theirs);
+// "selective" recomputes only the attention core.
+struct ActivationCheckpointConfig {
+  std::string granularity;  // "" (off) | full | selective
+  std::string method = "uniform";
+  std::int64_t num_layers = 1;
+};
+
 // Everything a layer needs to know about where and how it runs. Passed explicitly to every component
 // a plugin builds; there is no global state behind it.
 struct RuntimeContext {
@@ -38,6 +49,7 @@ struct RuntimeContext {
   DTypePolicy dtypes;
   ParallelGroups groups;
   std::uint64_t seed = 0;
+  ActivationCheckpointConfig activations_checkpoint;  // plugin ABI 1.1
 };
 
 }  // namespace neva

@@ -30,6 +30,9 @@ NEVA_API Image load_image(const std::string& path, std::int64_t max_pixels = kDe
 NEVA_API Image decode_image(const std::string& bytes, const std::string& name,
                             std::int64_t max_pixels = kDefaultMaxImagePixels);
 
+// PNG bytes of `image` (8-bit RGB, libpng).
+NEVA_API std::string encode_png(const Image& image);
+
 // Pillow's Image.resize(size, BICUBIC) on 8-bit RGB.
 NEVA_API Image resize_bicubic(const Image& image, int width, int height);
 // transformers' center_crop: top = (h - ch) / 2, left = (w - cw) / 2; zero padding where smaller.

@@ -34,6 +34,11 @@ NEVA_API double learning_rate(const OptimizerConfig& config, std::int64_t step);
 // without for vectors (norm weights, biases) — Megatron's rule of no decay on 1-D parameters.
 NEVA_API std::unique_ptr<torch::optim::AdamW> make_adamw(const std::vector<torch::nn::Module*>& modules,
                                                           const OptimizerConfig& config);
+// The same over given tensors (e.g. fp32 main copies of bf16 weights); the group is chosen by dim().
+NEVA_API std::unique_ptr<torch::optim::AdamW> make_adamw(const std::vector<at::Tensor>& parameters,
+                                                          const OptimizerConfig& config);
+// Parameters of `modules` that require gradients.
+NEVA_API std::vector<at::Tensor> trainable_parameters(const std::vector<torch::nn::Module*>& modules);
 NEVA_API void set_learning_rate(torch::optim::Optimizer& optimizer, double lr);
 
 // Mean next-token cross entropy over positions whose label is not kIgnoreIndex: logits [B, S, V]
@@ -42,5 +47,6 @@ NEVA_API at::Tensor causal_lm_loss(const at::Tensor& logits, const at::Tensor& l
 
 // Scales gradients so their global L2 norm is at most `max_norm`; returns the norm before clipping.
 NEVA_API double clip_gradients(const std::vector<torch::nn::Module*>& modules, double max_norm);
+NEVA_API double clip_gradients(const std::vector<at::Tensor>& parameters, double max_norm);
 
 }  // namespace neva

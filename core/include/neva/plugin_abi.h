@@ -5,7 +5,8 @@
 // a function returning a pointer to a static PluginDescriptor. The host reads `abi` first and reads
 // nothing else unless the major version equals its own and the minor version is not newer.
 //
-//   Minor version: fields appended at the end of PluginDescriptor; older plugins stay loadable.
+//   Minor version: fields appended at the end of PluginDescriptor or of RuntimeContext (1.1:
+//   activations_checkpoint); older plugins stay loadable.
 //   Major version: anything else (a changed field, a changed interface class).
 //
 // Plugins must build against the same LibTorch as the host (checked through torch_version), link
@@ -21,7 +22,7 @@
 namespace neva {
 
 inline constexpr std::uint32_t kPluginAbiMajor = 1;
-inline constexpr std::uint32_t kPluginAbiMinor = 0;
+inline constexpr std::uint32_t kPluginAbiMinor = 1;
 inline constexpr const char* kPluginEntrySymbol = "neva_plugin";
 
 struct PluginAbiVersion {

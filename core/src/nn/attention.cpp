@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include "neva/error.h"
+#include "neva/nn/checkpoint.h"
 
 namespace neva {
 
@@ -69,9 +70,16 @@ at::Tensor SelfAttention::forward(const at::Tensor& x, const at::Tensor& cos, co
     v = cache->values.narrow(2, 0, mask.past + seq);
   }
   const bool plain_causal = !mask.visible.defined();
-  at::Tensor out = at::scaled_dot_product_attention(q, k, v, plain_causal ? std::optional<at::Tensor>() : mask.visible,
-                                                    0.0, plain_causal, std::pow(static_cast<double>(hd), -0.5),
-                                                    config_.num_heads != config_.num_kv_heads);
+  const bool grouped = config_.num_heads != config_.num_kv_heads;
+  const double scale = std::pow(static_cast<double>(hd), -0.5);
+  auto core = [plain_causal, grouped, scale](const std::vector<at::Tensor>& qkv) -> std::vector<at::Tensor> {
+    return {at::scaled_dot_product_attention(qkv[0], qkv[1], qkv[2],
+                                             plain_causal ? std::optional<at::Tensor>() : qkv[3], 0.0, plain_causal,
+                                             scale, grouped)};
+  };
+  std::vector<at::Tensor> operands{q, k, v};
+  if (!plain_causal) operands.push_back(mask.visible);
+  at::Tensor out = (config_.recompute_core && !cache) ? checkpointed(core, operands)[0] : core(operands)[0];
   return o_proj_->forward(out.transpose(1, 2).reshape({batch, seq, config_.num_heads * hd}));
 }
 

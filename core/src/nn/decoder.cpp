@@ -6,6 +6,7 @@
 
 #include "neva/error.h"
 #include "neva/nn/attention.h"
+#include "neva/nn/checkpoint.h"
 #include "neva/nn/mlp.h"
 #include "neva/nn/norm.h"
 #include "neva/safetensors.h"
@@ -16,11 +17,12 @@ namespace {
 
 class DecoderLayer : public torch::nn::Module {
  public:
-  explicit DecoderLayer(const DecoderConfig& config) {
+  DecoderLayer(const DecoderConfig& config, bool recompute_attention_core) {
     input_layernorm_ = register_module("input_layernorm", make_norm(config.norm, config.hidden_size, config.norm_eps));
     self_attn_ = register_module("self_attn", std::make_shared<SelfAttention>(AttentionConfig{
                                                   config.hidden_size, config.num_heads, config.num_kv_heads,
-                                                  config.head_dim, config.attention_bias, config.attention_output_bias}));
+                                                  config.head_dim, config.attention_bias, config.attention_output_bias,
+                                                  recompute_attention_core}));
     post_attention_layernorm_ =
         register_module("post_attention_layernorm", make_norm(config.norm, config.hidden_size, config.norm_eps));
     if (config.mlp == "moe") {
@@ -60,10 +62,10 @@ struct DecoderCache : KVCache {
 
 class DecoderModel : public torch::nn::Module {
  public:
-  explicit DecoderModel(const DecoderConfig& config) {
+  DecoderModel(const DecoderConfig& config, bool recompute_attention_core) {
     embed_tokens = register_module("embed_tokens", torch::nn::Embedding(config.vocab_size, config.hidden_size));
     layers = register_module("layers", torch::nn::ModuleList());
-    for (std::int64_t i = 0; i < config.num_layers; ++i) layers->push_back(std::make_shared<DecoderLayer>(config));
+    for (std::int64_t i = 0; i < config.num_layers; ++i) layers->push_back(std::make_shared<DecoderLayer>(config, recompute_attention_core));
     norm = register_module("norm", make_norm(config.norm, config.hidden_size, config.norm_eps));
   }
   torch::nn::Embedding embed_tokens{nullptr};
@@ -73,7 +75,8 @@ class DecoderModel : public torch::nn::Module {
 
 DecoderBackbone::DecoderBackbone(const DecoderConfig& config, const RuntimeContext& context)
     : config_(config), context_(context), rotary_(config.rope) {
-  model_ = register_module("model", std::make_shared<DecoderModel>(config));
+  const auto& recompute = context.activations_checkpoint;
+  model_ = register_module("model", std::make_shared<DecoderModel>(config, recompute.granularity == "selective"));
   if (!config.tie_word_embeddings) {
     lm_head_ = register_module("lm_head", torch::nn::Linear(torch::nn::LinearOptions(config.hidden_size, config.vocab_size)
                                                                 .bias(false)));
@@ -115,10 +118,36 @@ BackboneOutputs DecoderBackbone::forward(const BackboneInputs& inputs) {
 
   at::Tensor h = x0;
   std::vector<at::Tensor> router_logits;
-  for (std::size_t i = 0; i < model_->layers->size(); ++i) {
-    auto layer = model_->layers->ptr<DecoderLayer>(i);
-    h = layer->forward(h, cos, sin, mask, cache ? &cache->layers[i] : nullptr);
-    if (layer->moe()) router_logits.push_back(layer->moe()->router_logits());
+  const auto& recompute = context_.activations_checkpoint;
+  const std::size_t layers = model_->layers->size();
+  const bool full = recompute.granularity == "full" && !cache && at::GradMode::is_enabled();
+  // Full recomputation (Megatron): "uniform" checkpoints chunks of num_layers layers, "block" the
+  // first num_layers layers one by one. A chunk returns its hidden state and its routers' logits
+  // (MoE), so that the load-balancing loss still reaches the routers.
+  const std::size_t chunk = full && recompute.method == "uniform" ? static_cast<std::size_t>(recompute.num_layers) : 1;
+  for (std::size_t i = 0; i < layers;) {
+    const std::size_t end = std::min(layers, i + chunk);
+    const bool checkpoint = full && (recompute.method == "uniform" || i < static_cast<std::size_t>(recompute.num_layers));
+    if (!checkpoint) {
+      auto layer = model_->layers->ptr<DecoderLayer>(i);
+      h = layer->forward(h, cos, sin, mask, cache ? &cache->layers[i] : nullptr);
+      if (layer->moe()) router_logits.push_back(layer->moe()->router_logits());
+      ++i;
+      continue;
+    }
+    auto run = [this, i, end, cos, sin, mask](const std::vector<at::Tensor>& inputs) {
+      std::vector<at::Tensor> outputs{inputs[0]};
+      for (std::size_t j = i; j < end; ++j) {
+        auto layer = model_->layers->ptr<DecoderLayer>(j);
+        outputs[0] = layer->forward(outputs[0], cos, sin, mask, nullptr);
+        if (layer->moe()) outputs.push_back(layer->moe()->router_logits());
+      }
+      return outputs;
+    };
+    auto outputs = checkpointed(run, {h});
+    h = outputs[0];
+    router_logits.insert(router_logits.end(), outputs.begin() + 1, outputs.end());
+    i = end;
   }
   h = model_->norm->forward(h);
   if (cache) cache->length += seq;

@@ -13,13 +13,14 @@
 #include "neva/connector.h"
 #include "neva/context.h"
 #include "neva/llava_model.h"
+#include "neva/optim.h"
 #include "neva/parallel_strategy.h"
 #include "neva/registry.h"
 
 namespace neva {
 
 struct RunConfig {
-  std::string mode = "inspect";  // what neva-run does with this recipe: inspect | generate | score
+  std::string mode = "inspect";  // what neva-run does with this recipe: inspect | train | generate | score
   std::uint64_t seed = 1234;
   std::string device = "cpu";    // "cpu", "cuda", "cuda:N"
   std::vector<std::filesystem::path> plugin_paths;  // absolute (resolved against the recipe's directory)
@@ -27,7 +28,26 @@ struct RunConfig {
 
 struct TrainerConfig {
   std::string precision = "32";  // NeMo trainer.precision: 32 | bf16 | bf16-mixed
+  std::int64_t max_steps = 0;    // optimizer steps to train to (a resumed run continues up to it)
+  std::int64_t log_every_n_steps = 10;
+  // Megatron's exit_interval: checkpoint and stop when the step is a multiple of it (0: never), so
+  // that a long run is split into jobs (e.g. Slurm time limits) without changing its schedule.
+  std::int64_t exit_interval = 0;
+  double gradient_clip_val = 1.0;  // 0: no clipping
+  // The run stops (keeping the last good checkpoint) when the loss is not finite, or exceeds this
+  // many times its running average after the warmup. 0: only non-finite losses stop it.
+  double loss_explosion_factor = 10.0;
 };
+
+// NeMo's exp_manager: where a training run writes and how it checkpoints.
+struct ExpManagerConfig {
+  std::string explicit_log_dir;          // run directory: checkpoints/, metrics.jsonl, loss.png, hf/
+  bool resume_if_exists = true;          // continue from the directory's latest checkpoint
+  std::int64_t every_n_train_steps = 0;  // checkpoint_callback_params: 0 = only at the end
+  std::int64_t save_top_k = 2;           // committed checkpoints kept (the newest)
+  bool export_hf = true;                 // write hf/ (LlavaForConditionalGeneration) at the end
+};
+
 
 // One model part: which plugin builds it, and the config that plugin parsed from its table.
 struct ComponentSpec {
@@ -36,6 +56,7 @@ struct ComponentSpec {
   std::string section;          // dotted recipe path of its table, for messages
   bool freeze = false;
   std::string from_pretrained;  // checkpoint directory or file; "" = random initialisation
+  std::string hf_config;        // the config.json it was described by (config, or from_pretrained's), if any
   std::shared_ptr<ComponentConfig> config;
 };
 
@@ -55,6 +76,12 @@ struct DataConfig {             // model.data (NeMo's names)
   std::string conv_template = "v1";
   std::string image_aspect_ratio = "square";  // square | pad
   std::string image_folder;                   // relative image paths in requests resolve here
+  // Training data: LLaVA .json / .jsonl files, blended by data_weights (default: equal).
+  std::vector<std::string> data_path;
+  std::vector<double> data_weights;
+  bool skip_bad_samples = true;               // bad_samples = "skip" | "fail"
+  bool packed_sequence = false;               // pack samples into rows of encoder_seq_length tokens
+  std::int64_t prefetch = 4;                  // micro-batches prepared ahead by the loader thread
 };
 
 // NeMo's inference keys (neva_inference.yaml) plus where requests come from and answers go.
@@ -80,6 +107,9 @@ struct ModelConfig {            // model
   std::int64_t global_batch_size = 1;
   bool megatron_amp_O2 = false;
   std::string tokenizer;        // model.tokenizer.model: a tokenizer directory or file
+  std::int64_t encoder_seq_length = 2048;  // longest training sample (tokens, image tokens included)
+  ActivationCheckpointConfig activations_checkpoint;
+  OptimizerConfig optim;        // model.optim (+ .sched); max_steps and clipping from trainer
   DataConfig data;
   MultimodalConfig mm_cfg;
 };
@@ -88,6 +118,7 @@ struct NEVA_API Recipe {
   std::string source;           // file path, or a description of the embedded recipe
   RunConfig run;
   TrainerConfig trainer;
+  ExpManagerConfig exp_manager;
   ModelConfig model;
   InferenceConfig inference;
   std::shared_ptr<Registry> registry;  // plugins from run.plugin_paths, NEVA_PLUGIN_PATH, install dir

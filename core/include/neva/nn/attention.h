@@ -40,6 +40,9 @@ struct AttentionConfig {
   std::int64_t head_dim = 0;
   bool bias = false;         // q/k/v/o biases (Llama attention_bias)
   bool output_bias = false;  // o_proj bias
+  // Selective activation checkpointing: the attention core (softmax(QK^T)V) is recomputed in the
+  // backward pass instead of being kept.
+  bool recompute_core = false;
 };
 
 // Parameter names match transformers: q_proj, k_proj, v_proj, o_proj.

@@ -1,0 +1,127 @@
+// Export to a transformers LlavaForConditionalGeneration directory, in the layout transformers 5
+// itself saves: language_model.{model.*, lm_head.*}, vision_tower.* (the tower's own names without
+// its vision_model. prefix), multi_modal_projector.linear_{1,2}.*; config.json with text_config and
+// vision_config taken from the components' own config.json files; the tokenizer files copied.
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "neva/atomic_file.h"
+#include "neva/error.h"
+#include "neva/image.h"
+#include "neva/safetensors.h"
+#include "train.h"
+
+namespace neva {
+
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+// The component's own config.json (a llava-hf directory contributes its text_config or vision_config).
+json component_config(const ComponentSpec& spec, const char* llava_key) {
+  if (spec.hf_config.empty()) {
+    throw Error("export: " + spec.section + " has neither config nor from_pretrained, so there is no config.json to "
+                "describe it with");
+  }
+  fs::path path = fs::is_directory(spec.hf_config) ? fs::path(spec.hf_config) / "config.json" : fs::path(spec.hf_config);
+  std::ifstream in(path);
+  json config = json::parse(in, nullptr, false);
+  if (!config.is_object()) throw Error("export: " + path.string() + ": not a JSON object");
+  if (config.value("model_type", "") == "llava") return config.at(llava_key);
+  if (std::string(llava_key) == "vision_config" && config.contains("vision_config")) return config["vision_config"];
+  return config;
+}
+
+}  // namespace
+
+void export_hf(const Recipe& recipe, LlavaModel& model, const fs::path& directory) {
+  const MultimodalConfig& mm = recipe.model.mm_cfg;
+  if (!model.encoder() || !mm.vision_encoder) throw Error("export: LlavaForConditionalGeneration needs a vision encoder");
+  std::vector<std::pair<std::string, at::Tensor>> tensors;
+  for (const auto& item : model.backbone().named_parameters()) tensors.emplace_back("language_model." + item.key(), item.value());
+  for (const auto& item : model.encoder()->named_parameters()) {
+    std::string name = item.key();
+    if (name.rfind("vision_model.", 0) == 0) name = name.substr(13);
+    if (name.rfind("head.", 0) == 0) continue;  // SigLIP's pooling head: not part of a LLaVA tower
+    tensors.emplace_back("vision_tower." + name, item.value());
+  }
+  std::map<std::string, at::Tensor> projector;
+  for (const auto& item : model.connector()->named_parameters()) projector[item.key()] = item.value();
+  if (projector.size() != 4 || !projector.count("0.weight") || !projector.count("2.weight")) {
+    throw Error("export: LlavaForConditionalGeneration's projector is two linear layers with a GELU between "
+                "(mm_mlp_adapter_type = \"mlp2x_gelu\"); this model's connector '" + mm.connector.plugin + "' is not");
+  }
+  for (const char* layer : {"0", "2"}) {
+    std::string target = std::string("multi_modal_projector.linear_") + (layer[0] == '0' ? "1." : "2.");
+    tensors.emplace_back(target + "weight", projector[std::string(layer) + ".weight"]);
+    tensors.emplace_back(target + "bias", projector[std::string(layer) + ".bias"]);
+  }
+
+  auto* vision = dynamic_cast<const VisionEncoderConfig*>(mm.vision_encoder->config.get());
+  json text_config = component_config(*mm.llm, "text_config");
+  json vision_config = component_config(*mm.vision_encoder, "vision_config");
+  const char* dtype = model.backbone().parameters().front().scalar_type() == at::kBFloat16 ? "bfloat16" : "float32";
+  json config = {{"architectures", {"LlavaForConditionalGeneration"}},
+                 {"model_type", "llava"},
+                 {"dtype", dtype},
+                 {"image_token_index", model.image_token_id()},
+                 {"image_seq_length", model.tokens_per_image()},
+                 {"projector_hidden_act", "gelu"},
+                 {"multimodal_projector_bias", true},
+                 {"vision_feature_layer", vision->vision_select_layer},
+                 {"vision_feature_select_strategy", vision->vision_feature_select_strategy},
+                 {"tie_word_embeddings", text_config.value("tie_word_embeddings", false)},
+                 {"text_config", text_config},
+                 {"vision_config", vision_config}};
+
+  // Written beside the target, then swapped in: a reader sees the old directory or the new one.
+  fs::path staging = directory.string() + ".tmp." + std::to_string(::getpid());
+  fs::remove_all(staging);
+  fs::create_directories(staging);
+  write_safetensors((staging / "model.safetensors").string(), tensors, {{"format", "pt"}});
+  write_file_atomically((staging / "config.json").string(), config.dump(2) + "\n");
+  // What LlavaProcessor / AutoProcessor need to prepare images and expand <image> as we do.
+  ImageProcessorConfig images = model.encoder()->image_processor();
+  const bool shortest_edge = images.resize == ImageProcessorConfig::Resize::ShortestEdge;
+  json preprocessor = {{"image_processor_type", shortest_edge ? "CLIPImageProcessor" : "SiglipImageProcessor"},
+                       {"do_resize", true},
+                       {"resample", 3},
+                       {"do_rescale", true},
+                       {"rescale_factor", 1.0 / 255.0},
+                       {"do_normalize", true},
+                       {"do_convert_rgb", true},
+                       {"image_mean", images.mean},
+                       {"image_std", images.std}};
+  if (shortest_edge) {
+    preprocessor["size"] = {{"shortest_edge", images.size}};
+    preprocessor["do_center_crop"] = true;
+    preprocessor["crop_size"] = {{"height", images.crop_size}, {"width", images.crop_size}};
+  } else {
+    preprocessor["size"] = {{"height", images.size}, {"width", images.size}};
+  }
+  write_file_atomically((staging / "preprocessor_config.json").string(), preprocessor.dump(2) + "\n");
+  json processor = {{"processor_class", "LlavaProcessor"},
+                    {"patch_size", vision_config.value("patch_size", 14)},
+                    {"vision_feature_select_strategy", vision->vision_feature_select_strategy},
+                    {"num_additional_image_tokens", vision->class_token_length},
+                    {"image_token", "<image>"}};
+  write_file_atomically((staging / "processor_config.json").string(), processor.dump(2) + "\n");
+  fs::path tokenizer(recipe.model.tokenizer);
+  fs::path tokenizer_dir = fs::is_directory(tokenizer) ? tokenizer : tokenizer.parent_path();
+  for (const char* name : {"tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                           "added_tokens.json", "chat_template.jinja"}) {
+    if (fs::exists(tokenizer_dir / name)) fs::copy_file(tokenizer_dir / name, staging / name, fs::copy_options::overwrite_existing);
+  }
+  sync_directory(staging.string());
+  fs::path previous = directory.string() + ".old." + std::to_string(::getpid());
+  if (fs::exists(directory)) fs::rename(directory, previous);
+  fs::rename(staging, directory);
+  sync_directory(directory.parent_path().empty() ? "." : directory.parent_path().string());
+  fs::remove_all(previous);
+}
+
+}  // namespace neva

@@ -1,0 +1,488 @@
+#include "train.h"
+
+#include <unistd.h>
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <torch/optim/adamw.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <csignal>
+#include <cstdlib>
+#include <fstream>
+#include <functional>
+#include <numeric>
+#include <optional>
+#include <iomanip>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "neva/atomic_file.h"
+#include "neva/data.h"
+#include "neva/error.h"
+#include "neva/hf_config.h"
+#include "neva/image.h"
+#include "neva/optim.h"
+#include "neva/precision.h"
+#include "neva/safetensors.h"
+#include "neva/tokenizer.h"
+#include "plot.h"
+
+namespace neva {
+
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+using Clock = std::chrono::steady_clock;
+
+// A trained tensor: the model's parameter and the copy the optimizer updates (the same tensor in
+// fp32; an fp32 main copy of a bf16 weight under megatron_amp_O2).
+struct TrainedTensor {
+  std::string name;  // "llm.model.layers.0.mlp.up_proj.weight"
+  at::Tensor param;
+  at::Tensor main;
+};
+
+std::vector<std::pair<std::string, torch::nn::Module*>> components(LlavaModel& model) {
+  std::vector<std::pair<std::string, torch::nn::Module*>> parts;
+  if (model.encoder()) parts.emplace_back("vision_encoder", model.encoder());
+  if (model.connector()) parts.emplace_back("connector", model.connector());
+  parts.emplace_back("llm", &model.backbone());
+  return parts;
+}
+
+std::string step_name(std::int64_t step) {
+  std::ostringstream name;
+  name << "step-" << std::setw(7) << std::setfill('0') << step;
+  return name.str();
+}
+
+std::string format_duration(double seconds) {
+  auto total = static_cast<long long>(std::max(0.0, seconds));
+  std::ostringstream out;
+  if (total >= 3600) out << total / 3600 << ":" << std::setw(2) << std::setfill('0') << (total / 60) % 60;
+  else out << total / 60;
+  out << ":" << std::setw(2) << std::setfill('0') << total % 60;
+  return out.str();
+}
+
+// checkpoints/latest names the newest committed checkpoint; it is renamed into place only after
+// every file of that checkpoint is on disk, so a crash at any moment leaves the previous one.
+class Checkpoints {
+ public:
+  explicit Checkpoints(fs::path run_dir) : directory_(std::move(run_dir) / "checkpoints") {
+    fs::create_directories(directory_);
+  }
+
+  std::optional<fs::path> latest() const {
+    fs::path marker = directory_ / "latest";
+    if (!fs::exists(marker)) return std::nullopt;
+    std::ifstream in(marker);
+    std::string name;
+    std::getline(in, name);
+    fs::path path = directory_ / name;
+    if (name.empty() || !fs::exists(path / "trainer_state.json")) {
+      throw Error(marker.string() + " names checkpoint '" + name + "', which is missing or incomplete; remove the " +
+                  "marker to start over");
+    }
+    return path;
+  }
+
+  // Writes a checkpoint through `write(directory)` and commits it; keeps the newest `keep`.
+  void save(std::int64_t step, std::int64_t keep, const std::function<void(const fs::path&)>& write) {
+    fs::path path = directory_ / step_name(step);
+    auto current = latest();
+    if (current && *current == path) return;  // this very step is already committed
+    fs::remove_all(path);                     // a leftover of an interrupted save: never committed
+    fs::create_directories(path);
+    write(path);
+    sync_directory(path.string());
+    write_file_atomically((directory_ / "latest").string(), path.filename().string() + "\n");
+    prune(path.filename().string(), keep);
+  }
+
+ private:
+  void prune(const std::string& committed, std::int64_t keep) {
+    std::vector<std::string> names;
+    for (const auto& entry : fs::directory_iterator(directory_)) {
+      std::string name = entry.path().filename().string();
+      if (entry.is_directory() && name.rfind("step-", 0) == 0) names.push_back(name);
+    }
+    std::sort(names.begin(), names.end());
+    std::int64_t kept = 0;
+    for (auto it = names.rbegin(); it != names.rend(); ++it) {
+      // Newer than the committed one: an interrupted save. Otherwise keep the newest `keep`.
+      if (*it > committed || ++kept > keep) fs::remove_all(directory_ / *it);
+    }
+  }
+
+  fs::path directory_;
+};
+
+// Progress on a terminal (one line, redrawn), plain log lines otherwise.
+class Progress {
+ public:
+  Progress(std::string title, std::int64_t total, std::int64_t log_every)
+      : title_(std::move(title)), total_(total), log_every_(log_every), terminal_(::isatty(STDERR_FILENO) != 0) {}
+
+  void update(std::int64_t step, double loss, double lr, double grad_norm, double tokens_per_second, double eta) {
+    if (terminal_) {
+      constexpr int kWidth = 24;
+      int filled = static_cast<int>(kWidth * step / std::max<std::int64_t>(1, total_));
+      std::ostringstream line;
+      line << "\r" << title_ << " [" << std::string(filled, '#') << std::string(kWidth - filled, '.') << "] " << step
+           << "/" << total_ << " loss " << std::fixed << std::setprecision(4) << loss << " " << std::setprecision(0)
+           << tokens_per_second << " tok/s ETA " << format_duration(eta) << "   ";
+      std::cerr << line.str() << std::flush;
+      if (step == total_) std::cerr << "\n";
+      return;
+    }
+    if (step % log_every_ != 0 && step != total_) return;
+    std::cout << title_ << ": step " << step << "/" << total_ << " loss " << std::fixed << std::setprecision(4) << loss
+              << " lr " << std::scientific << std::setprecision(3) << lr << " grad_norm " << std::fixed
+              << std::setprecision(3) << grad_norm << " tokens/s " << std::setprecision(0) << tokens_per_second
+              << " eta " << format_duration(eta) << std::defaultfloat << std::endl;
+  }
+  void message(const std::string& text) {
+    if (terminal_) std::cerr << "\r\033[K";
+    std::cerr << title_ << ": " << text << std::endl;
+  }
+
+ private:
+  std::string title_;
+  std::int64_t total_, log_every_;
+  bool terminal_;
+};
+
+// metrics.jsonl: one object per optimizer step. On resume the lines after the resumed step (written
+// before a crash, never checkpointed) are dropped so the file reads as one run.
+class Metrics {
+ public:
+  Metrics(const fs::path& path, std::int64_t resumed_step) : path_(path) {
+    std::vector<std::string> kept;
+    if (fs::exists(path)) {
+      std::ifstream in(path);
+      std::string line;
+      while (std::getline(in, line)) {
+        json item = json::parse(line, nullptr, false);
+        if (item.is_object() && item.value("step", std::int64_t{0}) <= resumed_step) {
+          kept.push_back(line);
+          losses_.emplace_back(item.value("step", std::int64_t{0}), item.value("loss", 0.0));
+        }
+      }
+    }
+    std::string contents;
+    for (const auto& line : kept) contents += line + "\n";
+    write_file_atomically(path.string(), contents);
+    out_.open(path, std::ios::app);
+    if (!out_) throw Error(path.string() + ": cannot append metrics");
+  }
+  void write(const json& item) {
+    out_ << item.dump() << "\n" << std::flush;
+    losses_.emplace_back(item["step"].get<std::int64_t>(), item["loss"].get<double>());
+  }
+  const std::vector<std::pair<std::int64_t, double>>& losses() const { return losses_; }
+
+ private:
+  fs::path path_;
+  std::ofstream out_;
+  std::vector<std::pair<std::int64_t, double>> losses_;
+};
+
+std::string hex(const at::Tensor& bytes) {
+  static const char* digits = "0123456789abcdef";
+  at::Tensor contiguous = bytes.contiguous();
+  const auto* data = contiguous.data_ptr<std::uint8_t>();
+  std::string out;
+  for (std::int64_t i = 0; i < contiguous.numel(); ++i) {
+    out += digits[data[i] >> 4];
+    out += digits[data[i] & 15];
+  }
+  return out;
+}
+
+at::Tensor unhex(const std::string& text) {
+  at::Tensor bytes = at::empty({static_cast<std::int64_t>(text.size() / 2)}, at::kByte);
+  auto* data = bytes.data_ptr<std::uint8_t>();
+  for (std::size_t i = 0; i + 1 < text.size(); i += 2) data[i / 2] = static_cast<std::uint8_t>(std::stoi(text.substr(i, 2), nullptr, 16));
+  return bytes;
+}
+
+// Test hook: NEVA_TEST_KILL_IN_CHECKPOINT=N kills the process with SIGKILL halfway through writing
+// the checkpoint of step N (after its weights, before its commit), as a power cut would.
+void maybe_die_in_checkpoint(std::int64_t step) {
+  const char* value = std::getenv("NEVA_TEST_KILL_IN_CHECKPOINT");
+  if (value && std::to_string(step) == value) std::raise(SIGKILL);
+}
+
+}  // namespace
+
+TrainSummary run_train(const Recipe& recipe, const std::string& title) {
+  const auto started = Clock::now();
+  TrainSummary summary;
+  summary.run_dir = recipe.exp_manager.explicit_log_dir;
+  fs::create_directories(summary.run_dir);
+  Checkpoints checkpoints(summary.run_dir);
+  auto resume_from = checkpoints.latest();
+  if (resume_from && !recipe.exp_manager.resume_if_exists) {
+    throw Error(summary.run_dir.string() + " already holds checkpoints (" + resume_from->filename().string() +
+                "); set exp_manager.resume_if_exists = true to continue that run, or choose another explicit_log_dir");
+  }
+
+  RuntimeContext context = recipe.runtime_context();
+  auto precision = make_precision_recipe(recipe.trainer.precision, recipe.model.megatron_amp_O2);
+  at::manual_seed(recipe.run.seed);  // random initialisation is part of the recipe
+  LlavaModel model = build_model(recipe, context);
+  std::shared_ptr<const Tokenizer> tokenizer = Tokenizer::load(recipe.model.tokenizer);
+
+  // What the optimizer updates.
+  std::vector<TrainedTensor> trained;
+  const bool main_copies = context.dtypes.params != context.dtypes.main_params;
+  for (auto& [prefix, module] : components(model)) {
+    module->train();
+    for (const auto& item : module->named_parameters()) {
+      if (!item.value().requires_grad()) continue;
+      at::Tensor main = main_copies ? item.value().detach().to(context.dtypes.main_params).clone() : item.value();
+      trained.push_back({prefix + "." + item.key(), item.value(), main});
+    }
+  }
+  if (trained.empty()) throw Error(recipe.source + ": nothing to train: every component is frozen");
+  std::vector<at::Tensor> mains;
+  for (const auto& t : trained) mains.push_back(t.main);
+  auto optimizer = make_adamw(mains, recipe.model.optim);
+
+  // Resume: weights, optimizer moments, step, data position, RNG.
+  std::int64_t step = 0;
+  std::uint64_t position = 0;
+  double loss_average = 0;
+  if (resume_from) {
+    at::NoGradGuard no_grad;
+    SafetensorsCheckpoint weights((*resume_from / "model.safetensors").string());
+    SafetensorsCheckpoint moments((*resume_from / "optimizer.safetensors").string());
+    std::ifstream in(*resume_from / "trainer_state.json");
+    json state = json::parse(in, nullptr, false);
+    if (!state.is_object()) throw Error((*resume_from / "trainer_state.json").string() + ": not valid JSON");
+    step = state.at("step").get<std::int64_t>();
+    position = state.at("consumed_samples").get<std::uint64_t>();
+    loss_average = state.value("loss_average", 0.0);
+    for (const auto& t : trained) {
+      if (!weights.contains(t.name)) {
+        throw Error(weights.path() + ": has no tensor '" + t.name + "', which this recipe trains; was the checkpoint " +
+                    "written by a recipe that froze other components?");
+      }
+      t.main.copy_(weights.tensor(t.name, t.main.sizes()));
+      if (main_copies) t.param.copy_(t.main);
+      auto moment = std::make_unique<torch::optim::AdamWParamState>();
+      moment->step(step);
+      moment->exp_avg(moments.tensor("exp_avg." + t.name, t.main.sizes()).to(t.main.options()).clone());
+      moment->exp_avg_sq(moments.tensor("exp_avg_sq." + t.name, t.main.sizes()).to(t.main.options()).clone());
+      if (step > 0) optimizer->state()[t.main.unsafeGetTensorImpl()] = std::move(moment);
+    }
+    at::Generator generator = at::detail::getDefaultCPUGenerator();
+    generator.set_state(unhex(state.at("rng_cpu").get<std::string>()));
+  }
+
+  // Data.
+  SampleFormat format;
+  format.conversation = conversation_template(recipe.model.data.conv_template);
+  format.use_im_start_end = recipe.model.mm_cfg.use_im_start_end;
+  format.image_folder = recipe.model.data.image_folder;
+  if (model.encoder()) {
+    format.processor = model.encoder()->image_processor();
+    format.processor.aspect_ratio = recipe.model.data.image_aspect_ratio;
+  }
+  format.max_seq_length = std::min(recipe.model.encoder_seq_length, model.backbone().max_position_embeddings());
+  format.image_token_id = model.image_token_id();
+  format.tokens_for_image = [&model](std::int64_t h, std::int64_t w) { return model.tokens_for_image(h, w); };
+  std::vector<DataSource> sources;
+  for (std::size_t i = 0; i < recipe.model.data.data_path.size(); ++i) {
+    double weight = recipe.model.data.data_weights.empty() ? 1.0 : recipe.model.data.data_weights[i];
+    sources.push_back({recipe.model.data.data_path[i], weight});
+  }
+  LoaderOptions loader;
+  loader.micro_batch_size = recipe.model.micro_batch_size;
+  loader.pack = recipe.model.data.packed_sequence;
+  loader.seed = recipe.run.seed;
+  loader.skip_bad_samples = recipe.model.data.skip_bad_samples;
+  loader.prefetch = recipe.model.data.prefetch;
+  for (const char* pad : {"<pad>", "<unk>"}) {
+    if (auto id = tokenizer->token_id(pad)) {
+      loader.pad_id = *id;
+      break;
+    }
+  }
+  TrainingData data(sources, tokenizer, format, loader, position);
+
+  const std::int64_t accumulation = recipe.model.global_batch_size / recipe.model.micro_batch_size;
+  const std::int64_t max_steps = recipe.trainer.max_steps;
+  Progress progress(title, max_steps, recipe.trainer.log_every_n_steps);
+  Metrics metrics(summary.run_dir / "metrics.jsonl", step);
+  if (resume_from) progress.message("resumed from " + resume_from->string() + " (step " + std::to_string(step) + ")");
+  progress.message(std::to_string(trained.size()) + " tensors trained (" +
+                   std::to_string(std::accumulate(mains.begin(), mains.end(), std::int64_t{0},
+                                                  [](std::int64_t n, const at::Tensor& t) { return n + t.numel(); })) +
+                   " parameters), " + std::to_string(data.records()) + " records, micro-batch " +
+                   std::to_string(recipe.model.micro_batch_size) + " x " + std::to_string(accumulation) +
+                   " accumulation, precision " + recipe.trainer.precision +
+                   (recipe.model.megatron_amp_O2 ? " (O2)" : ""));
+
+  auto save = [&](std::int64_t at_step) {
+    checkpoints.save(at_step, recipe.exp_manager.save_top_k, [&](const fs::path& directory) {
+      std::vector<std::pair<std::string, at::Tensor>> weights, moments;
+      for (const auto& t : trained) {
+        weights.emplace_back(t.name, t.main.detach());
+        auto found = optimizer->state().find(t.main.unsafeGetTensorImpl());
+        at::Tensor exp_avg = at::zeros_like(t.main), exp_avg_sq = at::zeros_like(t.main);
+        if (found != optimizer->state().end()) {
+          auto& moment = static_cast<torch::optim::AdamWParamState&>(*found->second);
+          exp_avg = moment.exp_avg();
+          exp_avg_sq = moment.exp_avg_sq();
+        }
+        moments.emplace_back("exp_avg." + t.name, exp_avg);
+        moments.emplace_back("exp_avg_sq." + t.name, exp_avg_sq);
+      }
+      write_safetensors((directory / "model.safetensors").string(), weights, {{"format", "pt"}});
+      maybe_die_in_checkpoint(at_step);
+      write_safetensors((directory / "optimizer.safetensors").string(), moments);
+      json state = {{"step", at_step},
+                    {"consumed_samples", position},
+                    {"loss_average", loss_average},
+                    {"lr", learning_rate(recipe.model.optim, at_step)},
+                    {"rng_cpu", hex(at::detail::getDefaultCPUGenerator().get_state())},
+                    {"recipe", recipe.source}};
+      write_file_atomically((directory / "trainer_state.json").string(), state.dump(2) + "\n");
+    });
+  };
+
+  const std::int64_t first_step = step;
+  double last_loss = 0;
+  std::int64_t saved_step = resume_from ? step : -1;
+  while (step < max_steps) {
+    const auto step_started = Clock::now();
+    std::vector<TrainingBatch> batches;
+    std::int64_t labelled = 0, tokens = 0, samples = 0;
+    for (std::int64_t i = 0; i < accumulation; ++i) {
+      batches.push_back(data.next());
+      labelled += batches.back().labelled_tokens;
+      tokens += batches.back().tokens;
+      samples += batches.back().samples;
+      for (const auto& problem : batches.back().skipped) {
+        ++summary.skipped_samples;
+        if (summary.skipped_samples <= 5) progress.message("skipped a bad sample: " + problem);
+        if (summary.skipped_samples == 5) progress.message("(further skipped samples are only counted)");
+      }
+    }
+    // The loss is the mean over every labelled token of the global batch, whatever the split into
+    // micro-batches or packed rows: each micro-batch contributes its share.
+    double loss_value = 0;
+    for (const auto& batch : batches) {
+      MultimodalInputs inputs;
+      inputs.input_ids = batch.input_ids.to(context.device);
+      inputs.images = batch.images;
+      inputs.attention_mask = batch.attention_mask;
+      inputs.positions = batch.positions;
+      inputs.segment_ids = batch.segment_ids;
+      at::Tensor loss;
+      {
+        auto scope = precision->enter_forward(context);
+        BackboneOutputs outputs = model.forward(inputs);
+        loss = causal_lm_loss(outputs.logits, batch.labels) *
+               (static_cast<double>(batch.labelled_tokens) / static_cast<double>(std::max<std::int64_t>(1, labelled)));
+        if (outputs.aux_loss.defined()) loss = loss + outputs.aux_loss.to(at::kFloat) / static_cast<double>(accumulation);
+      }
+      loss.backward();
+      loss_value += loss.item<double>();
+    }
+    const std::string last_good = checkpoints.latest() ? checkpoints.latest()->string() : std::string("none written yet");
+    if (!std::isfinite(loss_value)) {
+      throw Error(title + ": step " + std::to_string(step + 1) + ": the loss is " + std::to_string(loss_value) +
+                  "; stopping before the update (last good checkpoint: " + last_good + "). Lower model.optim.lr, raise " +
+                  "warmup_steps, or check the data");
+    }
+    if (recipe.trainer.loss_explosion_factor > 0 && step >= std::max<std::int64_t>(recipe.model.optim.warmup_steps, 10) &&
+        loss_average > 0 && loss_value > recipe.trainer.loss_explosion_factor * loss_average) {
+      throw Error(title + ": step " + std::to_string(step + 1) + ": the loss exploded to " + std::to_string(loss_value) +
+                  " (running average " + std::to_string(loss_average) + "); stopping before the update (last good " +
+                  "checkpoint: " + last_good + "). Lower model.optim.lr or raise trainer.loss_explosion_factor");
+    }
+    double grad_norm;
+    {
+      at::NoGradGuard no_grad;
+      if (main_copies) {
+        for (auto& t : trained) {
+          if (t.param.grad().defined()) t.main.mutable_grad() = t.param.grad().to(t.main.scalar_type());
+          t.param.mutable_grad().reset();
+        }
+      }
+      grad_norm = clip_gradients(mains, recipe.model.optim.clip_grad);
+      const double lr = learning_rate(recipe.model.optim, step);
+      set_learning_rate(*optimizer, lr);
+      optimizer->step();
+      optimizer->zero_grad(true);
+      if (main_copies) {
+        for (auto& t : trained) t.param.copy_(t.main);
+      }
+      ++step;
+      position = batches.back().end_position;
+      loss_average = loss_average == 0 ? loss_value : 0.9 * loss_average + 0.1 * loss_value;
+      last_loss = loss_value;
+
+      const double seconds = std::chrono::duration<double>(Clock::now() - step_started).count();
+      const double elapsed = std::chrono::duration<double>(Clock::now() - started).count();
+      const double eta = (max_steps - step) * elapsed / static_cast<double>(std::max<std::int64_t>(1, step - first_step));
+      metrics.write({{"step", step},
+                     {"loss", loss_value},
+                     {"lr", lr},
+                     {"grad_norm", grad_norm},
+                     {"tokens", tokens},
+                     {"labelled_tokens", labelled},
+                     {"samples", samples},
+                     {"consumed_samples", position},
+                     {"tokens_per_second", tokens / seconds},
+                     {"step_seconds", seconds},
+                     {"skipped_samples", summary.skipped_samples}});
+      progress.update(step, loss_value, lr, grad_norm, tokens / seconds, eta);
+    }
+    const bool exiting = recipe.trainer.exit_interval > 0 && step % recipe.trainer.exit_interval == 0;
+    if (exiting || (recipe.exp_manager.every_n_train_steps > 0 && step % recipe.exp_manager.every_n_train_steps == 0)) {
+      save(step);
+      saved_step = step;
+    }
+    if (exiting && step < max_steps) {
+      progress.message("exit_interval: stopping at step " + std::to_string(step) + " of " + std::to_string(max_steps) +
+                       "; run the recipe again to continue");
+      break;
+    }
+  }
+  if (saved_step != step) save(step);
+  summary.steps = step;
+  summary.trained = step - first_step;
+  summary.last_loss = last_loss;
+  if (step < max_steps) return summary;  // stopped by exit_interval: the run is not finished
+
+  write_loss_plot((summary.run_dir / "loss.png").string(), metrics.losses(), title);
+
+  if (model.connector() && !recipe.model.mm_cfg.connector.freeze) {
+    // LLaVA's mm_projector file: what a stage-2 recipe's pretrain_mm_mlp_adapter points at.
+    std::vector<std::pair<std::string, at::Tensor>> projector;
+    for (const auto& t : trained) {
+      if (t.name.rfind("connector.", 0) == 0) projector.emplace_back("model.mm_projector." + t.name.substr(10), t.main);
+    }
+    write_safetensors((summary.run_dir / "mm_projector.safetensors").string(), projector, {{"format", "pt"}});
+  }
+  if (recipe.exp_manager.export_hf && model.encoder()) {
+    summary.hf_dir = summary.run_dir / "hf";
+    export_hf(recipe, model, summary.hf_dir);
+  }
+  summary.seconds = std::chrono::duration<double>(Clock::now() - started).count();
+  progress.message("done: step " + std::to_string(step) + ", loss " + std::to_string(last_loss) + ", " +
+                   std::to_string(summary.skipped_samples) + " bad sample(s) skipped, " +
+                   format_duration(summary.seconds) + "; run directory " + summary.run_dir.string());
+  return summary;
+}
+
+}  // namespace neva

@@ -1,0 +1,29 @@
+#pragma once
+// neva-run's `train` mode: either NeVA stage from a recipe, with checkpoints, exact resume, metrics
+// and an optional Hugging Face export at the end.
+#include <cstdint>
+#include <filesystem>
+#include <string>
+
+#include "neva/recipe.h"
+
+namespace neva {
+
+struct TrainSummary {
+  std::int64_t steps = 0;       // optimizer steps done in total (resumed ones included)
+  std::int64_t trained = 0;     // of which in this call
+  double last_loss = 0;
+  std::int64_t skipped_samples = 0;
+  double seconds = 0;
+  std::filesystem::path run_dir;
+  std::filesystem::path hf_dir;  // empty when not exported
+};
+
+// `title` prefixes progress and log lines ("stage 1").
+TrainSummary run_train(const Recipe& recipe, const std::string& title = "train");
+
+// Writes `model` as a transformers LlavaForConditionalGeneration directory (config.json,
+// model.safetensors, the tokenizer's files) at `directory`, replacing it atomically.
+void export_hf(const Recipe& recipe, LlavaModel& model, const std::filesystem::path& directory);
+
+}  // namespace neva
