@@ -366,7 +366,7 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
     std::vector<TrainingBatch> batches;
     std::int64_t labelled = 0, tokens = 0, samples = 0;
     for (std::int64_t i = 0; i < accumulation; ++i) {
-      batches.push_back(data.next());
+      batches.push_back(data.next());  // prepared ahead by the loader's thread
       labelled += batches.back().labelled_tokens;
       tokens += batches.back().tokens;
       samples += batches.back().samples;
@@ -376,6 +376,7 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
         if (summary.skipped_samples == 5) progress.message("(further skipped samples are only counted)");
       }
     }
+    const double data_wait = std::chrono::duration<double>(Clock::now() - step_started).count();
     // The loss is the mean over every labelled token of the global batch, whatever the split into
     // micro-batches or packed rows: each micro-batch contributes its share.
     double loss_value = 0;
@@ -399,7 +400,8 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
     }
     const std::string last_good = checkpoints.latest() ? checkpoints.latest()->string() : std::string("none written yet");
     if (!std::isfinite(loss_value)) {
-      throw Error(title + ": step " + std::to_string(step + 1) + ": the loss is " + std::to_string(loss_value) +
+      throw Error(title + ": step " + std::to_string(step + 1) + ": the loss is " +
+                  (std::isnan(loss_value) ? std::string("NaN") : std::string("infinite")) +
                   "; stopping before the update (last good checkpoint: " + last_good + "). Lower model.optim.lr, raise " +
                   "warmup_steps, or check the data");
     }
@@ -444,6 +446,7 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
                      {"consumed_samples", position},
                      {"tokens_per_second", tokens / seconds},
                      {"step_seconds", seconds},
+                     {"data_wait_seconds", data_wait},
                      {"skipped_samples", summary.skipped_samples}});
       progress.update(step, loss_value, lr, grad_norm, tokens / seconds, eta);
     }

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Training throughput, neva vs transformers + PyTorch eager (same wheel, same threads), on the same
+# NeVA stage-2 step: configs/bench/train.toml (Llama-shaped ~134M decoder trained, CLIP ViT-B/32-shaped
+# tower frozen) over the demo's data, fp32 and bf16 mixed. MFU is model FLOPs/s over this machine's
+# measured matmul peak (neva-bench-matmul, best shape per dtype). Run after scripts/setup.sh; figures
+# go to docs/benchmarks.md.
+#   scripts/bench_train.sh [STEPS]
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+steps="${1:-10}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
+work="$root/build/bench-train"
+bin="$root/build/bin"
+echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) CPUs; threads: $OMP_NUM_THREADS; $(date -u +%F)"
+[ -f "$work/demo/data/stage2.json" ] || "$bin/neva-run" demo --prepare-only --dir "$work/demo" > /dev/null
+peaks="$("$bin/neva-bench-matmul" | awk '{ v = $(NF-1); if ($(NF-2) == "fp32" && v > f) f = v; if ($(NF-2) == "bf16" && v > b) b = v } END { print f, b }')"
+read -r peak32 peak16 <<< "$peaks"
+echo "matmul peak (neva-bench-matmul): fp32 $peak32 GFLOP/s, bf16 $peak16 GFLOP/s"
+models="$root/configs/bench/models"
+for precision in 32 bf16-mixed; do
+  rm -rf "$work/runs/neva-$precision"
+  "$bin/neva-run" "$root/configs/bench/train.toml" --set trainer.precision="$precision" \
+    --set trainer.max_steps=$((steps + 2)) --set model.data.data_path="$work/demo/data/stage2.json" \
+    --set model.data.image_folder="$work/demo/data/images" --set model.tokenizer.model="$work/demo/model/tokenizer" \
+    --set exp_manager.explicit_log_dir="$work/runs/neva-$precision" > /dev/null
+  hf="$(TRANSFORMERS_VERBOSITY=error "$root/.venv/bin/python" "$root/scripts/bench_train_transformers.py" \
+    "$models/llama-train-bench/config.json" "$models/clip-train-bench/config.json" "$work/demo" "$precision" "$steps")"
+  peak=$([ "$precision" = 32 ] && echo "$peak32" || echo "$peak16")
+  "$root/.venv/bin/python" - "$work/runs/neva-$precision/metrics.jsonl" "$hf" "$peak" "$precision" <<'PY'
+import json, sys
+metrics = [json.loads(line) for line in open(sys.argv[1])][2:]  # warm-up steps excluded
+hf, peak, precision = json.loads(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+neva = sum(m["tokens"] for m in metrics) / sum(m["step_seconds"] for m in metrics)
+mfu = lambda rate: 100 * rate * hf["flops_per_token"] / (peak * 1e9)
+print(f"{precision:<10} neva {neva:7.1f} tokens/s (MFU {mfu(neva):4.1f}%)   transformers {hf['tokens_per_second']:7.1f} "
+      f"tokens/s (MFU {mfu(hf['tokens_per_second']):4.1f}%)   neva/transformers {neva / hf['tokens_per_second']:.2f}x   "
+      f"[{hf['flops_per_token'] / 1e9:.2f} GFLOP/token, mean length {hf['mean_length']:.0f}]")
+PY
+done

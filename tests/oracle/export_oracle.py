@@ -1,0 +1,45 @@
+"""Loads what neva exported (the demo's stage-2 model, runs/stage2/hf) with transformers alone —
+AutoProcessor (tokenizer + image processor from the exported files) and
+LlavaForConditionalGeneration — and records, for a held-out image and question in the demo's v1
+template: the processor's input_ids and pixel_values, the logits, and a greedy answer. The C++ side
+(test_export_oracle.cpp) rebuilds the same model through neva's plugins from that directory and
+compares.
+
+Usage: export_oracle.py DEMO_DIR OUTPUT_DIR
+"""
+import json
+import pathlib
+import sys
+
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+          "detailed, and polite answers to the user's questions.")
+QUESTION = "What shape is in the image?"
+
+
+def main():
+    demo, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+    out.mkdir(parents=True, exist_ok=True)
+    hf = demo / "runs" / "stage2" / "hf"
+    processor = AutoProcessor.from_pretrained(hf)
+    model = LlavaForConditionalGeneration.from_pretrained(hf, dtype=torch.float32).eval()
+    prompt = f"{SYSTEM} USER: <image>\n{QUESTION} ASSISTANT:"
+    image = Image.open(demo / "data" / "images" / "test" / "1.png").convert("RGB")
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    answer_ids = generated[0, inputs["input_ids"].shape[1]:]
+    save_file({"input_ids": inputs["input_ids"].contiguous(), "pixel_values": inputs["pixel_values"].contiguous(),
+               "logits": logits.contiguous(), "answer_ids": answer_ids.contiguous()}, str(out / "export.safetensors"))
+    (out / "export.json").write_text(json.dumps({
+        "prompt": prompt, "image": str(demo / "data" / "images" / "test" / "1.png"), "hf": str(hf),
+        "answer": processor.tokenizer.decode(answer_ids, skip_special_tokens=True)}))
+
+
+if __name__ == "__main__":
+    main()

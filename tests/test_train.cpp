@@ -1,0 +1,197 @@
+// neva-run's train mode end to end, on the demo's data and tiny base model (neva-run demo
+// --prepare-only): exact resume, crash safety of checkpoints, the NaN stop, bad samples, precisions,
+// activation checkpointing and packing through the trainer, and recipe checks.
+#include <doctest/doctest.h>
+
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "neva/image.h"
+#include "neva/safetensors.h"
+#include "test_support.h"
+
+using neva::test::run_command;
+using neva::test::TempDir;
+
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
+
+// One intra-op thread: CTest runs two tests at once on two cores, and OpenMP threads that spin while
+// another process holds the cores slow both down tenfold.
+neva::test::CommandResult neva_run(const std::string& arguments, const std::string& environment = "") {
+  return run_command("env -u NEVA_PLUGIN_PATH OMP_NUM_THREADS=1 " + environment + " " + neva::test::binary("neva-run").string() + " " +
+                         arguments,
+                     300);
+}
+
+// The demo's files (data, tiny Llama + CLIP, tokenizer, recipes) in a fresh directory.
+struct Workspace {
+  TempDir dir;
+  fs::path root = dir.path() / "demo";
+  Workspace() {
+    auto prepared = neva_run("demo --prepare-only --dir " + root.string());
+    REQUIRE_MESSAGE(prepared.exit_code == 0, prepared.err);
+  }
+  // Stage 2 (connector + LLM, v1 template) shrunk to a few small steps.
+  neva::test::CommandResult train(const std::string& run, const std::string& overrides,
+                                  const std::string& environment = "") const {
+    return neva_run((root / "stage2.toml").string() + " --set exp_manager.explicit_log_dir=" + (root / run).string() +
+                        " --set model.optim.sched.warmup_steps=2 --set exp_manager.export_hf=false"
+                        " --set model.micro_batch_size=4 --set model.global_batch_size=8"
+                        " --set model.mm_cfg.pretrain_mm_mlp_adapter=\"\" " +
+                        overrides,
+                    environment);
+  }
+  // The losses of metrics.jsonl as written (17 significant digits: equal text = equal bits).
+  std::vector<std::string> losses(const std::string& run) const {
+    std::ifstream in(root / run / "metrics.jsonl");
+    std::vector<std::string> out;
+    for (std::string line; std::getline(in, line);) out.push_back(json::parse(line)["loss"].dump());
+    return out;
+  }
+};
+
+}  // namespace
+
+TEST_CASE("fp32 resume is exact: 10 straight steps and 5 + resume + 5 give bitwise-identical losses") {
+  Workspace ws;
+  auto straight = ws.train("straight", "--set trainer.max_steps=10");
+  REQUIRE_MESSAGE(straight.exit_code == 0, straight.err);
+  auto first = ws.train("split", "--set trainer.max_steps=10 --set trainer.exit_interval=5");
+  REQUIRE_MESSAGE(first.exit_code == 0, first.err);
+  CHECK(contains(first.err, "exit_interval: stopping at step 5 of 10"));
+  CHECK(ws.losses("split").size() == 5);
+  auto second = ws.train("split", "--set trainer.max_steps=10");
+  REQUIRE_MESSAGE(second.exit_code == 0, second.err);
+  CHECK(contains(second.err, "resumed from " + (ws.root / "split/checkpoints/step-0000005").string() + " (step 5)"));
+  auto expected = ws.losses("straight");
+  REQUIRE(expected.size() == 10);
+  CHECK(ws.losses("split") == expected);
+  CHECK(expected.front() != expected.back());  // it trained
+  // The run's products: a loss curve, LLaVA's projector file, the checkpoint layout.
+  CHECK_NOTHROW(neva::load_image((ws.root / "straight/loss.png").string()));
+  neva::SafetensorsCheckpoint projector((ws.root / "straight/mm_projector.safetensors").string());
+  CHECK(projector.contains("model.mm_projector.0.weight"));
+  std::ifstream latest(ws.root / "straight/checkpoints/latest");
+  std::string name;
+  std::getline(latest, name);
+  CHECK(name == "step-0000010");
+}
+
+TEST_CASE("a checkpoint cut short by kill -9 leaves the previous one, and the run resumes from it exactly") {
+  Workspace ws;
+  const std::string settings = "--set trainer.max_steps=6 --set exp_manager.checkpoint_callback_params.every_n_train_steps=2";
+  auto straight = ws.train("straight", settings);
+  REQUIRE_MESSAGE(straight.exit_code == 0, straight.err);
+  // Killed after step 4's weights are written, before that checkpoint is committed.
+  auto killed = ws.train("killed", settings, "NEVA_TEST_KILL_IN_CHECKPOINT=4");
+  CHECK(killed.exit_code == 128 + 9);
+  std::ifstream latest(ws.root / "killed/checkpoints/latest");
+  std::string name;
+  std::getline(latest, name);
+  CHECK(name == "step-0000002");
+  CHECK(fs::exists(ws.root / "killed/checkpoints/step-0000004/model.safetensors"));  // torn, never committed
+  CHECK(!fs::exists(ws.root / "killed/checkpoints/step-0000004/trainer_state.json"));
+  auto resumed = ws.train("killed", settings);
+  REQUIRE_MESSAGE(resumed.exit_code == 0, resumed.err);
+  CHECK(contains(resumed.err, "(step 2)"));
+  CHECK(ws.losses("killed") == ws.losses("straight"));
+}
+
+TEST_CASE("a NaN loss stops the run before the update and names the last good checkpoint") {
+  Workspace ws;
+  auto result = ws.train("nan", "--set trainer.max_steps=6 --set model.optim.lr=1e30 "
+                                "--set exp_manager.checkpoint_callback_params.every_n_train_steps=1");
+  CHECK(result.exit_code == 1);
+  INFO(result.err);
+  CHECK(contains(result.err, "stopping before the update (last good checkpoint: " +
+                                 (ws.root / "nan/checkpoints/step-0000001").string() + ")"));
+  CHECK(fs::exists(ws.root / "nan/checkpoints/step-0000001/trainer_state.json"));
+}
+
+TEST_CASE("bad samples are skipped and counted, or stop the run when bad_samples = \"fail\"") {
+  Workspace ws;
+  json good = json::parse(std::ifstream(ws.root / "data/stage2.json"))[0];
+  json lost = good;
+  lost["id"] = "lost";
+  lost["image"] = "train/missing.png";
+  std::ofstream(ws.root / "data/mixed.jsonl") << good.dump() << "\n{not json\n" << lost.dump() << "\n" << good.dump() << "\n";
+  const std::string data = " --set model.data.data_path=" + (ws.root / "data/mixed.jsonl").string() + " --set trainer.max_steps=2";
+  auto skipped = ws.train("skip", data);
+  REQUIRE_MESSAGE(skipped.exit_code == 0, skipped.err);
+  CHECK(contains(skipped.err, "skipped a bad sample: " + (ws.root / "data/mixed.jsonl").string() + ":2: invalid JSON"));
+  CHECK(contains(skipped.err, "(id lost)"));
+  CHECK(contains(skipped.err, "missing.png"));
+  auto failed = ws.train("fail", data + " --set model.data.bad_samples=fail");
+  CHECK(failed.exit_code == 1);
+  CHECK(contains(failed.err, "neva-run: " + (ws.root / "data/mixed.jsonl").string() + ":"));  // the first bad one met
+}
+
+TEST_CASE("bf16 mixed and bf16 O2 train, and O2 keeps fp32 main weights and resumes exactly") {
+  Workspace ws;
+  auto mixed = ws.train("mixed", "--set trainer.max_steps=4 --set trainer.precision=bf16-mixed");
+  REQUIRE_MESSAGE(mixed.exit_code == 0, mixed.err);
+  CHECK(ws.losses("mixed").size() == 4);
+  const std::string o2 = "--set trainer.max_steps=4 --set trainer.precision=bf16 --set model.megatron_amp_O2=true";
+  auto straight = ws.train("o2", o2);
+  REQUIRE_MESSAGE(straight.exit_code == 0, straight.err);
+  CHECK(contains(straight.err, "precision bf16 (O2)"));
+  neva::SafetensorsCheckpoint weights((ws.root / "o2/checkpoints/step-0000004/model.safetensors").string());
+  CHECK((weights.tensor("llm.model.norm.weight").scalar_type() == at::kFloat));
+  auto first = ws.train("o2-split", o2 + " --set trainer.exit_interval=2");
+  REQUIRE_MESSAGE(first.exit_code == 0, first.err);
+  auto second = ws.train("o2-split", o2);
+  REQUIRE_MESSAGE(second.exit_code == 0, second.err);
+  CHECK(ws.losses("o2-split") == ws.losses("o2"));
+}
+
+TEST_CASE("activation checkpointing and sequence packing run through the trainer with the same losses") {
+  Workspace ws;
+  // Short samples (captions, plain template) so that several share a packed row.
+  const std::string stage1 = " --set model.data.data_path=" + (ws.root / "data/stage1.json").string() +
+                             " --set model.data.conv_template=plain --set trainer.max_steps=3";
+  auto plain = ws.train("plain", stage1);
+  REQUIRE_MESSAGE(plain.exit_code == 0, plain.err);
+  auto recomputed = ws.train("recomputed", stage1 + " --set model.activations_checkpoint_granularity=full");
+  REQUIRE_MESSAGE(recomputed.exit_code == 0, recomputed.err);
+  CHECK(ws.losses("recomputed") == ws.losses("plain"));
+  auto packed = ws.train("packed", stage1 + " --set model.data.packed_sequence=true");
+  REQUIRE_MESSAGE(packed.exit_code == 0, packed.err);
+  std::ifstream in(ws.root / "packed/metrics.jsonl");
+  std::string line;
+  std::getline(in, line);
+  CHECK(json::parse(line)["samples"].get<int>() > 8);  // 8 rows of up to 128 tokens hold more than 8 captions
+}
+
+TEST_CASE("train recipes are checked before anything runs, and a finished run is not overwritten by accident") {
+  Workspace ws;
+  auto no_data = ws.train("x", "--set model.data.data_path=[] --set trainer.max_steps=1");
+  CHECK(no_data.exit_code == 2);
+  CHECK(contains(no_data.err, "model.data.data_path: missing: mode 'train' needs LLaVA data"));
+  auto warmup = ws.train("x", "--set trainer.max_steps=1 --set model.optim.sched.warmup_steps=5");
+  CHECK(warmup.exit_code == 2);
+  CHECK(contains(warmup.err, "warmup_steps: longer than trainer.max_steps (1)"));
+  auto done = ws.train("done", "--set trainer.max_steps=2");
+  REQUIRE_MESSAGE(done.exit_code == 0, done.err);
+  auto again = ws.train("done", "--set trainer.max_steps=2 --set exp_manager.resume_if_exists=false");
+  CHECK(again.exit_code == 1);
+  CHECK(contains(again.err, "already holds checkpoints (step-0000002); set exp_manager.resume_if_exists = true"));
+}
+
+TEST_CASE("gradient accumulation: 2 micro-batches of 4 make the same step as one micro-batch of 8") {
+  Workspace ws;
+  auto whole = ws.train("whole", "--set trainer.max_steps=3 --set model.micro_batch_size=8");
+  REQUIRE_MESSAGE(whole.exit_code == 0, whole.err);
+  auto split = ws.train("split", "--set trainer.max_steps=3");  // micro 4, global 8
+  REQUIRE_MESSAGE(split.exit_code == 0, split.err);
+  CHECK(contains(split.err, "micro-batch 4 x 2 accumulation"));
+  auto a = ws.losses("whole"), b = ws.losses("split");
+  REQUIRE(a.size() == 3);
+  REQUIRE(b.size() == 3);
+  // The loss is the mean over the global batch's labelled tokens either way; only rounding differs.
+  for (std::size_t i = 0; i < 3; ++i) CHECK(std::stod(a[i]) == doctest::Approx(std::stod(b[i])).epsilon(1e-5));
+}
