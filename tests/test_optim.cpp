@@ -78,3 +78,59 @@ TEST_CASE("gradient clipping bounds the global norm and reports it before clippi
   double after = std::sqrt(linear->weight.grad().pow(2).sum().item<double>() + linear->bias.grad().pow(2).sum().item<double>());
   CHECK(after == doctest::Approx(1.0).epsilon(1e-4));
 }
+
+TEST_CASE("the fused AdamW update equals LibTorch's reference AdamW, state included") {
+  torch::manual_seed(1);
+  torch::nn::Linear fused_layer(6, 4), reference_layer(6, 4);
+  {
+    torch::NoGradGuard no_grad;
+    reference_layer->weight.copy_(fused_layer->weight);
+    reference_layer->bias.copy_(fused_layer->bias);
+  }
+  neva::OptimizerConfig config;
+  config.lr = 0.05;
+  config.weight_decay = 0.1;
+  auto fused = neva::make_adamw({fused_layer.ptr().get()}, config);
+  // The reference, with the same two groups (decay on the matrix only).
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  auto options = [&](double decay) {
+    return std::make_unique<torch::optim::AdamWOptions>(
+        torch::optim::AdamWOptions(config.lr).betas({config.beta1, config.beta2}).eps(config.eps).weight_decay(decay));
+  };
+  groups.emplace_back(std::vector<at::Tensor>{reference_layer->weight}, options(config.weight_decay));
+  groups.emplace_back(std::vector<at::Tensor>{reference_layer->bias}, options(0.0));
+  torch::optim::AdamW reference(groups, torch::optim::AdamWOptions(config.lr));
+  for (int step = 0; step < 6; ++step) {
+    at::Tensor input = torch::randn({3, 6});
+    for (auto* layer : {&fused_layer, &reference_layer}) {
+      (*layer)->zero_grad();
+      (*layer)->forward(input).pow(2).sum().backward();
+    }
+    fused->step();
+    reference.step();
+  }
+  CHECK(torch::allclose(fused_layer->weight, reference_layer->weight, 1e-6, 1e-7));
+  CHECK(torch::allclose(fused_layer->bias, reference_layer->bias, 1e-6, 1e-7));
+  auto& state = static_cast<torch::optim::AdamWParamState&>(*fused->state().at(fused_layer->weight.unsafeGetTensorImpl()));
+  auto& expected =
+      static_cast<torch::optim::AdamWParamState&>(*reference.state().at(reference_layer->weight.unsafeGetTensorImpl()));
+  CHECK(state.step() == 6);
+  CHECK(expected.step() == 6);
+  CHECK(torch::allclose(state.exp_avg_sq(), expected.exp_avg_sq(), 1e-6, 1e-9));
+}
+
+TEST_CASE("logits at labelled positions only give causal_lm_loss exactly") {
+  torch::manual_seed(2);
+  at::Tensor logits = torch::randn({3, 6, 11});
+  at::Tensor labels = torch::randint(0, 11, {3, 6}, at::kLong);
+  labels.index_put_({0, torch::indexing::Slice(0, 4)}, neva::kIgnoreIndex);
+  labels.index_put_({2, torch::indexing::Slice(2, 6)}, neva::kIgnoreIndex);
+  auto positions = neva::labelled_positions(labels);
+  CHECK(positions.mask.sum().item<std::int64_t>() == positions.targets.size(0));
+  CHECK(!positions.mask.select(1, 5).any().item<bool>());  // the last position predicts nothing
+  at::Tensor selected = logits.index({positions.mask});
+  double expected = neva::causal_lm_loss(logits, labels).item<double>();
+  CHECK(neva::labelled_lm_loss(selected, positions).item<double>() == doctest::Approx(expected).epsilon(1e-7));
+  CHECK(neva::labelled_lm_loss(logits, positions).item<double>() == doctest::Approx(expected).epsilon(1e-7));
+  CHECK_THROWS_AS(neva::labelled_lm_loss(selected.narrow(0, 0, 2), positions), neva::Error);
+}

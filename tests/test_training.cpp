@@ -217,3 +217,18 @@ TEST_CASE("packed sequences give the loss and gradients of the same samples in p
   CHECK(packed_loss == doctest::Approx(padded_loss).epsilon(1e-6));
   check_same_gradients(padded_gradients, packed_gradients, 1e-5);
 }
+
+TEST_CASE("a logits mask gives the full forward's logits at exactly those positions") {
+  auto model = backbone(tiny_decoder());
+  auto batch = neva::collate(samples({12, 7}), false, 0);
+  auto positions = neva::labelled_positions(batch.labels);
+  neva::BackboneInputs inputs;
+  inputs.embeddings = model->embed(batch.input_ids);
+  inputs.attention_mask = batch.attention_mask;
+  at::Tensor full = model->forward(inputs).logits;
+  inputs.logits_mask = positions.mask;
+  at::Tensor selected = model->forward(inputs).logits;
+  REQUIRE(selected.dim() == 2);
+  CHECK(selected.size(0) == positions.targets.size(0));
+  CHECK((selected - full.index({positions.mask})).abs().max().item<double>() < 1e-6);
+}

@@ -387,11 +387,14 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
       inputs.attention_mask = batch.attention_mask;
       inputs.positions = batch.positions;
       inputs.segment_ids = batch.segment_ids;
+      // The LM head runs only where a labelled token follows (stage 2: the answers).
+      LabelledPositions positions = labelled_positions(batch.labels);
+      inputs.logits_mask = positions.mask;
       at::Tensor loss;
       {
         auto scope = precision->enter_forward(context);
         BackboneOutputs outputs = model.forward(inputs);
-        loss = causal_lm_loss(outputs.logits, batch.labels) *
+        loss = labelled_lm_loss(outputs.logits, positions) *
                (static_cast<double>(batch.labelled_tokens) / static_cast<double>(std::max<std::int64_t>(1, labelled)));
         if (outputs.aux_loss.defined()) loss = loss + outputs.aux_loss.to(at::kFloat) / static_cast<double>(accumulation);
       }

@@ -74,6 +74,7 @@ BackboneOutputs LlavaModel::forward(const MultimodalInputs& inputs) {
   backbone_inputs.positions = inputs.positions;
   backbone_inputs.segment_ids = inputs.segment_ids;
   backbone_inputs.cache = inputs.cache;
+  backbone_inputs.logits_mask = inputs.logits_mask;
   return backbone_->forward(backbone_inputs);
 }
 

@@ -1,9 +1,13 @@
 #include "neva/optim.h"
 
 #include <ATen/ATen.h>
+#include <ATen/ops/_fused_adamw.h>
 #include <torch/nn/utils/clip_grad.h>
 
+#include <array>
 #include <cmath>
+#include <map>
+#include <string>
 
 #include "neva/error.h"
 
@@ -18,6 +22,60 @@ double learning_rate(const OptimizerConfig& config, std::int64_t step) {
   double progress = static_cast<double>(step - config.warmup_steps) / static_cast<double>(decay_steps);
   return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1.0 + std::cos(M_PI * progress));
 }
+
+namespace {
+
+// torch::optim::AdamW's algorithm and state (AdamWParamState: step, exp_avg, exp_avg_sq), with the
+// update done by ATen's fused multi-tensor kernel (_fused_adamw_, what torch.optim.AdamW(fused=True)
+// and transformers' default "adamw_torch_fused" run): one pass over each parameter's memory instead
+// of the reference implementation's chain of element-wise ops. Same formula, so the state saves,
+// loads and resumes as AdamW's.
+class FusedAdamW : public torch::optim::AdamW {
+ public:
+  using torch::optim::AdamW::AdamW;
+
+  at::Tensor step(LossClosure closure = nullptr) override {
+    at::Tensor loss;
+    if (closure) {
+      at::AutoGradMode enable(true);
+      loss = closure();
+    }
+    at::NoGradGuard no_grad;
+    for (auto& group : param_groups_) {
+      auto& options = static_cast<torch::optim::AdamWOptions&>(group.options());
+      // The kernel takes one dtype and device per call: bucket the group's parameters by both.
+      std::map<std::pair<at::ScalarType, std::string>, std::array<std::vector<at::Tensor>, 5>> buckets;
+      for (auto& parameter : group.params()) {
+        if (!parameter.grad().defined()) continue;
+        auto& slot = state_[parameter.unsafeGetTensorImpl()];
+        if (!slot) {
+          auto fresh = std::make_unique<torch::optim::AdamWParamState>();
+          fresh->step(0);
+          fresh->exp_avg(at::zeros_like(parameter, at::MemoryFormat::Preserve));
+          fresh->exp_avg_sq(at::zeros_like(parameter, at::MemoryFormat::Preserve));
+          slot = std::move(fresh);
+        }
+        auto& state = static_cast<torch::optim::AdamWParamState&>(*slot);
+        state.step(state.step() + 1);
+        auto& bucket = buckets[{parameter.scalar_type(), parameter.device().str()}];
+        bucket[0].push_back(parameter);
+        bucket[1].push_back(parameter.grad());
+        bucket[2].push_back(state.exp_avg());
+        bucket[3].push_back(state.exp_avg_sq());
+        bucket[4].push_back(at::scalar_tensor(static_cast<double>(state.step()),
+                                              at::TensorOptions().dtype(at::kFloat).device(parameter.device())));
+      }
+      for (auto& [key, bucket] : buckets) {
+        at::_fused_adamw_(bucket[0], bucket[1], bucket[2], bucket[3], {}, bucket[4], options.lr(),
+                          std::get<0>(options.betas()), std::get<1>(options.betas()), options.weight_decay(),
+                          options.eps(), options.amsgrad(), /*maximize=*/false);
+      }
+    }
+    return loss;
+  }
+};
+
+}  // namespace
 
 std::vector<at::Tensor> trainable_parameters(const std::vector<torch::nn::Module*>& modules) {
   std::vector<at::Tensor> parameters;
@@ -48,7 +106,7 @@ std::unique_ptr<torch::optim::AdamW> make_adamw(const std::vector<at::Tensor>& p
   std::vector<torch::optim::OptimizerParamGroup> groups;
   if (!decayed.empty()) groups.emplace_back(decayed, options(config.weight_decay));
   if (!plain.empty()) groups.emplace_back(plain, options(0.0));
-  return std::make_unique<torch::optim::AdamW>(groups, torch::optim::AdamWOptions(config.lr));
+  return std::make_unique<FusedAdamW>(groups, torch::optim::AdamWOptions(config.lr));
 }
 
 void set_learning_rate(torch::optim::Optimizer& optimizer, double lr) {
@@ -63,6 +121,23 @@ at::Tensor causal_lm_loss(const at::Tensor& logits, const at::Tensor& labels) {
   at::Tensor scores = logits.narrow(1, 0, logits.size(1) - 1).to(at::kFloat).reshape({-1, logits.size(2)});
   at::Tensor targets = labels.narrow(1, 1, labels.size(1) - 1).reshape({-1}).to(logits.device());
   return at::cross_entropy_loss(scores, targets, {}, at::Reduction::Mean, kIgnoreIndex);
+}
+
+LabelledPositions labelled_positions(const at::Tensor& labels) {
+  if (labels.dim() != 2) throw Error("labels must be [batch, seq], got " + std::string(c10::str(labels.sizes())));
+  at::Tensor next = labels.narrow(1, 1, labels.size(1) - 1);
+  at::Tensor mask = at::cat({next != kIgnoreIndex, at::zeros({labels.size(0), 1}, labels.options().dtype(at::kBool))}, 1);
+  return {mask, next.masked_select(next != kIgnoreIndex)};
+}
+
+at::Tensor labelled_lm_loss(const at::Tensor& logits, const LabelledPositions& positions) {
+  at::Tensor selected = logits.dim() == 3 ? logits.index({positions.mask.to(logits.device())}) : logits;
+  if (selected.size(0) != positions.targets.size(0)) {
+    throw Error("labelled_lm_loss: " + std::to_string(selected.size(0)) + " logits rows for " +
+                std::to_string(positions.targets.size(0)) + " labelled positions");
+  }
+  return at::cross_entropy_loss(selected.to(at::kFloat), positions.targets.to(logits.device()), {}, at::Reduction::Mean,
+                                kIgnoreIndex);
 }
 
 double clip_gradients(const std::vector<torch::nn::Module*>& modules, double max_norm) {

@@ -28,10 +28,15 @@ struct BackboneInputs {
   at::Tensor attention_mask;  // optional [batch, seq]: 1 for real tokens, 0 for padding
   at::Tensor segment_ids;     // optional [batch, seq]: packed sample index; attention stays inside one
   KVCache* cache = nullptr;   // optional: incremental decoding; the new tokens follow the cached ones
+  // Optional [batch, seq] bool (plugin ABI 1.1): the positions whose logits are wanted (training:
+  // those followed by a labelled token). When given, logits are [count, vocab] for the true
+  // positions in row-major order, so the LM head runs only where the loss needs it. A backbone may
+  // ignore it and return [batch, seq, vocab]; callers accept both.
+  at::Tensor logits_mask;
 };
 
 struct BackboneOutputs {
-  at::Tensor logits;    // [batch, seq, vocab]
+  at::Tensor logits;    // [batch, seq, vocab], or [count, vocab] for a logits_mask
   at::Tensor aux_loss;  // optional scalar added to the training loss (e.g. MoE load balancing)
 };
 

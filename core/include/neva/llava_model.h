@@ -23,6 +23,7 @@ struct MultimodalInputs {
   at::Tensor positions;       // optional [batch, seq]
   at::Tensor segment_ids;     // optional [batch, seq] (packing)
   KVCache* cache = nullptr;
+  at::Tensor logits_mask;     // optional [batch, seq] bool: logits only there (BackboneInputs::logits_mask)
 };
 
 class NEVA_API LlavaModel {

@@ -45,6 +45,17 @@ NEVA_API void set_learning_rate(torch::optim::Optimizer& optimizer, double lr);
 // predict labels [B, S] shifted by one (logits at t score label t + 1), computed in fp32.
 NEVA_API at::Tensor causal_lm_loss(const at::Tensor& logits, const at::Tensor& labels);
 
+// The positions whose next token is labelled (mask [B, S] bool, true at t when labels[t + 1] counts)
+// and those labels in row-major order (targets [N]): what the LM head and the loss need in training.
+struct LabelledPositions {
+  at::Tensor mask;
+  at::Tensor targets;
+};
+NEVA_API LabelledPositions labelled_positions(const at::Tensor& labels);
+// causal_lm_loss over logits computed at `positions.mask` only ([N, V], or [B, S, V] from a backbone
+// that ignored the mask): the same value.
+NEVA_API at::Tensor labelled_lm_loss(const at::Tensor& logits, const LabelledPositions& positions);
+
 // Scales gradients so their global L2 norm is at most `max_norm`; returns the norm before clipping.
 NEVA_API double clip_gradients(const std::vector<torch::nn::Module*>& modules, double max_norm);
 NEVA_API double clip_gradients(const std::vector<at::Tensor>& parameters, double max_norm);

@@ -5,8 +5,9 @@
 // a function returning a pointer to a static PluginDescriptor. The host reads `abi` first and reads
 // nothing else unless the major version equals its own and the minor version is not newer.
 //
-//   Minor version: fields appended at the end of PluginDescriptor or of RuntimeContext (1.1:
-//   activations_checkpoint); older plugins stay loadable.
+//   Minor version: fields appended at the end of PluginDescriptor or of the structures passed to
+//   plugins (1.1: RuntimeContext::activations_checkpoint, BackboneInputs::logits_mask); older
+//   plugins stay loadable.
 //   Major version: anything else (a changed field, a changed interface class).
 //
 // Plugins must build against the same LibTorch as the host (checked through torch_version), link

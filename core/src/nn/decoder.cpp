@@ -151,6 +151,7 @@ BackboneOutputs DecoderBackbone::forward(const BackboneInputs& inputs) {
   }
   h = model_->norm->forward(h);
   if (cache) cache->length += seq;
+  if (inputs.logits_mask.defined()) h = h.index({inputs.logits_mask.to(h.device()).to(at::kBool)});
   BackboneOutputs outputs;
   outputs.logits = lm_head_ ? lm_head_->forward(h) : at::linear(h, model_->embed_tokens->weight);
   if (is_training() && !router_logits.empty() && config_.router_aux_loss_coef > 0) {
