@@ -168,6 +168,10 @@ TEST_CASE("bad samples raise SampleError naming the record and the reason") {
   CHECK(missing.find("absent.png") != std::string::npos);
   format.max_seq_length = 20;
   CHECK(message(record({"cat.png"}, kTwoRounds)).find("too long: ") != std::string::npos);
+  auto plain = format_for("plain", dir);
+  CHECK_THROWS_WITH_AS(neva::make_sample(record({"cat.png"}, {{true, "Describe."}, {false, "a cat <image>"}}), *tokenizer, plain),
+                       "test record: the plain template takes the image in the human turn, not the caption",
+                       neva::SampleError);
   auto malformed = record({}, {});
   malformed.problem = "no assistant turn to learn from";
   CHECK(message(malformed) == "test record: no assistant turn to learn from");

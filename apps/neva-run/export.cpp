@@ -2,7 +2,12 @@
 // itself saves: language_model.{model.*, lm_head.*}, vision_tower.* (the tower's own names without
 // its vision_model. prefix), multi_modal_projector.linear_{1,2}.*; config.json with text_config and
 // vision_config taken from the components' own config.json files; the tokenizer files copied.
+#include <fcntl.h>
+#include <stdio.h>
 #include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
 
 #include <filesystem>
 #include <fstream>
@@ -117,11 +122,17 @@ void export_hf(const Recipe& recipe, LlavaModel& model, const fs::path& director
     if (fs::exists(tokenizer_dir / name)) fs::copy_file(tokenizer_dir / name, staging / name, fs::copy_options::overwrite_existing);
   }
   sync_directory(staging.string());
-  fs::path previous = directory.string() + ".old." + std::to_string(::getpid());
-  if (fs::exists(directory)) fs::rename(directory, previous);
-  fs::rename(staging, directory);
+  if (fs::exists(directory)) {
+    // Exchanged in one step (Linux renameat2): readers see the old directory or the new one.
+    if (::renameat2(AT_FDCWD, staging.c_str(), AT_FDCWD, directory.c_str(), RENAME_EXCHANGE) != 0) {
+      throw Error("export: cannot move " + staging.string() + " into place at " + directory.string() + ": " +
+                  std::strerror(errno));
+    }
+    fs::remove_all(staging);  // now the previous export
+  } else {
+    fs::rename(staging, directory);
+  }
   sync_directory(directory.parent_path().empty() ? "." : directory.parent_path().string());
-  fs::remove_all(previous);
 }
 
 }  // namespace neva

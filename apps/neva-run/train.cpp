@@ -101,6 +101,7 @@ class Checkpoints {
     fs::create_directories(path);
     write(path);
     sync_directory(path.string());
+    sync_directory(directory_.string());  // step-N's entry is durable before the marker names it
     write_file_atomically((directory_ / "latest").string(), path.filename().string() + "\n");
     prune(path.filename().string(), keep);
   }
@@ -276,11 +277,13 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
       }
       t.main.copy_(weights.tensor(t.name, t.main.sizes()));
       if (main_copies) t.param.copy_(t.main);
+      // A tensor that never had a gradient (an expert no token reached) has no optimizer state yet.
+      if (!moments.contains("step." + t.name)) continue;
       auto moment = std::make_unique<torch::optim::AdamWParamState>();
-      moment->step(step);
+      moment->step(moments.tensor("step." + t.name).item<std::int64_t>());
       moment->exp_avg(moments.tensor("exp_avg." + t.name, t.main.sizes()).to(t.main.options()).clone());
       moment->exp_avg_sq(moments.tensor("exp_avg_sq." + t.name, t.main.sizes()).to(t.main.options()).clone());
-      if (step > 0) optimizer->state()[t.main.unsafeGetTensorImpl()] = std::move(moment);
+      optimizer->state()[t.main.unsafeGetTensorImpl()] = std::move(moment);
     }
     at::Generator generator = at::detail::getDefaultCPUGenerator();
     generator.set_state(unhex(state.at("rng_cpu").get<std::string>()));
@@ -336,14 +339,11 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
       for (const auto& t : trained) {
         weights.emplace_back(t.name, t.main.detach());
         auto found = optimizer->state().find(t.main.unsafeGetTensorImpl());
-        at::Tensor exp_avg = at::zeros_like(t.main), exp_avg_sq = at::zeros_like(t.main);
-        if (found != optimizer->state().end()) {
-          auto& moment = static_cast<torch::optim::AdamWParamState&>(*found->second);
-          exp_avg = moment.exp_avg();
-          exp_avg_sq = moment.exp_avg_sq();
-        }
-        moments.emplace_back("exp_avg." + t.name, exp_avg);
-        moments.emplace_back("exp_avg_sq." + t.name, exp_avg_sq);
+        if (found == optimizer->state().end()) continue;  // never updated: no state to keep
+        auto& moment = static_cast<torch::optim::AdamWParamState&>(*found->second);
+        moments.emplace_back("step." + t.name, at::scalar_tensor(moment.step(), at::kLong));
+        moments.emplace_back("exp_avg." + t.name, moment.exp_avg());
+        moments.emplace_back("exp_avg_sq." + t.name, moment.exp_avg_sq());
       }
       write_safetensors((directory / "model.safetensors").string(), weights, {{"format", "pt"}});
       maybe_die_in_checkpoint(at_step);
@@ -381,6 +381,7 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
     // micro-batches or packed rows: each micro-batch contributes its share.
     double loss_value = 0;
     for (const auto& batch : batches) {
+      if (batch.labelled_tokens == 0) continue;  // nothing to learn from (its share of the loss is 0)
       MultimodalInputs inputs;
       inputs.input_ids = batch.input_ids.to(context.device);
       inputs.images = batch.images;
@@ -398,8 +399,24 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
                (static_cast<double>(batch.labelled_tokens) / static_cast<double>(std::max<std::int64_t>(1, labelled)));
         if (outputs.aux_loss.defined()) loss = loss + outputs.aux_loss.to(at::kFloat) / static_cast<double>(accumulation);
       }
-      loss.backward();
+      // Text-only samples while only the vision side trains: nothing to differentiate.
+      if (loss.requires_grad()) loss.backward();
       loss_value += loss.item<double>();
+      if (main_copies) {  // O2: accumulate in fp32 (Megatron's main_grad), not in the bf16 .grad
+        at::NoGradGuard no_grad;
+        for (auto& t : trained) {
+          if (!t.param.grad().defined()) continue;
+          if (t.main.grad().defined()) {
+            t.main.mutable_grad().add_(t.param.grad());
+          } else {
+            t.main.mutable_grad() = t.param.grad().to(t.main.scalar_type());
+          }
+          t.param.mutable_grad().reset();
+        }
+      }
+    }
+    if (labelled == 0) {
+      throw Error(title + ": step " + std::to_string(step + 1) + ": the global batch holds no labelled token");
     }
     const std::string last_good = checkpoints.latest() ? checkpoints.latest()->string() : std::string("none written yet");
     if (!std::isfinite(loss_value)) {
@@ -417,13 +434,13 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
     double grad_norm;
     {
       at::NoGradGuard no_grad;
-      if (main_copies) {
-        for (auto& t : trained) {
-          if (t.param.grad().defined()) t.main.mutable_grad() = t.param.grad().to(t.main.scalar_type());
-          t.param.mutable_grad().reset();
-        }
-      }
       grad_norm = clip_gradients(mains, recipe.model.optim.clip_grad);
+      if (!std::isfinite(grad_norm)) {
+        throw Error(title + ": step " + std::to_string(step + 1) + ": the gradient norm is " +
+                    (std::isnan(grad_norm) ? std::string("NaN") : std::string("infinite")) + " (loss " +
+                    std::to_string(loss_value) + "); stopping before the update (last good checkpoint: " + last_good +
+                    "). Lower model.optim.lr, or use fp32 to find the overflowing layer");
+      }
       const double lr = learning_rate(recipe.model.optim, step);
       set_learning_rate(*optimizer, lr);
       optimizer->step();

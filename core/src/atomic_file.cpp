@@ -40,7 +40,9 @@ void AtomicFile::write(const void* data, std::size_t size) {
 void AtomicFile::commit() {
   int fd = fd_;
   fd_ = -1;
-  if (::fsync(fd) != 0 || ::close(fd) != 0) throw Error(temporary_ + ": cannot flush to disk: " + std::strerror(errno));
+  const bool synced = ::fsync(fd) == 0;
+  const int saved = errno;
+  if (::close(fd) != 0 || !synced) throw Error(temporary_ + ": cannot flush to disk: " + std::strerror(synced ? errno : saved));
   if (::rename(temporary_.c_str(), path_.c_str()) != 0) {
     throw Error(path_ + ": cannot move the finished file into place: " + std::strerror(errno));
   }

@@ -11,6 +11,7 @@
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <random>
+#include <set>
 #include <sstream>
 #include <thread>
 
@@ -239,6 +240,7 @@ TrainingSample make_sample(const ConversationRecord& record, const Tokenizer& to
   if (format.conversation.name == "plain") {
     // LLaVA's preprocess_plain: the image alone, then the caption and the separator; one exchange.
     if (turns.size() != 2) throw fail("the plain template takes one exchange (an image and its caption)");
+    if (count_markers(turns[1].text) > 0) throw fail("the plain template takes the image in the human turn, not the caption");
     std::string prompt;
     for (std::size_t i = 0; i < record.images.size(); ++i) prompt += kImageMarker;
     full = prompt + turns[1].text + "\n";
@@ -256,10 +258,14 @@ TrainingSample make_sample(const ConversationRecord& record, const Tokenizer& to
   sample.labels.assign(sample.input_ids.size(), kIgnoreIndex);
   std::size_t labelled = 0;
   for (const auto& [cue, end] : spans) {
-    std::size_t from = common_prefix(tokenize(cue), sample.input_ids);
+    // Position 0 is never a target (nothing precedes it), nor is an image placeholder.
+    std::size_t from = std::max<std::size_t>(1, common_prefix(tokenize(cue), sample.input_ids));
     std::size_t to = common_prefix(tokenize(end), sample.input_ids);
-    for (std::size_t t = from; t < to; ++t) sample.labels[t] = sample.input_ids[t];
-    if (to > from) labelled += to - from;
+    for (std::size_t t = from; t < to; ++t) {
+      if (sample.input_ids[t] == format.image_token_id) continue;
+      sample.labels[t] = sample.input_ids[t];
+      ++labelled;
+    }
   }
   if (labelled == 0) throw fail("no assistant tokens to learn from");
   if (static_cast<std::int64_t>(sample.input_ids.size()) > format.max_seq_length) {
@@ -355,11 +361,11 @@ struct TrainingData::State {
   std::thread worker;
 
   // The next usable sample and its data position; bad ones are recorded in `skipped` (or thrown).
+  std::set<std::pair<std::size_t, std::size_t>> failed;  // records known to be bad
+  std::string first_failure;
+
   TrainingSample next_sample(std::vector<std::string>& skipped, std::uint64_t& position) {
-    for (std::size_t failures = 0;; ++failures) {
-      if (failures > total) {
-        throw Error("no usable training sample: every record of the data was bad (first: " + skipped.front() + ")");
-      }
+    while (true) {
       position = order->position();
       auto [source, index] = order->next();
       try {
@@ -367,6 +373,11 @@ struct TrainingData::State {
       } catch (const SampleError& error) {
         if (!options.skip_bad_samples) throw;
         skipped.push_back(error.what());
+        if (first_failure.empty()) first_failure = error.what();
+        failed.emplace(source, index);
+        if (failed.size() == total) {
+          throw Error("no usable training sample: every record of the data is bad (first: " + first_failure + ")");
+        }
       }
     }
   }

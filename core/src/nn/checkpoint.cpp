@@ -4,6 +4,8 @@
 #include <ATen/autocast_mode.h>
 #include <torch/autograd.h>
 
+#include <algorithm>
+
 namespace neva {
 
 namespace {
@@ -24,6 +26,12 @@ struct AutocastState {
   }
 };
 
+struct CastCacheOff {
+  bool was = at::autocast::is_autocast_cache_enabled();
+  CastCacheOff() { at::autocast::set_autocast_cache_enabled(false); }
+  ~CastCacheOff() { at::autocast::set_autocast_cache_enabled(was); }
+};
+
 // The function travels with the graph node (saved_data holds it as a capsule) until backward.
 struct FunctionHolder : torch::CustomClassHolder {
   explicit FunctionHolder(CheckpointedFunction f) : fn(std::move(f)) {}
@@ -42,6 +50,9 @@ class Recompute : public torch::autograd::Function<Recompute> {
     ctx->saved_data["autocast_cuda"] = state.cuda;
     ctx->saved_data["autocast_cpu_dtype"] = static_cast<std::int64_t>(state.cpu_dtype);
     ctx->saved_data["autocast_cuda_dtype"] = static_cast<std::int64_t>(state.cuda_dtype);
+    // Autocast's weight-cast cache must stay out of both passes: a cast made here (no autograd
+    // history) or in the recomputation (stale after the optimizer step) would be reused later.
+    CastCacheOff off;
     return holder->fn(inputs.vec());
   }
 
@@ -63,6 +74,7 @@ class Recompute : public torch::autograd::Function<Recompute> {
     std::vector<at::Tensor> outputs;
     {
       at::AutoGradMode enable(true);
+      CastCacheOff off;
       outputs = holder->fn(inputs);
     }
     previous.apply();
@@ -83,7 +95,10 @@ class Recompute : public torch::autograd::Function<Recompute> {
 }  // namespace
 
 std::vector<at::Tensor> checkpointed(const CheckpointedFunction& fn, const std::vector<at::Tensor>& inputs) {
-  if (!at::GradMode::is_enabled()) return fn(inputs);
+  // Without an input that needs a gradient the Function's outputs would not need one either, and the
+  // parameters inside fn would silently get none: run it plainly then.
+  const bool any = std::any_of(inputs.begin(), inputs.end(), [](const at::Tensor& t) { return t.requires_grad(); });
+  if (!at::GradMode::is_enabled() || !any) return fn(inputs);
   return Recompute::apply(c10::make_intrusive<FunctionHolder>(fn), at::TensorList(inputs));
 }
 
