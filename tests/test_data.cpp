@@ -33,20 +33,7 @@ std::shared_ptr<neva::Tokenizer> byte_tokenizer(const TempDir& dir) {
     added.push_back({{"id", id++}, {"content", token}, {"special", true}, {"normalized", false}, {"single_word", false},
                      {"lstrip", false}, {"rstrip", false}});
   }
-  auto symbol = [](int b) {  // GPT-2 byte-to-unicode
-    auto printable = [](int c) { return (c >= '!' && c <= '~') || (c >= 0xA1 && c <= 0xAC) || c >= 0xAE; };
-    int code = b;
-    if (!printable(b)) {
-      code = 256;
-      for (int c = 0; c < b; ++c) code += !printable(c);
-    }
-    std::string out;
-    if (code < 0x80) return std::string(1, static_cast<char>(code));
-    out += static_cast<char>(0xC0 | (code >> 6));
-    out += static_cast<char>(0x80 | (code & 0x3F));
-    return out;
-  };
-  for (int b = 0; b < 256; ++b) vocab[symbol(b)] = id++;
+  for (int b = 0; b < 256; ++b) vocab[neva::byte_level_symbol(static_cast<std::uint8_t>(b))] = id++;
   json bos = {{"SpecialToken", {{"id", "<s>"}, {"type_id", 0}}}};
   json tokenizer = {
       {"added_tokens", added},

@@ -29,6 +29,7 @@
 #include "neva/error.h"
 #include "neva/image.h"
 #include "neva/safetensors.h"
+#include "neva/tokenizer.h"
 #include "train.h"
 
 namespace neva {
@@ -83,26 +84,6 @@ Image render(const Scene& scene, std::mt19937_64& random) {
   return image;
 }
 
-// GPT-2's byte-to-unicode table: printable bytes stand for themselves, the rest for 256 + n.
-std::string byte_symbol(std::uint8_t byte) {
-  int code = byte;
-  if (!((byte >= '!' && byte <= '~') || (byte >= 0xA1 && byte <= 0xAC) || byte >= 0xAE)) {
-    int n = 0;
-    for (int b = 0; b < byte; ++b) {
-      if (!((b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || b >= 0xAE)) ++n;
-    }
-    code = 256 + n;
-  }
-  std::string out;
-  if (code < 0x80) {
-    out += static_cast<char>(code);
-  } else {
-    out += static_cast<char>(0xC0 | (code >> 6));
-    out += static_cast<char>(0x80 | (code & 0x3F));
-  }
-  return out;
-}
-
 const char* kSplitPattern = R"( ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+)";
 const std::vector<std::string> kSpecialTokens = {"<unk>", "<s>", "</s>", "<image>", "<pad>"};
 
@@ -122,7 +103,7 @@ json make_tokenizer(const std::vector<std::string>& texts) {
     while (std::getline(pieces, piece, '\x01')) {
       for (std::sregex_iterator it(piece.begin(), piece.end(), split), end; it != end; ++it) {
         std::string symbols;
-        for (unsigned char c : it->str()) symbols += byte_symbol(c);
+        for (unsigned char c : it->str()) symbols += byte_level_symbol(c);
         chunks.insert(symbols);
       }
     }
@@ -137,7 +118,7 @@ json make_tokenizer(const std::vector<std::string>& texts) {
   }
   std::set<std::string> bytes;
   for (int b = 0; b < 256; ++b) {
-    std::string symbol = byte_symbol(static_cast<std::uint8_t>(b));
+    const std::string& symbol = byte_level_symbol(static_cast<std::uint8_t>(b));
     bytes.insert(symbol);
     vocab[symbol] = id++;
   }

@@ -1,16 +1,15 @@
 #include "inference.h"
 
-#include <fcntl.h>
 #include <unistd.h>
 
 #include <ATen/ATen.h>
 
-#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
 
+#include "neva/atomic_file.h"
 #include "neva/conversation.h"
 #include "neva/error.h"
 #include "neva/generation.h"
@@ -92,22 +91,7 @@ class Session {
     if (!request.images.empty() && text.find("<image>") == std::string::npos) {
       for (std::size_t i = 0; i < request.images.size(); ++i) text = "<image>\n" + text;  // LLaVA's convention
     }
-    if (recipe_.model.mm_cfg.use_im_start_end) {
-      // LLaVA's mm_use_im_start_end: the image tokens sit between <im_start> and <im_end>.
-      for (const char* token : {"<im_start>", "<im_end>"}) {
-        if (!tokenizer_->token_id(token)) {
-          throw Error("model.mm_cfg.use_im_start_end is set, but the tokenizer (" + recipe_.model.tokenizer +
-                      ") has no " + token + " token");
-        }
-      }
-      std::string wrapped;
-      std::size_t cursor = 0;
-      for (std::size_t at = text.find("<image>"); at != std::string::npos; at = text.find("<image>", cursor)) {
-        wrapped += text.substr(cursor, at - cursor) + "<im_start><image><im_end>";
-        cursor = at + 7;
-      }
-      text = wrapped + text.substr(cursor);
-    }
+    if (recipe_.model.mm_cfg.use_im_start_end) text = wrap_image_markers(text, *tokenizer_, recipe_.model.tokenizer);
     std::string prompt = render_conversation(conversation_, {{Turn::Role::User, text}}, true, recipe_.inference.system);
     GenerationRequest prepared;
     if (!request.images.empty()) {
@@ -121,8 +105,7 @@ class Session {
         prepared.images.push_back(preprocess_image(load_image(path.string(), budget), processor));
       }
     }
-    std::size_t markers = 0;
-    for (std::size_t at = prompt.find("<image>"); at != std::string::npos; at = prompt.find("<image>", at + 7)) ++markers;
+    const std::size_t markers = count_image_markers(prompt);
     if (markers != request.images.size()) {
       throw Error(request.where + ": the prompt holds " + std::to_string(markers) + " <image> placeholder(s) but " +
                   std::to_string(request.images.size()) + " image(s) were given");
@@ -162,38 +145,25 @@ class Session {
   ConversationTemplate conversation_;
 };
 
-// Lines of JSON, written to a temporary file and renamed into place when complete.
+// Lines of JSON: to stdout as they come, or into an AtomicFile committed when complete.
 class JsonlOutput {
  public:
-  explicit JsonlOutput(const std::string& path) : path_(path) {
-    if (path_.empty()) return;
-    temporary_ = path_ + ".tmp." + std::to_string(::getpid());
-    file_.open(temporary_);
-    if (!file_) throw Error(temporary_ + ": cannot write");
-  }
-  ~JsonlOutput() {
-    if (!path_.empty() && !committed_) std::remove(temporary_.c_str());
+  explicit JsonlOutput(const std::string& path) {
+    if (!path.empty()) file_ = std::make_unique<AtomicFile>(path);
   }
   void write(const json& line) {
-    (path_.empty() ? std::cout : file_) << line.dump() << "\n";
-    if (path_.empty()) std::cout.flush();
+    if (file_) {
+      file_->write(line.dump() + "\n");
+    } else {
+      std::cout << line.dump() << "\n" << std::flush;
+    }
   }
   void commit() {
-    if (path_.empty()) return;
-    file_.close();
-    int fd = ::open(temporary_.c_str(), O_RDONLY | O_CLOEXEC);  // on disk before it takes the final name
-    bool synced = fd >= 0 && ::fsync(fd) == 0;
-    if (fd >= 0) ::close(fd);
-    if (!file_ || !synced || std::rename(temporary_.c_str(), path_.c_str()) != 0) {
-      throw Error(path_ + ": cannot write the answers");
-    }
-    committed_ = true;
+    if (file_) file_->commit();
   }
 
  private:
-  std::string path_, temporary_;
-  std::ofstream file_;
-  bool committed_ = false;
+  std::unique_ptr<AtomicFile> file_;
 };
 
 }  // namespace

@@ -74,13 +74,11 @@ std::string format_duration(double seconds) {
 // every file of that checkpoint is on disk, so a crash at any moment leaves the previous one.
 class Checkpoints {
  public:
+  // Reads the marker once; afterwards this object is the only writer.
   explicit Checkpoints(fs::path run_dir) : directory_(std::move(run_dir) / "checkpoints") {
     fs::create_directories(directory_);
-  }
-
-  std::optional<fs::path> latest() const {
     fs::path marker = directory_ / "latest";
-    if (!fs::exists(marker)) return std::nullopt;
+    if (!fs::exists(marker)) return;
     std::ifstream in(marker);
     std::string name;
     std::getline(in, name);
@@ -89,20 +87,22 @@ class Checkpoints {
       throw Error(marker.string() + " names checkpoint '" + name + "', which is missing or incomplete; remove the " +
                   "marker to start over");
     }
-    return path;
+    latest_ = path;
   }
+
+  const std::optional<fs::path>& latest() const { return latest_; }
 
   // Writes a checkpoint through `write(directory)` and commits it; keeps the newest `keep`.
   void save(std::int64_t step, std::int64_t keep, const std::function<void(const fs::path&)>& write) {
     fs::path path = directory_ / step_name(step);
-    auto current = latest();
-    if (current && *current == path) return;  // this very step is already committed
+    if (latest_ && *latest_ == path) return;  // this very step is already committed
     fs::remove_all(path);                     // a leftover of an interrupted save: never committed
     fs::create_directories(path);
     write(path);
     sync_directory(path.string());
     sync_directory(directory_.string());  // step-N's entry is durable before the marker names it
     write_file_atomically((directory_ / "latest").string(), path.filename().string() + "\n");
+    latest_ = path;
     prune(path.filename().string(), keep);
   }
 
@@ -122,6 +122,7 @@ class Checkpoints {
   }
 
   fs::path directory_;
+  std::optional<fs::path> latest_;
 };
 
 // Progress on a terminal (one line, redrawn), plain log lines otherwise.
@@ -193,25 +194,6 @@ class Metrics {
   std::ofstream out_;
   std::vector<std::pair<std::int64_t, double>> losses_;
 };
-
-std::string hex(const at::Tensor& bytes) {
-  static const char* digits = "0123456789abcdef";
-  at::Tensor contiguous = bytes.contiguous();
-  const auto* data = contiguous.data_ptr<std::uint8_t>();
-  std::string out;
-  for (std::int64_t i = 0; i < contiguous.numel(); ++i) {
-    out += digits[data[i] >> 4];
-    out += digits[data[i] & 15];
-  }
-  return out;
-}
-
-at::Tensor unhex(const std::string& text) {
-  at::Tensor bytes = at::empty({static_cast<std::int64_t>(text.size() / 2)}, at::kByte);
-  auto* data = bytes.data_ptr<std::uint8_t>();
-  for (std::size_t i = 0; i + 1 < text.size(); i += 2) data[i / 2] = static_cast<std::uint8_t>(std::stoi(text.substr(i, 2), nullptr, 16));
-  return bytes;
-}
 
 // Test hook: NEVA_TEST_KILL_IN_CHECKPOINT=N kills the process with SIGKILL halfway through writing
 // the checkpoint of step N (after its weights, before its commit), as a power cut would.
@@ -286,7 +268,7 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
       optimizer->state()[t.main.unsafeGetTensorImpl()] = std::move(moment);
     }
     at::Generator generator = at::detail::getDefaultCPUGenerator();
-    generator.set_state(unhex(state.at("rng_cpu").get<std::string>()));
+    generator.set_state(moments.tensor("rng.cpu"));
   }
 
   // Data.
@@ -345,6 +327,7 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
         moments.emplace_back("exp_avg." + t.name, moment.exp_avg());
         moments.emplace_back("exp_avg_sq." + t.name, moment.exp_avg_sq());
       }
+      moments.emplace_back("rng.cpu", at::detail::getDefaultCPUGenerator().get_state());
       write_safetensors((directory / "model.safetensors").string(), weights, {{"format", "pt"}});
       maybe_die_in_checkpoint(at_step);
       write_safetensors((directory / "optimizer.safetensors").string(), moments);
@@ -352,7 +335,6 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
                     {"consumed_samples", position},
                     {"loss_average", loss_average},
                     {"lr", learning_rate(recipe.model.optim, at_step)},
-                    {"rng_cpu", hex(at::detail::getDefaultCPUGenerator().get_state())},
                     {"recipe", recipe.source}};
       write_file_atomically((directory / "trainer_state.json").string(), state.dump(2) + "\n");
     });
@@ -418,7 +400,7 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
     if (labelled == 0) {
       throw Error(title + ": step " + std::to_string(step + 1) + ": the global batch holds no labelled token");
     }
-    const std::string last_good = checkpoints.latest() ? checkpoints.latest()->string() : std::string("none written yet");
+    const std::string last_good = checkpoints.latest() ? checkpoints.latest()->string() : "none written yet";
     if (!std::isfinite(loss_value)) {
       throw Error(title + ": step " + std::to_string(step + 1) + ": the loss is " +
                   (std::isnan(loss_value) ? std::string("NaN") : std::string("infinite")) +

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cstring>
 #include <condition_variable>
 #include <deque>
 #include <exception>
@@ -26,14 +27,6 @@ namespace {
 
 namespace fs = std::filesystem;
 using nlohmann::json;
-
-const std::string kImageMarker = "<image>";
-
-std::size_t count_markers(const std::string& text) {
-  std::size_t count = 0;
-  for (std::size_t at = text.find(kImageMarker); at != std::string::npos; at = text.find(kImageMarker, at + 1)) ++count;
-  return count;
-}
 
 std::string strip(const std::string& text) {
   const char* space = " \t\r\n";
@@ -191,12 +184,12 @@ TrainingSample make_sample(const ConversationRecord& record, const Tokenizer& to
   std::vector<Turn> turns = record.turns;
   std::size_t markers = 0;
   for (auto& turn : turns) {
-    std::size_t here = count_markers(turn.text);
+    std::size_t here = count_image_markers(turn.text);
     markers += here;
     if (here == 1) {  // LLaVA's preprocess_multimodal: the image goes first, on its own line
       std::string text = turn.text;
-      text.erase(text.find(kImageMarker), kImageMarker.size());
-      turn.text = kImageMarker + "\n" + strip(text);
+      text.erase(text.find(kImageMarker), std::strlen(kImageMarker));
+      turn.text = std::string(kImageMarker) + "\n" + strip(text);
     }
   }
   if (markers != record.images.size()) {
@@ -218,18 +211,9 @@ TrainingSample make_sample(const ConversationRecord& record, const Tokenizer& to
     const at::Tensor& pixels = sample.images.back();
     counts.push_back(format.tokens_for_image(pixels.size(1), pixels.size(2)));
   }
-  auto wrap = [&](std::string text) {
-    if (!format.use_im_start_end) return text;
-    std::string wrapped;
-    std::size_t cursor = 0;
-    for (std::size_t at = text.find(kImageMarker); at != std::string::npos; at = text.find(kImageMarker, cursor)) {
-      wrapped += text.substr(cursor, at - cursor) + "<im_start>" + kImageMarker + "<im_end>";
-      cursor = at + kImageMarker.size();
-    }
-    return wrapped + text.substr(cursor);
-  };
   auto tokenize = [&](const std::string& text) {
-    return tokenize_with_images(tokenizer, wrap(text), format.image_token_id, counts, true);
+    return tokenize_with_images(tokenizer, format.use_im_start_end ? wrap_image_markers(text, tokenizer, "the training tokenizer") : text,
+                                format.image_token_id, counts, true);
   };
 
   // Each answer's tokens are those the rendering up to its end adds to the rendering up to its cue
@@ -240,7 +224,7 @@ TrainingSample make_sample(const ConversationRecord& record, const Tokenizer& to
   if (format.conversation.name == "plain") {
     // LLaVA's preprocess_plain: the image alone, then the caption and the separator; one exchange.
     if (turns.size() != 2) throw fail("the plain template takes one exchange (an image and its caption)");
-    if (count_markers(turns[1].text) > 0) throw fail("the plain template takes the image in the human turn, not the caption");
+    if (count_image_markers(turns[1].text) > 0) throw fail("the plain template takes the image in the human turn, not the caption");
     std::string prompt;
     for (std::size_t i = 0; i < record.images.size(); ++i) prompt += kImageMarker;
     full = prompt + turns[1].text + "\n";

@@ -60,6 +60,30 @@ bool ends_incomplete(const std::string& text) {
 
 }  // namespace
 
+std::size_t count_image_markers(const std::string& text) {
+  const std::string marker = kImageMarker;
+  std::size_t count = 0;
+  for (std::size_t at = text.find(marker); at != std::string::npos; at = text.find(marker, at + marker.size())) ++count;
+  return count;
+}
+
+std::string wrap_image_markers(const std::string& text, const Tokenizer& tokenizer, const std::string& tokenizer_source) {
+  for (const char* token : {"<im_start>", "<im_end>"}) {
+    if (!tokenizer.token_id(token)) {
+      throw Error("model.mm_cfg.use_im_start_end is set, but the tokenizer (" + tokenizer_source + ") has no " + token +
+                  " token");
+    }
+  }
+  const std::string marker = kImageMarker;
+  std::string wrapped;
+  std::size_t cursor = 0;
+  for (std::size_t at = text.find(marker); at != std::string::npos; at = text.find(marker, cursor)) {
+    wrapped += text.substr(cursor, at - cursor) + "<im_start>" + marker + "<im_end>";
+    cursor = at + marker.size();
+  }
+  return wrapped + text.substr(cursor);
+}
+
 std::vector<std::int64_t> tokenize_with_images(const Tokenizer& tokenizer, const std::string& text,
                                                std::int64_t image_token_id,
                                                const std::vector<std::int64_t>& tokens_per_image,

@@ -60,6 +60,14 @@ NEVA_API std::vector<std::int64_t> tokenize_with_images(const Tokenizer& tokeniz
                                                         std::int64_t image_token_id,
                                                         const std::vector<std::int64_t>& tokens_per_image,
                                                         bool add_special_tokens = true);
+
+inline constexpr const char* kImageMarker = "<image>";
+// How many "<image>" markers `text` holds.
+NEVA_API std::size_t count_image_markers(const std::string& text);
+// LLaVA's mm_use_im_start_end: every "<image>" becomes "<im_start><image><im_end>". Throws naming
+// `tokenizer_source` when the tokenizer lacks either token.
+NEVA_API std::string wrap_image_markers(const std::string& text, const Tokenizer& tokenizer,
+                                        const std::string& tokenizer_source);
 inline std::vector<std::int64_t> tokenize_with_images(const Tokenizer& tokenizer, const std::string& text,
                                                       std::int64_t image_token_id, std::int64_t tokens_per_image,
                                                       bool add_special_tokens = true) {

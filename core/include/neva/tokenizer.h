@@ -35,4 +35,8 @@ class NEVA_API Tokenizer {
   static std::unique_ptr<Tokenizer> load(const std::string& path);
 };
 
+// The character GPT-2's byte-level BPE (ByteLevel pre-tokenizer and decoder) writes for `byte`, as
+// UTF-8: what vocabularies of byte-level tokenizer.json files are spelled in.
+NEVA_API const std::string& byte_level_symbol(std::uint8_t byte);
+
 }  // namespace neva

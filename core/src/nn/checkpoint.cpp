@@ -32,10 +32,12 @@ struct CastCacheOff {
   ~CastCacheOff() { at::autocast::set_autocast_cache_enabled(was); }
 };
 
-// The function travels with the graph node (saved_data holds it as a capsule) until backward.
+// The function, and the autocast state it first ran under, travel with the graph node (saved_data
+// holds them as a capsule) until backward.
 struct FunctionHolder : torch::CustomClassHolder {
   explicit FunctionHolder(CheckpointedFunction f) : fn(std::move(f)) {}
   CheckpointedFunction fn;
+  AutocastState autocast = AutocastState::current();
 };
 
 class Recompute : public torch::autograd::Function<Recompute> {
@@ -45,11 +47,6 @@ class Recompute : public torch::autograd::Function<Recompute> {
     // Autograd does not record inside a Function's forward: nothing fn computes is kept.
     ctx->saved_data["fn"] = c10::IValue::make_capsule(holder);
     ctx->save_for_backward(inputs.vec());
-    auto state = AutocastState::current();
-    ctx->saved_data["autocast_cpu"] = state.cpu;
-    ctx->saved_data["autocast_cuda"] = state.cuda;
-    ctx->saved_data["autocast_cpu_dtype"] = static_cast<std::int64_t>(state.cpu_dtype);
-    ctx->saved_data["autocast_cuda_dtype"] = static_cast<std::int64_t>(state.cuda_dtype);
     // Autocast's weight-cast cache must stay out of both passes: a cast made here (no autograd
     // history) or in the recomputation (stale after the optimizer step) would be reused later.
     CastCacheOff off;
@@ -67,10 +64,7 @@ class Recompute : public torch::autograd::Function<Recompute> {
       inputs.push_back(input);
     }
     AutocastState previous = AutocastState::current();
-    AutocastState{ctx->saved_data["autocast_cpu"].toBool(), ctx->saved_data["autocast_cuda"].toBool(),
-                  static_cast<at::ScalarType>(ctx->saved_data["autocast_cpu_dtype"].toInt()),
-                  static_cast<at::ScalarType>(ctx->saved_data["autocast_cuda_dtype"].toInt())}
-        .apply();
+    holder->autocast.apply();
     std::vector<at::Tensor> outputs;
     {
       at::AutoGradMode enable(true);

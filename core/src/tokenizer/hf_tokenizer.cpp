@@ -96,6 +96,12 @@ const ByteTable& byte_table() {
   return table;
 }
 
+}  // namespace
+
+const std::string& byte_level_symbol(std::uint8_t byte) { return byte_table().to_char[byte]; }
+
+namespace {
+
 // ------------------------------------------------------------------ regex (PCRE2)
 
 class Regex {
