@@ -164,6 +164,22 @@ TEST_CASE("bad samples raise SampleError naming the record and the reason") {
   CHECK(message(malformed) == "test record: no assistant turn to learn from");
 }
 
+TEST_CASE("image_aspect_ratio is checked against the encoder's processor once, up front") {
+  neva::ImageProcessorConfig clip;  // shortest edge + centre crop
+  CHECK(neva::with_aspect_ratio(clip, "keep").aspect_ratio == "keep");
+  CHECK(neva::with_aspect_ratio(clip, "pad").aspect_ratio == "pad");
+  neva::ImageProcessorConfig siglip;
+  siglip.resize = neva::ImageProcessorConfig::Resize::Exact;
+  siglip.size = 384;
+  CHECK(neva::with_aspect_ratio(siglip, "square").aspect_ratio == "square");
+  CHECK_THROWS_WITH_AS(neva::with_aspect_ratio(siglip, "keep"),
+                       "model.data.image_aspect_ratio: 'keep' needs a shortest-edge processor (CLIP), not a fixed-size "
+                       "one (SigLIP, 384x384)",
+                       neva::Error);
+  CHECK_THROWS_WITH_AS(neva::with_aspect_ratio(clip, "anyres"),
+                       "model.data.image_aspect_ratio: 'anyres' is not supported (supported: pad, square, keep)", neva::Error);
+}
+
 TEST_CASE("LLaVA JSON and JSON Lines files: malformed records are kept as problems, not crashes") {
   TempDir dir;
   json items = json::array(

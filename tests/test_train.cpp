@@ -113,6 +113,37 @@ TEST_CASE("a NaN loss stops the run before the update and names the last good ch
   CHECK(fs::exists(ws.root / "nan/checkpoints/step-0000001/trainer_state.json"));
 }
 
+TEST_CASE("a loss spike far above the running mean stops the run before the update") {
+  // One record repeated, which the model learns, blended 799:1 with a record whose answer is long
+  // and new: Megatron's blending rule first takes the rare source at position 400, in step 51 of 8
+  // samples, where the loss jumps to ~30x its running mean (measured: 3.17 against 0.099).
+  Workspace ws;
+  json easy = json::parse(std::ifstream(ws.root / "data/stage2.json"))[0];
+  json hard = easy;
+  hard["id"] = "hard";
+  hard["conversations"][1]["value"] =
+      "the red circle is in the top left the blue square is in the bottom right the green triangle is in the "
+      "top right and the yellow shape is in the bottom left";  // the demo's words, so its tokenizer knows them
+  {
+    std::ofstream out(ws.root / "data/easy.jsonl");
+    for (int i = 0; i < 200; ++i) {
+      easy["id"] = "easy-" + std::to_string(i);
+      out << easy.dump() << "\n";
+    }
+    std::ofstream(ws.root / "data/hard.jsonl") << hard.dump() << "\n";
+  }
+  auto result = ws.train("spike", "--set trainer.max_steps=60 --set exp_manager.checkpoint_callback_params.every_n_train_steps=25"
+                                  " --set 'model.data.data_path=[\"" + (ws.root / "data/easy.jsonl").string() + "\",\"" +
+                                  (ws.root / "data/hard.jsonl").string() + "\"]' --set model.data.data_weights=[799,1]");
+  INFO(result.err);
+  CHECK(result.exit_code == 1);
+  CHECK(contains(result.err, "step 51: the loss exploded to "));
+  CHECK(contains(result.err, "stopping before the update (last good checkpoint: " +
+                                 (ws.root / "spike/checkpoints/step-0000050").string() + ")"));
+  CHECK(ws.losses("spike").size() == 50);
+  CHECK(fs::exists(ws.root / "spike/checkpoints/step-0000050/trainer_state.json"));
+}
+
 TEST_CASE("bad samples are skipped and counted, or stop the run when bad_samples = \"fail\"") {
   Workspace ws;
   json good = json::parse(std::ifstream(ws.root / "data/stage2.json"))[0];

@@ -83,7 +83,9 @@ class Session {
       : recipe_(recipe),
         model_(build_model(recipe, recipe.runtime_context())),
         tokenizer_(Tokenizer::load(recipe.model.tokenizer)),
-        conversation_(conversation_template(recipe.model.data.conv_template)) {}
+        conversation_(conversation_template(recipe.model.data.conv_template)) {
+    if (model_.encoder()) processor_ = with_aspect_ratio(model_.encoder()->image_processor(), recipe.model.data.image_aspect_ratio);
+  }
 
   // The templated prompt's ids and its images' pixel values.
   GenerationRequest prepare(const Request& request) {
@@ -96,13 +98,11 @@ class Session {
     GenerationRequest prepared;
     if (!request.images.empty()) {
       if (!model_.encoder()) throw Error(request.where + ": the request has images, but the model has no vision encoder");
-      ImageProcessorConfig processor = model_.encoder()->image_processor();
-      processor.aspect_ratio = recipe_.model.data.image_aspect_ratio;
       for (const auto& image : request.images) {
         fs::path path(image);
         if (path.is_relative() && !recipe_.model.data.image_folder.empty()) path = fs::path(recipe_.model.data.image_folder) / path;
         std::int64_t budget = recipe_.inference.max_image_pixels > 0 ? recipe_.inference.max_image_pixels : kDefaultMaxImagePixels;
-        prepared.images.push_back(preprocess_image(load_image(path.string(), budget), processor));
+        prepared.images.push_back(preprocess_image(load_image(path.string(), budget), processor_));
       }
     }
     const std::size_t markers = count_image_markers(prompt);
@@ -143,6 +143,7 @@ class Session {
   LlavaModel model_;
   std::unique_ptr<Tokenizer> tokenizer_;
   ConversationTemplate conversation_;
+  ImageProcessorConfig processor_;  // the encoder's, with image_aspect_ratio (checked at construction)
 };
 
 // Lines of JSON: to stdout as they come, or into an AtomicFile committed when complete.

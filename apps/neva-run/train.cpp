@@ -277,8 +277,7 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
   format.use_im_start_end = recipe.model.mm_cfg.use_im_start_end;
   format.image_folder = recipe.model.data.image_folder;
   if (model.encoder()) {
-    format.processor = model.encoder()->image_processor();
-    format.processor.aspect_ratio = recipe.model.data.image_aspect_ratio;
+    format.processor = with_aspect_ratio(model.encoder()->image_processor(), recipe.model.data.image_aspect_ratio);
   }
   format.max_seq_length = std::min(recipe.model.encoder_seq_length, model.backbone().max_position_embeddings());
   format.image_token_id = model.image_token_id();
@@ -365,7 +364,7 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
     for (const auto& batch : batches) {
       if (batch.labelled_tokens == 0) continue;  // nothing to learn from (its share of the loss is 0)
       MultimodalInputs inputs;
-      inputs.input_ids = batch.input_ids.to(context.device);
+      inputs.input_ids = batch.input_ids;  // the model moves its inputs to its device
       inputs.images = batch.images;
       inputs.attention_mask = batch.attention_mask;
       inputs.positions = batch.positions;

@@ -299,7 +299,21 @@ Image expand_to_square(const Image& image, std::array<std::uint8_t, 3> backgroun
   return out;
 }
 
-at::Tensor preprocess_image(const Image& input, const ImageProcessorConfig& config) {
+ImageProcessorConfig with_aspect_ratio(ImageProcessorConfig processor, const std::string& aspect_ratio,
+                                       const std::string& key) {
+  if (aspect_ratio != "square" && aspect_ratio != "pad" && aspect_ratio != "keep") {
+    throw Error(key + ": '" + aspect_ratio + "' is not supported (supported: pad, square, keep)");
+  }
+  if (aspect_ratio == "keep" && processor.resize == ImageProcessorConfig::Resize::Exact) {
+    throw Error(key + ": 'keep' needs a shortest-edge processor (CLIP), not a fixed-size one (SigLIP, " +
+                std::to_string(processor.size) + "x" + std::to_string(processor.size) + ")");
+  }
+  processor.aspect_ratio = aspect_ratio;
+  return processor;
+}
+
+at::Tensor preprocess_image(const Image& input, const ImageProcessorConfig& checked) {
+  const ImageProcessorConfig config = with_aspect_ratio(checked, checked.aspect_ratio, "image_aspect_ratio");
   Image image = input;
   if (config.aspect_ratio == "pad") {
     std::array<std::uint8_t, 3> background{};
@@ -308,17 +322,12 @@ at::Tensor preprocess_image(const Image& input, const ImageProcessorConfig& conf
   } else if (config.aspect_ratio == "keep") {
     // NeMo neva_dataset's 'keep': the processor without centre crop, at a shortest edge that keeps the
     // long edge within 448.
-    if (config.resize == ImageProcessorConfig::Resize::Exact) {
-      throw Error("image_aspect_ratio 'keep' needs a shortest-edge processor (CLIP), not a fixed-size one (SigLIP)");
-    }
     double aspect = static_cast<double>(std::max(image.width, image.height)) / std::min(image.width, image.height);
     int shortest_edge = static_cast<int>(std::min(448.0 / aspect, 224.0));
     bool wide = image.width >= image.height;
     int shortest = wide ? image.height : image.width, longest = wide ? image.width : image.height;
     int scaled = static_cast<int>(static_cast<double>(shortest_edge) * longest / shortest);
     image = wide ? resize_bicubic(image, scaled, shortest_edge) : resize_bicubic(image, shortest_edge, scaled);
-  } else if (config.aspect_ratio != "square") {
-    throw Error("image_aspect_ratio '" + config.aspect_ratio + "' is not supported (supported: pad, square, keep)");
   }
   if (config.aspect_ratio == "keep") {
     // resized above; no crop

@@ -6,6 +6,18 @@
 
 namespace neva {
 
+namespace {
+
+// Where a module's weights live (the CPU for a module without parameters).
+at::Device device_of(const torch::nn::Module& module) {
+  for (const auto& parameter : module.parameters()) return parameter.device();
+  return at::kCPU;
+}
+
+at::Tensor moved(const at::Tensor& tensor, at::Device device) { return tensor.defined() ? tensor.to(device) : tensor; }
+
+}  // namespace
+
 LlavaModel::LlavaModel(std::shared_ptr<VisionEncoder> encoder, std::shared_ptr<Connector> connector,
                        std::shared_ptr<LanguageBackbone> backbone, std::int64_t image_token_id)
     : encoder_(std::move(encoder)), connector_(std::move(connector)), backbone_(std::move(backbone)),
@@ -38,7 +50,7 @@ at::Tensor LlavaModel::image_features(const std::vector<at::Tensor>& images) {
     std::size_t end = start + 1;
     while (end < images.size() && images[end].sizes() == images[start].sizes()) ++end;
     std::vector<at::Tensor> group(images.begin() + start, images.begin() + end);
-    at::Tensor projected = connector_->forward(encoder_->forward(at::stack(group)));
+    at::Tensor projected = connector_->forward(encoder_->forward(at::stack(group).to(device_of(*encoder_))));
     features.push_back(projected.reshape({-1, projected.size(-1)}));
     start = end;
   }
@@ -63,18 +75,21 @@ at::Tensor LlavaModel::embed(const at::Tensor& input_ids, const std::vector<at::
 }
 
 BackboneOutputs LlavaModel::forward(const MultimodalInputs& inputs) {
+  // Batches are built on the CPU (tokenizer, image decoding, collation); the model runs where its
+  // weights are, so every input follows them there.
+  const at::Device device = device_of(*backbone_);
   BackboneInputs backbone_inputs;
   std::vector<at::Tensor> images = inputs.images;
   if (inputs.pixel_values.defined()) {
     auto stacked = inputs.pixel_values.unbind(0);
     images.insert(images.end(), stacked.begin(), stacked.end());
   }
-  backbone_inputs.embeddings = embed(inputs.input_ids, images);
-  backbone_inputs.attention_mask = inputs.attention_mask;
-  backbone_inputs.positions = inputs.positions;
-  backbone_inputs.segment_ids = inputs.segment_ids;
+  backbone_inputs.embeddings = embed(moved(inputs.input_ids, device), images);
+  backbone_inputs.attention_mask = moved(inputs.attention_mask, device);
+  backbone_inputs.positions = moved(inputs.positions, device);
+  backbone_inputs.segment_ids = moved(inputs.segment_ids, device);
   backbone_inputs.cache = inputs.cache;
-  backbone_inputs.logits_mask = inputs.logits_mask;
+  backbone_inputs.logits_mask = moved(inputs.logits_mask, device);
   return backbone_->forward(backbone_inputs);
 }
 

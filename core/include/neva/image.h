@@ -53,6 +53,11 @@ struct ImageProcessorConfig {
   std::string aspect_ratio = "square";
 };
 
+// An encoder's processor with LLaVA's image_aspect_ratio applied, checked once up front: an
+// unknown ratio, or "keep" with a fixed-size processor (SigLIP), throws naming `key`.
+NEVA_API ImageProcessorConfig with_aspect_ratio(ImageProcessorConfig processor, const std::string& aspect_ratio,
+                                                const std::string& key = "model.data.image_aspect_ratio");
+
 // The processor's pixel_values for one image: [3, H, W] float32.
 NEVA_API at::Tensor preprocess_image(const Image& image, const ImageProcessorConfig& config);
 
