@@ -9,6 +9,7 @@ LM head and the loss at every position; the labels are left unmasked, which cost
 Usage: bench_train_transformers.py LLM_CONFIG VISION_CONFIG DEMO_DIR {32,bf16-mixed} STEPS
 """
 import json
+import os
 import pathlib
 import statistics
 import sys
@@ -64,18 +65,29 @@ def main():
         batches.append(dict(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"],
                             pixel_values=pixels, labels=labels))
 
-    times, tokens = [], []
+    # BENCH_TRACE=FILE: torch.profiler over steps 3 and 4 (0-based), like neva's trainer.profile.
+    trace = os.environ.get("BENCH_TRACE")
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True)
+    times, tokens, phases = [], [], []
     for i, inputs in enumerate(batches):
+        if trace and i == 3:
+            profiler.start()
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "32"):
             loss = model(**inputs).loss
         loss.backward()
+        computed = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss.item()
+        end = time.perf_counter()
+        if trace and i == 4:
+            profiler.stop()
+            profiler.export_chrome_trace(trace)
         if i >= 2:  # warm-up steps excluded, as for neva
-            times.append(time.perf_counter() - start)
+            times.append(end - start)
+            phases.append((computed - start, end - computed))
             tokens.append(int(inputs["attention_mask"].sum()))
 
     # Model FLOPs per token: 6 x trained matmul weights (decoder layers and LM head; embeddings are
@@ -92,7 +104,9 @@ def main():
     rate = sum(tokens) / sum(times)
     print(json.dumps({"precision": precision, "tokens_per_second": rate, "flops_per_token": per_token,
                       "lm_head_flops_per_token": 6 * model.lm_head.weight.numel(), "decoder_parameters": decoder,
-                      "tower_parameters": tower_params, "mean_length": mean_length}))
+                      "tower_parameters": tower_params, "mean_length": mean_length,
+                      "forward_backward_seconds": statistics.mean(p[0] for p in phases),
+                      "optimizer_seconds": statistics.mean(p[1] for p in phases)}))
 
 
 if __name__ == "__main__":

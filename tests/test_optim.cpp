@@ -1,6 +1,7 @@
 #include <doctest/doctest.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/modules/normalization.h>
+#include <torch/nn/utils/clip_grad.h>
 #include <torch/types.h>
 
 #include <cmath>
@@ -77,6 +78,40 @@ TEST_CASE("gradient clipping bounds the global norm and reports it before clippi
   CHECK(norm == doctest::Approx(std::sqrt(8 * 4.0)));
   double after = std::sqrt(linear->weight.grad().pow(2).sum().item<double>() + linear->bias.grad().pow(2).sum().item<double>());
   CHECK(after == doctest::Approx(1.0).epsilon(1e-4));
+}
+
+TEST_CASE("gradient clipping: the global norm in fp64 terms, and the scale of clip_grad_norm_, on any gradient layout") {
+  torch::manual_seed(3);
+  for (double max_norm : {0.5, 1e6}) {
+    CAPTURE(max_norm);
+    std::vector<at::Tensor> parameters, originals;
+    double squares = 0;
+    for (auto [shape, dtype] : std::vector<std::pair<std::vector<std::int64_t>, at::ScalarType>>{
+             {{300, 70}, at::kFloat}, {{70}, at::kFloat}, {{40, 30}, at::kBFloat16}, {{3, 5, 7}, at::kFloat}}) {
+      at::Tensor grad = torch::randn(shape).to(dtype);
+      if (shape.size() == 3) grad = grad.transpose(0, 2).contiguous().transpose(0, 2);  // non-contiguous
+      at::Tensor p = torch::zeros(shape, at::TensorOptions().dtype(dtype).requires_grad(true));
+      p.mutable_grad() = grad.clone();
+      parameters.push_back(p);
+      originals.push_back(grad);
+      squares += grad.to(at::kDouble).pow(2).sum().item<double>();
+    }
+    const double expected = std::sqrt(squares);
+    const double norm = neva::clip_gradients(parameters, max_norm);
+    CHECK(norm == doctest::Approx(expected).epsilon(1e-6));
+    // PyTorch's rule: scale by max_norm / (norm + 1e-6), at most 1.
+    const double scale = std::min(1.0, max_norm / (expected + 1e-6));
+    for (std::size_t i = 0; i < parameters.size(); ++i) {
+      const double tolerance = parameters[i].scalar_type() == at::kBFloat16 ? 1e-2 : 1e-6;
+      CHECK(torch::allclose(parameters[i].grad().to(at::kDouble), originals[i].to(at::kDouble) * scale, tolerance, 1e-9));
+    }
+  }
+  // And it is LibTorch's clip_grad_norm_ on fp32 gradients.
+  at::Tensor a = torch::randn({64, 32}, at::TensorOptions().requires_grad(true)), b = a.detach().clone().requires_grad_(true);
+  a.mutable_grad() = torch::randn({64, 32});
+  b.mutable_grad() = a.grad().clone();
+  CHECK(neva::clip_gradients(std::vector<at::Tensor>{a}, 1.0) == doctest::Approx(torch::nn::utils::clip_grad_norm_(std::vector<at::Tensor>{b}, 1.0)).epsilon(1e-6));
+  CHECK(torch::allclose(a.grad(), b.grad(), 1e-6, 1e-8));
 }
 
 TEST_CASE("the fused AdamW update equals LibTorch's reference AdamW, state included") {

@@ -6,6 +6,10 @@
 #include <ATen/ATen.h>
 #include <malloc.h>
 #include <torch/autograd.h>
+#include <torch/nn/modules/conv.h>
+#include <torch/nn/modules/embedding.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/modules/normalization.h>
 
 #include <map>
 
@@ -13,6 +17,7 @@
 #include "neva/nn/attention.h"
 #include "neva/nn/decoder.h"
 #include "neva/optim.h"
+#include "neva/precision.h"
 
 namespace {
 
@@ -231,4 +236,69 @@ TEST_CASE("a logits mask gives the full forward's logits at exactly those positi
   REQUIRE(selected.dim() == 2);
   CHECK(selected.size(0) == positions.targets.size(0));
   CHECK((selected - full.index({positions.mask})).abs().max().item<double>() < 1e-6);
+}
+
+namespace {
+
+// Modules of every kind FrozenWeightCasts meets: autocast-cast layers (linear, convolution), layers
+// that read their weights as they are (norm, embedding), and a linear whose weight is tied to a
+// plain module's parameter.
+struct CastProbe : torch::nn::Module {
+  struct Tied : torch::nn::Module {
+    explicit Tied(const at::Tensor& shared) { register_parameter("weight", shared); }
+  };
+  torch::nn::Linear proj{nullptr}, head{nullptr};
+  torch::nn::Conv2d conv{nullptr};
+  torch::nn::LayerNorm norm{nullptr};
+  torch::nn::Embedding embed{nullptr};
+  CastProbe() {
+    proj = register_module("proj", torch::nn::Linear(8, 16));
+    conv = register_module("conv", torch::nn::Conv2d(torch::nn::Conv2dOptions(3, 8, 2).stride(2)));
+    norm = register_module("norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({16})));
+    embed = register_module("embed", torch::nn::Embedding(10, 8));
+    head = register_module("head", torch::nn::Linear(torch::nn::LinearOptions(8, 10).bias(false)));
+    register_module("tied", std::make_shared<Tied>(head->weight));
+  }
+  at::Tensor forward(const at::Tensor& ids, const at::Tensor& image) {
+    at::Tensor patches = conv->forward(image).flatten(2).transpose(1, 2);  // [B, 4, 8]
+    at::Tensor tokens = embed->forward(ids);
+    at::Tensor h = norm->forward(proj->forward(tokens + patches.mean(1, true)));
+    return at::cat({h, head->forward(tokens)}, -1);
+  }
+};
+
+}  // namespace
+
+TEST_CASE("frozen linear and convolution weights cast once give autocast's results bitwise, and come back intact") {
+  torch::manual_seed(5);
+  CastProbe probe;
+  for (auto& parameter : probe.parameters()) parameter.set_requires_grad(false);
+  const at::Tensor ids = torch::randint(0, 10, {2, 5}), image = torch::randn({2, 3, 4, 4});
+  auto mixed = neva::make_precision_recipe("bf16-mixed", false);
+  neva::RuntimeContext context;
+  auto run = [&] {
+    auto scope = mixed->enter_forward(context);
+    return probe.forward(ids, image);
+  };
+  const at::Tensor expected = run();
+  REQUIRE(at::equal(run(), expected));  // deterministic to begin with
+  const at::Tensor proj_weight = probe.proj->weight.clone();
+  {
+    neva::FrozenWeightCasts casts({&probe}, at::kBFloat16);
+    CHECK(casts.count() == 2);  // the weights of proj and conv; the tied head is left alone
+    CHECK((probe.proj->weight.scalar_type() == at::kBFloat16));
+    CHECK((probe.conv->weight.scalar_type() == at::kBFloat16));
+    CHECK((probe.proj->bias.scalar_type() == at::kFloat));
+    CHECK((probe.head->weight.scalar_type() == at::kFloat));
+    CHECK((probe.norm->weight.scalar_type() == at::kFloat));
+    CHECK((probe.embed->weight.scalar_type() == at::kFloat));
+    CHECK(at::equal(run(), expected));
+  }
+  CHECK((probe.proj->weight.scalar_type() == at::kFloat));
+  CHECK(at::equal(probe.proj->weight, proj_weight));
+  // Trained weights are autocast's to cast (and cache): untouched.
+  probe.proj->weight.set_requires_grad(true);
+  neva::FrozenWeightCasts trained({&probe}, at::kBFloat16);
+  CHECK((probe.proj->weight.scalar_type() == at::kFloat));
+  CHECK(trained.count() == 1);
 }

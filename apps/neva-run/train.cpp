@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <torch/csrc/autograd/profiler_kineto.h>
 #include <torch/optim/adamw.h>
 
 #include <algorithm>
@@ -14,8 +15,9 @@
 #include <fstream>
 #include <functional>
 #include <numeric>
-#include <optional>
 #include <iomanip>
+#include <optional>
+#include <set>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -202,6 +204,48 @@ void maybe_die_in_checkpoint(std::int64_t step) {
   if (value && std::to_string(step) == value) std::raise(SIGKILL);
 }
 
+// trainer.profile: PyTorch's profiler (Kineto) over a range of steps, saved as a Chrome trace.
+class StepProfiler {
+ public:
+  StepProfiler(const TrainerConfig& config, const RuntimeContext& context, fs::path path)
+      : enabled_(config.profile), start_(config.profile_step_start), end_(config.profile_step_end),
+        path_(std::move(path)) {
+    activities_.insert(torch::profiler::impl::ActivityType::CPU);
+    if (context.device.is_cuda()) {
+      activities_.insert(torch::profiler::impl::ActivityType::CUDA);
+    } else if (enabled_) {
+      ::setenv("KINETO_LOG_LEVEL", "5", 0);  // Kineto's "no GPU found" error line means nothing on a CPU run
+    }
+  }
+  ~StepProfiler() {
+    if (running_) torch::autograd::profiler::disableProfiler();  // an error unwound the run: no trace
+  }
+  // Called before each step's work with the number of steps done so far.
+  void before(std::int64_t step) {
+    if (!enabled_ || running_ || step < start_ || step >= end_) return;
+    const torch::profiler::impl::ProfilerConfig config(torch::profiler::impl::ProfilerState::KINETO,
+                                                       /*report_input_shapes=*/true);
+    torch::autograd::profiler::prepareProfiler(config, activities_);
+    torch::autograd::profiler::enableProfiler(config, activities_);
+    running_ = true;
+    first_ = step;
+  }
+  // Called after each step (and once at the end of the run); returns a message when a trace was saved.
+  std::optional<std::string> after(std::int64_t step, bool last) {
+    if (!running_ || (step < end_ && !last)) return std::nullopt;
+    running_ = false;
+    torch::autograd::profiler::disableProfiler()->save(path_.string());
+    return "profiled steps " + std::to_string(first_) + " to " + std::to_string(step - 1) + " (0-based) into " +
+           path_.string() + " (Chrome trace; scripts/profile_summary.py lists operators by self time)";
+  }
+
+ private:
+  bool enabled_, running_ = false;
+  std::int64_t start_, end_, first_ = 0;
+  fs::path path_;
+  std::set<torch::profiler::impl::ActivityType> activities_;
+};
+
 }  // namespace
 
 TrainSummary run_train(const Recipe& recipe, const std::string& title) {
@@ -234,6 +278,10 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
     }
   }
   if (trained.empty()) throw Error(recipe.source + ": nothing to train: every component is frozen");
+  // bf16 mixed: the frozen linear and convolution weights are cast once instead of at every forward.
+  std::vector<torch::nn::Module*> modules;
+  for (auto& part : components(model)) modules.push_back(part.second);
+  FrozenWeightCasts frozen_casts(modules, context.dtypes.params == at::kFloat ? context.dtypes.compute : at::kFloat);
   std::vector<at::Tensor> mains;
   for (const auto& t : trained) mains.push_back(t.main);
   auto optimizer = make_adamw(mains, recipe.model.optim);
@@ -340,9 +388,11 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
   };
 
   const std::int64_t first_step = step;
+  StepProfiler profiler(recipe.trainer, context, summary.run_dir / "profile.json");
   double last_loss = 0;
   std::int64_t saved_step = resume_from ? step : -1;
   while (step < max_steps) {
+    profiler.before(step);
     const auto step_started = Clock::now();
     std::vector<TrainingBatch> batches;
     std::int64_t labelled = 0, tokens = 0, samples = 0;
@@ -357,7 +407,8 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
         if (summary.skipped_samples == 5) progress.message("(further skipped samples are only counted)");
       }
     }
-    const double data_wait = std::chrono::duration<double>(Clock::now() - step_started).count();
+    const auto data_ready = Clock::now();
+    const double data_wait = std::chrono::duration<double>(data_ready - step_started).count();
     // The loss is the mean over every labelled token of the global batch, whatever the split into
     // micro-batches or packed rows: each micro-batch contributes its share.
     double loss_value = 0;
@@ -412,6 +463,7 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
                   " (running average " + std::to_string(loss_average) + "); stopping before the update (last good " +
                   "checkpoint: " + last_good + "). Lower model.optim.lr or raise trainer.loss_explosion_factor");
     }
+    const auto computed = Clock::now();
     double grad_norm;
     {
       at::NoGradGuard no_grad;
@@ -430,6 +482,7 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
         for (auto& t : trained) t.param.copy_(t.main);
       }
       ++step;
+      const auto updated = Clock::now();
       position = batches.back().end_position;
       loss_average = loss_average == 0 ? loss_value : 0.9 * loss_average + 0.1 * loss_value;
       last_loss = loss_value;
@@ -448,10 +501,13 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
                      {"tokens_per_second", tokens / seconds},
                      {"step_seconds", seconds},
                      {"data_wait_seconds", data_wait},
+                     {"forward_backward_seconds", std::chrono::duration<double>(computed - data_ready).count()},
+                     {"optimizer_seconds", std::chrono::duration<double>(updated - computed).count()},
                      {"skipped_samples", summary.skipped_samples}});
       progress.update(step, loss_value, lr, grad_norm, tokens / seconds, eta);
     }
     const bool exiting = recipe.trainer.exit_interval > 0 && step % recipe.trainer.exit_interval == 0;
+    if (auto saved = profiler.after(step, step == max_steps || exiting)) progress.message(*saved);
     if (exiting || (recipe.exp_manager.every_n_train_steps > 0 && step % recipe.exp_manager.every_n_train_steps == 0)) {
       save(step);
       saved_step = step;
@@ -478,6 +534,7 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
     }
     write_safetensors((summary.run_dir / "mm_projector.safetensors").string(), projector, {{"format", "pt"}});
   }
+  frozen_casts.restore();  // the export writes the frozen components' fp32 weights as loaded
   if (recipe.exp_manager.export_hf && model.encoder()) {
     summary.hf_dir = summary.run_dir / "hf";
     export_hf(recipe, model, summary.hf_dir);

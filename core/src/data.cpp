@@ -1,5 +1,9 @@
 #include "neva/data.h"
 
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <ATen/ATen.h>
 
 #include <algorithm>
@@ -404,6 +408,12 @@ struct TrainingData::State {
   }
 
   void run() {
+    // The loader shares the cores with the training step's OpenMP team, whose parallel regions wait
+    // for their slowest thread: one team thread sharing a core with the loader stretched whole ops
+    // (measured on 16 threads: a 4-image stack 0.1 -> 32 ms, the patch convolution 2 -> 23 ms). At
+    // the lowest priority the loader takes what the team leaves; with batches prefetched it is
+    // still ahead of the step.
+    ::setpriority(PRIO_PROCESS, static_cast<id_t>(::syscall(SYS_gettid)), 19);
     while (true) {
       Item item;
       try {

@@ -1,7 +1,12 @@
 #include "neva/precision.h"
 
+#include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <torch/nn/module.h>
+#include <torch/nn/modules/conv.h>
+#include <torch/nn/modules/linear.h>
+
+#include <set>
 
 #include "neva/error.h"
 
@@ -62,5 +67,54 @@ std::unique_ptr<PrecisionRecipe> make_precision_recipe(const std::string& precis
   if (megatron_amp_O2) policy.params = at::kBFloat16;  // main_params stay fp32
   return std::make_unique<BuiltinPrecision>(policy);
 }
+
+namespace {
+
+bool autocast_casts_parameters(const torch::nn::Module& module) {
+  return dynamic_cast<const torch::nn::LinearImpl*>(&module) || dynamic_cast<const torch::nn::Conv1dImpl*>(&module) ||
+         dynamic_cast<const torch::nn::Conv2dImpl*>(&module) || dynamic_cast<const torch::nn::Conv3dImpl*>(&module);
+}
+
+}  // namespace
+
+FrozenWeightCasts::FrozenWeightCasts(const std::vector<torch::nn::Module*>& modules, at::ScalarType compute) {
+  if (compute == at::kFloat) return;
+  // Storage used by parameters of other modules: those tensors are read without autocast's cast.
+  std::set<const void*> elsewhere;
+  std::set<const c10::TensorImpl*> seen;
+  std::vector<at::Tensor> candidates;
+  auto visit = [&](const torch::nn::Module& module) {
+    const bool cast = autocast_casts_parameters(module);
+    for (const auto& parameter : module.named_parameters(/*recurse=*/false)) {
+      const at::Tensor& tensor = parameter.value();
+      if (!cast) {
+        elsewhere.insert(tensor.storage().data());
+      } else if (parameter.key() == "weight" && !tensor.requires_grad() && tensor.scalar_type() == at::kFloat &&
+                 seen.insert(tensor.unsafeGetTensorImpl()).second) {
+        candidates.push_back(tensor);
+      }
+    }
+  };
+  for (auto* root : modules) {
+    if (!root) continue;
+    visit(*root);  // the root itself need not be held by a shared_ptr
+    for (const auto& module : root->modules(/*include_self=*/false)) visit(*module);
+  }
+  at::NoGradGuard no_grad;
+  for (auto& tensor : candidates) {
+    if (elsewhere.count(tensor.storage().data())) continue;
+    at::Tensor original = tensor.data();
+    at::Tensor cast = original.to(compute);
+    tensor.set_data(cast);
+    originals_.emplace_back(tensor, original);
+  }
+}
+
+void FrozenWeightCasts::restore() {
+  for (auto& [tensor, original] : originals_) tensor.set_data(original);
+  originals_.clear();
+}
+
+FrozenWeightCasts::~FrozenWeightCasts() { restore(); }
 
 }  // namespace neva

@@ -111,6 +111,13 @@ Recipe parse_recipe(const ConfigDocument& document, const fs::path& base_directo
   recipe.trainer.gradient_clip_val = trainer.get<double>("gradient_clip_val", recipe.trainer.gradient_clip_val);
   if (recipe.trainer.gradient_clip_val < 0) trainer.fail("gradient_clip_val", "expected a number >= 0 (0: no clipping)");
   recipe.trainer.loss_explosion_factor = trainer.get<double>("loss_explosion_factor", recipe.trainer.loss_explosion_factor);
+  recipe.trainer.profile = trainer.get<bool>("profile", false);
+  recipe.trainer.profile_step_start = trainer.integer("profile_step_start", recipe.trainer.profile_step_start, 0);
+  recipe.trainer.profile_step_end = trainer.integer("profile_step_end", recipe.trainer.profile_step_end, 1);
+  if (recipe.trainer.profile_step_end <= recipe.trainer.profile_step_start) {
+    trainer.fail("profile_step_end", "expected a step after profile_step_start (" +
+                                         std::to_string(recipe.trainer.profile_step_start) + ")");
+  }
 
   ConfigSection exp = root.section("exp_manager");
   ExpManagerConfig& exp_manager = recipe.exp_manager;

@@ -4,9 +4,14 @@
 //   "bf16" / "bf16-mixed"    fp32 weights; matmuls and activations in bf16 under autocast
 //   "bf16" + megatron_amp_O2 bf16 weights and arithmetic; the optimizer keeps fp32 main weights
 // On CPU, bf16 matmuls go through oneDNN, which uses AMX tiles where the CPU has them and
-// AVX512-BF16 otherwise.
+// AVX512-BF16 otherwise (seen in ONEDNN_VERBOSE: brg_matmul:avx10_1_512_amx on a Xeon with AMX).
+#include <ATen/core/Tensor.h>
+#include <torch/nn/module.h>
+
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "neva/export.h"
 #include "neva/precision_recipe.h"
@@ -14,5 +19,25 @@
 namespace neva {
 
 NEVA_API std::unique_ptr<PrecisionRecipe> make_precision_recipe(const std::string& precision, bool megatron_amp_O2);
+
+// Under autocast, every linear and convolution weight is cast to the compute dtype at each
+// forward, and autocast caches the cast only for weights that require grad. The frozen ones of
+// `modules` are therefore cast here once, in place: exactly the values autocast would produce, so
+// results under autocast are bitwise unchanged. Biases stay fp32 (LibTorch's Linear adds its bias
+// in place, outside autocast's cast), and a weight shared with a module of another kind (tied
+// embeddings) is left alone. restore() (or destruction) puts the fp32 originals back, for whatever
+// reads the weights outside autocast (export).
+class NEVA_API FrozenWeightCasts {
+ public:
+  FrozenWeightCasts(const std::vector<torch::nn::Module*>& modules, at::ScalarType compute);
+  ~FrozenWeightCasts();
+  FrozenWeightCasts(const FrozenWeightCasts&) = delete;
+  FrozenWeightCasts& operator=(const FrozenWeightCasts&) = delete;
+  void restore();
+  std::size_t count() const { return originals_.size(); }
+
+ private:
+  std::vector<std::pair<at::Tensor, at::Tensor>> originals_;  // (parameter, its fp32 data)
+};
 
 }  // namespace neva

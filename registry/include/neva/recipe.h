@@ -37,6 +37,11 @@ struct TrainerConfig {
   // The run stops (keeping the last good checkpoint) when the loss is not finite, or exceeds this
   // many times its running average after the warmup. 0: only non-finite losses stop it.
   double loss_explosion_factor = 10.0;
+  // Megatron's --profile: the optimizer steps [profile_step_start, profile_step_end) are traced by
+  // PyTorch's profiler (Kineto) into profile.json in the run directory (Chrome trace format).
+  bool profile = false;
+  std::int64_t profile_step_start = 10;
+  std::int64_t profile_step_end = 12;
 };
 
 // NeMo's exp_manager: where a training run writes and how it checkpoints.
