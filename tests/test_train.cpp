@@ -4,6 +4,7 @@
 #include <doctest/doctest.h>
 
 #include <fstream>
+#include <set>
 #include <nlohmann/json.hpp>
 
 #include "neva/image.h"
@@ -203,6 +204,34 @@ TEST_CASE("activation checkpointing and sequence packing run through the trainer
   std::string line;
   std::getline(in, line);
   CHECK(json::parse(line)["samples"].get<int>() > 8);  // 8 rows of up to 128 tokens hold more than 8 captions
+}
+
+TEST_CASE("trainer.profile writes a Chrome trace of the chosen steps, and metrics split each step into phases") {
+  Workspace ws;
+  auto result = ws.train("profiled", "--set trainer.max_steps=4 --set trainer.profile=true"
+                                     " --set trainer.profile_step_start=1 --set trainer.profile_step_end=3");
+  REQUIRE_MESSAGE(result.exit_code == 0, result.err);
+  CHECK(contains(result.err, "profiled steps 1 to 2 (0-based) into " + (ws.root / "profiled/profile.json").string()));
+  json trace = json::parse(std::ifstream(ws.root / "profiled/profile.json"));
+  std::set<std::string> operators;
+  for (const auto& event : trace["traceEvents"]) {
+    if (event.value("cat", "") == "cpu_op") operators.insert(event["name"].get<std::string>());
+  }
+  CHECK(operators.count("aten::mm") == 1);
+  CHECK(operators.count("aten::_fused_adamw_") == 1);
+  std::ifstream in(ws.root / "profiled/metrics.jsonl");
+  std::string line;
+  std::getline(in, line);
+  json step = json::parse(line);
+  for (const char* key : {"data_wait_seconds", "forward_backward_seconds", "optimizer_seconds", "step_seconds"}) {
+    CAPTURE(key);
+    CHECK(step[key].get<double>() >= 0);
+  }
+  CHECK(step["forward_backward_seconds"].get<double>() + step["optimizer_seconds"].get<double>() <=
+        step["step_seconds"].get<double>());
+  auto backwards = ws.train("x", "--set trainer.max_steps=4 --set trainer.profile_step_start=3 --set trainer.profile_step_end=3");
+  CHECK(backwards.exit_code == 2);
+  CHECK(contains(backwards.err, "trainer.profile_step_end: expected a step after profile_step_start (3)"));
 }
 
 TEST_CASE("train recipes are checked before anything runs, and a finished run is not overwritten by accident") {
