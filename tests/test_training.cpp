@@ -296,6 +296,15 @@ TEST_CASE("frozen linear and convolution weights cast once give autocast's resul
   }
   CHECK((probe.proj->weight.scalar_type() == at::kFloat));
   CHECK(at::equal(probe.proj->weight, proj_weight));
+  // Without the originals kept, the cast stays (a run that never exports).
+  {
+    neva::FrozenWeightCasts dropped({&probe}, at::kBFloat16, /*keep_originals=*/false);
+    CHECK(dropped.count() == 2);
+  }
+  CHECK((probe.proj->weight.scalar_type() == at::kBFloat16));
+  CHECK(at::equal(probe.proj->weight, proj_weight.to(at::kBFloat16)));
+  probe.proj->weight.set_data(proj_weight.clone());
+  probe.conv->weight.set_data(probe.conv->weight.to(at::kFloat));
   // Trained weights are autocast's to cast (and cache): untouched.
   probe.proj->weight.set_requires_grad(true);
   neva::FrozenWeightCasts trained({&probe}, at::kBFloat16);

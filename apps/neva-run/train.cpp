@@ -278,10 +278,13 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
     }
   }
   if (trained.empty()) throw Error(recipe.source + ": nothing to train: every component is frozen");
-  // bf16 mixed: the frozen linear and convolution weights are cast once instead of at every forward.
+  // bf16 mixed: the frozen linear and convolution weights are cast once instead of at every forward;
+  // their fp32 originals are kept only for the export, the one reader outside autocast.
   std::vector<torch::nn::Module*> modules;
   for (auto& part : components(model)) modules.push_back(part.second);
-  FrozenWeightCasts frozen_casts(modules, context.dtypes.params == at::kFloat ? context.dtypes.compute : at::kFloat);
+  const bool exporting = recipe.exp_manager.export_hf && model.encoder();
+  FrozenWeightCasts frozen_casts(modules, context.dtypes.params == at::kFloat ? context.dtypes.compute : at::kFloat,
+                                 exporting);
   std::vector<at::Tensor> mains;
   for (const auto& t : trained) mains.push_back(t.main);
   auto optimizer = make_adamw(mains, recipe.model.optim);
@@ -535,7 +538,7 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
     write_safetensors((summary.run_dir / "mm_projector.safetensors").string(), projector, {{"format", "pt"}});
   }
   frozen_casts.restore();  // the export writes the frozen components' fp32 weights as loaded
-  if (recipe.exp_manager.export_hf && model.encoder()) {
+  if (exporting) {
     summary.hf_dir = summary.run_dir / "hf";
     export_hf(recipe, model, summary.hf_dir);
   }

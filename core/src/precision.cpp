@@ -77,7 +77,8 @@ bool autocast_casts_parameters(const torch::nn::Module& module) {
 
 }  // namespace
 
-FrozenWeightCasts::FrozenWeightCasts(const std::vector<torch::nn::Module*>& modules, at::ScalarType compute) {
+FrozenWeightCasts::FrozenWeightCasts(const std::vector<torch::nn::Module*>& modules, at::ScalarType compute,
+                                     bool keep_originals) {
   if (compute == at::kFloat) return;
   // Storage used by parameters of other modules: those tensors are read without autocast's cast.
   std::set<const void*> elsewhere;
@@ -104,9 +105,9 @@ FrozenWeightCasts::FrozenWeightCasts(const std::vector<torch::nn::Module*>& modu
   for (auto& tensor : candidates) {
     if (elsewhere.count(tensor.storage().data())) continue;
     at::Tensor original = tensor.data();
-    at::Tensor cast = original.to(compute);
-    tensor.set_data(cast);
-    originals_.emplace_back(tensor, original);
+    tensor.set_data(original.to(compute));
+    if (keep_originals) originals_.emplace_back(tensor, original);
+    ++count_;
   }
 }
 

@@ -25,19 +25,22 @@ NEVA_API std::unique_ptr<PrecisionRecipe> make_precision_recipe(const std::strin
 // `modules` are therefore cast here once, in place: exactly the values autocast would produce, so
 // results under autocast are bitwise unchanged. Biases stay fp32 (LibTorch's Linear adds its bias
 // in place, outside autocast's cast), and a weight shared with a module of another kind (tied
-// embeddings) is left alone. restore() (or destruction) puts the fp32 originals back, for whatever
-// reads the weights outside autocast (export).
+// embeddings) is left alone. With `keep_originals`, restore() (or destruction) puts the fp32
+// originals back, for whatever reads the weights outside autocast (export); that keeps both copies
+// (+50% memory for the frozen weights). Without it the originals are dropped and the weights stay
+// in the compute dtype: for a run that never reads them outside autocast again.
 class NEVA_API FrozenWeightCasts {
  public:
-  FrozenWeightCasts(const std::vector<torch::nn::Module*>& modules, at::ScalarType compute);
+  FrozenWeightCasts(const std::vector<torch::nn::Module*>& modules, at::ScalarType compute, bool keep_originals = true);
   ~FrozenWeightCasts();
   FrozenWeightCasts(const FrozenWeightCasts&) = delete;
   FrozenWeightCasts& operator=(const FrozenWeightCasts&) = delete;
   void restore();
-  std::size_t count() const { return originals_.size(); }
+  std::size_t count() const { return count_; }
 
  private:
-  std::vector<std::pair<at::Tensor, at::Tensor>> originals_;  // (parameter, its fp32 data)
+  std::size_t count_ = 0;
+  std::vector<std::pair<at::Tensor, at::Tensor>> originals_;  // (parameter, its fp32 data), when kept
 };
 
 }  // namespace neva
