@@ -6,7 +6,7 @@
 # measured matmul peak (neva-bench-matmul, best shape per dtype). Run after scripts/setup.sh; figures
 # go to docs/benchmarks.md.
 #   scripts/bench_train.sh [STEPS]
-# BENCH_PROFILE=1 also traces steps 3-4 of each run with PyTorch's profiler (neva: trainer.profile;
+# BENCH_MODES="32" runs only those modes (of 32, bf16-mixed, bf16-O2); BENCH_PROFILE=1 also traces steps 3-4 of each run with PyTorch's profiler (neva: trainer.profile;
 # transformers: torch.profiler) and prints both sides' operators by self time (scripts/profile_summary.py).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -20,7 +20,7 @@ peaks="$("$bin/neva-bench-matmul" | awk '/GFLOP\/s$/ { v = $(NF-1); if ($(NF-2) 
 read -r peak32 peak16 <<< "$peaks"
 echo "matmul peak (neva-bench-matmul): fp32 $peak32 GFLOP/s, bf16 $peak16 GFLOP/s"
 models="$root/configs/bench/models"
-for mode in 32 bf16-mixed bf16-O2; do
+for mode in ${BENCH_MODES:-32 bf16-mixed bf16-O2}; do
   precision="${mode%-O2}"
   o2=$([ "$mode" = bf16-O2 ] && echo true || echo false)
   rm -rf "$work/runs/neva-$mode"
