@@ -1,5 +1,6 @@
 #include "train.h"
 
+#include <malloc.h>
 #include <unistd.h>
 
 #include <ATen/ATen.h>
@@ -19,6 +20,7 @@
 #include <optional>
 #include <set>
 #include <iostream>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
@@ -246,10 +248,23 @@ class StepProfiler {
   std::set<torch::profiler::impl::ActivityType> activities_;
 };
 
+// Each step LibTorch allocates and frees the same large buffers (activations; gradients, e.g. the
+// 98 MB [32000, 768] embedding gradient). glibc serves such blocks from a fresh mmap and unmaps them
+// on free, so every step page-faults them in again (measured on a 2-core VM: 137 ms per step for
+// that one zero-fill; neva 125.9 -> 146.8 tokens/s on the training benchmark). Freed memory is kept
+// in the heap for reuse instead, as a caching allocator (jemalloc, PyTorch's CUDA allocator) does.
+// A policy set through GLIBC_TUNABLES is left as it is.
+void keep_freed_memory() {
+  if (std::getenv("GLIBC_TUNABLES")) return;
+  ::mallopt(M_MMAP_MAX, 0);
+  ::mallopt(M_TRIM_THRESHOLD, std::numeric_limits<int>::max());
+}
+
 }  // namespace
 
 TrainSummary run_train(const Recipe& recipe, const std::string& title) {
   const auto started = Clock::now();
+  keep_freed_memory();
   TrainSummary summary;
   summary.run_dir = recipe.exp_manager.explicit_log_dir;
   fs::create_directories(summary.run_dir);
