@@ -67,7 +67,7 @@ def main():
 
     # BENCH_TRACE=FILE: torch.profiler over steps 3 and 4 (0-based), like neva's trainer.profile.
     trace = os.environ.get("BENCH_TRACE")
-    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True)
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) if trace else None
     times, tokens, phases = [], [], []
     for i, inputs in enumerate(batches):
         if trace and i == 3:

@@ -8,12 +8,6 @@ namespace neva {
 
 namespace {
 
-// Where a module's weights live (the CPU for a module without parameters).
-at::Device device_of(const torch::nn::Module& module) {
-  for (const auto& parameter : module.parameters()) return parameter.device();
-  return at::kCPU;
-}
-
 at::Tensor moved(const at::Tensor& tensor, at::Device device) { return tensor.defined() ? tensor.to(device) : tensor; }
 
 }  // namespace
@@ -23,6 +17,10 @@ LlavaModel::LlavaModel(std::shared_ptr<VisionEncoder> encoder, std::shared_ptr<C
     : encoder_(std::move(encoder)), connector_(std::move(connector)), backbone_(std::move(backbone)),
       image_token_id_(image_token_id) {
   if (!backbone_) throw Error("a LLaVA model needs a language backbone");
+  for (const auto& parameter : backbone_->parameters()) {
+    device_ = parameter.device();
+    break;
+  }
   if (!encoder_ != !connector_) throw Error("a LLaVA model needs both a vision encoder and a connector, or neither");
   if (encoder_ && connector_->input_size() != encoder_->hidden_size()) {
     throw Error("connector input size " + std::to_string(connector_->input_size()) + " differs from the vision encoder's " +
@@ -50,7 +48,7 @@ at::Tensor LlavaModel::image_features(const std::vector<at::Tensor>& images) {
     std::size_t end = start + 1;
     while (end < images.size() && images[end].sizes() == images[start].sizes()) ++end;
     std::vector<at::Tensor> group(images.begin() + start, images.begin() + end);
-    at::Tensor projected = connector_->forward(encoder_->forward(at::stack(group).to(device_of(*encoder_))));
+    at::Tensor projected = connector_->forward(encoder_->forward(at::stack(group).to(device_)));
     features.push_back(projected.reshape({-1, projected.size(-1)}));
     start = end;
   }
@@ -77,19 +75,18 @@ at::Tensor LlavaModel::embed(const at::Tensor& input_ids, const std::vector<at::
 BackboneOutputs LlavaModel::forward(const MultimodalInputs& inputs) {
   // Batches are built on the CPU (tokenizer, image decoding, collation); the model runs where its
   // weights are, so every input follows them there.
-  const at::Device device = device_of(*backbone_);
   BackboneInputs backbone_inputs;
   std::vector<at::Tensor> images = inputs.images;
   if (inputs.pixel_values.defined()) {
     auto stacked = inputs.pixel_values.unbind(0);
     images.insert(images.end(), stacked.begin(), stacked.end());
   }
-  backbone_inputs.embeddings = embed(moved(inputs.input_ids, device), images);
-  backbone_inputs.attention_mask = moved(inputs.attention_mask, device);
-  backbone_inputs.positions = moved(inputs.positions, device);
-  backbone_inputs.segment_ids = moved(inputs.segment_ids, device);
+  backbone_inputs.embeddings = embed(moved(inputs.input_ids, device_), images);
+  backbone_inputs.attention_mask = moved(inputs.attention_mask, device_);
+  backbone_inputs.positions = moved(inputs.positions, device_);
+  backbone_inputs.segment_ids = moved(inputs.segment_ids, device_);
   backbone_inputs.cache = inputs.cache;
-  backbone_inputs.logits_mask = moved(inputs.logits_mask, device);
+  backbone_inputs.logits_mask = moved(inputs.logits_mask, device_);
   return backbone_->forward(backbone_inputs);
 }
 

@@ -52,6 +52,9 @@ class NEVA_API LlavaModel {
   std::shared_ptr<Connector> connector_;
   std::shared_ptr<LanguageBackbone> backbone_;
   std::int64_t image_token_id_;
+  // Where the weights live (the plugins build them on the context's device): inputs built on the
+  // CPU are moved there by forward. Found once here, not by walking the parameters every call.
+  at::Device device_ = at::kCPU;
 };
 
 }  // namespace neva
