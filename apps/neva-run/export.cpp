@@ -11,6 +11,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <string>
 #include <nlohmann/json.hpp>
 
 #include "neva/atomic_file.h"
@@ -69,6 +70,20 @@ void export_hf(const Recipe& recipe, LlavaModel& model, const fs::path& director
   auto* vision = dynamic_cast<const VisionEncoderConfig*>(mm.vision_encoder->config.get());
   json text_config = component_config(*mm.llm, "text_config");
   json vision_config = component_config(*mm.vision_encoder, "vision_config");
+  // transformers' "default" drops exactly one leading token and "full" none, whatever the tower;
+  // neva's "default" drops the tower's class tokens (CLIP 1, SigLIP 0). Say what neva does in
+  // transformers' terms: a SigLIP tower is "full" there.
+  const std::int64_t dropped = vision->vision_feature_select_strategy == "default" ? vision->class_token_length : 0;
+  if (dropped > 1) {
+    throw Error("export: the vision encoder drops " + std::to_string(dropped) + " leading tokens (class_token_length), " +
+                "which LlavaForConditionalGeneration cannot express (its \"default\" drops one)");
+  }
+  const char* strategy = dropped == 1 ? "default" : "full";
+  // LlavaProcessor counts (image_size / patch_size)^2 + num_additional_image_tokens image tokens, one
+  // fewer under "default": pick the extra count that gives the number of features neva's tower yields.
+  const std::int64_t patch_size = vision_config.value("patch_size", std::int64_t{14});
+  const std::int64_t patches = (model.encoder()->image_size() / patch_size) * (model.encoder()->image_size() / patch_size);
+  const std::int64_t additional_tokens = model.tokens_per_image() - patches + dropped;
   const char* dtype = model.backbone().parameters().front().scalar_type() == at::kBFloat16 ? "bfloat16" : "float32";
   json config = {{"architectures", {"LlavaForConditionalGeneration"}},
                  {"model_type", "llava"},
@@ -78,7 +93,7 @@ void export_hf(const Recipe& recipe, LlavaModel& model, const fs::path& director
                  {"projector_hidden_act", "gelu"},
                  {"multimodal_projector_bias", true},
                  {"vision_feature_layer", vision->vision_select_layer},
-                 {"vision_feature_select_strategy", vision->vision_feature_select_strategy},
+                 {"vision_feature_select_strategy", strategy},
                  {"tie_word_embeddings", text_config.value("tie_word_embeddings", false)},
                  {"text_config", text_config},
                  {"vision_config", vision_config}};
@@ -110,16 +125,19 @@ void export_hf(const Recipe& recipe, LlavaModel& model, const fs::path& director
   }
   write_file_atomically((staging / "preprocessor_config.json").string(), preprocessor.dump(2) + "\n");
   json processor = {{"processor_class", "LlavaProcessor"},
-                    {"patch_size", vision_config.value("patch_size", 14)},
-                    {"vision_feature_select_strategy", vision->vision_feature_select_strategy},
-                    {"num_additional_image_tokens", vision->class_token_length},
+                    {"patch_size", patch_size},
+                    {"vision_feature_select_strategy", strategy},
+                    {"num_additional_image_tokens", additional_tokens},
                     {"image_token", "<image>"}};
   write_file_atomically((staging / "processor_config.json").string(), processor.dump(2) + "\n");
   fs::path tokenizer(recipe.model.tokenizer);
   fs::path tokenizer_dir = fs::is_directory(tokenizer) ? tokenizer : tokenizer.parent_path();
-  for (const char* name : {"tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                           "added_tokens.json", "chat_template.jinja"}) {
-    if (fs::exists(tokenizer_dir / name)) fs::copy_file(tokenizer_dir / name, staging / name, fs::copy_options::overwrite_existing);
+  // Without a tokenizer in the recipe there is nothing to copy (not the current directory's files).
+  if (!tokenizer.empty()) {
+    for (const char* name : {"tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                             "added_tokens.json", "chat_template.jinja"}) {
+      if (fs::exists(tokenizer_dir / name)) fs::copy_file(tokenizer_dir / name, staging / name, fs::copy_options::overwrite_existing);
+    }
   }
   sync_directory(staging.string());
   if (fs::exists(directory)) {

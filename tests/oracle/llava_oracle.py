@@ -66,25 +66,27 @@ def greedy(model, input_ids, pixel_values, steps=8):
     return torch.cat(tokens, 1)
 
 
-def mistral_siglip(out_dir):
-    """A second composition: Mistral (sliding window) + SigLIP (no class token, strategy 'full')."""
+def mistral_siglip(out_dir, strategy="full"):
+    """A second composition: Mistral (sliding window) + SigLIP (no class token). With strategy 'full'
+    every patch is an image token; with 'default' transformers drops the first patch (15 tokens)."""
     torch.manual_seed(5)
     text = {**TEXT, "model_type": "mistral", "sliding_window": 12}
     vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                   num_attention_heads=4, image_size=28, patch_size=7)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
-                         projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="full")
+                         projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy=strategy)
     model = LlavaForConditionalGeneration(config).eval()
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "multi_modal_projector" in name:
                 parameter.mul_(20.0)
-    directory = out_dir / "mistral_siglip"
+    directory = out_dir / ("mistral_siglip" if strategy == "full" else "mistral_siglip_" + strategy)
     model.save_pretrained(directory, safe_serialization=True)
     TOKENIZER.save(str(directory / "tokenizer.json"))
     generator = torch.Generator().manual_seed(12)
     text_ids = lambda n: torch.randint(IMAGE_TOKEN + 1, TEXT["vocab_size"], (n,), generator=generator)
-    input_ids = torch.cat([torch.tensor([0]), text_ids(5), torch.full((16,), IMAGE_TOKEN), text_ids(7)]).unsqueeze(0)
+    input_ids = torch.cat([torch.tensor([0]), text_ids(5), torch.full((16 if strategy == "full" else 15,), IMAGE_TOKEN),
+                           text_ids(7)]).unsqueeze(0)
     pixel_values = torch.randn(1, 3, 28, 28, generator=generator)
     with torch.no_grad():
         logits = model(input_ids=input_ids, pixel_values=pixel_values).logits
@@ -96,6 +98,7 @@ def mistral_siglip(out_dir):
 def main():
     out_dir = pathlib.Path(sys.argv[1])
     mistral_siglip(out_dir)
+    mistral_siglip(out_dir, "default")
     torch.manual_seed(3)
     config = LlavaConfig(vision_config=VISION, text_config=TEXT, image_token_index=IMAGE_TOKEN,
                          projector_hidden_act="gelu", vision_feature_layer=-2,

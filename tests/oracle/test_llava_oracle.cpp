@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <utility>
 
 #include "neva/conversation.h"
 #include "neva/generation.h"
@@ -346,25 +347,30 @@ TEST_CASE("end to end: prompt text and an image file give transformers' LlavaPro
 
 TEST_CASE("a Mistral + SigLIP composition matches transformers' LlavaForConditionalGeneration") {
   torch::NoGradGuard no_grad;
-  auto directory = oracle_directory() / "mistral_siglip";
-  neva::SafetensorsFile reference((directory / "reference.safetensors").string());
-  std::string path = directory.string();
-  std::string text = "[model.mm_cfg]\nmm_mlp_adapter_type = \"mlp2x_gelu\"\npretrain_mm_mlp_adapter = \"" + path +
-                     "\"\n[model.mm_cfg.llm]\nplugin = \"mistral\"\nfrom_pretrained = \"" + path +
-                     "\"\n[model.mm_cfg.vision_encoder]\nplugin = \"siglip\"\nfrom_pretrained = \"" + path + "\"\n";
-  neva::Registry::Options options = neva::test::builtin_plugins();
-  neva::Recipe recipe = neva::parse_recipe(neva::ConfigDocument::parse(text, "ms.toml"), directory, options);
-  neva::LlavaModel model = neva::build_model(recipe, recipe.runtime_context());
-  CHECK(model.tokens_per_image() == 16);  // 'full' with no class token: every patch
-  neva::MultimodalInputs inputs;
-  inputs.input_ids = reference.tensor("input_ids");
-  inputs.pixel_values = reference.tensor("pixel_values");
-  CHECK((model.forward(inputs).logits - reference.tensor("logits")).abs().max().item<double>() <= 1e-4);
-  auto tokenizer = neva::Tokenizer::load(path);
-  neva::SamplingConfig greedy;
-  greedy.max_new_tokens = 8;
-  auto answer = neva::generate(model, *tokenizer, {{to_vector(inputs.input_ids), inputs.pixel_values}}, greedy);
-  CHECK(answer[0].token_ids == to_vector(reference.tensor("greedy")));
+  // 'full' keeps all 16 patches; transformers' 'default' drops one leading token even though SigLIP
+  // has no class token, so its first patch goes (15 image tokens).
+  for (auto [name, tokens] : {std::pair<const char*, std::int64_t>{"mistral_siglip", 16}, {"mistral_siglip_default", 15}}) {
+    CAPTURE(name);
+    auto directory = oracle_directory() / name;
+    neva::SafetensorsFile reference((directory / "reference.safetensors").string());
+    std::string path = directory.string();
+    std::string text = "[model.mm_cfg]\nmm_mlp_adapter_type = \"mlp2x_gelu\"\npretrain_mm_mlp_adapter = \"" + path +
+                       "\"\n[model.mm_cfg.llm]\nplugin = \"mistral\"\nfrom_pretrained = \"" + path +
+                       "\"\n[model.mm_cfg.vision_encoder]\nplugin = \"siglip\"\nfrom_pretrained = \"" + path + "\"\n";
+    neva::Registry::Options options = neva::test::builtin_plugins();
+    neva::Recipe recipe = neva::parse_recipe(neva::ConfigDocument::parse(text, "ms.toml"), directory, options);
+    neva::LlavaModel model = neva::build_model(recipe, recipe.runtime_context());
+    CHECK(model.tokens_per_image() == tokens);
+    neva::MultimodalInputs inputs;
+    inputs.input_ids = reference.tensor("input_ids");
+    inputs.pixel_values = reference.tensor("pixel_values");
+    CHECK((model.forward(inputs).logits - reference.tensor("logits")).abs().max().item<double>() <= 1e-4);
+    auto tokenizer = neva::Tokenizer::load(path);
+    neva::SamplingConfig greedy;
+    greedy.max_new_tokens = 8;
+    auto answer = neva::generate(model, *tokenizer, {{to_vector(inputs.input_ids), inputs.pixel_values}}, greedy);
+    CHECK(answer[0].token_ids == to_vector(reference.tensor("greedy")));
+  }
 }
 
 TEST_CASE("images of different sizes (aspect ratio 'keep') batch together and match separate runs") {

@@ -20,6 +20,9 @@ void parse_vision_tower(const ConfigSection& section, const VisionTowerDefaults&
         shared.vision_select_layer = source.file.require<std::int64_t>("vision_feature_layer");
       }
       shared.vision_feature_select_strategy = source.file.get<std::string>("vision_feature_select_strategy", "default");
+      // transformers' "default" drops exactly one leading token whatever the tower: with SigLIP (no
+      // class token) that is the first patch, and a llava-hf checkpoint saying so is read that way.
+      if (shared.vision_feature_select_strategy == "default") shared.class_token_length = 1;
     } else if (file_type == defaults.full_model_type) {
       hf = source.file.child("vision_config");
     } else if (file_type != defaults.tower_model_type) {
