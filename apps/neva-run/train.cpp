@@ -59,6 +59,9 @@ std::vector<std::pair<std::string, torch::nn::Module*>> components(LlavaModel& m
   return parts;
 }
 
+// The checkpoint key of a device's random-number generator state: rng.cpu, rng.cuda, ...
+std::string rng_key(const c10::Device& device) { return "rng." + c10::DeviceTypeName(device.type(), /*lower_case=*/true); }
+
 std::string step_name(std::int64_t step) {
   std::ostringstream name;
   name << "step-" << std::setw(7) << std::setfill('0') << step;
@@ -333,8 +336,13 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
       moment->exp_avg_sq(moments.tensor("exp_avg_sq." + t.name, t.main.sizes()).to(t.main.options()).clone());
       optimizer->state()[t.main.unsafeGetTensorImpl()] = std::move(moment);
     }
-    at::Generator generator = at::detail::getDefaultCPUGenerator();
-    generator.set_state(moments.tensor("rng.cpu"));
+    at::Generator cpu = at::detail::getDefaultCPUGenerator();
+    cpu.set_state(moments.tensor("rng.cpu"));
+    // The accelerator's generator too, when the checkpoint was written on the same kind of device.
+    if (!context.device.is_cpu() && moments.contains(rng_key(context.device))) {
+      at::Generator device = at::globalContext().defaultGenerator(context.device);
+      device.set_state(moments.tensor(rng_key(context.device)));
+    }
   }
 
   // Data.
@@ -393,6 +401,9 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
         moments.emplace_back("exp_avg_sq." + t.name, moment.exp_avg_sq());
       }
       moments.emplace_back("rng.cpu", at::detail::getDefaultCPUGenerator().get_state());
+      if (!context.device.is_cpu()) {
+        moments.emplace_back(rng_key(context.device), at::globalContext().defaultGenerator(context.device).get_state());
+      }
       write_safetensors((directory / "model.safetensors").string(), weights, {{"format", "pt"}});
       maybe_die_in_checkpoint(at_step);
       write_safetensors((directory / "optimizer.safetensors").string(), moments);
