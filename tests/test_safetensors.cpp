@@ -1,6 +1,9 @@
 #include <doctest/doctest.h>
 #include <torch/types.h>
 
+#include <sys/resource.h>
+
+#include <csignal>
 #include <cstring>
 #include <fstream>
 
@@ -197,13 +200,34 @@ TEST_CASE("a missing checkpoint is named") {
                        neva::Error);
 }
 
-TEST_CASE("writing is atomic: an existing file is replaced whole, never left half-written") {
+TEST_CASE("writing is atomic: a write that fails midway leaves the previous file whole and no temporary") {
   TempDir dir;
   auto path = (dir.path() / "m.safetensors").string();
   neva::write_safetensors(path, {{"x", torch::ones({2})}});
+  {
+    // A file-size limit makes write(2) fail with EFBIG after 4 KiB of the new 400 KB file: a disk
+    // filling up in the middle of the tensor data.
+    rlimit previous{};
+    REQUIRE(::getrlimit(RLIMIT_FSIZE, &previous) == 0);
+    rlimit low = previous;
+    low.rlim_cur = 4096;
+    auto previous_handler = std::signal(SIGXFSZ, SIG_IGN);
+    REQUIRE(::setrlimit(RLIMIT_FSIZE, &low) == 0);
+    std::string error;
+    try {
+      neva::write_safetensors(path, {{"x", torch::ones({100000})}});
+    } catch (const neva::Error& e) {
+      error = e.what();
+    }
+    ::setrlimit(RLIMIT_FSIZE, &previous);
+    std::signal(SIGXFSZ, previous_handler);
+    CHECK_MESSAGE(error.find("write failed") != std::string::npos, error);
+  }
+  CHECK(SafetensorsFile(path).tensor("x").numel() == 2);  // the old file, whole
+  CHECK(SafetensorsFile(path).tensor("x").sum().item<float>() == 2);
+  // A tensor list refused before writing (a duplicate name) changes nothing either.
   CHECK_THROWS_AS(neva::write_safetensors(path, {{"x", torch::ones({2})}, {"x", torch::ones({2})}}), neva::Error);
-  CHECK(SafetensorsFile(path).tensor("x").sum().item<float>() == 2);  // the old file is intact
   std::size_t leftovers = 0;
   for (const auto& entry : std::filesystem::directory_iterator(dir.path())) leftovers += entry.path() != path;
-  CHECK(leftovers == 0);
+  CHECK(leftovers == 0);  // no temporary file left behind
 }

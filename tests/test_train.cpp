@@ -203,7 +203,20 @@ TEST_CASE("activation checkpointing and sequence packing run through the trainer
   std::ifstream in(ws.root / "packed/metrics.jsonl");
   std::string line;
   std::getline(in, line);
-  CHECK(json::parse(line)["samples"].get<int>() > 8);  // 8 rows of up to 128 tokens hold more than 8 captions
+  const json first = json::parse(line);
+  const int samples = first["samples"].get<int>();
+  CHECK(samples > 8);  // 8 rows of up to 128 tokens hold more than 8 captions
+  // The same samples unpacked, one per row, in one micro-batch: the first step's loss (before any
+  // update) is the same mean over the same labelled tokens.
+  auto unpacked = ws.train("unpacked", stage1 + " --set trainer.max_steps=2 --set model.micro_batch_size=" +
+                                           std::to_string(samples) + " --set model.global_batch_size=" + std::to_string(samples));
+  REQUIRE_MESSAGE(unpacked.exit_code == 0, unpacked.err);
+  std::ifstream unpacked_in(ws.root / "unpacked/metrics.jsonl");
+  std::getline(unpacked_in, line);
+  const json reference = json::parse(line);
+  CHECK(reference["samples"].get<int>() == samples);
+  CHECK(reference["labelled_tokens"].get<int>() == first["labelled_tokens"].get<int>());
+  CHECK(first["loss"].get<double>() == doctest::Approx(reference["loss"].get<double>()).epsilon(1e-5));
 }
 
 TEST_CASE("trainer.profile writes a Chrome trace of the chosen steps, and metrics split each step into phases") {

@@ -200,7 +200,25 @@ TEST_CASE("the fused attention kernel equals the plain formula, with every kind 
     k = k.repeat_interleave(2, 1);
     v = v.repeat_interleave(2, 1);
     at::Tensor scores = at::matmul(q, k.transpose(-1, -2)) / 4.0;
-    at::Tensor visible = mask.visible.defined() ? mask.visible : at::ones({seq, seq}, at::kBool).tril().view({1, 1, seq, seq});
+    // The mask from its definition, not from AttentionMask: query i sees key j when j <= i, j is not
+    // padding, both are in the same packed sample, and j is within the window (i - j < window, Mistral's).
+    at::Tensor visible = at::zeros({batch, 1, seq, seq}, at::kBool);
+    for (std::int64_t b = 0; b < batch; ++b) {
+      for (std::int64_t i = 0; i < seq; ++i) {
+        for (std::int64_t j = 0; j <= i; ++j) {
+          bool sees = true;
+          if (c.attention_mask.defined()) sees = sees && c.attention_mask[b][j].item<std::int64_t>() == 1;
+          if (c.segment_ids.defined()) sees = sees && c.segment_ids[b][i].item<std::int64_t>() == c.segment_ids[b][j].item<std::int64_t>();
+          if (c.window > 0) sees = sees && i - j < c.window;
+          visible[b][0][i][j] = sees;
+        }
+      }
+    }
+    if (mask.visible.defined()) {  // and what the kernel was given agrees, where a query has any key
+      at::Tensor built = mask.visible.expand({batch, 1, seq, seq});
+      at::Tensor rows = visible.any(-1, /*keepdim=*/true).expand({batch, 1, seq, seq});
+      CHECK(at::equal(built.masked_select(rows), visible.masked_select(rows)));
+    }
     scores = scores.masked_fill(visible.logical_not(), -std::numeric_limits<float>::infinity());
     at::Tensor plain = at::matmul(at::softmax(scores, -1), v).transpose(1, 2).reshape({batch, seq, 64});
     plain = at::linear(plain, params["o_proj.weight"]);

@@ -181,7 +181,11 @@ TEST_CASE("mixtral's load-balancing loss matches transformers', and idle experts
     REQUIRE(outputs.aux_loss.defined());
     double coef = 0.001;  // MixtralConfig's router_aux_loss_coef (the oracle keeps the default)
     CHECK(outputs.aux_loss.item<double>() / coef == doctest::Approx(reference.tensor("aux_loss").item<double>()).epsilon(1e-5));
-    if (std::string(name) == "mixtral_sparse") CHECK(reference.tensor("experts_used").item<std::int64_t>() < 8);
+    // A precondition of the scenario, not a claim about neva (the oracle asserts it too): some experts
+    // get no token, and the aux loss above and the logits in the decoder test still match.
+    if (std::string(name) == "mixtral_sparse") {
+      REQUIRE_MESSAGE(reference.tensor("experts_used").item<std::int64_t>() < 8, "the oracle's routing left no expert idle");
+    }
   }
 }
 
