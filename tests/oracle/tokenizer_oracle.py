@@ -98,6 +98,12 @@ def spbpe(out_dir):
     plain = [t for t in TEXTS if "<" not in t]
     (directory / "sentencepiece.json").write_text(json.dumps(
         [{"text": t, "ids": [1] + processor.encode(t)} for t in plain], ensure_ascii=False, indent=1))
+    # Control symbols written in the text (<s>, </s>) are tokens, the text between them SentencePiece's,
+    # as LlamaTokenizer has it with legacy=True (a dummy prefix on each stretch).
+    legacy = LlamaTokenizer.from_pretrained(str(directory), legacy=True)
+    controls = ["<s>hello</s>", "USER: <image>\nWhat color is the circle? ASSISTANT: red</s>", "</s><s>two turns</s>"]
+    (directory / "sentencepiece_controls.json").write_text(json.dumps(
+        [{"text": t, "ids": legacy.encode(t, add_special_tokens=False)} for t in controls], ensure_ascii=False, indent=1))
 
 
 def main():
