@@ -169,11 +169,19 @@ TEST_CASE("bf16 mixed and bf16 O2 train, and O2 keeps fp32 main weights and resu
   REQUIRE_MESSAGE(mixed.exit_code == 0, mixed.err);
   CHECK(ws.losses("mixed").size() == 4);
   const std::string o2 = "--set trainer.max_steps=4 --set trainer.precision=bf16 --set model.megatron_amp_O2=true";
-  auto straight = ws.train("o2", o2);
+  auto straight = ws.train("o2", o2 + " --set exp_manager.export_hf=true");
   REQUIRE_MESSAGE(straight.exit_code == 0, straight.err);
   CHECK(contains(straight.err, "precision bf16 (O2)"));
+  // The checkpoint holds the fp32 main weights; the model itself ran in bf16 (its export is bf16).
   neva::SafetensorsCheckpoint weights((ws.root / "o2/checkpoints/step-0000004/model.safetensors").string());
   CHECK((weights.tensor("llm.model.norm.weight").scalar_type() == at::kFloat));
+  CHECK((weights.tensor("llm.model.layers.0.mlp.up_proj.weight").scalar_type() == at::kFloat));
+  neva::SafetensorsCheckpoint exported((ws.root / "o2/hf/model.safetensors").string());
+  at::Tensor live = exported.tensor("language_model.model.layers.0.mlp.up_proj.weight");
+  CHECK((live.scalar_type() == at::kBFloat16));
+  // ... and is the main weight rounded to bf16.
+  CHECK(at::equal(live, weights.tensor("llm.model.layers.0.mlp.up_proj.weight").to(at::kBFloat16)));
+  CHECK(json::parse(std::ifstream(ws.root / "o2/hf/config.json"))["dtype"] == "bfloat16");
   auto first = ws.train("o2-split", o2 + " --set trainer.exit_interval=2");
   REQUIRE_MESSAGE(first.exit_code == 0, first.err);
   auto second = ws.train("o2-split", o2);

@@ -122,7 +122,10 @@ TEST_CASE("decoder greedy decoding with the KV cache gives transformers' 32 toke
 TEST_CASE("incremental decoding with the KV cache equals the full forward pass") {
   for_each_case([](const Case& item, neva::SafetensorsFile& reference, neva::LanguageBackbone& backbone) {
     const std::string name = item.name;
-    if (name == "dynamic") return;
+    if (name == "dynamic") {  // dynamic NTK rescales RoPE by the sequence length so far: not prefix-stable
+      MESSAGE("dynamic: skipped (its logits depend on the total length, in transformers too)");
+      return;
+    }
     at::Tensor sequence = at::cat({reference.tensor("prompt"), reference.tensor("greedy")}, 1);
     at::Tensor full = logits_of(backbone, sequence);
     auto cache = backbone.new_cache(1, sequence.size(1));
