@@ -268,6 +268,14 @@ TEST_CASE("train recipes are checked before anything runs, and a finished run is
   auto again = ws.train("done", "--set trainer.max_steps=2 --set exp_manager.resume_if_exists=false");
   CHECK(again.exit_code == 1);
   CHECK(contains(again.err, "already holds checkpoints (step-0000002); set exp_manager.resume_if_exists = true"));
+  // A model the export cannot write (a linear connector) fails before the first step, not after the run.
+  auto unexportable = ws.train("linear", "--set trainer.max_steps=2 --set model.mm_cfg.mm_mlp_adapter_type=linear"
+                                         " --set exp_manager.export_hf=true");
+  CHECK(unexportable.exit_code == 1);
+  CHECK(contains(unexportable.err, "projector is two linear layers with a GELU between"));
+  CHECK(contains(unexportable.err, "exp_manager.export_hf = false trains without exporting"));
+  CHECK(!contains(unexportable.err, "step 1/"));
+  CHECK(!fs::exists(ws.root / "linear/checkpoints/latest"));
 }
 
 TEST_CASE("gradient accumulation: 2 micro-batches of 4 make the same step as one micro-batch of 8") {

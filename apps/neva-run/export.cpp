@@ -11,6 +11,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <set>
 #include <string>
 #include <nlohmann/json.hpp>
 
@@ -42,11 +43,36 @@ json component_config(const ComponentSpec& spec, const char* llava_key) {
   return config;
 }
 
+// transformers' "default" drops exactly one leading token and "full" none, whatever the tower;
+// neva's "default" drops the tower's class tokens (CLIP 1, SigLIP 0).
+std::int64_t dropped_tokens(const VisionEncoderConfig& vision) {
+  return vision.vision_feature_select_strategy == "default" ? vision.class_token_length : 0;
+}
+
 }  // namespace
 
-void export_hf(const Recipe& recipe, LlavaModel& model, const fs::path& directory) {
+void check_exportable(const Recipe& recipe, LlavaModel& model) {
   const MultimodalConfig& mm = recipe.model.mm_cfg;
   if (!model.encoder() || !mm.vision_encoder) throw Error("export: LlavaForConditionalGeneration needs a vision encoder");
+  std::set<std::string> projector;
+  for (const auto& item : model.connector()->named_parameters()) projector.insert(item.key());
+  if (projector != std::set<std::string>{"0.weight", "0.bias", "2.weight", "2.bias"}) {
+    throw Error("export: LlavaForConditionalGeneration's projector is two linear layers with a GELU between "
+                "(mm_mlp_adapter_type = \"mlp2x_gelu\"); this model's connector '" + mm.connector.plugin + "' is not");
+  }
+  auto* vision = dynamic_cast<const VisionEncoderConfig*>(mm.vision_encoder->config.get());
+  if (dropped_tokens(*vision) > 1) {
+    throw Error("export: the vision encoder drops " + std::to_string(dropped_tokens(*vision)) +
+                " leading tokens (class_token_length), which LlavaForConditionalGeneration cannot express (its "
+                "\"default\" drops one)");
+  }
+  component_config(*mm.llm, "text_config");  // each component must have a config.json to describe it with
+  component_config(*mm.vision_encoder, "vision_config");
+}
+
+void export_hf(const Recipe& recipe, LlavaModel& model, const fs::path& directory) {
+  check_exportable(recipe, model);
+  const MultimodalConfig& mm = recipe.model.mm_cfg;
   std::vector<std::pair<std::string, at::Tensor>> tensors;
   for (const auto& item : model.backbone().named_parameters()) tensors.emplace_back("language_model." + item.key(), item.value());
   for (const auto& item : model.encoder()->named_parameters()) {
@@ -57,10 +83,6 @@ void export_hf(const Recipe& recipe, LlavaModel& model, const fs::path& director
   }
   std::map<std::string, at::Tensor> projector;
   for (const auto& item : model.connector()->named_parameters()) projector[item.key()] = item.value();
-  if (projector.size() != 4 || !projector.count("0.weight") || !projector.count("2.weight")) {
-    throw Error("export: LlavaForConditionalGeneration's projector is two linear layers with a GELU between "
-                "(mm_mlp_adapter_type = \"mlp2x_gelu\"); this model's connector '" + mm.connector.plugin + "' is not");
-  }
   for (const char* layer : {"0", "2"}) {
     std::string target = std::string("multi_modal_projector.linear_") + (layer[0] == '0' ? "1." : "2.");
     tensors.emplace_back(target + "weight", projector[std::string(layer) + ".weight"]);
@@ -70,14 +92,8 @@ void export_hf(const Recipe& recipe, LlavaModel& model, const fs::path& director
   auto* vision = dynamic_cast<const VisionEncoderConfig*>(mm.vision_encoder->config.get());
   json text_config = component_config(*mm.llm, "text_config");
   json vision_config = component_config(*mm.vision_encoder, "vision_config");
-  // transformers' "default" drops exactly one leading token and "full" none, whatever the tower;
-  // neva's "default" drops the tower's class tokens (CLIP 1, SigLIP 0). Say what neva does in
-  // transformers' terms: a SigLIP tower is "full" there.
-  const std::int64_t dropped = vision->vision_feature_select_strategy == "default" ? vision->class_token_length : 0;
-  if (dropped > 1) {
-    throw Error("export: the vision encoder drops " + std::to_string(dropped) + " leading tokens (class_token_length), " +
-                "which LlavaForConditionalGeneration cannot express (its \"default\" drops one)");
-  }
+  // Say what neva does in transformers' terms: a SigLIP tower is "full" there.
+  const std::int64_t dropped = dropped_tokens(*vision);
   const char* strategy = dropped == 1 ? "default" : "full";
   // LlavaProcessor counts (image_size / patch_size)^2 + num_additional_image_tokens image tokens, one
   // fewer under "default": pick the extra count that gives the number of features neva's tower yields.

@@ -301,6 +301,13 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
   std::vector<torch::nn::Module*> modules;
   for (auto& part : components(model)) modules.push_back(part.second);
   const bool exporting = recipe.exp_manager.export_hf && model.encoder();
+  if (exporting) {  // now, not after the run
+    try {
+      check_exportable(recipe, model);
+    } catch (const Error& error) {
+      throw Error(recipe.source + ": " + error.what() + " (exp_manager.export_hf = false trains without exporting)");
+    }
+  }
   FrozenWeightCasts frozen_casts(modules, context.dtypes.params == at::kFloat ? context.dtypes.compute : at::kFloat,
                                  exporting);
   std::vector<at::Tensor> mains;

@@ -22,6 +22,10 @@ struct TrainSummary {
 // `title` prefixes progress and log lines ("stage 1").
 TrainSummary run_train(const Recipe& recipe, const std::string& title = "train");
 
+// Throws the error export_hf would, before anything is trained: a connector other than mlp2x_gelu,
+// no vision encoder, a component without a config.json, more leading tokens dropped than one.
+void check_exportable(const Recipe& recipe, LlavaModel& model);
+
 // Writes `model` as a transformers LlavaForConditionalGeneration directory (config.json,
 // model.safetensors, the tokenizer's files) at `directory`, replacing it atomically.
 void export_hf(const Recipe& recipe, LlavaModel& model, const std::filesystem::path& directory);
