@@ -28,7 +28,7 @@ repeats="${BENCH_REPEATS:-3}"
 run_neva() {  # run_neva MODE PRECISION O2 REPEAT -> metrics in $work/runs/neva-MODE-REPEAT
   local dir="$work/runs/neva-$1-$4"
   rm -rf "$dir"
-  "$bin/neva-run" "$root/configs/bench/train.toml" --set trainer.precision="$2" --set model.megatron_amp_O2=$3 \
+  "$bin/neva-run" "$root/configs/bench/train.toml" --set trainer.precision="$2" --set model.megatron_amp_O2="$3" \
     --set trainer.max_steps=$((steps + 2)) --set model.data.data_path="$work/demo/data/stage2.json" \
     --set model.data.image_folder="$work/demo/data/images" --set model.tokenizer.model="$work/demo/model/tokenizer" \
     --set exp_manager.explicit_log_dir="$dir" \
