@@ -353,7 +353,7 @@ TEST_CASE("a Mistral + SigLIP composition matches transformers' LlavaForConditio
   torch::NoGradGuard no_grad;
   // 'full' keeps all 16 patches; transformers' 'default' drops one leading token even though SigLIP
   // has no class token, so its first patch goes (15 image tokens).
-  for (auto [name, tokens] : {std::pair<const char*, std::int64_t>{"mistral_siglip", 16}, {"mistral_siglip_default", 15}}) {
+  for (auto [name, tokens] : {std::pair<std::string, std::int64_t>{"mistral_siglip", 16}, {"mistral_siglip_default", 15}}) {
     CAPTURE(name);
     auto directory = oracle_directory() / name;
     neva::SafetensorsFile reference((directory / "reference.safetensors").string());
