@@ -43,15 +43,15 @@ json component_config(const ComponentSpec& spec, const char* llava_key) {
   return config;
 }
 
-// transformers' "default" drops exactly one leading token and "full" none, whatever the tower;
-// neva's "default" drops the tower's class tokens (CLIP 1, SigLIP 0).
-std::int64_t dropped_tokens(const VisionEncoderConfig& vision) {
-  return vision.vision_feature_select_strategy == "default" ? vision.class_token_length : 0;
-}
+// What the export writes besides the weights, checked: the configs the components were built from
+// (each read once) and the image-token arithmetic LlavaProcessor will redo.
+struct ExportPlan {
+  const VisionEncoderConfig* vision;
+  json text_config, vision_config;
+  std::int64_t patch_size;
+};
 
-}  // namespace
-
-void check_exportable(const Recipe& recipe, LlavaModel& model) {
+ExportPlan plan_export(const Recipe& recipe, LlavaModel& model) {
   const MultimodalConfig& mm = recipe.model.mm_cfg;
   if (!model.encoder() || !mm.vision_encoder) throw Error("export: LlavaForConditionalGeneration needs a vision encoder");
   std::set<std::string> projector;
@@ -60,19 +60,31 @@ void check_exportable(const Recipe& recipe, LlavaModel& model) {
     throw Error("export: LlavaForConditionalGeneration's projector is two linear layers with a GELU between "
                 "(mm_mlp_adapter_type = \"mlp2x_gelu\"); this model's connector '" + mm.connector.plugin + "' is not");
   }
-  auto* vision = dynamic_cast<const VisionEncoderConfig*>(mm.vision_encoder->config.get());
-  if (dropped_tokens(*vision) > 1) {
-    throw Error("export: the vision encoder drops " + std::to_string(dropped_tokens(*vision)) +
+  ExportPlan plan{dynamic_cast<const VisionEncoderConfig*>(mm.vision_encoder->config.get()),
+                  component_config(*mm.llm, "text_config"), component_config(*mm.vision_encoder, "vision_config"), 0};
+  if (plan.vision->dropped_tokens() > 1) {
+    throw Error("export: the vision encoder drops " + std::to_string(plan.vision->dropped_tokens()) +
                 " leading tokens (class_token_length), which LlavaForConditionalGeneration cannot express (its "
                 "\"default\" drops one)");
   }
-  component_config(*mm.llm, "text_config");  // each component must have a config.json to describe it with
-  component_config(*mm.vision_encoder, "vision_config");
+  // LlavaProcessor needs it, and without it transformers would fall back on its own class default.
+  if (!plan.vision_config.contains("patch_size") || !plan.vision_config["patch_size"].is_number_integer()) {
+    throw Error("export: the vision encoder's config.json (" + mm.vision_encoder->hf_config +
+                ") has no integer patch_size, which LlavaProcessor needs");
+  }
+  plan.patch_size = plan.vision_config["patch_size"].get<std::int64_t>();
+  return plan;
 }
 
+}  // namespace
+
+void check_exportable(const Recipe& recipe, LlavaModel& model) { plan_export(recipe, model); }
+
 void export_hf(const Recipe& recipe, LlavaModel& model, const fs::path& directory) {
-  check_exportable(recipe, model);
-  const MultimodalConfig& mm = recipe.model.mm_cfg;
+  const ExportPlan plan = plan_export(recipe, model);
+  const VisionEncoderConfig* vision = plan.vision;
+  const json& text_config = plan.text_config;
+  const json& vision_config = plan.vision_config;
   std::vector<std::pair<std::string, at::Tensor>> tensors;
   for (const auto& item : model.backbone().named_parameters()) tensors.emplace_back("language_model." + item.key(), item.value());
   for (const auto& item : model.encoder()->named_parameters()) {
@@ -89,17 +101,14 @@ void export_hf(const Recipe& recipe, LlavaModel& model, const fs::path& director
     tensors.emplace_back(target + "bias", projector[std::string(layer) + ".bias"]);
   }
 
-  auto* vision = dynamic_cast<const VisionEncoderConfig*>(mm.vision_encoder->config.get());
-  json text_config = component_config(*mm.llm, "text_config");
-  json vision_config = component_config(*mm.vision_encoder, "vision_config");
-  // Say what neva does in transformers' terms: a SigLIP tower is "full" there.
-  const std::int64_t dropped = dropped_tokens(*vision);
+  // Say what neva does in transformers' terms ("default" there drops exactly one leading token): a
+  // SigLIP tower is "full" there.
+  const std::int64_t dropped = vision->dropped_tokens();
   const char* strategy = dropped == 1 ? "default" : "full";
   // LlavaProcessor counts (image_size / patch_size)^2 + num_additional_image_tokens image tokens, one
   // fewer under "default": pick the extra count that gives the number of features neva's tower yields.
-  const std::int64_t patch_size = vision_config.value("patch_size", std::int64_t{14});
-  const std::int64_t patches = (model.encoder()->image_size() / patch_size) * (model.encoder()->image_size() / patch_size);
-  const std::int64_t additional_tokens = model.tokens_per_image() - patches + dropped;
+  const std::int64_t side = model.encoder()->image_size() / plan.patch_size;
+  const std::int64_t additional_tokens = model.tokens_per_image() - side * side + dropped;
   const char* dtype = model.backbone().parameters().front().scalar_type() == at::kBFloat16 ? "bfloat16" : "float32";
   json config = {{"architectures", {"LlavaForConditionalGeneration"}},
                  {"model_type", "llava"},
@@ -141,7 +150,7 @@ void export_hf(const Recipe& recipe, LlavaModel& model, const fs::path& director
   }
   write_file_atomically((staging / "preprocessor_config.json").string(), preprocessor.dump(2) + "\n");
   json processor = {{"processor_class", "LlavaProcessor"},
-                    {"patch_size", patch_size},
+                    {"patch_size", plan.patch_size},
                     {"vision_feature_select_strategy", strategy},
                     {"num_additional_image_tokens", additional_tokens},
                     {"image_token", "<image>"}};

@@ -23,7 +23,8 @@ struct TrainSummary {
 TrainSummary run_train(const Recipe& recipe, const std::string& title = "train");
 
 // Throws the error export_hf would, before anything is trained: a connector other than mlp2x_gelu,
-// no vision encoder, a component without a config.json, more leading tokens dropped than one.
+// no vision encoder, a component without a config.json (or a vision one without patch_size), more
+// leading tokens dropped than one.
 void check_exportable(const Recipe& recipe, LlavaModel& model);
 
 // Writes `model` as a transformers LlavaForConditionalGeneration directory (config.json,

@@ -24,6 +24,10 @@ struct NEVA_API VisionEncoderConfig : ComponentConfig {
   std::int64_t hidden_size = 0;
   ~VisionEncoderConfig() override;
 
+  // How many leading tokens the features drop: the class tokens under "default", none under "full".
+  // (transformers' "default" always drops one; a llava-hf config is read as class_token_length = 1.)
+  std::int64_t dropped_tokens() const { return vision_feature_select_strategy == "default" ? class_token_length : 0; }
+
   // Reads the shared keys; `defaults` holds the encoder's own defaults (e.g. from a llava config.json).
   void read_common(const ConfigSection& section, const VisionEncoderConfig& defaults);
   // The hidden-state index vision_select_layer selects in an encoder of `num_layers` layers; throws

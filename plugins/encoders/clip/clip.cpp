@@ -99,14 +99,15 @@ class ClipEncoder : public neva::VisionEncoder {
     check_pixels(pixel_values);  // other sizes than image_size get interpolated position embeddings
     at::Tensor h = vision_model_->pre_layrnorm->forward(vision_model_->embeddings->forward(pixel_values));
     h = vision_model_->encoder->run(h, hidden_state_);  // layers after the selected one never run
-    return dropped() ? h.narrow(1, dropped(), h.size(1) - dropped()) : h;
+    const std::int64_t dropped = config_.dropped_tokens();
+    return dropped ? h.narrow(1, dropped, h.size(1) - dropped) : h;
   }
 
   std::int64_t hidden_size() const override { return config_.hidden_size; }
   std::int64_t image_size() const override { return config_.image_size; }
-  std::int64_t num_tokens() const override { return config_.num_patches() + 1 - dropped(); }
+  std::int64_t num_tokens() const override { return config_.num_patches() + 1 - config_.dropped_tokens(); }
   std::int64_t num_tokens_for(std::int64_t height, std::int64_t width) const override {
-    return (height / config_.patch_size) * (width / config_.patch_size) + 1 - dropped();
+    return (height / config_.patch_size) * (width / config_.patch_size) + 1 - config_.dropped_tokens();
   }
   // CLIPImageProcessor: shortest edge to the input size, centre crop, OpenAI CLIP mean and std.
   neva::ImageProcessorConfig image_processor() const override {
@@ -116,9 +117,6 @@ class ClipEncoder : public neva::VisionEncoder {
   }
 
  private:
-  std::int64_t dropped() const {
-    return config_.vision_feature_select_strategy == "default" ? config_.class_token_length : 0;
-  }
   void check_pixels(const at::Tensor& pixels) const {
     if (pixels.dim() != 4 || pixels.size(1) != config_.num_channels || pixels.size(2) < config_.patch_size ||
         pixels.size(3) < config_.patch_size) {

@@ -105,12 +105,13 @@ class SiglipEncoder : public neva::VisionEncoder {
                         std::to_string(config_.image_size) + ", " + std::to_string(config_.image_size) + "]");
     }
     at::Tensor h = vision_model_->encoder->run(vision_model_->embeddings->forward(pixel_values), hidden_state_);
-    return dropped() ? h.narrow(1, dropped(), h.size(1) - dropped()) : h;
+    const std::int64_t dropped = config_.dropped_tokens();
+    return dropped ? h.narrow(1, dropped, h.size(1) - dropped) : h;
   }
 
   std::int64_t hidden_size() const override { return config_.hidden_size; }
   std::int64_t image_size() const override { return config_.image_size; }
-  std::int64_t num_tokens() const override { return config_.num_patches() - dropped(); }
+  std::int64_t num_tokens() const override { return config_.num_patches() - config_.dropped_tokens(); }
   // SiglipImageProcessor: resize straight to the square input size, mean = std = 0.5.
   neva::ImageProcessorConfig image_processor() const override {
     neva::ImageProcessorConfig processor;
@@ -122,9 +123,6 @@ class SiglipEncoder : public neva::VisionEncoder {
   }
 
  private:
-  std::int64_t dropped() const {
-    return config_.vision_feature_select_strategy == "default" ? config_.class_token_length : 0;
-  }
 
   Config config_;
   std::int64_t hidden_state_;
