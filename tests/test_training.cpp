@@ -4,6 +4,7 @@
 #include <doctest/doctest.h>
 
 #include <ATen/ATen.h>
+#include <ATen/cpu/Utils.h>
 #include <malloc.h>
 #include <torch/autograd.h>
 #include <torch/nn/modules/conv.h>
@@ -16,6 +17,7 @@
 #include "neva/data.h"
 #include "neva/nn/attention.h"
 #include "neva/nn/decoder.h"
+#include "neva/nn/norm.h"
 #include "neva/optim.h"
 #include "neva/precision.h"
 
@@ -54,16 +56,22 @@ std::shared_ptr<neva::DecoderBackbone> backbone(const neva::DecoderConfig& confi
 }
 
 // Loss (with the MoE auxiliary loss) and every parameter's gradient for one batch.
+// With `logits_mask`, the backbone computes logits only where a labelled token follows (as the
+// trainer does) and the loss is taken over those.
 std::pair<double, std::map<std::string, at::Tensor>> loss_and_gradients(neva::DecoderBackbone& model,
-                                                                        const neva::TrainingBatch& batch) {
+                                                                        const neva::TrainingBatch& batch,
+                                                                        bool logits_mask = false) {
   model.zero_grad();
   neva::BackboneInputs inputs;
   inputs.embeddings = model.embed(batch.input_ids);
   inputs.positions = batch.positions;
   inputs.attention_mask = batch.attention_mask;
   inputs.segment_ids = batch.segment_ids;
+  auto positions = neva::labelled_positions(batch.labels);
+  if (logits_mask) inputs.logits_mask = positions.mask;
   auto outputs = model.forward(inputs);
-  at::Tensor loss = neva::causal_lm_loss(outputs.logits, batch.labels);
+  at::Tensor loss = logits_mask ? neva::labelled_lm_loss(outputs.logits, positions)
+                                : neva::causal_lm_loss(outputs.logits, batch.labels);
   if (outputs.aux_loss.defined()) loss = loss + outputs.aux_loss;
   loss.backward();
   std::map<std::string, at::Tensor> gradients;
@@ -225,6 +233,36 @@ TEST_CASE("the fused attention kernel equals the plain formula, with every kind 
   }
 }
 
+TEST_CASE("RMSNorm: LlamaRMSNorm's formula, through at::rms_norm in fp32, with its two roundings in bf16") {
+  at::manual_seed(3);
+  neva::RMSNorm norm(48, 1e-5);
+  at::Tensor weight = norm.named_parameters()["weight"];
+  {
+    at::NoGradGuard no_grad;
+    weight.copy_(at::randn({48}));
+  }
+  const at::Tensor input = at::randn({3, 5, 48}) * 3;
+  const at::Tensor upstream = at::randn({3, 5, 48});
+  // The definition, written out: weight * (x * rsqrt(mean(x^2) + eps)).
+  at::Tensor x = input.clone().requires_grad_(true), w = weight.detach().clone().requires_grad_(true);
+  at::Tensor expected = w * (x * at::rsqrt(x.pow(2).mean(-1, true) + 1e-5));
+  expected.backward(upstream);
+  at::Tensor x_fused = input.clone().requires_grad_(true);
+  at::Tensor got = norm.forward(x_fused);
+  got.backward(upstream);
+  CHECK((got - expected).abs().max().item<double>() < 1e-6);
+  CHECK((x_fused.grad() - x.grad()).abs().max().item<double>() < 1e-5);
+  CHECK((weight.grad() - w.grad()).abs().max().item<double>() < 1e-4);
+  // bf16 input: normalised in fp32, rounded to bf16, then multiplied by the (bf16) weight.
+  norm.to(at::kBFloat16);
+  at::Tensor half = input.to(at::kBFloat16);
+  at::Tensor half_weight = norm.named_parameters()["weight"].detach();
+  at::Tensor x32 = half.to(at::kFloat);
+  at::Tensor half_expected = half_weight * (x32 * at::rsqrt(x32.pow(2).mean(-1, true) + 1e-5)).to(at::kBFloat16);
+  at::NoGradGuard no_grad;
+  CHECK(at::equal(norm.forward(half), half_expected));
+}
+
 TEST_CASE("packed sequences give the loss and gradients of the same samples in padded rows") {
   auto model = backbone(tiny_decoder());
   auto parts = samples({13, 30, 7, 21});
@@ -238,19 +276,55 @@ TEST_CASE("packed sequences give the loss and gradients of the same samples in p
   check_same_gradients(padded_gradients, packed_gradients, 1e-5);
 }
 
-TEST_CASE("a logits mask gives the full forward's logits at exactly those positions") {
-  auto model = backbone(tiny_decoder());
-  auto batch = neva::collate(samples({12, 7}), false, 0);
-  auto positions = neva::labelled_positions(batch.labels);
-  neva::BackboneInputs inputs;
-  inputs.embeddings = model->embed(batch.input_ids);
-  inputs.attention_mask = batch.attention_mask;
-  at::Tensor full = model->forward(inputs).logits;
-  inputs.logits_mask = positions.mask;
-  at::Tensor selected = model->forward(inputs).logits;
-  REQUIRE(selected.dim() == 2);
-  CHECK(selected.size(0) == positions.targets.size(0));
-  CHECK((selected - full.index({positions.mask})).abs().max().item<double>() < 1e-6);
+TEST_CASE("a logits mask gives the full forward's logits at exactly those positions, and the same gradients") {
+  // The backbone then computes the last layer's outputs only at those positions (queries, MLP);
+  // everything else must stay as the full forward computes it.
+  struct Case {
+    const char* name;
+    neva::DecoderConfig config;
+    bool packed, padding_mask;
+    std::string granularity = "";
+  };
+  auto windowed = tiny_decoder();
+  windowed.sliding_window = 5;
+  auto mha = tiny_decoder();
+  mha.num_kv_heads = mha.num_heads;
+  for (const auto& c : {Case{"padded rows", tiny_decoder(), false, true}, Case{"packed", tiny_decoder(), true, true},
+                        Case{"plain causal", mha, false, false}, Case{"sliding window", windowed, false, true},
+                        Case{"full recomputation", tiny_decoder(), false, true, "full"},
+                        Case{"moe (last layer whole)", tiny_decoder("moe"), false, true}}) {
+    const std::string name = c.name;
+    CAPTURE(name);
+    auto model = backbone(c.config, c.granularity);
+    // Equal lengths for the case without a padding mask; the labels leave the first third unlabelled.
+    auto batch = neva::collate(c.padding_mask || c.packed ? samples({12, 30, 7}) : samples({21, 21}), c.packed, 0);
+    if (!c.padding_mask) batch.attention_mask = at::Tensor();
+    auto positions = neva::labelled_positions(batch.labels);
+    REQUIRE(positions.mask.sum(1).max().item<std::int64_t>() < positions.mask.size(1));  // a strict subset
+    neva::BackboneInputs inputs;
+    inputs.embeddings = model->embed(batch.input_ids);
+    inputs.positions = batch.positions;
+    inputs.attention_mask = batch.attention_mask;
+    inputs.segment_ids = batch.segment_ids;
+    at::Tensor full = model->forward(inputs).logits;
+    inputs.logits_mask = positions.mask;
+    at::Tensor selected = model->forward(inputs).logits;
+    REQUIRE(selected.dim() == 2);
+    CHECK(selected.size(0) == positions.targets.size(0));
+    CHECK((selected - full.index({positions.mask})).abs().max().item<double>() < 1e-5);
+    if (name == "plain causal") {  // positions shared by the batch ([1, seq]) broadcast as in the full forward
+      neva::BackboneInputs shared = inputs;
+      shared.positions = batch.positions.narrow(0, 0, 1);
+      REQUIRE(at::equal(shared.positions.expand_as(batch.positions), batch.positions));
+      CHECK((model->forward(shared).logits - selected).abs().max().item<double>() < 1e-6);
+    }
+    auto [full_loss, full_gradients] = loss_and_gradients(*model, batch);
+    auto [masked_loss, masked_gradients] = loss_and_gradients(*model, batch, true);
+    CHECK(masked_loss == doctest::Approx(full_loss).epsilon(1e-6));
+    check_same_gradients(full_gradients, masked_gradients, 1e-5);
+    inputs.logits_mask = positions.mask.narrow(1, 0, positions.mask.size(1) - 1);
+    CHECK_THROWS_WITH_AS(model->forward(inputs), doctest::Contains("logits_mask has shape"), neva::Error);
+  }
 }
 
 namespace {
@@ -325,4 +399,21 @@ TEST_CASE("frozen linear and convolution weights cast once give autocast's resul
   neva::FrozenWeightCasts trained({&probe}, at::kBFloat16);
   CHECK((probe.proj->weight.scalar_type() == at::kFloat));
   CHECK(trained.count() == 1);
+}
+
+TEST_CASE("bf16 on a CPU without native bf16 is announced as emulated; fp32 and accelerators are not") {
+  const auto capabilities = at::cpu::get_cpu_capabilities();
+  auto has = [&](const char* key) {
+    auto found = capabilities.find(key);
+    return found != capabilities.end() && found->second.toBool();
+  };
+  auto architecture = capabilities.find("architecture");
+  const bool x86 = architecture != capabilities.end() && architecture->second.toStringRef() == "x86_64";
+  const bool native = has("avx512_bf16") || has("amx_bf16");
+  const std::string warning = neva::emulated_bf16_warning(c10::Device("cpu"), at::kBFloat16);
+  CAPTURE(warning);
+  CHECK(warning.empty() == (native || !x86));  // only x86-64's bf16 extensions are known
+  if (!warning.empty()) CHECK(warning.find("emulated") != std::string::npos);
+  CHECK(neva::emulated_bf16_warning(c10::Device("cpu"), at::kFloat).empty());
+  CHECK(neva::emulated_bf16_warning(c10::Device(c10::DeviceType::CUDA, 0), at::kBFloat16).empty());
 }

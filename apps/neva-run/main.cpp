@@ -12,6 +12,7 @@
 #include "inspect.h"
 #include "train.h"
 #include "neva/error.h"
+#include "neva/precision.h"
 #include "neva/recipe.h"
 
 namespace {
@@ -34,6 +35,9 @@ neva::Recipe load(const std::string& recipe_path, const std::vector<std::string>
 
 
 void run(const neva::Recipe& recipe) {
+  const neva::RuntimeContext context = recipe.runtime_context();
+  const std::string slow = neva::emulated_bf16_warning(context.device, context.dtypes.compute);
+  if (!slow.empty()) std::cerr << "neva-run: warning: " << slow << "\n";
   // Modes are checked when the recipe is parsed.
   if (recipe.run.mode == "generate") return neva::run_generate(recipe);
   if (recipe.run.mode == "score") return neva::run_score(recipe);

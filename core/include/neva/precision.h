@@ -20,6 +20,11 @@ namespace neva {
 
 NEVA_API std::unique_ptr<PrecisionRecipe> make_precision_recipe(const std::string& precision, bool megatron_amp_O2);
 
+// Empty, or a warning when bf16 arithmetic on `device` would be emulated: an x86-64 CPU with neither
+// AVX512-BF16 nor AMX-BF16 (oneDNN then converts in software; measured about 50x slower than
+// fp32 for a training step on a 2-core AVX2 EPYC).
+NEVA_API std::string emulated_bf16_warning(const c10::Device& device, at::ScalarType compute);
+
 // Under autocast, every linear and convolution weight is cast to the compute dtype at each
 // forward, and autocast caches the cast only for weights that require grad. The frozen ones of
 // `modules` are therefore cast here once, in place: exactly the values autocast would produce, so

@@ -40,6 +40,14 @@ AttentionMask AttentionMask::build(std::int64_t batch, std::int64_t seq, std::in
   return mask;
 }
 
+at::Tensor take_positions(const at::Tensor& x, const at::Tensor& rows) {
+  std::vector<std::int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape[1] = rows.size(1);
+  at::Tensor index = rows.view({rows.size(0), rows.size(1)});
+  for (std::int64_t d = 2; d < x.dim(); ++d) index = index.unsqueeze(-1);
+  return x.gather(1, index.expand(shape));
+}
+
 SelfAttention::SelfAttention(const AttentionConfig& config) : config_(config) {
   auto linear = [](std::int64_t in, std::int64_t out, bool bias) {
     return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(bias));
@@ -51,11 +59,30 @@ SelfAttention::SelfAttention(const AttentionConfig& config) : config_(config) {
 }
 
 at::Tensor SelfAttention::forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                                  const AttentionMask& mask, LayerCache* cache) {
+                                  const AttentionMask& mask, LayerCache* cache, const at::Tensor& rows) {
   const std::int64_t batch = x.size(0), seq = x.size(1), hd = config_.head_dim;
-  at::Tensor q = q_proj_->forward(x).view({batch, seq, config_.num_heads, hd}).transpose(1, 2);
   at::Tensor k = k_proj_->forward(x).view({batch, seq, config_.num_kv_heads, hd}).transpose(1, 2);
   at::Tensor v = v_proj_->forward(x).view({batch, seq, config_.num_kv_heads, hd}).transpose(1, 2);
+  if (rows.defined()) {
+    // Queries only at `rows`, each seeing the keys its row of the mask allows. Selective
+    // recomputation does not apply here: the core's activations are `count` queries wide.
+    if (cache) throw Error("attention rows cannot be combined with a KV cache");
+    const std::int64_t count = rows.size(1);
+    at::Tensor q = q_proj_->forward(take_positions(x, rows)).view({batch, count, config_.num_heads, hd}).transpose(1, 2);
+    // cos/sin may broadcast over the batch ([1, seq, rotary_dim]); the gather needs every row.
+    const std::vector<std::int64_t> rotary_shape{batch, seq, cos.size(-1)};
+    q = apply_rotary(q, take_positions(cos.expand(rotary_shape), rows), take_positions(sin.expand(rotary_shape), rows));
+    k = apply_rotary(k, cos, sin);
+    at::Tensor visible =
+        mask.visible.defined()
+            ? mask.visible.gather(2, rows.view({batch, 1, count, 1}).expand({batch, 1, count, mask.visible.size(3)}))
+            : at::arange(seq, rows.options()).view({1, 1, 1, seq}) <= rows.view({batch, 1, count, 1});
+    const bool grouped = config_.num_heads != config_.num_kv_heads;
+    at::Tensor out = at::scaled_dot_product_attention(q, k, v, visible, 0.0, false, std::pow(static_cast<double>(hd), -0.5),
+                                                      grouped);
+    return o_proj_->forward(out.transpose(1, 2).reshape({batch, count, config_.num_heads * hd}));
+  }
+  at::Tensor q = q_proj_->forward(x).view({batch, seq, config_.num_heads, hd}).transpose(1, 2);
   std::tie(q, k) = apply_rotary(q, k, cos, sin);
 
   if (cache) {

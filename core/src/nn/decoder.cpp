@@ -38,9 +38,11 @@ class DecoderLayer : public torch::nn::Module {
     }
   }
 
+  // `rows` (optional): [batch, count] positions; only their outputs are computed ([batch, count, hidden]).
   at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const AttentionMask& mask,
-                     LayerCache* cache) {
-    at::Tensor h = x + self_attn_->forward(input_layernorm_->forward(x), cos, sin, mask, cache);
+                     LayerCache* cache, const at::Tensor& rows = {}) {
+    at::Tensor residual = rows.defined() ? take_positions(x, rows) : x;
+    at::Tensor h = residual + self_attn_->forward(input_layernorm_->forward(x), cos, sin, mask, cache, rows);
     return h + mlp_->forward(post_attention_layernorm_->forward(h));
   }
 
@@ -116,10 +118,30 @@ BackboneOutputs DecoderBackbone::forward(const BackboneInputs& inputs) {
                                    context_.device);
   auto [cos, sin] = rotary_.cos_sin(positions, x0.scalar_type());
 
+  // With a logits mask, the last layer computes its outputs only where logits are wanted (its keys
+  // and values still cover every position): for training, with labels on a few answer tokens, this
+  // skips most of that layer's work. Not for an MoE layer, whose load-balancing loss counts every
+  // token's routing.
+  at::Tensor rows, wanted;  // [batch, count] positions, and which of them are in the mask
+  const std::size_t layers = model_->layers->size();
+  if (inputs.logits_mask.defined() &&
+      (inputs.logits_mask.dim() != 2 || inputs.logits_mask.size(0) != batch || inputs.logits_mask.size(1) != seq)) {
+    throw Error("logits_mask has shape " + std::string(c10::str(inputs.logits_mask.sizes())) + ", expected [" +
+                std::to_string(batch) + ", " + std::to_string(seq) + "] (the embeddings' batch and sequence)");
+  }
+  if (inputs.logits_mask.defined() && !cache && layers > 0 && !model_->layers->ptr<DecoderLayer>(layers - 1)->moe()) {
+    at::Tensor logits_mask = inputs.logits_mask.to(context_.device).to(at::kBool);
+    const std::int64_t count = logits_mask.sum(1).max().item<std::int64_t>();
+    if (count > 0 && count < seq) {
+      // Each row's wanted positions in order, then unwanted ones to fill the rows to one length.
+      at::Tensor order = at::arange(seq, positions.options()).expand({batch, seq});
+      rows = at::argsort(at::where(logits_mask, order, order + seq), /*dim=*/1, /*descending=*/false).narrow(1, 0, count);
+      wanted = logits_mask.gather(1, rows);
+    }
+  }
   at::Tensor h = x0;
   std::vector<at::Tensor> router_logits;
   const auto& recompute = context_.activations_checkpoint;
-  const std::size_t layers = model_->layers->size();
   const bool full = recompute.granularity == "full" && !cache && at::GradMode::is_enabled();
   // Full recomputation (Megatron): "uniform" checkpoints chunks of num_layers layers, "block" the
   // first num_layers layers one by one. A chunk returns its hidden state and its routers' logits
@@ -130,16 +152,16 @@ BackboneOutputs DecoderBackbone::forward(const BackboneInputs& inputs) {
     const bool checkpoint = full && (recompute.method == "uniform" || i < static_cast<std::size_t>(recompute.num_layers));
     if (!checkpoint) {
       auto layer = model_->layers->ptr<DecoderLayer>(i);
-      h = layer->forward(h, cos, sin, mask, cache ? &cache->layers[i] : nullptr);
+      h = layer->forward(h, cos, sin, mask, cache ? &cache->layers[i] : nullptr, i + 1 == layers ? rows : at::Tensor());
       if (layer->moe()) router_logits.push_back(layer->moe()->router_logits());
       ++i;
       continue;
     }
-    auto run = [this, i, end, cos, sin, mask](const std::vector<at::Tensor>& inputs) {
+    auto run = [this, i, end, layers, cos, sin, mask, rows](const std::vector<at::Tensor>& inputs) {
       std::vector<at::Tensor> outputs{inputs[0]};
       for (std::size_t j = i; j < end; ++j) {
         auto layer = model_->layers->ptr<DecoderLayer>(j);
-        outputs[0] = layer->forward(outputs[0], cos, sin, mask, nullptr);
+        outputs[0] = layer->forward(outputs[0], cos, sin, mask, nullptr, j + 1 == layers ? rows : at::Tensor());
         if (layer->moe()) outputs.push_back(layer->moe()->router_logits());
       }
       return outputs;
@@ -151,7 +173,11 @@ BackboneOutputs DecoderBackbone::forward(const BackboneInputs& inputs) {
   }
   h = model_->norm->forward(h);
   if (cache) cache->length += seq;
-  if (inputs.logits_mask.defined()) h = h.index({inputs.logits_mask.to(h.device()).to(at::kBool)});
+  if (rows.defined()) {
+    h = h.index({wanted});
+  } else if (inputs.logits_mask.defined()) {
+    h = h.index({inputs.logits_mask.to(h.device()).to(at::kBool)});
+  }
   BackboneOutputs outputs;
   outputs.logits = lm_head_ ? lm_head_->forward(h) : at::linear(h, model_->embed_tokens->weight);
   if (is_training() && !router_logits.empty() && config_.router_aux_loss_coef > 0) {

@@ -81,4 +81,8 @@ std::pair<at::Tensor, at::Tensor> apply_rotary(const at::Tensor& q, const at::Te
   return {rotate(q, c, s), rotate(k, c, s)};
 }
 
+at::Tensor apply_rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  return rotate(x, cos.unsqueeze(1), sin.unsqueeze(1));
+}
+
 }  // namespace neva

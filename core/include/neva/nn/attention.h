@@ -33,6 +33,9 @@ struct AttentionMask {
                                       std::int64_t window, c10::Device device);
 };
 
+// x [batch, seq, ...] at positions rows [batch, count] (int64): [batch, count, ...].
+NEVA_API at::Tensor take_positions(const at::Tensor& x, const at::Tensor& rows);
+
 struct AttentionConfig {
   std::int64_t hidden_size = 0;
   std::int64_t num_heads = 0;
@@ -50,8 +53,10 @@ class NEVA_API SelfAttention : public torch::nn::Module {
  public:
   explicit SelfAttention(const AttentionConfig& config);
   // x [batch, seq, hidden]; cos/sin from RotaryEmbedding::cos_sin; cache appended in place when given.
+  // `rows` (optional, no cache): [batch, count] int64 positions; only their queries are computed and
+  // the output is [batch, count, hidden] (keys and values still cover every position).
   at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const AttentionMask& mask,
-                     LayerCache* cache);
+                     LayerCache* cache, const at::Tensor& rows = {});
 
  private:
   AttentionConfig config_;

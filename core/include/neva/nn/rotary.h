@@ -45,5 +45,7 @@ class NEVA_API RotaryEmbedding {
 // dimensions past rotary_dim pass through unchanged.
 NEVA_API std::pair<at::Tensor, at::Tensor> apply_rotary(const at::Tensor& q, const at::Tensor& k,
                                                         const at::Tensor& cos, const at::Tensor& sin);
+// The same for one tensor [batch, heads, seq, head_dim].
+NEVA_API at::Tensor apply_rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 
 }  // namespace neva
