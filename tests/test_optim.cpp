@@ -2,6 +2,7 @@
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/modules/normalization.h>
 #include <torch/nn/utils/clip_grad.h>
+#include <torch/optim/sgd.h>
 #include <torch/types.h>
 
 #include <cmath>
@@ -157,6 +158,54 @@ TEST_CASE("the fused AdamW update equals LibTorch's reference AdamW, state inclu
     CHECK(torch::allclose(state.exp_avg(), expected.exp_avg(), 1e-6, 1e-7));
     CHECK(torch::allclose(state.exp_avg_sq(), expected.exp_avg_sq(), 1e-6, 1e-9));
   }
+}
+
+TEST_CASE("clipping inside the fused AdamW update equals clipping the gradients, then stepping") {
+  // scaled_step(gradient_norm's clip_scale) is what the trainer runs; clip_gradients + step() the reference.
+  torch::manual_seed(4);
+  neva::OptimizerConfig config;
+  config.lr = 0.05;
+  config.weight_decay = 0.1;
+  config.clip_grad = 0.3;
+  torch::nn::Linear folded_layer(6, 4), clipped_layer(6, 4), sgd_layer(6, 4), sgd_reference_layer(6, 4);
+  {
+    torch::NoGradGuard no_grad;
+    for (auto* layer : {&clipped_layer, &sgd_layer, &sgd_reference_layer}) {
+      (*layer)->weight.copy_(folded_layer->weight);
+      (*layer)->bias.copy_(folded_layer->bias);
+    }
+  }
+  auto folded = neva::make_adamw({folded_layer.ptr().get()}, config);
+  auto clipped = neva::make_adamw({clipped_layer.ptr().get()}, config);
+  // Any other optimizer: the gradients are scaled, then it steps.
+  torch::optim::SGD sgd(sgd_layer->parameters(), torch::optim::SGDOptions(0.1));
+  torch::optim::SGD sgd_reference(sgd_reference_layer->parameters(), torch::optim::SGDOptions(0.1));
+  int clipped_steps = 0;
+  for (int step = 0; step < 5; ++step) {
+    at::Tensor input = torch::randn({3, 6}) * (step + 1);
+    for (auto* layer : {&folded_layer, &clipped_layer, &sgd_layer, &sgd_reference_layer}) {
+      (*layer)->zero_grad();
+      (*layer)->forward(input).pow(2).sum().backward();
+    }
+    const auto norm = neva::gradient_norm(folded_layer->parameters(), config.clip_grad);
+    // The two AdamW runs drift apart by fp32 ulps (below), so their norms agree to ~1e-7.
+    CHECK(norm.norm == doctest::Approx(neva::clip_gradients(clipped_layer->parameters(), config.clip_grad)).epsilon(1e-6));
+    CHECK(norm.clip_scale == doctest::Approx(std::min(1.0, config.clip_grad / (norm.norm + 1e-6))).epsilon(1e-12));
+    if (norm.clip_scale < 1) ++clipped_steps;
+    neva::scaled_step(*folded, norm.clip_scale);
+    clipped->step();
+    neva::scaled_step(sgd, neva::gradient_norm(sgd_layer->parameters(), config.clip_grad).clip_scale);
+    neva::clip_gradients(sgd_reference_layer->parameters(), config.clip_grad);
+    sgd_reference.step();
+    CHECK(torch::allclose(folded_layer->weight.grad(), clipped_layer->weight.grad(), 1e-6, 1e-9));  // left scaled
+  }
+  REQUIRE(clipped_steps > 0);  // the clipping was exercised
+  // Dividing by 1/scale in fp32 instead of multiplying by scale: within an ulp of the gradients.
+  CHECK(torch::allclose(folded_layer->weight, clipped_layer->weight, 1e-6, 1e-7));
+  CHECK(torch::allclose(folded_layer->bias, clipped_layer->bias, 1e-6, 1e-7));
+  CHECK(torch::equal(sgd_layer->weight, sgd_reference_layer->weight));
+  // With no clipping (scale 1) it is step() itself.
+  CHECK(neva::gradient_norm(folded_layer->parameters(), 0).clip_scale == 1.0);
 }
 
 TEST_CASE("logits at labelled positions only give causal_lm_loss exactly") {

@@ -503,7 +503,9 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
     double grad_norm;
     {
       at::NoGradGuard no_grad;
-      grad_norm = clip_gradients(mains, recipe.model.optim.clip_grad);
+      // The clipping factor is applied inside the optimizer's fused update (no pass of its own).
+      const GradientNorm norm = gradient_norm(mains, recipe.model.optim.clip_grad);
+      grad_norm = norm.norm;
       if (!std::isfinite(grad_norm)) {
         throw Error(title + ": step " + std::to_string(step + 1) + ": the gradient norm is " +
                     (std::isnan(grad_norm) ? std::string("NaN") : std::string("infinite")) + " (loss " +
@@ -512,7 +514,7 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
       }
       const double lr = learning_rate(recipe.model.optim, step);
       set_learning_rate(*optimizer, lr);
-      optimizer->step();
+      scaled_step(*optimizer, norm.clip_scale);
       optimizer->zero_grad(true);
       if (main_copies) {
         for (auto& t : trained) t.param.copy_(t.main);

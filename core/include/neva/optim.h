@@ -56,8 +56,20 @@ NEVA_API LabelledPositions labelled_positions(const at::Tensor& labels);
 // that ignored the mask): the same value.
 NEVA_API at::Tensor labelled_lm_loss(const at::Tensor& logits, const LabelledPositions& positions);
 
+// The global L2 norm of the parameters' gradients, and the factor that clips it to `max_norm`:
+// PyTorch's clip_grad_norm_ rule, max_norm / (norm + 1e-6) when that is below 1, else 1 (also for
+// max_norm 0: no clipping).
+struct GradientNorm {
+  double norm = 0;
+  double clip_scale = 1;
+};
+NEVA_API GradientNorm gradient_norm(const std::vector<at::Tensor>& parameters, double max_norm);
 // Scales gradients so their global L2 norm is at most `max_norm`; returns the norm before clipping.
 NEVA_API double clip_gradients(const std::vector<torch::nn::Module*>& modules, double max_norm);
 NEVA_API double clip_gradients(const std::vector<at::Tensor>& parameters, double max_norm);
+// optimizer.step() with every gradient multiplied by `gradient_scale` first (gradient_norm's
+// clip_scale). For an optimizer from make_adamw the scaling is done inside the fused update
+// (the gradients are left scaled, as clip_gradients leaves them), saving a pass over them.
+NEVA_API void scaled_step(torch::optim::Optimizer& optimizer, double gradient_scale);
 
 }  // namespace neva
