@@ -65,11 +65,13 @@ rate = lambda metrics: sum(m["tokens"] for m in metrics) / sum(m["step_seconds"]
 neva = [rate(m) for m, _ in pairs]
 hf = [h["tokens_per_second"] for _, h in pairs]
 ratios = [n / h for n, h in zip(neva, hf)]
-# Model FLOPs: what the step needs, i.e. the LM head only where a labelled token follows (the
-# labelled share is the same data for both); transformers computes it everywhere, beyond the model FLOPs.
+# Model FLOPs: what the step needs, i.e. the LM head, and the last layer beyond its keys and
+# values, only where a labelled token follows (the labelled share is the same data for both);
+# transformers computes them everywhere, beyond the model FLOPs.
 metrics, first = pairs[0]
 labelled = sum(m["labelled_tokens"] for m in metrics) / sum(m["tokens"] for m in metrics)
-flops = first["flops_per_token"] - (1 - labelled) * first["lm_head_flops_per_token"]
+flops = first["flops_per_token"] - (1 - labelled) * (first["lm_head_flops_per_token"] +
+                                                     first["last_layer_query_flops_per_token"])
 mfu = lambda rate: 100 * rate * flops / (peak * 1e9)
 med = statistics.median
 print(f"{mode:<10} neva {med(neva):7.1f} tokens/s (MFU {mfu(med(neva)):4.1f}%)   transformers {med(hf):7.1f} "

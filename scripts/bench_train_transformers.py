@@ -101,9 +101,16 @@ def main():
     per_token = 6 * decoder + 12 * text.num_hidden_layers * mean_length * text.hidden_size
     image_share = image_tokens / mean_length  # one image per sample
     per_token += image_share * (2 * tower_params * (image_tokens + 1) / image_tokens + 6 * connector)
+    # What the last layer computes for a position beyond its keys and values (query, output
+    # projection, MLP, attention scores): needed only where a logit is.
+    last = model.model.language_model.layers[-1]
+    query_side = sum(p.numel() for n, p in last.named_parameters()
+                     if not any(k in n for k in ("k_proj", "v_proj", "input_layernorm")))
     rate = sum(tokens) / sum(times)
     print(json.dumps({"precision": precision, "tokens_per_second": rate, "flops_per_token": per_token,
-                      "lm_head_flops_per_token": 6 * model.lm_head.weight.numel(), "decoder_parameters": decoder,
+                      "lm_head_flops_per_token": 6 * model.lm_head.weight.numel(),
+                      "last_layer_query_flops_per_token": 6 * query_side + 12 * mean_length * text.hidden_size,
+                      "decoder_parameters": decoder,
                       "tower_parameters": tower_params, "mean_length": mean_length,
                       "forward_backward_seconds": statistics.mean(p[0] for p in phases),
                       "optimizer_seconds": statistics.mean(p[1] for p in phases)}))
