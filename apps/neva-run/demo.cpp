@@ -278,8 +278,10 @@ int run_demo(const fs::path& directory, const std::vector<std::string>& override
   }
 
   auto recipe = [&](const char* name) { return load_recipe(root / name, overrides, options); };
+  const Recipe stage1_recipe = recipe("stage1.toml");
+  warn_if_bf16_emulated(stage1_recipe);  // the stages share the precision overrides
   std::cout << "[2/4] stage 1: feature alignment (connector only)\n" << std::flush;
-  TrainSummary stage1 = run_train(recipe("stage1.toml"), "stage 1");
+  TrainSummary stage1 = run_train(stage1_recipe, "stage 1");
   std::cout << "[3/4] stage 2: fine-tuning (connector and language model)\n" << std::flush;
   TrainSummary stage2 = run_train(recipe("stage2.toml"), "stage 2");
   std::cout << "[4/4] answering questions about " << data.test.size() << " held-out images\n" << std::flush;

@@ -12,7 +12,6 @@
 #include "inspect.h"
 #include "train.h"
 #include "neva/error.h"
-#include "neva/precision.h"
 #include "neva/recipe.h"
 
 namespace {
@@ -35,9 +34,7 @@ neva::Recipe load(const std::string& recipe_path, const std::vector<std::string>
 
 
 void run(const neva::Recipe& recipe) {
-  const neva::RuntimeContext context = recipe.runtime_context();
-  const std::string slow = neva::emulated_bf16_warning(context.device, context.dtypes.compute);
-  if (!slow.empty()) std::cerr << "neva-run: warning: " << slow << "\n";
+  neva::warn_if_bf16_emulated(recipe);
   // Modes are checked when the recipe is parsed.
   if (recipe.run.mode == "generate") return neva::run_generate(recipe);
   if (recipe.run.mode == "score") return neva::run_score(recipe);

@@ -265,6 +265,12 @@ void keep_freed_memory() {
 
 }  // namespace
 
+void warn_if_bf16_emulated(const Recipe& recipe) {
+  const RuntimeContext context = recipe.runtime_context();
+  const std::string warning = emulated_bf16_warning(context.device, context.dtypes.compute);
+  if (!warning.empty()) std::cerr << "neva-run: warning: " << warning << "\n";
+}
+
 TrainSummary run_train(const Recipe& recipe, const std::string& title) {
   const auto started = Clock::now();
   keep_freed_memory();

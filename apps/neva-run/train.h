@@ -22,6 +22,10 @@ struct TrainSummary {
 // `title` prefixes progress and log lines ("stage 1").
 TrainSummary run_train(const Recipe& recipe, const std::string& title = "train");
 
+// Prints a warning on stderr when the recipe's bf16 arithmetic would be emulated on this CPU
+// (neva::emulated_bf16_warning); every command that runs a model calls it once.
+void warn_if_bf16_emulated(const Recipe& recipe);
+
 // Throws the error export_hf would, before anything is trained: a connector other than mlp2x_gelu,
 // no vision encoder, a component without a config.json (or a vision one without patch_size), more
 // leading tokens dropped than one.

@@ -153,10 +153,6 @@ at::Tensor labelled_lm_loss(const at::Tensor& logits, const LabelledPositions& p
                                 kIgnoreIndex);
 }
 
-double clip_gradients(const std::vector<torch::nn::Module*>& modules, double max_norm) {
-  return clip_gradients(trainable_parameters(modules), max_norm);
-}
-
 namespace {
 
 std::vector<at::Tensor> gradients_of(const std::vector<at::Tensor>& parameters) {
@@ -168,15 +164,6 @@ std::vector<at::Tensor> gradients_of(const std::vector<at::Tensor>& parameters) 
 }
 
 }  // namespace
-
-double clip_gradients(const std::vector<at::Tensor>& all, double max_norm) {
-  const GradientNorm norm = gradient_norm(all, max_norm);
-  if (norm.clip_scale != 1.0) {
-    at::NoGradGuard no_grad;
-    for (auto& grad : gradients_of(all)) grad.mul_(norm.clip_scale);
-  }
-  return norm.norm;
-}
 
 void scaled_step(torch::optim::Optimizer& optimizer, double gradient_scale) {
   if (auto* fused = dynamic_cast<FusedAdamW*>(&optimizer)) {

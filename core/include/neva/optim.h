@@ -64,12 +64,10 @@ struct GradientNorm {
   double clip_scale = 1;
 };
 NEVA_API GradientNorm gradient_norm(const std::vector<at::Tensor>& parameters, double max_norm);
-// Scales gradients so their global L2 norm is at most `max_norm`; returns the norm before clipping.
-NEVA_API double clip_gradients(const std::vector<torch::nn::Module*>& modules, double max_norm);
-NEVA_API double clip_gradients(const std::vector<at::Tensor>& parameters, double max_norm);
-// optimizer.step() with every gradient multiplied by `gradient_scale` first (gradient_norm's
-// clip_scale). For an optimizer from make_adamw the scaling is done inside the fused update
-// (the gradients are left scaled, as clip_gradients leaves them), saving a pass over them.
+// optimizer.step() with every gradient multiplied by `gradient_scale` first: with gradient_norm's
+// clip_scale, clip_grad_norm_ then step(). For an optimizer from make_adamw the scaling is done
+// inside the fused update (the gradients are left scaled, as clip_grad_norm_ leaves them), saving
+// a pass over them.
 NEVA_API void scaled_step(torch::optim::Optimizer& optimizer, double gradient_scale);
 
 }  // namespace neva

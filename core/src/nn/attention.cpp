@@ -61,29 +61,26 @@ SelfAttention::SelfAttention(const AttentionConfig& config) : config_(config) {
 at::Tensor SelfAttention::forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                                   const AttentionMask& mask, LayerCache* cache, const at::Tensor& rows) {
   const std::int64_t batch = x.size(0), seq = x.size(1), hd = config_.head_dim;
+  if (rows.defined() && cache) throw Error("attention rows cannot be combined with a KV cache");
+  // With `rows`, queries only there, each seeing the keys its row of the mask allows; keys and
+  // values for every position.
+  const at::Tensor query_input = rows.defined() ? take_positions(x, rows) : x;
+  const std::int64_t queries = query_input.size(1);
+  at::Tensor q = q_proj_->forward(query_input).view({batch, queries, config_.num_heads, hd}).transpose(1, 2);
   at::Tensor k = k_proj_->forward(x).view({batch, seq, config_.num_kv_heads, hd}).transpose(1, 2);
   at::Tensor v = v_proj_->forward(x).view({batch, seq, config_.num_kv_heads, hd}).transpose(1, 2);
+  at::Tensor visible = mask.visible;
   if (rows.defined()) {
-    // Queries only at `rows`, each seeing the keys its row of the mask allows. Selective
-    // recomputation does not apply here: the core's activations are `count` queries wide.
-    if (cache) throw Error("attention rows cannot be combined with a KV cache");
-    const std::int64_t count = rows.size(1);
-    at::Tensor q = q_proj_->forward(take_positions(x, rows)).view({batch, count, config_.num_heads, hd}).transpose(1, 2);
     // cos/sin may broadcast over the batch ([1, seq, rotary_dim]); the gather needs every row.
     const std::vector<std::int64_t> rotary_shape{batch, seq, cos.size(-1)};
     q = apply_rotary(q, take_positions(cos.expand(rotary_shape), rows), take_positions(sin.expand(rotary_shape), rows));
     k = apply_rotary(k, cos, sin);
-    at::Tensor visible =
-        mask.visible.defined()
-            ? mask.visible.gather(2, rows.view({batch, 1, count, 1}).expand({batch, 1, count, mask.visible.size(3)}))
-            : at::arange(seq, rows.options()).view({1, 1, 1, seq}) <= rows.view({batch, 1, count, 1});
-    const bool grouped = config_.num_heads != config_.num_kv_heads;
-    at::Tensor out = at::scaled_dot_product_attention(q, k, v, visible, 0.0, false, std::pow(static_cast<double>(hd), -0.5),
-                                                      grouped);
-    return o_proj_->forward(out.transpose(1, 2).reshape({batch, count, config_.num_heads * hd}));
+    const at::Tensor query_rows = rows.view({batch, 1, queries, 1});
+    visible = visible.defined() ? visible.gather(2, query_rows.expand({batch, 1, queries, visible.size(3)}))
+                                : at::arange(seq, rows.options()).view({1, 1, 1, seq}) <= query_rows;
+  } else {
+    std::tie(q, k) = apply_rotary(q, k, cos, sin);
   }
-  at::Tensor q = q_proj_->forward(x).view({batch, seq, config_.num_heads, hd}).transpose(1, 2);
-  std::tie(q, k) = apply_rotary(q, k, cos, sin);
 
   if (cache) {
     const std::int64_t capacity = cache->keys.size(2);
@@ -96,7 +93,7 @@ at::Tensor SelfAttention::forward(const at::Tensor& x, const at::Tensor& cos, co
     k = cache->keys.narrow(2, 0, mask.past + seq);
     v = cache->values.narrow(2, 0, mask.past + seq);
   }
-  const bool plain_causal = !mask.visible.defined();
+  const bool plain_causal = !visible.defined();
   const bool grouped = config_.num_heads != config_.num_kv_heads;
   const double scale = std::pow(static_cast<double>(hd), -0.5);
   auto core = [plain_causal, grouped, scale](const std::vector<at::Tensor>& qkv) -> std::vector<at::Tensor> {
@@ -105,9 +102,9 @@ at::Tensor SelfAttention::forward(const at::Tensor& x, const at::Tensor& cos, co
                                              scale, grouped)};
   };
   std::vector<at::Tensor> operands{q, k, v};
-  if (!plain_causal) operands.push_back(mask.visible);
+  if (!plain_causal) operands.push_back(visible);
   at::Tensor out = (config_.recompute_core && !cache) ? checkpointed(core, operands)[0] : core(operands)[0];
-  return o_proj_->forward(out.transpose(1, 2).reshape({batch, seq, config_.num_heads * hd}));
+  return o_proj_->forward(out.transpose(1, 2).reshape({batch, queries, config_.num_heads * hd}));
 }
 
 }  // namespace neva

@@ -129,8 +129,9 @@ BackboneOutputs DecoderBackbone::forward(const BackboneInputs& inputs) {
     throw Error("logits_mask has shape " + std::string(c10::str(inputs.logits_mask.sizes())) + ", expected [" +
                 std::to_string(batch) + ", " + std::to_string(seq) + "] (the embeddings' batch and sequence)");
   }
-  if (inputs.logits_mask.defined() && !cache && layers > 0 && !model_->layers->ptr<DecoderLayer>(layers - 1)->moe()) {
-    at::Tensor logits_mask = inputs.logits_mask.to(context_.device).to(at::kBool);
+  const at::Tensor logits_mask =
+      inputs.logits_mask.defined() ? inputs.logits_mask.to(context_.device).to(at::kBool) : at::Tensor();
+  if (logits_mask.defined() && !cache && layers > 0 && !model_->layers->ptr<DecoderLayer>(layers - 1)->moe()) {
     const std::int64_t count = logits_mask.sum(1).max().item<std::int64_t>();
     if (count > 0 && count < seq) {
       // Each row's wanted positions in order, then unwanted ones to fill the rows to one length.
@@ -173,11 +174,7 @@ BackboneOutputs DecoderBackbone::forward(const BackboneInputs& inputs) {
   }
   h = model_->norm->forward(h);
   if (cache) cache->length += seq;
-  if (rows.defined()) {
-    h = h.index({wanted});
-  } else if (inputs.logits_mask.defined()) {
-    h = h.index({inputs.logits_mask.to(h.device()).to(at::kBool)});
-  }
+  if (logits_mask.defined()) h = h.index({rows.defined() ? wanted : logits_mask});
   BackboneOutputs outputs;
   outputs.logits = lm_head_ ? lm_head_->forward(h) : at::linear(h, model_->embed_tokens->weight);
   if (is_training() && !router_logits.empty() && config_.router_aux_loss_coef > 0) {
