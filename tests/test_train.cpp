@@ -276,6 +276,33 @@ TEST_CASE("train recipes are checked before anything runs, and a finished run is
   CHECK(contains(unexportable.err, "exp_manager.export_hf = false trains without exporting"));
   CHECK(!contains(unexportable.err, "step 1/"));
   CHECK(!fs::exists(ws.root / "linear/checkpoints/latest"));
+  // A vision config.json without patch_size loads (CLIP's own default, 32, fits these weights), but
+  // LlavaProcessor would count image tokens with transformers' class default: refused before training.
+  fs::path vision = ws.root / "vision-no-patch-size";
+  fs::create_directories(vision);
+  json config = json::parse(std::ifstream(ws.root / "model/vision/config.json"));
+  config.erase("patch_size");
+  config["image_size"] = 64;  // 2 x 2 patches of 32
+  std::ofstream(vision / "config.json") << config.dump();
+  neva::SafetensorsFile weights((ws.root / "model/vision/model.safetensors").string());
+  std::vector<std::pair<std::string, at::Tensor>> tensors;
+  for (const auto& entry : weights.entries()) {
+    at::Tensor value = weights.tensor(entry.name);
+    if (entry.name == "vision_model.embeddings.patch_embedding.weight") value = at::randn({128, 3, 32, 32}) * 0.02;
+    if (entry.name == "vision_model.embeddings.position_embedding.weight") value = at::randn({5, 128}) * 0.02;
+    tensors.emplace_back(entry.name, value);
+  }
+  neva::write_safetensors((vision / "model.safetensors").string(), tensors);
+  auto no_patch = ws.train("no-patch", "--set trainer.max_steps=2 --set exp_manager.export_hf=true"
+                                       " --set model.mm_cfg.vision_encoder.from_pretrained=" + vision.string());
+  CHECK(no_patch.exit_code == 1);
+  CHECK(contains(no_patch.err, "export: the vision encoder's config.json (" + vision.string() +
+                                   ") has no integer patch_size, which LlavaProcessor needs"));
+  CHECK(!contains(no_patch.err, "step 1/"));
+  // The same model trains when it is not exported: the check belongs to the export alone.
+  auto unexported = ws.train("no-patch-plain", "--set trainer.max_steps=2 --set model.mm_cfg.vision_encoder.from_pretrained=" +
+                                                   vision.string());
+  CHECK_MESSAGE(unexported.exit_code == 0, unexported.err);
 }
 
 TEST_CASE("gradient accumulation: 2 micro-batches of 4 make the same step as one micro-batch of 8") {
