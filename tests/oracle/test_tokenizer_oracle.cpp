@@ -3,6 +3,7 @@
 
 #include <cstdlib>
 #include <fstream>
+#include <optional>
 #include <nlohmann/json.hpp>
 
 #include "neva/error.h"
@@ -53,19 +54,51 @@ TEST_CASE("SentencePiece-converted BPE with byte fallback (Llama 2 style tokeniz
   check_against(*tokenizer, read_json(directory / "reference.json"));
 }
 
-TEST_CASE("a tokenizer.model alone is run by SentencePiece, with its ids") {
+TEST_CASE("a tokenizer.model alone is read as transformers' LlamaTokenizer reads it, with its documented defaults") {
   auto directory = oracle_directory() / "spbpe";
   auto tokenizer = neva::Tokenizer::load(directory.string());  // only tokenizer.model there
-  for (const auto& expected : read_json(directory / "sentencepiece.json")) {
-    std::string text = expected["text"];
-    CAPTURE(text);
-    CHECK(tokenizer->encode(text, true) == expected["ids"].get<std::vector<std::int64_t>>());
+  check_against(*tokenizer, read_json(directory / "sentencepiece.json"));
+}
+
+TEST_CASE("tokenizer.model with tokenizer_config.json: legacy, the BOS/EOS template and added tokens as transformers") {
+  for (const char* name : {"spbpe_llava", "spbpe_legacy"}) {
+    CAPTURE(name);
+    auto directory = oracle_directory() / name;
+    auto tokenizer = neva::Tokenizer::load(directory.string());
+    check_against(*tokenizer, read_json(directory / "reference.json"));
+    CHECK((tokenizer->token_id("<image>") == (std::string(name) == "spbpe_llava" ? std::optional<std::int64_t>(600)
+                                                                                 : std::nullopt)));
   }
-  for (const auto& expected : read_json(directory / "sentencepiece_controls.json")) {  // <s>, </s> in the text
-    std::string text = expected["text"];
-    CAPTURE(text);
-    CHECK(tokenizer->encode(text, false) == expected["ids"].get<std::vector<std::int64_t>>());
-  }
+}
+
+TEST_CASE("a tokenizer_config.json a tokenizer.model cannot follow is named") {
+  neva::test::TempDir dir;
+  fs::copy_file(oracle_directory() / "spbpe/tokenizer.model", dir.path() / "tokenizer.model");
+  const std::string config = (dir.path() / "tokenizer_config.json").string();
+  dir.write("tokenizer_config.json", R"({"tokenizer_class": "T5Tokenizer"})");
+  CHECK_THROWS_WITH_AS(neva::Tokenizer::load(dir.path().string()),
+                       (config + ": tokenizer_class 'T5Tokenizer': a tokenizer.model is read as transformers' "
+                                 "LlamaTokenizer; provide the tokenizer.json transformers saves for T5Tokenizer").c_str(),
+                       neva::Error);
+  dir.write("tokenizer_config.json", R"({"legacy": "no"})");
+  CHECK_THROWS_WITH_AS(neva::Tokenizer::load(dir.path().string()), (config + ": legacy: expected true or false").c_str(),
+                       neva::Error);
+  dir.write("tokenizer_config.json", R"({"added_tokens_decoder": {"1": {"content": "<image>"}}})");
+  CHECK_THROWS_WITH_AS(neva::Tokenizer::load(dir.path().string()),
+                       (config + ": added_tokens_decoder: token 1 is '<image>' but the model's piece 1 is '<s>'").c_str(),
+                       neva::Error);
+  dir.write("tokenizer_config.json", R"({"bos_token": "<bos>"})");
+  CHECK_THROWS_WITH_AS(neva::Tokenizer::load(dir.path().string()),
+                       doctest::Contains(": bos_token '<bos>' is not a token of "), neva::Error);
+  auto unigram = oracle_directory() / "spunigram/tokenizer.model";
+  CHECK_THROWS_WITH_AS(neva::Tokenizer::load(unigram.string()),
+                       (unigram.string() + ": a Unigram SentencePiece model; neva reads tokenizer.model as transformers' "
+                                           "LlamaTokenizer does (BPE): provide the tokenizer.json transformers saves for "
+                                           "this tokenizer").c_str(),
+                       neva::Error);
+  dir.write("tokenizer_config.json", "{not json");
+  CHECK_THROWS_WITH_AS(neva::Tokenizer::load(dir.path().string()), doctest::Contains((config + ": invalid JSON").c_str()),
+                       neva::Error);
 }
 
 TEST_CASE("unsupported tokenizer.json components and missing files are named") {

@@ -6,7 +6,11 @@ runs, characters never seen in training):
   bytelevel/  Llama 3 style: byte-level BPE, Llama 3's split regex, ignore_merges, BOS template,
               special tokens <|begin_of_text|> ... <image>  (tokenizer.json)
   spbpe/      Llama 2 style: a SentencePiece BPE model with byte fallback (tokenizer.model), and the
-              tokenizer.json transformers converts it to (Metaspace, ByteFallback decoder)
+              tokenizer.json transformers converts it to (Metaspace, ByteFallback decoder); the
+              tokenizer.model alone as LlamaTokenizer reads it
+  spbpe_llava/, spbpe_legacy/  that tokenizer.model with a tokenizer_config.json (LLaVA-1.5's keys
+              and an added token; legacy=True with add_eos_token)
+  spunigram/  a SentencePiece Unigram model (refused by neva)
 
 Usage: tokenizer_oracle.py OUTPUT_DIR
 """
@@ -16,7 +20,7 @@ import sys
 
 import sentencepiece as spm
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerFast
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. What is shown in this image?",
@@ -42,8 +46,27 @@ TEXTS = [
     "I'LL SAY IT'S 3.14159!",
 ]
 
+# Control symbols written in the text, and the spaces around them (where legacy matters).
+CONTROL_TEXTS = [
+    "<s>hello</s>",
+    "USER: <image>\nWhat color is the circle? ASSISTANT: red</s>USER: And now? ASSISTANT: blue</s>",
+    "</s><s>two turns</s>",
+    "a </s> b<s>c  d\n e",
+    " one leading space",
+]
+TOKEN = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+LLAVA_CONFIG = {  # the keys of liuhaotian/llava-v1.5-7b's tokenizer_config.json, and an added token
+    "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False, "legacy": False,
+    "bos_token": {"__type": "AddedToken", "content": "<s>", **TOKEN},
+    "eos_token": {"__type": "AddedToken", "content": "</s>", **TOKEN},
+    "unk_token": {"__type": "AddedToken", "content": "<unk>", **TOKEN},
+    "pad_token": None, "model_max_length": 2048, "padding_side": "right", "sp_model_kwargs": {},
+    "tokenizer_class": "LlamaTokenizer",
+    "added_tokens_decoder": {"600": {"content": "<image>", "special": True, **TOKEN}},
+}
 
-def record(directory, tokenizer, texts):
+
+def record(directory, tokenizer, texts, name="reference.json"):
     cases = []
     for text in texts:
         ids = tokenizer.encode(text, add_special_tokens=True)
@@ -51,7 +74,7 @@ def record(directory, tokenizer, texts):
                       "ids_without_special": tokenizer.encode(text, add_special_tokens=False),
                       "decoded": tokenizer.decode(ids, skip_special_tokens=False),
                       "decoded_skip_special": tokenizer.decode(ids, skip_special_tokens=True)})
-    (directory / "reference.json").write_text(json.dumps(cases, ensure_ascii=False, indent=1))
+    (directory / name).write_text(json.dumps(cases, ensure_ascii=False, indent=1))
 
 
 def bytelevel(out_dir):
@@ -93,17 +116,26 @@ def spbpe(out_dir):
         if path.exists():
             path.unlink()
     record(directory, tokenizer, [t for t in TEXTS if "<|" not in t])
-    # SentencePiece's own ids, for the tokenizer.model path (dummy prefix on every stretch of text).
-    processor = spm.SentencePieceProcessor(model_file=str(directory / "tokenizer.model"))
-    plain = [t for t in TEXTS if "<" not in t]
-    (directory / "sentencepiece.json").write_text(json.dumps(
-        [{"text": t, "ids": [1] + processor.encode(t)} for t in plain], ensure_ascii=False, indent=1))
-    # Control symbols written in the text (<s>, </s>) are tokens, the text between them SentencePiece's,
-    # as LlamaTokenizer has it with legacy=True (a dummy prefix on each stretch).
-    legacy = LlamaTokenizer.from_pretrained(str(directory), legacy=True)
-    controls = ["<s>hello</s>", "USER: <image>\nWhat color is the circle? ASSISTANT: red</s>", "</s><s>two turns</s>"]
-    (directory / "sentencepiece_controls.json").write_text(json.dumps(
-        [{"text": t, "ids": legacy.encode(t, add_special_tokens=False)} for t in controls], ensure_ascii=False, indent=1))
+    # The tokenizer.model alone, as transformers' LlamaTokenizer reads it: with no tokenizer_config.json,
+    # its documented defaults (legacy=False, add_bos_token=True; 5.23 itself adds no BOS there).
+    texts = [t for t in TEXTS if "<|" not in t] + CONTROL_TEXTS
+    record(directory, LlamaTokenizer.from_pretrained(str(directory), add_bos_token=True), texts,
+           "sentencepiece.json")
+    # As original LLaVA-1.5 checkpoints ship it: tokenizer.model with a tokenizer_config.json (legacy
+    # false), here with a token added beyond the model's pieces; and the legacy prefix with an EOS.
+    for name, config in (("llava", LLAVA_CONFIG),
+                         ("legacy", {**LLAVA_CONFIG, "legacy": True, "add_eos_token": True, "added_tokens_decoder": {}})):
+        variant = out_dir / ("spbpe_" + name)
+        variant.mkdir(parents=True, exist_ok=True)
+        (variant / "tokenizer.model").write_bytes((directory / "tokenizer.model").read_bytes())
+        (variant / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+        record(variant, AutoTokenizer.from_pretrained(str(variant)), texts)
+    # A Unigram model, which neva refuses by name (LlamaTokenizer is BPE).
+    unigram = out_dir / "spunigram"
+    unigram.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS), model_prefix=str(unigram / "tokenizer"),
+                                   model_type="unigram", vocab_size=120, minloglevel=2)
+    (unigram / "tokenizer.vocab").unlink()
 
 
 def main():

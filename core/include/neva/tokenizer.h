@@ -5,7 +5,9 @@
 //   tokenizer.json   Hugging Face tokenizers' format: BPE (byte-level as in Llama 3, or with byte
 //                    fallback and Metaspace as in Llama 2 / Mistral conversions), its normalizers,
 //                    pre-tokenizers, post-processor, decoder and added tokens.
-//   tokenizer.model  a SentencePiece model (Llama 2, Mistral, Nemotron), run by the SentencePiece library.
+//   tokenizer.model  a SentencePiece BPE model (Llama 2, Mistral, Vicuna, original LLaVA-1.5), read as
+//                    transformers' LlamaTokenizer reads it, with tokenizer_config.json's legacy,
+//                    add_prefix_space, add_bos_token / add_eos_token and added_tokens_decoder.
 // Special tokens written in the text ("<image>", "<|eot_id|>") become their ids.
 #include <cstdint>
 #include <memory>

@@ -683,10 +683,14 @@ std::unique_ptr<Tokenizer> load_hf_tokenizer(const std::string& path) {
   } catch (const json::exception& error) {
     throw Error(path + ": invalid JSON: " + error.what());
   }
+  return make_hf_tokenizer(spec, path);
+}
+
+std::unique_ptr<Tokenizer> make_hf_tokenizer(const json& spec, const std::string& source) {
   try {
-    return std::make_unique<HfTokenizer>(spec, path);
+    return std::make_unique<HfTokenizer>(spec, source);
   } catch (const json::exception& error) {
-    throw Error(path + ": malformed tokenizer: " + error.what());
+    throw Error(source + ": malformed tokenizer: " + error.what());
   }
 }
 

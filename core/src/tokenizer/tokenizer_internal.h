@@ -3,6 +3,7 @@
 #include <cstring>
 #include <fstream>
 #include <memory>
+#include <nlohmann/json_fwd.hpp>
 #include <sstream>
 #include <string>
 
@@ -11,6 +12,8 @@
 namespace neva {
 
 std::unique_ptr<Tokenizer> load_hf_tokenizer(const std::string& tokenizer_json);
+// A tokenizer from a tokenizer.json description already parsed; `source` names it in errors.
+std::unique_ptr<Tokenizer> make_hf_tokenizer(const nlohmann::json& spec, const std::string& source);
 std::unique_ptr<Tokenizer> load_sentencepiece_tokenizer(const std::string& tokenizer_model);
 
 }  // namespace neva
