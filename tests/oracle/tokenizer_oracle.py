@@ -10,6 +10,8 @@ runs, characters never seen in training):
               tokenizer.model alone as LlamaTokenizer reads it
   spbpe_llava/, spbpe_legacy/  that tokenizer.model with a tokenizer_config.json (LLaVA-1.5's keys
               and an added token; legacy=True with add_eos_token)
+  spbpe_llama2json/, spbpe_llama2json_legacy/  an old Llama-2-style tokenizer.json (Prepend
+              normalizer) with a config naming LlamaTokenizer, legacy false and true
   spunigram/  a SentencePiece Unigram model (refused by neva)
 
 Usage: tokenizer_oracle.py OUTPUT_DIR
@@ -130,6 +132,30 @@ def spbpe(out_dir):
         (variant / "tokenizer.model").write_bytes((directory / "tokenizer.model").read_bytes())
         (variant / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
         record(variant, AutoTokenizer.from_pretrained(str(variant)), texts)
+    # An old Llama-2-style tokenizer.json (a Prepend normalizer: "▁" after every special token, and a
+    # BOS template) beside a config naming LlamaTokenizer: transformers 5 keeps its vocabulary, merges,
+    # added tokens and template, and builds the pipeline from legacy itself.
+    old_style = json.loads((converted / "tokenizer.json").read_text())
+    old_style["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+    old_style["pre_tokenizer"] = None
+    old_style["model"]["unk_token"] = "<unk>"
+    old_style["added_tokens"].append({"id": 600, "content": "<image>", "single_word": False, "lstrip": False,
+                                      "rstrip": False, "normalized": False, "special": True})
+    old_style["post_processor"] = {
+        "type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                 {"SpecialToken": {"id": "<s>", "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}
+    for name, legacy in (("llama2json", False), ("llama2json_legacy", True)):
+        variant = out_dir / ("spbpe_" + name)
+        variant.mkdir(parents=True, exist_ok=True)
+        (variant / "tokenizer.json").write_text(json.dumps(old_style, ensure_ascii=False))
+        config = {key: value for key, value in LLAVA_CONFIG.items() if key not in ("add_bos_token", "add_eos_token")}
+        (variant / "tokenizer_config.json").write_text(json.dumps({**config, "legacy": legacy}, indent=1))
+        tokenizer = AutoTokenizer.from_pretrained(str(variant))
+        assert type(tokenizer).__name__ == "LlamaTokenizer"
+        record(variant, tokenizer, texts)
     # A Unigram model, which neva refuses by name (LlamaTokenizer is BPE).
     unigram = out_dir / "spunigram"
     unigram.mkdir(parents=True, exist_ok=True)

@@ -1,13 +1,15 @@
 #pragma once
 // Text <-> token ids, with the ids Hugging Face's tokenizers give.
 //
-// Two sources, chosen by what a model directory holds:
+// Two sources, chosen by what a model directory holds, read as transformers 5 reads them:
 //   tokenizer.json   Hugging Face tokenizers' format: BPE (byte-level as in Llama 3, or with byte
 //                    fallback and Metaspace as in Llama 2 / Mistral conversions), its normalizers,
 //                    pre-tokenizers, post-processor, decoder and added tokens.
-//   tokenizer.model  a SentencePiece BPE model (Llama 2, Mistral, Vicuna, original LLaVA-1.5), read as
-//                    transformers' LlamaTokenizer reads it, with tokenizer_config.json's legacy,
-//                    add_prefix_space, add_bos_token / add_eos_token and added_tokens_decoder.
+//   tokenizer.model  a SentencePiece BPE model (Llama 2, Mistral, Vicuna, original LLaVA-1.5).
+// Where tokenizer_config.json names LlamaTokenizer (and always for tokenizer.model), only the
+// vocabulary, merges, added tokens and BOS/EOS template come from the files; the pipeline is
+// LlamaTokenizer's own, with the config's legacy and add_prefix_space, as in transformers 5.
+// tokenizer_config.json's added_tokens_decoder adds tokens in every case.
 // Special tokens written in the text ("<image>", "<|eot_id|>") become their ids.
 #include <cstdint>
 #include <memory>

@@ -672,18 +672,16 @@ class HfTokenizer : public Tokenizer {
 
 }  // namespace
 
-std::unique_ptr<Tokenizer> load_hf_tokenizer(const std::string& path) {
+json read_tokenizer_json(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw Error(path + ": cannot open: " + std::strerror(errno));
   std::ostringstream text;
   text << in.rdbuf();
-  json spec;
   try {
-    spec = json::parse(text.str());
+    return json::parse(text.str());
   } catch (const json::exception& error) {
     throw Error(path + ": invalid JSON: " + error.what());
   }
-  return make_hf_tokenizer(spec, path);
 }
 
 std::unique_ptr<Tokenizer> make_hf_tokenizer(const json& spec, const std::string& source) {

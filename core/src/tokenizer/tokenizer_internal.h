@@ -11,9 +11,15 @@
 
 namespace neva {
 
-std::unique_ptr<Tokenizer> load_hf_tokenizer(const std::string& tokenizer_json);
-// A tokenizer from a tokenizer.json description already parsed; `source` names it in errors.
+// A true/false option of tokenizer_config.json (`source`), `fallback` when absent or null.
+bool config_flag(const nlohmann::json& config, const char* key, bool fallback, const std::string& source);
+// tokenizer.json, parsed; errors name the file.
+nlohmann::json read_tokenizer_json(const std::string& path);
+// A tokenizer from a tokenizer.json description; `source` names it in errors.
 std::unique_ptr<Tokenizer> make_hf_tokenizer(const nlohmann::json& spec, const std::string& source);
-std::unique_ptr<Tokenizer> load_sentencepiece_tokenizer(const std::string& tokenizer_model);
+// The vocabulary, merges, added tokens and BOS/EOS template transformers' LlamaTokenizer takes from a
+// SentencePiece BPE model (tokenizer.model) and its tokenizer_config.json (`config`, named `config_source`).
+nlohmann::json sentencepiece_description(const std::string& tokenizer_model, const nlohmann::json& config,
+                                         const std::string& config_source);
 
 }  // namespace neva
