@@ -60,26 +60,22 @@ TEST_CASE("a tokenizer.model alone is read as transformers' LlamaTokenizer reads
   check_against(*tokenizer, read_json(directory / "sentencepiece.json"));
 }
 
-TEST_CASE("tokenizer.model with tokenizer_config.json: legacy, the BOS/EOS template and added tokens as transformers") {
-  for (const char* name : {"spbpe_llava", "spbpe_legacy"}) {
+TEST_CASE("model directories as checkpoints ship them give AutoTokenizer's ids: LlamaTokenizer's pipeline or the file's") {
+  // tokenizer.model or an old Llama-2-style tokenizer.json, with tokenizer_config.json's legacy,
+  // BOS/EOS and added tokens, and config.json's model type deciding the class (tokenizer_oracle.py).
+  for (const std::string name : read_json(oracle_directory() / "variants.json")) {
     CAPTURE(name);
     auto directory = oracle_directory() / name;
     auto tokenizer = neva::Tokenizer::load(directory.string());
     check_against(*tokenizer, read_json(directory / "reference.json"));
-    CHECK((tokenizer->token_id("<image>") == (std::string(name) == "spbpe_llava" ? std::optional<std::int64_t>(600)
-                                                                                 : std::nullopt)));
+    auto meta = read_json(directory / "meta.json");
+    std::string transformers_class = meta["class"];
+    CAPTURE(transformers_class);
+    CHECK(tokenizer->vocab_size() == meta["size"].get<std::int64_t>());
   }
 }
 
-TEST_CASE("tokenizer_class LlamaTokenizer: an old-style tokenizer.json runs with transformers 5's pipeline, not as written") {
-  for (const char* name : {"spbpe_llama2json", "spbpe_llama2json_legacy"}) {
-    CAPTURE(name);
-    auto directory = oracle_directory() / name;
-    check_against(*neva::Tokenizer::load(directory.string()), read_json(directory / "reference.json"));
-  }
-}
-
-TEST_CASE("a tokenizer_config.json a tokenizer.model cannot follow is named") {
+TEST_CASE("a tokenizer_config.json or config.json the tokenizer cannot follow is named") {
   neva::test::TempDir dir;
   fs::copy_file(oracle_directory() / "spbpe/tokenizer.model", dir.path() / "tokenizer.model");
   const std::string config = (dir.path() / "tokenizer_config.json").string();
@@ -91,13 +87,46 @@ TEST_CASE("a tokenizer_config.json a tokenizer.model cannot follow is named") {
   dir.write("tokenizer_config.json", R"({"legacy": "no"})");
   CHECK_THROWS_WITH_AS(neva::Tokenizer::load(dir.path().string()), (config + ": legacy: expected true or false").c_str(),
                        neva::Error);
-  dir.write("tokenizer_config.json", R"({"added_tokens_decoder": {"1": {"content": "<image>"}}})");
+  dir.write("tokenizer_config.json", R"({"added_tokens_decoder": {"1": {"content": "<image>", "special": true}}})");
   CHECK_THROWS_WITH_AS(neva::Tokenizer::load(dir.path().string()),
                        (config + ": added_tokens_decoder: token 1 is '<image>' but the tokenizer's token 1 is '<s>'").c_str(),
                        neva::Error);
   dir.write("tokenizer_config.json", R"({"bos_token": "<bos>"})");
   CHECK_THROWS_WITH_AS(neva::Tokenizer::load(dir.path().string()),
-                       doctest::Contains(": bos_token '<bos>' is not a piece of "), neva::Error);
+                       (config + ": bos_token '<bos>' is not a token of this tokenizer").c_str(), neva::Error);
+  // Added tokens: ids follow the tokenizer's last without a gap (transformers would renumber them).
+  dir.write("tokenizer_config.json", R"({"added_tokens_decoder": {"602": {"content": "<image>", "special": true}}})");
+  CHECK_THROWS_WITH_AS(neva::Tokenizer::load(dir.path().string()),
+                       (config + ": added_tokens_decoder: token 602 '<image>' leaves a gap: the next free id is 600 "
+                                 "(transformers would renumber it)").c_str(),
+                       neva::Error);
+  dir.write("tokenizer_config.json", R"({"added_tokens_decoder": {"-1": {"content": "<image>", "special": true}}})");
+  CHECK_THROWS_WITH_AS(neva::Tokenizer::load(dir.path().string()),
+                       doctest::Contains((config + ": added_tokens_decoder: entry '-1': ").c_str()), neva::Error);
+  dir.write("tokenizer_config.json", R"({"added_tokens_decoder": {"600": "<image>"}})");
+  CHECK_THROWS_WITH_AS(neva::Tokenizer::load(dir.path().string()),
+                       doctest::Contains((config + ": added_tokens_decoder: entry '600': expected {\"content\": string").c_str()),
+                       neva::Error);
+  dir.write("tokenizer_config.json", R"({"added_tokens_decoder": {"600": {"content": "<image>", "special": "yes"}}})");
+  CHECK_THROWS_WITH_AS(neva::Tokenizer::load(dir.path().string()),
+                       doctest::Contains((config + ": added_tokens_decoder: entry '600': ").c_str()), neva::Error);
+  dir.write("tokenizer_config.json", R"({"added_tokens_decoder": {"600": {"content": "<image>", "special": false}}})");
+  CHECK_THROWS_WITH_AS(neva::Tokenizer::load(dir.path().string()),
+                       (config + ": added_tokens_decoder: entry '600': a token matched on normalized text or as a single "
+                                 "word is not supported (set \"normalized\": false and \"single_word\": false)").c_str(),
+                       neva::Error);
+  dir.write("tokenizer_config.json", R"({"added_tokens_decoder": {"600": {"content": "<image>", "special": true}}})");
+  CHECK(neva::Tokenizer::load(dir.path().string())->encode("a<image>", false).back() == 600);
+  // A tokenizer.model that transformers reads with its generic backend (by config.json's model type).
+  dir.write("tokenizer_config.json", "{}");
+  dir.write("config.json", R"({"model_type": "mistral"})");
+  const std::string generic = (dir.path() / "tokenizer.model").string() +
+                              ": transformers 5.23 reads a tokenizer.model of model_type 'mistral'";
+  CHECK_THROWS_WITH_AS(neva::Tokenizer::load(dir.path().string()), doctest::Contains(generic.c_str()), neva::Error);
+  dir.write("config.json", "[]");
+  CHECK_THROWS_WITH_AS(neva::Tokenizer::load(dir.path().string()),
+                       ((dir.path() / "config.json").string() + ": expected a JSON object").c_str(), neva::Error);
+  fs::remove(dir.path() / "config.json");
   auto unigram = oracle_directory() / "spunigram/tokenizer.model";
   CHECK_THROWS_WITH_AS(neva::Tokenizer::load(unigram.string()),
                        (unigram.string() + ": a Unigram SentencePiece model; neva reads tokenizer.model as transformers' "

@@ -8,10 +8,9 @@ runs, characters never seen in training):
   spbpe/      Llama 2 style: a SentencePiece BPE model with byte fallback (tokenizer.model), and the
               tokenizer.json transformers converts it to (Metaspace, ByteFallback decoder); the
               tokenizer.model alone as LlamaTokenizer reads it
-  spbpe_llava/, spbpe_legacy/  that tokenizer.model with a tokenizer_config.json (LLaVA-1.5's keys
-              and an added token; legacy=True with add_eos_token)
-  spbpe_llama2json/, spbpe_llama2json_legacy/  an old Llama-2-style tokenizer.json (Prepend
-              normalizer) with a config naming LlamaTokenizer, legacy false and true
+  spbpe_*/, bytelevel_llamafast/  directories as checkpoints ship them (tokenizer.model or an old
+              Llama-2-style tokenizer.json, tokenizer_config.json, config.json's model type), each
+              recorded with AutoTokenizer; variants.json lists them
   spunigram/  a SentencePiece Unigram model (refused by neva)
 
 Usage: tokenizer_oracle.py OUTPUT_DIR
@@ -52,6 +51,7 @@ TEXTS = [
 CONTROL_TEXTS = [
     "<s>hello</s>",
     "USER: <image>\nWhat color is the circle? ASSISTANT: red</s>USER: And now? ASSISTANT: blue</s>",
+    "x <image> y<image>z",
     "</s><s>two turns</s>",
     "a </s> b<s>c  d\n e",
     " one leading space",
@@ -123,18 +123,8 @@ def spbpe(out_dir):
     texts = [t for t in TEXTS if "<|" not in t] + CONTROL_TEXTS
     record(directory, LlamaTokenizer.from_pretrained(str(directory), add_bos_token=True), texts,
            "sentencepiece.json")
-    # As original LLaVA-1.5 checkpoints ship it: tokenizer.model with a tokenizer_config.json (legacy
-    # false), here with a token added beyond the model's pieces; and the legacy prefix with an EOS.
-    for name, config in (("llava", LLAVA_CONFIG),
-                         ("legacy", {**LLAVA_CONFIG, "legacy": True, "add_eos_token": True, "added_tokens_decoder": {}})):
-        variant = out_dir / ("spbpe_" + name)
-        variant.mkdir(parents=True, exist_ok=True)
-        (variant / "tokenizer.model").write_bytes((directory / "tokenizer.model").read_bytes())
-        (variant / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
-        record(variant, AutoTokenizer.from_pretrained(str(variant)), texts)
     # An old Llama-2-style tokenizer.json (a Prepend normalizer: "▁" after every special token, and a
-    # BOS template) beside a config naming LlamaTokenizer: transformers 5 keeps its vocabulary, merges,
-    # added tokens and template, and builds the pipeline from legacy itself.
+    # BOS template), as meta-llama/Llama-2-7b-hf ships it, with an added <image>.
     old_style = json.loads((converted / "tokenizer.json").read_text())
     old_style["normalizer"] = {"type": "Sequence", "normalizers": [
         {"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
@@ -147,15 +137,54 @@ def spbpe(out_dir):
         "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
                  {"SpecialToken": {"id": "<s>", "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
         "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}
-    for name, legacy in (("llama2json", False), ("llama2json_legacy", True)):
-        variant = out_dir / ("spbpe_" + name)
+    bytelevel_json = json.loads((out_dir / "bytelevel" / "tokenizer.json").read_text())
+    no_bos_keys = {key: value for key, value in LLAVA_CONFIG.items() if key not in ("add_bos_token", "add_eos_token")}
+    no_added = {key: value for key, value in no_bos_keys.items() if key != "added_tokens_decoder"}
+    loose_image = {"600": {"content": "<image>", "special": False, "lstrip": True, "rstrip": True, "normalized": False}}
+    # Directories as checkpoints ship them, each read by AutoTokenizer: which class it picks
+    # (tokenizer_config.json's or config.json's tokenizer_class, overridden by model types transformers
+    # registers to its generic backend and by byte-level files) decides whether the file's pipeline runs
+    # as written or LlamaTokenizer builds its own.
+    variants = {
+        # tokenizer.model: original LLaVA-1.5's keys with an added token; the legacy prefix with an EOS.
+        "spbpe_llava": ("model", LLAVA_CONFIG, None),
+        "spbpe_legacy": ("model", {**LLAVA_CONFIG, "legacy": True, "add_eos_token": True, "added_tokens_decoder": {}}, None),
+        # old-style tokenizer.json naming LlamaTokenizer, legacy false and true
+        "spbpe_llama2json": ("json", {**no_bos_keys, "legacy": False}, None),
+        "spbpe_llama2json_legacy": ("json", {**no_bos_keys, "legacy": True}, None),
+        # ... with the model types of Llama and LLaVA-1.5 checkpoints (LlamaTokenizer), and those
+        # transformers reads with its generic backend (the file as written)
+        **{f"spbpe_type_{model_type}": ("json", {**no_bos_keys, "legacy": False}, {"model_type": model_type})
+           for model_type in ("llama", "llava_llama", "mistral", "mixtral", "llava", "llava_next", "nemotron", "vipllava")},
+        # the class named by config.json only
+        "spbpe_class_in_config": ("json", {**no_added, "legacy": False, "tokenizer_class": None},
+                                  {"model_type": "llama", "tokenizer_class": "LlamaTokenizer"}),
+        # the config's added_tokens_decoder wins over the file's flags (LlamaTokenizer and as written)
+        "spbpe_config_tokens": ("json", {**no_bos_keys, "added_tokens_decoder": loose_image}, None),
+        "spbpe_config_tokens_generic": ("json", {**no_bos_keys, "tokenizer_class": "PreTrainedTokenizerFast",
+                                                 "added_tokens_decoder": loose_image}, None),
+        # a config listing tokens without the file's <image>: LlamaTokenizer drops it
+        "spbpe_config_tokens_without_image": ("json", {**no_bos_keys, "added_tokens_decoder": {
+            str(i): {"content": c, "special": True} for i, c in enumerate(["<unk>", "<s>", "</s>"])}}, None),
+        # a byte-level tokenizer.json whose config says LlamaTokenizerFast: the file as written
+        "bytelevel_llamafast": ("bytelevel", {"tokenizer_class": "LlamaTokenizerFast"}, None),
+    }
+    for name, (kind, config, model_config) in variants.items():
+        variant = out_dir / name
         variant.mkdir(parents=True, exist_ok=True)
-        (variant / "tokenizer.json").write_text(json.dumps(old_style, ensure_ascii=False))
-        config = {key: value for key, value in LLAVA_CONFIG.items() if key not in ("add_bos_token", "add_eos_token")}
-        (variant / "tokenizer_config.json").write_text(json.dumps({**config, "legacy": legacy}, indent=1))
+        if kind == "model":
+            (variant / "tokenizer.model").write_bytes((directory / "tokenizer.model").read_bytes())
+        else:
+            content = old_style if kind == "json" else bytelevel_json
+            (variant / "tokenizer.json").write_text(json.dumps(content, ensure_ascii=False))
+        (variant / "tokenizer_config.json").write_text(
+            json.dumps({key: value for key, value in config.items() if value is not None}, indent=1))
+        if model_config:
+            (variant / "config.json").write_text(json.dumps(model_config, indent=1))
         tokenizer = AutoTokenizer.from_pretrained(str(variant))
-        assert type(tokenizer).__name__ == "LlamaTokenizer"
-        record(variant, tokenizer, texts)
+        record(variant, tokenizer, texts if kind != "bytelevel" else TEXTS)
+        (variant / "meta.json").write_text(json.dumps({"class": type(tokenizer).__name__, "size": len(tokenizer)}))
+    (out_dir / "variants.json").write_text(json.dumps(sorted(variants)))
     # A Unigram model, which neva refuses by name (LlamaTokenizer is BPE).
     unigram = out_dir / "spunigram"
     unigram.mkdir(parents=True, exist_ok=True)

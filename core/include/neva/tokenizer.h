@@ -6,10 +6,12 @@
 //                    fallback and Metaspace as in Llama 2 / Mistral conversions), its normalizers,
 //                    pre-tokenizers, post-processor, decoder and added tokens.
 //   tokenizer.model  a SentencePiece BPE model (Llama 2, Mistral, Vicuna, original LLaVA-1.5).
-// Where tokenizer_config.json names LlamaTokenizer (and always for tokenizer.model), only the
-// vocabulary, merges, added tokens and BOS/EOS template come from the files; the pipeline is
-// LlamaTokenizer's own, with the config's legacy and add_prefix_space, as in transformers 5.
-// tokenizer_config.json's added_tokens_decoder adds tokens in every case.
+// The class is the one transformers 5.23's AutoTokenizer picks (tokenizer_config.json's or
+// config.json's tokenizer_class, overridden by model types it reads generically, e.g. mistral, llava,
+// and by byte-level files). For LlamaTokenizer (and always for tokenizer.model) only the vocabulary,
+// merges, added tokens and BOS/EOS template come from the files; the pipeline is LlamaTokenizer's own,
+// with the config's legacy and add_prefix_space. tokenizer_config.json's added_tokens_decoder adds
+// tokens or changes their stripping. Deviations are documented in src/tokenizer/tokenizer.cpp.
 // Special tokens written in the text ("<image>", "<|eot_id|>") become their ids.
 #include <cstdint>
 #include <memory>

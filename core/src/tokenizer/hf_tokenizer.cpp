@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdio>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <queue>
@@ -671,18 +672,6 @@ class HfTokenizer : public Tokenizer {
 };
 
 }  // namespace
-
-json read_tokenizer_json(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error(path + ": cannot open: " + std::strerror(errno));
-  std::ostringstream text;
-  text << in.rdbuf();
-  try {
-    return json::parse(text.str());
-  } catch (const json::exception& error) {
-    throw Error(path + ": invalid JSON: " + error.what());
-  }
-}
 
 std::unique_ptr<Tokenizer> make_hf_tokenizer(const json& spec, const std::string& source) {
   try {

@@ -1,17 +1,13 @@
 // A tokenizer.model, read the way transformers 5's LlamaTokenizer reads one without tokenizer.json:
 // the SentencePiece BPE model's pieces become the vocabulary, its merges are derived from the pieces
-// (generate_merges), its control and unknown pieces are special added tokens, and the BOS/EOS
-// template follows tokenizer_config.json's add_bos_token (default true) and add_eos_token (default
-// false). tokenizer.cpp adds LlamaTokenizer's pipeline (Metaspace, byte fallback, decoder).
-// The BOS default follows LlamaTokenizer's documentation; transformers 5.23 itself adds no BOS when a
-// directory has no tokenizer_config.json at all (and AutoTokenizer there does not pick LlamaTokenizer),
-// which is no behaviour to copy for a Llama model. SentencePiece's own normalisation rules and its
-// user-defined symbols are not used, as in transformers (the C++ API of SentencePiece 0.1.97 cannot
-// name user-defined pieces; those a model needs are listed in tokenizer_config.json's
-// added_tokens_decoder, which transformers writes since 4.34).
+// (generate_merges) and its control and unknown pieces are special added tokens. tokenizer.cpp adds
+// LlamaTokenizer's pipeline, tokenizer_config.json's tokens and the BOS/EOS template.
+// SentencePiece's own normalisation rules and its user-defined symbols are not used, as in
+// transformers; the C++ API of SentencePiece 0.1.97 has no piece-type query for user-defined symbols,
+// so a model that needs them must list them in tokenizer_config.json's added_tokens_decoder (which
+// transformers writes since 4.34). Llama-family models have none.
 #include <sentencepiece_processor.h>
 
-#include <optional>
 #include <unordered_map>
 #include <nlohmann/json.hpp>
 
@@ -38,20 +34,9 @@ json merges_of(const std::vector<std::string>& pieces, const std::unordered_map<
   return merges;
 }
 
-// A token option of tokenizer_config.json: a string, {"content": ...} or null (none).
-std::optional<std::string> token_option(const json& config, const char* key, const std::string& fallback,
-                                        const std::string& source) {
-  if (!config.contains(key)) return fallback.empty() ? std::nullopt : std::optional<std::string>(fallback);
-  const json& value = config[key];
-  if (value.is_null()) return std::nullopt;
-  if (value.is_string()) return value.get<std::string>();
-  if (value.is_object() && value.contains("content") && value["content"].is_string()) return value["content"].get<std::string>();
-  throw Error(source + ": " + key + ": expected a string, {\"content\": ...} or null");
-}
-
 }  // namespace
 
-json sentencepiece_description(const std::string& path, const json& config, const std::string& source) {
+SentencePieceDescription sentencepiece_description(const std::string& path) {
   sentencepiece::SentencePieceProcessor processor;
   auto status = processor.Load(path);
   if (!status.ok()) throw Error(path + ": cannot load SentencePiece model: " + status.ToString());
@@ -68,30 +53,12 @@ json sentencepiece_description(const std::string& path, const json& config, cons
     pieces.push_back(piece);
     ids.emplace(piece, id);
     vocab[piece] = id;
-    if (processor.IsControl(id) || processor.IsUnknown(id)) {
-      added.push_back({{"id", id}, {"content", piece}, {"special", true}, {"lstrip", false}, {"rstrip", false},
-                       {"single_word", false}, {"normalized", false}});
-    }
+    if (processor.IsControl(id) || processor.IsUnknown(id)) added.push_back(make_added_token(id, piece, true, false, false));
   }
-  json single = json::array(), special_tokens = json::object();
-  auto template_token = [&](const std::optional<std::string>& token, const char* key) {
-    if (!token) return;
-    auto found = ids.find(*token);
-    if (found == ids.end()) throw Error(source + ": " + key + " '" + *token + "' is not a piece of " + path);
-    single.push_back({{"SpecialToken", {{"id", *token}, {"type_id", 0}}}});
-    special_tokens[*token] = {{"id", *token}, {"ids", {found->second}}, {"tokens", {*token}}};
-  };
   auto piece_or_none = [&](int id) { return id >= 0 ? processor.IdToPiece(id) : std::string(); };
-  if (config_flag(config, "add_bos_token", true, source)) {
-    template_token(token_option(config, "bos_token", piece_or_none(processor.bos_id()), source), "bos_token");
-  }
-  single.push_back({{"Sequence", {{"id", "A"}, {"type_id", 0}}}});
-  if (config_flag(config, "add_eos_token", false, source)) {
-    template_token(token_option(config, "eos_token", piece_or_none(processor.eos_id()), source), "eos_token");
-  }
-  return {{"model", {{"type", "BPE"}, {"vocab", vocab}, {"merges", merges_of(pieces, ids)}}},
-          {"added_tokens", added},
-          {"post_processor", {{"type", "TemplateProcessing"}, {"single", single}, {"special_tokens", special_tokens}}}};
+  return {{{"model", {{"type", "BPE"}, {"vocab", vocab}, {"merges", merges_of(pieces, ids)}}}, {"added_tokens", added}},
+          piece_or_none(processor.bos_id()),
+          piece_or_none(processor.eos_id())};
 }
 
 }  // namespace neva

@@ -1,19 +1,29 @@
 // Which tokenizer a model directory describes, read as transformers 5 reads it.
 //
-// transformers picks the class tokenizer_config.json names. A class without a pipeline of its own
-// (PreTrainedTokenizerFast, Llama 3's) runs tokenizer.json as written. LlamaTokenizer (Llama 2,
-// Mistral, Mixtral, Vicuna, LLaVA-1.5) keeps only the vocabulary, merges, added tokens and
-// post-processor of tokenizer.json, or takes them from tokenizer.model, and builds the rest itself:
+// AutoTokenizer picks the class tokenizer_config.json (or config.json) names, unless the model type
+// or a byte-level tokenizer.json overrides it (is_llama_tokenizer). A class without a pipeline of its
+// own (PreTrainedTokenizerFast, TokenizersBackend: Llama 3, and Mistral, Mixtral, llava-hf by their
+// model type) runs tokenizer.json as written. LlamaTokenizer (Llama 2, Vicuna, original LLaVA-1.5)
+// keeps only the vocabulary, merges, added tokens and post-processor of tokenizer.json, or takes them
+// from tokenizer.model, and builds the rest itself:
 // no normalizer, a Metaspace pre-tokenizer without splitting whose "▁" prefix goes only at the start
 // of the text unless `legacy` is true (then after every special token too) or add_prefix_space is
 // false (never), byte fallback, and the decoder to match. Old Llama-2-style tokenizer.json files (a
 // Prepend normalizer: "▁" after every special token) are therefore not run as written: transformers
-// 5 does not, and LLaVA-1.5 (legacy false) was trained with the prefix at the start only. This is
+// 5 does not (original LLaVA-1.5's tokenizer_config.json says legacy false: the prefix at the start
+// only, which is what transformers' non-legacy Llama tokenizers have meant since 4.31). This is
 // transformers 5.23's behaviour (the pinned reference); upstream has debated going back to the file's
-// Prepend normalizer for Llama (huggingface/transformers#47700, closed; #47488 did so for CodeLlama).
+// Prepend normalizer for Llama (huggingface/transformers#47700, closed). CodeLlamaTokenizer, which
+// also builds its own pipeline, is not modelled: its tokenizer.json runs as written.
+#include <cerrno>
+#include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <map>
+#include <optional>
 #include <nlohmann/json.hpp>
+#include <set>
+#include <stdexcept>
 
 #include "neva/error.h"
 #include "tokenizer_internal.h"
@@ -25,23 +35,56 @@ namespace {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-json read_config(const fs::path& path) {
+// A JSON object from `path`; an empty object when `optional` and the file does not exist.
+json read_json_object(const fs::path& path, bool optional) {
   std::error_code error;
-  if (!fs::exists(path, error)) return json::object();
+  if (optional && !fs::exists(path, error)) {
+    if (error) throw Error(path.string() + ": cannot check: " + error.message());
+    return json::object();
+  }
   std::ifstream in(path, std::ios::binary);
   if (!in) throw Error(path.string() + ": cannot open: " + std::strerror(errno));
-  json config = json::parse(in, nullptr, false);
-  if (config.is_discarded()) throw Error(path.string() + ": invalid JSON");
-  if (!config.is_object()) throw Error(path.string() + ": expected a JSON object");
-  return config;
+  json value;
+  try {
+    value = json::parse(in);
+  } catch (const json::exception& parse_error) {
+    throw Error(path.string() + ": invalid JSON: " + parse_error.what());
+  }
+  if (!value.is_object()) throw Error(path.string() + ": expected a JSON object");
+  return value;
+}
+
+std::string string_or_empty(const json& object, const char* key) {
+  return object.contains(key) && object[key].is_string() ? object[key].get<std::string>() : std::string();
+}
+
+// Model types whose tokenizer transformers 5.23 registers as its generic TokenizersBackend
+// (models/auto/tokenization_auto.py): for them AutoTokenizer overrides a tokenizer_class of
+// LlamaTokenizer and runs tokenizer.json as written. The oracle records AutoTokenizer for each.
+const std::set<std::string>& generic_backend_model_types() {
+  static const std::set<std::string> types{"llava", "llava_next", "mistral", "mixtral", "nemotron", "vipllava"};
+  return types;
+}
+
+// Whether AutoTokenizer (transformers 5.23) builds LlamaTokenizer for this directory: its class is
+// tokenizer_config.json's tokenizer_class, else config.json's; a generic model type or a byte-level
+// tokenizer.json (searched as transformers does, for the string "ByteLevel") overrides it.
+bool is_llama_tokenizer(const json& tokenizer_config, const json& model_config, const std::string& tokenizer_json_text) {
+  std::string name = string_or_empty(tokenizer_config, "tokenizer_class");
+  if (name.empty()) name = string_or_empty(model_config, "tokenizer_class");
+  if (name != "LlamaTokenizer" && name != "LlamaTokenizerFast") return false;
+  if (generic_backend_model_types().count(string_or_empty(model_config, "model_type"))) return false;
+  return tokenizer_json_text.find("\"ByteLevel\"") == std::string::npos;
 }
 
 // LlamaTokenizer's own pipeline around the vocabulary (see the top of this file).
-void apply_llama_pipeline(json& spec, const json& config, const std::string& source) {
-  json& model = spec.at("model");
-  if (model.value("type", "BPE") != "BPE") throw Error(source + ": LlamaTokenizer needs a BPE model");
-  const bool legacy = config_flag(config, "legacy", false, source);
-  const bool prefix_space = config_flag(config, "add_prefix_space", true, source);
+void apply_llama_pipeline(json& spec, const json& config, const std::string& config_source,
+                          const std::string& source) {
+  json& model = spec["model"];
+  const std::string type = model.is_object() ? model.value("type", "BPE") : std::string("(none)");
+  if (type != "BPE") throw Error(source + ": model '" + type + "': LlamaTokenizer needs a BPE model");
+  const bool legacy = config_flag(config, "legacy", false, config_source);
+  const bool prefix_space = config_flag(config, "add_prefix_space", true, config_source);
   model["byte_fallback"] = true;
   model["fuse_unk"] = true;
   model.erase("unk_token");  // LlamaTokenizer's BPE has none: what byte fallback cannot spell is dropped
@@ -58,37 +101,129 @@ void apply_llama_pipeline(json& spec, const json& config, const std::string& sou
   spec["decoder"] = {{"type", "Sequence"}, {"decoders", decoders}};
 }
 
-// tokenizer_config.json's added_tokens_decoder: tokens beyond the model's own, as transformers adds them.
-void add_config_tokens(json& spec, const json& config, const std::string& source) {
+// tokenizer_config.json's added_tokens_decoder over the added tokens the files give: an entry replaces
+// the token of its id (its stripping wins, as in transformers) or adds one. Entries matched on
+// normalized text or as single words are refused: neva matches added tokens on the raw text only. New ids must follow the
+// tokenizer's last id without a gap: transformers would renumber them, silently.
+void merge_config_tokens(json& spec, const json& config, const std::string& source, bool keep_special_flags) {
   if (!config.contains("added_tokens_decoder")) return;
   const json& listed = config["added_tokens_decoder"];
   if (!listed.is_object()) throw Error(source + ": added_tokens_decoder: expected an object of id: token");
-  std::map<std::int64_t, std::string> known;
-  for (const auto& [token, id] : spec.at("model").at("vocab").items()) known[id.get<std::int64_t>()] = token;
-  json& added = spec["added_tokens"];
-  if (added.is_null()) added = json::array();
-  for (const auto& token : added) known[token.at("id").get<std::int64_t>()] = token.at("content").get<std::string>();
+  std::map<std::int64_t, std::string> vocab;
+  for (const auto& [token, id] : spec["model"]["vocab"].items()) vocab[id.get<std::int64_t>()] = token;
+  std::map<std::int64_t, json> added;
+  for (const auto& token : spec["added_tokens"]) added[token.at("id").get<std::int64_t>()] = token;
+  std::map<std::int64_t, json> entries;
   for (const auto& [key, token] : listed.items()) {
-    std::int64_t id = 0;
-    std::string content;
     try {
-      id = std::stoll(key);
-      content = token.at("content").get<std::string>();
-    } catch (const std::logic_error& error) {  // std::stoll's and json's errors
-      throw Error(source + ": added_tokens_decoder: malformed entry '" + key + "': " + error.what());
+      std::size_t end = 0;
+      const std::int64_t id = std::stoll(key, &end);
+      if (end != key.size() || id < 0) throw std::invalid_argument("not a token id");
+      const std::string content = token.at("content").get<std::string>();
+      const auto flag = [&](const char* name, bool fallback) {
+        return token.contains(name) ? token.at(name).get<bool>() : fallback;
+      };
+      const bool special = flag("special", false);
+      if (flag("normalized", !special) || flag("single_word", false)) {  // transformers' default: normalized = !special
+        throw std::invalid_argument("a token matched on normalized text or as a single word is not supported "
+                                    "(set \"normalized\": false and \"single_word\": false)");
+      }
+      entries[id] = make_added_token(id, content, special, flag("lstrip", false),
+                                     flag("rstrip", false));
+    } catch (const std::logic_error& error) {  // std::stoll's errors
+      throw Error(source + ": added_tokens_decoder: entry '" + key + "': " + error.what());
+    } catch (const json::exception& error) {
+      throw Error(source + ": added_tokens_decoder: entry '" + key + "': expected {\"content\": string, \"special\": "
+                  "bool, ...}: " + error.what());
     }
-    auto found = known.find(id);
-    if (found != known.end() && found->second != content) {
-      throw Error(source + ": added_tokens_decoder: token " + key + " is '" + content + "' but the tokenizer's token " +
-                  key + " is '" + found->second + "'");
-    }
-    bool listed_already = false;
-    for (const auto& item : added) listed_already = listed_already || item.at("id").get<std::int64_t>() == id;
-    if (listed_already) continue;
-    added.push_back({{"id", id}, {"content", content}, {"special", token.value("special", false)},
-                     {"lstrip", token.value("lstrip", false)}, {"rstrip", token.value("rstrip", false)},
-                     {"single_word", false}, {"normalized", false}});
   }
+  std::int64_t next = vocab.empty() ? 0 : vocab.rbegin()->first + 1;
+  if (!added.empty()) next = std::max(next, added.rbegin()->first + 1);
+  for (const auto& [id, token] : entries) {
+    const std::string content = token["content"].get<std::string>();
+    const auto in_vocab = vocab.find(id);
+    const auto in_added = added.find(id);
+    const std::string* existing = in_added != added.end() ? in_added->second["content"].get_ptr<const std::string*>()
+                                  : in_vocab != vocab.end() ? &in_vocab->second
+                                                            : nullptr;
+    if (existing && *existing != content) {
+      throw Error(source + ": added_tokens_decoder: token " + std::to_string(id) + " is '" + content +
+                  "' but the tokenizer's token " + std::to_string(id) + " is '" + *existing + "'");
+    }
+    if (!existing && id != next) {
+      throw Error(source + ": added_tokens_decoder: token " + std::to_string(id) + " '" + content + "' leaves a gap: " +
+                  "the next free id is " + std::to_string(next) + " (transformers would renumber it)");
+    }
+    if (!existing) ++next;
+    json merged = token;
+    // Run as written, the file's own added tokens keep their special flag (transformers' backend
+    // tokenizer decides skip_special_tokens by it); only their stripping follows the config.
+    if (keep_special_flags && in_added != added.end()) merged["special"] = in_added->second["special"];
+    added[id] = merged;
+  }
+  spec["added_tokens"] = json::array();
+  for (auto& [id, token] : added) spec["added_tokens"].push_back(std::move(token));
+}
+
+// The special tokens tokenizer_config.json names (LlamaTokenizer's defaults where it is silent), as
+// special added tokens where the tokenizer has them and they are not added yet: transformers adds them
+// so when it rebuilds LlamaTokenizer without the file's added tokens.
+void add_named_special_tokens(json& spec, const json& config) {
+  const std::pair<const char*, const char*> names[] = {
+      {"bos_token", "<s>"}, {"eos_token", "</s>"}, {"unk_token", "<unk>"}, {"pad_token", ""}};
+  for (const auto& [key, fallback] : names) {
+    std::string content = fallback;
+    if (config.contains(key)) {
+      const json& value = config[key];
+      content = value.is_string() ? value.get<std::string>()
+                : value.is_object() && value.contains("content") && value["content"].is_string()
+                    ? value["content"].get<std::string>()
+                    : std::string();
+    }
+    if (content.empty() || !spec["model"]["vocab"].contains(content)) continue;
+    bool present = false;
+    for (const auto& token : spec["added_tokens"]) present = present || token["content"] == content;
+    if (!present) {
+      spec["added_tokens"].push_back(
+          make_added_token(spec["model"]["vocab"][content].get<std::int64_t>(), content, true, false, false));
+    }
+  }
+}
+
+// The BOS/EOS template a tokenizer.model gets (tokenizer_config.json's add_bos_token, default true as
+// LlamaTokenizer documents it; add_eos_token, default false), from the tokens the tokenizer now has.
+// transformers 5.23 itself adds no BOS where add_bos_token is absent (its TokenizersBackend reads a
+// missing key as false), against its documentation and against how Llama models were trained; neva
+// follows the documentation there, and only there. A directory with a tokenizer.model and no
+// tokenizer_config.json is read as LlamaTokenizer (AutoTokenizer would pick its generic backend,
+// which drops SentencePiece's prefix).
+void sentencepiece_template(json& spec, const json& config, const std::string& source, const std::string& bos,
+                            const std::string& eos) {
+  auto token_option = [&](const char* key, const std::string& fallback) -> std::optional<std::string> {
+    if (!config.contains(key)) return fallback.empty() ? std::nullopt : std::optional<std::string>(fallback);
+    const json& value = config[key];
+    if (value.is_null()) return std::nullopt;
+    if (value.is_string()) return value.get<std::string>();
+    if (value.is_object() && value.contains("content") && value["content"].is_string()) return value["content"].get<std::string>();
+    throw Error(source + ": " + key + ": expected a string, {\"content\": ...} or null");
+  };
+  json single = json::array(), special_tokens = json::object();
+  auto add = [&](const char* key, const std::string& fallback) {
+    const auto token = token_option(key, fallback);
+    if (!token) return;
+    std::optional<std::int64_t> id;
+    for (const auto& item : spec["added_tokens"]) {
+      if (item["content"] == *token) id = item["id"].get<std::int64_t>();
+    }
+    if (!id && spec["model"]["vocab"].contains(*token)) id = spec["model"]["vocab"][*token].get<std::int64_t>();
+    if (!id) throw Error(source + ": " + key + " '" + *token + "' is not a token of this tokenizer");
+    single.push_back({{"SpecialToken", {{"id", *token}, {"type_id", 0}}}});
+    special_tokens[*token] = {{"id", *token}, {"ids", {*id}}, {"tokens", {*token}}};
+  };
+  if (config_flag(config, "add_bos_token", true, source)) add("bos_token", bos);
+  single.push_back({{"Sequence", {{"id", "A"}, {"type_id", 0}}}});
+  if (config_flag(config, "add_eos_token", false, source)) add("eos_token", eos);
+  spec["post_processor"] = {{"type", "TemplateProcessing"}, {"single", single}, {"special_tokens", special_tokens}};
 }
 
 }  // namespace
@@ -97,6 +232,11 @@ bool config_flag(const json& config, const char* key, bool fallback, const std::
   if (!config.contains(key) || config[key].is_null()) return fallback;
   if (!config[key].is_boolean()) throw Error(source + ": " + key + ": expected true or false");
   return config[key].get<bool>();
+}
+
+json make_added_token(std::int64_t id, const std::string& content, bool special, bool lstrip, bool rstrip) {
+  return {{"id", id},         {"content", content}, {"special", special},   {"lstrip", lstrip},
+          {"rstrip", rstrip}, {"single_word", false}, {"normalized", false}};
 }
 
 Tokenizer::~Tokenizer() = default;
@@ -115,28 +255,49 @@ std::unique_ptr<Tokenizer> Tokenizer::load(const std::string& path) {
   } else if (!fs::exists(location, error)) {
     throw Error(path + ": no such file or directory");
   }
+  const std::string source = location.string();
   const fs::path config_path = location.parent_path() / "tokenizer_config.json";
   const std::string config_source = config_path.string();
-  const json config = read_config(config_path);
-  std::string class_name;
-  if (config.contains("tokenizer_class") && config["tokenizer_class"].is_string()) {
-    class_name = config["tokenizer_class"].get<std::string>();
-  }
-  const bool llama = class_name == "LlamaTokenizer" || class_name == "LlamaTokenizerFast";
-  json spec;
-  if (location.extension() == ".json") {
-    spec = read_tokenizer_json(location.string());
-    if (llama) apply_llama_pipeline(spec, config, config_source);
-  } else {
-    if (!class_name.empty() && !llama) {
-      throw Error(config_source + ": tokenizer_class '" + class_name + "': a tokenizer.model is read as transformers' "
-                  "LlamaTokenizer; provide the tokenizer.json transformers saves for " + class_name);
+  const json config = read_json_object(config_path, true);
+  const json model_config = read_json_object(location.parent_path() / "config.json", true);
+  try {
+    json spec;
+    if (location.extension() == ".json") {
+      spec = read_json_object(location, false);
+      if (!spec.contains("added_tokens") || spec["added_tokens"].is_null()) spec["added_tokens"] = json::array();
+      if (is_llama_tokenizer(config, model_config, spec.dump())) {
+        // LlamaTokenizer takes the file's added tokens only when the config lists none.
+        const bool config_lists = config.contains("added_tokens_decoder");
+        if (config_lists) spec["added_tokens"] = json::array();
+        apply_llama_pipeline(spec, config, config_source, source);
+        merge_config_tokens(spec, config, config_source, false);
+        if (config_lists) add_named_special_tokens(spec, config);
+      } else {
+        merge_config_tokens(spec, config, config_source, true);
+      }
+    } else {
+      const std::string model_type = string_or_empty(model_config, "model_type");
+      if (generic_backend_model_types().count(model_type)) {
+        throw Error(source + ": transformers 5.23 reads a tokenizer.model of model_type '" + model_type +
+                    "' (config.json) with its generic backend, which drops SentencePiece's '\xE2\x96\x81' prefix; "
+                    "provide the tokenizer.json this model ships so that neva and transformers agree");
+      }
+      std::string name = string_or_empty(config, "tokenizer_class");
+      if (name.empty()) name = string_or_empty(model_config, "tokenizer_class");
+      if (!name.empty() && name != "LlamaTokenizer" && name != "LlamaTokenizerFast") {
+        throw Error(config_source + ": tokenizer_class '" + name + "': a tokenizer.model is read as transformers' "
+                    "LlamaTokenizer; provide the tokenizer.json transformers saves for " + name);
+      }
+      SentencePieceDescription model = sentencepiece_description(source);
+      spec = std::move(model.spec);
+      apply_llama_pipeline(spec, config, config_source, source);
+      merge_config_tokens(spec, config, config_source, false);
+      sentencepiece_template(spec, config, config_source, model.bos, model.eos);
     }
-    spec = sentencepiece_description(location.string(), config, config_source);
-    apply_llama_pipeline(spec, config, config_source);
+    return make_hf_tokenizer(spec, source);
+  } catch (const json::exception& malformed) {
+    throw Error(source + ": malformed tokenizer: " + malformed.what());
   }
-  add_config_tokens(spec, config, config_source);
-  return make_hf_tokenizer(spec, location.string());
 }
 
 }  // namespace neva

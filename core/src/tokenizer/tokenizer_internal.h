@@ -1,10 +1,7 @@
 #pragma once
-#include <cerrno>
-#include <cstring>
-#include <fstream>
+#include <cstdint>
 #include <memory>
-#include <nlohmann/json_fwd.hpp>
-#include <sstream>
+#include <nlohmann/json.hpp>
 #include <string>
 
 #include "neva/tokenizer.h"
@@ -13,13 +10,18 @@ namespace neva {
 
 // A true/false option of tokenizer_config.json (`source`), `fallback` when absent or null.
 bool config_flag(const nlohmann::json& config, const char* key, bool fallback, const std::string& source);
-// tokenizer.json, parsed; errors name the file.
-nlohmann::json read_tokenizer_json(const std::string& path);
+// One entry of a tokenizer.json's added_tokens.
+nlohmann::json make_added_token(std::int64_t id, const std::string& content, bool special, bool lstrip, bool rstrip);
 // A tokenizer from a tokenizer.json description; `source` names it in errors.
 std::unique_ptr<Tokenizer> make_hf_tokenizer(const nlohmann::json& spec, const std::string& source);
-// The vocabulary, merges, added tokens and BOS/EOS template transformers' LlamaTokenizer takes from a
-// SentencePiece BPE model (tokenizer.model) and its tokenizer_config.json (`config`, named `config_source`).
-nlohmann::json sentencepiece_description(const std::string& tokenizer_model, const nlohmann::json& config,
-                                         const std::string& config_source);
+
+// What transformers' LlamaTokenizer takes from a SentencePiece BPE model (tokenizer.model): the
+// description's model (vocabulary, and merges as generate_merges derives them) and added tokens (the
+// control and unknown pieces, special), and the model's BOS and EOS pieces ("" when it has none).
+struct SentencePieceDescription {
+  nlohmann::json spec;
+  std::string bos, eos;
+};
+SentencePieceDescription sentencepiece_description(const std::string& tokenizer_model);
 
 }  // namespace neva
