@@ -19,6 +19,7 @@
 #include "neva/error.h"
 #include "neva/image.h"
 #include "neva/safetensors.h"
+#include "neva/tokenizer.h"
 #include "train.h"
 
 namespace neva {
@@ -157,10 +158,26 @@ void export_hf(const Recipe& recipe, LlavaModel& model, const fs::path& director
   write_file_atomically((staging / "processor_config.json").string(), processor.dump(2) + "\n");
   fs::path tokenizer(recipe.model.tokenizer);
   fs::path tokenizer_dir = fs::is_directory(tokenizer) ? tokenizer : tokenizer.parent_path();
-  // Without a tokenizer in the recipe there is nothing to copy (not the current directory's files).
+  // Without a tokenizer in the recipe there is nothing to write (not the current directory's files).
   if (!tokenizer.empty()) {
-    for (const char* name : {"tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                             "added_tokens.json", "chat_template.jinja"}) {
+    // The tokenizer as neva ran it, as one tokenizer.json: under this config.json's model type
+    // ("llava") transformers runs a tokenizer.json as written, and would read a copied tokenizer.model
+    // or an old Llama-2-style file differently from the LlamaTokenizer pipeline neva trained with.
+    write_file_atomically((staging / "tokenizer.json").string(), Tokenizer::load(tokenizer.string())->to_json() + "\n");
+    json tokenizer_config = json::object();
+    if (fs::exists(tokenizer_dir / "tokenizer_config.json")) {
+      std::ifstream in(tokenizer_dir / "tokenizer_config.json");
+      tokenizer_config = json::parse(in, nullptr, false);
+      if (!tokenizer_config.is_object()) {
+        throw Error("export: " + (tokenizer_dir / "tokenizer_config.json").string() + ": not a JSON object");
+      }
+    }
+    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast";  // the file is the whole pipeline
+    for (const char* key : {"added_tokens_decoder", "legacy", "add_prefix_space", "add_bos_token", "add_eos_token"}) {
+      tokenizer_config.erase(key);  // already in tokenizer.json
+    }
+    write_file_atomically((staging / "tokenizer_config.json").string(), tokenizer_config.dump(2) + "\n");
+    for (const char* name : {"special_tokens_map.json", "chat_template.jinja"}) {
       if (fs::exists(tokenizer_dir / name)) fs::copy_file(tokenizer_dir / name, staging / name, fs::copy_options::overwrite_existing);
     }
   }

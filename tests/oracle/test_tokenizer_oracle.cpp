@@ -72,7 +72,35 @@ TEST_CASE("model directories as checkpoints ship them give AutoTokenizer's ids: 
     std::string transformers_class = meta["class"];
     CAPTURE(transformers_class);
     CHECK(tokenizer->vocab_size() == meta["size"].get<std::int64_t>());
+    // What the export writes (to_json, under model_type "llava" and a generic class) reads back the same.
+    neva::test::TempDir exported;
+    exported.write("tokenizer.json", tokenizer->to_json());
+    exported.write("tokenizer_config.json", R"({"tokenizer_class": "PreTrainedTokenizerFast"})");
+    exported.write("config.json", R"({"model_type": "llava"})");
+    check_against(*neva::Tokenizer::load(exported.path().string()), read_json(directory / "reference.json"));
   }
+}
+
+TEST_CASE("every model type transformers knows: LlamaTokenizer's pipeline or the file as written, as AutoTokenizer picks") {
+  // An old-style tokenizer.json and a config naming LlamaTokenizer under config.json's model type.
+  auto recorded = read_json(oracle_directory() / "model_types.json");
+  const std::string text = recorded["text"];
+  neva::test::TempDir dir;
+  for (const char* name : {"tokenizer.json", "tokenizer_config.json"}) {
+    fs::copy_file(oracle_directory() / "spbpe_llama2json" / name, dir.path() / name);
+  }
+  std::int64_t compared = 0;
+  for (const auto& [model_type, expected] : recorded["types"].items()) {
+    const std::string transformers_class = expected["class"];
+    if (transformers_class != "LlamaTokenizer" && transformers_class != "TokenizersBackend") continue;  // own pipelines
+    CAPTURE(model_type);
+    CAPTURE(transformers_class);
+    dir.write("config.json", nlohmann::json{{"model_type", model_type}}.dump());
+    CHECK(neva::Tokenizer::load(dir.path().string())->encode(text, true) == expected["ids"].get<std::vector<std::int64_t>>());
+    ++compared;
+  }
+  MESSAGE(compared << " model types compared");
+  CHECK(compared > 250);
 }
 
 TEST_CASE("a tokenizer_config.json or config.json the tokenizer cannot follow is named") {
@@ -93,7 +121,9 @@ TEST_CASE("a tokenizer_config.json or config.json the tokenizer cannot follow is
                        neva::Error);
   dir.write("tokenizer_config.json", R"({"bos_token": "<bos>"})");
   CHECK_THROWS_WITH_AS(neva::Tokenizer::load(dir.path().string()),
-                       (config + ": bos_token '<bos>' is not a token of this tokenizer").c_str(), neva::Error);
+                       (config + ": bos_token '<bos>' is not a token of this tokenizer (transformers would add it as a "
+                                 "new token, id 600); list it in added_tokens_decoder").c_str(),
+                       neva::Error);
   // Added tokens: ids follow the tokenizer's last without a gap (transformers would renumber them).
   dir.write("tokenizer_config.json", R"({"added_tokens_decoder": {"602": {"content": "<image>", "special": true}}})");
   CHECK_THROWS_WITH_AS(neva::Tokenizer::load(dir.path().string()),
@@ -110,11 +140,16 @@ TEST_CASE("a tokenizer_config.json or config.json the tokenizer cannot follow is
   dir.write("tokenizer_config.json", R"({"added_tokens_decoder": {"600": {"content": "<image>", "special": "yes"}}})");
   CHECK_THROWS_WITH_AS(neva::Tokenizer::load(dir.path().string()),
                        doctest::Contains((config + ": added_tokens_decoder: entry '600': ").c_str()), neva::Error);
-  dir.write("tokenizer_config.json", R"({"added_tokens_decoder": {"600": {"content": "<image>", "special": false}}})");
+  dir.write("tokenizer_config.json", R"({"added_tokens_decoder": {"600": {"content": "<image>", "single_word": true}}})");
   CHECK_THROWS_WITH_AS(neva::Tokenizer::load(dir.path().string()),
                        (config + ": added_tokens_decoder: entry '600': a token matched on normalized text or as a single "
                                  "word is not supported (set \"normalized\": false and \"single_word\": false)").c_str(),
                        neva::Error);
+  // What tokenizer.add_tokens("<image>") saves (normalized, not special): LlamaTokenizer has no normalizer.
+  dir.write("tokenizer_config.json", R"({"added_tokens_decoder": {"600": {"content": "<image>", "special": false}}})");
+  auto plain_added = neva::Tokenizer::load(dir.path().string());
+  CHECK(plain_added->encode("a<image>", false).back() == 600);
+  CHECK(!plain_added->is_special(600));
   dir.write("tokenizer_config.json", R"({"added_tokens_decoder": {"600": {"content": "<image>", "special": true}}})");
   CHECK(neva::Tokenizer::load(dir.path().string())->encode("a<image>", false).back() == 600);
   // A tokenizer.model that transformers reads with its generic backend (by config.json's model type).

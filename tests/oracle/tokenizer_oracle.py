@@ -17,11 +17,14 @@ Usage: tokenizer_oracle.py OUTPUT_DIR
 """
 import json
 import pathlib
+import shutil
 import sys
 
 import sentencepiece as spm
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerFast
+from transformers import logging as transformers_logging
+from transformers.models.auto.tokenization_auto import MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS, TOKENIZER_MAPPING_NAMES
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. What is shown in this image?",
@@ -56,6 +59,7 @@ CONTROL_TEXTS = [
     "a </s> b<s>c  d\n e",
     " one leading space",
 ]
+MODEL_TYPE_TEXT = "USER: hi</s>USER: <image>\nx"
 TOKEN = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
 LLAVA_CONFIG = {  # the keys of liuhaotian/llava-v1.5-7b's tokenizer_config.json, and an added token
     "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False, "legacy": False,
@@ -185,6 +189,21 @@ def spbpe(out_dir):
         record(variant, tokenizer, texts if kind != "bytelevel" else TEXTS)
         (variant / "meta.json").write_text(json.dumps({"class": type(tokenizer).__name__, "size": len(tokenizer)}))
     (out_dir / "variants.json").write_text(json.dumps(sorted(variants)))
+    # The class AutoTokenizer builds for the old-style file and a config naming LlamaTokenizer, under
+    # every model type transformers knows (config.json), with the ids of a text where LlamaTokenizer's
+    # pipeline and the file's differ.
+    base = out_dir / "spbpe_llama2json"
+    model_types = {}
+    for model_type in sorted(set(TOKENIZER_MAPPING_NAMES) | set(MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS)):
+        variant = out_dir / "model_types" / model_type
+        variant.mkdir(parents=True, exist_ok=True)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (variant / name).write_bytes((base / name).read_bytes())
+        (variant / "config.json").write_text(json.dumps({"model_type": model_type}))
+        tokenizer = AutoTokenizer.from_pretrained(str(variant))
+        model_types[model_type] = {"class": type(tokenizer).__name__, "ids": tokenizer.encode(MODEL_TYPE_TEXT)}
+        shutil.rmtree(variant)
+    (out_dir / "model_types.json").write_text(json.dumps({"text": MODEL_TYPE_TEXT, "types": model_types}, indent=1))
     # A Unigram model, which neva refuses by name (LlamaTokenizer is BPE).
     unigram = out_dir / "spunigram"
     unigram.mkdir(parents=True, exist_ok=True)
@@ -194,6 +213,7 @@ def spbpe(out_dir):
 
 
 def main():
+    transformers_logging.set_verbosity_error()  # one warning per model type otherwise
     out_dir = pathlib.Path(sys.argv[1])
     bytelevel(out_dir)
     spbpe(out_dir)
