@@ -158,6 +158,11 @@ TEST_CASE("a tokenizer_config.json or config.json the tokenizer cannot follow is
   const std::string generic = (dir.path() / "tokenizer.model").string() +
                               ": transformers 5.23 reads a tokenizer.model of model_type 'mistral'";
   CHECK_THROWS_WITH_AS(neva::Tokenizer::load(dir.path().string()), doctest::Contains(generic.c_str()), neva::Error);
+  dir.write("tokenizer_config.json", "{}");
+  dir.write("config.json", R"({"model_type": "t5", "tokenizer_class": "T5Tokenizer"})");
+  CHECK_THROWS_WITH_AS(neva::Tokenizer::load(dir.path().string()),
+                       doctest::Contains(((dir.path() / "config.json").string() + ": tokenizer_class 'T5Tokenizer'").c_str()),
+                       neva::Error);
   dir.write("config.json", "[]");
   CHECK_THROWS_WITH_AS(neva::Tokenizer::load(dir.path().string()),
                        ((dir.path() / "config.json").string() + ": expected a JSON object").c_str(), neva::Error);
@@ -178,6 +183,12 @@ TEST_CASE("unsupported tokenizer.json components and missing files are named") {
   dir.write("tokenizer.json", R"({"model": {"type": "WordPiece", "vocab": {}}, "normalizer": null})");
   CHECK_THROWS_WITH_AS(neva::Tokenizer::load(dir.path().string()),
                        doctest::Contains("model 'WordPiece' is not supported (supported: BPE)"), neva::Error);
+  // ... also when tokenizer_config.json lists tokens (merged before the engine runs) and names Llama.
+  dir.write("tokenizer.json", R"({"model": {"type": "Unigram", "vocab": [["<unk>", 0.0]]}})");
+  dir.write("tokenizer_config.json", R"({"tokenizer_class": "LlamaTokenizer", "added_tokens_decoder": {}})");
+  CHECK_THROWS_WITH_AS(neva::Tokenizer::load(dir.path().string()),
+                       doctest::Contains("model 'Unigram' is not supported (supported: BPE)"), neva::Error);
+  fs::remove(dir.path() / "tokenizer_config.json");
   dir.write("tokenizer.json", R"({"model": {"type": "BPE", "vocab": {}, "merges": []}, "normalizer": {"type": "NFKC"}})");
   CHECK_THROWS_WITH_AS(neva::Tokenizer::load(dir.path().string()),
                        doctest::Contains("normalizer 'NFKC' is not supported"), neva::Error);

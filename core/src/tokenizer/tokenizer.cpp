@@ -316,6 +316,10 @@ std::unique_ptr<Tokenizer> Tokenizer::load(const std::string& path) {
     if (location.extension() == ".json") {
       spec = read_json_object(location, false);
       if (!spec.contains("added_tokens") || spec["added_tokens"].is_null()) spec["added_tokens"] = json::array();
+      // Only BPE is supported: let the engine say so for other models before their vocabulary is read.
+      if (!spec.contains("model") || !spec["model"].is_object() || spec["model"].value("type", "BPE") != "BPE") {
+        return make_hf_tokenizer(spec, source);
+      }
       if (is_llama_tokenizer(config, model_config, spec.dump())) {
         // LlamaTokenizer takes the file's added tokens only when the config lists none.
         if (config.contains("added_tokens_decoder")) spec["added_tokens"] = json::array();
@@ -332,9 +336,13 @@ std::unique_ptr<Tokenizer> Tokenizer::load(const std::string& path) {
                     "provide the tokenizer.json this model ships so that neva and transformers agree");
       }
       std::string name = string_or_empty(config, "tokenizer_class");
-      if (name.empty()) name = string_or_empty(model_config, "tokenizer_class");
+      std::string named_in = config_source;
+      if (name.empty()) {
+        name = string_or_empty(model_config, "tokenizer_class");
+        named_in = (location.parent_path() / "config.json").string();
+      }
       if (!name.empty() && name != "LlamaTokenizer" && name != "LlamaTokenizerFast") {
-        throw Error(config_source + ": tokenizer_class '" + name + "': a tokenizer.model is read as transformers' "
+        throw Error(named_in + ": tokenizer_class '" + name + "': a tokenizer.model is read as transformers' "
                     "LlamaTokenizer; provide the tokenizer.json transformers saves for " + name);
       }
       SentencePieceDescription model = sentencepiece_description(source);
