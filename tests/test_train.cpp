@@ -288,8 +288,9 @@ TEST_CASE("train recipes are checked before anything runs, and a finished run is
   std::vector<std::pair<std::string, at::Tensor>> tensors;
   for (const auto& entry : weights.entries()) {
     at::Tensor value = weights.tensor(entry.name);
-    if (entry.name == "vision_model.embeddings.patch_embedding.weight") value = at::randn({128, 3, 32, 32}) * 0.02;
-    if (entry.name == "vision_model.embeddings.position_embedding.weight") value = at::randn({5, 128}) * 0.02;
+    const std::int64_t width = config["hidden_size"].get<std::int64_t>();
+    if (entry.name == "vision_model.embeddings.patch_embedding.weight") value = at::randn({width, 3, 32, 32}) * 0.02;
+    if (entry.name == "vision_model.embeddings.position_embedding.weight") value = at::randn({5, width}) * 0.02;
     tensors.emplace_back(entry.name, value);
   }
   neva::write_safetensors((vision / "model.safetensors").string(), tensors);

@@ -163,7 +163,7 @@ void export_hf(const Recipe& recipe, LlavaModel& model, const fs::path& director
     // The tokenizer as neva ran it, as one tokenizer.json: under this config.json's model type
     // ("llava") transformers runs a tokenizer.json as written, and would read a copied tokenizer.model
     // or an old Llama-2-style file differently from the LlamaTokenizer pipeline neva trained with.
-    write_file_atomically((staging / "tokenizer.json").string(), Tokenizer::load(tokenizer.string())->to_json() + "\n");
+    write_file_atomically((staging / "tokenizer.json").string(), Tokenizer::describe(tokenizer.string()) + "\n");
     json tokenizer_config = json::object();
     if (fs::exists(tokenizer_dir / "tokenizer_config.json")) {
       std::ifstream in(tokenizer_dir / "tokenizer_config.json");

@@ -35,13 +35,13 @@ class NEVA_API Tokenizer {
   virtual std::optional<std::int64_t> token_id(std::string_view token) const = 0;
   virtual std::int64_t vocab_size() const = 0;
   virtual bool is_special(std::int64_t id) const = 0;
-  // This tokenizer as a complete tokenizer.json (the pipeline neva runs, whatever files it came from):
-  // what an export writes, so that transformers reads it exactly as neva ran it.
-  virtual std::string to_json() const = 0;
 
   // tokenizer.json if `path` (a directory or a file) has one, else tokenizer.model. Throws neva::Error
   // naming the file and the unsupported component or malformed entry.
   static std::unique_ptr<Tokenizer> load(const std::string& path);
+  // The tokenizer at `path` as one complete tokenizer.json: the pipeline load() runs, whatever files
+  // it came from. What an export writes, so that transformers reads it exactly as neva ran it.
+  static std::string describe(const std::string& path);
 };
 
 // The character GPT-2's byte-level BPE (ByteLevel pre-tokenizer and decoder) writes for `byte`, as

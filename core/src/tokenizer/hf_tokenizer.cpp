@@ -420,8 +420,7 @@ bool is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' |
 class HfTokenizer : public Tokenizer {
  public:
   HfTokenizer(const json& spec, const std::string& source)
-      : spec_(spec),
-        normalizer_(spec.value("normalizer", json()), source),
+      : normalizer_(spec.value("normalizer", json()), source),
         pre_tokenizer_(spec.value("pre_tokenizer", json()), source),
         decoder_(spec.value("decoder", json()), source) {
     const json& model = spec.at("model");
@@ -509,8 +508,6 @@ class HfTokenizer : public Tokenizer {
   }
 
   std::int64_t vocab_size() const override { return vocab_size_; }
-
-  std::string to_json() const override { return spec_.dump(); }
 
   bool is_special(std::int64_t id) const override {
     return std::any_of(added_.begin(), added_.end(), [&](const AddedToken& t) { return t.id == id && t.special; });
@@ -662,7 +659,6 @@ class HfTokenizer : public Tokenizer {
     }
   }
 
-  json spec_;
   Normalizer normalizer_;
   PreTokenizer pre_tokenizer_;
   Decoder decoder_;

@@ -23,9 +23,11 @@
 #include <optional>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <sstream>
 #include <stdexcept>
 
 #include "neva/error.h"
+#include "neva/hf_config.h"
 #include "tokenizer_internal.h"
 
 namespace neva {
@@ -35,6 +37,25 @@ namespace {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
+std::string read_text(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error(path.string() + ": cannot open: " + std::strerror(errno));
+  std::ostringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+json parse_object(const std::string& text, const fs::path& path) {
+  json value;
+  try {
+    value = json::parse(text);
+  } catch (const json::exception& parse_error) {
+    throw Error(path.string() + ": invalid JSON: " + parse_error.what());
+  }
+  if (!value.is_object()) throw Error(path.string() + ": expected a JSON object");
+  return value;
+}
+
 // A JSON object from `path`; an empty object when `optional` and the file does not exist.
 json read_json_object(const fs::path& path, bool optional) {
   std::error_code error;
@@ -42,16 +63,19 @@ json read_json_object(const fs::path& path, bool optional) {
     if (error) throw Error(path.string() + ": cannot check: " + error.message());
     return json::object();
   }
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error(path.string() + ": cannot open: " + std::strerror(errno));
-  json value;
-  try {
-    value = json::parse(in);
-  } catch (const json::exception& parse_error) {
-    throw Error(path.string() + ": invalid JSON: " + parse_error.what());
-  }
-  if (!value.is_object()) throw Error(path.string() + ": expected a JSON object");
-  return value;
+  return parse_object(read_text(path), path);
+}
+
+// What the tokenizer needs of the model's config.json (read with HfConfig, when there is one).
+struct ModelConfig {
+  std::string model_type, tokenizer_class;
+};
+
+ModelConfig read_model_config(const fs::path& directory) {
+  std::error_code error;
+  if (!fs::exists(directory / "config.json", error)) return {};
+  const HfConfig config = HfConfig::load((directory / "config.json").string());
+  return {config.get<std::string>("model_type", ""), config.get<std::string>("tokenizer_class", "")};
 }
 
 std::string string_or_empty(const json& object, const char* key) {
@@ -84,11 +108,11 @@ const std::set<std::string>& generic_backend_model_types() {
 // Whether AutoTokenizer (transformers 5.23) builds LlamaTokenizer for this directory: its class is
 // tokenizer_config.json's tokenizer_class, else config.json's; a generic model type or a byte-level
 // tokenizer.json (searched as transformers does, for the string "ByteLevel") overrides it.
-bool is_llama_tokenizer(const json& tokenizer_config, const json& model_config, const std::string& tokenizer_json_text) {
+bool is_llama_tokenizer(const json& tokenizer_config, const ModelConfig& model_config, const std::string& tokenizer_json_text) {
   std::string name = string_or_empty(tokenizer_config, "tokenizer_class");
-  if (name.empty()) name = string_or_empty(model_config, "tokenizer_class");
+  if (name.empty()) name = model_config.tokenizer_class;
   if (name != "LlamaTokenizer" && name != "LlamaTokenizerFast") return false;
-  if (generic_backend_model_types().count(string_or_empty(model_config, "model_type"))) return false;
+  if (generic_backend_model_types().count(model_config.model_type)) return false;
   return tokenizer_json_text.find("\"ByteLevel\"") == std::string::npos;
 }
 
@@ -252,11 +276,10 @@ void sentencepiece_template(json& spec, const json& config, const std::string& s
                             const std::string& eos) {
   auto token_option = [&](const char* key, const std::string& fallback) -> std::optional<std::string> {
     if (!config.contains(key)) return fallback.empty() ? std::nullopt : std::optional<std::string>(fallback);
-    const json& value = config[key];
-    if (value.is_null()) return std::nullopt;
-    if (value.is_string()) return value.get<std::string>();
-    if (value.is_object() && value.contains("content") && value["content"].is_string()) return value["content"].get<std::string>();
-    throw Error(source + ": " + key + ": expected a string, {\"content\": ...} or null");
+    if (config[key].is_null()) return std::nullopt;
+    std::string content = token_content(config[key]);
+    if (content.empty()) throw Error(source + ": " + key + ": expected a string, {\"content\": ...} or null");
+    return content;
   };
   json single = json::array(), special_tokens = json::object();
   auto add = [&](const char* key, const std::string& fallback) {
@@ -290,9 +313,11 @@ json make_added_token(std::int64_t id, const std::string& content, bool special,
           {"rstrip", rstrip}, {"single_word", false}, {"normalized", false}};
 }
 
-Tokenizer::~Tokenizer() = default;
+namespace {
 
-std::unique_ptr<Tokenizer> Tokenizer::load(const std::string& path) {
+// The tokenizer.json description of the tokenizer at `path`, as neva runs it; `source` is set to the
+// file it came from.
+json describe_tokenizer(const std::string& path, std::string& source) {
   fs::path location(path);
   std::error_code error;
   if (fs::is_directory(location, error)) {
@@ -306,21 +331,22 @@ std::unique_ptr<Tokenizer> Tokenizer::load(const std::string& path) {
   } else if (!fs::exists(location, error)) {
     throw Error(path + ": no such file or directory");
   }
-  const std::string source = location.string();
+  source = location.string();
   const fs::path config_path = location.parent_path() / "tokenizer_config.json";
   const std::string config_source = config_path.string();
   const json config = read_json_object(config_path, true);
-  const json model_config = read_json_object(location.parent_path() / "config.json", true);
+  const ModelConfig model_config = read_model_config(location.parent_path());
   try {
     json spec;
     if (location.extension() == ".json") {
-      spec = read_json_object(location, false);
+      const std::string text = read_text(location);  // searched as transformers does (is_llama_tokenizer)
+      spec = parse_object(text, location);
       if (!spec.contains("added_tokens") || spec["added_tokens"].is_null()) spec["added_tokens"] = json::array();
       // Only BPE is supported: let the engine say so for other models before their vocabulary is read.
       if (!spec.contains("model") || !spec["model"].is_object() || spec["model"].value("type", "BPE") != "BPE") {
-        return make_hf_tokenizer(spec, source);
+        return spec;
       }
-      if (is_llama_tokenizer(config, model_config, spec.dump())) {
+      if (is_llama_tokenizer(config, model_config, text)) {
         // LlamaTokenizer takes the file's added tokens only when the config lists none.
         if (config.contains("added_tokens_decoder")) spec["added_tokens"] = json::array();
         apply_llama_pipeline(spec, config, config_source, source);
@@ -329,7 +355,7 @@ std::unique_ptr<Tokenizer> Tokenizer::load(const std::string& path) {
         merge_config_tokens(spec, config, location.parent_path(), false);
       }
     } else {
-      const std::string model_type = string_or_empty(model_config, "model_type");
+      const std::string& model_type = model_config.model_type;
       if (generic_backend_model_types().count(model_type)) {
         throw Error(source + ": transformers 5.23 reads a tokenizer.model of model_type '" + model_type +
                     "' (config.json) with its generic backend, which drops SentencePiece's '\xE2\x96\x81' prefix; "
@@ -338,7 +364,7 @@ std::unique_ptr<Tokenizer> Tokenizer::load(const std::string& path) {
       std::string name = string_or_empty(config, "tokenizer_class");
       std::string named_in = config_source;
       if (name.empty()) {
-        name = string_or_empty(model_config, "tokenizer_class");
+        name = model_config.tokenizer_class;
         named_in = (location.parent_path() / "config.json").string();
       }
       if (!name.empty() && name != "LlamaTokenizer" && name != "LlamaTokenizerFast") {
@@ -351,10 +377,25 @@ std::unique_ptr<Tokenizer> Tokenizer::load(const std::string& path) {
       merge_config_tokens(spec, config, location.parent_path(), true);
       sentencepiece_template(spec, config, config_source, model.bos, model.eos);
     }
-    return make_hf_tokenizer(spec, source);
+    return spec;
   } catch (const json::exception& malformed) {
     throw Error(source + ": malformed tokenizer: " + malformed.what());
   }
+}
+
+}  // namespace
+
+Tokenizer::~Tokenizer() = default;
+
+std::unique_ptr<Tokenizer> Tokenizer::load(const std::string& path) {
+  std::string source;
+  const json spec = describe_tokenizer(path, source);
+  return make_hf_tokenizer(spec, source);
+}
+
+std::string Tokenizer::describe(const std::string& path) {
+  std::string source;
+  return describe_tokenizer(path, source).dump();
 }
 
 }  // namespace neva
