@@ -81,7 +81,7 @@ cmake --build "$build" -- -j"${NEVA_JOBS:-$(nproc)}" | { grep -vE '^\[[0-9]+/[0-
 
 case "$action" in
   build) ;;
-  run) exec "$build/apps/neva-run" demo "$@" ;;
+  run) exec "$build/bin/neva-run" demo "$@" ;;
   test) cd "$build" && exec ctest --output-on-failure -j"${NEVA_JOBS:-$(nproc)}" "$@" ;;
   *) say "unknown action '$action' (expected: build, run, test)"; exit 2 ;;
 esac

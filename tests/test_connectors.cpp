@@ -45,7 +45,7 @@ TEST_CASE("mlp2x_gelu is Linear -> exact GELU -> Linear with LLaVA's parameter n
   CHECK(torch::allclose(connector->forward(x), expected, 1e-5, 1e-6));
 }
 
-TEST_CASE("mlpNx_gelu stacks N linears; the plain name takes a depth key") {
+TEST_CASE("mlpNx_gelu stacks N linears, and the plain name takes a depth key") {
   CHECK(parameters(*build("mlp3x_gelu")).size() == 6);
   CHECK(parameters(*build("mlp", "depth = 1\n")).size() == 2);
   CHECK(parameters(*build("mlp")).size() == 4);  // default depth 2

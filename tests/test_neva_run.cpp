@@ -3,6 +3,7 @@
 #include <sys/stat.h>
 #include <torch/version.h>
 
+#include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "test_support.h"
@@ -107,4 +108,28 @@ TEST_CASE("every tiny recipe runs: each backbone and encoder plugin is built and
     CHECK(contains(result.out, "forward: 2 x ("));
     CHECK(contains(result.out, "image + 16 text tokens) -> logits"));
   }
+}
+
+TEST_CASE("every test case name survives CTest's discovery: no semicolon, which would split it into names matching nothing") {
+  // doctest_discover_tests makes one CTest test per name, in a CMake list: a ';' cuts the name into
+  // pieces that select no test case, and such a "test" passes without running anything.
+  std::size_t names = 0;
+  for (const auto& entry : std::filesystem::recursive_directory_iterator(neva::test::source_directory() / "tests")) {
+    if (entry.path().extension() != ".cpp") continue;
+    std::ifstream in(entry.path());
+    const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    for (std::size_t at = text.find("TEST_CASE(\""); at != std::string::npos; at = text.find("TEST_CASE(\"", at + 1)) {
+      std::string name;
+      std::size_t cursor = at + 10;
+      while (cursor < text.size() && text[cursor] == '"') {  // adjacent literals: "..." "..."
+        const std::size_t end = text.find('"', cursor + 1);
+        name += text.substr(cursor + 1, end - cursor - 1);
+        cursor = text.find_first_not_of(" \n", end + 1);
+      }
+      ++names;
+      CAPTURE(entry.path());
+      CHECK_MESSAGE(name.find(';') == std::string::npos, name);
+    }
+  }
+  CHECK(names > 100);
 }

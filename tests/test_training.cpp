@@ -402,7 +402,7 @@ TEST_CASE("frozen linear and convolution weights cast once give autocast's resul
   CHECK(trained.count() == 1);
 }
 
-TEST_CASE("bf16 on a CPU without native bf16 is announced as emulated; fp32 and accelerators are not") {
+TEST_CASE("bf16 on a CPU without native bf16 is announced as emulated, fp32 and accelerators are not") {
   // The reference is the kernel's view of the CPU (/proc/cpuinfo's flags), not the capability table
   // the warning reads.
   std::ifstream cpuinfo("/proc/cpuinfo");
