@@ -204,14 +204,14 @@ TEST_CASE("LLaVA JSON and JSON Lines files: malformed records are kept as proble
   auto lines = dir.write("data.jsonl", items[0].dump() + "\n{broken\n\n" + items[0].dump() + "\n");
   auto from_lines = neva::read_conversation_file(lines.string());
   REQUIRE(from_lines.size() == 3);
-  CHECK(from_lines[1].where == lines.string() + ":2");
-  CHECK(from_lines[1].problem == "invalid JSON");
+  CHECK(from_lines[1].where == lines.string() + ":2:2");  // line 2, column 2
+  CHECK(from_lines[1].problem.rfind("invalid JSON: syntax error while parsing object key", 0) == 0);
 
   auto broken = dir.write("broken.json", "[{\"id\": 1,");
   CHECK_THROWS_WITH_AS(neva::read_conversation_file(broken.string()),
-                       doctest::Contains((broken.string() + ": invalid JSON").c_str()), neva::Error);
+                       doctest::Contains((broken.string() + ":1:11: invalid JSON: syntax error").c_str()), neva::Error);
   CHECK_THROWS_WITH_AS(neva::read_conversation_file((dir.path() / "absent.json").string()),
-                       doctest::Contains("absent.json: cannot open the data file"), neva::Error);
+                       doctest::Contains("absent.json: cannot open: No such file or directory"), neva::Error);
 }
 
 TEST_CASE("blending follows the weights, reshuffles every pass, and replays exactly from any position") {

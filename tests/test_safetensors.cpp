@@ -118,7 +118,7 @@ TEST_CASE("the header must be strict JSON starting with '{'") {
                  "duplicate key 'a'"));
   CHECK(contains(open_error(raw_file(dir, R"({"__metadata__":{"k":1}})")), "__metadata__ value 'k' is not a string"));
   CHECK(contains(open_error(raw_file(dir, "{\"a\":" + std::string(20, '[') + std::string(20, ']') + "}")),
-                 "nests deeper than 8 levels"));
+                 "nest deeper than 8 levels"));
 }
 
 TEST_CASE("unknown dtypes are errors, not skipped") {

@@ -17,6 +17,7 @@
 
 #include "neva/atomic_file.h"
 #include "neva/error.h"
+#include "neva/json.h"
 #include "neva/image.h"
 #include "neva/safetensors.h"
 #include "neva/tokenizer.h"
@@ -36,8 +37,7 @@ json component_config(const ComponentSpec& spec, const char* llava_key) {
                 "describe it with");
   }
   fs::path path = fs::is_directory(spec.hf_config) ? fs::path(spec.hf_config) / "config.json" : fs::path(spec.hf_config);
-  std::ifstream in(path);
-  json config = json::parse(in, nullptr, false);
+  json config = read_json_file(path.string());
   if (!config.is_object()) throw Error("export: " + path.string() + ": not a JSON object");
   if (config.value("model_type", "") == "llava") return config.at(llava_key);
   if (std::string(llava_key) == "vision_config" && config.contains("vision_config")) return config["vision_config"];
@@ -166,8 +166,7 @@ void export_hf(const Recipe& recipe, LlavaModel& model, const fs::path& director
     write_file_atomically((staging / "tokenizer.json").string(), Tokenizer::describe(tokenizer.string()) + "\n");
     json tokenizer_config = json::object();
     if (fs::exists(tokenizer_dir / "tokenizer_config.json")) {
-      std::ifstream in(tokenizer_dir / "tokenizer_config.json");
-      tokenizer_config = json::parse(in, nullptr, false);
+      tokenizer_config = read_json_file((tokenizer_dir / "tokenizer_config.json").string());
       if (!tokenizer_config.is_object()) {
         throw Error("export: " + (tokenizer_dir / "tokenizer_config.json").string() + ": not a JSON object");
       }

@@ -12,6 +12,7 @@
 #include "neva/atomic_file.h"
 #include "neva/conversation.h"
 #include "neva/error.h"
+#include "neva/json.h"
 #include "neva/generation.h"
 #include "neva/image.h"
 #include "neva/llava_model.h"
@@ -48,12 +49,7 @@ std::vector<Request> read_requests(const Recipe& recipe, bool need_continuation)
   for (int number = 1; std::getline(in, line); ++number) {
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
     std::string where = inference.input_file + ":" + std::to_string(number);
-    json item;
-    try {
-      item = json::parse(line);
-    } catch (const json::exception& error) {
-      throw Error(where + ": invalid JSON: " + error.what());
-    }
+    json item = parse_json_line(line, inference.input_file, number);
     if (!item.is_object() || !item.contains("prompt") || !item["prompt"].is_string()) {
       throw Error(where + ": expected an object with a string \"prompt\"");
     }
@@ -64,7 +60,10 @@ std::vector<Request> read_requests(const Recipe& recipe, bool need_continuation)
     }
     if (item.contains("images")) {
       if (!item["images"].is_array()) throw Error(where + ": \"images\" must be an array of paths");
-      for (const auto& image : item["images"]) request.images.push_back(image.get<std::string>());
+      for (const auto& image : item["images"]) {
+        if (!image.is_string()) throw Error(where + ": \"images\" must be an array of paths, got " + json_excerpt(image));
+        request.images.push_back(image.get<std::string>());
+      }
     }
     if (need_continuation) {
       if (!item.contains("continuation") || !item["continuation"].is_string()) {
@@ -102,7 +101,7 @@ class Session {
         fs::path path(image);
         if (path.is_relative() && !recipe_.model.data.image_folder.empty()) path = fs::path(recipe_.model.data.image_folder) / path;
         std::int64_t budget = recipe_.inference.max_image_pixels > 0 ? recipe_.inference.max_image_pixels : kDefaultMaxImagePixels;
-        prepared.images.push_back(preprocess_image(load_image(path.string(), budget), processor_));
+        prepared.images.push_back(load_and_preprocess_image(path.string(), processor_, budget));
       }
     }
     const std::size_t markers = count_image_markers(prompt);

@@ -25,10 +25,13 @@
 #include <sstream>
 
 #include "neva/atomic_file.h"
+#include "neva/checkpoints.h"
 #include "neva/data.h"
 #include "neva/error.h"
+#include "neva/json.h"
 #include "neva/hf_config.h"
 #include "neva/image.h"
+#include "neva/loss_spike.h"
 #include "neva/optim.h"
 #include "neva/precision.h"
 #include "neva/safetensors.h"
@@ -177,7 +180,12 @@ class Metrics {
       std::ifstream in(path);
       std::string line;
       while (std::getline(in, line)) {
-        json item = json::parse(line, nullptr, false);
+        json item;
+        try {
+          item = parse_json(line, path.string());
+        } catch (const Error&) {
+          continue;  // a line torn by a crash: never part of a checkpointed run
+        }
         if (item.is_object() && item.value("step", std::int64_t{0}) <= resumed_step) {
           kept.push_back(line);
           losses_.emplace_back(item.value("step", std::int64_t{0}), item.value("loss", 0.0));

@@ -3,6 +3,7 @@
 #include <toml++/toml.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -161,6 +162,14 @@ std::optional<T> ConfigSection::optional(std::string_view key) const {
   if (!node) return std::nullopt;
   auto value = Expect<T>::from(*node);
   if (!value) fail(key, "expected " + expected_name<T>() + ", got " + type_name(*node) + " " + render(*node));
+  // TOML spells nan and inf; no recipe number means either.
+  if constexpr (std::is_same_v<T, double>) {
+    if (!std::isfinite(*value)) fail(key, "expected a finite number, got " + render(*node));
+  } else if constexpr (std::is_same_v<T, std::vector<double>>) {
+    for (double number : *value) {
+      if (!std::isfinite(number)) fail(key, "expected finite numbers (no nan or inf), got " + render(*node));
+    }
+  }
   return value;
 }
 

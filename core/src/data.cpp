@@ -21,6 +21,7 @@
 #include <thread>
 
 #include "neva/generation.h"
+#include "neva/json.h"
 #include "neva/optim.h"
 
 namespace neva {
@@ -49,7 +50,7 @@ ConversationRecord parse_record(const json& item, std::string where) {
   if (!item.is_object()) return fail("expected an object with \"conversations\"");
   if (item.contains("id")) {
     const json& id = item["id"];
-    record.where += " (id " + (id.is_string() ? id.get<std::string>() : id.dump()) + ")";
+    record.where += " (id " + (id.is_string() ? id.get<std::string>() : json_excerpt(id)) + ")";
   }
   if (item.contains("image")) {
     const json& image = item["image"];
@@ -151,29 +152,34 @@ TrainingBatch collate_rows(const std::vector<std::vector<TrainingSample>>& rows,
 }  // namespace
 
 std::vector<ConversationRecord> read_conversation_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error(path + ": cannot open the data file");
+  const std::string text = read_file(path);
   std::vector<ConversationRecord> records;
   if (fs::path(path).extension() == ".jsonl") {
-    std::string line;
-    for (int number = 1; std::getline(in, line); ++number) {
-      if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    std::size_t start = 0;
+    for (int number = 1; start < text.size(); ++number) {
+      std::size_t end = text.find('\n', start);
+      if (end == std::string::npos) end = text.size();
+      std::string_view line(text.data() + start, end - start);
+      start = end + 1;
+      if (line.find_first_not_of(" \t\r") == std::string_view::npos) continue;
       std::string where = path + ":" + std::to_string(number);
-      json item = json::parse(line, nullptr, false);
-      if (item.is_discarded()) {
-        records.push_back({where, {}, {}, "invalid JSON"});
-        continue;
+      try {
+        records.push_back(parse_record(parse_json_line(line, path, number), where));
+      } catch (const Error& error) {  // a bad line is a bad sample: skipped or fatal as bad_samples says
+        // "file.jsonl:13:7: invalid JSON: ...": the location (with its column) and the problem.
+        const std::string message = error.what();
+        const std::size_t split = message.find(": ", where.size());
+        records.push_back({message.substr(0, split), {}, {}, message.substr(split + 2)});
       }
-      records.push_back(parse_record(item, where));
     }
     return records;
   }
   json document;
   try {
-    document = json::parse(in);
-  } catch (const json::parse_error& error) {
-    throw Error(path + ": invalid JSON (" + error.what() + "); a LLaVA data file is a JSON array, or JSON Lines "
-                "(.jsonl) where a bad line is skipped");
+    document = parse_json(text, path);
+  } catch (const Error& error) {
+    throw Error(std::string(error.what()) + " (a LLaVA data file is a JSON array, or JSON Lines (.jsonl) where a "
+                "bad line is skipped)");
   }
   if (!document.is_array()) throw Error(path + ": expected a JSON array of conversation records");
   for (std::size_t i = 0; i < document.size(); ++i) {
@@ -208,7 +214,7 @@ TrainingSample make_sample(const ConversationRecord& record, const Tokenizer& to
     fs::path path(image);
     if (path.is_relative() && !format.image_folder.empty()) path = fs::path(format.image_folder) / path;
     try {
-      sample.images.push_back(preprocess_image(load_image(path.string(), format.max_image_pixels), format.processor));
+      sample.images.push_back(load_and_preprocess_image(path.string(), format.processor, format.max_image_pixels));
     } catch (const Error& error) {
       throw fail(error.what());
     }

@@ -1,13 +1,10 @@
 #include "neva/hf_config.h"
 
-#include <cerrno>
-#include <cstring>
+#include <cmath>
 #include <filesystem>
-#include <fstream>
-#include <nlohmann/json.hpp>
-#include <sstream>
 
 #include "neva/error.h"
+#include "neva/json.h"
 
 namespace neva {
 
@@ -25,12 +22,7 @@ HfConfig& HfConfig::operator=(const HfConfig&) = default;
 HfConfig::~HfConfig() = default;
 
 HfConfig HfConfig::parse(const std::string& text, const std::string& source_name) {
-  auto document = std::make_shared<json>();
-  try {
-    *document = json::parse(text);
-  } catch (const json::exception& error) {
-    throw Error(source_name + ": invalid JSON: " + error.what());
-  }
+  auto document = std::make_shared<json>(parse_json(text, source_name));
   if (!document->is_object()) throw Error(source_name + ": expected a JSON object");
   auto impl = std::make_shared<Impl>();
   impl->document = document;
@@ -42,11 +34,7 @@ HfConfig HfConfig::parse(const std::string& text, const std::string& source_name
 HfConfig HfConfig::load(const std::string& path) {
   std::filesystem::path file(path);
   if (std::filesystem::is_directory(file)) file /= "config.json";
-  std::ifstream in(file, std::ios::binary);
-  if (!in) throw Error(file.string() + ": cannot open: " + std::strerror(errno));
-  std::ostringstream text;
-  text << in.rdbuf();
-  return parse(text.str(), file.string());
+  return parse(read_file(file.string()), file.string());
 }
 
 const std::string& HfConfig::source() const { return impl_->source; }
@@ -66,16 +54,19 @@ std::optional<T> HfConfig::optional(const std::string& key) const {
   const json& value = impl_->object->at(key);
   if constexpr (std::is_same_v<T, bool>) {
     if (value.is_boolean()) return value.get<bool>();
-    fail(key, "expected a boolean, got " + value.dump());
+    fail(key, "expected a boolean, got " + json_excerpt(value));
   } else if constexpr (std::is_same_v<T, std::int64_t>) {
     if (value.is_number_integer()) return value.get<std::int64_t>();
-    fail(key, "expected an integer, got " + value.dump());
+    fail(key, "expected an integer, got " + json_excerpt(value));
   } else if constexpr (std::is_same_v<T, double>) {
-    if (value.is_number()) return value.get<double>();
-    fail(key, "expected a number, got " + value.dump());
+    if (!value.is_number()) fail(key, "expected a number, got " + json_excerpt(value));
+    const double number = value.get<double>();
+    // JSON has no NaN or infinity, but a literal like 1e999 parses to infinity.
+    if (!std::isfinite(number)) fail(key, "expected a finite number, got " + json_excerpt(value));
+    return number;
   } else {
     if (value.is_string()) return value.get<std::string>();
-    fail(key, "expected a string, got " + value.dump());
+    fail(key, "expected a string, got " + json_excerpt(value));
   }
 }
 
@@ -95,9 +86,11 @@ template NEVA_API std::int64_t HfConfig::require<std::int64_t>(const std::string
 template NEVA_API double HfConfig::require<double>(const std::string&) const;
 template NEVA_API std::string HfConfig::require<std::string>(const std::string&) const;
 
-std::int64_t HfConfig::positive(const std::string& key, std::int64_t fallback) const {
+std::int64_t HfConfig::positive(const std::string& key, std::int64_t fallback, std::int64_t max) const {
   std::int64_t value = get<std::int64_t>(key, fallback);
-  if (value <= 0) fail(key, "expected a positive integer, got " + std::to_string(value));
+  if (value <= 0 || value > max) {
+    fail(key, "expected an integer in [1, " + std::to_string(max) + "], got " + std::to_string(value));
+  }
   return value;
 }
 
@@ -132,7 +125,7 @@ HfConfig HfConfig::child(const std::string& key) const {
 RopeConfig HfConfig::rope(std::int64_t head_dim, double default_theta, std::int64_t default_max_positions) const {
   RopeConfig rope;
   rope.head_dim = head_dim;
-  rope.max_position_embeddings = get<std::int64_t>("max_position_embeddings", default_max_positions);
+  rope.max_position_embeddings = positive("max_position_embeddings", default_max_positions);
   rope.theta = get<double>("rope_theta", default_theta);
   rope.partial_rotary_factor = get<double>("partial_rotary_factor", rope.partial_rotary_factor);
 
@@ -143,15 +136,28 @@ RopeConfig HfConfig::rope(std::int64_t head_dim, double default_theta, std::int6
     rope.theta = parameters.get<double>("rope_theta", rope.theta);
     rope.partial_rotary_factor = parameters.get<double>("partial_rotary_factor", rope.partial_rotary_factor);
     rope.type = parameters.get<std::string>("rope_type", parameters.get<std::string>("type", "default"));
-    if (rope.type != "default") rope.factor = parameters.require<double>("factor");
+    if (rope.type != "default") {
+      rope.factor = parameters.require<double>("factor");
+      if (!(rope.factor > 0)) parameters.fail("factor", "expected a number > 0, got " + std::to_string(rope.factor));
+    }
     if (rope.type == "llama3") {
       rope.low_freq_factor = parameters.require<double>("low_freq_factor");
       rope.high_freq_factor = parameters.require<double>("high_freq_factor");
-      rope.original_max_position_embeddings = parameters.require<std::int64_t>("original_max_position_embeddings");
+      parameters.require<std::int64_t>("original_max_position_embeddings");
+      rope.original_max_position_embeddings = parameters.positive("original_max_position_embeddings", 1);
+      if (!(rope.low_freq_factor > 0) || !(rope.high_freq_factor > rope.low_freq_factor)) {
+        parameters.fail("high_freq_factor", "expected 0 < low_freq_factor < high_freq_factor, got " +
+                                                std::to_string(rope.low_freq_factor) + " and " +
+                                                std::to_string(rope.high_freq_factor));
+      }
     }
     if (rope.type != "default" && rope.type != "linear" && rope.type != "dynamic" && rope.type != "llama3") {
       parameters.fail("rope_type", "unsupported rope type '" + rope.type + "' (supported: default, linear, dynamic, llama3)");
     }
+  }
+  if (!(rope.theta > 0)) fail("rope_theta", "expected a number > 0, got " + std::to_string(rope.theta));
+  if (!(rope.partial_rotary_factor > 0) || rope.partial_rotary_factor > 1) {
+    fail("partial_rotary_factor", "expected a number in (0, 1], got " + std::to_string(rope.partial_rotary_factor));
   }
   return rope;
 }

@@ -19,6 +19,7 @@
 #include <sstream>
 
 #include "neva/error.h"
+#include "neva/json.h"
 
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "safetensors data is little-endian");
 
@@ -74,27 +75,10 @@ struct Mapping {
   }
 };
 
-// Parses JSON refusing duplicate keys at any level and nesting deeper than a header can need.
+// Headers and indexes: one JSON value (whitespace around it allowed, as serde_json allows; a NUL
+// pad is not), no key twice, and no deeper nesting than a header can need.
 json parse_strict_json(std::string_view text, const std::string& where) {
-  std::vector<std::set<std::string>> keys;
-  std::string duplicate;
-  auto callback = [&](int depth, json::parse_event_t event, json& parsed) {
-    if (depth > 8) throw Error(where + ": JSON nests deeper than 8 levels");
-    if (event == json::parse_event_t::object_start) keys.emplace_back();
-    if (event == json::parse_event_t::object_end) keys.pop_back();
-    if (event == json::parse_event_t::key && !keys.back().insert(parsed.get<std::string>()).second && duplicate.empty()) {
-      duplicate = parsed.get<std::string>();
-    }
-    return true;
-  };
-  json document;
-  try {
-    document = json::parse(text.begin(), text.end(), callback);
-  } catch (const json::exception& error) {
-    throw Error(where + ": invalid JSON: " + error.what());
-  }
-  if (!duplicate.empty()) throw Error(where + ": duplicate key '" + duplicate + "'");
-  return document;
+  return parse_json(text, where, JsonLimits{/*max_depth=*/8, /*reject_duplicate_keys=*/true});
 }
 
 }  // namespace
@@ -149,7 +133,7 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : impl_(std::make_uniq
   self.data_start = data_start;
   std::string_view header(reinterpret_cast<const char*>(bytes + 8), header_size);
   if (header.empty() || header.front() != '{') self.fail("safetensors header does not start with '{'");
-  json document = parse_strict_json(header, self.path + ": safetensors header");
+  json document = parse_strict_json(header, self.path + " (safetensors header)");
   if (!document.is_object()) self.fail("safetensors header is not a JSON object");
 
   for (auto& [name, value] : document.items()) {
@@ -287,11 +271,7 @@ SafetensorsCheckpoint::SafetensorsCheckpoint(const std::string& path) : impl_(st
 
   const std::string name = location.filename().string();
   if (name.size() > 11 && name.compare(name.size() - 11, 11, ".index.json") == 0) {
-    std::ifstream in(location, std::ios::binary);
-    if (!in) throw Error(location.string() + ": cannot open: " + std::strerror(errno));
-    std::ostringstream text;
-    text << in.rdbuf();
-    json index = parse_strict_json(text.str(), location.string());
+    json index = parse_strict_json(read_file(location.string()), location.string());
     if (!index.is_object() || !index.contains("weight_map") || !index["weight_map"].is_object()) {
       throw Error(location.string() + ": expected an object with a \"weight_map\" object");
     }

@@ -154,6 +154,7 @@ Recipe parse_recipe(const ConfigDocument& document, const fs::path& base_directo
   adam.lr = optim.get<double>("lr", adam.lr);
   if (!(adam.lr > 0)) optim.fail("lr", "expected a learning rate > 0");
   adam.weight_decay = optim.get<double>("weight_decay", adam.weight_decay);
+  if (adam.weight_decay < 0) optim.fail("weight_decay", "expected a number >= 0");
   auto betas = optim.get<std::vector<double>>("betas", {adam.beta1, adam.beta2});
   if (betas.size() != 2 || betas[0] < 0 || betas[0] >= 1 || betas[1] < 0 || betas[1] >= 1) {
     optim.fail("betas", "expected two numbers in [0, 1)");
@@ -161,6 +162,7 @@ Recipe parse_recipe(const ConfigDocument& document, const fs::path& base_directo
   adam.beta1 = betas[0];
   adam.beta2 = betas[1];
   adam.eps = optim.get<double>("eps", adam.eps);
+  if (!(adam.eps > 0)) optim.fail("eps", "expected a number > 0");
   ConfigSection sched = optim.section("sched");
   sched.choice("name", "CosineAnnealing", {"CosineAnnealing"});
   adam.warmup_steps = sched.integer("warmup_steps", 0, 0);

@@ -272,7 +272,7 @@ TEST_CASE("bad requests give one clear error and no partial output") {
   auto bad = dir.write("bad.toml", llava_recipe("score", "input_file = \"bad.jsonl\"\n"));
   result = neva_run(bad.string());
   CHECK(result.exit_code == 1);
-  CHECK(result.err.find("bad.jsonl:2: invalid JSON") != std::string::npos);
+  CHECK(result.err.find("bad.jsonl:2:12: invalid JSON") != std::string::npos);
 
   auto long_prompt = dir.write("long.toml", llava_recipe("generate", "prompts = [\"" + std::string(2000, '~') + "\"]\n"));
   result = neva_run(long_prompt.string());

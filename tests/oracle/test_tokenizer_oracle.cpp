@@ -174,7 +174,7 @@ TEST_CASE("a tokenizer_config.json or config.json the tokenizer cannot follow is
                                            "this tokenizer").c_str(),
                        neva::Error);
   dir.write("tokenizer_config.json", "{not json");
-  CHECK_THROWS_WITH_AS(neva::Tokenizer::load(dir.path().string()), doctest::Contains((config + ": invalid JSON").c_str()),
+  CHECK_THROWS_WITH_AS(neva::Tokenizer::load(dir.path().string()), doctest::Contains((config + ":1:3: invalid JSON").c_str()),
                        neva::Error);
 }
 

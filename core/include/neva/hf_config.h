@@ -33,8 +33,11 @@ class NEVA_API HfConfig {
   }
   template <class T>
   T require(const std::string& key) const;
-  // An integer >= 1 (fallback when absent), else an error naming the key.
-  std::int64_t positive(const std::string& key, std::int64_t fallback) const;
+  // The largest size any config.json key may give (16,777,216): far above every real model's vocabulary,
+  // widths, layer counts and context lengths, far below sizes whose products overflow.
+  static constexpr std::int64_t kMaxSize = std::int64_t{1} << 24;
+  // An integer in [1, max] (fallback when absent), else an error naming the key.
+  std::int64_t positive(const std::string& key, std::int64_t fallback, std::int64_t max = kMaxSize) const;
   // A nested object ("text_config", "vision_config").
   HfConfig child(const std::string& key) const;
   [[noreturn]] void fail(const std::string& key, const std::string& what) const;

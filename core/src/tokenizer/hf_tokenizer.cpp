@@ -17,6 +17,7 @@
 #include <unordered_map>
 
 #include "neva/error.h"
+#include "neva/json.h"
 #include "tokenizer_internal.h"
 
 namespace neva {
@@ -170,7 +171,7 @@ std::string replace_all(std::string text, const std::string& from, const std::st
 
 std::string string_pattern(const json& pattern, const std::string& where) {
   if (pattern.contains("String")) return pattern["String"].get<std::string>();
-  throw Error(where + ": only String patterns are supported here, got " + pattern.dump());
+  throw Error(where + ": only String patterns are supported here, got " + json_excerpt(pattern));
 }
 
 class Normalizer {
@@ -677,7 +678,7 @@ std::unique_ptr<Tokenizer> make_hf_tokenizer(const json& spec, const std::string
   try {
     return std::make_unique<HfTokenizer>(spec, source);
   } catch (const json::exception& error) {
-    throw Error(source + ": malformed tokenizer: " + error.what());
+    throw Error(source + ": malformed tokenizer: " + json_error_reason(error));
   }
 }
 

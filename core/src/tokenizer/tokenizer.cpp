@@ -28,6 +28,7 @@
 
 #include "neva/error.h"
 #include "neva/hf_config.h"
+#include "neva/json.h"
 #include "tokenizer_internal.h"
 
 namespace neva {
@@ -37,21 +38,8 @@ namespace {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-std::string read_text(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error(path.string() + ": cannot open: " + std::strerror(errno));
-  std::ostringstream text;
-  text << in.rdbuf();
-  return text.str();
-}
-
 json parse_object(const std::string& text, const fs::path& path) {
-  json value;
-  try {
-    value = json::parse(text);
-  } catch (const json::exception& parse_error) {
-    throw Error(path.string() + ": invalid JSON: " + parse_error.what());
-  }
+  json value = parse_json(text, path.string());
   if (!value.is_object()) throw Error(path.string() + ": expected a JSON object");
   return value;
 }
@@ -63,7 +51,7 @@ json read_json_object(const fs::path& path, bool optional) {
     if (error) throw Error(path.string() + ": cannot check: " + error.message());
     return json::object();
   }
-  return parse_object(read_text(path), path);
+  return parse_object(read_file(path.string()), path);
 }
 
 // What the tokenizer needs of the model's config.json (read with HfConfig, when there is one).
@@ -204,9 +192,10 @@ void merge_config_tokens(json& spec, const json& config, const fs::path& directo
   for (const auto& [key, token] : listed.items()) {
     const std::string where = source + ": " + what + "entry '" + key + "': ";
     try {
-      std::size_t end = 0;
-      const std::int64_t id = std::stoll(key, &end);
-      if (end != key.size() || id < 0) throw std::invalid_argument("not a token id");
+      if (key.empty() || key.size() > 18 || key.find_first_not_of("0123456789") != std::string::npos) {
+        throw std::invalid_argument("not a token id (expected a non-negative integer)");
+      }
+      const std::int64_t id = std::stoll(key);
       const std::string content = token.at("content").get<std::string>();
       const auto flag = [&](const char* name, bool fallback) {
         return token.contains(name) ? token.at(name).get<bool>() : fallback;
@@ -219,10 +208,8 @@ void merge_config_tokens(json& spec, const json& config, const fs::path& directo
       entries[id] = make_added_token(id, content, special, flag("lstrip", false), flag("rstrip", false));
     } catch (const std::invalid_argument& error) {
       throw Error(where + error.what());
-    } catch (const std::out_of_range&) {
-      throw Error(where + "not a token id");
     } catch (const json::exception& error) {
-      throw Error(where + "expected {\"content\": string, \"special\": bool, ...}: " + error.what());
+      throw Error(where + "expected {\"content\": string, \"special\": bool, ...}: " + json_error_reason(error));
     }
   }
   std::int64_t next = vocab.empty() ? 0 : vocab.rbegin()->first + 1;
@@ -339,7 +326,7 @@ json describe_tokenizer(const std::string& path, std::string& source) {
   try {
     json spec;
     if (location.extension() == ".json") {
-      const std::string text = read_text(location);  // searched as transformers does (is_llama_tokenizer)
+      const std::string text = read_file(location.string());  // searched as transformers does (is_llama_tokenizer)
       spec = parse_object(text, location);
       if (!spec.contains("added_tokens") || spec["added_tokens"].is_null()) spec["added_tokens"] = json::array();
       // Only BPE is supported: let the engine say so for other models before their vocabulary is read.
@@ -379,7 +366,7 @@ json describe_tokenizer(const std::string& path, std::string& source) {
     }
     return spec;
   } catch (const json::exception& malformed) {
-    throw Error(source + ": malformed tokenizer: " + malformed.what());
+    throw Error(source + ": malformed tokenizer: " + json_error_reason(malformed));
   }
 }
 
