@@ -34,6 +34,7 @@ pkg_check_modules(pcre2 REQUIRED IMPORTED_TARGET libpcre2-8)           # Debian 
 pkg_check_modules(sentencepiece REQUIRED IMPORTED_TARGET sentencepiece)  # Debian libsentencepiece-dev
 find_package(JPEG REQUIRED)  # Debian libjpeg-dev (libjpeg-turbo): the decoder Pillow uses too
 find_package(PNG REQUIRED)   # Debian libpng-dev
+find_package(OpenSSL 3 REQUIRED COMPONENTS Crypto)  # Debian libssl-dev: SHA-256 of checkpoint files
 
 # gloo's headers: the wheel links gloo statically but does not ship its headers, which
 # ProcessGroupGloo.hpp includes. Debian's libgloo-dev provides them; we only call out-of-line

@@ -1,6 +1,7 @@
 // neva-run: train, generate, score or inspect from a TOML recipe; list plugins; validate recipes.
 // Exit codes: 0 success, 2 usage or recipe error, 1 runtime error. Errors: stderr, one line, cause first.
 #include <CLI/CLI.hpp>
+#include <c10/util/Exception.h>
 #include <torch/version.h>
 
 #include <filesystem>
@@ -158,8 +159,13 @@ int main(int argc, char** argv) {
   } catch (const neva::RecipeError& error) {
     std::cerr << "neva-run: " << error.what() << "\n";
     return kExitUsage;
+  } catch (const c10::Error& error) {  // LibTorch's own (its what() carries a C++ backtrace)
+    const std::string reason = neva::allocation_failure(error.what_without_backtrace());
+    std::cerr << "neva-run: " << (reason.empty() ? error.what_without_backtrace() : reason) << "\n";
+    return kExitRuntime;
   } catch (const std::exception& error) {
-    std::cerr << "neva-run: " << error.what() << "\n";
+    const std::string reason = neva::allocation_failure(error.what());
+    std::cerr << "neva-run: " << (reason.empty() ? error.what() : reason) << "\n";
     return kExitRuntime;
   }
   return 0;

@@ -321,15 +321,23 @@ LlavaModel build_model(const Recipe& recipe, const RuntimeContext& context) {
     if (!frozen) return;
     for (auto& parameter : module.parameters()) parameter.set_requires_grad(false);
   };
-  auto backbone = recipe.registry->create<LanguageBackbone>(mm_cfg.llm->plugin, *mm_cfg.llm->config, context);
-  freeze(*backbone, mm_cfg.llm->freeze);
+  // Errors name the recipe table (and config.json) of the component that failed, e.g. out of memory.
+  auto create = [&](auto* type, const ComponentSpec& spec) {
+    using Interface = std::remove_pointer_t<decltype(type)>;
+    try {
+      auto component = recipe.registry->create<Interface>(spec.plugin, *spec.config, context);
+      freeze(*component, spec.freeze);
+      return component;
+    } catch (const PluginError& error) {
+      throw PluginError(spec.section + (spec.hf_config.empty() ? "" : " (" + spec.hf_config + ")") + ": " + error.what());
+    }
+  };
+  auto backbone = create(static_cast<LanguageBackbone*>(nullptr), *mm_cfg.llm);
   std::shared_ptr<VisionEncoder> encoder;
   std::shared_ptr<Connector> connector;
   if (mm_cfg.vision_encoder) {
-    encoder = recipe.registry->create<VisionEncoder>(mm_cfg.vision_encoder->plugin, *mm_cfg.vision_encoder->config, context);
-    freeze(*encoder, mm_cfg.vision_encoder->freeze);
-    connector = recipe.registry->create<Connector>(mm_cfg.connector.plugin, *mm_cfg.connector.config, context);
-    freeze(*connector, mm_cfg.connector.freeze);
+    encoder = create(static_cast<VisionEncoder*>(nullptr), *mm_cfg.vision_encoder);
+    connector = create(static_cast<Connector*>(nullptr), mm_cfg.connector);
   }
   return LlavaModel(encoder, connector, backbone, mm_cfg.image_token_index);
 }

@@ -36,9 +36,11 @@ auto call_plugin(const LoadedPlugin& plugin, const char* what, Fn&& fn) -> declt
   } catch (const RecipeError& error) {
     throw RecipeError(error.what());
   } catch (const c10::Error& error) {
-    throw PluginError(plugin.label() + ": " + what + " failed: " + error.what_without_backtrace());
+    const std::string reason = allocation_failure(error.what_without_backtrace());
+    throw PluginError(plugin.label() + ": " + what + " failed: " + (reason.empty() ? error.what_without_backtrace() : reason));
   } catch (const std::exception& error) {
-    throw PluginError(plugin.label() + ": " + what + " failed: " + error.what());
+    const std::string reason = allocation_failure(error.what());
+    throw PluginError(plugin.label() + ": " + what + " failed: " + (reason.empty() ? error.what() : reason));
   } catch (...) {
     throw PluginError(plugin.label() + ": " + what + " failed with an exception that is not a std::exception");
   }

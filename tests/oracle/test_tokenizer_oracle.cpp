@@ -1,6 +1,8 @@
 // neva's tokenizers against Hugging Face tokenizers / transformers (reference data: tokenizer_oracle.py).
 #include <doctest/doctest.h>
 
+#include <ATen/ATen.h>
+
 #include <cstdlib>
 #include <fstream>
 #include <optional>
@@ -52,6 +54,31 @@ TEST_CASE("SentencePiece-converted BPE with byte fallback (Llama 2 style tokeniz
   auto directory = oracle_directory() / "spbpe";
   auto tokenizer = neva::Tokenizer::load((directory / "converted").string());
   check_against(*tokenizer, read_json(directory / "reference.json"));
+}
+
+TEST_CASE("after a tokenizer.model is read, LibTorch's failed checks are still exceptions, not abort()") {
+  // libsentencepiece and libc10 both export FLAGS_minloglevel: linked into one process, SentencePiece
+  // built its 32-byte flag over c10's int and set FLAGS_caffe2_use_fatal_for_enforce beside it, so a
+  // failed allocation aborted the process. SentencePiece now runs in a link-map namespace of its own.
+  auto tokenizer = neva::Tokenizer::load((oracle_directory() / "spbpe").string());  // only tokenizer.model there
+  CHECK(tokenizer->vocab_size() > 0);
+  CHECK_THROWS_AS(at::empty({std::int64_t{1} << 50}, at::kFloat), c10::Error);
+  CHECK_THROWS_AS(TORCH_CHECK(false, "a failed check"), c10::Error);
+}
+
+TEST_CASE("invalid UTF-8 from byte tokens decodes to transformers' U+FFFD: per maximal subpart (ByteLevel), per byte (ByteFallback)") {
+  for (const char* name : {"bytelevel", "spbpe"}) {
+    CAPTURE(name);
+    const fs::path directory = oracle_directory() / name;
+    auto tokenizer = neva::Tokenizer::load((std::string(name) == "spbpe" ? directory / "converted" : directory).string());
+    const auto cases = read_json(directory / "invalid_utf8.json");
+    REQUIRE(cases.size() >= 10);
+    for (const auto& expected : cases) {
+      CAPTURE(expected["bytes"].get<std::string>());
+      CHECK(tokenizer->decode(expected["ids"].get<std::vector<std::int64_t>>(), false) ==
+            expected["decoded"].get<std::string>());
+    }
+  }
 }
 
 TEST_CASE("a tokenizer.model alone is read as transformers' LlamaTokenizer reads it, with its documented defaults") {

@@ -28,4 +28,10 @@ class NEVA_API PluginError : public Error {
   ~PluginError() override;
 };
 
+// When `message` reports a failed allocation (LibTorch's "DefaultCPUAllocator: can't allocate memory:
+// you tried to allocate N bytes", CUDA's "out of memory", std::bad_alloc), what to tell the user:
+// "out of memory: cannot allocate 256000000000000 bytes (232.8 TiB) for one tensor; this machine has
+// 23.4 GiB". "" for any other message.
+NEVA_API std::string allocation_failure(const std::string& message);
+
 }  // namespace neva

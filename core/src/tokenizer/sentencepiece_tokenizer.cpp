@@ -6,12 +6,15 @@
 // transformers; the C++ API of SentencePiece 0.1.97 has no piece-type query for user-defined symbols,
 // so a model that needs them must list them in tokenizer_config.json's added_tokens_decoder (which
 // transformers writes since 4.34). Llama-family models have none.
-#include <sentencepiece_processor.h>
+#include <dlfcn.h>
 
+#include <filesystem>
+#include <mutex>
 #include <unordered_map>
 #include <nlohmann/json.hpp>
 
 #include "neva/error.h"
+#include "neva/json.h"
 #include "tokenizer_internal.h"
 
 namespace neva {
@@ -34,31 +37,72 @@ json merges_of(const std::vector<std::string>& pieces, const std::unordered_map<
   return merges;
 }
 
+// libneva_sentencepiece (sentencepiece_reader.cpp, beside libneva_core), loaded once per process into
+// a link-map namespace of its own, where libsentencepiece cannot interpose on LibTorch's symbols.
+struct SentencePieceReader {
+  using Read = char* (*)(const char*);
+  using Free = void (*)(char*);
+  Read read = nullptr;
+  Free free = nullptr;
+  std::string failure;
+
+  SentencePieceReader() {
+    Dl_info self{};
+    if (::dladdr(reinterpret_cast<void*>(&sentencepiece_description), &self) == 0 || !self.dli_fname) {
+      failure = "cannot locate libneva_core";
+      return;
+    }
+    const std::string library =
+        (std::filesystem::path(self.dli_fname).parent_path() / "libneva_sentencepiece.so").string();
+    void* handle = ::dlmopen(LM_ID_NEWLM, library.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (!handle) {
+      failure = std::string("cannot load ") + library + ": " + ::dlerror();
+      return;
+    }
+    read = reinterpret_cast<Read>(::dlsym(handle, "neva_sentencepiece_read"));
+    free = reinterpret_cast<Free>(::dlsym(handle, "neva_sentencepiece_free"));
+    if (!read || !free) failure = library + " does not export neva_sentencepiece_read/free";
+  }
+};
+
+json read_sentencepiece(const std::string& path) {
+  // Kept for the life of the process: link-map namespaces are few (glibc has 16), so one is opened once.
+  static const SentencePieceReader reader;
+  if (!reader.failure.empty()) throw Error(path + ": cannot read SentencePiece models: " + reader.failure);
+  char* text = reader.read(path.c_str());
+  if (!text) throw Error(path + ": out of memory while reading the SentencePiece model");
+  std::string copy(text);
+  reader.free(text);
+  json model = parse_json(copy, path + " (as read by SentencePiece)");
+  if (model.contains("error")) throw Error(path + ": " + model["error"].get<std::string>());
+  return model;
+}
+
 }  // namespace
 
 SentencePieceDescription sentencepiece_description(const std::string& path) {
-  sentencepiece::SentencePieceProcessor processor;
-  auto status = processor.Load(path);
-  if (!status.ok()) throw Error(path + ": cannot load SentencePiece model: " + status.ToString());
-  std::vector<std::vector<int>> nbest;
-  if (processor.NBestEncode("a", 1, &nbest).ok()) {  // only Unigram models have n-best segmentations
+  const json model = read_sentencepiece(path);
+  if (model["unigram"].get<bool>()) {
     throw Error(path + ": a Unigram SentencePiece model; neva reads tokenizer.model as transformers' LlamaTokenizer "
                 "does (BPE): provide the tokenizer.json transformers saves for this tokenizer");
   }
-  std::vector<std::string> pieces;
+  std::vector<std::string> pieces = model["pieces"].get<std::vector<std::string>>();
   std::unordered_map<std::string, int> ids;
   json vocab = json::object(), added = json::array();
-  for (int id = 0; id < processor.GetPieceSize(); ++id) {
-    std::string piece = processor.IdToPiece(id);
-    pieces.push_back(piece);
-    ids.emplace(piece, id);
-    vocab[piece] = id;
-    if (processor.IsControl(id) || processor.IsUnknown(id)) added.push_back(make_added_token(id, piece, true, false, false));
+  for (int id = 0; id < static_cast<int>(pieces.size()); ++id) {
+    ids.emplace(pieces[id], id);
+    vocab[pieces[id]] = id;
   }
-  auto piece_or_none = [&](int id) { return id >= 0 ? processor.IdToPiece(id) : std::string(); };
+  for (const json& id : model["special"]) {
+    added.push_back(make_added_token(id.get<int>(), pieces[id.get<int>()], true, false, false));
+  }
+  auto piece_or_none = [&](const json& id) {
+    const int value = id.get<int>();
+    return value >= 0 && value < static_cast<int>(pieces.size()) ? pieces[value] : std::string();
+  };
   return {{{"model", {{"type", "BPE"}, {"vocab", vocab}, {"merges", merges_of(pieces, ids)}}}, {"added_tokens", added}},
-          piece_or_none(processor.bos_id()),
-          piece_or_none(processor.eos_id())};
+          piece_or_none(model["bos"]),
+          piece_or_none(model["eos"])};
 }
 
 }  // namespace neva
