@@ -2,12 +2,14 @@
 
 #include <ATen/ops/empty.h>
 #include <jpeglib.h>
+#include <jerror.h>
 #include <png.h>
 
 #include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <csetjmp>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -20,7 +22,7 @@ namespace {
 
 // "" when a width x height image fits the budget, else why not: checked from the header, before decoding.
 std::string over_budget(std::int64_t width, std::int64_t height, std::int64_t max_pixels) {
-  if (width * height <= max_pixels) return {};
+  if (width <= max_pixels && height <= max_pixels && width * height <= max_pixels) return {};
   return "image of " + std::to_string(width) + "x" + std::to_string(height) + " pixels exceeds the budget of " +
          std::to_string(max_pixels) + " pixels";
 }
@@ -33,10 +35,37 @@ struct JpegError {
   char message[JMSG_LENGTH_MAX];
 };
 
+// libjpeg-turbo's fuzzers stop progressive images here: each scan rereads the whole image, so a file
+// of many tiny scans costs minutes of decoding (TJPARAM_SCANLIMIT).
+constexpr int kMaxJpegScans = 500;
+
 void jpeg_fail(j_common_ptr info) {
   auto* error = reinterpret_cast<JpegError*>(info->err);
   (*info->err->format_message)(info, error->message);
   std::longjmp(error->jump, 1);
+}
+
+// libjpeg reports lost image data as warnings and goes on, filling what is missing with grey: a
+// truncated file ("Premature end of JPEG file"), a cut entropy segment, a corrupt Huffman code, a
+// resynchronisation. Pillow refuses such files ("image file is truncated"); so does neva. Harmless
+// warnings (extraneous bytes before a marker, an unusual progression) pass, as in Pillow.
+void jpeg_warning(j_common_ptr info, int level) {
+  if (level >= 0) return;  // trace messages
+  const int code = info->err->msg_code;
+  if (code == JWRN_JPEG_EOF || code == JWRN_HIT_MARKER || code == JWRN_HUFF_BAD_CODE || code == JWRN_ARITH_BAD_CODE ||
+      code == JWRN_MUST_RESYNC || code == JWRN_NOT_SEQUENTIAL) {
+    jpeg_fail(info);
+  }
+}
+
+void jpeg_scan_limit(j_common_ptr info) {
+  auto* decompress = reinterpret_cast<j_decompress_ptr>(info);
+  if (decompress->input_scan_number > kMaxJpegScans) {
+    auto* error = reinterpret_cast<JpegError*>(info->err);
+    std::snprintf(error->message, sizeof error->message, "more than %d progressive scans (a denial-of-service pattern)",
+                  kMaxJpegScans);
+    std::longjmp(error->jump, 1);
+  }
 }
 
 Image decode_jpeg(const std::string& bytes, const std::string& name, std::int64_t max_pixels) {
@@ -44,7 +73,10 @@ Image decode_jpeg(const std::string& bytes, const std::string& name, std::int64_
   JpegError error{};
   info.err = jpeg_std_error(&error.manager);
   error.manager.error_exit = jpeg_fail;
-  error.manager.output_message = [](j_common_ptr) {};  // warnings are not errors
+  error.manager.emit_message = jpeg_warning;
+  error.manager.output_message = [](j_common_ptr) {};
+  jpeg_progress_mgr progress{};
+  progress.progress_monitor = jpeg_scan_limit;
   Image image;
   std::string failure;
   if (setjmp(error.jump)) {
@@ -52,6 +84,7 @@ Image decode_jpeg(const std::string& bytes, const std::string& name, std::int64_
     throw Error(name + ": corrupt JPEG: " + error.message);
   }
   jpeg_create_decompress(&info);
+  info.progress = &progress;
   jpeg_mem_src(&info, reinterpret_cast<const unsigned char*>(bytes.data()), bytes.size());
   jpeg_read_header(&info, TRUE);
   if (info.jpeg_color_space == JCS_CMYK || info.jpeg_color_space == JCS_YCCK) failure = "CMYK JPEGs are not supported";
@@ -312,10 +345,25 @@ ImageProcessorConfig with_aspect_ratio(ImageProcessorConfig processor, const std
   return processor;
 }
 
-at::Tensor preprocess_image(const Image& input, const ImageProcessorConfig& checked) {
+at::Tensor preprocess_image(const Image& input, const ImageProcessorConfig& checked, std::int64_t max_pixels) {
   const ImageProcessorConfig config = with_aspect_ratio(checked, checked.aspect_ratio, "image_aspect_ratio");
+  if (input.width <= 0 || input.height <= 0) throw Error("the image has no pixels");
+  const double aspect = static_cast<double>(std::max(input.width, input.height)) / std::min(input.width, input.height);
+  if (aspect > kMaxImageAspectRatio) {
+    throw Error("image of " + std::to_string(input.width) + "x" + std::to_string(input.height) +
+                " pixels has an aspect ratio above " + std::to_string(static_cast<int>(kMaxImageAspectRatio)) + ":1");
+  }
+  // Each intermediate image, checked before it is allocated.
+  auto check = [&](std::int64_t width, std::int64_t height, const char* step) {
+    if (!over_budget(width, height, max_pixels).empty()) {
+      throw Error(std::string(step) + " would make an image of " + std::to_string(width) + "x" + std::to_string(height) +
+                  " pixels, over the budget of " + std::to_string(max_pixels) + " pixels");
+    }
+  };
   Image image = input;
   if (config.aspect_ratio == "pad") {
+    const std::int64_t side = std::max(image.width, image.height);
+    check(side, side, "padding to a square");
     std::array<std::uint8_t, 3> background{};
     for (int c = 0; c < 3; ++c) background[c] = static_cast<std::uint8_t>(static_cast<int>(config.mean[c] * 255));
     image = expand_to_square(image, background);
@@ -327,17 +375,21 @@ at::Tensor preprocess_image(const Image& input, const ImageProcessorConfig& chec
     bool wide = image.width >= image.height;
     int shortest = wide ? image.height : image.width, longest = wide ? image.width : image.height;
     int scaled = static_cast<int>(static_cast<double>(shortest_edge) * longest / shortest);
+    check(wide ? scaled : shortest_edge, wide ? shortest_edge : scaled, "resizing (image_aspect_ratio 'keep')");
     image = wide ? resize_bicubic(image, scaled, shortest_edge) : resize_bicubic(image, shortest_edge, scaled);
   }
   if (config.aspect_ratio == "keep") {
     // resized above; no crop
   } else if (config.resize == ImageProcessorConfig::Resize::Exact) {
+    check(config.size, config.size, "resizing");
     image = resize_bicubic(image, config.size, config.size);
   } else {
     // Shortest edge to `size`; the long edge scales and truncates (transformers' get_resize_output_image_size).
     bool wide = image.width >= image.height;
     int shortest = wide ? image.height : image.width, longest = wide ? image.width : image.height;
     int scaled = static_cast<int>(static_cast<double>(config.size) * longest / shortest);
+    check(wide ? scaled : config.size, wide ? config.size : scaled, "resizing to the shortest edge");
+    check(config.crop_size, config.crop_size, "centre cropping");
     image = wide ? resize_bicubic(image, scaled, config.size) : resize_bicubic(image, config.size, scaled);
     image = center_crop(image, config.crop_size, config.crop_size);
   }
@@ -352,6 +404,15 @@ at::Tensor preprocess_image(const Image& input, const ImageProcessorConfig& chec
     }
   }
   return pixels;
+}
+
+at::Tensor load_and_preprocess_image(const std::string& path, const ImageProcessorConfig& config, std::int64_t max_pixels) {
+  const Image image = load_image(path, max_pixels);
+  try {
+    return preprocess_image(image, config, max_pixels);
+  } catch (const Error& error) {
+    throw Error(path + ": " + error.what());
+  }
 }
 
 }  // namespace neva

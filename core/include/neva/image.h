@@ -58,7 +58,18 @@ struct ImageProcessorConfig {
 NEVA_API ImageProcessorConfig with_aspect_ratio(ImageProcessorConfig processor, const std::string& aspect_ratio,
                                                 const std::string& key = "model.data.image_aspect_ratio");
 
-// The processor's pixel_values for one image: [3, H, W] float32.
-NEVA_API at::Tensor preprocess_image(const Image& image, const ImageProcessorConfig& config);
+// Longer side / shorter side beyond which an image is refused before preprocessing: Qwen2-VL's image
+// processor refuses 200 too. Such strips would be resized into huge intermediates (a 1x20000 image
+// becomes 336x6720000 under CLIP's shortest-edge resize) to show the encoder a few grey pixels.
+inline constexpr double kMaxImageAspectRatio = 200.0;
+
+// The processor's pixel_values for one image: [3, H, W] float32. Every intermediate image (the
+// padded square, each resize) is held to `max_pixels` like the decoded input, and the aspect ratio to
+// kMaxImageAspectRatio; either is an Error naming the sizes (the caller prefixes the file).
+NEVA_API at::Tensor preprocess_image(const Image& image, const ImageProcessorConfig& config,
+                                     std::int64_t max_pixels = kDefaultMaxImagePixels);
+// load_image + preprocess_image, every error naming `path`.
+NEVA_API at::Tensor load_and_preprocess_image(const std::string& path, const ImageProcessorConfig& config,
+                                              std::int64_t max_pixels = kDefaultMaxImagePixels);
 
 }  // namespace neva
