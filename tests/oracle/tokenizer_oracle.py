@@ -83,6 +83,22 @@ def record(directory, tokenizer, texts, name="reference.json"):
     (directory / name).write_text(json.dumps(cases, ensure_ascii=False, indent=1))
 
 
+# Byte sequences that are not valid UTF-8 (truncated, overlong, surrogate, past U+10FFFF, stray
+# continuation bytes), decoded from one token per byte. tokenizers' ByteLevel decoder replaces each
+# maximal ill-formed subpart by one U+FFFD (Rust's from_utf8_lossy, as Python's errors="replace");
+# its ByteFallback decoder replaces every byte of an invalid run.
+INVALID_UTF8 = [b"\xe2\x82A", b"\xc0\xaf", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xf0\x9f\x99", b"\xff\xfe",
+                b"\x80\x80x", b"a\xe0\x80\xafb", b"\xf0\x9f\x99\x82\xf0\x9f", b"\xc3", b"\xe1\x80\xe2\x82\xac"]
+
+
+def record_invalid_utf8(directory, tokenizer, token_of_byte):
+    cases = []
+    for data in INVALID_UTF8:
+        ids = [tokenizer.convert_tokens_to_ids(token_of_byte(b)) for b in data]
+        cases.append({"bytes": data.hex(), "ids": ids, "decoded": tokenizer.decode(ids, skip_special_tokens=False)})
+    (directory / "invalid_utf8.json").write_text(json.dumps(cases, ensure_ascii=False, indent=1))
+
+
 def bytelevel(out_dir):
     directory = out_dir / "bytelevel"
     directory.mkdir(parents=True, exist_ok=True)
@@ -101,6 +117,18 @@ def bytelevel(out_dir):
     tokenizer.save(str(directory / "tokenizer.json"))
     fast = PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json"))
     record(directory, fast, TEXTS)
+    byte_symbols = pre_tokenizers.ByteLevel.alphabet()
+    table = {}  # GPT-2's byte -> printable character table
+    printable = [b for b in range(256) if ord("!") <= b <= ord("~") or 0xA1 <= b <= 0xAC or 0xAE <= b <= 0xFF]
+    extra = 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    assert set(table.values()) == set(byte_symbols)
+    record_invalid_utf8(directory, fast, lambda b: table[b])
 
 
 def spbpe(out_dir):
@@ -122,6 +150,7 @@ def spbpe(out_dir):
         if path.exists():
             path.unlink()
     record(directory, tokenizer, [t for t in TEXTS if "<|" not in t])
+    record_invalid_utf8(directory, tokenizer, lambda b: f"<0x{b:02X}>")  # byte fallback pieces
     # The tokenizer.model alone, as transformers' LlamaTokenizer reads it: with no tokenizer_config.json,
     # its documented defaults (legacy=False, add_bos_token=True; 5.23 itself adds no BOS there).
     texts = [t for t in TEXTS if "<|" not in t] + CONTROL_TEXTS

@@ -60,21 +60,48 @@ std::string utf8_encode(std::uint32_t code) {
   return out;
 }
 
-// Replaces invalid UTF-8 with U+FFFD, as String::from_utf8_lossy does.
+// Replaces invalid UTF-8 with U+FFFD as String::from_utf8_lossy (the tokenizers library) and
+// Python's errors="replace" do: each maximal subpart of an ill-formed sequence (the longest prefix of
+// a well-formed sequence, Unicode 15 section 3.9, table 3-7) becomes one U+FFFD. So "\xE2\x82A" is
+// one U+FFFD and "A", an overlong "\xC0\xAF" two, a surrogate "\xED\xA0\x80" three.
 std::string utf8_lossy(const std::string& bytes) {
   std::string out;
-  for (std::size_t i = 0; i < bytes.size();) {
-    unsigned char lead = static_cast<unsigned char>(bytes[i]);
-    std::size_t length = lead < 0x80 ? 1 : (lead >> 5) == 0x6 ? 2 : (lead >> 4) == 0xE ? 3 : (lead >> 3) == 0x1E ? 4 : 0;
-    bool valid = length > 0 && i + length <= bytes.size();
-    for (std::size_t k = 1; valid && k < length; ++k) valid = (static_cast<unsigned char>(bytes[i + k]) >> 6) == 0x2;
-    if (valid) {
+  out.reserve(bytes.size());
+  const std::size_t size = bytes.size();
+  for (std::size_t i = 0; i < size;) {
+    const unsigned char lead = static_cast<unsigned char>(bytes[i]);
+    if (lead < 0x80) {
+      out += static_cast<char>(lead);
+      ++i;
+      continue;
+    }
+    // The sequence's length and the range its second byte must be in (the rest: 80..BF).
+    std::size_t length = 0;
+    unsigned char low = 0x80, high = 0xBF;
+    if (lead >= 0xC2 && lead <= 0xDF) {
+      length = 2;
+    } else if (lead >= 0xE0 && lead <= 0xEF) {
+      length = 3;
+      if (lead == 0xE0) low = 0xA0;   // no overlongs
+      if (lead == 0xED) high = 0x9F;  // no surrogates
+    } else if (lead >= 0xF0 && lead <= 0xF4) {
+      length = 4;
+      if (lead == 0xF0) low = 0x90;   // no overlongs
+      if (lead == 0xF4) high = 0x8F;  // nothing past U+10FFFF
+    }
+    std::size_t valid = 1;  // bytes of the maximal subpart
+    while (length > 0 && valid < length && i + valid < size) {
+      const unsigned char next = static_cast<unsigned char>(bytes[i + valid]);
+      const unsigned char lo = valid == 1 ? low : 0x80, hi = valid == 1 ? high : 0xBF;
+      if (next < lo || next > hi) break;
+      ++valid;
+    }
+    if (length > 0 && valid == length) {
       out.append(bytes, i, length);
-      i += length;
     } else {
       out += "\xEF\xBF\xBD";
-      i += 1;
     }
+    i += valid;
   }
   return out;
 }
@@ -355,13 +382,24 @@ class Decoder {
       steps_.push_back([](std::vector<std::string> tokens) {
         std::vector<std::string> out;
         std::string pending;  // consecutive <0xXX> bytes decode together
+        // As tokenizers' ByteFallback: a run that is not valid UTF-8 becomes one U+FFFD per byte.
         auto flush = [&] {
-          if (!pending.empty()) out.push_back(utf8_lossy(pending));
+          if (pending.empty()) return;
+          if (utf8_lossy(pending) == pending) {
+            out.push_back(pending);
+          } else {
+            for (std::size_t i = 0; i < pending.size(); ++i) out.push_back("\xEF\xBF\xBD");
+          }
           pending.clear();
         };
+        auto hex = [](char c) {
+          return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+        };
         for (const auto& token : tokens) {
-          if (token.size() == 6 && token.compare(0, 3, "<0x") == 0 && token[5] == '>') {
-            pending += static_cast<char>(std::stoi(token.substr(3, 2), nullptr, 16));
+          // "<0xXX>" with two hex digits; anything else (e.g. "<0xZZ>") is an ordinary token.
+          const int high = token.size() == 6 ? hex(token[3]) : -1, low = token.size() == 6 ? hex(token[4]) : -1;
+          if (high >= 0 && low >= 0 && token.compare(0, 3, "<0x") == 0 && token[5] == '>') {
+            pending += static_cast<char>(high * 16 + low);
           } else {
             flush();
             out.push_back(token);
