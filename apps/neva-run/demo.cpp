@@ -282,8 +282,10 @@ int run_demo(const fs::path& directory, const std::vector<std::string>& override
   warn_if_bf16_emulated(stage1_recipe);  // the stages share the precision overrides
   std::cout << "[2/4] stage 1: feature alignment (connector only)\n" << std::flush;
   TrainSummary stage1 = run_train(stage1_recipe, "stage 1");
+  if (stage1.signal) return 128 + stage1.signal;  // checkpointed; running the demo again continues
   std::cout << "[3/4] stage 2: fine-tuning (connector and language model)\n" << std::flush;
   TrainSummary stage2 = run_train(recipe("stage2.toml"), "stage 2");
+  if (stage2.signal) return 128 + stage2.signal;
   std::cout << "[4/4] answering questions about " << data.test.size() << " held-out images\n" << std::flush;
   Recipe eval = recipe("eval.toml");
   run_generate(eval);

@@ -34,21 +34,28 @@ neva::Recipe load(const std::string& recipe_path, const std::vector<std::string>
 }
 
 
-void run(const neva::Recipe& recipe) {
+// The exit status: 0, or 128 + the signal (SIGTERM 143, SIGINT 130) that stopped a training run after
+// its checkpoint.
+int run(const neva::Recipe& recipe) {
   neva::warn_if_bf16_emulated(recipe);
   // Modes are checked when the recipe is parsed.
-  if (recipe.run.mode == "generate") return neva::run_generate(recipe);
-  if (recipe.run.mode == "score") return neva::run_score(recipe);
-  if (recipe.run.mode == "train") {
-    neva::run_train(recipe);
-    return;
+  if (recipe.run.mode == "generate") {
+    neva::run_generate(recipe);
+  } else if (recipe.run.mode == "score") {
+    neva::run_score(recipe);
+  } else if (recipe.run.mode == "train") {
+    const neva::TrainSummary summary = neva::run_train(recipe);
+    if (summary.signal) return 128 + summary.signal;
+  } else {
+    neva::run_inspect(recipe, std::cout);
   }
-  neva::run_inspect(recipe, std::cout);
+  return 0;
 }
 
 void list_plugins(const std::vector<std::string>& plugin_paths, bool json) {
   neva::Registry registry(registry_options(plugin_paths));
   auto plugins = registry.list();
+  for (const auto& broken : registry.broken()) std::cerr << "neva-run: warning: " << broken.problem << "\n";
   if (json) {
     nlohmann::json out = nlohmann::json::array();
     for (const auto& plugin : plugins) {
@@ -91,7 +98,8 @@ int main(int argc, char** argv) {
       "Plugins are searched in run.plugin_paths, --plugin-path, NEVA_PLUGIN_PATH and the install\n"
       "directory, never the current directory. Recipe keys: docs/recipes.md; example recipes: configs/.\n"
       "Check a plugin of your own with neva-conformance PLUGIN.so (docs/plugins.md).\n"
-      "Exit codes: 0 success, 2 usage or recipe error, 1 runtime error.",
+      "Exit codes: 0 success, 2 usage or recipe error, 1 runtime error; a training run stopped by SIGTERM or\n"
+      "SIGINT checkpoints first and exits 143 or 130 (run it again to continue).",
       "neva-run"};
   app.set_version_flag("--version", std::string("neva-run ") + NEVA_VERSION + " (LibTorch " + TORCH_VERSION +
                                         ", plugin ABI " + std::to_string(neva::kPluginAbiMajor) + "." +
@@ -151,7 +159,7 @@ int main(int argc, char** argv) {
     } else if (*demo) {
       return neva::run_demo(demo_dir, overrides, registry_options(plugin_paths), prepare_only);
     } else if (!recipe_path.empty()) {
-      run(load(recipe_path, overrides, plugin_paths));
+      return run(load(recipe_path, overrides, plugin_paths));
     } else {
       std::cerr << "neva-run: no recipe given (see neva-run --help)\n";
       return kExitUsage;

@@ -65,12 +65,6 @@ std::vector<std::pair<std::string, torch::nn::Module*>> components(LlavaModel& m
 // The checkpoint key of a device's random-number generator state: rng.cpu, rng.cuda, ...
 std::string rng_key(const c10::Device& device) { return "rng." + c10::DeviceTypeName(device.type(), /*lower_case=*/true); }
 
-std::string step_name(std::int64_t step) {
-  std::ostringstream name;
-  name << "step-" << std::setw(7) << std::setfill('0') << step;
-  return name.str();
-}
-
 std::string format_duration(double seconds) {
   auto total = static_cast<long long>(std::max(0.0, seconds));
   std::ostringstream out;
@@ -79,61 +73,6 @@ std::string format_duration(double seconds) {
   out << ":" << std::setw(2) << std::setfill('0') << total % 60;
   return out.str();
 }
-
-// checkpoints/latest names the newest committed checkpoint; it is renamed into place only after
-// every file of that checkpoint is on disk, so a crash at any moment leaves the previous one.
-class Checkpoints {
- public:
-  // Reads the marker once; afterwards this object is the only writer.
-  explicit Checkpoints(fs::path run_dir) : directory_(std::move(run_dir) / "checkpoints") {
-    fs::create_directories(directory_);
-    fs::path marker = directory_ / "latest";
-    if (!fs::exists(marker)) return;
-    std::ifstream in(marker);
-    std::string name;
-    std::getline(in, name);
-    fs::path path = directory_ / name;
-    if (name.empty() || !fs::exists(path / "trainer_state.json")) {
-      throw Error(marker.string() + " names checkpoint '" + name + "', which is missing or incomplete; remove the " +
-                  "marker to start over");
-    }
-    latest_ = path;
-  }
-
-  const std::optional<fs::path>& latest() const { return latest_; }
-
-  // Writes a checkpoint through `write(directory)` and commits it; keeps the newest `keep`.
-  void save(std::int64_t step, std::int64_t keep, const std::function<void(const fs::path&)>& write) {
-    fs::path path = directory_ / step_name(step);
-    if (latest_ && *latest_ == path) return;  // this very step is already committed
-    fs::remove_all(path);                     // a leftover of an interrupted save: never committed
-    fs::create_directories(path);
-    write(path);
-    sync_directory(path.string());
-    sync_directory(directory_.string());  // step-N's entry is durable before the marker names it
-    write_file_atomically((directory_ / "latest").string(), path.filename().string() + "\n");
-    latest_ = path;
-    prune(path.filename().string(), keep);
-  }
-
- private:
-  void prune(const std::string& committed, std::int64_t keep) {
-    std::vector<std::string> names;
-    for (const auto& entry : fs::directory_iterator(directory_)) {
-      std::string name = entry.path().filename().string();
-      if (entry.is_directory() && name.rfind("step-", 0) == 0) names.push_back(name);
-    }
-    std::sort(names.begin(), names.end());
-    std::int64_t kept = 0;
-    for (auto it = names.rbegin(); it != names.rend(); ++it) {
-      // Newer than the committed one: an interrupted save. Otherwise keep the newest `keep`.
-      if (*it > committed || ++kept > keep) fs::remove_all(directory_ / *it);
-    }
-  }
-
-  fs::path directory_;
-  std::optional<fs::path> latest_;
-};
 
 // Progress on a terminal (one line, redrawn), plain log lines otherwise.
 class Progress {
@@ -210,13 +149,6 @@ class Metrics {
   std::vector<std::pair<std::int64_t, double>> losses_;
 };
 
-// Test hook: NEVA_TEST_KILL_IN_CHECKPOINT=N kills the process with SIGKILL halfway through writing
-// the checkpoint of step N (after its weights, before its commit), as a power cut would.
-void maybe_die_in_checkpoint(std::int64_t step) {
-  const char* value = std::getenv("NEVA_TEST_KILL_IN_CHECKPOINT");
-  if (value && std::to_string(step) == value) std::raise(SIGKILL);
-}
-
 // trainer.profile: PyTorch's profiler (Kineto) over a range of steps, saved as a Chrome trace.
 class StepProfiler {
  public:
@@ -271,6 +203,41 @@ void keep_freed_memory() {
   ::mallopt(M_TRIM_THRESHOLD, std::numeric_limits<int>::max());
 }
 
+// SIGTERM (Slurm's pre-emption, a scheduler's stop) and SIGINT (Ctrl-C) while training: the current
+// step finishes, a checkpoint is written and the run exits 128 + the signal. A second signal acts as
+// if nothing were installed (the handlers reset themselves), for a user who does not want to wait. A
+// signal the process was started ignoring (nohup, a background job of a script) stays ignored.
+volatile std::sig_atomic_t stop_signal = 0;
+
+class StopSignals {
+ public:
+  StopSignals() {
+    stop_signal = 0;
+    for (auto& [signal, previous, installed] : handlers_) {
+      struct sigaction action {};
+      action.sa_handler = [](int received) { stop_signal = received; };
+      sigemptyset(&action.sa_mask);
+      action.sa_flags = SA_RESETHAND;
+      ::sigaction(signal, nullptr, &previous);
+      installed = previous.sa_handler != SIG_IGN && ::sigaction(signal, &action, nullptr) == 0;
+    }
+  }
+  ~StopSignals() {
+    for (auto& [signal, previous, installed] : handlers_) {
+      if (installed) ::sigaction(signal, &previous, nullptr);
+    }
+  }
+  int received() const { return stop_signal; }
+
+ private:
+  struct Handler {
+    int signal;
+    struct sigaction previous;
+    bool installed;
+  };
+  Handler handlers_[2] = {{SIGTERM, {}, false}, {SIGINT, {}, false}};
+};
+
 }  // namespace
 
 void warn_if_bf16_emulated(const Recipe& recipe) {
@@ -285,8 +252,12 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
   TrainSummary summary;
   summary.run_dir = recipe.exp_manager.explicit_log_dir;
   fs::create_directories(summary.run_dir);
-  Checkpoints checkpoints(summary.run_dir);
-  auto resume_from = checkpoints.latest();
+  const StopSignals signals;
+  const RunDirectoryLock lock(summary.run_dir);  // one run per directory, for the whole run
+  CheckpointManager checkpoints(summary.run_dir, [&title](const std::string& text) {
+    std::cerr << title << ": warning: " << text << std::endl;
+  });
+  auto resume_from = checkpoints.find_latest();
   if (resume_from && !recipe.exp_manager.resume_if_exists) {
     throw Error(summary.run_dir.string() + " already holds checkpoints (" + resume_from->filename().string() +
                 "); set exp_manager.resume_if_exists = true to continue that run, or choose another explicit_log_dir");
@@ -331,17 +302,22 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
   // Resume: weights, optimizer moments, step, data position, RNG.
   std::int64_t step = 0;
   std::uint64_t position = 0;
-  double loss_average = 0;
+  LossSpikeGuard guard(recipe.trainer.loss_spike);
   if (resume_from) {
     at::NoGradGuard no_grad;
     SafetensorsCheckpoint weights((*resume_from / "model.safetensors").string());
     SafetensorsCheckpoint moments((*resume_from / "optimizer.safetensors").string());
-    std::ifstream in(*resume_from / "trainer_state.json");
-    json state = json::parse(in, nullptr, false);
-    if (!state.is_object()) throw Error((*resume_from / "trainer_state.json").string() + ": not valid JSON");
-    step = state.at("step").get<std::int64_t>();
-    position = state.at("consumed_samples").get<std::uint64_t>();
-    loss_average = state.value("loss_average", 0.0);
+    const std::string state_path = (*resume_from / "trainer_state.json").string();
+    const json state = read_json_file(state_path);
+    try {
+      step = state.at("step").get<std::int64_t>();
+      position = state.at("consumed_samples").get<std::uint64_t>();
+      // Older checkpoints kept a running mean instead of the window; their guard starts afresh.
+      guard.restore(state.value("loss_window", std::vector<double>{}), state.value("skipped_batches", std::int64_t{0}),
+                    state.value("consecutive_spikes", std::int64_t{0}));
+    } catch (const json::exception& malformed) {
+      throw Error(state_path + ": malformed trainer state: " + json_error_reason(malformed));
+    }
     for (const auto& t : trained) {
       if (!weights.contains(t.name)) {
         throw Error(weights.path() + ": has no tensor '" + t.name + "', which this recipe trains; was the checkpoint " +
@@ -426,11 +402,12 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
         moments.emplace_back(rng_key(context.device), at::globalContext().defaultGenerator(context.device).get_state());
       }
       write_safetensors((directory / "model.safetensors").string(), weights, {{"format", "pt"}});
-      maybe_die_in_checkpoint(at_step);
       write_safetensors((directory / "optimizer.safetensors").string(), moments);
       json state = {{"step", at_step},
                     {"consumed_samples", position},
-                    {"loss_average", loss_average},
+                    {"loss_window", guard.window()},
+                    {"skipped_batches", guard.skipped()},
+                    {"consecutive_spikes", guard.consecutive()},
                     {"lr", learning_rate(recipe.model.optim, at_step)},
                     {"recipe", recipe.source}};
       write_file_atomically((directory / "trainer_state.json").string(), state.dump(2) + "\n");
@@ -501,34 +478,37 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
       throw Error(title + ": step " + std::to_string(step + 1) + ": the global batch holds no labelled token");
     }
     const std::string last_good = checkpoints.latest() ? checkpoints.latest()->string() : "none written yet";
-    if (!std::isfinite(loss_value)) {
-      throw Error(title + ": step " + std::to_string(step + 1) + ": the loss is " +
-                  (std::isnan(loss_value) ? std::string("NaN") : std::string("infinite")) +
-                  "; stopping before the update (last good checkpoint: " + last_good + "). Lower model.optim.lr, raise " +
-                  "warmup_steps, or check the data");
+    std::string why;
+    const LossSpikeGuard::Verdict verdict = guard.judge(loss_value, &why);
+    if (verdict == LossSpikeGuard::Verdict::Stop) {
+      throw Error(title + ": step " + std::to_string(step + 1) + ": " + why + "; stopping before the update (last good " +
+                  "checkpoint: " + last_good + "). Lower model.optim.lr, raise warmup_steps, or check the data" +
+                  (std::isfinite(loss_value) ? " (trainer.loss_spike_* set how spikes are judged)" : ""));
     }
-    if (recipe.trainer.loss_explosion_factor > 0 && step >= std::max<std::int64_t>(recipe.model.optim.warmup_steps, 10) &&
-        loss_average > 0 && loss_value > recipe.trainer.loss_explosion_factor * loss_average) {
-      throw Error(title + ": step " + std::to_string(step + 1) + ": the loss exploded to " + std::to_string(loss_value) +
-                  " (running average " + std::to_string(loss_average) + "); stopping before the update (last good " +
-                  "checkpoint: " + last_good + "). Lower model.optim.lr or raise trainer.loss_explosion_factor");
+    guard.record(loss_value, verdict);
+    const bool skip = verdict == LossSpikeGuard::Verdict::Skip;
+    if (skip) {
+      progress.message("step " + std::to_string(step + 1) + ": " + why + "; the batch is skipped (no update; " +
+                       std::to_string(guard.skipped()) + " skipped so far)");
     }
     const auto computed = Clock::now();
-    double grad_norm;
+    double grad_norm = 0;
     {
       at::NoGradGuard no_grad;
       // The clipping factor is applied inside the optimizer's fused update (no pass of its own).
-      const GradientNorm norm = gradient_norm(mains, recipe.model.optim.clip_grad);
-      grad_norm = norm.norm;
-      if (!std::isfinite(grad_norm)) {
-        throw Error(title + ": step " + std::to_string(step + 1) + ": the gradient norm is " +
-                    (std::isnan(grad_norm) ? std::string("NaN") : std::string("infinite")) + " (loss " +
-                    std::to_string(loss_value) + "); stopping before the update (last good checkpoint: " + last_good +
-                    "). Lower model.optim.lr, or use fp32 to find the overflowing layer");
-      }
       const double lr = learning_rate(recipe.model.optim, step);
-      set_learning_rate(*optimizer, lr);
-      scaled_step(*optimizer, norm.clip_scale);
+      if (!skip) {
+        const GradientNorm norm = gradient_norm(mains, recipe.model.optim.clip_grad);
+        grad_norm = norm.norm;
+        if (!std::isfinite(grad_norm)) {
+          throw Error(title + ": step " + std::to_string(step + 1) + ": the gradient norm is " +
+                      (std::isnan(grad_norm) ? std::string("NaN") : std::string("infinite")) + " (loss " +
+                      std::to_string(loss_value) + "); stopping before the update (last good checkpoint: " + last_good +
+                      "). Lower model.optim.lr, or use fp32 to find the overflowing layer");
+        }
+        set_learning_rate(*optimizer, lr);
+        scaled_step(*optimizer, norm.clip_scale);
+      }
       optimizer->zero_grad(true);
       if (main_copies) {
         for (auto& t : trained) t.param.copy_(t.main);
@@ -536,8 +516,7 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
       ++step;
       const auto updated = Clock::now();
       position = batches.back().end_position;
-      loss_average = loss_average == 0 ? loss_value : 0.9 * loss_average + 0.1 * loss_value;
-      last_loss = loss_value;
+      if (!skip) last_loss = loss_value;
 
       const double seconds = std::chrono::duration<double>(Clock::now() - step_started).count();
       const double elapsed = std::chrono::duration<double>(Clock::now() - started).count();
@@ -555,7 +534,9 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
                      {"data_wait_seconds", data_wait},
                      {"forward_backward_seconds", std::chrono::duration<double>(computed - data_ready).count()},
                      {"optimizer_seconds", std::chrono::duration<double>(updated - computed).count()},
-                     {"skipped_samples", summary.skipped_samples}});
+                     {"skipped_samples", summary.skipped_samples},
+                     {"skipped_batch", skip},
+                     {"skipped_batches", guard.skipped()}});
       progress.update(step, loss_value, lr, grad_norm, tokens / seconds, eta);
     }
     const bool exiting = recipe.trainer.exit_interval > 0 && step % recipe.trainer.exit_interval == 0;
@@ -569,8 +550,15 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
                        "; run the recipe again to continue");
       break;
     }
+    if (signals.received() && step < max_steps) {
+      summary.signal = signals.received();
+      progress.message(std::string("received ") + (summary.signal == SIGTERM ? "SIGTERM" : "SIGINT") +
+                       ": checkpointing step " + std::to_string(step) + " and stopping; run the recipe again to continue");
+      break;
+    }
   }
   if (saved_step != step) save(step);
+  summary.skipped_batches = guard.skipped();
   summary.steps = step;
   summary.trained = step - first_step;
   summary.last_loss = last_loss;
@@ -594,6 +582,7 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
   summary.seconds = std::chrono::duration<double>(Clock::now() - started).count();
   progress.message("done: step " + std::to_string(step) + ", loss " + std::to_string(last_loss) + ", " +
                    std::to_string(summary.skipped_samples) + " bad sample(s) skipped, " +
+                   std::to_string(guard.skipped()) + " loss spike(s) skipped, " +
                    format_duration(summary.seconds) + "; run directory " + summary.run_dir.string());
   return summary;
 }

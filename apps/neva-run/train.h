@@ -14,6 +14,8 @@ struct TrainSummary {
   std::int64_t trained = 0;     // of which in this call
   double last_loss = 0;
   std::int64_t skipped_samples = 0;
+  std::int64_t skipped_batches = 0;  // loss spikes skipped (trainer.loss_spike_action = "skip")
+  int signal = 0;                    // SIGTERM or SIGINT when one stopped the run (after a checkpoint)
   double seconds = 0;
   std::filesystem::path run_dir;
   std::filesystem::path hf_dir;  // empty when not exported

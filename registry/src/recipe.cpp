@@ -110,7 +110,20 @@ Recipe parse_recipe(const ConfigDocument& document, const fs::path& base_directo
   recipe.trainer.exit_interval = trainer.integer("exit_interval", 0, 0);
   recipe.trainer.gradient_clip_val = trainer.get<double>("gradient_clip_val", recipe.trainer.gradient_clip_val);
   if (recipe.trainer.gradient_clip_val < 0) trainer.fail("gradient_clip_val", "expected a number >= 0 (0: no clipping)");
-  recipe.trainer.loss_explosion_factor = trainer.get<double>("loss_explosion_factor", recipe.trainer.loss_explosion_factor);
+  if (trainer.has("loss_explosion_factor")) {
+    trainer.fail("loss_explosion_factor", "replaced by trainer.loss_spike_factor and loss_spike_min_increase: a spike "
+                                          "is now judged against the running median with an absolute floor, and "
+                                          "skipped by default (docs/recipes.md)");
+  }
+  LossSpikeConfig& spike = recipe.trainer.loss_spike;
+  spike.factor = trainer.get<double>("loss_spike_factor", spike.factor);
+  if (spike.factor != 0 && !(spike.factor > 1)) trainer.fail("loss_spike_factor", "expected a number > 1 (0: no spike judging)");
+  spike.min_increase = trainer.get<double>("loss_spike_min_increase", spike.min_increase);
+  if (spike.min_increase < 0) trainer.fail("loss_spike_min_increase", "expected a number >= 0 (nats)");
+  spike.window = trainer.integer("loss_spike_window", spike.window, 1, 100000);
+  spike.warmup = std::min(spike.warmup, spike.window);
+  spike.skip = trainer.choice("loss_spike_action", "skip", {"skip", "stop"}) == "skip";
+  spike.max_consecutive = trainer.integer("loss_spike_max_consecutive", spike.max_consecutive, 1);
   recipe.trainer.profile = trainer.get<bool>("profile", false);
   recipe.trainer.profile_step_start = trainer.integer("profile_step_start", recipe.trainer.profile_step_start, 0);
   recipe.trainer.profile_step_end = trainer.integer("profile_step_end", recipe.trainer.profile_step_end, 1);

@@ -1,6 +1,8 @@
 #include "test_support.h"
 
 #include <netinet/in.h>
+#include <signal.h>
+#include <spawn.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -20,6 +22,7 @@ fs::path broken_plugin_directory(const std::string& fault) { return fs::path(NEV
 fs::path binary(const std::string& name) { return fs::path(NEVA_TEST_BINARY_DIR) / name; }
 fs::path source_directory() { return NEVA_TEST_SOURCE_DIR; }
 fs::path example_plugin_directory() { return NEVA_TEST_EXAMPLE_PLUGIN_DIR; }
+fs::path kill_shim() { return NEVA_TEST_KILL_SHIM; }
 
 TempDir::TempDir() {
   std::random_device random;
@@ -61,6 +64,43 @@ CommandResult run_command(const std::string& command, int timeout_seconds) {
   result.out = slurp(out);
   result.err = slurp(err);
   return result;
+}
+
+Process::Process(const std::string& command) {
+  posix_spawnattr_t attributes;
+  posix_spawnattr_init(&attributes);
+  sigset_t defaults;
+  sigemptyset(&defaults);
+  sigaddset(&defaults, SIGINT);
+  sigaddset(&defaults, SIGTERM);
+  posix_spawnattr_setsigdefault(&attributes, &defaults);
+  posix_spawnattr_setflags(&attributes, POSIX_SPAWN_SETSIGDEF);
+  const std::string shell_command = "exec " + command;
+  char* argv[] = {const_cast<char*>("/bin/sh"), const_cast<char*>("-c"), const_cast<char*>(shell_command.c_str()), nullptr};
+  const int failed = posix_spawn(&pid_, "/bin/sh", nullptr, &attributes, argv, environ);
+  posix_spawnattr_destroy(&attributes);
+  if (failed != 0) throw std::runtime_error("posix_spawn failed for: " + command);
+}
+
+Process::~Process() {
+  if (!reaped_ && pid_ > 0) {
+    ::kill(pid_, SIGKILL);
+    ::waitpid(pid_, nullptr, 0);
+  }
+}
+
+void Process::signal(int number) const { ::kill(pid_, number); }
+
+int Process::wait(int timeout_seconds) {
+  for (int waited = 0; waited < timeout_seconds * 20; ++waited) {
+    int status = 0;
+    if (::waitpid(pid_, &status, WNOHANG) == pid_) {
+      reaped_ = true;
+      return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    }
+    ::usleep(50000);
+  }
+  return -1;  // still running: the destructor kills it
 }
 
 int free_port() {

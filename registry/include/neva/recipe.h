@@ -13,6 +13,7 @@
 #include "neva/connector.h"
 #include "neva/context.h"
 #include "neva/llava_model.h"
+#include "neva/loss_spike.h"
 #include "neva/optim.h"
 #include "neva/parallel_strategy.h"
 #include "neva/registry.h"
@@ -34,9 +35,9 @@ struct TrainerConfig {
   // that a long run is split into jobs (e.g. Slurm time limits) without changing its schedule.
   std::int64_t exit_interval = 0;
   double gradient_clip_val = 1.0;  // 0: no clipping
-  // The run stops (keeping the last good checkpoint) when the loss is not finite, or exceeds this
-  // many times its running average after the warmup. 0: only non-finite losses stop it.
-  double loss_explosion_factor = 10.0;
+  // A non-finite loss stops the run before the update; a loss spike is skipped (or stops it): see
+  // neva/loss_spike.h and docs/recipes.md (trainer.loss_spike_*).
+  LossSpikeConfig loss_spike;
   // Megatron's --profile: the optimizer steps [profile_step_start, profile_step_end) are traced by
   // PyTorch's profiler (Kineto) into profile.json in the run directory (Chrome trace format).
   bool profile = false;
