@@ -87,12 +87,35 @@ TEST_CASE("deliberately faulty plugins fail the check that covers their fault") 
     CHECK(status_of(report, "build") == "pass");
     CHECK(report.out.find("crashed with signal 6") != std::string::npos);
   }
+  SUBCASE("outputs that depend on the rest of the batch") {
+    auto report = conformance(faulty("batch_coupled"));
+    CHECK(report.exit_code == 1);
+    CHECK(status_of(report, "batch_independence") == "fail");
+    CHECK(status_of(report, "forward") == "pass");
+  }
+  SUBCASE("per-call state in a static tensor shared by instances and threads") {
+    auto report = conformance(faulty("shared_state"));
+    CHECK(report.exit_code == 1);
+    CHECK(status_of(report, "threads") == "fail");
+    CHECK(status_of(report, "determinism") == "pass");
+  }
   SUBCASE("a broken KV cache") {
     auto report = conformance(faulty("broken_cache"), tiny("llama-2"));
     CHECK(report.exit_code == 1);
     CHECK(status_of(report, "kv_cache") == "fail");
     CHECK(status_of(report, "forward") == "pass");
   }
+}
+
+TEST_CASE("a connector's default widths hold with --config too, and a zero width is refused naming the key") {
+  const fs::path linear = neva::test::plugin_directory() / "libneva-connector-linear.so";
+  auto empty = conformance(linear, "# nothing but a comment\n");
+  INFO(empty.out);
+  CHECK(empty.exit_code == 0);
+  auto zero = conformance(linear, "input_size = 0\n");
+  CHECK(zero.exit_code == 1);
+  CHECK(status_of(zero, "build") == "fail");
+  CHECK(zero.out.find("input_size: expected an integer >= 1, got 0") != std::string::npos);
 }
 
 TEST_CASE("neva-conformance refuses usage errors with exit 2") {

@@ -34,6 +34,15 @@ std::string registry_error(const Registry::Options& options) {
   return {};
 }
 
+// What a registry over `options` set aside (a plugin file that could not be loaded), all in one text.
+std::string broken_problems(const Registry::Options& options) {
+  Registry registry(options);
+  std::string all;
+  for (const auto& broken : registry.broken()) all += broken.problem + "\n";
+  if (all.empty()) FAIL("expected a broken plugin file");
+  return all;
+}
+
 fs::path broken_file(const std::string& fault) {
   return broken_plugin_directory(fault) / ("libneva-test-" + fault + ".so");
 }
@@ -73,53 +82,72 @@ TEST_CASE("a created component keeps its library loaded after the registry is go
 }
 
 TEST_CASE("ABI major mismatch is refused with both versions named") {
-  auto message = registry_error(only({broken_plugin_directory("abi_major")}));
+  auto message = broken_problems(only({broken_plugin_directory("abi_major")}));
   CHECK(contains(message, broken_file("abi_major").string()));
   CHECK(contains(message, "plugin ABI 2.0 is incompatible with this neva (plugin ABI 1.1)"));
 }
 
 TEST_CASE("a plugin built for a newer minor ABI is refused") {
-  auto message = registry_error(only({broken_plugin_directory("abi_minor")}));
+  auto message = broken_problems(only({broken_plugin_directory("abi_minor")}));
   CHECK(contains(message, "plugin ABI 1.2 is newer than this neva's 1.1"));
 }
 
 TEST_CASE("a plugin built against another LibTorch is refused") {
-  auto message = registry_error(only({broken_plugin_directory("torch_version")}));
+  auto message = broken_problems(only({broken_plugin_directory("torch_version")}));
   CHECK(contains(message, std::string("built against LibTorch 1.13.0, but neva runs LibTorch ") + TORCH_VERSION));
 }
 
 TEST_CASE("a library without the entry symbol is not a plugin") {
-  auto message = registry_error(only({broken_plugin_directory("no_entry")}));
+  auto message = broken_problems(only({broken_plugin_directory("no_entry")}));
   CHECK(contains(message, broken_file("no_entry").string() +
                               " is not a neva plugin: it does not export the entry symbol 'neva_plugin'"));
 }
 
 TEST_CASE("a library that fails to load reports the loader's message") {
   SUBCASE("unresolved symbol") {
-    auto message = registry_error(only({broken_plugin_directory("undefined_symbol")}));
+    auto message = broken_problems(only({broken_plugin_directory("undefined_symbol")}));
     CHECK(contains(message, broken_file("undefined_symbol").string() + " failed to load"));
     CHECK(contains(message, "neva_test_symbol_that_no_library_defines"));
   }
   SUBCASE("not a shared library at all") {
     TempDir dir;
     dir.write("libgarbage.so", std::string(256, 'x'));  // long enough to be read, not ELF
-    auto message = registry_error(only({dir.path()}));
+    auto message = broken_problems(only({dir.path()}));
     CHECK(contains(message, "libgarbage.so failed to load"));
     CHECK(contains(message, "invalid ELF header"));
   }
 }
 
 TEST_CASE("an incomplete descriptor is refused") {
-  auto message = registry_error(only({broken_plugin_directory("empty_name")}));
+  auto message = broken_problems(only({broken_plugin_directory("empty_name")}));
   CHECK(contains(message, "descriptor field 'name' is empty"));
 }
 
-TEST_CASE("a duplicate (kind, name) names both files") {
+TEST_CASE("a duplicate (kind, name) names both files when that plugin is asked for") {
   TempDir dir;
   fs::copy_file(plugin_directory() / "libneva-connector-mlp.so", dir.path() / "libcopy-of-mlp.so");
-  auto message = registry_error(only({plugin_directory(), dir.path()}));
-  CHECK(contains(message, "duplicate connector plugin 'mlp': " + (plugin_directory() / "libneva-connector-mlp.so").string() +
-                              " and " + (dir.path() / "libcopy-of-mlp.so").string()));
+  Registry registry(only({plugin_directory(), dir.path()}));
+  const std::string expected = "duplicate connector plugin 'mlp': " +
+                               (plugin_directory() / "libneva-connector-mlp.so").string() + " and " +
+                               (dir.path() / "libcopy-of-mlp.so").string();
+  CHECK_THROWS_WITH_AS(registry.find("connector", "mlp"), doctest::Contains(expected.c_str()), PluginError);
+  CHECK(registry.find("connector", "linear").name == "linear");  // the others are unaffected
+}
+
+TEST_CASE("a stray or broken .so in a plugin directory does not stop the others, and is named when a plugin is missing") {
+  TempDir dir;
+  fs::copy_file(plugin_directory() / "libneva-connector-linear.so", dir.path() / "libneva-connector-linear.so");
+  dir.write("libstray.so", std::string(256, 'x'));
+  fs::copy_file(broken_file("abi_major"), dir.path() / "libold-abi.so");
+  Registry registry(only({dir.path()}));
+  CHECK(registry.list().size() == 1);
+  CHECK(registry.broken().size() == 2);
+  CHECK(registry.find("connector", "linear").name == "linear");
+  CHECK_THROWS_WITH_AS(registry.find("connector", "mlp"),
+                       doctest::Contains(("2 file(s) there could not be loaded, which may be the one meant: plugin file " +
+                                          (dir.path() / "libold-abi.so").string() + ": plugin ABI 2.0 is incompatible")
+                                             .c_str()),
+                       PluginError);
 }
 
 TEST_CASE("the same directory named twice is searched once") {
@@ -133,7 +161,7 @@ TEST_CASE("plugin files and directories writable by group or others are refused"
     fs::path copy = dir.path() / "libneva-connector-linear.so";
     fs::copy_file(plugin_directory() / "libneva-connector-linear.so", copy);
     ::chmod(copy.c_str(), 0775);
-    auto message = registry_error(only({dir.path()}));
+    auto message = broken_problems(only({dir.path()}));
     CHECK(contains(message, "plugin file " + copy.string() + " is writable by group or others (mode 0775)"));
   }
   SUBCASE("directory") {
@@ -142,6 +170,18 @@ TEST_CASE("plugin files and directories writable by group or others are refused"
     auto message = registry_error(only({dir.path()}));
     CHECK(contains(message, "plugin directory " + fs::canonical(dir.path()).string() +
                                 " is writable by group or others (mode 0777)"));
+  }
+  SUBCASE("a directory above the plugin directory (whoever may rename it may swap the plugins)") {
+    TempDir dir;
+    fs::create_directories(dir.path() / "plugins");
+    fs::copy_file(plugin_directory() / "libneva-connector-linear.so", dir.path() / "plugins/libneva-connector-linear.so");
+    ::chmod(dir.path().c_str(), 0777);
+    auto message = registry_error(only({dir.path() / "plugins"}));
+    CHECK(contains(message, "plugin directory " + fs::canonical(dir.path() / "plugins").string() +
+                                ": its parent directory " + fs::canonical(dir.path()).string() +
+                                " is writable by group or others (mode 0777)"));
+    ::chmod(dir.path().c_str(), 01777);  // sticky, as /tmp: others cannot rename what is not theirs
+    CHECK(Registry(only({dir.path() / "plugins"})).list().size() == 1);
   }
 }
 

@@ -152,8 +152,6 @@ int main(int argc, char** argv) {
   try {
     plugin = fs::absolute(plugin).string();
     if (!run_check.empty()) {
-      std::string kind = neva::plugin_kind(plugin);
-      if (config.empty() && kind == "connector") config = "input_size = 16\noutput_size = 32\n";
       neva::run_conformance_check(run_check, plugin, config);
       return 0;
     }

@@ -41,6 +41,14 @@ struct Subject {
 
   std::shared_ptr<ComponentConfig> parse(const std::string& toml) const {
     auto document = ConfigDocument::parse(toml, "conformance config");
+    // A connector's widths, which a recipe derives from the components around it: 16 and 32 unless
+    // the config gives them (docs/plugins.md).
+    if (info.kind == Connector::kKind) {
+      for (const char* key : {"input_size=16", "output_size=32"}) {
+        const std::string name = std::string(key).substr(0, std::string(key).find('='));
+        if (!document.root().has(name)) document.set(key);
+      }
+    }
     auto config = registry->parse_config(info.kind, info.name, document.root());
     document.root().reject_unknown_keys();
     return config;
@@ -60,8 +68,8 @@ struct Subject {
 };
 
 // The kind's standard input (deterministic): features, pixels or token ids.
-at::Tensor standard_input(torch::nn::Module& module, std::int64_t batch = 2) {
-  at::manual_seed(1234);
+at::Tensor standard_input(torch::nn::Module& module, std::int64_t batch = 2, std::uint64_t seed = 1234) {
+  at::manual_seed(seed);
   if (auto* connector = dynamic_cast<Connector*>(&module)) {
     return at::randn({batch, 7, connector->input_size()}).to(module.parameters()[0].scalar_type());
   }
@@ -100,6 +108,11 @@ void check_forward(const Subject& subject) {
   auto module = subject.build();
   module->eval();
   torch::NoGradGuard no_grad;
+  if (auto* connector = dynamic_cast<Connector*>(module.get())) {
+    expect(connector->input_size() >= 1 && connector->output_size() >= 1,
+           "connector reports input_size() = " + std::to_string(connector->input_size()) + " and output_size() = " +
+               std::to_string(connector->output_size()) + " (expected widths >= 1)");
+  }
   at::Tensor out = run_forward(subject, *module);
   if (auto* connector = dynamic_cast<Connector*>(module.get())) {
     expect(out.dim() == 3 && out.size(0) == 2 && out.size(1) == connector->output_tokens(7) &&
@@ -245,23 +258,74 @@ void check_bf16(const Subject& subject) {
                                          ", more than 5% of the output scale " + std::to_string(scale));
 }
 
-void check_threads(const Subject& subject) {
+// Each sample's output is its own: the same whatever else is in the batch, and wherever it sits.
+void check_batch_independence(const Subject& subject) {
   auto module = subject.build();
   module->eval();
   torch::NoGradGuard no_grad;
-  at::Tensor input = standard_input(*module);
-  at::Tensor expected = forward_on(*module, input);
-  at::Tensor results[2];
-  std::thread workers[2];
-  for (int t = 0; t < 2; ++t) {
-    workers[t] = std::thread([&, t] {
+  at::Tensor batch = standard_input(*module, 3);
+  at::Tensor together = forward_on(*module, batch);
+  at::Tensor reversed = forward_on(*module, batch.flip(0));
+  for (std::int64_t i = 0; i < 3; ++i) {
+    at::Tensor alone = forward_on(*module, batch.narrow(0, i, 1))[0];
+    const double scale = scale_of(alone), tolerance = 1e-4 * scale + 1e-5;
+    const double in_batch = max_difference(together[i], alone), moved = max_difference(reversed[2 - i], alone);
+    expect(in_batch <= tolerance, "sample " + std::to_string(i) + "'s output changes when other samples share its batch " +
+                                      "(max |diff| " + std::to_string(in_batch) + ")");
+    expect(moved <= tolerance, "sample " + std::to_string(i) + "'s output changes with its place in the batch (max |diff| " +
+                                   std::to_string(moved) + ")");
+  }
+}
+
+// Concurrent inference: several instances, several threads, many calls each, every result compared
+// with the serial one for that instance and input, right away and again at the end (so that state
+// shared between instances or threads, and outputs that alias such state, are caught). Compared to
+// 1e-5 of the output's scale, not bitwise: BLAS may split a product among fewer threads when called
+// from several at once, which reorders its sums; shared state is off by the output's own size.
+void check_threads(const Subject& subject) {
+  constexpr int kInstances = 2, kThreads = 4, kCalls = 12;
+  auto close = [](const at::Tensor& a, const at::Tensor& b) {
+    return a.sizes() == b.sizes() && max_difference(a, b) <= 1e-5 * scale_of(b) + 1e-6;
+  };
+  std::vector<std::shared_ptr<torch::nn::Module>> modules;
+  for (int i = 0; i < kInstances; ++i) {
+    modules.push_back(subject.build(at::kFloat, 100 + i));  // different weights per instance
+    modules.back()->eval();
+  }
+  torch::NoGradGuard no_grad;
+  std::vector<at::Tensor> inputs;
+  std::vector<at::Tensor> expected;  // [instance][input]
+  for (int k = 0; k < kThreads; ++k) inputs.push_back(standard_input(*modules[0], 2, 500 + k));
+  for (int i = 0; i < kInstances; ++i) {
+    for (int k = 0; k < kThreads; ++k) expected.push_back(forward_on(*modules[i], inputs[k]).clone());
+  }
+  std::vector<std::string> failures(kThreads);
+  std::vector<std::vector<std::pair<int, at::Tensor>>> kept(kThreads);
+  std::vector<std::thread> workers;
+  for (int t = 0; t < kThreads; ++t) {
+    workers.emplace_back([&, t] {
       torch::NoGradGuard guard;  // grad mode is per thread
-      results[t] = forward_on(*module, input);
+      for (int call = 0; call < kCalls && failures[t].empty(); ++call) {
+        const int instance = (t + call) % kInstances;
+        at::Tensor out = forward_on(*modules[instance], inputs[t]);
+        if (!close(out, expected[instance * kThreads + t])) {
+          failures[t] = "thread " + std::to_string(t) + ", call " + std::to_string(call) + " on instance " +
+                        std::to_string(instance) + " got another result than the same call alone";
+        }
+        kept[t].emplace_back(instance, out);
+      }
     });
   }
   for (auto& worker : workers) worker.join();
-  for (const auto& result : results) {
-    expect(at::equal(result, expected), "concurrent inference from two threads gives other results than one at a time");
+  for (const auto& failure : failures) {
+    expect(failure.empty(), "concurrent inference (" + std::to_string(kInstances) + " instances, " +
+                                std::to_string(kThreads) + " threads): " + failure + " (state shared between calls?)");
+  }
+  for (int t = 0; t < kThreads; ++t) {
+    for (const auto& [instance, out] : kept[t]) {
+      expect(close(out, expected[instance * kThreads + t]),
+             "an output changed after it was returned: it aliases state that later calls overwrite");
+    }
   }
 }
 
@@ -299,6 +363,7 @@ const std::map<std::string, std::function<void(const Subject&)>>& check_bodies()
       {"batch_padding", check_batch_padding},
       {"save_load", check_save_load},
       {"bf16", check_bf16},
+      {"batch_independence", check_batch_independence},
       {"threads", check_threads},
   };
   return bodies;
@@ -321,7 +386,8 @@ std::vector<ConformanceCheck> conformance_checks(const std::string& kind) {
   }
   checks.push_back({"save_load", "a copy loaded from the saved parameters computes the same output"});
   checks.push_back({"bf16", "bf16 stays within 5% of the fp32 output scale"});
-  checks.push_back({"threads", "two threads running inference concurrently get the serial results"});
+  checks.push_back({"batch_independence", "a sample's output does not depend on the rest of its batch or its place"});
+  checks.push_back({"threads", "instances and threads running inference concurrently get the serial results"});
   return checks;
 }
 

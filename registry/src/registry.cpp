@@ -53,20 +53,32 @@ std::string octal_mode(mode_t mode) {
 }
 
 // The sudo rule for loadable code: only from files and directories that nobody but their owner can
-// change, and owned by the current user or root.
+// change, owned by the current user or root; and the same for every directory above them, since
+// whoever can rename a parent can put other files in the plugin's place. A parent writable by others
+// passes only with the sticky bit and a trusted owner (/tmp: others cannot rename what is not theirs).
 void check_trusted(const fs::path& path, const char* what) {
-  struct stat status {};
-  if (::stat(path.c_str(), &status) != 0) {
-    throw PluginError(std::string(what) + " " + path.string() + ": cannot stat: " + std::strerror(errno));
-  }
-  if (status.st_mode & (S_IWGRP | S_IWOTH)) {
-    throw PluginError(std::string(what) + " " + path.string() + " is writable by group or others (mode " +
-                      octal_mode(status.st_mode) + "); refusing to load plugins from it (fix: chmod go-w '" +
-                      path.string() + "')");
-  }
-  if (status.st_uid != 0 && status.st_uid != ::geteuid()) {
-    throw PluginError(std::string(what) + " " + path.string() + " is owned by uid " + std::to_string(status.st_uid) +
-                      ", neither you nor root; refusing to load plugins from it");
+  auto refuse = [&](const fs::path& culprit, const std::string& why) {
+    const bool self = culprit == path;
+    throw PluginError(std::string(what) + " " + path.string() + (self ? "" : ": its parent directory " + culprit.string()) +
+                      " " + why + "; refusing to load plugins from it");
+  };
+  const fs::path canonical = fs::weakly_canonical(path);
+  for (fs::path current = canonical;; current = current.parent_path()) {
+    struct stat status {};
+    if (::stat(current.c_str(), &status) != 0) {
+      throw PluginError(std::string(what) + " " + current.string() + ": cannot stat: " + std::strerror(errno));
+    }
+    const bool self = current == canonical;
+    const bool trusted_owner = status.st_uid == 0 || status.st_uid == ::geteuid();
+    if (!trusted_owner) {
+      refuse(self ? path : current, "is owned by uid " + std::to_string(status.st_uid) + ", neither you nor root");
+    }
+    const bool sticky_shared = !self && S_ISDIR(status.st_mode) && (status.st_mode & S_ISVTX);
+    if ((status.st_mode & (S_IWGRP | S_IWOTH)) && !sticky_shared) {
+      refuse(self ? path : current, "is writable by group or others (mode " + octal_mode(status.st_mode) +
+                                        ") (fix: chmod go-w '" + (self ? path : current).string() + "')");
+    }
+    if (current == current.parent_path()) break;
   }
 }
 
@@ -145,6 +157,7 @@ fs::path Registry::install_directory() {
 }
 
 Registry::Registry(const Options& options) {
+  // Files named one by one are required: any problem with them is an error now.
   for (const auto& file : options.plugin_files) {
     if (!file.is_absolute()) throw PluginError("plugin file '" + file.string() + "' is not an absolute path");
     if (!fs::is_regular_file(file)) throw PluginError("plugin file " + file.string() + " does not exist");
@@ -189,16 +202,28 @@ Registry::Registry(const Options& options) {
       if (entry.path().extension() == ".so" && entry.is_regular_file()) files.push_back(entry.path());
     }
     std::sort(files.begin(), files.end());
+    // A file found in a directory that cannot be used is set aside with its reason, and only an
+    // error when something asks for a plugin (a stray or broken .so must not stop every command).
     for (const auto& file : files) {
       if (std::any_of(plugins_.begin(), plugins_.end(), [&](const auto& p) { return fs::equivalent(p->info.path, file); })) {
         continue;  // already loaded as a single file
       }
-      auto plugin = load_plugin(file);
-      for (const auto& other : plugins_) {
-        if (other->info.kind == plugin->info.kind && other->info.name == plugin->info.name) {
-          throw PluginError("duplicate " + plugin->info.kind + " plugin '" + plugin->info.name + "': " +
-                            other->info.path.string() + " and " + file.string() + " (remove one of them)");
-        }
+      std::shared_ptr<LoadedPlugin> plugin;
+      try {
+        plugin = load_plugin(file);
+      } catch (const PluginError& error) {
+        broken_.push_back({file, error.what()});
+        continue;
+      }
+      const auto other = std::find_if(plugins_.begin(), plugins_.end(), [&](const auto& p) {
+        return p->info.kind == plugin->info.kind && p->info.name == plugin->info.name;
+      });
+      if (other != plugins_.end()) {
+        const std::string problem = "duplicate " + plugin->info.kind + " plugin '" + plugin->info.name + "': " +
+                                    (*other)->info.path.string() + " and " + file.string() + " (remove one of them)";
+        broken_.push_back({file, problem});
+        duplicates_.emplace(plugin->info.kind + "/" + plugin->info.name, problem);
+        continue;
       }
       plugins_.push_back(std::move(plugin));
     }
@@ -220,7 +245,12 @@ const std::shared_ptr<LoadedPlugin>& Registry::plugin(const std::string& kind, c
   std::vector<std::string> available;
   for (const auto& plugin : plugins_) {
     if (plugin->info.kind != kind) continue;
-    if (plugin->info.name == name) return plugin;
+    if (plugin->info.name == name) {
+      if (auto duplicate = duplicates_.find(kind + "/" + name); duplicate != duplicates_.end()) {
+        throw PluginError(duplicate->second);
+      }
+      return plugin;
+    }
     available.push_back(plugin->info.name);
     if (plugin->descriptor->answers_to &&
         call_plugin(*plugin, "answers_to", [&] { return plugin->descriptor->answers_to(name.c_str()); })) {
@@ -235,8 +265,12 @@ const std::shared_ptr<LoadedPlugin>& Registry::plugin(const std::string& kind, c
   std::sort(available.begin(), available.end());
   std::string searched;
   for (const auto& directory : directories_) searched += (searched.empty() ? "" : ", ") + directory.string();
+  std::string unusable;
+  for (const auto& broken : broken_) unusable += (unusable.empty() ? "" : "; ") + broken.problem;
   throw PluginError("no " + kind + " plugin named '" + name + "'" + did_you_mean(name, available) + "; available: " +
-                    (available.empty() ? std::string("none") : join(available)) + " (searched: " + searched + ")");
+                    (available.empty() ? std::string("none") : join(available)) + " (searched: " + searched + ")" +
+                    (unusable.empty() ? "" : "; " + std::to_string(broken_.size()) + " file(s) there could not be " +
+                                                 "loaded, which may be the one meant: " + unusable));
 }
 
 const PluginInfo& Registry::find(const std::string& kind, const std::string& name) const {

@@ -1,6 +1,7 @@
 // Plugins with one behavioural fault each (NEVA_FAULT), which neva-conformance must catch:
 // a connector whose forward is not deterministic, one through which no gradient flows, one that
-// crashes in forward, and a language backbone whose KV cache is ignored.
+// crashes in forward, one whose outputs depend on the rest of the batch, one that keeps per-call
+// state in a static tensor, and a language backbone whose KV cache is ignored.
 #include <ATen/ATen.h>
 #include <torch/nn/modules/linear.h>
 
@@ -14,6 +15,8 @@
 #define FAULT_NO_GRADIENT 2
 #define FAULT_CRASH 3
 #define FAULT_BROKEN_CACHE 4
+#define FAULT_BATCH_COUPLED 5
+#define FAULT_SHARED_STATE 6
 
 namespace {
 
@@ -64,6 +67,17 @@ class FaultyConnector : public neva::Connector {
     return linear_->forward(x) + 1e-3 * at::randn({1}, x.options());
 #elif NEVA_FAULT == FAULT_NO_GRADIENT
     return at::linear(x, linear_->weight.detach(), linear_->bias);
+#elif NEVA_FAULT == FAULT_BATCH_COUPLED
+    // Normalised over the whole batch: each sample's output depends on its company.
+    at::Tensor out = linear_->forward(x);
+    return out - out.mean(0, /*keepdim=*/true);
+#elif NEVA_FAULT == FAULT_SHARED_STATE
+    // A scratch buffer kept across calls in a function-level static: shared by every instance and
+    // thread, and returned, so a later call overwrites an earlier result.
+    static at::Tensor scratch;
+    at::Tensor out = linear_->forward(x);
+    if (!scratch.defined() || scratch.sizes() != out.sizes()) scratch = at::empty_like(out);
+    return scratch.copy_(out);
 #else
     std::abort();
 #endif

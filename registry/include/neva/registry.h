@@ -3,6 +3,7 @@
 // components by (kind, name). Every object a plugin creates keeps the plugin's library loaded for as
 // long as the object lives.
 #include <filesystem>
+#include <map>
 #include <memory>
 #include <string>
 #include <utility>
@@ -41,9 +42,12 @@ class NEVA_API Registry {
     std::vector<std::filesystem::path> plugin_files;
   };
 
-  // Scans every directory and loads every *.so in it. Throws PluginError naming the file for: a
-  // group- or world-writable file or directory, a library that fails to load, a missing entry
-  // symbol, an ABI or LibTorch mismatch, an incomplete descriptor, or a duplicate (kind, name).
+  // Scans every directory and loads every *.so in it. Throws PluginError for a search directory that
+  // is missing, relative, or (it or a directory above it) writable by others or owned by another user,
+  // and for any problem with a file of `plugin_files`. A file in a directory that cannot be used (a
+  // library that fails to load, no entry symbol, an ABI or LibTorch mismatch, an incomplete
+  // descriptor, a file writable by others, a duplicate (kind, name)) is listed in broken() instead,
+  // and named when a plugin is asked for and not found (or is the duplicate).
   explicit Registry(const Options& options);
   ~Registry();
   Registry(const Registry&) = delete;
@@ -52,6 +56,11 @@ class NEVA_API Registry {
   // The directories searched, in order (existing or not).
   const std::vector<std::filesystem::path>& directories() const { return directories_; }
   std::vector<PluginInfo> list() const;
+  struct Broken {
+    std::filesystem::path path;
+    std::string problem;  // the whole message, naming the file
+  };
+  const std::vector<Broken>& broken() const { return broken_; }
 
   // The plugin of `kind` called `name`, or answering to it. Throws PluginError listing those available.
   const PluginInfo& find(const std::string& kind, const std::string& name) const;
@@ -88,6 +97,8 @@ class NEVA_API Registry {
 
   std::vector<std::filesystem::path> directories_;
   std::vector<std::shared_ptr<LoadedPlugin>> plugins_;
+  std::vector<Broken> broken_;
+  std::map<std::string, std::string> duplicates_;  // "kind/name" -> the duplicate's message
 };
 
 }  // namespace neva
