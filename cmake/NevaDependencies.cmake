@@ -47,11 +47,37 @@ find_path(NEVA_NCCL_INCLUDE_DIR nccl.h HINTS ${CUDAToolkit_INCLUDE_DIRS} /usr/lo
 # Aggregates initialised from their leading fields are intended (as in LibTorch's own flags).
 set(NEVA_WARNINGS -Wall -Wextra -Wno-unused-parameter -Wno-missing-field-initializers -Werror=return-type
     -Werror=non-virtual-dtor)
+# clang (the fuzz build) warns where a module's load(checkpoint, what) hides torch::nn::Module's
+# load(archive), which neva never calls.
+if(CMAKE_CXX_COMPILER_ID STREQUAL "Clang")
+  list(APPEND NEVA_WARNINGS -Wno-overloaded-virtual)
+endif()
+
+# Sanitizers (NEVA_SANITIZE, NEVA_FUZZ) for every target that takes neva_target_defaults, as PyTorch's
+# ASAN CI builds: no recovery, frame pointers for stacks, and no UBSan vptr check, which objects of the
+# uninstrumented LibTorch fail. libneva_sentencepiece never gets them: it is loaded into a link-map
+# namespace without a sanitizer runtime.
+set(NEVA_SANITIZE_FLAGS)
+if(NEVA_FUZZ)
+  if(NOT CMAKE_CXX_COMPILER_ID STREQUAL "Clang")
+    message(FATAL_ERROR "NEVA_FUZZ needs clang for libFuzzer: configure with -DCMAKE_CXX_COMPILER=clang++ (scripts/fuzz.sh does)")
+  endif()
+  if(NOT NEVA_SANITIZE)
+    set(NEVA_SANITIZE address,undefined)
+  endif()
+  list(APPEND NEVA_SANITIZE_FLAGS -fsanitize=fuzzer-no-link)
+endif()
+if(NEVA_SANITIZE)
+  list(APPEND NEVA_SANITIZE_FLAGS -fsanitize=${NEVA_SANITIZE} -fno-sanitize-recover=all -fno-omit-frame-pointer)
+  if(NEVA_SANITIZE MATCHES "undefined")
+    list(APPEND NEVA_SANITIZE_FLAGS -fno-sanitize=vptr)
+  endif()
+endif()
 
 # One precompiled header for every target (same flags everywhere, so it is built once).
 add_library(neva_pch OBJECT ${PROJECT_SOURCE_DIR}/cmake/pch.cpp)
 target_link_libraries(neva_pch PUBLIC neva_torch)
-target_compile_options(neva_pch PRIVATE ${NEVA_WARNINGS})
+target_compile_options(neva_pch PRIVATE ${NEVA_WARNINGS} ${NEVA_SANITIZE_FLAGS})
 target_precompile_headers(neva_pch PRIVATE
   <torch/nn/module.h> <torch/nn/modules/linear.h> <torch/nn/modules/activation.h>
   <torch/nn/modules/container/sequential.h> <ATen/ATen.h>
@@ -59,7 +85,8 @@ target_precompile_headers(neva_pch PRIVATE
 
 # neva_target_defaults(TARGET): warnings and the shared precompiled header.
 function(neva_target_defaults target)
-  target_compile_options(${target} PRIVATE ${NEVA_WARNINGS})
+  target_compile_options(${target} PRIVATE ${NEVA_WARNINGS} ${NEVA_SANITIZE_FLAGS})
+  target_link_options(${target} PRIVATE ${NEVA_SANITIZE_FLAGS})
   # Executables compile as -fPIC too (not -fPIE), so the one precompiled header fits them.
   get_target_property(type ${target} TYPE)
   if(type STREQUAL "EXECUTABLE")

@@ -23,8 +23,12 @@ function(neva_add_plugin)
     CXX_VISIBILITY_PRESET hidden
     VISIBILITY_INLINES_HIDDEN ON
     LIBRARY_OUTPUT_DIRECTORY ${ARG_OUTPUT_DIRECTORY})
-  # A plugin resolves every symbol against the host's libraries: never a second LibTorch.
-  target_link_options(${target} PRIVATE -Wl,--no-undefined -Wl,--version-script=${NEVA_PLUGIN_VERSION_SCRIPT})
+  # A plugin resolves every symbol against the host's libraries: never a second LibTorch. (Under
+  # clang's sanitizers a library leaves the runtime's symbols to the executable.)
+  if(NOT (NEVA_SANITIZE_FLAGS AND CMAKE_CXX_COMPILER_ID STREQUAL "Clang"))
+    target_link_options(${target} PRIVATE -Wl,--no-undefined)
+  endif()
+  target_link_options(${target} PRIVATE -Wl,--version-script=${NEVA_PLUGIN_VERSION_SCRIPT})
   set_property(TARGET ${target} APPEND PROPERTY LINK_DEPENDS ${NEVA_PLUGIN_VERSION_SCRIPT})
   if(COMMAND neva_target_defaults)
     neva_target_defaults(${target})

@@ -5,6 +5,9 @@
 #   scripts/setup.sh run [ARGS] set up, build, then `neva-run demo ARGS` (the embedded default recipe)
 #   scripts/setup.sh test       set up, build, then run the whole test suite (ctest)
 #
+# NEVA_SANITIZE=address,undefined scripts/setup.sh test builds into build-asan with neva's code under
+# ASan and UBSan (LibTorch is not instrumented) and runs the suite there.
+#
 # Steps, each skipped when already done:
 #   1. Debian packages (apt-get; as root or through sudo)
 #   2. .venv with the Python packages pinned in scripts/requirements.txt. Wheels are downloaded once
@@ -24,9 +27,10 @@ say() { printf '[setup] %s\n' "$*" >&2; }
 # --- 1. Debian packages ---------------------------------------------------------------------------
 # Keep in sync with third_party_notes.md.
 apt_packages=(
-  build-essential cmake ninja-build ccache git python3-venv
+  build-essential cmake ninja-build ccache git python3-venv pkg-config
   libtomlplusplus-dev doctest-dev libboost-dev libboost-filesystem-dev
-  nlohmann-json3-dev libgloo-dev libcli11-dev libpcre2-dev libsentencepiece-dev pkg-config libjpeg-dev libpng-dev
+  nlohmann-json3-dev libgloo-dev libcli11-dev libpcre2-dev libsentencepiece-dev libjpeg-dev libpng-dev libssl-dev
+  clang libclang-rt-14-dev
 )
 missing=()
 for p in "${apt_packages[@]}"; do
@@ -67,7 +71,8 @@ if [ ! -f "$stamp" ]; then
 fi
 
 # --- 3. Configure and build -------------------------------------------------------------------------
-build="${NEVA_BUILD_DIR:-$root/build}"
+sanitize="${NEVA_SANITIZE:-}"
+build="${NEVA_BUILD_DIR:-$root/build${sanitize:+-asan}}"
 if [ ! -f "$build/build.ninja" ]; then
   # torch/share/cmake, found without importing torch (fast, and quiet about optional modules).
   torch_prefix="$("$venv/bin/python" -c 'import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec("torch").origin).parent / "share" / "cmake")')"
@@ -75,13 +80,18 @@ if [ ! -f "$build/build.ninja" ]; then
   cmake -S "$root" -B "$build" -G Ninja \
     -DCMAKE_BUILD_TYPE="${NEVA_BUILD_TYPE:-Release}" \
     -DCMAKE_PREFIX_PATH="$torch_prefix" \
-    -DNEVA_PYTHON="$venv/bin/python" >/dev/null
+    -DNEVA_PYTHON="$venv/bin/python" -DNEVA_SANITIZE="$sanitize" >/dev/null
 fi
 cmake --build "$build" -- -j"${NEVA_JOBS:-$(nproc)}" | { grep -vE '^\[[0-9]+/[0-9]+\]' || true; }
 
 case "$action" in
   build) ;;
   run) exec "$build/bin/neva-run" demo "$@" ;;
-  test) cd "$build" && exec ctest --output-on-failure -j"${NEVA_JOBS:-$(nproc)}" "$@" ;;
+  test)
+    if [ -n "$sanitize" ]; then  # PyTorch's ASAN CI options (LibTorch keeps process-lifetime allocations)
+      export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=0:symbolize=1:detect_stack_use_after_return=true:strict_init_order=true:detect_odr_violation=1:detect_container_overflow=0:check_initialization_order=true}"
+      export UBSAN_OPTIONS="${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}"
+    fi
+    cd "$build" && exec ctest --output-on-failure -j"${NEVA_JOBS:-$(nproc)}" "$@" ;;
   *) say "unknown action '$action' (expected: build, run, test)"; exit 2 ;;
 esac

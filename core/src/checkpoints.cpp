@@ -156,20 +156,21 @@ std::string CheckpointManager::verify(const fs::path& directory) {
   }
   for (const auto& [name, file] : manifest["files"].items()) {
     if (name.empty() || name.find('/') != std::string::npos || name == "." || name == ".." || !file.is_object() ||
-        !file["bytes"].is_number_unsigned() || !file["sha256"].is_string()) {
+        !file.contains("bytes") || !file.at("bytes").is_number_unsigned() || !file.contains("sha256") ||
+        !file.at("sha256").is_string()) {
       return manifest_path.string() + ": malformed entry '" + name + "'";
     }
     const fs::path path = directory / name;
     const auto bytes = fs::file_size(path, error);
     if (error) return path.string() + " is missing";
-    if (bytes != file["bytes"].get<std::uint64_t>()) {
+    if (bytes != file.at("bytes").get<std::uint64_t>()) {
       return path.string() + " has " + std::to_string(bytes) + " bytes, the manifest says " +
-             std::to_string(file["bytes"].get<std::uint64_t>()) + " (truncated?)";
+             std::to_string(file.at("bytes").get<std::uint64_t>()) + " (truncated?)";
     }
     const std::string digest = sha256_file(path);
-    if (digest != file["sha256"].get<std::string>()) {
+    if (digest != file.at("sha256").get<std::string>()) {
       return path.string() + ": SHA-256 " + digest + " differs from the manifest's " +
-             file["sha256"].get<std::string>() + " (the file was damaged or changed after it was saved)";
+             file.at("sha256").get<std::string>() + " (the file was damaged or changed after it was saved)";
     }
   }
   return {};

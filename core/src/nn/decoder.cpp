@@ -116,7 +116,9 @@ BackboneOutputs DecoderBackbone::forward(const BackboneInputs& inputs) {
           : at::arange(past, past + seq, at::TensorOptions().dtype(at::kLong).device(context_.device)).expand({batch, seq});
   auto mask = AttentionMask::build(batch, seq, past, inputs.attention_mask, inputs.segment_ids, config_.sliding_window,
                                    context_.device);
-  auto [cos, sin] = rotary_.cos_sin(positions, x0.scalar_type());
+  // Named tensors, not a structured binding: lambdas below capture them (C++17 cannot capture bindings).
+  const auto cos_sin = rotary_.cos_sin(positions, x0.scalar_type());
+  const at::Tensor cos = cos_sin.first, sin = cos_sin.second;
 
   // With a logits mask, the last layer computes its outputs only where logits are wanted (its keys
   // and values still cover every position): for training, with labels on a few answer tokens, this

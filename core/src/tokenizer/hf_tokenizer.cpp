@@ -225,11 +225,11 @@ class Normalizer {
   void add(const json& spec, const std::string& where) {
     std::string type = spec.value("type", "");
     if (type == "Sequence") {
-      for (const auto& child : spec["normalizers"]) add(child, where);
+      for (const auto& child : spec.at("normalizers")) add(child, where);
     } else if (type == "Prepend") {
-      steps_.push_back({type, spec["prepend"].get<std::string>(), ""});
+      steps_.push_back({type, spec.at("prepend").get<std::string>(), ""});
     } else if (type == "Replace") {
-      steps_.push_back({type, string_pattern(spec["pattern"], where), spec["content"].get<std::string>()});
+      steps_.push_back({type, string_pattern(spec.at("pattern"), where), spec.at("content").get<std::string>()});
     } else {
       throw Error(where + ": normalizer '" + type + "' is not supported (supported: Prepend, Replace, Sequence)");
     }
@@ -267,14 +267,14 @@ class PreTokenizer {
   void add(const json& spec, const std::string& where) {
     std::string type = spec.value("type", "");
     if (type == "Sequence") {
-      for (const auto& child : spec["pretokenizers"]) add(child, where);
+      for (const auto& child : spec.at("pretokenizers")) add(child, where);
     } else if (type == "Split") {
       std::string behavior = spec.value("behavior", "Isolated");
       if (spec.value("invert", false) || (behavior != "Isolated" && behavior != "Removed")) {
         throw Error(where + ": Split pre-tokenizer with behavior '" + behavior + "'" +
                     (spec.value("invert", false) ? " and invert" : "") + " is not supported (supported: Isolated, Removed)");
       }
-      const json& pattern = spec["pattern"];
+      const json& pattern = spec.at("pattern");
       std::string regex = pattern.contains("Regex") ? pattern["Regex"].get<std::string>() : "";
       if (!pattern.contains("Regex")) {  // a literal string: escape it
         for (char c : string_pattern(pattern, where)) regex += std::string(std::strchr("\\^$.|?*+()[]{}", c) && c ? "\\" : "") + c;
@@ -356,7 +356,7 @@ class Decoder {
   void add(const json& spec, const std::string& where) {
     std::string type = spec.value("type", "");
     if (type == "Sequence") {
-      for (const auto& child : spec["decoders"]) add(child, where);
+      for (const auto& child : spec.at("decoders")) add(child, where);
     } else if (type == "ByteLevel") {
       steps_.push_back([](std::vector<std::string> tokens) {
         std::string bytes;
@@ -373,7 +373,7 @@ class Decoder {
         return std::vector<std::string>{utf8_lossy(bytes)};
       });
     } else if (type == "Replace") {
-      std::string from = string_pattern(spec["pattern"], where), to = spec["content"].get<std::string>();
+      std::string from = string_pattern(spec.at("pattern"), where), to = spec.at("content").get<std::string>();
       steps_.push_back([from, to](std::vector<std::string> tokens) {
         for (auto& token : tokens) token = replace_all(token, from, to);
         return tokens;
@@ -678,7 +678,7 @@ class HfTokenizer : public Tokenizer {
     if (spec.is_null()) return;
     std::string type = spec.value("type", "");
     if (type == "Sequence") {
-      for (const auto& child : spec["processors"]) read_post_processor(child, source);
+      for (const auto& child : spec.at("processors")) read_post_processor(child, source);
     } else if (type == "ByteLevel") {
       // Only adjusts offsets: the ids are unchanged.
     } else if (type == "TemplateProcessing") {

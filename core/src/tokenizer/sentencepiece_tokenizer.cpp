@@ -74,7 +74,7 @@ json read_sentencepiece(const std::string& path) {
   std::string copy(text);
   reader.free(text);
   json model = parse_json(copy, path + " (as read by SentencePiece)");
-  if (model.contains("error")) throw Error(path + ": " + model["error"].get<std::string>());
+  if (model.contains("error")) throw Error(path + ": " + model.at("error").get<std::string>());
   return model;
 }
 
@@ -82,18 +82,18 @@ json read_sentencepiece(const std::string& path) {
 
 SentencePieceDescription sentencepiece_description(const std::string& path) {
   const json model = read_sentencepiece(path);
-  if (model["unigram"].get<bool>()) {
+  if (model.at("unigram").get<bool>()) {
     throw Error(path + ": a Unigram SentencePiece model; neva reads tokenizer.model as transformers' LlamaTokenizer "
                 "does (BPE): provide the tokenizer.json transformers saves for this tokenizer");
   }
-  std::vector<std::string> pieces = model["pieces"].get<std::vector<std::string>>();
+  std::vector<std::string> pieces = model.at("pieces").get<std::vector<std::string>>();
   std::unordered_map<std::string, int> ids;
   json vocab = json::object(), added = json::array();
   for (int id = 0; id < static_cast<int>(pieces.size()); ++id) {
     ids.emplace(pieces[id], id);
     vocab[pieces[id]] = id;
   }
-  for (const json& id : model["special"]) {
+  for (const json& id : model.at("special")) {
     added.push_back(make_added_token(id.get<int>(), pieces[id.get<int>()], true, false, false));
   }
   auto piece_or_none = [&](const json& id) {
@@ -101,8 +101,8 @@ SentencePieceDescription sentencepiece_description(const std::string& path) {
     return value >= 0 && value < static_cast<int>(pieces.size()) ? pieces[value] : std::string();
   };
   return {{{"model", {{"type", "BPE"}, {"vocab", vocab}, {"merges", merges_of(pieces, ids)}}}, {"added_tokens", added}},
-          piece_or_none(model["bos"]),
-          piece_or_none(model["eos"])};
+          piece_or_none(model.at("bos")),
+          piece_or_none(model.at("eos"))};
 }
 
 }  // namespace neva

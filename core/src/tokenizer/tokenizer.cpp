@@ -189,7 +189,9 @@ void merge_config_tokens(json& spec, const json& config, const fs::path& directo
   std::map<std::int64_t, json> added;
   for (const auto& token : spec["added_tokens"]) added[token.at("id").get<std::int64_t>()] = token;
   std::map<std::int64_t, json> entries;
-  for (const auto& [key, token] : listed.items()) {
+  for (const auto& item : listed.items()) {
+    const std::string& key = item.key();
+    const json& token = item.value();  // captured below: not a structured binding (C++17)
     const std::string where = source + ": " + what + "entry '" + key + "': ";
     try {
       if (key.empty() || key.size() > 18 || key.find_first_not_of("0123456789") != std::string::npos) {

@@ -74,7 +74,10 @@ class NEVA_API Registry {
   template <class Interface>
   std::shared_ptr<Interface> create(const std::string& name, const ComponentConfig& config,
                                     const RuntimeContext& context) const {
-    auto [component, library] = create_component(Interface::kKind, name, config, context);
+    // Named, not a structured binding: the deleter captures them (C++17 cannot capture bindings).
+    auto created = create_component(Interface::kKind, name, config, context);
+    Component* component = created.first;
+    std::shared_ptr<const LoadedPlugin> library = std::move(created.second);
     auto* typed = dynamic_cast<Interface*>(component);
     if (!typed) {
       delete component;
