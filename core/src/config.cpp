@@ -13,6 +13,7 @@
 #include <sstream>
 
 #include "neva/error.h"
+#include "neva/json.h"
 #include "neva/suggest.h"
 
 namespace neva {
@@ -334,11 +335,19 @@ ConfigDocument ConfigDocument::parse(std::string_view text, std::string source_n
 }
 
 ConfigDocument ConfigDocument::load(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw RecipeError(path + ": cannot open recipe file: " + std::strerror(errno));
-  std::ostringstream text;
-  text << in.rdbuf();
-  return parse(text.str(), path);
+  std::string text;
+  try {
+    text = read_file(path);
+  } catch (const Error& error) {
+    const std::string what = error.what();
+    throw RecipeError(path + ": cannot open recipe file: " +
+                      what.substr(std::min(what.size(), path.size() + std::strlen(": cannot open: "))));
+  }
+  if (text.find_first_not_of(" \t\r\n") == std::string::npos) {
+    throw RecipeError(path + ": the recipe is empty; a recipe names at least [model.mm_cfg.llm] and run.mode (see "
+                      "configs/ for examples and docs/recipes.md for every key)");
+  }
+  return parse(text, path);
 }
 
 void ConfigDocument::set(std::string_view assignment) {

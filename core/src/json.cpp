@@ -1,5 +1,7 @@
 #include "neva/json.h"
 
+#include <sys/stat.h>
+
 #include <cerrno>
 #include <cstring>
 #include <fstream>
@@ -95,6 +97,13 @@ json parse_json_line(std::string_view line, const std::string& path, std::size_t
 }
 
 std::string read_file(const std::string& path) {
+  // Only regular files: a device, FIFO or directory (config = "/dev/zero") would read forever or fail
+  // obscurely.
+  struct stat status {};
+  if (::stat(path.c_str(), &status) != 0) throw Error(path + ": cannot open: " + std::strerror(errno));
+  if (!S_ISREG(status.st_mode)) {
+    throw Error(path + ": cannot open: not a regular file" + (S_ISDIR(status.st_mode) ? std::string(" (a directory)") : ""));
+  }
   std::ifstream in(path, std::ios::binary);
   if (!in) throw Error(path + ": cannot open: " + std::strerror(errno));
   std::ostringstream text;

@@ -191,6 +191,9 @@ Recipe parse_recipe(const ConfigDocument& document, const fs::path& base_directo
   // NeVA's stage defaults: the language model and the vision tower start frozen only when asked.
   mm_cfg.llm = parse_component(registry, mm, "llm", LanguageBackbone::kKind, false);
   mm_cfg.vision_encoder = parse_component(registry, mm, "vision_encoder", VisionEncoder::kKind, true);
+  if (!mm_cfg.llm && recipe.run.mode != "inspect") {  // before anything that would be derived from it
+    root.section("run").fail("mode", "mode '" + recipe.run.mode + "' needs a language model: add [model.mm_cfg.llm]");
+  }
   mm_cfg.image_token_index = mm.get<std::int64_t>("image_token_index", -1);  // any id: placeholders are never embedded
   if (!mm.has("image_token_index") && mm_cfg.llm && !mm_cfg.llm->from_pretrained.empty()) {
     try {  // a llava-hf directory says which token its images fill

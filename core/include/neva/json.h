@@ -27,7 +27,8 @@ NEVA_API nlohmann::json parse_json(std::string_view text, const std::string& sou
 NEVA_API nlohmann::json parse_json_line(std::string_view line, const std::string& path, std::size_t line_number,
                                         const JsonLimits& limits = {});
 
-// The whole file as bytes; throws neva::Error "<path>: cannot open: <reason>".
+// The whole of a regular file as bytes; throws neva::Error "<path>: cannot open: <reason>" (also for a
+// directory, device or FIFO).
 NEVA_API std::string read_file(const std::string& path);
 // parse_json(read_file(path), path, limits).
 NEVA_API nlohmann::json read_json_file(const std::string& path, const JsonLimits& limits = {});
