@@ -39,14 +39,19 @@ class DecoderLayer : public torch::nn::Module {
   }
 
   // `rows` (optional): [batch, count] positions; only their outputs are computed ([batch, count, hidden]).
+  // An MoE layer appends its router logits to `router_logits`.
   at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const AttentionMask& mask,
-                     LayerCache* cache, const at::Tensor& rows = {}) {
+                     LayerCache* cache, const at::Tensor& rows, std::vector<at::Tensor>& router_logits) {
     at::Tensor residual = rows.defined() ? take_positions(x, rows) : x;
     at::Tensor h = residual + self_attn_->forward(input_layernorm_->forward(x), cos, sin, mask, cache, rows);
-    return h + mlp_->forward(post_attention_layernorm_->forward(h));
+    const at::Tensor normed = post_attention_layernorm_->forward(h);
+    if (!moe_) return h + mlp_->forward(normed);
+    auto [out, logits] = moe_->forward_with_router(normed);
+    router_logits.push_back(logits);
+    return h + out;
   }
 
-  const std::shared_ptr<SparseMoE>& moe() const { return moe_; }
+  bool is_moe() const { return moe_ != nullptr; }
 
  private:
   std::shared_ptr<Norm> input_layernorm_, post_attention_layernorm_;
@@ -133,7 +138,7 @@ BackboneOutputs DecoderBackbone::forward(const BackboneInputs& inputs) {
   }
   const at::Tensor logits_mask =
       inputs.logits_mask.defined() ? inputs.logits_mask.to(context_.device).to(at::kBool) : at::Tensor();
-  if (logits_mask.defined() && !cache && layers > 0 && !model_->layers->ptr<DecoderLayer>(layers - 1)->moe()) {
+  if (logits_mask.defined() && !cache && layers > 0 && !model_->layers->ptr<DecoderLayer>(layers - 1)->is_moe()) {
     const std::int64_t count = logits_mask.sum(1).max().item<std::int64_t>();
     if (count > 0 && count < seq) {
       // Each row's wanted positions in order, then unwanted ones to fill the rows to one length.
@@ -155,8 +160,8 @@ BackboneOutputs DecoderBackbone::forward(const BackboneInputs& inputs) {
     const bool checkpoint = full && (recompute.method == "uniform" || i < static_cast<std::size_t>(recompute.num_layers));
     if (!checkpoint) {
       auto layer = model_->layers->ptr<DecoderLayer>(i);
-      h = layer->forward(h, cos, sin, mask, cache ? &cache->layers[i] : nullptr, i + 1 == layers ? rows : at::Tensor());
-      if (layer->moe()) router_logits.push_back(layer->moe()->router_logits());
+      h = layer->forward(h, cos, sin, mask, cache ? &cache->layers[i] : nullptr, i + 1 == layers ? rows : at::Tensor(),
+                         router_logits);
       ++i;
       continue;
     }
@@ -164,8 +169,9 @@ BackboneOutputs DecoderBackbone::forward(const BackboneInputs& inputs) {
       std::vector<at::Tensor> outputs{inputs[0]};
       for (std::size_t j = i; j < end; ++j) {
         auto layer = model_->layers->ptr<DecoderLayer>(j);
-        outputs[0] = layer->forward(outputs[0], cos, sin, mask, nullptr, j + 1 == layers ? rows : at::Tensor());
-        if (layer->moe()) outputs.push_back(layer->moe()->router_logits());
+        std::vector<at::Tensor> logits;
+        outputs[0] = layer->forward(outputs[0], cos, sin, mask, nullptr, j + 1 == layers ? rows : at::Tensor(), logits);
+        outputs.insert(outputs.end(), logits.begin(), logits.end());
       }
       return outputs;
     };

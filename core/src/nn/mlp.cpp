@@ -63,11 +63,13 @@ SparseMoE::SparseMoE(std::int64_t hidden_size, std::int64_t intermediate_size, s
   }
 }
 
-at::Tensor SparseMoE::forward(const at::Tensor& x) {
+at::Tensor SparseMoE::forward(const at::Tensor& x) { return forward_with_router(x).first; }
+
+std::pair<at::Tensor, at::Tensor> SparseMoE::forward_with_router(const at::Tensor& x) {
   const auto shape = x.sizes().vec();
   at::Tensor tokens = x.reshape({-1, x.size(-1)});
-  router_logits_ = gate_->forward(tokens);
-  at::Tensor probabilities = router_logits_.softmax(1, at::kFloat);
+  at::Tensor router_logits = gate_->forward(tokens);
+  at::Tensor probabilities = router_logits.softmax(1, at::kFloat);
   auto [weights, selected] = probabilities.topk(top_k_, -1);
   weights = (weights / weights.sum(-1, true)).to(tokens.scalar_type());
   at::Tensor out = at::zeros_like(tokens);
@@ -81,7 +83,7 @@ at::Tensor SparseMoE::forward(const at::Tensor& x) {
                         weights.index({token, slot}).unsqueeze(-1);
     out.index_add_(0, token, result.to(out.scalar_type()));
   }
-  return out.view(shape);
+  return {out.view(shape), router_logits};
 }
 
 at::Tensor load_balancing_loss(const std::vector<at::Tensor>& router_logits, std::int64_t num_experts,

@@ -59,8 +59,9 @@ class NEVA_API SparseMoE : public FeedForward {
   SparseMoE(std::int64_t hidden_size, std::int64_t intermediate_size, std::int64_t num_experts, std::int64_t top_k,
             std::string activation);
   at::Tensor forward(const at::Tensor& x) override;
-  // Router logits [tokens, experts] of the last forward (for the load-balancing loss).
-  const at::Tensor& router_logits() const { return router_logits_; }
+  // The output and the router logits [tokens, experts] (for the load-balancing loss). Returned, not
+  // kept: a module holds no per-call state, so one instance serves concurrent callers.
+  std::pair<at::Tensor, at::Tensor> forward_with_router(const at::Tensor& x);
   std::int64_t num_experts() const { return num_experts_; }
   std::int64_t top_k() const { return top_k_; }
 
@@ -68,7 +69,6 @@ class NEVA_API SparseMoE : public FeedForward {
   std::int64_t num_experts_, top_k_;
   torch::nn::Linear gate_{nullptr};
   torch::nn::ModuleList experts_{nullptr};
-  at::Tensor router_logits_;
 };
 
 // Mixtral's load_balancing_loss_func over the router logits of every layer (unweighted):
