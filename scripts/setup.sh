@@ -10,9 +10,11 @@
 #
 # Steps, each skipped when already done:
 #   1. Debian packages (apt-get; as root or through sudo)
-#   2. .venv with the Python packages pinned in scripts/requirements.txt. Wheels are downloaded once
-#      into a per-user cache keyed by the pins ($NEVA_CACHE, default ~/.cache/neva), so a fresh clone
-#      on a machine that already ran this installs offline in about a minute.
+#   2. .venv with exactly the wheels of scripts/requirements.lock (every package, transitive ones
+#      included, at one version and SHA-256; scripts/lock_requirements.sh makes it from the pins in
+#      scripts/requirements.txt). Wheels are downloaded once into a per-user cache keyed by the lock
+#      ($NEVA_CACHE, default ~/.cache/neva), so a fresh clone on a machine that already ran this
+#      installs offline in about a minute.
 #   3. CMake configure (Ninja, ccache, precompiled headers) into build/, and build.
 # A second run with nothing changed finishes in seconds.
 set -euo pipefail
@@ -48,7 +50,12 @@ fi
 python="${NEVA_PYTHON:-python3}"
 venv="$root/.venv"
 pytag="$("$python" -c 'import sys, platform; print(f"cp{sys.version_info[0]}{sys.version_info[1]}-{platform.machine()}")')"
-req="$root/scripts/requirements.txt"
+req="$root/scripts/requirements.lock"
+if [ "$pytag" != "cp311-x86_64" ]; then
+  say "scripts/requirements.lock holds wheels for CPython 3.11 on x86-64 (Debian 12's python3); $python is $pytag."
+  say "Use such a python (NEVA_PYTHON=...), or regenerate the lock with it: scripts/lock_requirements.sh"
+  exit 2
+fi
 reqkey="$(sha256sum < "$req" | cut -c1-16)"
 stamp="$venv/.neva-requirements-$reqkey-$pytag"
 if [ ! -f "$stamp" ]; then
@@ -59,12 +66,12 @@ if [ ! -f "$stamp" ]; then
   if [ ! -f "$wheelhouse/.complete-$reqkey" ]; then
     say "downloading pinned wheels into $wheelhouse (once per machine and pin set)"
     mkdir -p "$wheelhouse"
-    "$python" -m pip download --quiet --disable-pip-version-check -r "$req" -d "$wheelhouse"
+    "$python" -m pip download --quiet --disable-pip-version-check --require-hashes --no-deps -r "$req" -d "$wheelhouse"
     touch "$wheelhouse/.complete-$reqkey"
   fi
   [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
   say "installing pinned wheels into .venv from $wheelhouse"
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-index \
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-index --require-hashes --no-deps \
     --find-links "$wheelhouse" -r "$req"
   rm -f "$venv"/.neva-requirements-*
   touch "$stamp"
