@@ -3,8 +3,6 @@
 // (the SentencePiece isolation is tested with a real tokenizer.model in oracle/test_tokenizer_oracle.cpp). End-to-end bad inputs (exit codes, messages) are in test_bad_inputs.cpp.
 #include <doctest/doctest.h>
 
-#include <jpeglib.h>
-
 #include <cmath>
 #include <random>
 
@@ -32,48 +30,6 @@ std::string error_of(const std::function<void()>& fn) {
 }
 
 bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
-
-// A JPEG of a gradient, `scans` progressive scans (0: baseline), through libjpeg.
-std::string encode_jpeg(int width, int height, int scans = 0) {
-  jpeg_compress_struct info{};
-  jpeg_error_mgr errors{};
-  info.err = jpeg_std_error(&errors);
-  jpeg_create_compress(&info);
-  unsigned char* buffer = nullptr;
-  unsigned long size = 0;
-  jpeg_mem_dest(&info, &buffer, &size);
-  info.image_width = width;
-  info.image_height = height;
-  info.input_components = 1;
-  info.in_color_space = JCS_GRAYSCALE;
-  jpeg_set_defaults(&info);
-  std::vector<jpeg_scan_info> script;
-  if (scans > 0) {
-    // DC, then each AC coefficient alone in successive-approximation passes: up to 1 + 63 * 10 scans.
-    script.push_back({1, {0}, 0, 0, 0, 0});
-    for (int k = 1; k <= 63 && static_cast<int>(script.size()) < scans; ++k) {
-      script.push_back({1, {0}, k, k, 0, 9});
-      for (int bit = 9; bit >= 1 && static_cast<int>(script.size()) < scans; --bit) {
-        script.push_back({1, {0}, k, k, bit, bit - 1});
-      }
-    }
-    // Coefficients not covered by a cut-short script still need a first scan.
-    info.scan_info = script.data();
-    info.num_scans = static_cast<int>(script.size());
-  }
-  jpeg_start_compress(&info, TRUE);
-  std::vector<unsigned char> row(width);
-  while (info.next_scanline < info.image_height) {
-    for (int x = 0; x < width; ++x) row[x] = static_cast<unsigned char>((x * 7 + info.next_scanline * 3) & 255);
-    JSAMPROW pointer = row.data();
-    jpeg_write_scanlines(&info, &pointer, 1);
-  }
-  jpeg_finish_compress(&info);
-  jpeg_destroy_compress(&info);
-  std::string out(reinterpret_cast<char*>(buffer), size);
-  free(buffer);
-  return out;
-}
 
 neva::Image solid(int width, int height) {
   neva::Image image;
@@ -191,7 +147,7 @@ TEST_CASE("loss spikes: nothing is judged before the warmup, and a restored wind
 // ------------------------------------------------------------------ images
 
 TEST_CASE("images: a truncated or corrupt JPEG is an error naming it, not grey padding") {
-  const std::string jpeg = encode_jpeg(64, 64);
+  const std::string jpeg = neva::test::encode_jpeg(64, 64);
   CHECK(neva::decode_image(jpeg, "ok.jpg").width == 64);
   const std::string truncated = jpeg.substr(0, jpeg.size() * 2 / 3);
   CHECK(contains(error_of([&] { neva::decode_image(truncated, "cut.jpg"); }), "cut.jpg: corrupt JPEG: Premature end of JPEG file"));
@@ -201,8 +157,8 @@ TEST_CASE("images: a truncated or corrupt JPEG is an error naming it, not grey p
 }
 
 TEST_CASE("images: a progressive JPEG of more than 500 scans is refused, one of 100 decodes") {
-  CHECK(neva::decode_image(encode_jpeg(16, 16, 100), "p.jpg").height == 16);
-  CHECK(contains(error_of([] { neva::decode_image(encode_jpeg(16, 16, 600), "many.jpg"); }),
+  CHECK(neva::decode_image(neva::test::encode_jpeg(16, 16, 100), "p.jpg").height == 16);
+  CHECK(contains(error_of([] { neva::decode_image(neva::test::encode_jpeg(16, 16, 600), "many.jpg"); }),
                  "many.jpg: corrupt JPEG: more than 500 progressive scans"));
 }
 
@@ -271,7 +227,9 @@ TEST_CASE("a failed allocation is reported with its size") {
   CHECK(neva::allocation_failure("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
                                  "memory: you tried to allocate 256000000000000 bytes. Error code 12")
             .rfind("out of memory: cannot allocate 256000000000000 bytes (232.8 TiB) for one tensor; this machine has ", 0) == 0);
-  CHECK(neva::allocation_failure("std::bad_alloc").rfind("out of memory (an allocation failed", 0) == 0);
+  CHECK(neva::allocation_failure("std::bad_alloc").empty());  // caught by type instead
+  CHECK(neva::allocation_failure("data.json: a path with bad_alloc in it").empty());
+  CHECK(neva::out_of_memory().rfind("out of memory (an allocation failed; this machine has ", 0) == 0);
   CHECK(neva::allocation_failure("something else").empty());
   CHECK_THROWS_AS(at::empty({std::int64_t{1} << 50}, at::kFloat), c10::Error);  // an exception, not abort()
 }

@@ -151,6 +151,8 @@ TEST_CASE("a damaged checkpoint is detected by its SHA-256 and the run falls bac
   auto resumed = ws.train("damaged", settings);
   REQUIRE_MESSAGE(resumed.exit_code == 0, resumed.err);
   CHECK(contains(resumed.err, "checkpoint step-0000004 is damaged and is skipped: " + weights.string() + ": SHA-256 "));
+  CHECK(contains(resumed.err, "step-0000004 is set aside as step-0000004.damaged"));
+  CHECK(fs::exists(ws.root / "damaged/checkpoints/step-0000004.damaged/model.safetensors"));  // kept for the user
   CHECK(contains(resumed.err, "resumed from " + (ws.root / "damaged/checkpoints/step-0000002").string() + " (step 2)"));
   CHECK(ws.losses("damaged") == ws.losses("straight"));
   // Every checkpoint damaged: refused, naming the files, instead of silently starting over.

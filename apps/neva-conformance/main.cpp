@@ -18,6 +18,7 @@
 
 #include "neva/conformance.h"
 #include "neva/error.h"
+#include "neva/json.h"
 
 extern char** environ;
 
@@ -29,13 +30,6 @@ struct Outcome {
   std::string name, description, status, message;  // status: pass | fail
   double seconds = 0;
 };
-
-std::string read_file(const std::string& path) {
-  std::ifstream in(path);
-  std::ostringstream text;
-  text << in.rdbuf();
-  return text.str();
-}
 
 // Runs `self --run-check NAME PLUGIN --config FILE` with a time limit; its stderr is the failure.
 Outcome run_isolated(const std::string& self, const neva::ConformanceCheck& check, const std::string& plugin,
@@ -73,7 +67,7 @@ Outcome run_isolated(const std::string& self, const neva::ConformanceCheck& chec
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   outcome.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  std::string output = read_file(log_template);
+  std::string output = neva::read_file(log_template);
   std::remove(log_template);
   while (!output.empty() && (output.back() == '\n' || output.back() == ' ')) output.pop_back();
   if (timed_out) {
@@ -143,11 +137,12 @@ int main(int argc, char** argv) {
 
   std::string config;
   if (!config_file.empty()) {
-    if (!fs::exists(config_file)) {
-      std::cerr << "neva-conformance: " << config_file << ": no such file\n";
+    try {
+      config = neva::read_file(config_file, "config");
+    } catch (const neva::Error& error) {
+      std::cerr << "neva-conformance: " << error.what() << "\n";
       return 2;
     }
-    config = read_file(config_file);
   }
   try {
     plugin = fs::absolute(plugin).string();

@@ -43,11 +43,8 @@ std::vector<Request> read_requests(const Recipe& recipe, bool need_continuation)
     }
     return requests;
   }
-  std::ifstream in(inference.input_file);
-  if (!in) throw Error(inference.input_file + ": cannot open request file");
-  std::string line;
-  for (int number = 1; std::getline(in, line); ++number) {
-    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+  for_each_line(inference.input_file, [&](std::string_view line, std::size_t number) {
+    if (line.find_first_not_of(" \t\r") == std::string_view::npos) return;
     std::string where = inference.input_file + ":" + std::to_string(number);
     json item = parse_json_line(line, inference.input_file, number);
     if (!item.is_object() || !item.contains("prompt") || !item["prompt"].is_string()) {
@@ -72,7 +69,7 @@ std::vector<Request> read_requests(const Recipe& recipe, bool need_continuation)
       request.continuation = item["continuation"].get<std::string>();
     }
     requests.push_back(request);
-  }
+  });
   return requests;
 }
 

@@ -171,9 +171,11 @@ int main(int argc, char** argv) {
     const std::string reason = neva::allocation_failure(error.what_without_backtrace());
     std::cerr << "neva-run: " << (reason.empty() ? error.what_without_backtrace() : reason) << "\n";
     return kExitRuntime;
+  } catch (const std::bad_alloc&) {
+    std::cerr << "neva-run: " << neva::out_of_memory() << "\n";
+    return kExitRuntime;
   } catch (const std::exception& error) {
-    const std::string reason = neva::allocation_failure(error.what());
-    std::cerr << "neva-run: " << (reason.empty() ? error.what() : reason) << "\n";
+    std::cerr << "neva-run: " << error.what() << "\n";
     return kExitRuntime;
   }
   return 0;

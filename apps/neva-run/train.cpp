@@ -125,7 +125,8 @@ class Metrics {
         } catch (const Error&) {
           continue;  // a line torn by a crash: never part of a checkpointed run
         }
-        if (item.is_object() && item.value("step", std::int64_t{0}) <= resumed_step) {
+        if (item.is_object() && item["step"].is_number_integer() && item["loss"].is_number() &&
+            item["step"].get<std::int64_t>() <= resumed_step) {
           kept.push_back(line);
           losses_.emplace_back(item.value("step", std::int64_t{0}), item.value("loss", 0.0));
         }
@@ -217,7 +218,7 @@ class StopSignals {
       struct sigaction action {};
       action.sa_handler = [](int received) { stop_signal = received; };
       sigemptyset(&action.sa_mask);
-      action.sa_flags = SA_RESETHAND;
+      action.sa_flags = SA_RESETHAND | SA_RESTART;  // I/O in progress goes on (stdio would not retry EINTR)
       ::sigaction(signal, nullptr, &previous);
       installed = previous.sa_handler != SIG_IGN && ::sigaction(signal, &action, nullptr) == 0;
     }
@@ -252,11 +253,9 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
   TrainSummary summary;
   summary.run_dir = recipe.exp_manager.explicit_log_dir;
   fs::create_directories(summary.run_dir);
-  const StopSignals signals;
-  const RunDirectoryLock lock(summary.run_dir);  // one run per directory, for the whole run
-  CheckpointManager checkpoints(summary.run_dir, [&title](const std::string& text) {
-    std::cerr << title << ": warning: " << text << std::endl;
-  });
+  auto warn = [&title](const std::string& text) { std::cerr << title << ": warning: " << text << std::endl; };
+  const RunDirectoryLock lock(summary.run_dir, warn);  // one run per directory, for the whole run
+  CheckpointManager checkpoints(summary.run_dir, warn);
   auto resume_from = checkpoints.find_latest();
   if (resume_from && !recipe.exp_manager.resume_if_exists) {
     throw Error(summary.run_dir.string() + " already holds checkpoints (" + resume_from->filename().string() +
@@ -310,6 +309,9 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
     const std::string state_path = (*resume_from / "trainer_state.json").string();
     const json state = read_json_file(state_path);
     try {
+      if (!state.at("step").is_number_unsigned() || !state.at("consumed_samples").is_number_unsigned()) {
+        throw Error(state_path + ": malformed trainer state: step and consumed_samples must be non-negative integers");
+      }
       step = state.at("step").get<std::int64_t>();
       position = state.at("consumed_samples").get<std::uint64_t>();
       // Older checkpoints kept a running mean instead of the window; their guard starts afresh.
@@ -416,6 +418,9 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
 
   const std::int64_t first_step = step;
   StepProfiler profiler(recipe.trainer, context, summary.run_dir / "profile.json");
+  // From the first step to the last save: a signal before it (loading) just stops the process, with
+  // nothing to lose; during the export after it, too (the export is written atomically).
+  std::optional<StopSignals> signals(std::in_place);
   double last_loss = 0;
   std::int64_t saved_step = resume_from ? step : -1;
   while (step < max_steps) {
@@ -550,14 +555,15 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
                        "; run the recipe again to continue");
       break;
     }
-    if (signals.received() && step < max_steps) {
-      summary.signal = signals.received();
+    if (signals->received() && step < max_steps) {
+      summary.signal = signals->received();
       progress.message(std::string("received ") + (summary.signal == SIGTERM ? "SIGTERM" : "SIGINT") +
                        ": checkpointing step " + std::to_string(step) + " and stopping; run the recipe again to continue");
       break;
     }
   }
   if (saved_step != step) save(step);
+  signals.reset();
   summary.skipped_batches = guard.skipped();
   summary.steps = step;
   summary.trained = step - first_step;

@@ -38,7 +38,7 @@ std::string hostname() {
 
 // ------------------------------------------------------------------ the run directory's lock
 
-RunDirectoryLock::RunDirectoryLock(const fs::path& run_dir) {
+RunDirectoryLock::RunDirectoryLock(const fs::path& run_dir, const std::function<void(const std::string&)>& warn) {
   const fs::path path = run_dir / "run.lock";
   fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
   if (fd_ < 0) throw Error(path.string() + ": cannot open the run directory's lock: " + std::strerror(errno));
@@ -50,6 +50,13 @@ RunDirectoryLock::RunDirectoryLock(const fs::path& run_dir) {
     while (!holder.empty() && (holder.back() == '\n' || holder.back() == '\0')) holder.pop_back();
     ::close(fd_);
     fd_ = -1;
+    if (reason == ENOLCK || reason == ENOSYS || reason == EOPNOTSUPP) {  // a filesystem without flock (some NFS, Lustre)
+      if (warn) {
+        warn(path.string() + ": this filesystem cannot lock the run directory (" + std::strerror(reason) +
+             "); make sure no other run uses " + run_dir.string());
+      }
+      return;
+    }
     if (reason != EWOULDBLOCK) throw Error(path.string() + ": cannot lock the run directory: " + std::strerror(reason));
     throw Error(run_dir.string() + " is in use by another run (" + (holder.empty() ? "holder unknown" : holder) +
                 "); wait for it to finish, or choose another exp_manager.explicit_log_dir");
@@ -167,7 +174,12 @@ std::string CheckpointManager::verify(const fs::path& directory) {
       return path.string() + " has " + std::to_string(bytes) + " bytes, the manifest says " +
              std::to_string(file.at("bytes").get<std::uint64_t>()) + " (truncated?)";
     }
-    const std::string digest = sha256_file(path);
+    std::string digest;
+    try {
+      digest = sha256_file(path);
+    } catch (const Error& unreadable) {
+      return unreadable.what();
+    }
     if (digest != file.at("sha256").get<std::string>()) {
       return path.string() + ": SHA-256 " + digest + " differs from the manifest's " +
              file.at("sha256").get<std::string>() + " (the file was damaged or changed after it was saved)";
@@ -193,6 +205,7 @@ std::optional<fs::path> CheckpointManager::find_latest() {
     }
   }
   std::vector<std::string> problems;
+  std::vector<fs::path> damaged;
   for (const auto& [step, path] : step_directories()) {
     const bool legacy = marked && *marked == step && !fs::exists(path / kManifest, error) &&
                         fs::exists(path / "trainer_state.json", error);
@@ -204,12 +217,23 @@ std::optional<fs::path> CheckpointManager::find_latest() {
     if (!fs::exists(path / kManifest, error)) continue;  // an interrupted save: never committed
     std::string problem = verify(path);
     if (problem.empty()) {
+      // The damaged ones, newer than this, are kept for the user to look at or restore, out of the way
+      // of pruning and of the saves that will reach their steps again.
+      for (const auto& directory : damaged) {
+        fs::path aside = directory;
+        aside += ".damaged";
+        std::error_code error;
+        fs::rename(directory, aside, error);
+        warn_(directory.filename().string() + (error ? " could not be set aside: " + error.message()
+                                                     : " is set aside as " + aside.filename().string()));
+      }
       if (!problems.empty()) warn_("resuming from " + path.string() + ", the newest intact checkpoint");
       latest_ = path;
       return latest_;
     }
     warn_("checkpoint " + path.filename().string() + " is damaged and is skipped: " + problem);
     problems.push_back(problem);
+    damaged.push_back(path);
   }
   if (!problems.empty()) {
     std::string all;

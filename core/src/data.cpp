@@ -152,16 +152,10 @@ TrainingBatch collate_rows(const std::vector<std::vector<TrainingSample>>& rows,
 }  // namespace
 
 std::vector<ConversationRecord> read_conversation_file(const std::string& path) {
-  const std::string text = read_file(path);
   std::vector<ConversationRecord> records;
   if (fs::path(path).extension() == ".jsonl") {
-    std::size_t start = 0;
-    for (int number = 1; start < text.size(); ++number) {
-      std::size_t end = text.find('\n', start);
-      if (end == std::string::npos) end = text.size();
-      std::string_view line(text.data() + start, end - start);
-      start = end + 1;
-      if (line.find_first_not_of(" \t\r") == std::string_view::npos) continue;
+    for_each_line(path, [&](std::string_view line, std::size_t number) {  // streamed: corpora are large
+      if (line.find_first_not_of(" \t\r") == std::string_view::npos) return;
       std::string where = path + ":" + std::to_string(number);
       try {
         records.push_back(parse_record(parse_json_line(line, path, number), where));
@@ -169,11 +163,16 @@ std::vector<ConversationRecord> read_conversation_file(const std::string& path) 
         // "file.jsonl:13:7: invalid JSON: ...": the location (with its column) and the problem.
         const std::string message = error.what();
         const std::size_t split = message.find(": ", where.size());
-        records.push_back({message.substr(0, split), {}, {}, message.substr(split + 2)});
+        if (split == std::string::npos) {
+          records.push_back({where, {}, {}, message});
+        } else {
+          records.push_back({message.substr(0, split), {}, {}, message.substr(split + 2)});
+        }
       }
-    }
+    });
     return records;
   }
+  const std::string text = read_file(path);
   json document;
   try {
     document = parse_json(text, path);

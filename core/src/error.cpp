@@ -27,25 +27,40 @@ std::string bytes_text(double bytes) {
   return text;
 }
 
+// Physical memory, or the cgroup's limit when it is lower (a container, a Slurm job).
+double memory_available() {
+  double memory = static_cast<double>(::sysconf(_SC_PHYS_PAGES)) * static_cast<double>(::sysconf(_SC_PAGESIZE));
+  for (const char* limit : {"/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"}) {
+    if (std::FILE* file = std::fopen(limit, "r")) {
+      unsigned long long bytes = 0;
+      if (std::fscanf(file, "%llu", &bytes) == 1 && bytes > 0 && static_cast<double>(bytes) < memory) {
+        memory = static_cast<double>(bytes);
+      }
+      std::fclose(file);
+    }
+  }
+  return memory;
+}
+
 }  // namespace
 
 std::string allocation_failure(const std::string& message) {
   static const std::regex cpu("can't allocate memory: you tried to allocate ([0-9]+) bytes");
   static const std::regex cuda("CUDA out of memory. Tried to allocate ([0-9.]+ [KMGT]?i?B)");
   std::smatch match;
-  const double memory = static_cast<double>(::sysconf(_SC_PHYS_PAGES)) * static_cast<double>(::sysconf(_SC_PAGESIZE));
   if (std::regex_search(message, match, cpu)) {
     const double bytes = std::stod(match[1].str());
     return "out of memory: cannot allocate " + match[1].str() + " bytes (" + bytes_text(bytes) +
-           ") for one tensor; this machine has " + bytes_text(memory);
+           ") for one tensor; this machine has " + bytes_text(memory_available());
   }
   if (std::regex_search(message, match, cuda)) {
     return "out of GPU memory: cannot allocate " + match[1].str() + " for one tensor";
   }
-  if (message == "std::bad_alloc" || message.find("bad_alloc") != std::string::npos) {
-    return "out of memory (an allocation failed; this machine has " + bytes_text(memory) + ")";
-  }
   return {};
+}
+
+std::string out_of_memory() {
+  return "out of memory (an allocation failed; this machine has " + bytes_text(memory_available()) + ")";
 }
 
 }  // namespace neva

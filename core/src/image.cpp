@@ -236,14 +236,7 @@ Image decode_image(const std::string& bytes, const std::string& name, std::int64
 }
 
 Image load_image(const std::string& path, std::int64_t max_pixels) {
-  std::string bytes;
-  try {
-    bytes = read_file(path);
-  } catch (const Error& error) {
-    const std::string what = error.what();
-    throw Error(path + ": cannot open image: " + what.substr(std::min(what.size(), path.size() + std::strlen(": cannot open: "))));
-  }
-  return decode_image(bytes, path, max_pixels);
+  return decode_image(read_file(path, "image"), path, max_pixels);
 }
 
 Image resize_bicubic(const Image& image, int width, int height) {

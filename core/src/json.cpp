@@ -1,6 +1,8 @@
 #include "neva/json.h"
 
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
@@ -96,20 +98,55 @@ json parse_json_line(std::string_view line, const std::string& path, std::size_t
   return parse_at(line, path, limits, line_number);
 }
 
-std::string read_file(const std::string& path) {
-  // Only regular files: a device, FIFO or directory (config = "/dev/zero") would read forever or fail
-  // obscurely.
+namespace {
+
+// Opens `path` for reading if it is a regular file: the check is made on the opened descriptor
+// (O_NONBLOCK, so that opening a FIFO cannot block), not on the name before opening it.
+int open_regular(const std::string& path, const char* what) {
+  const std::string cannot = path + ": cannot open" + (*what ? std::string(" ") + what : std::string()) + ": ";
+  const int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  if (fd < 0) throw Error(cannot + std::strerror(errno));
   struct stat status {};
-  if (::stat(path.c_str(), &status) != 0) throw Error(path + ": cannot open: " + std::strerror(errno));
-  if (!S_ISREG(status.st_mode)) {
-    throw Error(path + ": cannot open: not a regular file" + (S_ISDIR(status.st_mode) ? std::string(" (a directory)") : ""));
+  if (::fstat(fd, &status) != 0 || !S_ISREG(status.st_mode)) {
+    const bool directory = S_ISDIR(status.st_mode);
+    ::close(fd);
+    // Only regular files: a device, FIFO or directory (config = "/dev/zero") would read forever or fail
+    // obscurely.
+    throw Error(cannot + "not a regular file" + (directory ? " (a directory)" : ""));
   }
+  return fd;
+}
+
+}  // namespace
+
+std::string read_file(const std::string& path, const char* what) {
+  const int fd = open_regular(path, what);
+  std::string text;
+  char buffer[1 << 16];
+  for (;;) {
+    const ssize_t got = ::read(fd, buffer, sizeof buffer);
+    if (got < 0 && errno == EINTR) continue;
+    if (got < 0) {
+      const int reason = errno;
+      ::close(fd);
+      throw Error(path + ": cannot read" + (*what ? std::string(" ") + what : std::string()) + ": " + std::strerror(reason));
+    }
+    if (got == 0) break;
+    text.append(buffer, static_cast<std::size_t>(got));
+  }
+  ::close(fd);
+  return text;
+}
+
+void check_regular_file(const std::string& path, const char* what) { ::close(open_regular(path, what)); }
+
+void for_each_line(const std::string& path, const std::function<void(std::string_view, std::size_t)>& line) {
+  check_regular_file(path);
   std::ifstream in(path, std::ios::binary);
   if (!in) throw Error(path + ": cannot open: " + std::strerror(errno));
-  std::ostringstream text;
-  text << in.rdbuf();
+  std::string text;
+  for (std::size_t number = 1; std::getline(in, text); ++number) line(text, number);
   if (in.bad()) throw Error(path + ": cannot read: " + std::strerror(errno));
-  return text.str();
 }
 
 json read_json_file(const std::string& path, const JsonLimits& limits) {

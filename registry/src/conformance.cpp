@@ -305,14 +305,20 @@ void check_threads(const Subject& subject) {
   for (int t = 0; t < kThreads; ++t) {
     workers.emplace_back([&, t] {
       torch::NoGradGuard guard;  // grad mode is per thread
-      for (int call = 0; call < kCalls && failures[t].empty(); ++call) {
-        const int instance = (t + call) % kInstances;
-        at::Tensor out = forward_on(*modules[instance], inputs[t]);
-        if (!close(out, expected[instance * kThreads + t])) {
-          failures[t] = "thread " + std::to_string(t) + ", call " + std::to_string(call) + " on instance " +
-                        std::to_string(instance) + " got another result than the same call alone";
+      try {  // an exception must not leave the thread (std::terminate): it is this check's failure
+        for (int call = 0; call < kCalls && failures[t].empty(); ++call) {
+          const int instance = (t + call) % kInstances;
+          at::Tensor out = forward_on(*modules[instance], inputs[t]);
+          if (!close(out, expected[instance * kThreads + t])) {
+            failures[t] = "thread " + std::to_string(t) + ", call " + std::to_string(call) + " on instance " +
+                          std::to_string(instance) + " got another result than the same call alone";
+          }
+          kept[t].emplace_back(instance, out);
         }
-        kept[t].emplace_back(instance, out);
+      } catch (const c10::Error& error) {
+        failures[t] = "thread " + std::to_string(t) + " threw: " + error.what_without_backtrace();
+      } catch (const std::exception& error) {
+        failures[t] = "thread " + std::to_string(t) + " threw: " + error.what();
       }
     });
   }

@@ -38,9 +38,10 @@ auto call_plugin(const LoadedPlugin& plugin, const char* what, Fn&& fn) -> declt
   } catch (const c10::Error& error) {
     const std::string reason = allocation_failure(error.what_without_backtrace());
     throw PluginError(plugin.label() + ": " + what + " failed: " + (reason.empty() ? error.what_without_backtrace() : reason));
+  } catch (const std::bad_alloc&) {
+    throw PluginError(plugin.label() + ": " + what + " failed: " + out_of_memory());
   } catch (const std::exception& error) {
-    const std::string reason = allocation_failure(error.what());
-    throw PluginError(plugin.label() + ": " + what + " failed: " + (reason.empty() ? error.what() : reason));
+    throw PluginError(plugin.label() + ": " + what + " failed: " + error.what());
   } catch (...) {
     throw PluginError(plugin.label() + ": " + what + " failed with an exception that is not a std::exception");
   }
@@ -199,13 +200,22 @@ Registry::Registry(const Options& options) {
 
     std::vector<fs::path> files;
     for (const auto& entry : fs::directory_iterator(canonical)) {
-      if (entry.path().extension() == ".so" && entry.is_regular_file()) files.push_back(entry.path());
+      if (entry.path().extension() != ".so") continue;
+      std::error_code unreadable;
+      if (entry.is_regular_file(unreadable)) {
+        files.push_back(entry.path());
+      } else if (unreadable) {  // e.g. a symlink loop or a dangling link: set aside like a broken file
+        broken_.push_back({entry.path(), "plugin file " + entry.path().string() + ": cannot stat: " + unreadable.message()});
+      }
     }
     std::sort(files.begin(), files.end());
     // A file found in a directory that cannot be used is set aside with its reason, and only an
     // error when something asks for a plugin (a stray or broken .so must not stop every command).
     for (const auto& file : files) {
-      if (std::any_of(plugins_.begin(), plugins_.end(), [&](const auto& p) { return fs::equivalent(p->info.path, file); })) {
+      if (std::any_of(plugins_.begin(), plugins_.end(), [&](const auto& p) {
+            std::error_code ignored;
+            return fs::equivalent(p->info.path, file, ignored);
+          })) {
         continue;  // already loaded as a single file
       }
       std::shared_ptr<LoadedPlugin> plugin;
@@ -213,6 +223,9 @@ Registry::Registry(const Options& options) {
         plugin = load_plugin(file);
       } catch (const PluginError& error) {
         broken_.push_back({file, error.what()});
+        continue;
+      } catch (const std::exception& error) {  // a filesystem error while checking it
+        broken_.push_back({file, "plugin file " + file.string() + ": " + error.what()});
         continue;
       }
       const auto other = std::find_if(plugins_.begin(), plugins_.end(), [&](const auto& p) {
@@ -240,24 +253,26 @@ std::vector<PluginInfo> Registry::list() const {
   return out;
 }
 
+// `plugin`, unless another file holds a plugin of the same kind and name: then neither is used.
+const std::shared_ptr<LoadedPlugin>& Registry::unique(const std::shared_ptr<LoadedPlugin>& plugin) const {
+  auto duplicate = duplicates_.find(plugin->info.kind + "/" + plugin->info.name);
+  if (duplicate != duplicates_.end()) throw PluginError(duplicate->second);
+  return plugin;
+}
+
 const std::shared_ptr<LoadedPlugin>& Registry::plugin(const std::string& kind, const std::string& name) const {
   std::vector<const std::shared_ptr<LoadedPlugin>*> answering;
   std::vector<std::string> available;
   for (const auto& plugin : plugins_) {
     if (plugin->info.kind != kind) continue;
-    if (plugin->info.name == name) {
-      if (auto duplicate = duplicates_.find(kind + "/" + name); duplicate != duplicates_.end()) {
-        throw PluginError(duplicate->second);
-      }
-      return plugin;
-    }
+    if (plugin->info.name == name) return unique(plugin);
     available.push_back(plugin->info.name);
     if (plugin->descriptor->answers_to &&
         call_plugin(*plugin, "answers_to", [&] { return plugin->descriptor->answers_to(name.c_str()); })) {
       answering.push_back(&plugin);
     }
   }
-  if (answering.size() == 1) return *answering.front();
+  if (answering.size() == 1) return unique(*answering.front());
   if (answering.size() > 1) {
     throw PluginError("several " + kind + " plugins answer to '" + name + "': " + (*answering[0])->label() + " and " +
                       (*answering[1])->label());

@@ -40,50 +40,46 @@ void event(const char* call, const char* path) {
 
 void* next(const char* name) { return dlsym(RTLD_NEXT, name); }
 
+// Opening a checkpoint file for writing is an event; every fd on a checkpoint path is watched.
+void before_open(const char* call, const char* path, int flags) {
+  if ((flags & (O_WRONLY | O_RDWR)) && is_checkpoint_path(path)) event(call, path);
+}
+int after_open(int fd, const char* path) {
+  if (fd >= 0 && fd < MAX_FDS) watched[fd].store(is_checkpoint_path(path));
+  return fd;
+}
+
 }  // namespace
 
 extern "C" {
 
+// open and openat take a mode only with O_CREAT or O_TMPFILE.
+#define NEVA_SHIM_MODE(flags)              \
+  mode_t mode = 0;                         \
+  if ((flags) & (O_CREAT | O_TMPFILE)) {   \
+    va_list args;                          \
+    va_start(args, flags);                 \
+    mode = va_arg(args, mode_t);           \
+    va_end(args);                          \
+  }
+
 int open(const char* path, int flags, ...) {
   static auto real = reinterpret_cast<int (*)(const char*, int, ...)>(next("open"));
-  mode_t mode = 0;
-  if (flags & (O_CREAT | O_TMPFILE)) {
-    va_list args;
-    va_start(args, flags);
-    mode = va_arg(args, mode_t);
-    va_end(args);
-  }
-  const bool writing = (flags & (O_WRONLY | O_RDWR)) != 0;
-  if (writing && is_checkpoint_path(path)) event("open", path);
-  int fd = real(path, flags, mode);
-  if (fd >= 0 && fd < MAX_FDS) watched[fd].store(is_checkpoint_path(path));
-  return fd;
+  NEVA_SHIM_MODE(flags)
+  before_open("open", path, flags);
+  return after_open(real(path, flags, mode), path);
 }
+
 int open64(const char* path, int flags, ...) {
-  mode_t mode = 0;
-  if (flags & (O_CREAT | O_TMPFILE)) {
-    va_list args;
-    va_start(args, flags);
-    mode = va_arg(args, mode_t);
-    va_end(args);
-  }
+  NEVA_SHIM_MODE(flags)
   return open(path, flags, mode);
 }
 
 int openat(int dirfd, const char* path, int flags, ...) {
   static auto real = reinterpret_cast<int (*)(int, const char*, int, ...)>(next("openat"));
-  mode_t mode = 0;
-  if (flags & (O_CREAT | O_TMPFILE)) {
-    va_list args;
-    va_start(args, flags);
-    mode = va_arg(args, mode_t);
-    va_end(args);
-  }
-  const bool writing = (flags & (O_WRONLY | O_RDWR)) != 0;
-  if (writing && is_checkpoint_path(path)) event("openat", path);
-  int fd = real(dirfd, path, flags, mode);
-  if (fd >= 0 && fd < MAX_FDS) watched[fd].store(is_checkpoint_path(path));
-  return fd;
+  NEVA_SHIM_MODE(flags)
+  before_open("openat", path, flags);
+  return after_open(real(dirfd, path, flags, mode), path);
 }
 
 ssize_t write(int fd, const void* data, size_t size) {

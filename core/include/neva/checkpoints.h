@@ -21,8 +21,10 @@ namespace neva {
 // kernel releases it when its process dies, so a lock left by a crashed or killed run is taken over.
 class NEVA_API RunDirectoryLock {
  public:
-  // Throws Error naming the holder's pid and host when another process holds it.
-  explicit RunDirectoryLock(const std::filesystem::path& run_dir);
+  // Throws Error naming the holder's pid and host when another process holds it. On a filesystem
+  // without flock (some NFS and Lustre mounts) it tells `warn` and holds nothing.
+  explicit RunDirectoryLock(const std::filesystem::path& run_dir,
+                            const std::function<void(const std::string&)>& warn = {});
   ~RunDirectoryLock();
   RunDirectoryLock(const RunDirectoryLock&) = delete;
   RunDirectoryLock& operator=(const RunDirectoryLock&) = delete;
@@ -42,7 +44,8 @@ class NEVA_API CheckpointManager {
   CheckpointManager(std::filesystem::path run_dir, Warn warn);
 
   // The newest intact committed checkpoint (the one `latest` names when it verifies, else the newest
-  // by step whose manifest verifies), or none when the run has not committed one. Throws Error when
+  // by step whose manifest verifies), or none when the run has not committed one. Damaged ones newer
+  // than it are renamed step-N.damaged (kept, and out of the way of pruning). Throws Error when
   // checkpoints exist but none is intact, naming each problem: nothing saved is dropped silently.
   std::optional<std::filesystem::path> find_latest();
   // The checkpoint find_latest found or save last committed.

@@ -28,10 +28,12 @@ class NEVA_API PluginError : public Error {
   ~PluginError() override;
 };
 
-// When `message` reports a failed allocation (LibTorch's "DefaultCPUAllocator: can't allocate memory:
-// you tried to allocate N bytes", CUDA's "out of memory", std::bad_alloc), what to tell the user:
+// When `message` is LibTorch's report of a failed allocation ("DefaultCPUAllocator: can't allocate
+// memory: you tried to allocate N bytes", CUDA's "out of memory"), what to tell the user instead:
 // "out of memory: cannot allocate 256000000000000 bytes (232.8 TiB) for one tensor; this machine has
-// 23.4 GiB". "" for any other message.
+// 23.4 GiB" (the cgroup's limit where lower). "" for any other message.
 NEVA_API std::string allocation_failure(const std::string& message);
+// What to say for a std::bad_alloc: "out of memory (an allocation failed; this machine has ...)".
+NEVA_API std::string out_of_memory();
 
 }  // namespace neva

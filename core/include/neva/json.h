@@ -5,6 +5,7 @@
 // overflow the stack of the recursive code that later copies, prints or walks them.
 #include <nlohmann/json.hpp>
 
+#include <functional>
 #include <string>
 #include <string_view>
 
@@ -27,9 +28,13 @@ NEVA_API nlohmann::json parse_json(std::string_view text, const std::string& sou
 NEVA_API nlohmann::json parse_json_line(std::string_view line, const std::string& path, std::size_t line_number,
                                         const JsonLimits& limits = {});
 
-// The whole of a regular file as bytes; throws neva::Error "<path>: cannot open: <reason>" (also for a
-// directory, device or FIFO).
-NEVA_API std::string read_file(const std::string& path);
+// The whole of a regular file as bytes; throws neva::Error "<path>: cannot open[ <what>]: <reason>"
+// (also for a directory, device or FIFO), e.g. what = "image": "x.png: cannot open image: ...".
+NEVA_API std::string read_file(const std::string& path, const char* what = "");
+// The same check without reading: `path` can be opened and is a regular file.
+NEVA_API void check_regular_file(const std::string& path, const char* what = "");
+// Each line of a regular file (without its '\n'), with its 1-based number, read as it streams.
+NEVA_API void for_each_line(const std::string& path, const std::function<void(std::string_view, std::size_t)>& line);
 // parse_json(read_file(path), path, limits).
 NEVA_API nlohmann::json read_json_file(const std::string& path, const JsonLimits& limits = {});
 

@@ -66,6 +66,7 @@ struct SentencePieceReader {
 };
 
 json read_sentencepiece(const std::string& path) {
+  check_regular_file(path);  // SentencePiece opens the file itself: a FIFO or /dev/zero must not reach it
   // Kept for the life of the process: link-map namespaces are few (glibc has 16), so one is opened once.
   static const SentencePieceReader reader;
   if (!reader.failure.empty()) throw Error(path + ": cannot read SentencePiece models: " + reader.failure);
