@@ -65,7 +65,12 @@ std::string type_name(const toml::node& node) {
 std::string render(const toml::node& node) {
   std::ostringstream out;
   node.visit([&](auto&& value) { out << value; });
-  std::string text = out.str();
+  std::string text;  // on one line: toml++ may print an array over several
+  for (char c : out.str()) {
+    if (c == '\n' || c == '\r' || c == '\t') c = ' ';
+    if (c == ' ' && !text.empty() && text.back() == ' ') continue;
+    text += c;
+  }
   if (text.size() > 60) text = text.substr(0, 57) + "...";
   return text;
 }
@@ -270,7 +275,7 @@ ConfigSection ConfigSection::section(std::string_view key) const {
   return ConfigSection(child);
 }
 
-void ConfigSection::reject_unknown_keys() const {
+void ConfigSection::reject_unknown_keys(bool recursive) const {
   if (!impl_->table) return;
   std::vector<std::string> known(impl_->asked.begin(), impl_->asked.end());
   for (auto&& [key, node] : *impl_->table) {
@@ -285,6 +290,7 @@ void ConfigSection::reject_unknown_keys() const {
       throw RecipeError(where + ": " + key_path(name) + ": unknown key" + hint);
     }
   }
+  if (!recursive) return;
   for (const auto& [name, child] : impl_->children) ConfigSection(child).reject_unknown_keys();
 }
 
@@ -337,17 +343,16 @@ ConfigDocument ConfigDocument::parse(std::string_view text, std::string source_n
 ConfigDocument ConfigDocument::load(const std::string& path) {
   std::string text;
   try {
-    text = read_file(path);
+    text = read_file(path, "recipe file");
   } catch (const Error& error) {
-    const std::string what = error.what();
-    throw RecipeError(path + ": cannot open recipe file: " +
-                      what.substr(std::min(what.size(), path.size() + std::strlen(": cannot open: "))));
+    throw RecipeError(error.what());  // the user's command line named it
   }
-  if (text.find_first_not_of(" \t\r\n") == std::string::npos) {
+  ConfigDocument document = parse(text, path);
+  if (document.root_->table->empty()) {  // nothing but whitespace and comments
     throw RecipeError(path + ": the recipe is empty; a recipe names at least [model.mm_cfg.llm] and run.mode (see "
                       "configs/ for examples and docs/recipes.md for every key)");
   }
-  return parse(text, path);
+  return document;
 }
 
 void ConfigDocument::set(std::string_view assignment) {
@@ -377,6 +382,9 @@ void ConfigDocument::set(std::string_view assignment) {
     start = dot + 1;
   }
 
+  if (parts.size() > static_cast<std::size_t>(kMaxRecipeDepth)) {
+    throw RecipeError("--set " + shown + ": the key nests deeper than " + std::to_string(kMaxRecipeDepth) + " levels");
+  }
   Document& document = *root_->document;
   toml::table* table = &document.root;
   std::string walked;

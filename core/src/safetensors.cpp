@@ -269,6 +269,8 @@ SafetensorsCheckpoint::SafetensorsCheckpoint(const std::string& path) : impl_(st
     throw Error(path + ": no such file or directory");
   }
 
+  // Messages name the file read (or the index), not only the directory given.
+  impl_->path = location.string();
   const std::string name = location.filename().string();
   if (name.size() > 11 && name.compare(name.size() - 11, 11, ".index.json") == 0) {
     json index = parse_strict_json(read_file(location.string()), location.string());
@@ -286,7 +288,11 @@ SafetensorsCheckpoint::SafetensorsCheckpoint(const std::string& path) : impl_(st
       }
       auto& file = shards[shard];
       if (!file) {
-        impl_->files.push_back(std::make_unique<SafetensorsFile>((location.parent_path() / shard).string()));
+        try {
+          impl_->files.push_back(std::make_unique<SafetensorsFile>((location.parent_path() / shard).string()));
+        } catch (const Error& error) {
+          throw Error(location.string() + ": weight_map names shard '" + shard + "': " + error.what());
+        }
         file = impl_->files.back().get();
       }
       if (!file->contains(tensor)) {

@@ -93,6 +93,9 @@ void check_connector_size(const ConfigSection& table, const char* key, std::int6
 Recipe parse_recipe(const ConfigDocument& document, const fs::path& base_directory,
                     const Registry::Options& registry_options) {
   ConfigSection root = document.root();
+  // A misspelt top-level table ([modle]) is named first: every later error would be a consequence.
+  for (const char* table : {"run", "trainer", "exp_manager", "model", "inference"}) root.section(table);
+  root.reject_unknown_keys(/*recursive=*/false);
   Recipe recipe;
   recipe.source = document.source_name();
   recipe.run = parse_run(root.section("run"), base_directory);

@@ -1,5 +1,6 @@
 #include "test_support.h"
 
+#include <jpeglib.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <spawn.h>
@@ -7,7 +8,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cstdio>
 #include <cstdlib>
+#include <vector>
 #include <fstream>
 #include <random>
 #include <sstream>
@@ -101,6 +104,48 @@ int Process::wait(int timeout_seconds) {
     ::usleep(50000);
   }
   return -1;  // still running: the destructor kills it
+}
+
+// A JPEG of a gradient, `scans` progressive scans (0: baseline), through libjpeg.
+std::string encode_jpeg(int width, int height, int scans) {
+  jpeg_compress_struct info{};
+  jpeg_error_mgr errors{};
+  info.err = jpeg_std_error(&errors);
+  jpeg_create_compress(&info);
+  unsigned char* buffer = nullptr;
+  unsigned long size = 0;
+  jpeg_mem_dest(&info, &buffer, &size);
+  info.image_width = width;
+  info.image_height = height;
+  info.input_components = 1;
+  info.in_color_space = JCS_GRAYSCALE;
+  jpeg_set_defaults(&info);
+  std::vector<jpeg_scan_info> script;
+  if (scans > 0) {
+    // DC, then each AC coefficient alone in successive-approximation passes: up to 1 + 63 * 10 scans.
+    script.push_back({1, {0}, 0, 0, 0, 0});
+    for (int k = 1; k <= 63 && static_cast<int>(script.size()) < scans; ++k) {
+      script.push_back({1, {0}, k, k, 0, 9});
+      for (int bit = 9; bit >= 1 && static_cast<int>(script.size()) < scans; --bit) {
+        script.push_back({1, {0}, k, k, bit, bit - 1});
+      }
+    }
+    // Coefficients not covered by a cut-short script still need a first scan.
+    info.scan_info = script.data();
+    info.num_scans = static_cast<int>(script.size());
+  }
+  jpeg_start_compress(&info, TRUE);
+  std::vector<unsigned char> row(width);
+  while (info.next_scanline < info.image_height) {
+    for (int x = 0; x < width; ++x) row[x] = static_cast<unsigned char>((x * 7 + info.next_scanline * 3) & 255);
+    JSAMPROW pointer = row.data();
+    jpeg_write_scanlines(&info, &pointer, 1);
+  }
+  jpeg_finish_compress(&info);
+  jpeg_destroy_compress(&info);
+  std::string out(reinterpret_cast<char*>(buffer), size);
+  free(buffer);
+  return out;
 }
 
 int free_port() {

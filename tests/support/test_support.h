@@ -51,6 +51,10 @@ class Process {
   bool reaped_ = false;
 };
 
+// A greyscale JPEG of a gradient (libjpeg); `scans` > 0: progressive, with that many scans (up to 631:
+// the DC scan, then each AC coefficient in successive-approximation passes).
+std::string encode_jpeg(int width, int height, int scans = 0);
+
 // A TCP port on 127.0.0.1 that was free a moment ago.
 int free_port();
 

@@ -64,8 +64,9 @@ class NEVA_API ConfigSection {
   // "file:line:column" of `key`, or of this table.
   std::string where(std::string_view key = {}) const;
 
-  // Errors for keys present here (and in sub-sections opened through section()) that were never read.
-  void reject_unknown_keys() const;
+  // Errors for keys present here (and, when `recursive`, in sub-sections opened through section())
+  // that were never read.
+  void reject_unknown_keys(bool recursive = true) const;
 
  private:
   std::shared_ptr<Impl> impl_;

@@ -43,6 +43,10 @@ void parse_vision_tower(const ConfigSection& section, const VisionTowerDefaults&
     config.image_size = hf.positive("image_size", defaults.image_size);
     config.patch_size = hf.positive("patch_size", defaults.patch_size);
     if (config.hidden_size % config.num_heads != 0) hf.fail("num_attention_heads", "does not divide hidden_size");
+    if (config.patch_size > config.image_size) {
+      hf.fail("patch_size", "expected at most image_size (" + std::to_string(config.image_size) + "), got " +
+                                std::to_string(config.patch_size) + ": the image would have no patch");
+    }
     config.layer_norm_eps = hf.get<double>("layer_norm_eps", defaults.layer_norm_eps);
     config.hidden_act = hf.get<std::string>("hidden_act", defaults.hidden_act);
     check_activation(config.hidden_act, hf.source() + ": hidden_act");

@@ -143,7 +143,8 @@ class Regex {
     if (!code_) {
       PCRE2_UCHAR message[256];
       pcre2_get_error_message(error, message, sizeof message);
-      throw Error(where + ": cannot compile regex at offset " + std::to_string(offset) + ": " +
+      const std::string shown = pattern.size() > 60 ? pattern.substr(0, 57) + "..." : pattern;
+      throw Error(where + ": cannot compile regex '" + shown + "' at offset " + std::to_string(offset) + ": " +
                   reinterpret_cast<const char*>(message));
     }
     data_ = pcre2_match_data_create_from_pattern(code_, nullptr);
@@ -508,6 +509,14 @@ class HfTokenizer : public Tokenizer {
     for (const auto& [token, id] : vocab_) id_to_token_[id] = token;
     for (const auto& token : added_) id_to_token_[token.id] = token.content;
     read_post_processor(spec.value("post_processor", json()), source);
+    for (const std::vector<std::int64_t>* ids : {&prefix_, &suffix_}) {
+      for (std::int64_t id : *ids) {
+        if (id >= vocab_size_) {
+          throw Error(source + ": post_processor: token id " + std::to_string(id) + " is outside the vocabulary (" +
+                      std::to_string(vocab_size_) + " tokens)");
+        }
+      }
+    }
   }
 
   std::vector<std::int64_t> encode(std::string_view text, bool add_special_tokens) const override {
@@ -690,6 +699,10 @@ class HfTokenizer : public Tokenizer {
         }
         std::string name = item.at("SpecialToken").at("id").get<std::string>();
         for (const auto& id : spec.at("special_tokens").at(name).at("ids")) {
+          if (!id.is_number_integer() || id.get<std::int64_t>() < 0) {
+            throw Error(source + ": post_processor: special token '" + name + "': expected non-negative integer ids, got " +
+                        json_excerpt(id));
+          }
           (before ? prefix_ : suffix_).push_back(id.get<std::int64_t>());
         }
       }

@@ -128,6 +128,36 @@ void apply_llama_pipeline(json& spec, const json& config, const std::string& con
   spec["decoder"] = {{"type", "Sequence"}, {"decoders", decoders}};
 }
 
+// The tables a BPE tokenizer.json must hold in the shapes the tokenizers library requires (it refuses
+// a file otherwise): vocab an object of token -> id, merges an array, each added token an object with
+// a string "content" and an id. neva would otherwise read an array as a vocabulary of "0", "1", ...
+// or repair an added token from the config, and run a tokenizer the reference cannot load.
+void check_bpe_tables(const json& spec, const std::string& source) {
+  const json& model = spec.at("model");
+  auto fail = [&](const std::string& what) { throw Error(source + ": " + what); };
+  if (!model.contains("vocab") || !model.at("vocab").is_object()) fail("model.vocab: expected an object of token: id");
+  for (const auto& item : model.at("vocab").items()) {
+    const json& id = item.value();
+    if (!id.is_number_integer() || id.get<std::int64_t>() < 0 || id.get<std::int64_t>() > INT32_MAX) {
+      fail("model.vocab['" + item.key() + "']: expected an id in [0, 2^31), got " + json_excerpt(id));
+    }
+  }
+  if (model.contains("merges") && !model.at("merges").is_array()) fail("model.merges: expected an array");
+  const json& added = spec.at("added_tokens");
+  if (!added.is_array()) fail("added_tokens: expected an array");
+  for (std::size_t i = 0; i < added.size(); ++i) {
+    const json& token = added[i];
+    const std::string where = "added_tokens[" + std::to_string(i) + "]: ";
+    if (!token.is_object() || !token.contains("content") || !token.at("content").is_string()) {
+      fail(where + "expected an object with a string \"content\"");
+    }
+    if (!token.contains("id") || !token.at("id").is_number_integer() || token.at("id").get<std::int64_t>() < 0 ||
+        token.at("id").get<std::int64_t>() > INT32_MAX) {
+      fail(where + "expected an id in [0, 2^31)");
+    }
+  }
+}
+
 // The content of a special-token option (a string or {"content": ...}); "" for none.
 std::string token_content(const json& value) {
   if (value.is_string()) return value.get<std::string>();
@@ -335,6 +365,7 @@ json describe_tokenizer(const std::string& path, std::string& source) {
       if (!spec.contains("model") || !spec["model"].is_object() || spec["model"].value("type", "BPE") != "BPE") {
         return spec;
       }
+      check_bpe_tables(spec, source);
       if (is_llama_tokenizer(config, model_config, text)) {
         // LlamaTokenizer takes the file's added tokens only when the config lists none.
         if (config.contains("added_tokens_decoder")) spec["added_tokens"] = json::array();

@@ -96,6 +96,7 @@ class NEVA_API Registry {
       const std::string& kind, const std::string& name, const ComponentConfig& config,
       const RuntimeContext& context) const;
   const std::shared_ptr<LoadedPlugin>& plugin(const std::string& kind, const std::string& name) const;
+  const std::shared_ptr<LoadedPlugin>& unique(const std::shared_ptr<LoadedPlugin>& plugin) const;
   [[noreturn]] void throw_wrong_type(const std::string& kind, const std::string& name) const;
 
   std::vector<std::filesystem::path> directories_;
