@@ -96,7 +96,9 @@ case "$action" in
   run) exec "$build/bin/neva-run" demo "$@" ;;
   test)
     if [ -n "$sanitize" ]; then  # PyTorch's ASAN CI options (LibTorch keeps process-lifetime allocations)
-      export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=0:symbolize=1:detect_stack_use_after_return=true:strict_init_order=true:detect_odr_violation=1:detect_container_overflow=0:check_initialization_order=true}"
+      # allocator_may_return_null: a huge allocation fails as it does without ASan (LibTorch throws),
+      # which the tests of allocation errors check.
+      export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=0:symbolize=1:detect_stack_use_after_return=true:strict_init_order=true:detect_odr_violation=1:detect_container_overflow=0:check_initialization_order=true:allocator_may_return_null=1}"
       export UBSAN_OPTIONS="${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}"
     fi
     cd "$build" && exec ctest --output-on-failure -j"${NEVA_JOBS:-$(nproc)}" "$@" ;;

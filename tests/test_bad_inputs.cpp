@@ -330,7 +330,7 @@ void run_area(const std::string& area) {
     CHECK(last.rfind("neva-run: ", 0) == 0);
     for (const auto& part : invocation.expected) CHECK_MESSAGE(last.find(part) != std::string::npos, part);
     for (const char* sign : {"terminate called", "Aborted", "core dumped", "what():", "[json.exception", "Exception raised from",
-                             "std::bad_alloc", "stoi", "stoll", "Segmentation", "AddressSanitizer", "runtime error:"}) {
+                             "std::bad_alloc", "stoi", "stoll", "Segmentation", "ERROR: AddressSanitizer", "runtime error:"}) {
       CHECK_MESSAGE(result.err.find(sign) == std::string::npos, sign);
     }
   }

@@ -108,9 +108,19 @@ void check_same_gradients(const std::map<std::string, at::Tensor>& expected, con
 }
 
 // Bytes the C heap (and LibTorch's CPU allocator on it) has handed out and not taken back.
+#if defined(__SANITIZE_ADDRESS__)
+// The sanitizer runtime's allocator statistics (sanitizer/allocator_interface.h, which GCC does not install).
+extern "C" std::size_t __sanitizer_get_current_allocated_bytes();
+#endif
+
+// Bytes the heap holds: glibc's count, or ASan's allocator's under NEVA_SANITIZE (malloc is its own).
 std::size_t heap_in_use() {
+#if defined(__SANITIZE_ADDRESS__)
+  return __sanitizer_get_current_allocated_bytes();
+#else
   struct mallinfo2 info = mallinfo2();
   return info.uordblks + info.hblkhd;
+#endif
 }
 
 }  // namespace
