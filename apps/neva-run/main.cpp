@@ -4,6 +4,7 @@
 #include <c10/util/Exception.h>
 #include <torch/version.h>
 
+#include <cstdlib>
 #include <filesystem>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -34,9 +35,23 @@ neva::Recipe load(const std::string& recipe_path, const std::vector<std::string>
 }
 
 
+// A launch as several processes (torchrun --nproc-per-node N, srun -n N) would run N independent copies
+// on one run directory until data parallelism is implemented: refused, naming the variable.
+void refuse_multi_process_launch() {
+  for (const char* variable : {"WORLD_SIZE", "SLURM_STEP_NUM_TASKS"}) {
+    const char* value = std::getenv(variable);
+    if (value && *value && std::string(value) != "1") {
+      throw neva::RecipeError(std::string("launched as several processes (") + variable + "=" + value +
+                              "), but multi-process training (data parallelism) is not implemented yet: run "
+                              "neva-run as one process");
+    }
+  }
+}
+
 // The exit status: 0, or 128 + the signal (SIGTERM 143, SIGINT 130) that stopped a training run after
 // its checkpoint.
 int run(const neva::Recipe& recipe) {
+  refuse_multi_process_launch();
   neva::warn_if_bf16_emulated(recipe);
   // Modes are checked when the recipe is parsed.
   if (recipe.run.mode == "generate") {
@@ -157,6 +172,7 @@ int main(int argc, char** argv) {
       neva::Recipe recipe = load(recipe_path, overrides, plugin_paths);
       std::cout << recipe.source << ": valid (mode " << recipe.run.mode << ")\n";
     } else if (*demo) {
+      refuse_multi_process_launch();
       return neva::run_demo(demo_dir, overrides, registry_options(plugin_paths), prepare_only);
     } else if (!recipe_path.empty()) {
       return run(load(recipe_path, overrides, plugin_paths));

@@ -52,6 +52,28 @@ ParallelSizes parse_parallel(const ConfigSection& model) {
   if (sizes.virtual_pipeline > 1 && sizes.pipeline == 1) {
     model.fail("virtual_pipeline_model_parallel_size", "interleaved pipelining needs pipeline_model_parallel_size > 1");
   }
+  // Parsed with the checks that will stay, then refused: a size > 1 must never mean a silent
+  // single-process run. Each parallelism issue removes its line as it implements the feature.
+  struct Unimplemented {
+    const char* key;
+    const char* feature;
+    std::int64_t size;
+  };
+  const Unimplemented unimplemented[] = {
+      {"tensor_model_parallel_size", "tensor parallelism", sizes.tensor},
+      {"pipeline_model_parallel_size", "pipeline parallelism", sizes.pipeline},
+      {"virtual_pipeline_model_parallel_size", "interleaved pipelining", sizes.virtual_pipeline},
+      {"context_parallel_size", "context parallelism", sizes.context},
+      {"expert_model_parallel_size", "expert parallelism", sizes.expert}};
+  for (const Unimplemented& u : unimplemented) {
+    if (u.size > 1) {
+      model.fail(u.key, std::string(u.feature) + " is not implemented yet (got " + std::to_string(u.size) +
+                            "): neva trains in one process; set it to 1");
+    }
+  }
+  if (sizes.sequence_parallel) {
+    model.fail("sequence_parallel", "sequence parallelism is not implemented yet (set it to false)");
+  }
   return sizes;
 }
 
@@ -166,7 +188,11 @@ Recipe parse_recipe(const ConfigDocument& document, const fs::path& base_directo
 
   ConfigSection optim = model.section("optim");
   OptimizerConfig& adam = recipe.model.optim;
-  optim.choice("name", "adamw", {"adamw", "fused_adam", "distributed_fused_adam"});  // all AdamW here
+  // NeMo's names; fused_adam is AdamW (LibTorch's fused kernel where the device has it).
+  if (optim.choice("name", "adamw", {"adamw", "fused_adam", "distributed_fused_adam"}) == "distributed_fused_adam") {
+    optim.fail("name", "distributed_fused_adam (the optimizer state sharded over data-parallel ranks) is not "
+                       "implemented yet; use adamw or fused_adam");
+  }
   adam.lr = optim.get<double>("lr", adam.lr);
   if (!(adam.lr > 0)) optim.fail("lr", "expected a learning rate > 0");
   adam.weight_decay = optim.get<double>("weight_decay", adam.weight_decay);
