@@ -4,7 +4,7 @@
 
 #include <iostream>
 
-#include "neva/distributed.h"
+#include "neva/parallel/process_group.h"
 #include "neva/error.h"
 
 int main() {

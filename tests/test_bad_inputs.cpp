@@ -18,9 +18,9 @@
 #include <set>
 #include <sstream>
 
-#include "neva/checkpoints.h"
-#include "neva/image.h"
-#include "neva/safetensors.h"
+#include "neva/train/checkpoints.h"
+#include "neva/data/image.h"
+#include "neva/io/safetensors.h"
 #include "test_support.h"
 
 namespace {

@@ -4,7 +4,7 @@
 
 #include "neva/connector.h"
 #include "neva/registry.h"
-#include "neva/safetensors.h"
+#include "neva/io/safetensors.h"
 #include "builtin_plugins.h"
 #include "test_support.h"
 

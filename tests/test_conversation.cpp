@@ -2,7 +2,7 @@
 // (../shared/reference/numerics.md section 9, where each example is spelled out).
 #include <doctest/doctest.h>
 
-#include "neva/conversation.h"
+#include "neva/data/conversation.h"
 #include "neva/error.h"
 
 using neva::Turn;

@@ -7,10 +7,10 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
-#include "neva/atomic_file.h"
-#include "neva/data.h"
-#include "neva/image.h"
-#include "neva/optim.h"
+#include "neva/io/atomic_file.h"
+#include "neva/data/dataset.h"
+#include "neva/data/image.h"
+#include "neva/train/optim.h"
 #include "test_support.h"
 
 using neva::test::TempDir;

@@ -2,7 +2,7 @@
 
 #include <cstdlib>
 
-#include "neva/distributed.h"
+#include "neva/parallel/process_group.h"
 #include "neva/error.h"
 #include "test_support.h"
 

@@ -8,10 +8,10 @@
 
 #include "neva/config.h"
 #include "neva/error.h"
-#include "neva/hf_config.h"
-#include "neva/image.h"
-#include "neva/json.h"
-#include "neva/loss_spike.h"
+#include "neva/io/hf_config.h"
+#include "neva/data/image.h"
+#include "neva/io/json.h"
+#include "neva/train/loss_spike.h"
 #include "test_support.h"
 
 namespace {

@@ -8,7 +8,7 @@
 #include <fstream>
 
 #include "neva/error.h"
-#include "neva/safetensors.h"
+#include "neva/io/safetensors.h"
 #include "test_support.h"
 
 using neva::SafetensorsCheckpoint;

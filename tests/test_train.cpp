@@ -12,9 +12,9 @@
 #include <set>
 #include <nlohmann/json.hpp>
 
-#include "neva/checkpoints.h"
-#include "neva/image.h"
-#include "neva/safetensors.h"
+#include "neva/train/checkpoints.h"
+#include "neva/data/image.h"
+#include "neva/io/safetensors.h"
 #include "test_support.h"
 
 using neva::test::run_command;

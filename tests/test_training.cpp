@@ -14,11 +14,11 @@
 #include <fstream>
 #include <map>
 
-#include "neva/data.h"
+#include "neva/data/dataset.h"
 #include "neva/nn/attention.h"
-#include "neva/nn/decoder.h"
+#include "neva/model/decoder.h"
 #include "neva/nn/norm.h"
-#include "neva/optim.h"
+#include "neva/train/optim.h"
 #include "neva/precision.h"
 
 namespace {

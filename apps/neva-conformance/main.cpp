@@ -18,7 +18,7 @@
 
 #include "neva/conformance.h"
 #include "neva/error.h"
-#include "neva/json.h"
+#include "neva/io/json.h"
 
 extern char** environ;
 

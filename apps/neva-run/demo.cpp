@@ -24,12 +24,12 @@
 
 #include "embedded_recipe.h"
 #include "inference.h"
-#include "neva/atomic_file.h"
-#include "neva/conversation.h"
+#include "neva/io/atomic_file.h"
+#include "neva/data/conversation.h"
 #include "neva/error.h"
-#include "neva/image.h"
-#include "neva/safetensors.h"
-#include "neva/tokenizer.h"
+#include "neva/data/image.h"
+#include "neva/io/safetensors.h"
+#include "neva/data/tokenizer.h"
 #include "train.h"
 
 namespace neva {

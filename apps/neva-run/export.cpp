@@ -15,12 +15,12 @@
 #include <string>
 #include <nlohmann/json.hpp>
 
-#include "neva/atomic_file.h"
+#include "neva/io/atomic_file.h"
 #include "neva/error.h"
-#include "neva/json.h"
-#include "neva/image.h"
-#include "neva/safetensors.h"
-#include "neva/tokenizer.h"
+#include "neva/io/json.h"
+#include "neva/data/image.h"
+#include "neva/io/safetensors.h"
+#include "neva/data/tokenizer.h"
 #include "train.h"
 
 namespace neva {

@@ -9,14 +9,14 @@
 #include <iostream>
 #include <nlohmann/json.hpp>
 
-#include "neva/atomic_file.h"
-#include "neva/conversation.h"
+#include "neva/io/atomic_file.h"
+#include "neva/data/conversation.h"
 #include "neva/error.h"
-#include "neva/json.h"
-#include "neva/generation.h"
-#include "neva/image.h"
-#include "neva/llava_model.h"
-#include "neva/tokenizer.h"
+#include "neva/io/json.h"
+#include "neva/inference/generation.h"
+#include "neva/data/image.h"
+#include "neva/model/llava.h"
+#include "neva/data/tokenizer.h"
 
 namespace neva {
 

@@ -7,7 +7,7 @@
 
 #include <chrono>
 
-#include "neva/llava_model.h"
+#include "neva/model/llava.h"
 #include <iomanip>
 
 namespace neva {

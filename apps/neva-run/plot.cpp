@@ -5,8 +5,8 @@
 #include <cmath>
 #include <cstdio>
 
-#include "neva/atomic_file.h"
-#include "neva/image.h"
+#include "neva/io/atomic_file.h"
+#include "neva/data/image.h"
 
 namespace neva {
 

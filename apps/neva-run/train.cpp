@@ -24,18 +24,18 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
-#include "neva/atomic_file.h"
-#include "neva/checkpoints.h"
-#include "neva/data.h"
+#include "neva/io/atomic_file.h"
+#include "neva/train/checkpoints.h"
+#include "neva/data/dataset.h"
 #include "neva/error.h"
-#include "neva/json.h"
-#include "neva/hf_config.h"
-#include "neva/image.h"
-#include "neva/loss_spike.h"
-#include "neva/optim.h"
+#include "neva/io/json.h"
+#include "neva/io/hf_config.h"
+#include "neva/data/image.h"
+#include "neva/train/loss_spike.h"
+#include "neva/train/optim.h"
 #include "neva/precision.h"
-#include "neva/safetensors.h"
-#include "neva/tokenizer.h"
+#include "neva/io/safetensors.h"
+#include "neva/data/tokenizer.h"
 #include "plot.h"
 
 namespace neva {

@@ -13,7 +13,7 @@
 #include <sstream>
 
 #include "neva/error.h"
-#include "neva/json.h"
+#include "neva/io/json.h"
 #include "neva/suggest.h"
 
 namespace neva {

@@ -1,6 +1,6 @@
 #include "neva/context.h"
 
-#include "neva/distributed.h"
+#include "neva/parallel/process_group.h"
 
 namespace neva {
 

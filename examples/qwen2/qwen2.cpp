@@ -1,7 +1,7 @@
 // An example third-party language backbone: Qwen2 (transformers' Qwen2ForCausalLM) — a Llama-style
 // decoder whose q/k/v projections carry biases and whose o_proj does not. Written only against the
 // neva SDK headers: it reads config.json into core's DecoderConfig and lets core build the model.
-#include "neva/nn/decoder.h"
+#include "neva/model/decoder.h"
 #include "neva/plugin_abi.h"
 
 namespace {

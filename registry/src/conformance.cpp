@@ -13,7 +13,7 @@
 #include "neva/error.h"
 #include "neva/language_backbone.h"
 #include "neva/registry.h"
-#include "neva/safetensors.h"
+#include "neva/io/safetensors.h"
 #include "neva/vision_encoder.h"
 
 namespace neva {

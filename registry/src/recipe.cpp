@@ -2,10 +2,10 @@
 
 #include <c10/core/Device.h>
 
-#include "neva/conversation.h"
+#include "neva/data/conversation.h"
 #include "neva/error.h"
-#include "neva/hf_config.h"
-#include "neva/llava_model.h"
+#include "neva/io/hf_config.h"
+#include "neva/model/llava.h"
 #include "neva/precision.h"
 #include "neva/language_backbone.h"
 #include "neva/vision_encoder.h"

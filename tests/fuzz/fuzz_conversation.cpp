@@ -2,10 +2,10 @@
 // flags, the rest splits at 0x1E into alternating user/assistant turns (the first may be a system
 // prompt at 0x1D).
 #include "fuzz_support.h"
-#include "neva/conversation.h"
+#include "neva/data/conversation.h"
 #include "neva/error.h"
-#include "neva/generation.h"
-#include "neva/tokenizer.h"
+#include "neva/inference/generation.h"
+#include "neva/data/tokenizer.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   if (size == 0) return 0;

@@ -2,7 +2,7 @@
 // CLIP's shortest edge + crop with image_aspect_ratio square, pad and keep, and SigLIP's exact resize.
 #include "fuzz_support.h"
 #include "neva/error.h"
-#include "neva/image.h"
+#include "neva/data/image.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   constexpr std::int64_t kBudget = 1 << 20;  // libjpeg-turbo's own fuzzers stop at 1,048,576 pixels

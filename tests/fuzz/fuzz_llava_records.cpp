@@ -1,9 +1,9 @@
 // LLaVA training data: a .json array (byte 0 even) or JSON Lines (odd) of records, each made into a
 // sample (v1 template, the demo's tokenizer and images, CLIP's preprocessing) as the trainer does.
 #include "fuzz_support.h"
-#include "neva/data.h"
+#include "neva/data/dataset.h"
 #include "neva/error.h"
-#include "neva/tokenizer.h"
+#include "neva/data/tokenizer.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   if (size == 0) return 0;

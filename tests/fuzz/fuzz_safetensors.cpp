@@ -5,7 +5,7 @@
 
 #include "fuzz_support.h"
 #include "neva/error.h"
-#include "neva/safetensors.h"
+#include "neva/io/safetensors.h"
 
 namespace {
 

@@ -4,7 +4,7 @@
 
 #include "fuzz_support.h"
 #include "neva/error.h"
-#include "neva/tokenizer.h"
+#include "neva/data/tokenizer.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   if (size == 0) return 0;

@@ -2,7 +2,7 @@
 // encode and decode of fixed texts and of the first ids.
 #include "fuzz_support.h"
 #include "neva/error.h"
-#include "neva/tokenizer.h"
+#include "neva/data/tokenizer.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   static const auto directory = neva::fuzz::scratch("tokenizer_json");

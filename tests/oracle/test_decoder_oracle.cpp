@@ -8,11 +8,11 @@
 #include <functional>
 
 #include "neva/language_backbone.h"
-#include "neva/llava_model.h"
-#include "neva/optim.h"
+#include "neva/model/llava.h"
+#include "neva/train/optim.h"
 #include "neva/recipe.h"
 #include "neva/registry.h"
-#include "neva/safetensors.h"
+#include "neva/io/safetensors.h"
 #include "builtin_plugins.h"
 #include "test_support.h"
 

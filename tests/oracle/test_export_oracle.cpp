@@ -11,12 +11,12 @@
 #include <string>
 #include <nlohmann/json.hpp>
 
-#include "neva/generation.h"
-#include "neva/image.h"
-#include "neva/llava_model.h"
+#include "neva/inference/generation.h"
+#include "neva/data/image.h"
+#include "neva/model/llava.h"
 #include "neva/recipe.h"
-#include "neva/safetensors.h"
-#include "neva/tokenizer.h"
+#include "neva/io/safetensors.h"
+#include "neva/data/tokenizer.h"
 #include "builtin_plugins.h"
 
 namespace fs = std::filesystem;

@@ -8,8 +8,8 @@
 #include <nlohmann/json.hpp>
 
 #include "neva/error.h"
-#include "neva/image.h"
-#include "neva/safetensors.h"
+#include "neva/data/image.h"
+#include "neva/io/safetensors.h"
 #include "test_support.h"
 
 namespace fs = std::filesystem;

@@ -9,12 +9,12 @@
 #include <nlohmann/json.hpp>
 #include <utility>
 
-#include "neva/conversation.h"
-#include "neva/generation.h"
-#include "neva/image.h"
-#include "neva/llava_model.h"
+#include "neva/data/conversation.h"
+#include "neva/inference/generation.h"
+#include "neva/data/image.h"
+#include "neva/model/llava.h"
 #include "neva/recipe.h"
-#include "neva/safetensors.h"
+#include "neva/io/safetensors.h"
 #include "builtin_plugins.h"
 #include "test_support.h"
 

@@ -9,7 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "neva/error.h"
-#include "neva/tokenizer.h"
+#include "neva/data/tokenizer.h"
 #include "test_support.h"
 
 namespace fs = std::filesystem;

@@ -7,7 +7,7 @@
 #include <cstdlib>
 
 #include "neva/registry.h"
-#include "neva/safetensors.h"
+#include "neva/io/safetensors.h"
 #include "neva/vision_encoder.h"
 #include "builtin_plugins.h"
 #include "test_support.h"

@@ -8,7 +8,7 @@
 #include <cstdlib>
 
 #include "neva/connector.h"
-#include "neva/nn/decoder.h"
+#include "neva/model/decoder.h"
 #include "neva/plugin_abi.h"
 
 #define FAULT_NONDETERMINISTIC 1

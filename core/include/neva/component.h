@@ -1,5 +1,5 @@
 #pragma once
-#include "neva/export.h"
+#include "neva/api.h"
 
 namespace neva {
 

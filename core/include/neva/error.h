@@ -2,7 +2,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "neva/export.h"
+#include "neva/api.h"
 
 namespace neva {
 

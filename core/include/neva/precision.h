@@ -13,7 +13,7 @@
 #include <utility>
 #include <vector>
 
-#include "neva/export.h"
+#include "neva/api.h"
 #include "neva/precision_recipe.h"
 
 namespace neva {

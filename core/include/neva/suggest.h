@@ -3,7 +3,7 @@
 #include <string_view>
 #include <vector>
 
-#include "neva/export.h"
+#include "neva/api.h"
 
 namespace neva {
 

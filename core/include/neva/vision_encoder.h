@@ -6,7 +6,7 @@
 
 #include "neva/component.h"
 #include "neva/config.h"
-#include "neva/image.h"
+#include "neva/data/image.h"
 
 namespace neva {
 

@@ -3,7 +3,7 @@
 #include <ATen/ATen.h>
 
 #include "neva/error.h"
-#include "neva/nn/checkpoint.h"
+#include "neva/nn/recompute.h"
 
 namespace neva {
 
@@ -103,7 +103,7 @@ at::Tensor SelfAttention::forward(const at::Tensor& x, const at::Tensor& cos, co
   };
   std::vector<at::Tensor> operands{q, k, v};
   if (!plain_causal) operands.push_back(visible);
-  at::Tensor out = (config_.recompute_core && !cache) ? checkpointed(core, operands)[0] : core(operands)[0];
+  at::Tensor out = (config_.recompute_core && !cache) ? recomputed(core, operands)[0] : core(operands)[0];
   return o_proj_->forward(out.transpose(1, 2).reshape({batch, queries, config_.num_heads * hd}));
 }
 

@@ -4,7 +4,7 @@
 //
 // Recipe keys (table model.mm_cfg.llm): from_pretrained (a LlamaForCausalLM or llava-hf directory)
 // or config (a config.json alone, for a randomly initialised model).
-#include "neva/nn/decoder.h"
+#include "neva/model/decoder.h"
 #include "neva/plugin_abi.h"
 
 namespace {

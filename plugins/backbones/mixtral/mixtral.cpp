@@ -5,7 +5,7 @@
 //
 // Recipe keys (table model.mm_cfg.llm): from_pretrained (a MixtralForCausalLM or llava-hf directory)
 // or config (a config.json alone).
-#include "neva/nn/decoder.h"
+#include "neva/model/decoder.h"
 #include "neva/plugin_abi.h"
 
 namespace {

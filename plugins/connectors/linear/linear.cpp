@@ -5,7 +5,7 @@
 
 #include "neva/connector.h"
 #include "neva/plugin_abi.h"
-#include "neva/weights.h"
+#include "neva/io/weights.h"
 
 namespace {
 

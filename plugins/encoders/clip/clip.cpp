@@ -14,7 +14,7 @@
 #include <torch/nn/modules/normalization.h>
 
 #include "neva/error.h"
-#include "neva/nn/vision_tower.h"
+#include "neva/model/vision_tower.h"
 #include "neva/plugin_abi.h"
 
 namespace {

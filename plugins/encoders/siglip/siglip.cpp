@@ -15,7 +15,7 @@
 
 #include "neva/error.h"
 #include "neva/nn/encoder_layer.h"
-#include "neva/nn/vision_tower.h"
+#include "neva/model/vision_tower.h"
 #include "neva/plugin_abi.h"
 
 namespace {

@@ -12,9 +12,9 @@
 #include "neva/config.h"
 #include "neva/connector.h"
 #include "neva/context.h"
-#include "neva/llava_model.h"
-#include "neva/loss_spike.h"
-#include "neva/optim.h"
+#include "neva/model/llava.h"
+#include "neva/train/loss_spike.h"
+#include "neva/train/optim.h"
 #include "neva/parallel_strategy.h"
 #include "neva/registry.h"
 

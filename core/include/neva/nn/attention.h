@@ -8,7 +8,7 @@
 #include <optional>
 #include <vector>
 
-#include "neva/export.h"
+#include "neva/api.h"
 #include "neva/nn/rotary.h"
 
 namespace neva {

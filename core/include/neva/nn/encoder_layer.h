@@ -9,7 +9,7 @@
 
 #include <string>
 
-#include "neva/export.h"
+#include "neva/api.h"
 
 namespace neva {
 

@@ -4,7 +4,7 @@
 #include <memory>
 #include <string>
 
-#include "neva/export.h"
+#include "neva/api.h"
 
 namespace neva {
 

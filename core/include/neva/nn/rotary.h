@@ -8,7 +8,7 @@
 #include <string>
 #include <utility>
 
-#include "neva/export.h"
+#include "neva/api.h"
 
 namespace neva {
 

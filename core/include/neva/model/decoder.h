@@ -1,0 +1,96 @@
+#pragma once
+// A decoder-only language model assembled from core blocks: token embedding, pre-norm layers of
+// self-attention (GQA, RoPE, optional sliding window) and a feed-forward block (gated, plain or
+// sparse MoE), a final norm and the LM head (tied or not). Backbone plugins (llama, mistral,
+// mixtral, nemotron) fill a DecoderConfig from their config.json and build this.
+//
+// Parameter names are transformers': model.embed_tokens, model.layers.N.{input_layernorm,
+// self_attn.{q,k,v,o}_proj, post_attention_layernorm, mlp | block_sparse_moe}, model.norm, lm_head.
+#include <torch/nn/modules/linear.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "neva/context.h"
+#include "neva/io/hf_config.h"
+#include "neva/language_backbone.h"
+#include "neva/nn/rotary.h"
+#include "neva/io/weights.h"
+
+namespace neva {
+
+struct DecoderConfig {
+  std::string source;  // the config.json it came from, for messages
+  std::int64_t vocab_size = 0, hidden_size = 0, intermediate_size = 0, num_layers = 0;
+  std::int64_t num_heads = 0, num_kv_heads = 0, head_dim = 0;
+  std::string norm = "rms";        // rms | layernorm1p
+  double norm_eps = 1e-6;
+  std::string mlp = "gated";       // gated | plain | moe
+  std::string activation = "silu";
+  bool attention_bias = false;         // q/k/v projections
+  bool attention_output_bias = false;  // o_proj (Llama: as attention_bias; Qwen2: q/k/v only)
+  bool mlp_bias = false, tie_word_embeddings = false;
+  std::int64_t sliding_window = 0;  // 0: none
+  std::int64_t num_experts = 0, experts_per_token = 0;  // moe
+  double router_aux_loss_coef = 0;                      // moe: weight of the load-balancing loss
+  RopeConfig rope;
+};
+
+class DecoderModel;  // model.*: embed_tokens, layers, norm
+
+class NEVA_API DecoderBackbone : public LanguageBackbone {
+ public:
+  DecoderBackbone(const DecoderConfig& config, const RuntimeContext& context);
+  ~DecoderBackbone() override;
+
+  at::Tensor embed(const at::Tensor& token_ids) override;
+  // In training mode with experts, aux_loss = router_aux_loss_coef * load-balancing loss.
+  BackboneOutputs forward(const BackboneInputs& inputs) override;
+  std::unique_ptr<KVCache> new_cache(std::int64_t batch, std::int64_t max_tokens) override;
+  std::int64_t hidden_size() const override { return config_.hidden_size; }
+  std::int64_t vocab_size() const override { return config_.vocab_size; }
+  std::int64_t max_position_embeddings() const override { return config_.rope.max_position_embeddings; }
+
+  // Loads a checkpoint in CausalLM names or a llava-hf text model (hub, nested or transformers 5
+  // layouts), strictly; `what` names the architecture in errors.
+  void load(const std::string& checkpoint, const std::string& what);
+
+ private:
+  DecoderConfig config_;
+  RuntimeContext context_;
+  RotaryEmbedding rotary_;
+  std::shared_ptr<DecoderModel> model_;
+  torch::nn::Linear lm_head_{nullptr};
+};
+
+// An architecture's transformers defaults for absent config.json keys.
+struct DecoderDefaults {
+  std::int64_t vocab_size, hidden_size, intermediate_size, num_layers, num_heads;
+  std::int64_t num_kv_heads;  // 0: as many as the attention heads; -1: config.json must say
+  const char* activation;
+  double rope_theta;
+  std::int64_t max_position_embeddings;
+};
+
+// Reads the keys every decoder shares (sizes, heads, head_dim, hidden_act, tie_word_embeddings,
+// RoPE) with the architecture's defaults; the plugin sets what is its own.
+NEVA_API void read_decoder_shape(const HfConfig& hf, const DecoderDefaults& defaults, DecoderConfig& config);
+
+// What a Hugging Face decoder plugin parses: the architecture's settings and where its weights are.
+struct NEVA_API DecoderPluginConfig : LanguageBackboneConfig {
+  std::string architecture;  // "Llama", "Mistral", ... for messages
+  DecoderConfig decoder;
+  std::string weights;       // "" = random initialisation
+  ~DecoderPluginConfig() override;
+};
+
+// A plugin's parse_config: reads from_pretrained / config (HfSource; a llava-hf directory's
+// text_config), checks model_type, and lets `read` fill the DecoderConfig from config.json.
+NEVA_API DecoderPluginConfig* parse_decoder_plugin_config(const ConfigSection& section, const std::string& architecture,
+                                                          const std::string& model_type,
+                                                          void (*read)(const HfConfig&, DecoderConfig&));
+// A plugin's create: the DecoderBackbone, with its weights loaded when from_pretrained was given.
+NEVA_API Component* create_decoder_backbone(const ComponentConfig& config, const RuntimeContext& context);
+
+}  // namespace neva

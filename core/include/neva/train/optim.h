@@ -1,0 +1,73 @@
+#pragma once
+// Training building blocks with NeMo/Megatron's conventions: AdamW whose weight decay skips norms
+// and biases, linear warmup then cosine decay to min_lr, the causal-LM loss over labelled tokens
+// only, and global gradient-norm clipping.
+#include <ATen/core/Tensor.h>
+#include <torch/nn/module.h>
+#include <torch/optim/adamw.h>
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "neva/api.h"
+
+namespace neva {
+
+inline constexpr std::int64_t kIgnoreIndex = -100;  // labels that do not count (prompt, image, padding)
+
+struct OptimizerConfig {
+  double lr = 2e-3;
+  double min_lr = 2e-5;
+  double weight_decay = 0.0;
+  double beta1 = 0.9, beta2 = 0.95, eps = 1e-8;
+  std::int64_t warmup_steps = 0;
+  std::int64_t max_steps = 1;
+  double clip_grad = 1.0;  // 0: no clipping
+};
+
+// Learning rate at optimizer step `step` (0-based): linear warmup from lr / warmup_steps to lr over
+// warmup_steps, then cosine from lr down to min_lr at max_steps, min_lr after.
+NEVA_API double learning_rate(const OptimizerConfig& config, std::int64_t step);
+
+// AdamW over the trainable parameters of `modules`: two groups, with weight decay for matrices and
+// without for vectors (norm weights, biases) — Megatron's rule of no decay on 1-D parameters.
+NEVA_API std::unique_ptr<torch::optim::AdamW> make_adamw(const std::vector<torch::nn::Module*>& modules,
+                                                          const OptimizerConfig& config);
+// The same over given tensors (e.g. fp32 main copies of bf16 weights); the group is chosen by dim().
+NEVA_API std::unique_ptr<torch::optim::AdamW> make_adamw(const std::vector<at::Tensor>& parameters,
+                                                          const OptimizerConfig& config);
+// Parameters of `modules` that require gradients.
+NEVA_API std::vector<at::Tensor> trainable_parameters(const std::vector<torch::nn::Module*>& modules);
+NEVA_API void set_learning_rate(torch::optim::Optimizer& optimizer, double lr);
+
+// Mean next-token cross entropy over positions whose label is not kIgnoreIndex: logits [B, S, V]
+// predict labels [B, S] shifted by one (logits at t score label t + 1), computed in fp32.
+NEVA_API at::Tensor causal_lm_loss(const at::Tensor& logits, const at::Tensor& labels);
+
+// The positions whose next token is labelled (mask [B, S] bool, true at t when labels[t + 1] counts)
+// and those labels in row-major order (targets [N]): what the LM head and the loss need in training.
+struct LabelledPositions {
+  at::Tensor mask;
+  at::Tensor targets;
+};
+NEVA_API LabelledPositions labelled_positions(const at::Tensor& labels);
+// causal_lm_loss over logits computed at `positions.mask` only ([N, V], or [B, S, V] from a backbone
+// that ignored the mask): the same value.
+NEVA_API at::Tensor labelled_lm_loss(const at::Tensor& logits, const LabelledPositions& positions);
+
+// The global L2 norm of the parameters' gradients, and the factor that clips it to `max_norm`:
+// PyTorch's clip_grad_norm_ rule, max_norm / (norm + 1e-6) when that is below 1, else 1 (also for
+// max_norm 0: no clipping).
+struct GradientNorm {
+  double norm = 0;
+  double clip_scale = 1;
+};
+NEVA_API GradientNorm gradient_norm(const std::vector<at::Tensor>& parameters, double max_norm);
+// optimizer.step() with every gradient multiplied by `gradient_scale` first: with gradient_norm's
+// clip_scale, clip_grad_norm_ then step(). For an optimizer from make_adamw the scaling is done
+// inside the fused update (the gradients are left scaled, as clip_grad_norm_ leaves them), saving
+// a pass over them.
+NEVA_API void scaled_step(torch::optim::Optimizer& optimizer, double gradient_scale);
+
+}  // namespace neva

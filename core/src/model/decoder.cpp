@@ -1,0 +1,270 @@
+#include "neva/model/decoder.h"
+
+#include <ATen/ATen.h>
+#include <torch/nn/modules/container/modulelist.h>
+#include <torch/nn/modules/embedding.h>
+
+#include "neva/error.h"
+#include "neva/nn/attention.h"
+#include "neva/nn/recompute.h"
+#include "neva/nn/mlp.h"
+#include "neva/nn/norm.h"
+#include "neva/io/safetensors.h"
+
+namespace neva {
+
+namespace {
+
+class DecoderLayer : public torch::nn::Module {
+ public:
+  DecoderLayer(const DecoderConfig& config, bool recompute_attention_core) {
+    input_layernorm_ = register_module("input_layernorm", make_norm(config.norm, config.hidden_size, config.norm_eps));
+    self_attn_ = register_module("self_attn", std::make_shared<SelfAttention>(AttentionConfig{
+                                                  config.hidden_size, config.num_heads, config.num_kv_heads,
+                                                  config.head_dim, config.attention_bias, config.attention_output_bias,
+                                                  recompute_attention_core}));
+    post_attention_layernorm_ =
+        register_module("post_attention_layernorm", make_norm(config.norm, config.hidden_size, config.norm_eps));
+    if (config.mlp == "moe") {
+      moe_ = std::make_shared<SparseMoE>(config.hidden_size, config.intermediate_size, config.num_experts,
+                                         config.experts_per_token, config.activation);
+      mlp_ = register_module("block_sparse_moe", moe_);
+    } else if (config.mlp == "plain") {
+      mlp_ = register_module("mlp", std::make_shared<PlainMLP>(config.hidden_size, config.intermediate_size,
+                                                               config.mlp_bias, config.activation));
+    } else {
+      mlp_ = register_module("mlp", std::make_shared<GatedMLP>(config.hidden_size, config.intermediate_size,
+                                                               config.mlp_bias, config.activation));
+    }
+  }
+
+  // `rows` (optional): [batch, count] positions; only their outputs are computed ([batch, count, hidden]).
+  // An MoE layer appends its router logits to `router_logits`.
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const AttentionMask& mask,
+                     LayerCache* cache, const at::Tensor& rows, std::vector<at::Tensor>& router_logits) {
+    at::Tensor residual = rows.defined() ? take_positions(x, rows) : x;
+    at::Tensor h = residual + self_attn_->forward(input_layernorm_->forward(x), cos, sin, mask, cache, rows);
+    const at::Tensor normed = post_attention_layernorm_->forward(h);
+    if (!moe_) return h + mlp_->forward(normed);
+    auto [out, logits] = moe_->forward_with_router(normed);
+    router_logits.push_back(logits);
+    return h + out;
+  }
+
+  bool is_moe() const { return moe_ != nullptr; }
+
+ private:
+  std::shared_ptr<Norm> input_layernorm_, post_attention_layernorm_;
+  std::shared_ptr<SelfAttention> self_attn_;
+  std::shared_ptr<FeedForward> mlp_;
+  std::shared_ptr<SparseMoE> moe_;
+};
+
+struct DecoderCache : KVCache {
+  std::vector<LayerCache> layers;
+  std::int64_t length = 0;
+};
+
+}  // namespace
+
+class DecoderModel : public torch::nn::Module {
+ public:
+  DecoderModel(const DecoderConfig& config, bool recompute_attention_core) {
+    embed_tokens = register_module("embed_tokens", torch::nn::Embedding(config.vocab_size, config.hidden_size));
+    layers = register_module("layers", torch::nn::ModuleList());
+    for (std::int64_t i = 0; i < config.num_layers; ++i) layers->push_back(std::make_shared<DecoderLayer>(config, recompute_attention_core));
+    norm = register_module("norm", make_norm(config.norm, config.hidden_size, config.norm_eps));
+  }
+  torch::nn::Embedding embed_tokens{nullptr};
+  torch::nn::ModuleList layers{nullptr};
+  std::shared_ptr<Norm> norm;
+};
+
+DecoderBackbone::DecoderBackbone(const DecoderConfig& config, const RuntimeContext& context)
+    : config_(config), context_(context), rotary_(config.rope) {
+  const auto& recompute = context.activations_checkpoint;
+  model_ = register_module("model", std::make_shared<DecoderModel>(config, recompute.granularity == "selective"));
+  if (!config.tie_word_embeddings) {
+    lm_head_ = register_module("lm_head", torch::nn::Linear(torch::nn::LinearOptions(config.hidden_size, config.vocab_size)
+                                                                .bias(false)));
+  }
+  to(context.device, context.dtypes.params);
+}
+
+DecoderBackbone::~DecoderBackbone() = default;
+
+at::Tensor DecoderBackbone::embed(const at::Tensor& token_ids) {
+  if (token_ids.numel() > 0) {
+    auto [low, high] = at::aminmax(token_ids);
+    std::int64_t lowest = low.item<std::int64_t>(), highest = high.item<std::int64_t>();
+    if (lowest < 0 || highest >= config_.vocab_size) {
+      throw Error("token id " + std::to_string(lowest < 0 ? lowest : highest) + " is outside the vocabulary of " +
+                  std::to_string(config_.vocab_size));
+    }
+  }
+  return model_->embed_tokens->forward(token_ids.to(context_.device));
+}
+
+BackboneOutputs DecoderBackbone::forward(const BackboneInputs& inputs) {
+  const at::Tensor& x0 = inputs.embeddings;
+  if (x0.dim() != 3 || x0.size(2) != config_.hidden_size) {
+    throw Error("embeddings have shape " + std::string(c10::str(x0.sizes())) + ", expected [batch, seq, " +
+                std::to_string(config_.hidden_size) + "]");
+  }
+  const std::int64_t batch = x0.size(0), seq = x0.size(1);
+  auto* cache = dynamic_cast<DecoderCache*>(inputs.cache);
+  if (inputs.cache && !cache) throw Error("the KV cache was not made by this backbone");
+  const std::int64_t past = cache ? cache->length : 0;
+  at::Tensor positions =
+      inputs.positions.defined()
+          ? inputs.positions.to(context_.device)
+          : at::arange(past, past + seq, at::TensorOptions().dtype(at::kLong).device(context_.device)).expand({batch, seq});
+  auto mask = AttentionMask::build(batch, seq, past, inputs.attention_mask, inputs.segment_ids, config_.sliding_window,
+                                   context_.device);
+  // Named tensors, not a structured binding: lambdas below capture them (C++17 cannot capture bindings).
+  const auto cos_sin = rotary_.cos_sin(positions, x0.scalar_type());
+  const at::Tensor cos = cos_sin.first, sin = cos_sin.second;
+
+  // With a logits mask, the last layer computes its outputs only where logits are wanted (its keys
+  // and values still cover every position): for training, with labels on a few answer tokens, this
+  // skips most of that layer's work. Not for an MoE layer, whose load-balancing loss counts every
+  // token's routing.
+  at::Tensor rows, wanted;  // [batch, count] positions, and which of them are in the mask
+  const std::size_t layers = model_->layers->size();
+  if (inputs.logits_mask.defined() &&
+      (inputs.logits_mask.dim() != 2 || inputs.logits_mask.size(0) != batch || inputs.logits_mask.size(1) != seq)) {
+    throw Error("logits_mask has shape " + std::string(c10::str(inputs.logits_mask.sizes())) + ", expected [" +
+                std::to_string(batch) + ", " + std::to_string(seq) + "] (the embeddings' batch and sequence)");
+  }
+  const at::Tensor logits_mask =
+      inputs.logits_mask.defined() ? inputs.logits_mask.to(context_.device).to(at::kBool) : at::Tensor();
+  if (logits_mask.defined() && !cache && layers > 0 && !model_->layers->ptr<DecoderLayer>(layers - 1)->is_moe()) {
+    const std::int64_t count = logits_mask.sum(1).max().item<std::int64_t>();
+    if (count > 0 && count < seq) {
+      // Each row's wanted positions in order, then unwanted ones to fill the rows to one length.
+      at::Tensor order = at::arange(seq, positions.options()).expand({batch, seq});
+      rows = at::argsort(at::where(logits_mask, order, order + seq), /*dim=*/1, /*descending=*/false).narrow(1, 0, count);
+      wanted = logits_mask.gather(1, rows);
+    }
+  }
+  at::Tensor h = x0;
+  std::vector<at::Tensor> router_logits;
+  const auto& recompute = context_.activations_checkpoint;
+  const bool full = recompute.granularity == "full" && !cache && at::GradMode::is_enabled();
+  // Full recomputation (Megatron): "uniform" checkpoints chunks of num_layers layers, "block" the
+  // first num_layers layers one by one. A chunk returns its hidden state and its routers' logits
+  // (MoE), so that the load-balancing loss still reaches the routers.
+  const std::size_t chunk = full && recompute.method == "uniform" ? static_cast<std::size_t>(recompute.num_layers) : 1;
+  for (std::size_t i = 0; i < layers;) {
+    const std::size_t end = std::min(layers, i + chunk);
+    const bool checkpoint = full && (recompute.method == "uniform" || i < static_cast<std::size_t>(recompute.num_layers));
+    if (!checkpoint) {
+      auto layer = model_->layers->ptr<DecoderLayer>(i);
+      h = layer->forward(h, cos, sin, mask, cache ? &cache->layers[i] : nullptr, i + 1 == layers ? rows : at::Tensor(),
+                         router_logits);
+      ++i;
+      continue;
+    }
+    auto run = [this, i, end, layers, cos, sin, mask, rows](const std::vector<at::Tensor>& inputs) {
+      std::vector<at::Tensor> outputs{inputs[0]};
+      for (std::size_t j = i; j < end; ++j) {
+        auto layer = model_->layers->ptr<DecoderLayer>(j);
+        std::vector<at::Tensor> logits;
+        outputs[0] = layer->forward(outputs[0], cos, sin, mask, nullptr, j + 1 == layers ? rows : at::Tensor(), logits);
+        outputs.insert(outputs.end(), logits.begin(), logits.end());
+      }
+      return outputs;
+    };
+    auto outputs = recomputed(run, {h});
+    h = outputs[0];
+    router_logits.insert(router_logits.end(), outputs.begin() + 1, outputs.end());
+    i = end;
+  }
+  h = model_->norm->forward(h);
+  if (cache) cache->length += seq;
+  if (logits_mask.defined()) h = h.index({rows.defined() ? wanted : logits_mask});
+  BackboneOutputs outputs;
+  outputs.logits = lm_head_ ? lm_head_->forward(h) : at::linear(h, model_->embed_tokens->weight);
+  if (is_training() && !router_logits.empty() && config_.router_aux_loss_coef > 0) {
+    outputs.aux_loss = config_.router_aux_loss_coef *
+                       load_balancing_loss(router_logits, config_.num_experts, config_.experts_per_token);
+  }
+  return outputs;
+}
+
+std::unique_ptr<KVCache> DecoderBackbone::new_cache(std::int64_t batch, std::int64_t max_tokens) {
+  auto cache = std::make_unique<DecoderCache>();
+  auto options = at::TensorOptions().device(context_.device).dtype(context_.dtypes.compute);
+  for (std::int64_t i = 0; i < config_.num_layers; ++i) {
+    cache->layers.push_back({at::empty({batch, config_.num_kv_heads, max_tokens, config_.head_dim}, options),
+                             at::empty({batch, config_.num_kv_heads, max_tokens, config_.head_dim}, options)});
+  }
+  return cache;
+}
+
+DecoderPluginConfig::~DecoderPluginConfig() = default;
+
+void read_decoder_shape(const HfConfig& hf, const DecoderDefaults& defaults, DecoderConfig& d) {
+  d.vocab_size = hf.positive("vocab_size", defaults.vocab_size);
+  d.hidden_size = hf.positive("hidden_size", defaults.hidden_size);
+  d.intermediate_size = hf.positive("intermediate_size", defaults.intermediate_size);
+  d.num_layers = hf.positive("num_hidden_layers", defaults.num_layers);
+  d.num_heads = hf.positive("num_attention_heads", defaults.num_heads);
+  if (defaults.num_kv_heads < 0) {
+    d.num_kv_heads = hf.require<std::int64_t>("num_key_value_heads");
+  } else {
+    d.num_kv_heads = hf.positive("num_key_value_heads", defaults.num_kv_heads ? defaults.num_kv_heads : d.num_heads);
+  }
+  if (d.num_kv_heads <= 0 || d.num_heads % d.num_kv_heads != 0) {
+    hf.fail("num_key_value_heads", "expected a positive divisor of num_attention_heads (" + std::to_string(d.num_heads) + ")");
+  }
+  d.head_dim = hf.positive("head_dim", d.hidden_size / d.num_heads);
+  d.activation = hf.get<std::string>("hidden_act", defaults.activation);
+  check_activation(d.activation, hf.source() + ": hidden_act");
+  d.tie_word_embeddings = hf.get<bool>("tie_word_embeddings", false);
+  d.rope = hf.rope(d.head_dim, defaults.rope_theta, defaults.max_position_embeddings);
+}
+
+DecoderPluginConfig* parse_decoder_plugin_config(const ConfigSection& section, const std::string& architecture,
+                                                 const std::string& model_type,
+                                                 void (*read)(const HfConfig&, DecoderConfig&)) {
+  HfSource source = read_hf_source(section, "text_config");
+  auto config = std::make_unique<DecoderPluginConfig>();
+  config->architecture = architecture;
+  try {
+    std::string found = source.config.get<std::string>("model_type", model_type);
+    if (found != model_type) source.config.fail("model_type", "expected \"" + model_type + "\", got \"" + found + "\"");
+    config->decoder.source = source.config.source();
+    read(source.config, config->decoder);
+  } catch (const Error& error) {
+    section.fail(source.key, error.what());
+  }
+  config->weights = source.weights;
+  config->hidden_size = config->decoder.hidden_size;
+  config->vocab_size = config->decoder.vocab_size;
+  return config.release();
+}
+
+Component* create_decoder_backbone(const ComponentConfig& config, const RuntimeContext& context) {
+  const auto& plugin = dynamic_cast<const DecoderPluginConfig&>(config);
+  auto backbone = std::make_unique<DecoderBackbone>(plugin.decoder, context);
+  if (!plugin.weights.empty()) backbone->load(plugin.weights, plugin.architecture);
+  return backbone.release();
+}
+
+void DecoderBackbone::load(const std::string& checkpoint_path, const std::string& what) {
+  SafetensorsCheckpoint checkpoint(checkpoint_path);
+  const bool tied = config_.tie_word_embeddings;
+  auto map = detect_layout(
+      checkpoint,
+      {{"model.embed_tokens.weight", {{"model.", "model."}, {"lm_head.", "lm_head."}}},
+       {"language_model.model.embed_tokens.weight", {{"model.", "language_model.model."}, {"lm_head.", "language_model.lm_head."}}},
+       {"model.language_model.embed_tokens.weight", {{"model.", "model.language_model."}, {"lm_head.", "lm_head."}}}},
+      what, [tied](const std::string& name) {
+        return (tied && name == "lm_head.weight") ||
+               (name.size() > 9 && name.compare(name.size() - 9, 9, ".inv_freq") == 0);
+      });
+  load_weights(*this, checkpoint, map, what + " language model (" + config_.source + ")");
+}
+
+}  // namespace neva
