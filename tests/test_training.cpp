@@ -45,11 +45,10 @@ neva::DecoderConfig tiny_decoder(const std::string& mlp = "gated") {
 
 std::shared_ptr<neva::DecoderBackbone> backbone(const neva::DecoderConfig& config, const std::string& granularity = "",
                                                 const std::string& method = "uniform", std::int64_t layers = 1) {
-  neva::RuntimeContext context;
+  neva::RuntimeContext context = neva::RuntimeContext::seeded(5);
   context.activations_checkpoint.granularity = granularity;
   context.activations_checkpoint.method = method;
   context.activations_checkpoint.num_layers = layers;
-  at::manual_seed(5);
   auto model = std::make_shared<neva::DecoderBackbone>(config, context);
   model->train();
   return model;
@@ -186,7 +185,7 @@ TEST_CASE("activation checkpointing keeps less activation memory") {
 TEST_CASE("the fused attention kernel equals the plain formula, with every kind of mask") {
   neva::AttentionConfig config{64, 4, 2, 16, true, false};
   at::manual_seed(3);
-  neva::SelfAttention attention(config);
+  neva::SelfAttention attention(neva::RuntimeContext::seeded(3), config);
   neva::RopeConfig rope;
   rope.head_dim = 16;
   neva::RotaryEmbedding rotary(rope);
@@ -245,7 +244,7 @@ TEST_CASE("the fused attention kernel equals the plain formula, with every kind 
 
 TEST_CASE("RMSNorm: LlamaRMSNorm's formula in fp32, with its two roundings in bf16") {
   at::manual_seed(3);
-  neva::RMSNorm norm(48, 1e-5);
+  neva::RMSNorm norm(neva::RuntimeContext{}, 48, 1e-5);
   at::Tensor weight = norm.named_parameters()["weight"];
   {
     at::NoGradGuard no_grad;

@@ -234,8 +234,7 @@ void write_base_model(const fs::path& root, std::int64_t vocab_size, const Regis
               {"intermediate_size", 256}, {"num_hidden_layers", 2}, {"num_attention_heads", 4},
               {"image_size", kImageSize}, {"patch_size", 8}, {"hidden_act", "quick_gelu"}, {"layer_norm_eps", 1e-5},
               {"num_channels", 3}});
-  at::manual_seed(static_cast<std::int64_t>(seed));
-  RuntimeContext context;
+  const RuntimeContext context = RuntimeContext::seeded(seed);  // the base model's random initialisation
   auto save = [&](auto kind_tag, const char* plugin, const fs::path& directory) {
     using Interface = typename decltype(kind_tag)::type;
     auto document = ConfigDocument::parse("config = \"" + (directory / "config.json").string() + "\"\n", "<demo>");

@@ -68,13 +68,13 @@ void inspect_model(const Recipe& recipe, const RuntimeContext& context, std::ost
   }
   const std::int64_t batch = recipe.model.micro_batch_size, text = 16;
   const std::int64_t image_tokens = model.encoder() ? model.tokens_per_image() : 0;
-  at::Tensor ids = at::randint(0, model.backbone().vocab_size(), {batch, image_tokens + text}, at::kLong);
+  at::Tensor ids = at::randint(0, model.backbone().vocab_size(), {batch, image_tokens + text}, context.generator, at::kLong);
   ids.masked_fill_(ids == model.image_token_id(), 0);
   MultimodalInputs inputs;
   if (image_tokens) {
     ids.narrow(1, 0, image_tokens).fill_(model.image_token_id());
     const std::int64_t side = model.encoder()->image_size();
-    inputs.pixel_values = at::randn({batch, 3, side, side});
+    inputs.pixel_values = at::randn({batch, 3, side, side}, context.generator);
   }
   inputs.input_ids = ids;
   model.backbone().eval();
@@ -110,7 +110,6 @@ void run_inspect(const Recipe& recipe, std::ostream& out) {
   for (const auto& directory : recipe.registry->directories()) out << " " << directory.string();
   out << "\ncomponents:\n";
 
-  torch::manual_seed(context.seed);
   const MultimodalConfig& mm_cfg = recipe.model.mm_cfg;
   if (mm_cfg.llm) {
     inspect_model(recipe, context, out);

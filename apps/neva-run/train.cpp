@@ -264,7 +264,6 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
 
   RuntimeContext context = recipe.runtime_context();
   auto precision = make_precision_recipe(recipe.trainer.precision, recipe.model.megatron_amp_O2);
-  at::manual_seed(recipe.run.seed);  // random initialisation is part of the recipe
   LlavaModel model = build_model(recipe, context);
   std::shared_ptr<const Tokenizer> tokenizer = Tokenizer::load(recipe.model.tokenizer);
 
@@ -335,8 +334,7 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
       moment->exp_avg_sq(moments.tensor("exp_avg_sq." + t.name, t.main.sizes()).to(t.main.options()).clone());
       optimizer->state()[t.main.unsafeGetTensorImpl()] = std::move(moment);
     }
-    at::Generator cpu = at::detail::getDefaultCPUGenerator();
-    cpu.set_state(moments.tensor("rng.cpu"));
+    context.generator.set_state(moments.tensor("rng.cpu"));  // the context's generator (CPU)
     // The accelerator's generator too, when the checkpoint was written on the same kind of device.
     if (!context.device.is_cpu() && moments.contains(rng_key(context.device))) {
       at::Generator device = at::globalContext().defaultGenerator(context.device);
@@ -399,7 +397,7 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
         moments.emplace_back("exp_avg." + t.name, moment.exp_avg());
         moments.emplace_back("exp_avg_sq." + t.name, moment.exp_avg_sq());
       }
-      moments.emplace_back("rng.cpu", at::detail::getDefaultCPUGenerator().get_state());
+      moments.emplace_back("rng.cpu", context.generator.get_state());
       if (!context.device.is_cpu()) {
         moments.emplace_back(rng_key(context.device), at::globalContext().defaultGenerator(context.device).get_state());
       }

@@ -10,6 +10,7 @@
 #include <set>
 
 #include "neva/error.h"
+#include "neva/nn/linear.h"
 
 namespace neva {
 
@@ -93,7 +94,8 @@ std::unique_ptr<PrecisionRecipe> make_precision_recipe(const std::string& precis
 namespace {
 
 bool autocast_casts_parameters(const torch::nn::Module& module) {
-  return dynamic_cast<const torch::nn::LinearImpl*>(&module) || dynamic_cast<const torch::nn::Conv1dImpl*>(&module) ||
+  return dynamic_cast<const nn::LinearImpl*>(&module) || dynamic_cast<const nn::Conv2dImpl*>(&module) ||
+         dynamic_cast<const torch::nn::LinearImpl*>(&module) || dynamic_cast<const torch::nn::Conv1dImpl*>(&module) ||
          dynamic_cast<const torch::nn::Conv2dImpl*>(&module) || dynamic_cast<const torch::nn::Conv3dImpl*>(&module);
 }
 

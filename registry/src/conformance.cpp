@@ -5,6 +5,7 @@
 
 #include <functional>
 #include <map>
+#include <optional>
 #include <sstream>
 #include <thread>
 #include <unistd.h>
@@ -54,12 +55,14 @@ struct Subject {
     return config;
   }
 
-  // A fresh component; `dtype` for its parameters and compute.
-  std::shared_ptr<torch::nn::Module> build(c10::ScalarType dtype = at::kFloat, std::uint64_t seed = 0) const {
+  // A fresh component; `dtype` for its parameters and compute, initialised from a context seeded with
+  // `seed` (and the global generator seeded with `global_seed`, the same by default: it must not matter).
+  std::shared_ptr<torch::nn::Module> build(c10::ScalarType dtype = at::kFloat, std::uint64_t seed = 0,
+                                           std::optional<std::uint64_t> global_seed = std::nullopt) const {
     auto config = parse(config_toml);
-    RuntimeContext context;
+    RuntimeContext context = RuntimeContext::seeded(seed);
     context.dtypes.params = context.dtypes.compute = dtype;
-    at::manual_seed(seed);
+    at::manual_seed(global_seed.value_or(seed));
     if (info.kind == Connector::kKind) return registry->create<Connector>(info.name, *config, context);
     if (info.kind == VisionEncoder::kKind) return registry->create<VisionEncoder>(info.name, *config, context);
     if (info.kind == LanguageBackbone::kKind) return registry->create<LanguageBackbone>(info.name, *config, context);
@@ -247,6 +250,18 @@ void check_save_load(const Subject& subject) {
          "a copy loaded from the saved parameters and buffers computes something else: state lives outside them");
 }
 
+// Random initialisation draws from the context's generator, never the global one: a component built
+// twice from the same context seed is the same whatever the global generator holds.
+void check_initialisation(const Subject& subject) {
+  auto first = subject.build(at::kFloat, 11, 1), second = subject.build(at::kFloat, 11, 2);
+  auto theirs = second->named_parameters();
+  for (const auto& item : first->named_parameters()) {
+    expect(at::equal(item.value(), theirs[item.key()]),
+           "parameter '" + item.key() + "' differs between two builds from the same context seed: it is initialised "
+           "from the global random generator (draw from RuntimeContext::generator, e.g. through neva::nn's factories)");
+  }
+}
+
 void check_bf16(const Subject& subject) {
   auto full = subject.build(at::kFloat, 3), half = subject.build(at::kBFloat16, 3);
   full->eval();
@@ -368,6 +383,7 @@ const std::map<std::string, std::function<void(const Subject&)>>& check_bodies()
       {"kv_cache", check_kv_cache},
       {"batch_padding", check_batch_padding},
       {"save_load", check_save_load},
+      {"initialisation", check_initialisation},
       {"bf16", check_bf16},
       {"batch_independence", check_batch_independence},
       {"threads", check_threads},
@@ -391,6 +407,7 @@ std::vector<ConformanceCheck> conformance_checks(const std::string& kind) {
     checks.push_back({"batch_padding", "left padding and batch company do not change a sample's logits"});
   }
   checks.push_back({"save_load", "a copy loaded from the saved parameters computes the same output"});
+  checks.push_back({"initialisation", "random initialisation draws from the context's generator, not the global one"});
   checks.push_back({"bf16", "bf16 stays within 5% of the fp32 output scale"});
   checks.push_back({"batch_independence", "a sample's output does not depend on the rest of its batch or its place"});
   checks.push_back({"threads", "instances and threads running inference concurrently get the serial results"});

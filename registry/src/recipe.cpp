@@ -400,12 +400,11 @@ DTypePolicy Recipe::dtype_policy() const {
 }
 
 RuntimeContext Recipe::runtime_context() const {
-  RuntimeContext context;
-  context.device = c10::Device(run.device);
+  // Random initialisation is part of the recipe: every layer draws from this generator.
+  RuntimeContext context = RuntimeContext::seeded(run.seed, c10::Device(run.device));
   context.dtypes = dtype_policy();
   // Inference keeps no fp32 master copy: bf16 precision means bf16 weights (oneDNN/AMX matmuls).
   if (run.mode == "generate" || run.mode == "score") context.dtypes.params = context.dtypes.compute;
-  context.seed = run.seed;
   context.activations_checkpoint = model.activations_checkpoint;
   return context;
 }

@@ -15,6 +15,7 @@
 #define FAULT_EMPTY_NAME 7
 #define FAULT_WRONG_INTERFACE 8
 #define FAULT_THROWING_PARSE 9
+#define FAULT_ABI_1 10  // built for plugin ABI 1.1, before the 2.0 context
 
 #if NEVA_FAULT == FAULT_UNDEFINED_SYMBOL
 extern "C" int neva_test_symbol_that_no_library_defines();
@@ -65,6 +66,8 @@ const neva::PluginDescriptor* describe() {
   static const neva::PluginDescriptor descriptor{
 #if NEVA_FAULT == FAULT_ABI_MAJOR
       {neva::kPluginAbiMajor + 1, 0},
+#elif NEVA_FAULT == FAULT_ABI_1
+      {1, 1},
 #elif NEVA_FAULT == FAULT_ABI_MINOR
       {neva::kPluginAbiMajor, neva::kPluginAbiMinor + 1},
 #else

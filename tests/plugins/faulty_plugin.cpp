@@ -59,8 +59,8 @@ struct Config : neva::ConnectorConfig {
 
 class FaultyConnector : public neva::Connector {
  public:
-  FaultyConnector(const Config& config, const neva::RuntimeContext&) {
-    linear_ = register_module("linear", torch::nn::Linear(config.input_size, config.output_size));
+  FaultyConnector(const Config& config, const neva::RuntimeContext& context) {
+    linear_ = register_module("linear", neva::nn::linear(context, config.input_size, config.output_size));
   }
   at::Tensor forward(const at::Tensor& x) override {
 #if NEVA_FAULT == FAULT_NONDETERMINISTIC
@@ -82,11 +82,11 @@ class FaultyConnector : public neva::Connector {
     std::abort();
 #endif
   }
-  std::int64_t input_size() const override { return linear_->options.in_features(); }
-  std::int64_t output_size() const override { return linear_->options.out_features(); }
+  std::int64_t input_size() const override { return linear_->in_features(); }
+  std::int64_t output_size() const override { return linear_->out_features(); }
 
  private:
-  torch::nn::Linear linear_{nullptr};
+  neva::nn::Linear linear_;
 };
 
 const neva::PluginDescriptor* describe() {

@@ -1,4 +1,8 @@
 #pragma once
+// What every layer is built from: where it runs, in which dtypes, with which process groups,
+// precision recipe and random generator. Passed explicitly to everything a plugin builds; there is
+// no global state behind it.
+#include <ATen/core/Generator.h>
 #include <c10/core/Device.h>
 #include <c10/core/ScalarType.h>
 
@@ -10,7 +14,8 @@
 
 namespace neva {
 
-class ProcessGroup;  // neva/distributed.h
+class ProcessGroup;     // neva/parallel/process_group.h
+class PrecisionRecipe;  // neva/precision_recipe.h
 
 // Which dtype each kind of tensor uses, decided by the PrecisionRecipe.
 struct DTypePolicy {
@@ -18,19 +23,6 @@ struct DTypePolicy {
   c10::ScalarType compute = c10::ScalarType::Float;      // matmuls and activations
   c10::ScalarType main_params = c10::ScalarType::Float;  // optimizer's master copy (bf16-O2: fp32)
 };
-
-// The process groups a rank belongs to, one per parallel dimension (Megatron's tp/pp/dp/ep/cp).
-// A null group means "this rank alone" (size 1): every layer works unchanged at size 1.
-struct ParallelGroups {
-  std::shared_ptr<ProcessGroup> tensor;
-  std::shared_ptr<ProcessGroup> pipeline;
-  std::shared_ptr<ProcessGroup> data;
-  std::shared_ptr<ProcessGroup> expert;
-  std::shared_ptr<ProcessGroup> context;
-};
-
-NEVA_API int group_size(const std::shared_ptr<ProcessGroup>& group);
-NEVA_API int group_rank(const std::shared_ptr<ProcessGroup>& group);
 
 // Activation checkpointing (Megatron's names): recompute activations in the backward pass instead
 // of keeping them. "full" recomputes whole decoder layers (method uniform: every num_layers-th
@@ -42,14 +34,48 @@ struct ActivationCheckpointConfig {
   std::int64_t num_layers = 1;
 };
 
-// Everything a layer needs to know about where and how it runs. Passed explicitly to every component
-// a plugin builds; there is no global state behind it.
+// The process groups a rank belongs to (Megatron's parallel_state). A null group means "this rank
+// alone" (size 1): every layer works unchanged at size 1. Append-only: new groups go at the end
+// (a minor plugin ABI version).
+struct ParallelGroups {
+  std::shared_ptr<ProcessGroup> tensor;             // tp: splits weights and activations within a layer
+  std::shared_ptr<ProcessGroup> pipeline;           // pp: one rank per stage
+  std::shared_ptr<ProcessGroup> data;               // dp: replicas of the same shard
+  std::shared_ptr<ProcessGroup> context;            // cp: splits the sequence for attention
+  std::shared_ptr<ProcessGroup> expert;             // ep: splits the experts of an MoE layer
+  std::shared_ptr<ProcessGroup> expert_data;        // dp of expert weights (the dp x cp ranks sharing an expert shard)
+  std::shared_ptr<ProcessGroup> tensor_and_data;    // tp x dp (x cp): gradient norms, loss averaging
+  std::shared_ptr<ProcessGroup> data_and_context;   // dp x cp: what gradients of dense weights average over
+  std::shared_ptr<ProcessGroup> tensor_and_expert;  // tp x ep: the token dispatch of expert parallelism
+  std::shared_ptr<ProcessGroup> embedding;          // first and last pipeline stage: tied embedding gradients
+  std::shared_ptr<ProcessGroup> position_embedding; // first pipeline stage (and the encoder's)
+  std::shared_ptr<ProcessGroup> world;              // every rank
+};
+
+NEVA_API int group_size(const std::shared_ptr<ProcessGroup>& group);
+NEVA_API int group_rank(const std::shared_ptr<ProcessGroup>& group);
+
+// A CPU generator seeded with `seed` (mt19937, as at::manual_seed seeds the default one).
+NEVA_API at::Generator make_generator(std::uint64_t seed);
+
+// Everything a layer needs to know about where and how it runs.
+//
+// Parameters are initialised from `generator`, on the CPU, then moved to `device` (Megatron's
+// use_cpu_initialization): the same seed gives the same weights on every device. Copies of a context
+// share its generator: a model built from one context draws one stream, in construction order.
 struct RuntimeContext {
   c10::Device device{c10::DeviceType::CPU};
   DTypePolicy dtypes;
-  ParallelGroups groups;
   std::uint64_t seed = 0;
-  ActivationCheckpointConfig activations_checkpoint;  // plugin ABI 1.1
+  at::Generator generator = make_generator(0);
+  ActivationCheckpointConfig activations_checkpoint;
+  // The precision recipe the model runs under (trainer.precision); null: plain fp32. Layers built by
+  // neva::nn's factories consult it (the FP8 recipe swaps their matmuls).
+  std::shared_ptr<const PrecisionRecipe> precision;
+  ParallelGroups groups;  // last: it grows
+
+  // A context for a fresh run: `seed` and a generator seeded with it.
+  NEVA_API static RuntimeContext seeded(std::uint64_t seed, c10::Device device = c10::Device(c10::DeviceType::CPU));
 };
 
 }  // namespace neva

@@ -6,9 +6,11 @@
 // nothing else unless the major version equals its own and the minor version is not newer.
 //
 //   Minor version: fields appended at the end of PluginDescriptor or of the structures passed to
-//   plugins (1.1: RuntimeContext::activations_checkpoint, BackboneInputs::logits_mask); older
-//   plugins stay loadable.
+//   plugins (RuntimeContext::groups and ParallelGroups grow at their end); older plugins stay loadable.
 //   Major version: anything else (a changed field, a changed interface class).
+//   2.0: RuntimeContext carries the generator layers initialise from, the precision recipe and every
+//   process group (last); headers grouped by concern (neva/io, data, nn, model, parallel, train,
+//   inference); layers built from the context through neva::nn's factories (docs/plugins.md).
 //
 // Plugins must build against the same LibTorch as the host (checked through torch_version), link
 // libneva_core, use hidden visibility, and register no operators statically (no TORCH_LIBRARY).
@@ -22,8 +24,8 @@
 
 namespace neva {
 
-inline constexpr std::uint32_t kPluginAbiMajor = 1;
-inline constexpr std::uint32_t kPluginAbiMinor = 1;
+inline constexpr std::uint32_t kPluginAbiMajor = 2;
+inline constexpr std::uint32_t kPluginAbiMinor = 0;
 inline constexpr const char* kPluginEntrySymbol = "neva_plugin";
 
 struct PluginAbiVersion {

@@ -2,10 +2,10 @@
 
 #include <ATen/ATen.h>
 #include <torch/nn/modules/container/modulelist.h>
-#include <torch/nn/modules/embedding.h>
 
 #include "neva/error.h"
 #include "neva/nn/attention.h"
+#include "neva/nn/linear.h"
 #include "neva/nn/recompute.h"
 #include "neva/nn/mlp.h"
 #include "neva/nn/norm.h"
@@ -17,23 +17,23 @@ namespace {
 
 class DecoderLayer : public torch::nn::Module {
  public:
-  DecoderLayer(const DecoderConfig& config, bool recompute_attention_core) {
-    input_layernorm_ = register_module("input_layernorm", make_norm(config.norm, config.hidden_size, config.norm_eps));
-    self_attn_ = register_module("self_attn", std::make_shared<SelfAttention>(AttentionConfig{
+  DecoderLayer(const RuntimeContext& context, const DecoderConfig& config, bool recompute_attention_core) {
+    auto norm = [&] { return make_norm(context, config.norm, config.hidden_size, config.norm_eps); };
+    input_layernorm_ = register_module("input_layernorm", norm());
+    self_attn_ = register_module("self_attn", std::make_shared<SelfAttention>(context, AttentionConfig{
                                                   config.hidden_size, config.num_heads, config.num_kv_heads,
                                                   config.head_dim, config.attention_bias, config.attention_output_bias,
                                                   recompute_attention_core}));
-    post_attention_layernorm_ =
-        register_module("post_attention_layernorm", make_norm(config.norm, config.hidden_size, config.norm_eps));
+    post_attention_layernorm_ = register_module("post_attention_layernorm", norm());
     if (config.mlp == "moe") {
-      moe_ = std::make_shared<SparseMoE>(config.hidden_size, config.intermediate_size, config.num_experts,
+      moe_ = std::make_shared<SparseMoE>(context, config.hidden_size, config.intermediate_size, config.num_experts,
                                          config.experts_per_token, config.activation);
       mlp_ = register_module("block_sparse_moe", moe_);
     } else if (config.mlp == "plain") {
-      mlp_ = register_module("mlp", std::make_shared<PlainMLP>(config.hidden_size, config.intermediate_size,
+      mlp_ = register_module("mlp", std::make_shared<PlainMLP>(context, config.hidden_size, config.intermediate_size,
                                                                config.mlp_bias, config.activation));
     } else {
-      mlp_ = register_module("mlp", std::make_shared<GatedMLP>(config.hidden_size, config.intermediate_size,
+      mlp_ = register_module("mlp", std::make_shared<GatedMLP>(context, config.hidden_size, config.intermediate_size,
                                                                config.mlp_bias, config.activation));
     }
   }
@@ -69,13 +69,16 @@ struct DecoderCache : KVCache {
 
 class DecoderModel : public torch::nn::Module {
  public:
-  DecoderModel(const DecoderConfig& config, bool recompute_attention_core) {
-    embed_tokens = register_module("embed_tokens", torch::nn::Embedding(config.vocab_size, config.hidden_size));
+  DecoderModel(const RuntimeContext& context, const DecoderConfig& config, bool recompute_attention_core) {
+    embed_tokens = register_module("embed_tokens", nn::embedding(context, config.vocab_size, config.hidden_size,
+                                                                 /*vocabulary_parallel=*/true));
     layers = register_module("layers", torch::nn::ModuleList());
-    for (std::int64_t i = 0; i < config.num_layers; ++i) layers->push_back(std::make_shared<DecoderLayer>(config, recompute_attention_core));
-    norm = register_module("norm", make_norm(config.norm, config.hidden_size, config.norm_eps));
+    for (std::int64_t i = 0; i < config.num_layers; ++i) {
+      layers->push_back(std::make_shared<DecoderLayer>(context, config, recompute_attention_core));
+    }
+    norm = register_module("norm", make_norm(context, config.norm, config.hidden_size, config.norm_eps));
   }
-  torch::nn::Embedding embed_tokens{nullptr};
+  nn::Embedding embed_tokens;
   torch::nn::ModuleList layers{nullptr};
   std::shared_ptr<Norm> norm;
 };
@@ -83,10 +86,12 @@ class DecoderModel : public torch::nn::Module {
 DecoderBackbone::DecoderBackbone(const DecoderConfig& config, const RuntimeContext& context)
     : config_(config), context_(context), rotary_(config.rope) {
   const auto& recompute = context.activations_checkpoint;
-  model_ = register_module("model", std::make_shared<DecoderModel>(config, recompute.granularity == "selective"));
+  model_ = register_module("model", std::make_shared<DecoderModel>(context, config, recompute.granularity == "selective"));
   if (!config.tie_word_embeddings) {
-    lm_head_ = register_module("lm_head", torch::nn::Linear(torch::nn::LinearOptions(config.hidden_size, config.vocab_size)
-                                                                .bias(false)));
+    // The vocabulary split over the tensor-parallel group, logits gathered (a vocabulary-parallel
+    // loss will take them split).
+    lm_head_ = register_module("lm_head", nn::linear(context, config.hidden_size, config.vocab_size,
+                                                     {false, nn::Parallel::Column, /*gather_output=*/true}));
   }
   to(context.device, context.dtypes.params);
 }

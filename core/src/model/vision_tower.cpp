@@ -63,11 +63,11 @@ void parse_vision_tower(const ConfigSection& section, const VisionTowerDefaults&
   config.weights = source.weights;
 }
 
-EncoderStack::EncoderStack(const VisionTowerConfig& config) {
+EncoderStack::EncoderStack(const RuntimeContext& context, const VisionTowerConfig& config) {
   layers_ = register_module("layers", torch::nn::ModuleList());
   EncoderLayerConfig layer{config.hidden_size, config.intermediate_size, config.num_heads, config.layer_norm_eps,
                            config.hidden_act};
-  for (std::int64_t i = 0; i < config.num_layers; ++i) layers_->push_back(std::make_shared<EncoderLayer>(layer));
+  for (std::int64_t i = 0; i < config.num_layers; ++i) layers_->push_back(std::make_shared<EncoderLayer>(context, layer));
 }
 
 at::Tensor EncoderStack::run(at::Tensor hidden, std::int64_t count) {

@@ -48,14 +48,15 @@ at::Tensor take_positions(const at::Tensor& x, const at::Tensor& rows) {
   return x.gather(1, index.expand(shape));
 }
 
-SelfAttention::SelfAttention(const AttentionConfig& config) : config_(config) {
-  auto linear = [](std::int64_t in, std::int64_t out, bool bias) {
-    return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(bias));
+SelfAttention::SelfAttention(const RuntimeContext& context, const AttentionConfig& config) : config_(config) {
+  auto linear = [&context](std::int64_t in, std::int64_t out, bool bias, nn::Parallel parallel) {
+    return nn::linear(context, in, out, {bias, parallel});
   };
-  q_proj_ = register_module("q_proj", linear(config.hidden_size, config.num_heads * config.head_dim, config.bias));
-  k_proj_ = register_module("k_proj", linear(config.hidden_size, config.num_kv_heads * config.head_dim, config.bias));
-  v_proj_ = register_module("v_proj", linear(config.hidden_size, config.num_kv_heads * config.head_dim, config.bias));
-  o_proj_ = register_module("o_proj", linear(config.num_heads * config.head_dim, config.hidden_size, config.output_bias));
+  const std::int64_t q = config.num_heads * config.head_dim, kv = config.num_kv_heads * config.head_dim;
+  q_proj_ = register_module("q_proj", linear(config.hidden_size, q, config.bias, nn::Parallel::Column));
+  k_proj_ = register_module("k_proj", linear(config.hidden_size, kv, config.bias, nn::Parallel::Column));
+  v_proj_ = register_module("v_proj", linear(config.hidden_size, kv, config.bias, nn::Parallel::Column));
+  o_proj_ = register_module("o_proj", linear(q, config.hidden_size, config.output_bias, nn::Parallel::Row));
 }
 
 at::Tensor SelfAttention::forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,

@@ -27,39 +27,41 @@ void check_activation(const std::string& name, const std::string& where) {
 FeedForward::~FeedForward() = default;
 
 namespace {
-torch::nn::Linear linear(std::int64_t in, std::int64_t out, bool bias) {
-  return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(bias));
-}
+nn::LinearOptions column(bool bias) { return {bias, nn::Parallel::Column}; }
+nn::LinearOptions row(bool bias) { return {bias, nn::Parallel::Row}; }
 }  // namespace
 
-GatedMLP::GatedMLP(std::int64_t hidden_size, std::int64_t intermediate_size, bool bias, std::string activation,
-                   Names names)
+GatedMLP::GatedMLP(const RuntimeContext& context, std::int64_t hidden_size, std::int64_t intermediate_size, bool bias,
+                   std::string activation, Names names)
     : activation_(std::move(activation)) {
-  gate_ = register_module(names.gate, linear(hidden_size, intermediate_size, bias));
-  up_ = register_module(names.up, linear(hidden_size, intermediate_size, bias));
-  down_ = register_module(names.down, linear(intermediate_size, hidden_size, bias));
+  gate_ = register_module(names.gate, nn::linear(context, hidden_size, intermediate_size, column(bias)));
+  up_ = register_module(names.up, nn::linear(context, hidden_size, intermediate_size, column(bias)));
+  down_ = register_module(names.down, nn::linear(context, intermediate_size, hidden_size, row(bias)));
 }
 
 at::Tensor GatedMLP::forward(const at::Tensor& x) {
   return down_->forward(activation(activation_, gate_->forward(x)) * up_->forward(x));
 }
 
-PlainMLP::PlainMLP(std::int64_t hidden_size, std::int64_t intermediate_size, bool bias, std::string activation)
+PlainMLP::PlainMLP(const RuntimeContext& context, std::int64_t hidden_size, std::int64_t intermediate_size, bool bias,
+                   std::string activation)
     : activation_(std::move(activation)) {
-  up_proj_ = register_module("up_proj", linear(hidden_size, intermediate_size, bias));
-  down_proj_ = register_module("down_proj", linear(intermediate_size, hidden_size, bias));
+  up_proj_ = register_module("up_proj", nn::linear(context, hidden_size, intermediate_size, column(bias)));
+  down_proj_ = register_module("down_proj", nn::linear(context, intermediate_size, hidden_size, row(bias)));
 }
 
 at::Tensor PlainMLP::forward(const at::Tensor& x) { return down_proj_->forward(activation(activation_, up_proj_->forward(x))); }
 
-SparseMoE::SparseMoE(std::int64_t hidden_size, std::int64_t intermediate_size, std::int64_t num_experts,
-                     std::int64_t top_k, std::string activation)
+SparseMoE::SparseMoE(const RuntimeContext& context, std::int64_t hidden_size, std::int64_t intermediate_size,
+                     std::int64_t num_experts, std::int64_t top_k, std::string activation)
     : num_experts_(num_experts), top_k_(top_k) {
-  gate_ = register_module("gate", linear(hidden_size, num_experts, false));
+  gate_ = register_module("gate", nn::linear(context, hidden_size, num_experts, {false}));
   experts_ = register_module("experts", torch::nn::ModuleList());
   for (std::int64_t e = 0; e < num_experts; ++e) {
-    experts_->push_back(std::make_shared<GatedMLP>(hidden_size, intermediate_size, false, activation,
-                                                   GatedMLP::Names{"w1", "w3", "w2"}));
+    auto expert = std::make_shared<GatedMLP>(context, hidden_size, intermediate_size, false, activation,
+                                             GatedMLP::Names{"w1", "w3", "w2"});
+    nn::set_expert(*expert, e);
+    experts_->push_back(expert);
   }
 }
 

@@ -9,8 +9,14 @@ namespace neva {
 
 Norm::~Norm() = default;
 
-RMSNorm::RMSNorm(std::int64_t size, double eps) : eps_(eps) {
-  weight_ = register_parameter("weight", at::ones({size}));
+namespace {
+at::Tensor filled(const RuntimeContext& context, std::int64_t size, double value) {
+  return at::full({size}, value, at::TensorOptions(at::kFloat).device(context.device));
+}
+}  // namespace
+
+RMSNorm::RMSNorm(const RuntimeContext& context, std::int64_t size, double eps) : eps_(eps) {
+  weight_ = register_parameter("weight", filled(context, size, 1.0));
 }
 
 at::Tensor RMSNorm::forward(const at::Tensor& x) {
@@ -19,9 +25,9 @@ at::Tensor RMSNorm::forward(const at::Tensor& x) {
   return weight_ * normalized.to(x.scalar_type());
 }
 
-LayerNorm1P::LayerNorm1P(std::int64_t size, double eps) : eps_(eps) {
-  weight_ = register_parameter("weight", at::zeros({size}));
-  bias_ = register_parameter("bias", at::zeros({size}));
+LayerNorm1P::LayerNorm1P(const RuntimeContext& context, std::int64_t size, double eps) : eps_(eps) {
+  weight_ = register_parameter("weight", filled(context, size, 0.0));
+  bias_ = register_parameter("bias", filled(context, size, 0.0));
 }
 
 at::Tensor LayerNorm1P::forward(const at::Tensor& x) {
@@ -30,10 +36,18 @@ at::Tensor LayerNorm1P::forward(const at::Tensor& x) {
   return at::layer_norm(x, {x.size(-1)}, (weight_ + 1).to(x.scalar_type()), bias_.to(x.scalar_type()), eps_);
 }
 
-std::shared_ptr<Norm> make_norm(const std::string& kind, std::int64_t size, double eps) {
-  if (kind == "rms") return std::make_shared<RMSNorm>(size, eps);
-  if (kind == "layernorm1p") return std::make_shared<LayerNorm1P>(size, eps);
-  throw Error("unknown norm '" + kind + "' (known: rms, layernorm1p)");
+LayerNorm::LayerNorm(const RuntimeContext& context, std::int64_t size, double eps) : eps_(eps) {
+  weight_ = register_parameter("weight", filled(context, size, 1.0));
+  bias_ = register_parameter("bias", filled(context, size, 0.0));
+}
+
+at::Tensor LayerNorm::forward(const at::Tensor& x) { return at::layer_norm(x, {weight_.size(0)}, weight_, bias_, eps_); }
+
+std::shared_ptr<Norm> make_norm(const RuntimeContext& context, const std::string& kind, std::int64_t size, double eps) {
+  if (kind == "rms") return std::make_shared<RMSNorm>(context, size, eps);
+  if (kind == "layernorm1p") return std::make_shared<LayerNorm1P>(context, size, eps);
+  if (kind == "layernorm") return std::make_shared<LayerNorm>(context, size, eps);
+  throw Error("unknown norm '" + kind + "' (known: rms, layernorm1p, layernorm)");
 }
 
 }  // namespace neva

@@ -1,9 +1,7 @@
 // The `linear` connector: one affine projection from vision features to the language model's width
 // (LLaVA's mm_projector_type "linear"; weights `weight` [output, input] and `bias` [output]).
-#include <torch/nn/functional/linear.h>
-#include <torch/nn/modules/linear.h>
-
 #include "neva/connector.h"
+#include "neva/nn/linear.h"
 #include "neva/plugin_abi.h"
 #include "neva/io/weights.h"
 
@@ -20,11 +18,11 @@ struct LinearConfig : neva::ConnectorConfig {
 class LinearConnector : public neva::Connector {
  public:
   LinearConnector(const LinearConfig& config, const neva::RuntimeContext& context) {
-    // Parameters sit directly on the connector ("weight", "bias"), as on LLaVA's nn.Linear projector;
-    // initialised as torch.nn.Linear does.
-    torch::nn::Linear initial(config.input_size, config.output_size);
-    weight_ = register_parameter("weight", initial->weight.detach());
-    bias_ = register_parameter("bias", initial->bias.detach());
+    // Parameters sit directly on the connector ("weight", "bias"), as on LLaVA's nn.Linear projector:
+    // the layer is not a child module, its tensors are the connector's own.
+    projection_ = neva::nn::linear(context, config.input_size, config.output_size);
+    register_parameter("weight", projection_->weight);
+    register_parameter("bias", projection_->bias);
     to(context.device, context.dtypes.params);
     if (!config.weights.empty()) {
       // LLaVA's names (model.mm_projector.weight) or a bare projector file (weight, bias).
@@ -38,15 +36,12 @@ class LinearConnector : public neva::Connector {
     }
   }
 
-  at::Tensor forward(const at::Tensor& vision_features) override {
-    return torch::nn::functional::linear(vision_features, weight_, bias_);
-  }
-  std::int64_t input_size() const override { return weight_.size(1); }
-  std::int64_t output_size() const override { return weight_.size(0); }
+  at::Tensor forward(const at::Tensor& vision_features) override { return projection_->forward(vision_features); }
+  std::int64_t input_size() const override { return projection_->in_features(); }
+  std::int64_t output_size() const override { return projection_->out_features(); }
 
  private:
-  at::Tensor weight_;
-  at::Tensor bias_;
+  neva::nn::Linear projection_;
 };
 
 const neva::PluginDescriptor* describe() {

@@ -3,12 +3,12 @@
 // nn.Sequential (0.weight, 0.bias, 2.weight, ...), which keeps checkpoint mapping one-to-one.
 #include <torch/nn/modules/activation.h>
 #include <torch/nn/modules/container/sequential.h>
-#include <torch/nn/modules/linear.h>
 
 #include <cstring>
 #include <regex>
 
 #include "neva/connector.h"
+#include "neva/nn/linear.h"
 #include "neva/plugin_abi.h"
 #include "neva/io/weights.h"
 
@@ -42,10 +42,10 @@ class MlpConnector : public neva::Connector {
  public:
   MlpConnector(const MlpConfig& config, const neva::RuntimeContext& context)
       : input_size_(config.input_size), output_size_(config.output_size) {
-    layers_->push_back(torch::nn::Linear(config.input_size, config.output_size));
+    layers_->push_back(neva::nn::linear(context, config.input_size, config.output_size));
     for (std::int64_t i = 1; i < config.depth; ++i) {
       layers_->push_back(torch::nn::GELU(torch::nn::GELUOptions().approximate("none")));
-      layers_->push_back(torch::nn::Linear(config.output_size, config.output_size));
+      layers_->push_back(neva::nn::linear(context, config.output_size, config.output_size));
     }
     // Registered directly so names are "0.weight", "2.weight", ... as in LLaVA's mm_projector.
     for (const auto& item : layers_->named_children()) register_module(item.key(), item.value());

@@ -9,12 +9,11 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
-#include <torch/nn/modules/conv.h>
-#include <torch/nn/modules/embedding.h>
-#include <torch/nn/modules/normalization.h>
 
 #include "neva/error.h"
 #include "neva/model/vision_tower.h"
+#include "neva/nn/linear.h"
+#include "neva/nn/norm.h"
 #include "neva/plugin_abi.h"
 
 namespace {
@@ -27,15 +26,13 @@ constexpr neva::VisionTowerDefaults kClip{"CLIP", "clip_vision_model", "clip", 7
 
 class ClipEmbeddings : public torch::nn::Module {
  public:
-  explicit ClipEmbeddings(const Config& config) {
-    class_embedding = register_parameter("class_embedding", at::randn({config.hidden_size}));
-    patch_embedding = register_module(
-        "patch_embedding",
-        torch::nn::Conv2d(torch::nn::Conv2dOptions(config.num_channels, config.hidden_size, config.patch_size)
-                              .stride(config.patch_size)
-                              .bias(false)));
+  ClipEmbeddings(const neva::RuntimeContext& context, const Config& config) {
+    class_embedding = register_parameter("class_embedding", neva::nn::normal_parameter(context, {config.hidden_size}));
+    patch_embedding = register_module("patch_embedding",
+                                      neva::nn::conv2d(context, config.num_channels, config.hidden_size,
+                                                       config.patch_size, config.patch_size, /*bias=*/false));
     position_embedding = register_module("position_embedding",
-                                         torch::nn::Embedding(config.num_patches() + 1, config.hidden_size));
+                                         neva::nn::embedding(context, config.num_patches() + 1, config.hidden_size));
   }
 
   at::Tensor forward(const at::Tensor& pixel_values) {
@@ -59,22 +56,22 @@ class ClipEmbeddings : public torch::nn::Module {
   }
 
   at::Tensor class_embedding;
-  torch::nn::Conv2d patch_embedding{nullptr};
-  torch::nn::Embedding position_embedding{nullptr};
+  neva::nn::Conv2d patch_embedding;
+  neva::nn::Embedding position_embedding;
 };
 
 class ClipTransformer : public torch::nn::Module {
  public:
-  explicit ClipTransformer(const Config& config) {
-    auto norm = [&] { return torch::nn::LayerNorm(torch::nn::LayerNormOptions({config.hidden_size}).eps(config.layer_norm_eps)); };
-    embeddings = register_module("embeddings", std::make_shared<ClipEmbeddings>(config));
+  ClipTransformer(const neva::RuntimeContext& context, const Config& config) {
+    auto norm = [&] { return std::make_shared<neva::LayerNorm>(context, config.hidden_size, config.layer_norm_eps); };
+    embeddings = register_module("embeddings", std::make_shared<ClipEmbeddings>(context, config));
     pre_layrnorm = register_module("pre_layrnorm", norm());  // transformers' spelling
-    encoder = register_module("encoder", std::make_shared<neva::EncoderStack>(config));
+    encoder = register_module("encoder", std::make_shared<neva::EncoderStack>(context, config));
     post_layernorm = register_module("post_layernorm", norm());
   }
 
   std::shared_ptr<ClipEmbeddings> embeddings;
-  torch::nn::LayerNorm pre_layrnorm{nullptr}, post_layernorm{nullptr};
+  std::shared_ptr<neva::LayerNorm> pre_layrnorm, post_layernorm;
   std::shared_ptr<neva::EncoderStack> encoder;
 };
 
@@ -82,7 +79,7 @@ class ClipEncoder : public neva::VisionEncoder {
  public:
   ClipEncoder(const Config& config, const neva::RuntimeContext& context)
       : config_(config), hidden_state_(config.selected_hidden_state(config.num_layers)) {
-    vision_model_ = register_module("vision_model", std::make_shared<ClipTransformer>(config));
+    vision_model_ = register_module("vision_model", std::make_shared<ClipTransformer>(context, config));
     // What the features never pass through is held for checkpoints but not trainable.
     vision_model_->encoder->freeze_from(hidden_state_);
     for (auto& parameter : vision_model_->post_layernorm->parameters()) parameter.set_requires_grad(false);

@@ -8,13 +8,11 @@
 // or llava-hf directory) or config; vision_select_layer, vision_feature_select_strategy,
 // class_token_length (0: SigLIP has no class token).
 #include <ATen/ATen.h>
-#include <torch/nn/modules/conv.h>
-#include <torch/nn/modules/embedding.h>
-#include <torch/nn/modules/linear.h>
-#include <torch/nn/modules/normalization.h>
 
 #include "neva/error.h"
 #include "neva/nn/encoder_layer.h"
+#include "neva/nn/linear.h"
+#include "neva/nn/norm.h"
 #include "neva/model/vision_tower.h"
 #include "neva/plugin_abi.h"
 
@@ -28,13 +26,11 @@ constexpr neva::VisionTowerDefaults kSiglip{"SigLIP", "siglip_vision_model", "si
 
 class SiglipEmbeddings : public torch::nn::Module {
  public:
-  explicit SiglipEmbeddings(const Config& config) {
-    patch_embedding = register_module(
-        "patch_embedding",
-        torch::nn::Conv2d(torch::nn::Conv2dOptions(config.num_channels, config.hidden_size, config.patch_size)
-                              .stride(config.patch_size)));
+  SiglipEmbeddings(const neva::RuntimeContext& context, const Config& config) {
+    patch_embedding = register_module("patch_embedding", neva::nn::conv2d(context, config.num_channels, config.hidden_size,
+                                                                          config.patch_size, config.patch_size));
     position_embedding = register_module("position_embedding",
-                                         torch::nn::Embedding(config.num_patches(), config.hidden_size));
+                                         neva::nn::embedding(context, config.num_patches(), config.hidden_size));
   }
 
   at::Tensor forward(const at::Tensor& pixel_values) {
@@ -43,35 +39,35 @@ class SiglipEmbeddings : public torch::nn::Module {
     return patches.flatten(2).transpose(1, 2) + position_embedding->weight.to(patches.scalar_type());
   }
 
-  torch::nn::Conv2d patch_embedding{nullptr};
-  torch::nn::Embedding position_embedding{nullptr};
+  neva::nn::Conv2d patch_embedding;
+  neva::nn::Embedding position_embedding;
 };
 
 // SiglipMultiheadAttentionPoolingHead's parameters (probe, attention.in_proj_*, attention.out_proj,
 // layernorm, mlp): held so checkpoints load strictly; LLaVA-style models never use the head.
 class SiglipHead : public torch::nn::Module {
  public:
-  explicit SiglipHead(const Config& config) {
+  SiglipHead(const neva::RuntimeContext& context, const Config& config) {
     const std::int64_t d = config.hidden_size;
     register_parameter("probe", at::zeros({1, 1, d}));
     auto attention = register_module("attention", std::make_shared<torch::nn::Module>());
     attention->register_parameter("in_proj_weight", at::zeros({3 * d, d}));
     attention->register_parameter("in_proj_bias", at::zeros({3 * d}));
-    attention->register_module("out_proj", torch::nn::Linear(d, d));
-    register_module("layernorm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({d}).eps(config.layer_norm_eps)));
-    register_module("mlp", std::make_shared<neva::EncoderMLP>(d, config.intermediate_size, config.hidden_act));
+    attention->register_module("out_proj", neva::nn::linear(context, d, d));
+    register_module("layernorm", std::make_shared<neva::LayerNorm>(context, d, config.layer_norm_eps));
+    register_module("mlp", std::make_shared<neva::EncoderMLP>(context, d, config.intermediate_size, config.hidden_act));
   }
 };
 
 class SiglipTransformer : public torch::nn::Module {
  public:
-  explicit SiglipTransformer(const Config& config) {
-    embeddings = register_module("embeddings", std::make_shared<SiglipEmbeddings>(config));
-    encoder = register_module("encoder", std::make_shared<neva::EncoderStack>(config));
+  SiglipTransformer(const neva::RuntimeContext& context, const Config& config) {
+    embeddings = register_module("embeddings", std::make_shared<SiglipEmbeddings>(context, config));
+    encoder = register_module("encoder", std::make_shared<neva::EncoderStack>(context, config));
     auto post = register_module("post_layernorm",
-                                torch::nn::LayerNorm(torch::nn::LayerNormOptions({config.hidden_size}).eps(config.layer_norm_eps)));
+                                std::make_shared<neva::LayerNorm>(context, config.hidden_size, config.layer_norm_eps));
     std::shared_ptr<torch::nn::Module> head;
-    if (config.use_head) head = register_module("head", std::make_shared<SiglipHead>(config));
+    if (config.use_head) head = register_module("head", std::make_shared<SiglipHead>(context, config));
     // Held for checkpoints; LLaVA features never pass through them, so they are not trainable.
     for (auto& parameter : post->parameters()) parameter.set_requires_grad(false);
     if (head) {
@@ -87,7 +83,7 @@ class SiglipEncoder : public neva::VisionEncoder {
  public:
   SiglipEncoder(const Config& config, const neva::RuntimeContext& context)
       : config_(config), hidden_state_(config.selected_hidden_state(config.num_layers)) {
-    vision_model_ = register_module("vision_model", std::make_shared<SiglipTransformer>(config));
+    vision_model_ = register_module("vision_model", std::make_shared<SiglipTransformer>(context, config));
     vision_model_->encoder->freeze_from(hidden_state_);
     to(context.device, context.dtypes.params);
     if (!config.weights.empty()) {

@@ -6,13 +6,13 @@
 //
 // Parameter names are transformers': model.embed_tokens, model.layers.N.{input_layernorm,
 // self_attn.{q,k,v,o}_proj, post_attention_layernorm, mlp | block_sparse_moe}, model.norm, lm_head.
-#include <torch/nn/modules/linear.h>
 
 #include <cstdint>
 #include <string>
 #include <vector>
 
 #include "neva/context.h"
+#include "neva/nn/linear.h"
 #include "neva/io/hf_config.h"
 #include "neva/language_backbone.h"
 #include "neva/nn/rotary.h"
@@ -61,7 +61,7 @@ class NEVA_API DecoderBackbone : public LanguageBackbone {
   RuntimeContext context_;
   RotaryEmbedding rotary_;
   std::shared_ptr<DecoderModel> model_;
-  torch::nn::Linear lm_head_{nullptr};
+  nn::Linear lm_head_;
 };
 
 // An architecture's transformers defaults for absent config.json keys.

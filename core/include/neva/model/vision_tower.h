@@ -9,6 +9,7 @@
 #include <string>
 
 #include "neva/config.h"
+#include "neva/context.h"
 #include "neva/io/hf_config.h"
 #include "neva/io/safetensors.h"
 #include "neva/vision_encoder.h"
@@ -50,7 +51,7 @@ NEVA_API void parse_vision_tower(const ConfigSection& section, const VisionTower
 // encoder.layers.N: EncoderLayer stack.
 class NEVA_API EncoderStack : public torch::nn::Module {
  public:
-  explicit EncoderStack(const VisionTowerConfig& config);
+  EncoderStack(const RuntimeContext& context, const VisionTowerConfig& config);
   // The output of layer `count` (0: the input itself).
   at::Tensor run(at::Tensor hidden, std::int64_t count);
   // Layers from `count` on never run: they are loaded (checkpoints hold them) but not trainable.

@@ -1,14 +1,15 @@
 #pragma once
 // Causal self-attention with grouped-query heads, RoPE, a per-layer KV cache, padding masks, packed
 // segments and an optional sliding window, computed with the fused scaled-dot-product kernel.
-#include <torch/nn/module.h>
-#include <torch/nn/modules/linear.h>
+#include <ATen/core/Tensor.h>
 
 #include <cstdint>
 #include <optional>
 #include <vector>
 
 #include "neva/api.h"
+#include "neva/context.h"
+#include "neva/nn/linear.h"
 #include "neva/nn/rotary.h"
 
 namespace neva {
@@ -48,10 +49,12 @@ struct AttentionConfig {
   bool recompute_core = false;
 };
 
-// Parameter names match transformers: q_proj, k_proj, v_proj, o_proj.
-class NEVA_API SelfAttention : public torch::nn::Module {
+// Parameter names match transformers: q_proj, k_proj, v_proj, o_proj. q/k/v split their outputs
+// (whole heads) over the tensor-parallel group, o_proj its input. Head counts and sizes come from the
+// config, never from the input's shape.
+class NEVA_API SelfAttention : public nn::Module {
  public:
-  explicit SelfAttention(const AttentionConfig& config);
+  SelfAttention(const RuntimeContext& context, const AttentionConfig& config);
   // x [batch, seq, hidden]; cos/sin from RotaryEmbedding::cos_sin; cache appended in place when given.
   // `rows` (optional, no cache): [batch, count] int64 positions; only their queries are computed and
   // the output is [batch, count, hidden] (keys and values still cover every position).
@@ -60,7 +63,7 @@ class NEVA_API SelfAttention : public torch::nn::Module {
 
  private:
   AttentionConfig config_;
-  torch::nn::Linear q_proj_{nullptr}, k_proj_{nullptr}, v_proj_{nullptr}, o_proj_{nullptr};
+  nn::Linear q_proj_, k_proj_, v_proj_, o_proj_;
 };
 
 }  // namespace neva

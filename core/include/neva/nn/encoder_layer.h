@@ -3,13 +3,14 @@
 //   x = x + out_proj(attention(layer_norm1(x)));  x = x + fc2(act(fc1(layer_norm2(x))))
 // Bidirectional attention, biases everywhere. Parameter names match transformers:
 // layer_norm1, self_attn.{q,k,v,out}_proj, layer_norm2, mlp.{fc1,fc2}.
-#include <torch/nn/module.h>
-#include <torch/nn/modules/linear.h>
-#include <torch/nn/modules/normalization.h>
+#include <ATen/core/Tensor.h>
 
 #include <string>
 
 #include "neva/api.h"
+#include "neva/context.h"
+#include "neva/nn/linear.h"
+#include "neva/nn/norm.h"
 
 namespace neva {
 
@@ -21,33 +22,36 @@ struct EncoderLayerConfig {
   std::string activation = "quick_gelu";
 };
 
-class NEVA_API EncoderAttention : public torch::nn::Module {
+// q/k/v split their outputs (whole heads) over the tensor-parallel group, out_proj its input; the
+// head size is the config's, not the input's.
+class NEVA_API EncoderAttention : public nn::Module {
  public:
-  EncoderAttention(std::int64_t hidden_size, std::int64_t num_heads);
+  EncoderAttention(const RuntimeContext& context, std::int64_t hidden_size, std::int64_t num_heads);
   at::Tensor forward(const at::Tensor& x);
 
  private:
-  std::int64_t num_heads_;
-  torch::nn::Linear q_proj_{nullptr}, k_proj_{nullptr}, v_proj_{nullptr}, out_proj_{nullptr};
+  std::int64_t num_heads_, head_dim_;
+  nn::Linear q_proj_, k_proj_, v_proj_, out_proj_;
 };
 
-class NEVA_API EncoderMLP : public torch::nn::Module {
+class NEVA_API EncoderMLP : public nn::Module {
  public:
-  EncoderMLP(std::int64_t hidden_size, std::int64_t intermediate_size, std::string activation);
+  EncoderMLP(const RuntimeContext& context, std::int64_t hidden_size, std::int64_t intermediate_size,
+             std::string activation);
   at::Tensor forward(const at::Tensor& x);
 
  private:
-  torch::nn::Linear fc1_{nullptr}, fc2_{nullptr};
+  nn::Linear fc1_, fc2_;
   std::string activation_;
 };
 
-class NEVA_API EncoderLayer : public torch::nn::Module {
+class NEVA_API EncoderLayer : public nn::Module {
  public:
-  explicit EncoderLayer(const EncoderLayerConfig& config);
+  EncoderLayer(const RuntimeContext& context, const EncoderLayerConfig& config);
   at::Tensor forward(const at::Tensor& x);
 
  private:
-  torch::nn::LayerNorm layer_norm1_{nullptr}, layer_norm2_{nullptr};
+  std::shared_ptr<LayerNorm> layer_norm1_, layer_norm2_;
   std::shared_ptr<EncoderAttention> self_attn_;
   std::shared_ptr<EncoderMLP> mlp_;
 };

@@ -1,12 +1,12 @@
 #pragma once
 // Feed-forward blocks of decoder layers, with transformers' parameter names.
-#include <torch/nn/module.h>
 #include <torch/nn/modules/container/modulelist.h>
-#include <torch/nn/modules/linear.h>
 
 #include <string>
 
 #include "neva/api.h"
+#include "neva/context.h"
+#include "neva/nn/linear.h"
 
 namespace neva {
 
@@ -15,7 +15,7 @@ NEVA_API at::Tensor activation(const std::string& name, const at::Tensor& x);
 // Throws neva::Error for a name activation() does not know.
 NEVA_API void check_activation(const std::string& name, const std::string& where);
 
-class NEVA_API FeedForward : public torch::nn::Module {
+class NEVA_API FeedForward : public nn::Module {
  public:
   ~FeedForward() override;
   virtual at::Tensor forward(const at::Tensor& x) = 0;
@@ -30,24 +30,28 @@ class NEVA_API GatedMLP : public FeedForward {
     const char* up = "up_proj";
     const char* down = "down_proj";
   };
-  GatedMLP(std::int64_t hidden_size, std::int64_t intermediate_size, bool bias, std::string activation, Names names);
-  GatedMLP(std::int64_t hidden_size, std::int64_t intermediate_size, bool bias, std::string activation)
-      : GatedMLP(hidden_size, intermediate_size, bias, std::move(activation), Names{}) {}
+  // gate and up split their outputs over the tensor-parallel group, down its input.
+  GatedMLP(const RuntimeContext& context, std::int64_t hidden_size, std::int64_t intermediate_size, bool bias,
+           std::string activation, Names names);
+  GatedMLP(const RuntimeContext& context, std::int64_t hidden_size, std::int64_t intermediate_size, bool bias,
+           std::string activation)
+      : GatedMLP(context, hidden_size, intermediate_size, bias, std::move(activation), Names{}) {}
   at::Tensor forward(const at::Tensor& x) override;
 
  private:
-  torch::nn::Linear gate_{nullptr}, up_{nullptr}, down_{nullptr};
+  nn::Linear gate_, up_, down_;
   std::string activation_;
 };
 
 // down_proj(act(up_proj(x))), no gate (Nemotron's relu2 MLP).
 class NEVA_API PlainMLP : public FeedForward {
  public:
-  PlainMLP(std::int64_t hidden_size, std::int64_t intermediate_size, bool bias, std::string activation);
+  PlainMLP(const RuntimeContext& context, std::int64_t hidden_size, std::int64_t intermediate_size, bool bias,
+           std::string activation);
   at::Tensor forward(const at::Tensor& x) override;
 
  private:
-  torch::nn::Linear up_proj_{nullptr}, down_proj_{nullptr};
+  nn::Linear up_proj_, down_proj_;
   std::string activation_;
 };
 
@@ -56,8 +60,9 @@ class NEVA_API PlainMLP : public FeedForward {
 // parallelism can place them on different ranks.
 class NEVA_API SparseMoE : public FeedForward {
  public:
-  SparseMoE(std::int64_t hidden_size, std::int64_t intermediate_size, std::int64_t num_experts, std::int64_t top_k,
-            std::string activation);
+  // The router is replicated; each expert's parameters carry its index (nn::ParameterSharding::expert).
+  SparseMoE(const RuntimeContext& context, std::int64_t hidden_size, std::int64_t intermediate_size,
+            std::int64_t num_experts, std::int64_t top_k, std::string activation);
   at::Tensor forward(const at::Tensor& x) override;
   // The output and the router logits [tokens, experts] (for the load-balancing loss). Returned, not
   // kept: a module holds no per-call state, so one instance serves concurrent callers.
@@ -67,7 +72,7 @@ class NEVA_API SparseMoE : public FeedForward {
 
  private:
   std::int64_t num_experts_, top_k_;
-  torch::nn::Linear gate_{nullptr};
+  nn::Linear gate_;
   torch::nn::ModuleList experts_{nullptr};
 };
 

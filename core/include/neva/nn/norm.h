@@ -5,11 +5,13 @@
 #include <string>
 
 #include "neva/api.h"
+#include "neva/context.h"
+#include "neva/nn/module.h"
 
 namespace neva {
 
 // A normalisation over the last dimension.
-class NEVA_API Norm : public torch::nn::Module {
+class NEVA_API Norm : public nn::Module {
  public:
   ~Norm() override;
   virtual at::Tensor forward(const at::Tensor& x) = 0;
@@ -19,7 +21,7 @@ class NEVA_API Norm : public torch::nn::Module {
 // weight multiply (LlamaRMSNorm).
 class NEVA_API RMSNorm : public Norm {
  public:
-  RMSNorm(std::int64_t size, double eps);
+  RMSNorm(const RuntimeContext& context, std::int64_t size, double eps);
   at::Tensor forward(const at::Tensor& x) override;
 
  private:
@@ -31,7 +33,7 @@ class NEVA_API RMSNorm : public Norm {
 // is zero-centred.
 class NEVA_API LayerNorm1P : public Norm {
  public:
-  LayerNorm1P(std::int64_t size, double eps);
+  LayerNorm1P(const RuntimeContext& context, std::int64_t size, double eps);
   at::Tensor forward(const at::Tensor& x) override;
 
  private:
@@ -39,7 +41,19 @@ class NEVA_API LayerNorm1P : public Norm {
   double eps_;
 };
 
-// "rms" or "layernorm1p".
-NEVA_API std::shared_ptr<Norm> make_norm(const std::string& kind, std::int64_t size, double eps);
+// torch.nn.LayerNorm: layer_norm(x, weight, bias, eps) (ViT towers).
+class NEVA_API LayerNorm : public Norm {
+ public:
+  LayerNorm(const RuntimeContext& context, std::int64_t size, double eps);
+  at::Tensor forward(const at::Tensor& x) override;
+
+ private:
+  at::Tensor weight_, bias_;
+  double eps_;
+};
+
+// "rms", "layernorm1p" or "layernorm".
+NEVA_API std::shared_ptr<Norm> make_norm(const RuntimeContext& context, const std::string& kind, std::int64_t size,
+                                         double eps);
 
 }  // namespace neva
