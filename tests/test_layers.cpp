@@ -20,29 +20,13 @@
 #include "neva/nn/linear.h"
 #include "neva/nn/module.h"
 #include "test_support.h"
+#include "tiny_decoder.h"
 
 namespace {
 
 namespace fs = std::filesystem;
 
-neva::DecoderConfig small_decoder(const std::string& mlp) {
-  neva::DecoderConfig config;
-  config.source = "test";
-  config.vocab_size = 50;
-  config.hidden_size = 32;
-  config.intermediate_size = 48;
-  config.num_layers = 2;
-  config.num_heads = 4;
-  config.num_kv_heads = 2;
-  config.head_dim = 8;
-  config.mlp = mlp;
-  if (mlp == "moe") {
-    config.num_experts = 3;
-    config.experts_per_token = 2;
-  }
-  config.rope.head_dim = 8;
-  return config;
-}
+using neva::test::tiny_decoder;
 
 }  // namespace
 
@@ -80,7 +64,7 @@ TEST_CASE("at tensor-parallel size 1, neva::nn's linear, embedding and conv2d ar
 
 TEST_CASE("every parameter of a decoder says how it would be split over tensor parallelism and to which expert it belongs") {
   for (const std::string mlp : {"gated", "moe"}) {
-    neva::DecoderBackbone backbone(small_decoder(mlp), neva::RuntimeContext::seeded(1));
+    neva::DecoderBackbone backbone(tiny_decoder(mlp), neva::RuntimeContext::seeded(1));
     std::map<std::string, neva::nn::ParameterSharding> shardings;
     for (auto& [name, sharding] : neva::nn::parameter_shardings(backbone)) shardings[name] = sharding;
     CHECK(shardings.size() == backbone.named_parameters().size());
@@ -104,13 +88,13 @@ TEST_CASE("every parameter of a decoder says how it would be split over tensor p
     } else {
       CHECK(shardings.at("model.layers.0.block_sparse_moe.gate.weight").expert == -1);  // the router is dense
       CHECK(dim("model.layers.0.block_sparse_moe.gate.weight") == -1);
-      for (std::int64_t e = 0; e < 3; ++e) {
+      for (std::int64_t e = 0; e < tiny_decoder("moe").num_experts; ++e) {
         for (const std::string w : {"w1", "w2", "w3"}) {
           const std::string name = "model.layers.1.block_sparse_moe.experts." + std::to_string(e) + "." + w + ".weight";
           CHECK_MESSAGE(shardings.at(name).expert == e, name);
         }
       }
-      CHECK(dim("model.layers.1.block_sparse_moe.experts.2.w2.weight") == 1);
+      CHECK(dim("model.layers.3.block_sparse_moe.experts.2.w2.weight") == 1);
     }
     for (auto& [name, sharding] : shardings) CHECK_MESSAGE(sharding.pipeline_stage == 0, name);
     neva::nn::set_pipeline_stage(backbone, 1);
@@ -125,10 +109,10 @@ TEST_CASE("a model's initialisation comes from its context's generator alone, dr
     return out;
   };
   at::manual_seed(1);
-  auto first = parameters(neva::DecoderBackbone(small_decoder("moe"), neva::RuntimeContext::seeded(3)));
+  auto first = parameters(neva::DecoderBackbone(tiny_decoder("moe"), neva::RuntimeContext::seeded(3)));
   at::manual_seed(2);  // the global generator plays no part
-  auto second = parameters(neva::DecoderBackbone(small_decoder("moe"), neva::RuntimeContext::seeded(3)));
-  auto other = parameters(neva::DecoderBackbone(small_decoder("moe"), neva::RuntimeContext::seeded(4)));
+  auto second = parameters(neva::DecoderBackbone(tiny_decoder("moe"), neva::RuntimeContext::seeded(3)));
+  auto other = parameters(neva::DecoderBackbone(tiny_decoder("moe"), neva::RuntimeContext::seeded(4)));
   REQUIRE(first.size() == second.size());
   bool all_same_seed_equal = true, any_other_seed_differs = false;
   for (std::size_t i = 0; i < first.size(); ++i) {

@@ -17,31 +17,15 @@
 #include "neva/data/dataset.h"
 #include "neva/nn/attention.h"
 #include "neva/model/decoder.h"
+#include "neva/nn/linear.h"
 #include "neva/nn/norm.h"
 #include "neva/train/optim.h"
 #include "neva/precision.h"
+#include "tiny_decoder.h"
 
 namespace {
 
-neva::DecoderConfig tiny_decoder(const std::string& mlp = "gated") {
-  neva::DecoderConfig config;
-  config.source = "test";
-  config.vocab_size = 97;
-  config.hidden_size = 64;
-  config.intermediate_size = 128;
-  config.num_layers = 4;
-  config.num_heads = 4;
-  config.num_kv_heads = 2;
-  config.head_dim = 16;
-  config.mlp = mlp;
-  if (mlp == "moe") {
-    config.num_experts = 4;
-    config.experts_per_token = 2;
-    config.router_aux_loss_coef = 0.02;
-  }
-  config.rope.head_dim = 16;
-  return config;
-}
+using neva::test::tiny_decoder;
 
 std::shared_ptr<neva::DecoderBackbone> backbone(const neva::DecoderConfig& config, const std::string& granularity = "",
                                                 const std::string& method = "uniform", std::int64_t layers = 1) {
@@ -339,29 +323,31 @@ TEST_CASE("a logits mask gives the full forward's logits at exactly those positi
 
 namespace {
 
-// Modules of every kind FrozenWeightCasts meets: autocast-cast layers (linear, convolution), layers
-// that read their weights as they are (norm, embedding), and a linear whose weight is tied to a
-// plain module's parameter.
+// Modules of every kind FrozenWeightCasts meets: autocast-cast layers (neva::nn's linear and
+// convolution, and a plugin's own torch::nn::Linear), layers that read their weights as they are
+// (norm, embedding), and a linear whose weight is tied to a plain module's parameter.
 struct CastProbe : torch::nn::Module {
   struct Tied : torch::nn::Module {
     explicit Tied(const at::Tensor& shared) { register_parameter("weight", shared); }
   };
-  torch::nn::Linear proj{nullptr}, head{nullptr};
-  torch::nn::Conv2d conv{nullptr};
-  torch::nn::LayerNorm norm{nullptr};
-  torch::nn::Embedding embed{nullptr};
-  CastProbe() {
-    proj = register_module("proj", torch::nn::Linear(8, 16));
-    conv = register_module("conv", torch::nn::Conv2d(torch::nn::Conv2dOptions(3, 8, 2).stride(2)));
-    norm = register_module("norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({16})));
-    embed = register_module("embed", torch::nn::Embedding(10, 8));
-    head = register_module("head", torch::nn::Linear(torch::nn::LinearOptions(8, 10).bias(false)));
+  neva::nn::Linear proj, head;
+  neva::nn::Conv2d conv;
+  std::shared_ptr<neva::LayerNorm> norm;
+  neva::nn::Embedding embed;
+  torch::nn::Linear plugin{nullptr};
+  explicit CastProbe(const neva::RuntimeContext& context) {
+    proj = register_module("proj", neva::nn::linear(context, 8, 16));
+    conv = register_module("conv", neva::nn::conv2d(context, 3, 8, 2, 2));
+    norm = register_module("norm", std::make_shared<neva::LayerNorm>(context, 16, 1e-5));
+    embed = register_module("embed", neva::nn::embedding(context, 10, 8));
+    head = register_module("head", neva::nn::linear(context, 8, 10, {false}));
+    plugin = register_module("plugin", torch::nn::Linear(16, 16));
     register_module("tied", std::make_shared<Tied>(head->weight));
   }
   at::Tensor forward(const at::Tensor& ids, const at::Tensor& image) {
     at::Tensor patches = conv->forward(image).flatten(2).transpose(1, 2);  // [B, 4, 8]
     at::Tensor tokens = embed->forward(ids);
-    at::Tensor h = norm->forward(proj->forward(tokens + patches.mean(1, true)));
+    at::Tensor h = plugin->forward(norm->forward(proj->forward(tokens + patches.mean(1, true))));
     return at::cat({h, head->forward(tokens)}, -1);
   }
 };
@@ -370,7 +356,7 @@ struct CastProbe : torch::nn::Module {
 
 TEST_CASE("frozen linear and convolution weights cast once give autocast's results bitwise, and come back intact") {
   torch::manual_seed(5);
-  CastProbe probe;
+  CastProbe probe(neva::RuntimeContext::seeded(5));
   for (auto& parameter : probe.parameters()) parameter.set_requires_grad(false);
   const at::Tensor ids = torch::randint(0, 10, {2, 5}), image = torch::randn({2, 3, 4, 4});
   auto mixed = neva::make_precision_recipe("bf16-mixed", false);
@@ -381,15 +367,17 @@ TEST_CASE("frozen linear and convolution weights cast once give autocast's resul
   };
   const at::Tensor expected = run();
   REQUIRE(at::equal(run(), expected));  // deterministic to begin with
-  const at::Tensor proj_weight = probe.proj->weight.clone(), conv_weight = probe.conv->weight.clone();
+  const at::Tensor proj_weight = probe.proj->weight.clone(), conv_weight = probe.conv->weight.clone(),
+                   plugin_weight = probe.plugin->weight.clone();
   {
     neva::FrozenWeightCasts casts({&probe}, at::kBFloat16);
-    CHECK(casts.count() == 2);  // the weights of proj and conv; the tied head is left alone
+    CHECK(casts.count() == 3);  // the weights of proj, conv and plugin; the tied head is left alone
     CHECK((probe.proj->weight.scalar_type() == at::kBFloat16));
     CHECK((probe.conv->weight.scalar_type() == at::kBFloat16));
+    CHECK((probe.plugin->weight.scalar_type() == at::kBFloat16));
     CHECK((probe.proj->bias.scalar_type() == at::kFloat));
     CHECK((probe.head->weight.scalar_type() == at::kFloat));
-    CHECK((probe.norm->weight.scalar_type() == at::kFloat));
+    CHECK((probe.norm->named_parameters()["weight"].scalar_type() == at::kFloat));
     CHECK((probe.embed->weight.scalar_type() == at::kFloat));
     CHECK(at::equal(run(), expected));
   }
@@ -398,17 +386,18 @@ TEST_CASE("frozen linear and convolution weights cast once give autocast's resul
   // Without the originals kept, the cast stays (a run that never exports).
   {
     neva::FrozenWeightCasts dropped({&probe}, at::kBFloat16, /*keep_originals=*/false);
-    CHECK(dropped.count() == 2);
+    CHECK(dropped.count() == 3);
   }
   CHECK((probe.proj->weight.scalar_type() == at::kBFloat16));
   CHECK(at::equal(probe.proj->weight, proj_weight.to(at::kBFloat16)));
   probe.proj->weight.set_data(proj_weight.clone());
   probe.conv->weight.set_data(conv_weight.clone());
+  probe.plugin->weight.set_data(plugin_weight.clone());
   // Trained weights are autocast's to cast (and cache): untouched.
   probe.proj->weight.set_requires_grad(true);
   neva::FrozenWeightCasts trained({&probe}, at::kBFloat16);
   CHECK((probe.proj->weight.scalar_type() == at::kFloat));
-  CHECK(trained.count() == 1);
+  CHECK(trained.count() == 2);
 }
 
 TEST_CASE("bf16 on a CPU without native bf16 is announced as emulated, fp32 and accelerators are not") {

@@ -101,7 +101,7 @@ void run_inspect(const Recipe& recipe, std::ostream& out) {
   out << "recipe: " << recipe.source << "\n"
       << "runtime: device " << context.device << ", precision " << recipe.trainer.precision << " (params "
       << c10::toString(context.dtypes.params) << ", compute " << c10::toString(context.dtypes.compute)
-      << "), seed " << context.seed << "\n"
+      << "), seed " << context.generator.current_seed() << "\n"
       << "parallel: tensor " << parallel.tensor << ", pipeline " << parallel.pipeline << ", context "
       << parallel.context << ", expert " << parallel.expert << (parallel.sequence_parallel ? ", sequence parallel" : "")
       << "; micro batch " << recipe.model.micro_batch_size << ", global batch " << recipe.model.global_batch_size

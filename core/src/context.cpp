@@ -14,7 +14,6 @@ at::Generator make_generator(std::uint64_t seed) { return at::make_generator<at:
 RuntimeContext RuntimeContext::seeded(std::uint64_t seed, c10::Device device) {
   RuntimeContext context;
   context.device = device;
-  context.seed = seed;
   context.generator = make_generator(seed);
   return context;
 }

@@ -14,8 +14,7 @@
 
 namespace neva {
 
-class ProcessGroup;     // neva/parallel/process_group.h
-class PrecisionRecipe;  // neva/precision_recipe.h
+class ProcessGroup;  // neva/parallel/process_group.h
 
 // Which dtype each kind of tensor uses, decided by the PrecisionRecipe.
 struct DTypePolicy {
@@ -58,7 +57,8 @@ NEVA_API int group_rank(const std::shared_ptr<ProcessGroup>& group);
 // A CPU generator seeded with `seed` (mt19937, as at::manual_seed seeds the default one).
 NEVA_API at::Generator make_generator(std::uint64_t seed);
 
-// Everything a layer needs to know about where and how it runs.
+// Everything a layer needs to know about where and how it runs. Later fields (a precision recipe's
+// hooks for the FP8 linear) are appended after `groups` as a minor ABI version.
 //
 // Parameters are initialised from `generator`, on the CPU, then moved to `device` (Megatron's
 // use_cpu_initialization): the same seed gives the same weights on every device. Copies of a context
@@ -66,15 +66,11 @@ NEVA_API at::Generator make_generator(std::uint64_t seed);
 struct RuntimeContext {
   c10::Device device{c10::DeviceType::CPU};
   DTypePolicy dtypes;
-  std::uint64_t seed = 0;
-  at::Generator generator = make_generator(0);
+  at::Generator generator = make_generator(0);  // its seed: generator.current_seed()
   ActivationCheckpointConfig activations_checkpoint;
-  // The precision recipe the model runs under (trainer.precision); null: plain fp32. Layers built by
-  // neva::nn's factories consult it (the FP8 recipe swaps their matmuls).
-  std::shared_ptr<const PrecisionRecipe> precision;
   ParallelGroups groups;  // last: it grows
 
-  // A context for a fresh run: `seed` and a generator seeded with it.
+  // A context for a fresh run: a generator seeded with `seed`.
   NEVA_API static RuntimeContext seeded(std::uint64_t seed, c10::Device device = c10::Device(c10::DeviceType::CPU));
 };
 

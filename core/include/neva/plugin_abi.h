@@ -8,7 +8,7 @@
 //   Minor version: fields appended at the end of PluginDescriptor or of the structures passed to
 //   plugins (RuntimeContext::groups and ParallelGroups grow at their end); older plugins stay loadable.
 //   Major version: anything else (a changed field, a changed interface class).
-//   2.0: RuntimeContext carries the generator layers initialise from, the precision recipe and every
+//   2.0: RuntimeContext carries the generator layers initialise from and every
 //   process group (last); headers grouped by concern (neva/io, data, nn, model, parallel, train,
 //   inference); layers built from the context through neva::nn's factories (docs/plugins.md).
 //

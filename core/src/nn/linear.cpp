@@ -41,7 +41,7 @@ at::Tensor normal_parameter(const RuntimeContext& context, at::IntArrayRef shape
 
 LinearImpl::LinearImpl(const RuntimeContext& context, std::int64_t in_features, std::int64_t out_features,
                        const LinearOptions& options)
-    : in_features_(in_features), out_features_(out_features), options_(options) {
+    : in_features_(in_features), out_features_(out_features) {
   if (in_features <= 0 || out_features <= 0) {
     throw Error("a linear layer needs positive sizes, got " + std::to_string(in_features) + " -> " +
                 std::to_string(out_features));

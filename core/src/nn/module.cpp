@@ -4,12 +4,6 @@
 
 namespace neva::nn {
 
-bool ParameterSharding::operator==(const ParameterSharding& other) const {
-  return tensor_parallel_dim == other.tensor_parallel_dim && partition_stride == other.partition_stride &&
-         sequence_parallel == other.sequence_parallel && expert == other.expert &&
-         pipeline_stage == other.pipeline_stage;
-}
-
 Module::~Module() = default;
 
 at::Tensor& Module::register_parameter(std::string name, at::Tensor tensor, const ParameterSharding& sharding,

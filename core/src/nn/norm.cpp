@@ -46,8 +46,7 @@ at::Tensor LayerNorm::forward(const at::Tensor& x) { return at::layer_norm(x, {w
 std::shared_ptr<Norm> make_norm(const RuntimeContext& context, const std::string& kind, std::int64_t size, double eps) {
   if (kind == "rms") return std::make_shared<RMSNorm>(context, size, eps);
   if (kind == "layernorm1p") return std::make_shared<LayerNorm1P>(context, size, eps);
-  if (kind == "layernorm") return std::make_shared<LayerNorm>(context, size, eps);
-  throw Error("unknown norm '" + kind + "' (known: rms, layernorm1p, layernorm)");
+  throw Error("unknown norm '" + kind + "' (known: rms, layernorm1p)");
 }
 
 }  // namespace neva

@@ -47,14 +47,12 @@ class NEVA_API LinearImpl : public Module {
   at::Tensor forward(const at::Tensor& x);
   std::int64_t in_features() const { return in_features_; }    // of the whole layer
   std::int64_t out_features() const { return out_features_; }  // of the whole layer
-  const LinearOptions& options() const { return options_; }
 
   at::Tensor weight;  // [out, in] (this rank's shard)
   at::Tensor bias;    // [out] (this rank's shard), or undefined
 
  private:
   std::int64_t in_features_, out_features_;
-  LinearOptions options_;
 };
 
 class NEVA_API EmbeddingImpl : public Module {

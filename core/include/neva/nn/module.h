@@ -30,9 +30,6 @@ struct ParameterSharding {
   std::int64_t expert = -1;
   // The pipeline stage that holds it.
   std::int64_t pipeline_stage = 0;
-
-  bool tensor_parallel() const { return tensor_parallel_dim >= 0; }
-  bool operator==(const ParameterSharding& other) const;
 };
 
 class NEVA_API Module : public torch::nn::Module {

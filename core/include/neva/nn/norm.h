@@ -52,7 +52,7 @@ class NEVA_API LayerNorm : public Norm {
   double eps_;
 };
 
-// "rms", "layernorm1p" or "layernorm".
+// A decoder's norm by its DecoderConfig::norm name: "rms" or "layernorm1p".
 NEVA_API std::shared_ptr<Norm> make_norm(const RuntimeContext& context, const std::string& kind, std::int64_t size,
                                          double eps);
 
