@@ -1,42 +1,149 @@
-// One rank of the distributed proof: joins the world from torchrun-style environment variables,
-// forms a Gloo process group over all ranks, and checks collectives against their known results.
+// One rank of the distributed proofs: joins the world from the launcher's environment (torchrun's
+// or our own launch), forms a Gloo process group over all ranks and checks every operation of
+// neva's c10d layer against its known result. Prints one line per check ("rank R/N <check> ok");
+// exits 3 when a check is wrong, 1 on an error.
+#include <torch/csrc/distributed/c10d/Store.hpp>
 #include <torch/types.h>
 
 #include <iostream>
+#include <string>
 
-#include "neva/parallel/process_group.h"
 #include "neva/error.h"
+#include "neva/parallel/process_group.h"
+
+namespace {
+
+int failures = 0;
+
+void report(const neva::World& world, const std::string& check, bool ok) {
+  std::cout << "rank " << world.rank << "/" << world.size << " " << check << (ok ? " ok" : " WRONG") << std::endl;
+  if (!ok) ++failures;
+}
+
+// rank r holds r * 10 + [0, 1, ..., n-1], as float64 (what the parallel tests compare in).
+at::Tensor ramp(int rank, std::int64_t n) {
+  return torch::arange(n, at::kDouble) + static_cast<double>(rank * 10);
+}
+
+}  // namespace
 
 int main() {
   try {
     neva::World world = neva::World::from_environment(std::chrono::seconds(60));
-    std::vector<int> everyone(world.size);
-    for (int rank = 0; rank < world.size; ++rank) everyone[rank] = rank;
+    const int n = world.size, me = world.rank;
+    std::vector<int> everyone(n);
+    for (int rank = 0; rank < n; ++rank) everyone[rank] = rank;
     auto group = neva::new_group(world, "world", everyone, c10::Device(c10::DeviceType::CPU), std::chrono::seconds(60));
+    report(world, "backend " + group->backend_name(), group->backend_name() == "gloo");
 
-    // all_reduce(sum) of (rank + 1) * [1, 2, 3]: (1 + ... + n) * [1, 2, 3] on every rank.
-    at::Tensor values = torch::tensor({1.0f, 2.0f, 3.0f}) * static_cast<float>(world.rank + 1);
-    group->all_reduce(values, neva::ReduceOp::Sum);
-    float factor = world.size * (world.size + 1) / 2.0f;
-    bool sum_ok = torch::equal(values, torch::tensor({1.0f, 2.0f, 3.0f}) * factor);
+    // all_reduce: sum, max, avg.
+    at::Tensor values = torch::tensor({1.0, 2.0, 3.0}) * static_cast<double>(me + 1);
+    group->all_reduce(values, neva::ReduceOp::Sum).wait();
+    report(world, "all_reduce sum", torch::equal(values, torch::tensor({1.0, 2.0, 3.0}) * (n * (n + 1) / 2.0)));
+    at::Tensor biggest = torch::tensor({static_cast<double>(me)});
+    group->all_reduce(biggest, neva::ReduceOp::Max).wait();
+    report(world, "all_reduce max", biggest.item<double>() == n - 1);
+    at::Tensor average = torch::tensor({static_cast<double>(me)});
+    group->all_reduce(average, neva::ReduceOp::Avg).wait();
+    report(world, "all_reduce avg", average.item<double>() == (n - 1) / 2.0);
 
-    at::Tensor biggest = torch::tensor({static_cast<double>(world.rank)});
-    group->all_reduce(biggest, neva::ReduceOp::Max);
-    bool max_ok = biggest.item<double>() == world.size - 1;
+    at::Tensor message = me == 0 ? torch::arange(4, at::kLong) : torch::zeros({4}, at::kLong);
+    group->broadcast(message, 0).wait();
+    report(world, "broadcast", torch::equal(message, torch::arange(4, at::kLong)));
 
-    at::Tensor average = torch::tensor({static_cast<double>(world.rank)});
-    group->all_reduce(average, neva::ReduceOp::Avg);
-    bool avg_ok = average.item<double>() == (world.size - 1) / 2.0;
+    // all_gather into one tensor and into a list: every rank's ramp, in rank order.
+    std::vector<at::Tensor> expected_parts;
+    for (int rank = 0; rank < n; ++rank) expected_parts.push_back(ramp(rank, 3).reshape({1, 3}));
+    const at::Tensor gathered_expected = torch::cat(expected_parts);
+    at::Tensor gathered = torch::zeros({n, 3}, at::kDouble);
+    group->all_gather_into_tensor(gathered, ramp(me, 3).reshape({1, 3})).wait();
+    report(world, "all_gather_into_tensor", torch::equal(gathered, gathered_expected));
+    std::vector<at::Tensor> parts;
+    for (int rank = 0; rank < n; ++rank) parts.push_back(torch::zeros({3}, at::kDouble));
+    group->all_gather(parts, ramp(me, 3)).wait();
+    bool list_ok = true;
+    for (int rank = 0; rank < n; ++rank) list_ok = list_ok && torch::equal(parts[rank], ramp(rank, 3));
+    report(world, "all_gather", list_ok);
 
-    at::Tensor message = world.rank == 0 ? torch::arange(4, at::kLong) : torch::zeros({4}, at::kLong);
-    group->broadcast(message, 0);
-    bool broadcast_ok = torch::equal(message, torch::arange(4, at::kLong));
-    group->barrier();
+    // reduce_scatter: rank r receives rows [2r, 2r + 2) of the sum of every rank's ramp(rank, 2n).
+    at::Tensor whole = ramp(me, 2 * n);
+    at::Tensor share = torch::zeros({2}, at::kDouble);
+    group->reduce_scatter_tensor(share, whole, neva::ReduceOp::Sum).wait();
+    at::Tensor sum = torch::zeros({2 * n}, at::kDouble);
+    for (int rank = 0; rank < n; ++rank) sum += ramp(rank, 2 * n);
+    report(world, "reduce_scatter_tensor sum", torch::equal(share, sum.slice(0, 2 * me, 2 * me + 2)));
+    group->reduce_scatter_tensor(share, whole, neva::ReduceOp::Avg).wait();
+    report(world, "reduce_scatter_tensor avg", torch::allclose(share, sum.slice(0, 2 * me, 2 * me + 2) / n));
 
-    std::cout << "rank " << world.rank << "/" << world.size << " backend " << group->backend_name()
-              << " sum " << (sum_ok ? "ok" : "WRONG") << " max " << (max_ok ? "ok" : "WRONG") << " avg "
-              << (avg_ok ? "ok" : "WRONG") << " broadcast " << (broadcast_ok ? "ok" : "WRONG") << std::endl;
-    return sum_ok && max_ok && avg_ok && broadcast_ok ? 0 : 3;
+    // all_to_all_single with uneven splits: rank s sends (s + d + 1) rows valued s * 100 + d to rank d.
+    std::vector<std::int64_t> in_splits, out_splits;
+    std::vector<at::Tensor> outgoing, incoming;
+    for (int peer = 0; peer < n; ++peer) {
+      in_splits.push_back(me + peer + 1);
+      out_splits.push_back(peer + me + 1);
+      outgoing.push_back(torch::full({me + peer + 1, 2}, me * 100.0 + peer, at::kDouble));
+      incoming.push_back(torch::full({peer + me + 1, 2}, peer * 100.0 + me, at::kDouble));
+    }
+    at::Tensor received = torch::zeros({torch::cat(incoming).size(0), 2}, at::kDouble);
+    group->all_to_all_single(received, torch::cat(outgoing), out_splits, in_splits).wait();
+    report(world, "all_to_all_single uneven", torch::equal(received, torch::cat(incoming)));
+    at::Tensor even_in = torch::arange(n * 2, at::kDouble) + me * 1000.0, even_out = torch::zeros({n * 2}, at::kDouble);
+    group->all_to_all_single(even_out, even_in).wait();
+    std::vector<at::Tensor> even_expected;
+    for (int peer = 0; peer < n; ++peer) {
+      even_expected.push_back(torch::arange(2 * me, 2 * me + 2, at::kDouble) + peer * 1000.0);
+    }
+    report(world, "all_to_all_single even", torch::equal(even_out, torch::cat(even_expected)));
+
+    // A ring: isend to the next rank, irecv from the previous, then the same as one batch.
+    const int next = (me + 1) % n, previous = (me + n - 1) % n;
+    at::Tensor mine = ramp(me, 4), from_previous = torch::zeros({4}, at::kDouble);
+    neva::Work sent = group->isend(mine, next, 7);
+    neva::Work got = group->irecv(from_previous, previous, 7);
+    got.wait(std::chrono::seconds(30));
+    sent.wait(std::chrono::seconds(30));
+    report(world, "isend/irecv ring", torch::equal(from_previous, ramp(previous, 4)));
+    at::Tensor batch_in = torch::zeros({4}, at::kDouble);
+    std::vector<neva::P2POp> ops{{neva::P2POp::Kind::Send, ramp(me + 1, 4), next, 8},
+                                 {neva::P2POp::Kind::Recv, batch_in, previous, 8}};
+    group->batch_isend_irecv(ops).wait(std::chrono::seconds(30));
+    report(world, "batch_isend_irecv ring", torch::equal(batch_in, ramp(previous + 1, 4)));
+
+    // A receive nobody has sent yet times out with a clear error, and completes once it is sent.
+    if (n >= 2 && me <= 1) {
+      at::Tensor late = torch::zeros({2}, at::kDouble);
+      if (me == 1) {
+        neva::Work pending = group->irecv(late, 0, 99);
+        std::string error;
+        try {
+          pending.wait(std::chrono::milliseconds(300));
+        } catch (const neva::Error& timed_out) {
+          error = timed_out.what();
+        }
+        report(world, "timeout", error.find("process group 'world' (rank 1 of " + std::to_string(n) +
+                                            "): irecv did not complete within 300 ms") == 0);
+        report(world, "not completed after the timeout", !pending.completed());
+        world.store->set("timed_out", std::vector<std::uint8_t>{1});
+        pending.wait(std::chrono::seconds(30));
+        report(world, "completes once sent", torch::equal(late, torch::tensor({4.0, 2.0}, at::kDouble)));
+      } else {
+        world.store->wait({"timed_out"});
+        at::Tensor value = torch::tensor({4.0, 2.0}, at::kDouble);
+        group->isend(value, 1, 99).wait(std::chrono::seconds(30));
+      }
+    }
+    // Misuse is refused before anything is sent.
+    std::string refused;
+    try {
+      at::Tensor wrong = torch::zeros({n + 1, 3}, at::kDouble);
+      (void)group->all_gather_into_tensor(wrong, torch::zeros({1, 3}, at::kDouble));
+    } catch (const neva::Error& error) {
+      refused = error.what();
+    }
+    report(world, "shape refused", refused.find("all_gather_into_tensor: expected the whole tensor to hold") !=
+                                       std::string::npos);
+    group->barrier().wait(std::chrono::seconds(60));
+    return failures ? 3 : 0;
   } catch (const std::exception& error) {
     std::cerr << "dist_worker: " << error.what() << std::endl;
     return 1;

@@ -35,14 +35,39 @@ struct EnvGuard {
   }
 };
 
-}  // namespace
+// The checks dist_worker.cpp prints for every rank.
+const char* const kWorkerChecks[] = {"backend gloo", "all_reduce sum", "all_reduce max", "all_reduce avg", "broadcast",
+                                     "all_gather_into_tensor", "all_gather", "reduce_scatter_tensor sum",
+                                     "reduce_scatter_tensor avg", "all_to_all_single uneven", "all_to_all_single even",
+                                     "isend/irecv ring", "batch_isend_irecv ring", "shape refused"};
 
-TEST_CASE("two processes form a Gloo process group through c10d and agree on collectives") {
-  auto result = launch(2);
+void check_workers(const neva::test::CommandResult& result, int ranks) {
   INFO("stdout: " << result.out << "\nstderr: " << result.err);
   CHECK(result.exit_code == 0);
-  CHECK(result.out.find("rank 0/2 backend gloo sum ok max ok avg ok broadcast ok") != std::string::npos);
-  CHECK(result.out.find("rank 1/2 backend gloo sum ok max ok avg ok broadcast ok") != std::string::npos);
+  CHECK(result.out.find("WRONG") == std::string::npos);
+  for (int rank = 0; rank < ranks; ++rank) {
+    const std::string prefix = "rank " + std::to_string(rank) + "/" + std::to_string(ranks) + " ";
+    for (const char* check : kWorkerChecks) CHECK(result.out.find(prefix + check + " ok") != std::string::npos);
+  }
+  const std::string second = "rank 1/" + std::to_string(ranks) + " ";
+  for (const char* check : {"timeout", "not completed after the timeout", "completes once sent"}) {
+    CHECK(result.out.find(second + check + " ok") != std::string::npos);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("processes form a Gloo process group through c10d and agree on every operation of the c10d layer") {
+  SUBCASE("two ranks") { check_workers(launch(2), 2); }
+  SUBCASE("three ranks (uneven all_to_all splits, a ring of three)") { check_workers(launch(3), 3); }
+}
+
+TEST_CASE("the real torchrun --no-python launches the ranks and they find each other") {
+  const auto torchrun = neva::test::source_directory() / ".venv" / "bin" / "torchrun";
+  REQUIRE(std::filesystem::exists(torchrun));
+  const std::string command = torchrun.string() + " --no-python --standalone --nproc-per-node 2 " +
+                              neva::test::binary("neva_dist_worker").string();
+  check_workers(run_command(command, 180), 2);
 }
 
 TEST_CASE("without launcher variables the world is this process alone") {

@@ -6,6 +6,9 @@
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include <algorithm>
+#include <functional>
+#include <future>
+#include <thread>
 #include <cstdlib>
 #include <optional>
 
@@ -99,6 +102,63 @@ World World::from_environment(std::chrono::milliseconds timeout) {
   return world;
 }
 
+struct Work::State {
+  std::string what;  // "process group 'tp' (rank 0 of 2): all_gather"
+  std::vector<c10::intrusive_ptr<c10d::Work>> parts;
+  std::function<void()> then;  // run once, after a successful wait (Avg's division)
+  // A timed wait waits on a thread of its own: c10d's timed waits end a Gloo send or receive for
+  // good when they expire (and Gloo's isCompleted() only changes inside wait()), so they cannot
+  // tell "not yet" from "failed" nor be waited again. The thread holds the parts, not the Work, and
+  // ends when they complete or when the group's own timeout fails them.
+  std::shared_future<void> waiter;
+  bool done = false;
+};
+
+Work::Work() = default;
+Work::Work(std::unique_ptr<State> state) : state_(std::move(state)) {}
+Work::~Work() = default;
+Work::Work(Work&&) noexcept = default;
+Work& Work::operator=(Work&&) noexcept = default;
+
+bool Work::completed() const {
+  if (!state_ || state_->done) return true;
+  if (state_->waiter.valid()) return state_->waiter.wait_for(std::chrono::seconds(0)) == std::future_status::ready;
+  return std::all_of(state_->parts.begin(), state_->parts.end(), [](const auto& part) { return part->isCompleted(); });
+}
+
+void Work::wait(std::chrono::milliseconds timeout) {
+  if (!state_ || state_->done) return;
+  try {
+    if (timeout == kNoTimeout && !state_->waiter.valid()) {
+      for (auto& part : state_->parts) part->wait();
+    } else {
+      if (!state_->waiter.valid()) {
+        auto promise = std::make_shared<std::promise<void>>();
+        state_->waiter = promise->get_future().share();
+        std::thread([parts = state_->parts, promise] {
+          try {
+            for (const auto& part : parts) part->wait();
+            promise->set_value();
+          } catch (...) {
+            promise->set_exception(std::current_exception());
+          }
+        }).detach();
+      }
+      if (timeout != kNoTimeout && state_->waiter.wait_for(timeout) != std::future_status::ready) {
+        throw Error(state_->what + " did not complete within " + std::to_string(timeout.count()) +
+                    " ms (a peer that never joined it, or one that called another operation)");
+      }
+      state_->waiter.get();
+    }
+  } catch (const Error&) {
+    throw;
+  } catch (const std::exception& error) {
+    throw Error(state_->what + " failed: " + error.what());
+  }
+  state_->done = true;
+  if (state_->then) state_->then();
+}
+
 ProcessGroup::ProcessGroup(c10::intrusive_ptr<c10d::Backend> backend, std::string name, std::vector<int> global_ranks)
     : backend_(std::move(backend)), name_(std::move(name)), global_ranks_(std::move(global_ranks)) {}
 ProcessGroup::~ProcessGroup() = default;
@@ -107,37 +167,158 @@ int ProcessGroup::rank() const { return backend_->getRank(); }
 int ProcessGroup::size() const { return backend_->getSize(); }
 std::string ProcessGroup::backend_name() const { return backend_->getBackendName(); }
 
+Work ProcessGroup::make_work(const char* what, std::vector<c10::intrusive_ptr<c10d::Work>> parts,
+                             std::function<void()> then) const {
+  auto state = std::make_unique<Work::State>();
+  state->what = "process group '" + name_ + "' (rank " + std::to_string(rank()) + " of " + std::to_string(size()) +
+                "): " + what;
+  state->parts = std::move(parts);
+  state->then = std::move(then);
+  return Work(std::move(state));
+}
+
 namespace {
 
+// Starts an operation; an error raised while starting it (a bad shape, a wrong device) names it.
 template <class Fn>
-void run_collective(const ProcessGroup& group, const char* what, Fn&& fn) {
+c10::intrusive_ptr<c10d::Work> start(const ProcessGroup& group, const char* what, Fn&& fn) {
   try {
-    fn()->wait();
+    return fn();
   } catch (const std::exception& error) {
     throw Error("process group '" + group.name() + "' (rank " + std::to_string(group.rank()) + " of " +
                 std::to_string(group.size()) + "): " + what + " failed: " + error.what());
   }
 }
 
+void check_rows(const ProcessGroup& group, const char* what, const at::Tensor& whole, const at::Tensor& share) {
+  if (whole.dim() == 0 || share.dim() == 0 || whole.size(0) != share.size(0) * group.size() ||
+      whole.sizes().slice(1) != share.sizes().slice(1)) {
+    throw Error("process group '" + group.name() + "' (rank " + std::to_string(group.rank()) + " of " +
+                std::to_string(group.size()) + "): " + what + ": expected the whole tensor to hold " +
+                std::to_string(group.size()) + " x the share's rows along dim 0, got " + c10::str(whole.sizes()) +
+                " and " + c10::str(share.sizes()));
+  }
+}
+
+void check_peer(const ProcessGroup& group, const char* what, int peer) {
+  if (peer < 0 || peer >= group.size() || peer == group.rank()) {
+    throw Error("process group '" + group.name() + "' (rank " + std::to_string(group.rank()) + " of " +
+                std::to_string(group.size()) + "): " + what + ": peer " + std::to_string(peer) +
+                " is not another rank of the group");
+  }
+}
+
 }  // namespace
 
-void ProcessGroup::all_reduce(at::Tensor& tensor, ReduceOp op) {
+Work ProcessGroup::all_reduce(at::Tensor& tensor, ReduceOp op) {
   std::vector<at::Tensor> tensors{tensor};
   c10d::AllreduceOptions options;
   options.reduceOp = to_c10d(op);
-  run_collective(*this, "all_reduce", [&] { return backend_->allreduce(tensors, options); });
-  if (op == ReduceOp::Avg) tensor.div_(size());
+  auto work = start(*this, "all_reduce", [&] { return backend_->allreduce(tensors, options); });
+  std::function<void()> then;
+  if (op == ReduceOp::Avg) then = [tensor, size = size()]() mutable { tensor.div_(size); };
+  return make_work("all_reduce", {work}, std::move(then));
 }
 
-void ProcessGroup::broadcast(at::Tensor& tensor, int root_group_rank) {
+Work ProcessGroup::broadcast(at::Tensor& tensor, int root) {
+  if (root < 0 || root >= size()) {
+    throw Error("process group '" + name_ + "' (rank " + std::to_string(rank()) + " of " + std::to_string(size()) +
+                "): broadcast: root " + std::to_string(root) + " is not a rank of the group");
+  }
   std::vector<at::Tensor> tensors{tensor};
   c10d::BroadcastOptions options;
-  options.rootRank = root_group_rank;
-  run_collective(*this, "broadcast", [&] { return backend_->broadcast(tensors, options); });
+  options.rootRank = root;
+  return make_work("broadcast", {start(*this, "broadcast", [&] { return backend_->broadcast(tensors, options); })});
 }
 
-void ProcessGroup::barrier() {
-  run_collective(*this, "barrier", [&] { return backend_->barrier(); });
+Work ProcessGroup::barrier() {
+  return make_work("barrier", {start(*this, "barrier", [&] { return backend_->barrier(); })});
+}
+
+Work ProcessGroup::all_gather_into_tensor(at::Tensor& output, const at::Tensor& input) {
+  check_rows(*this, "all_gather_into_tensor", output, input);
+  at::Tensor source = input;
+  return make_work("all_gather_into_tensor",
+                   {start(*this, "all_gather_into_tensor", [&] { return backend_->_allgather_base(output, source); })});
+}
+
+Work ProcessGroup::all_gather(std::vector<at::Tensor>& outputs, const at::Tensor& input) {
+  if (static_cast<int>(outputs.size()) != size()) {
+    throw Error("process group '" + name_ + "' (rank " + std::to_string(rank()) + " of " + std::to_string(size()) +
+                "): all_gather: expected " + std::to_string(size()) + " output tensors, got " +
+                std::to_string(outputs.size()));
+  }
+  std::vector<std::vector<at::Tensor>> gathered{outputs};
+  std::vector<at::Tensor> inputs{input};
+  return make_work("all_gather", {start(*this, "all_gather", [&] { return backend_->allgather(gathered, inputs); })});
+}
+
+Work ProcessGroup::reduce_scatter_tensor(at::Tensor& output, const at::Tensor& input, ReduceOp op) {
+  check_rows(*this, "reduce_scatter_tensor", input, output);
+  at::Tensor source = input;
+  c10d::ReduceScatterOptions options;
+  options.reduceOp = to_c10d(op);
+  auto work = start(*this, "reduce_scatter_tensor", [&] { return backend_->_reduce_scatter_base(output, source, options); });
+  std::function<void()> then;
+  if (op == ReduceOp::Avg) then = [output, size = size()]() mutable { output.div_(size); };
+  return make_work("reduce_scatter_tensor", {work}, std::move(then));
+}
+
+Work ProcessGroup::all_to_all_single(at::Tensor& output, const at::Tensor& input,
+                                     const std::vector<std::int64_t>& output_splits,
+                                     const std::vector<std::int64_t>& input_splits) {
+  auto check_splits = [&](const char* which, const std::vector<std::int64_t>& splits, const at::Tensor& tensor) {
+    if (splits.empty()) return;
+    std::int64_t rows = 0;
+    for (auto split : splits) rows += split;
+    if (static_cast<int>(splits.size()) != size() || tensor.dim() == 0 || rows != tensor.size(0) ||
+        std::any_of(splits.begin(), splits.end(), [](std::int64_t split) { return split < 0; })) {
+      throw Error("process group '" + name_ + "' (rank " + std::to_string(rank()) + " of " + std::to_string(size()) +
+                  "): all_to_all_single: " + which + " splits " + c10::str(c10::IntArrayRef(splits)) + " must be " +
+                  std::to_string(size()) + " non-negative row counts adding up to the tensor's " +
+                  (tensor.dim() ? std::to_string(tensor.size(0)) : std::string("0")) + " rows");
+    }
+  };
+  check_splits("output", output_splits, output);
+  check_splits("input", input_splits, input);
+  at::Tensor source = input;
+  std::vector<std::int64_t> out_splits = output_splits, in_splits = input_splits;
+  return make_work("all_to_all_single", {start(*this, "all_to_all_single", [&] {
+                     return backend_->alltoall_base(output, source, out_splits, in_splits);
+                   })});
+}
+
+Work ProcessGroup::isend(at::Tensor& tensor, int peer, int tag) {
+  check_peer(*this, "isend", peer);
+  std::vector<at::Tensor> tensors{tensor};
+  return make_work("isend", {start(*this, "isend", [&] { return backend_->send(tensors, peer, tag); })});
+}
+
+Work ProcessGroup::irecv(at::Tensor& tensor, int peer, int tag) {
+  check_peer(*this, "irecv", peer);
+  std::vector<at::Tensor> tensors{tensor};
+  return make_work("irecv", {start(*this, "irecv", [&] { return backend_->recv(tensors, peer, tag); })});
+}
+
+Work ProcessGroup::batch_isend_irecv(const std::vector<P2POp>& ops) {
+  for (const auto& op : ops) check_peer(*this, "batch_isend_irecv", op.peer);
+  const bool coalesce = backend_->supportsCoalescing();  // NCCL: one grouped launch
+  std::vector<c10::intrusive_ptr<c10d::Work>> parts;
+  if (coalesce) backend_->startCoalescing();
+  try {
+    for (const auto& op : ops) {
+      std::vector<at::Tensor> tensors{op.tensor};
+      parts.push_back(start(*this, "batch_isend_irecv", [&] {
+        return op.kind == P2POp::Kind::Send ? backend_->send(tensors, op.peer, op.tag)
+                                            : backend_->recv(tensors, op.peer, op.tag);
+      }));
+    }
+  } catch (...) {
+    if (coalesce) (void)backend_->endCoalescing();
+    throw;
+  }
+  if (coalesce) parts = {start(*this, "batch_isend_irecv", [&] { return backend_->endCoalescing(); })};
+  return make_work("batch_isend_irecv", std::move(parts));
 }
 
 std::shared_ptr<ProcessGroup> new_group(const World& world, const std::string& name, std::vector<int> global_ranks,

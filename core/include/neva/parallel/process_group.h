@@ -2,22 +2,23 @@
 // Process groups on PyTorch's c10d: Gloo for CPU tensors, NCCL for CUDA tensors.
 // Launch follows torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) or Slurm
 // (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; MASTER_ADDR/MASTER_PORT must be exported).
+#include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
 #include <c10/util/intrusive_ptr.h>
 
 #include <chrono>
+#include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "neva/api.h"
 
-namespace at {
-class Tensor;
-}
 namespace c10d {
 class Backend;
 class Store;
+class Work;
 }  // namespace c10d
 
 namespace neva {
@@ -45,7 +46,46 @@ struct NEVA_API World {
 
 enum class ReduceOp { Sum, Max, Min, Avg };
 
+// The completion of one operation (or of a batch of point-to-point operations), as c10d's Work.
+// Every operation of a ProcessGroup returns one: call wait() before reading what it writes or
+// writing what it reads. Every operation is [[nodiscard]]: dropping its Work unwaited is a warning.
+class NEVA_API Work {
+ public:
+  static constexpr std::chrono::milliseconds kNoTimeout{-1};
+
+  Work();
+  ~Work();
+  Work(Work&&) noexcept;
+  Work& operator=(Work&&) noexcept;
+  Work(const Work&) = delete;
+  Work& operator=(const Work&) = delete;
+
+  // Blocks until done. Throws Error naming the group, the operation and this rank when it failed,
+  // or when it has not completed within `timeout` (it may still complete: wait again). After a
+  // successful wait, further waits return at once.
+  void wait(std::chrono::milliseconds timeout = kNoTimeout);
+  // True when every part has completed (successfully or not); never blocks.
+  bool completed() const;
+
+ private:
+  friend class ProcessGroup;
+  struct State;
+  explicit Work(std::unique_ptr<State> state);
+  std::unique_ptr<State> state_;
+};
+
+// One send or receive of a batch (batch_isend_irecv), with the peer's rank in the group.
+struct P2POp {
+  enum class Kind { Send, Recv };
+  Kind kind;
+  at::Tensor tensor;  // sent from, or received into (in place)
+  int peer;
+  int tag = 0;
+};
+
 // One c10d process group. `name` is unique per group and prefixes its keys in the store.
+// Operations are asynchronous and return Work (wait() for the result); ranks are group ranks.
+// Errors name the group and this rank. Tensors must be contiguous and on the group's device.
 class NEVA_API ProcessGroup {
  public:
   ProcessGroup(c10::intrusive_ptr<c10d::Backend> backend, std::string name, std::vector<int> global_ranks);
@@ -60,12 +100,31 @@ class NEVA_API ProcessGroup {
   c10d::Backend& backend() const { return *backend_; }
   std::string backend_name() const;  // "gloo", "nccl"
 
-  // Blocking collectives (wait for completion); errors name the group and this rank.
-  void all_reduce(at::Tensor& tensor, ReduceOp op = ReduceOp::Sum);
-  void broadcast(at::Tensor& tensor, int root_group_rank);
-  void barrier();
+  // In place on every rank: the reduction of every rank's `tensor` (Avg: the sum divided by size()).
+  [[nodiscard]] Work all_reduce(at::Tensor& tensor, ReduceOp op = ReduceOp::Sum);
+  [[nodiscard]] Work broadcast(at::Tensor& tensor, int root);
+  [[nodiscard]] Work barrier();
+
+  // `output` (size() x input's rows along dim 0) receives every rank's `input`, in rank order.
+  [[nodiscard]] Work all_gather_into_tensor(at::Tensor& output, const at::Tensor& input);
+  // `outputs` (size() tensors shaped as `input`) receives every rank's `input`, in rank order.
+  [[nodiscard]] Work all_gather(std::vector<at::Tensor>& outputs, const at::Tensor& input);
+  // `output` receives rank r's share of the reduction of `input` (size() x output's rows along dim 0).
+  [[nodiscard]] Work reduce_scatter_tensor(at::Tensor& output, const at::Tensor& input, ReduceOp op = ReduceOp::Sum);
+  // Rows of `input` go to the ranks in order, `input_splits[r]` rows to rank r; `output` receives
+  // `output_splits[r]` rows from rank r. Empty splits: equal shares of dim 0.
+  [[nodiscard]] Work all_to_all_single(at::Tensor& output, const at::Tensor& input, const std::vector<std::int64_t>& output_splits = {},
+                         const std::vector<std::int64_t>& input_splits = {});
+  // Point to point; a send and its receive use the same tag.
+  [[nodiscard]] Work isend(at::Tensor& tensor, int peer, int tag = 0);
+  [[nodiscard]] Work irecv(at::Tensor& tensor, int peer, int tag = 0);
+  // Every send and receive of `ops` at once (one coalesced launch where the backend can: NCCL);
+  // the order of `ops` must match across the ranks involved, as in torch.distributed.
+  [[nodiscard]] Work batch_isend_irecv(const std::vector<P2POp>& ops);
 
  private:
+  Work make_work(const char* what, std::vector<c10::intrusive_ptr<c10d::Work>> parts,
+                 std::function<void()> then = nullptr) const;
   c10::intrusive_ptr<c10d::Backend> backend_;
   std::string name_;
   std::vector<int> global_ranks_;
