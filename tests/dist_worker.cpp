@@ -5,11 +5,15 @@
 #include <torch/csrc/distributed/c10d/Store.hpp>
 #include <torch/types.h>
 
+#include <algorithm>
 #include <iostream>
 #include <string>
 
 #include "neva/error.h"
 #include "neva/parallel/process_group.h"
+#include "neva/parallel/rank_grid.h"
+#include "neva/parallel_strategy.h"
+#include "neva/registry.h"
 
 namespace {
 
@@ -25,11 +29,60 @@ at::Tensor ramp(int rank, std::int64_t n) {
   return torch::arange(n, at::kDouble) + static_cast<double>(rank * 10);
 }
 
+// `groups TP PP CP EP`: the megatron parallel-strategy plugin (from the install directory) builds
+// every group; each rank all-reduces its global rank over each one and checks the sum and size
+// against the layout computed here. Prints "rank R/N group <kind> ok".
+int check_groups(const neva::World& world, char** sizes_text) {
+  neva::ParallelSizes sizes;
+  sizes.tensor = std::stoi(sizes_text[0]);
+  sizes.pipeline = std::stoi(sizes_text[1]);
+  sizes.context = std::stoi(sizes_text[2]);
+  sizes.expert = std::stoi(sizes_text[3]);
+  neva::Registry::Options options;
+  options.use_environment = false;
+  neva::Registry registry(options);
+  neva::ConfigDocument document = neva::ConfigDocument::parse("", "groups test");
+  auto config = registry.parse_config(neva::ParallelStrategy::kKind, "megatron", document.root());
+  auto strategy = registry.create<neva::ParallelStrategy>("megatron", *config, neva::RuntimeContext());
+  const c10::Device cpu(c10::DeviceType::CPU);
+  neva::ParallelGroups groups = strategy->build_groups(world, sizes, cpu);
+  const neva::GroupLayout layout = neva::GroupLayout::megatron(world.size, sizes);
+  const std::pair<const char*, std::pair<std::shared_ptr<neva::ProcessGroup>*, const neva::RankGroups*>> kinds[] = {
+      {"tensor", {&groups.tensor, &layout.tensor}},
+      {"pipeline", {&groups.pipeline, &layout.pipeline}},
+      {"data", {&groups.data, &layout.data}},
+      {"context", {&groups.context, &layout.context}},
+      {"expert", {&groups.expert, &layout.expert}},
+      {"expert_data", {&groups.expert_data, &layout.expert_data}},
+      {"tensor_and_data", {&groups.tensor_and_data, &layout.tensor_and_data}},
+      {"data_and_context", {&groups.data_and_context, &layout.data_and_context}},
+      {"tensor_and_expert", {&groups.tensor_and_expert, &layout.tensor_and_expert}},
+      {"embedding", {&groups.embedding, &layout.embedding}},
+      {"position_embedding", {&groups.position_embedding, &layout.position_embedding}},
+      {"world", {&groups.world, &layout.world}}};
+  for (const auto& [kind, pair] : kinds) {
+    const auto& [group, expected_groups] = pair;
+    std::vector<int> members{world.rank};  // not a member of any: "this rank alone"
+    for (const auto& candidate : *expected_groups) {
+      if (std::find(candidate.begin(), candidate.end(), world.rank) != candidate.end()) members = candidate;
+    }
+    double expected = 0;
+    for (int rank : members) expected += rank;
+    at::Tensor value = torch::tensor({static_cast<double>(world.rank)});
+    if (*group) (*group)->all_reduce(value).wait(std::chrono::seconds(60));
+    const bool ok = neva::group_size(*group) == static_cast<int>(members.size()) && value.item<double>() == expected &&
+                    (!*group || (*group)->global_ranks() == members);
+    report(world, std::string("group ") + kind, ok);
+  }
+  return failures ? 3 : 0;
+}
+
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
   try {
     neva::World world = neva::World::from_environment(std::chrono::seconds(60));
+    if (argc == 6 && std::string(argv[1]) == "groups") return check_groups(world, argv + 2);
     const int n = world.size, me = world.rank;
     std::vector<int> everyone(n);
     for (int rank = 0; rank < n; ++rank) everyone[rank] = rank;

@@ -11,14 +11,14 @@ using neva::test::run_command;
 namespace {
 
 // Launches `ranks` workers as torchrun would (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
-neva::test::CommandResult launch(int ranks) {
+neva::test::CommandResult launch(int ranks, const std::string& arguments = "") {
   std::string worker = neva::test::binary("neva_dist_worker").string();
   int port = neva::test::free_port();
   std::string script = "status=0\npids=''\n";
   for (int rank = 0; rank < ranks; ++rank) {
     script += "RANK=" + std::to_string(rank) + " LOCAL_RANK=" + std::to_string(rank) + " WORLD_SIZE=" +
               std::to_string(ranks) + " MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(port) + " " + worker +
-              " &\npids=\"$pids $!\"\n";
+              arguments + " &\npids=\"$pids $!\"\n";
   }
   script += "for p in $pids; do wait $p || status=1; done\nexit $status\n";
   return run_command(script, 120);
@@ -68,6 +68,25 @@ TEST_CASE("the real torchrun --no-python launches the ranks and they find each o
   const std::string command = torchrun.string() + " --no-python --standalone --nproc-per-node 2 " +
                               neva::test::binary("neva_dist_worker").string();
   check_workers(run_command(command, 180), 2);
+}
+
+TEST_CASE("the megatron strategy builds every group on c10d, each with the members Megatron's rank order gives") {
+  // The members are checked against GroupLayout (whose numbers test_parallel.cpp checks against
+  // Megatron-core's docstrings); here every rank all-reduces over every group it joined.
+  auto check = [](const std::string& sizes) {
+    auto result = launch(4, " groups " + sizes);
+    INFO("sizes: " << sizes << "\nstdout: " << result.out << "\nstderr: " << result.err);
+    CHECK(result.exit_code == 0);
+    CHECK(result.out.find("WRONG") == std::string::npos);
+    for (int rank = 0; rank < 4; ++rank) {
+      for (const char* kind : {"tensor", "pipeline", "data", "context", "expert", "expert_data", "tensor_and_data",
+                               "data_and_context", "tensor_and_expert", "embedding", "position_embedding", "world"}) {
+        CHECK(result.out.find("rank " + std::to_string(rank) + "/4 group " + kind + " ok") != std::string::npos);
+      }
+    }
+  };
+  SUBCASE("tensor 2 x pipeline 2") { check("2 2 1 1"); }
+  SUBCASE("context 2, expert 2, data 2") { check("1 1 2 2"); }
 }
 
 TEST_CASE("without launcher variables the world is this process alone") {
