@@ -9,6 +9,7 @@
 #include <utility>
 
 #include "neva/error.h"
+#include "neva/train/loss.h"
 #include "neva/train/optim.h"
 
 TEST_CASE("learning rate: linear warmup, then cosine from lr to min_lr") {

@@ -61,7 +61,8 @@ TEST_CASE("the built-in plugins are listed without being instantiated") {
   // Sorted by (kind, name).
   CHECK(names == std::vector<std::string>{"connector/linear", "connector/mlp", "language_backbone/llama",
                                           "language_backbone/mistral", "language_backbone/mixtral",
-                                          "language_backbone/nemotron4", "vision_encoder/clip",
+                                          "language_backbone/nemotron4", "parallel_strategy/megatron",
+                                          "precision_recipe/bf16", "precision_recipe/fp32", "vision_encoder/clip",
                                           "vision_encoder/siglip"});
   CHECK(plugins[1].abi.major == neva::kPluginAbiMajor);
   CHECK(plugins[1].torch_version == TORCH_VERSION);
@@ -218,7 +219,9 @@ TEST_CASE("an unknown name lists the available plugins of that kind") {
     CHECK(contains(message, "no connector plugin named 'mpl' (did you mean 'mlp'?); available: linear, mlp"));
   }
   CHECK_THROWS_WITH_AS(registry.find("precision_recipe", "fp8"),
-                       doctest::Contains("no precision_recipe plugin named 'fp8'; available: none"), PluginError);
+                       doctest::Contains("no precision_recipe plugin named 'fp8'; available: bf16, fp32"), PluginError);
+  CHECK(registry.find("precision_recipe", "32").name == "fp32");  // NeMo's spelling answers
+  CHECK(registry.find("precision_recipe", "bf16-mixed").name == "bf16");
 }
 
 TEST_CASE("a factory that throws becomes a host error naming the plugin") {

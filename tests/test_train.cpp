@@ -297,7 +297,7 @@ TEST_CASE("bf16 mixed and bf16 O2 train, and O2 keeps fp32 main weights and resu
   const std::string o2 = "--set trainer.max_steps=4 --set trainer.precision=bf16 --set model.megatron_amp_O2=true";
   auto straight = ws.train("o2", o2 + " --set exp_manager.export_hf=true");
   REQUIRE_MESSAGE(straight.exit_code == 0, straight.err);
-  CHECK(contains(straight.err, "precision bf16 (O2)"));
+  CHECK(contains(straight.err, "precision bf16 (O2: fp32 main weights)"));
   // The checkpoint holds the fp32 main weights; the model itself ran in bf16 (its export is bf16).
   neva::SafetensorsCheckpoint weights((ws.root / "o2/checkpoints/step-0000004/model.safetensors").string());
   CHECK((weights.tensor("llm.model.norm.weight").scalar_type() == at::kFloat));

@@ -77,7 +77,8 @@ class Session {
  public:
   explicit Session(const Recipe& recipe)
       : recipe_(recipe),
-        model_(build_model(recipe, recipe.runtime_context())),
+        context_(recipe.runtime_context()),
+        model_(build_model(recipe, context_)),
         tokenizer_(Tokenizer::load(recipe.model.tokenizer)),
         conversation_(conversation_template(recipe.model.data.conv_template)) {
     if (model_.encoder()) processor_ = with_aspect_ratio(model_.encoder()->image_processor(), recipe.model.data.image_aspect_ratio);
@@ -133,9 +134,12 @@ class Session {
 
   LlavaModel& model() { return model_; }
   const Tokenizer& tokenizer() const { return *tokenizer_; }
+  // The precision recipe's forward scope (none for a model held in bf16 or fp32 throughout).
+  std::unique_ptr<PrecisionScope> enter_forward() const { return recipe_.precision->enter_forward(context_); }
 
  private:
   const Recipe& recipe_;
+  RuntimeContext context_;
   LlavaModel model_;
   std::unique_ptr<Tokenizer> tokenizer_;
   ConversationTemplate conversation_;
@@ -182,7 +186,11 @@ void run_generate(const Recipe& recipe) {
                                          prepared.begin() + std::min(prepared.size(), start + batch));
     TextCallback on_text;
     if (stream) on_text = [](std::size_t, const std::string& text) { std::cout << text << std::flush; };
-    auto results = generate(session.model(), session.tokenizer(), chunk, sampling, on_text, context);
+    std::vector<GenerationResult> results;
+    {
+      auto scope = session.enter_forward();
+      results = generate(session.model(), session.tokenizer(), chunk, sampling, on_text, context);
+    }
     for (std::size_t i = 0; i < results.size(); ++i) {
       if (stream) {
         std::cout << "\n";
@@ -208,7 +216,11 @@ void run_score(const Recipe& recipe) {
                   std::to_string(prepared.prompt_ids.size() + continuation.size()) +
                   " tokens, longer than the model's context of " + std::to_string(context));
     }
-    auto log_probs = score_continuation(session.model(), prepared, continuation);
+    std::vector<double> log_probs;
+    {
+      auto scope = session.enter_forward();
+      log_probs = score_continuation(session.model(), prepared, continuation);
+    }
     double total = 0;
     for (double value : log_probs) total += value;
     json tokens = json::array();

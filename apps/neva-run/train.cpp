@@ -32,7 +32,7 @@
 #include "neva/io/hf_config.h"
 #include "neva/data/image.h"
 #include "neva/train/loss_spike.h"
-#include "neva/train/optim.h"
+#include "neva/train/trainer.h"
 #include "neva/precision.h"
 #include "neva/io/safetensors.h"
 #include "neva/data/tokenizer.h"
@@ -45,25 +45,6 @@ namespace {
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 using Clock = std::chrono::steady_clock;
-
-// A trained tensor: the model's parameter and the copy the optimizer updates (the same tensor in
-// fp32; an fp32 main copy of a bf16 weight under megatron_amp_O2).
-struct TrainedTensor {
-  std::string name;  // "llm.model.layers.0.mlp.up_proj.weight"
-  at::Tensor param;
-  at::Tensor main;
-};
-
-std::vector<std::pair<std::string, torch::nn::Module*>> components(LlavaModel& model) {
-  std::vector<std::pair<std::string, torch::nn::Module*>> parts;
-  if (model.encoder()) parts.emplace_back("vision_encoder", model.encoder());
-  if (model.connector()) parts.emplace_back("connector", model.connector());
-  parts.emplace_back("llm", &model.backbone());
-  return parts;
-}
-
-// The checkpoint key of a device's random-number generator state: rng.cpu, rng.cuda, ...
-std::string rng_key(const c10::Device& device) { return "rng." + c10::DeviceTypeName(device.type(), /*lower_case=*/true); }
 
 std::string format_duration(double seconds) {
   auto total = static_cast<long long>(std::max(0.0, seconds));
@@ -263,26 +244,8 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
   }
 
   RuntimeContext context = recipe.runtime_context();
-  auto precision = make_precision_recipe(recipe.trainer.precision, recipe.model.megatron_amp_O2);
   LlavaModel model = build_model(recipe, context);
   std::shared_ptr<const Tokenizer> tokenizer = Tokenizer::load(recipe.model.tokenizer);
-
-  // What the optimizer updates.
-  std::vector<TrainedTensor> trained;
-  const bool main_copies = context.dtypes.params != context.dtypes.main_params;
-  for (auto& [prefix, module] : components(model)) {
-    module->train();
-    for (const auto& item : module->named_parameters()) {
-      if (!item.value().requires_grad()) continue;
-      at::Tensor main = main_copies ? item.value().detach().to(context.dtypes.main_params).clone() : item.value();
-      trained.push_back({prefix + "." + item.key(), item.value(), main});
-    }
-  }
-  if (trained.empty()) throw Error(recipe.source + ": nothing to train: every component is frozen");
-  // bf16 mixed: the frozen linear and convolution weights are cast once instead of at every forward;
-  // their fp32 originals are kept only for the export, the one reader outside autocast.
-  std::vector<torch::nn::Module*> modules;
-  for (auto& part : components(model)) modules.push_back(part.second);
   const bool exporting = recipe.exp_manager.export_hf && model.encoder();
   if (exporting) {  // now, not after the run
     try {
@@ -291,56 +254,20 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
       throw Error(recipe.source + ": " + error.what() + " (exp_manager.export_hf = false trains without exporting)");
     }
   }
-  FrozenWeightCasts frozen_casts(modules, context.dtypes.params == at::kFloat ? context.dtypes.compute : at::kFloat,
-                                 exporting);
-  std::vector<at::Tensor> mains;
-  for (const auto& t : trained) mains.push_back(t.main);
-  auto optimizer = make_adamw(mains, recipe.model.optim);
+  TrainerOptions options;
+  options.optim = recipe.model.optim;
+  options.loss_spike = recipe.trainer.loss_spike;
+  options.title = title;
+  options.keep_frozen_originals = exporting;  // the export is the one reader outside autocast
+  options.last_checkpoint = [&checkpoints] {
+    return checkpoints.latest() ? checkpoints.latest()->string() : std::string("none written yet");
+  };
+  options.source = recipe.source;
+  Trainer trainer(model, *recipe.precision, context, options);  // one replica: no gradient sync
 
   // Resume: weights, optimizer moments, step, data position, RNG.
-  std::int64_t step = 0;
-  std::uint64_t position = 0;
-  LossSpikeGuard guard(recipe.trainer.loss_spike);
-  if (resume_from) {
-    at::NoGradGuard no_grad;
-    SafetensorsCheckpoint weights((*resume_from / "model.safetensors").string());
-    SafetensorsCheckpoint moments((*resume_from / "optimizer.safetensors").string());
-    const std::string state_path = (*resume_from / "trainer_state.json").string();
-    const json state = read_json_file(state_path);
-    try {
-      if (!state.at("step").is_number_unsigned() || !state.at("consumed_samples").is_number_unsigned()) {
-        throw Error(state_path + ": malformed trainer state: step and consumed_samples must be non-negative integers");
-      }
-      step = state.at("step").get<std::int64_t>();
-      position = state.at("consumed_samples").get<std::uint64_t>();
-      // Older checkpoints kept a running mean instead of the window; their guard starts afresh.
-      guard.restore(state.value("loss_window", std::vector<double>{}), state.value("skipped_batches", std::int64_t{0}),
-                    state.value("consecutive_spikes", std::int64_t{0}));
-    } catch (const json::exception& malformed) {
-      throw Error(state_path + ": malformed trainer state: " + json_error_reason(malformed));
-    }
-    for (const auto& t : trained) {
-      if (!weights.contains(t.name)) {
-        throw Error(weights.path() + ": has no tensor '" + t.name + "', which this recipe trains; was the checkpoint " +
-                    "written by a recipe that froze other components?");
-      }
-      t.main.copy_(weights.tensor(t.name, t.main.sizes()));
-      if (main_copies) t.param.copy_(t.main);
-      // A tensor that never had a gradient (an expert no token reached) has no optimizer state yet.
-      if (!moments.contains("step." + t.name)) continue;
-      auto moment = std::make_unique<torch::optim::AdamWParamState>();
-      moment->step(moments.tensor("step." + t.name).item<std::int64_t>());
-      moment->exp_avg(moments.tensor("exp_avg." + t.name, t.main.sizes()).to(t.main.options()).clone());
-      moment->exp_avg_sq(moments.tensor("exp_avg_sq." + t.name, t.main.sizes()).to(t.main.options()).clone());
-      optimizer->state()[t.main.unsafeGetTensorImpl()] = std::move(moment);
-    }
-    context.generator.set_state(moments.tensor("rng.cpu"));  // the context's generator (CPU)
-    // The accelerator's generator too, when the checkpoint was written on the same kind of device.
-    if (!context.device.is_cpu() && moments.contains(rng_key(context.device))) {
-      at::Generator device = at::globalContext().defaultGenerator(context.device);
-      device.set_state(moments.tensor(rng_key(context.device)));
-    }
-  }
+  std::uint64_t position = resume_from ? trainer.restore(*resume_from) : 0;
+  std::int64_t step = trainer.step();
 
   // Data.
   SampleFormat format;
@@ -377,41 +304,16 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
   Progress progress(title, max_steps, recipe.trainer.log_every_n_steps);
   Metrics metrics(summary.run_dir / "metrics.jsonl", step);
   if (resume_from) progress.message("resumed from " + resume_from->string() + " (step " + std::to_string(step) + ")");
-  progress.message(std::to_string(trained.size()) + " tensors trained (" +
-                   std::to_string(std::accumulate(mains.begin(), mains.end(), std::int64_t{0},
-                                                  [](std::int64_t n, const at::Tensor& t) { return n + t.numel(); })) +
+  progress.message(std::to_string(trainer.trained().size()) + " tensors trained (" +
+                   std::to_string(trainer.parameter_count()) +
                    " parameters), " + std::to_string(data.records()) + " records, micro-batch " +
                    std::to_string(recipe.model.micro_batch_size) + " x " + std::to_string(accumulation) +
                    " accumulation, precision " + recipe.trainer.precision +
-                   (recipe.model.megatron_amp_O2 ? " (O2)" : ""));
+                   (trainer.main_copies() ? " (O2: fp32 main weights)" : ""));
 
   auto save = [&](std::int64_t at_step) {
-    checkpoints.save(at_step, recipe.exp_manager.save_top_k, [&](const fs::path& directory) {
-      std::vector<std::pair<std::string, at::Tensor>> weights, moments;
-      for (const auto& t : trained) {
-        weights.emplace_back(t.name, t.main.detach());
-        auto found = optimizer->state().find(t.main.unsafeGetTensorImpl());
-        if (found == optimizer->state().end()) continue;  // never updated: no state to keep
-        auto& moment = static_cast<torch::optim::AdamWParamState&>(*found->second);
-        moments.emplace_back("step." + t.name, at::scalar_tensor(moment.step(), at::kLong));
-        moments.emplace_back("exp_avg." + t.name, moment.exp_avg());
-        moments.emplace_back("exp_avg_sq." + t.name, moment.exp_avg_sq());
-      }
-      moments.emplace_back("rng.cpu", context.generator.get_state());
-      if (!context.device.is_cpu()) {
-        moments.emplace_back(rng_key(context.device), at::globalContext().defaultGenerator(context.device).get_state());
-      }
-      write_safetensors((directory / "model.safetensors").string(), weights, {{"format", "pt"}});
-      write_safetensors((directory / "optimizer.safetensors").string(), moments);
-      json state = {{"step", at_step},
-                    {"consumed_samples", position},
-                    {"loss_window", guard.window()},
-                    {"skipped_batches", guard.skipped()},
-                    {"consecutive_spikes", guard.consecutive()},
-                    {"lr", learning_rate(recipe.model.optim, at_step)},
-                    {"recipe", recipe.source}};
-      write_file_atomically((directory / "trainer_state.json").string(), state.dump(2) + "\n");
-    });
+    checkpoints.save(at_step, recipe.exp_manager.save_top_k,
+                     [&](const fs::path& directory) { trainer.save(directory, position); });
   };
 
   const std::int64_t first_step = step;
@@ -439,109 +341,35 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
     }
     const auto data_ready = Clock::now();
     const double data_wait = std::chrono::duration<double>(data_ready - step_started).count();
-    // The loss is the mean over every labelled token of the global batch, whatever the split into
-    // micro-batches or packed rows: each micro-batch contributes its share.
-    double loss_value = 0;
-    for (const auto& batch : batches) {
-      if (batch.labelled_tokens == 0) continue;  // nothing to learn from (its share of the loss is 0)
-      MultimodalInputs inputs;
-      inputs.input_ids = batch.input_ids;  // the model moves its inputs to its device
-      inputs.images = batch.images;
-      inputs.attention_mask = batch.attention_mask;
-      inputs.positions = batch.positions;
-      inputs.segment_ids = batch.segment_ids;
-      // The LM head runs only where a labelled token follows (stage 2: the answers).
-      LabelledPositions positions = labelled_positions(batch.labels);
-      inputs.logits_mask = positions.mask;
-      at::Tensor loss;
-      {
-        auto scope = precision->enter_forward(context);
-        BackboneOutputs outputs = model.forward(inputs);
-        loss = labelled_lm_loss(outputs.logits, positions) *
-               (static_cast<double>(batch.labelled_tokens) / static_cast<double>(std::max<std::int64_t>(1, labelled)));
-        if (outputs.aux_loss.defined()) loss = loss + outputs.aux_loss.to(at::kFloat) / static_cast<double>(accumulation);
-      }
-      // Text-only samples while only the vision side trains: nothing to differentiate.
-      if (loss.requires_grad()) loss.backward();
-      loss_value += loss.item<double>();
-      if (main_copies) {  // O2: accumulate in fp32 (Megatron's main_grad), not in the bf16 .grad
-        at::NoGradGuard no_grad;
-        for (auto& t : trained) {
-          if (!t.param.grad().defined()) continue;
-          if (t.main.grad().defined()) {
-            t.main.mutable_grad().add_(t.param.grad());
-          } else {
-            t.main.mutable_grad() = t.param.grad().to(t.main.scalar_type());
-          }
-          t.param.mutable_grad().reset();
-        }
-      }
+    const StepReport report = trainer.train_step(batches);
+    if (report.skipped) {
+      progress.message("step " + std::to_string(step + 1) + ": " + report.skip_reason +
+                       "; the batch is skipped (no update; " + std::to_string(trainer.guard().skipped()) +
+                       " skipped so far)");
     }
-    if (labelled == 0) {
-      throw Error(title + ": step " + std::to_string(step + 1) + ": the global batch holds no labelled token");
-    }
-    const std::string last_good = checkpoints.latest() ? checkpoints.latest()->string() : "none written yet";
-    std::string why;
-    const LossSpikeGuard::Verdict verdict = guard.judge(loss_value, &why);
-    if (verdict == LossSpikeGuard::Verdict::Stop) {
-      throw Error(title + ": step " + std::to_string(step + 1) + ": " + why + "; stopping before the update (last good " +
-                  "checkpoint: " + last_good + "). Lower model.optim.lr, raise warmup_steps, or check the data" +
-                  (std::isfinite(loss_value) ? " (trainer.loss_spike_* set how spikes are judged)" : ""));
-    }
-    guard.record(loss_value, verdict);
-    const bool skip = verdict == LossSpikeGuard::Verdict::Skip;
-    if (skip) {
-      progress.message("step " + std::to_string(step + 1) + ": " + why + "; the batch is skipped (no update; " +
-                       std::to_string(guard.skipped()) + " skipped so far)");
-    }
-    const auto computed = Clock::now();
-    double grad_norm = 0;
-    {
-      at::NoGradGuard no_grad;
-      // The clipping factor is applied inside the optimizer's fused update (no pass of its own).
-      const double lr = learning_rate(recipe.model.optim, step);
-      if (!skip) {
-        const GradientNorm norm = gradient_norm(mains, recipe.model.optim.clip_grad);
-        grad_norm = norm.norm;
-        if (!std::isfinite(grad_norm)) {
-          throw Error(title + ": step " + std::to_string(step + 1) + ": the gradient norm is " +
-                      (std::isnan(grad_norm) ? std::string("NaN") : std::string("infinite")) + " (loss " +
-                      std::to_string(loss_value) + "); stopping before the update (last good checkpoint: " + last_good +
-                      "). Lower model.optim.lr, or use fp32 to find the overflowing layer");
-        }
-        set_learning_rate(*optimizer, lr);
-        scaled_step(*optimizer, norm.clip_scale);
-      }
-      optimizer->zero_grad(true);
-      if (main_copies) {
-        for (auto& t : trained) t.param.copy_(t.main);
-      }
-      ++step;
-      const auto updated = Clock::now();
-      position = batches.back().end_position;
-      if (!skip) last_loss = loss_value;
-
-      const double seconds = std::chrono::duration<double>(Clock::now() - step_started).count();
-      const double elapsed = std::chrono::duration<double>(Clock::now() - started).count();
-      const double eta = (max_steps - step) * elapsed / static_cast<double>(std::max<std::int64_t>(1, step - first_step));
-      metrics.write({{"step", step},
-                     {"loss", loss_value},
-                     {"lr", lr},
-                     {"grad_norm", grad_norm},
-                     {"tokens", tokens},
-                     {"labelled_tokens", labelled},
-                     {"samples", samples},
-                     {"consumed_samples", position},
-                     {"tokens_per_second", tokens / seconds},
-                     {"step_seconds", seconds},
-                     {"data_wait_seconds", data_wait},
-                     {"forward_backward_seconds", std::chrono::duration<double>(computed - data_ready).count()},
-                     {"optimizer_seconds", std::chrono::duration<double>(updated - computed).count()},
-                     {"skipped_samples", summary.skipped_samples},
-                     {"skipped_batch", skip},
-                     {"skipped_batches", guard.skipped()}});
-      progress.update(step, loss_value, lr, grad_norm, tokens / seconds, eta);
-    }
+    step = trainer.step();
+    position = batches.back().end_position;
+    if (!report.skipped) last_loss = report.loss;
+    const double seconds = std::chrono::duration<double>(Clock::now() - step_started).count();
+    const double elapsed = std::chrono::duration<double>(Clock::now() - started).count();
+    const double eta = (max_steps - step) * elapsed / static_cast<double>(std::max<std::int64_t>(1, step - first_step));
+    metrics.write({{"step", step},
+                   {"loss", report.loss},
+                   {"lr", report.lr},
+                   {"grad_norm", report.grad_norm},
+                   {"tokens", report.tokens},
+                   {"labelled_tokens", report.labelled_tokens},
+                   {"samples", report.samples},
+                   {"consumed_samples", position},
+                   {"tokens_per_second", report.tokens / seconds},
+                   {"step_seconds", seconds},
+                   {"data_wait_seconds", data_wait},
+                   {"forward_backward_seconds", report.forward_backward_seconds},
+                   {"optimizer_seconds", report.optimizer_seconds},
+                   {"skipped_samples", summary.skipped_samples},
+                   {"skipped_batch", report.skipped},
+                   {"skipped_batches", trainer.guard().skipped()}});
+    progress.update(step, report.loss, report.lr, report.grad_norm, report.tokens / seconds, eta);
     const bool exiting = recipe.trainer.exit_interval > 0 && step % recipe.trainer.exit_interval == 0;
     if (auto saved = profiler.after(step, step == max_steps || exiting)) progress.message(*saved);
     if (exiting || (recipe.exp_manager.every_n_train_steps > 0 && step % recipe.exp_manager.every_n_train_steps == 0)) {
@@ -562,7 +390,7 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
   }
   if (saved_step != step) save(step);
   signals.reset();
-  summary.skipped_batches = guard.skipped();
+  summary.skipped_batches = trainer.guard().skipped();
   summary.steps = step;
   summary.trained = step - first_step;
   summary.last_loss = last_loss;
@@ -573,12 +401,12 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
   if (model.connector() && !recipe.model.mm_cfg.connector.freeze) {
     // LLaVA's mm_projector file: what a stage-2 recipe's pretrain_mm_mlp_adapter points at.
     std::vector<std::pair<std::string, at::Tensor>> projector;
-    for (const auto& t : trained) {
+    for (const auto& t : trainer.trained()) {
       if (t.name.rfind("connector.", 0) == 0) projector.emplace_back("model.mm_projector." + t.name.substr(10), t.main);
     }
     write_safetensors((summary.run_dir / "mm_projector.safetensors").string(), projector, {{"format", "pt"}});
   }
-  frozen_casts.restore();  // the export writes the frozen components' fp32 weights as loaded
+  trainer.restore_frozen_weights();  // the export writes the frozen components' fp32 weights as loaded
   if (exporting) {
     summary.hf_dir = summary.run_dir / "hf";
     export_hf(recipe, model, summary.hf_dir);
@@ -586,7 +414,7 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
   summary.seconds = std::chrono::duration<double>(Clock::now() - started).count();
   progress.message("done: step " + std::to_string(step) + ", loss " + std::to_string(last_loss) + ", " +
                    std::to_string(summary.skipped_samples) + " bad sample(s) skipped, " +
-                   std::to_string(guard.skipped()) + " loss spike(s) skipped, " +
+                   std::to_string(trainer.guard().skipped()) + " loss spike(s) skipped, " +
                    format_duration(summary.seconds) + "; run directory " + summary.run_dir.string());
   return summary;
 }

@@ -198,20 +198,26 @@ NEVA_CONFIG_TYPE(std::vector<double>)
 NEVA_CONFIG_TYPE(std::vector<std::string>)
 #undef NEVA_CONFIG_TYPE
 
+std::string ConfigSection::token(std::string_view key, std::string fallback) const {
+  impl_->asked.emplace(key);
+  if (!impl_->table) return fallback;
+  const toml::node* node = impl_->table->get(key);
+  if (!node) return fallback;
+  if (auto integer = node->value_exact<std::int64_t>()) return std::to_string(*integer);
+  if (auto text = node->value_exact<std::string>()) return *text;
+  fail(key, "expected a name (a string or an integer), got " + type_name(*node) + " " + render(*node));
+}
+
 std::string ConfigSection::choice(std::string_view key, std::string fallback,
                                   const std::vector<std::string>& allowed) const {
   impl_->asked.emplace(key);
   std::string value = std::move(fallback);
   if (impl_->table) {
     if (const toml::node* node = impl_->table->get(key)) {
-      // Integer spellings count as tokens too (NeMo writes trainer.precision = 32).
-      if (auto integer = node->value_exact<std::int64_t>()) {
-        value = std::to_string(*integer);
-      } else if (auto text = node->value_exact<std::string>()) {
-        value = *text;
-      } else {
+      if (!node->value_exact<std::int64_t>() && !node->value_exact<std::string>()) {
         fail(key, "expected one of " + join(allowed) + ", got " + type_name(*node) + " " + render(*node));
       }
+      value = token(key, value);
     }
   }
   if (std::find(allowed.begin(), allowed.end(), value) == allowed.end()) {

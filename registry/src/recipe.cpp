@@ -6,7 +6,6 @@
 #include "neva/error.h"
 #include "neva/io/hf_config.h"
 #include "neva/model/llava.h"
-#include "neva/precision.h"
 #include "neva/language_backbone.h"
 #include "neva/vision_encoder.h"
 
@@ -17,7 +16,6 @@ namespace fs = std::filesystem;
 namespace {
 
 const std::vector<std::string> kModes = {"inspect", "train", "generate", "score"};
-const std::vector<std::string> kPrecisions = {"32", "bf16", "bf16-mixed"};
 
 RunConfig parse_run(const ConfigSection& run, const fs::path& base_directory) {
   RunConfig config;
@@ -129,7 +127,12 @@ Recipe parse_recipe(const ConfigDocument& document, const fs::path& base_directo
   const Registry& registry = *recipe.registry;
 
   ConfigSection trainer = root.section("trainer");
-  recipe.trainer.precision = trainer.choice("precision", recipe.trainer.precision, kPrecisions);
+  recipe.trainer.precision = trainer.token("precision", recipe.trainer.precision);
+  try {
+    registry.find(PrecisionRecipe::kKind, recipe.trainer.precision);
+  } catch (const PluginError& error) {
+    trainer.fail("precision", std::string(error.what()) + "; NeMo's spellings 32 and bf16-mixed answer to fp32 and bf16");
+  }
   recipe.trainer.max_steps = trainer.integer("max_steps", 0, 1);
   recipe.trainer.log_every_n_steps = trainer.integer("log_every_n_steps", recipe.trainer.log_every_n_steps, 1);
   recipe.trainer.exit_interval = trainer.integer("exit_interval", 0, 0);
@@ -175,9 +178,16 @@ Recipe parse_recipe(const ConfigDocument& document, const fs::path& base_directo
                                         std::to_string(recipe.model.micro_batch_size) + "), got " +
                                         std::to_string(recipe.model.global_batch_size));
   }
-  recipe.model.megatron_amp_O2 = model.get<bool>("megatron_amp_O2", false);
-  if (recipe.model.megatron_amp_O2 && recipe.trainer.precision == "32") {
-    model.fail("megatron_amp_O2", "O2 keeps bf16 weights with fp32 main weights; it needs trainer.precision = \"bf16\"");
+  // The precision recipe reads its keys from the model section (NeMo keeps megatron_amp_O2 there).
+  recipe.precision = recipe.registry->create<PrecisionRecipe>(
+      recipe.trainer.precision, *registry.parse_config(PrecisionRecipe::kKind, recipe.trainer.precision, model),
+      RuntimeContext());
+  {
+    ConfigSection strategy = model.section("parallel_strategy");
+    const std::string name = strategy.get<std::string>("name", "megatron");
+    require_plugin(registry, strategy, "name", ParallelStrategy::kKind, name);
+    recipe.parallel_strategy = recipe.registry->create<ParallelStrategy>(
+        name, *registry.parse_config(ParallelStrategy::kKind, name, strategy), RuntimeContext());
   }
 
   recipe.model.encoder_seq_length = model.integer("encoder_seq_length", recipe.model.encoder_seq_length, 2);
@@ -371,6 +381,7 @@ LlavaModel build_model(const Recipe& recipe, const RuntimeContext& context) {
     using Interface = std::remove_pointer_t<decltype(type)>;
     try {
       auto component = recipe.registry->create<Interface>(spec.plugin, *spec.config, context);
+      recipe.precision->prepare(*component, context);
       freeze(*component, spec.freeze);
       return component;
     } catch (const PluginError& error) {
@@ -395,17 +406,18 @@ Recipe load_recipe(const fs::path& path, const std::vector<std::string>& overrid
   return parse_recipe(document, directory, registry_options);
 }
 
-DTypePolicy Recipe::dtype_policy() const {
-  return make_precision_recipe(trainer.precision, model.megatron_amp_O2)->dtype_policy();
-}
+DTypePolicy Recipe::dtype_policy() const { return precision->dtype_policy(); }
 
-RuntimeContext Recipe::runtime_context() const {
+RuntimeContext Recipe::runtime_context(const World& world) const {
   // Random initialisation is part of the recipe: every layer draws from this generator.
   RuntimeContext context = RuntimeContext::seeded(run.seed, c10::Device(run.device));
   context.dtypes = dtype_policy();
   // Inference keeps no fp32 master copy: bf16 precision means bf16 weights (oneDNN/AMX matmuls).
-  if (run.mode == "generate" || run.mode == "score") context.dtypes.params = context.dtypes.compute;
+  if (run.mode == "generate" || run.mode == "score") {
+    context.dtypes.params = context.dtypes.main_params = context.dtypes.compute;
+  }
   context.activations_checkpoint = model.activations_checkpoint;
+  context.groups = parallel_strategy->build_groups(world, model.parallel, context.device);
   return context;
 }
 

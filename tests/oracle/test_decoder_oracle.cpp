@@ -9,6 +9,7 @@
 
 #include "neva/language_backbone.h"
 #include "neva/model/llava.h"
+#include "neva/train/loss.h"
 #include "neva/train/optim.h"
 #include "neva/recipe.h"
 #include "neva/registry.h"

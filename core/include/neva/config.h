@@ -44,6 +44,8 @@ class NEVA_API ConfigSection {
   template <class T>
   T require(std::string_view key) const;
 
+  // A name: a string, or an integer read as its decimal spelling (NeMo writes trainer.precision = 32).
+  std::string token(std::string_view key, std::string fallback) const;
   // A string that must be one of `allowed` (error lists them, with a did-you-mean).
   std::string choice(std::string_view key, std::string fallback, const std::vector<std::string>& allowed) const;
   // An integer in [min, max] when given; `fallback` (unchecked) when absent.

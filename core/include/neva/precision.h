@@ -1,8 +1,6 @@
 #pragma once
-// The built-in precision recipes (trainer.precision and model.megatron_amp_O2, NeMo's names):
-//   "32"                     fp32 weights and arithmetic
-//   "bf16" / "bf16-mixed"    fp32 weights; matmuls and activations in bf16 under autocast
-//   "bf16" + megatron_amp_O2 bf16 weights and arithmetic; the optimizer keeps fp32 main weights
+// Building blocks of precision recipes (the PrecisionRecipe plugins, plugins/precision/: `fp32`,
+// `bf16` with and without megatron_amp_O2; selected by trainer.precision).
 // On CPU, bf16 matmuls go through oneDNN, which uses AMX tiles where the CPU has them and
 // AVX512-BF16 otherwise (seen in ONEDNN_VERBOSE: brg_matmul:avx10_1_512_amx on a Xeon with AMX).
 #include <ATen/core/Tensor.h>
@@ -18,7 +16,19 @@
 
 namespace neva {
 
-NEVA_API std::unique_ptr<PrecisionRecipe> make_precision_recipe(const std::string& precision, bool megatron_amp_O2);
+// Autocast to `dtype` on `device`'s type for as long as it lives; what was set before comes back.
+class NEVA_API AutocastScope : public PrecisionScope {
+ public:
+  AutocastScope(c10::DeviceType device, at::ScalarType dtype);
+  ~AutocastScope() override;
+  AutocastScope(const AutocastScope&) = delete;
+  AutocastScope& operator=(const AutocastScope&) = delete;
+
+ private:
+  c10::DeviceType device_;
+  bool was_enabled_;
+  at::ScalarType previous_dtype_;
+};
 
 // Empty, or a warning when bf16 arithmetic on `device` would be emulated: an x86-64 CPU with neither
 // AVX512-BF16 nor AMX-BF16 (oneDNN then converts in software; measured about 50x slower than

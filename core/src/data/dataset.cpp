@@ -22,7 +22,7 @@
 
 #include "neva/inference/generation.h"
 #include "neva/io/json.h"
-#include "neva/train/optim.h"
+#include "neva/train/loss.h"
 
 namespace neva {
 

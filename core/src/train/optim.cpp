@@ -126,33 +126,6 @@ void set_learning_rate(torch::optim::Optimizer& optimizer, double lr) {
   for (auto& group : optimizer.param_groups()) group.options().set_lr(lr);
 }
 
-at::Tensor causal_lm_loss(const at::Tensor& logits, const at::Tensor& labels) {
-  if (logits.dim() != 3 || labels.dim() != 2 || logits.size(0) != labels.size(0) || logits.size(1) != labels.size(1)) {
-    throw Error("causal_lm_loss: logits " + std::string(c10::str(logits.sizes())) + " and labels " +
-                std::string(c10::str(labels.sizes())) + " do not line up ([B, S, V] and [B, S])");
-  }
-  at::Tensor scores = logits.narrow(1, 0, logits.size(1) - 1).to(at::kFloat).reshape({-1, logits.size(2)});
-  at::Tensor targets = labels.narrow(1, 1, labels.size(1) - 1).reshape({-1}).to(logits.device());
-  return at::cross_entropy_loss(scores, targets, {}, at::Reduction::Mean, kIgnoreIndex);
-}
-
-LabelledPositions labelled_positions(const at::Tensor& labels) {
-  if (labels.dim() != 2) throw Error("labels must be [batch, seq], got " + std::string(c10::str(labels.sizes())));
-  at::Tensor next = labels.narrow(1, 1, labels.size(1) - 1);
-  at::Tensor mask = at::cat({next != kIgnoreIndex, at::zeros({labels.size(0), 1}, labels.options().dtype(at::kBool))}, 1);
-  return {mask, next.masked_select(next != kIgnoreIndex)};
-}
-
-at::Tensor labelled_lm_loss(const at::Tensor& logits, const LabelledPositions& positions) {
-  at::Tensor selected = logits.dim() == 3 ? logits.index({positions.mask.to(logits.device())}) : logits;
-  if (selected.size(0) != positions.targets.size(0)) {
-    throw Error("labelled_lm_loss: " + std::to_string(selected.size(0)) + " logits rows for " +
-                std::to_string(positions.targets.size(0)) + " labelled positions");
-  }
-  return at::cross_entropy_loss(selected.to(at::kFloat), positions.targets.to(logits.device()), {}, at::Reduction::Mean,
-                                kIgnoreIndex);
-}
-
 namespace {
 
 std::vector<at::Tensor> gradients_of(const std::vector<at::Tensor>& parameters) {
@@ -189,12 +162,14 @@ GradientNorm gradient_norm(const std::vector<at::Tensor>& all, double max_norm) 
   for (const auto& grad : grads) {
     if (grad.is_cpu() && grad.scalar_type() == at::kFloat && grad.is_contiguous()) {
       const at::Tensor flat = grad.view({-1});
-      squares.push_back(at::dot(flat, flat));
+      squares.push_back(at::dot(flat, flat).to(at::kDouble));
     } else {
-      squares.push_back(at::linalg_vector_norm(grad, 2, {}, false, at::kFloat).square());
+      // At least fp32 (bf16 gradients), fp64 kept as fp64 (the float64 equivalence tests).
+      const at::ScalarType dtype = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+      squares.push_back(at::linalg_vector_norm(grad, 2, {}, false, dtype).square().to(at::kDouble));
     }
   }
-  const double norm = std::sqrt(at::stack(squares).to(at::kDouble).sum().item<double>());
+  const double norm = std::sqrt(at::stack(squares).sum().item<double>());
   // transformers / PyTorch: scale by max_norm / (norm + 1e-6) when that is below 1.
   const double scale = max_norm / (norm + 1e-6);
   return {norm, max_norm > 0 && scale < 1 ? scale : 1.0};

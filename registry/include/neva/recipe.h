@@ -15,7 +15,9 @@
 #include "neva/model/llava.h"
 #include "neva/train/loss_spike.h"
 #include "neva/train/optim.h"
+#include "neva/parallel/process_group.h"
 #include "neva/parallel_strategy.h"
+#include "neva/precision_recipe.h"
 #include "neva/registry.h"
 
 namespace neva {
@@ -28,7 +30,8 @@ struct RunConfig {
 };
 
 struct TrainerConfig {
-  std::string precision = "32";  // NeMo trainer.precision: 32 | bf16 | bf16-mixed
+  // NeMo's trainer.precision: the precision_recipe plugin (fp32 answers to 32, bf16 to bf16-mixed).
+  std::string precision = "32";
   std::int64_t max_steps = 0;    // optimizer steps to train to (a resumed run continues up to it)
   std::int64_t log_every_n_steps = 10;
   // Megatron's exit_interval: checkpoint and stop when the step is a multiple of it (0: never), so
@@ -111,7 +114,6 @@ struct ModelConfig {            // model
   ParallelSizes parallel;
   std::int64_t micro_batch_size = 1;
   std::int64_t global_batch_size = 1;
-  bool megatron_amp_O2 = false;
   std::string tokenizer;        // model.tokenizer.model: a tokenizer directory or file
   std::int64_t encoder_seq_length = 2048;  // longest training sample (tokens, image tokens included)
   ActivationCheckpointConfig activations_checkpoint;
@@ -128,9 +130,15 @@ struct NEVA_API Recipe {
   ModelConfig model;
   InferenceConfig inference;
   std::shared_ptr<Registry> registry;  // plugins from run.plugin_paths, NEVA_PLUGIN_PATH, install dir
+  // The plugins chosen by trainer.precision (with the model section's keys: megatron_amp_O2) and
+  // by [model.parallel_strategy] (name, default "megatron"; the plugin's keys, e.g. order).
+  std::shared_ptr<PrecisionRecipe> precision;
+  std::shared_ptr<ParallelStrategy> parallel_strategy;
 
   DTypePolicy dtype_policy() const;
-  RuntimeContext runtime_context() const;  // single-process groups; device and dtypes from the recipe
+  // Device, dtypes, generator and activation checkpointing from the recipe; the process groups the
+  // parallel strategy builds for `world` (a world of one by default: every group "this rank alone").
+  RuntimeContext runtime_context(const World& world = World()) const;
 };
 
 // Builds the model the recipe describes: every component through the registry, frozen as asked.

@@ -1,7 +1,6 @@
 #pragma once
-// Training building blocks with NeMo/Megatron's conventions: AdamW whose weight decay skips norms
-// and biases, linear warmup then cosine decay to min_lr, the causal-LM loss over labelled tokens
-// only, and global gradient-norm clipping.
+// The optimizer with NeMo/Megatron's conventions: AdamW whose weight decay skips norms and biases,
+// linear warmup then cosine decay to min_lr, and global gradient-norm clipping. (The loss: loss.h.)
 #include <ATen/core/Tensor.h>
 #include <torch/nn/module.h>
 #include <torch/optim/adamw.h>
@@ -13,8 +12,6 @@
 #include "neva/api.h"
 
 namespace neva {
-
-inline constexpr std::int64_t kIgnoreIndex = -100;  // labels that do not count (prompt, image, padding)
 
 struct OptimizerConfig {
   double lr = 2e-3;
@@ -40,21 +37,6 @@ NEVA_API std::unique_ptr<torch::optim::AdamW> make_adamw(const std::vector<at::T
 // Parameters of `modules` that require gradients.
 NEVA_API std::vector<at::Tensor> trainable_parameters(const std::vector<torch::nn::Module*>& modules);
 NEVA_API void set_learning_rate(torch::optim::Optimizer& optimizer, double lr);
-
-// Mean next-token cross entropy over positions whose label is not kIgnoreIndex: logits [B, S, V]
-// predict labels [B, S] shifted by one (logits at t score label t + 1), computed in fp32.
-NEVA_API at::Tensor causal_lm_loss(const at::Tensor& logits, const at::Tensor& labels);
-
-// The positions whose next token is labelled (mask [B, S] bool, true at t when labels[t + 1] counts)
-// and those labels in row-major order (targets [N]): what the LM head and the loss need in training.
-struct LabelledPositions {
-  at::Tensor mask;
-  at::Tensor targets;
-};
-NEVA_API LabelledPositions labelled_positions(const at::Tensor& labels);
-// causal_lm_loss over logits computed at `positions.mask` only ([N, V], or [B, S, V] from a backbone
-// that ignored the mask): the same value.
-NEVA_API at::Tensor labelled_lm_loss(const at::Tensor& logits, const LabelledPositions& positions);
 
 // The global L2 norm of the parameters' gradients, and the factor that clips it to `max_norm`:
 // PyTorch's clip_grad_norm_ rule, max_norm / (norm + 1e-6) when that is below 1, else 1 (also for

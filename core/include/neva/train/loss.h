@@ -1,0 +1,29 @@
+#pragma once
+// The causal-LM loss over labelled tokens only (NeMo/LLaVA: prompt, image and padding positions
+// carry kIgnoreIndex), in fp32 (fp64 for fp64 logits).
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+#include "neva/api.h"
+
+namespace neva {
+
+inline constexpr std::int64_t kIgnoreIndex = -100;  // labels that do not count (prompt, image, padding)
+
+// Mean next-token cross entropy over positions whose label is not kIgnoreIndex: logits [B, S, V]
+// predict labels [B, S] shifted by one (logits at t score label t + 1), computed in fp32.
+NEVA_API at::Tensor causal_lm_loss(const at::Tensor& logits, const at::Tensor& labels);
+
+// The positions whose next token is labelled (mask [B, S] bool, true at t when labels[t + 1] counts)
+// and those labels in row-major order (targets [N]): what the LM head and the loss need in training.
+struct LabelledPositions {
+  at::Tensor mask;
+  at::Tensor targets;
+};
+NEVA_API LabelledPositions labelled_positions(const at::Tensor& labels);
+// causal_lm_loss over logits computed at `positions.mask` only ([N, V], or [B, S, V] from a backbone
+// that ignored the mask): the same value.
+NEVA_API at::Tensor labelled_lm_loss(const at::Tensor& logits, const LabelledPositions& positions);
+
+}  // namespace neva

@@ -1,0 +1,127 @@
+#pragma once
+// The trainer: one optimizer step at a time over a LlavaModel, with its state saved to and restored
+// from a checkpoint directory. What calls it (neva-run's train mode, a test, another program) owns
+// the loop around it: data, logging, checkpoint cadence, signals, the export.
+//
+// A step is: the schedule runs forward and backward over the step's micro-batches (inside the
+// precision recipe's forward scope), the gradient-sync hook runs (data parallelism), the loss-spike
+// guard judges the loss, then the gradients are clipped and the optimizer updates the main weights
+// (fp32 copies of bf16 weights under megatron_amp_O2, copied back after the update).
+#include <ATen/core/Tensor.h>
+#include <torch/optim/adamw.h>
+
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "neva/api.h"
+#include "neva/context.h"
+#include "neva/data/dataset.h"
+#include "neva/model/llava.h"
+#include "neva/precision.h"
+#include "neva/precision_recipe.h"
+#include "neva/train/loss_spike.h"
+#include "neva/train/optim.h"
+
+namespace neva {
+
+// A trained tensor: the model's parameter and the copy the optimizer updates (the same tensor in
+// fp32; an fp32 main copy of a bf16 weight under megatron_amp_O2).
+struct TrainedTensor {
+  std::string name;  // "llm.model.layers.0.mlp.up_proj.weight"
+  at::Tensor param;
+  at::Tensor main;
+};
+
+class Trainer;
+
+// Which micro-batch runs forward and backward when, within one optimizer step. The sequential
+// schedule runs them one after the other (gradient accumulation; one micro-batch: a plain step);
+// a pipeline schedule (1F1B) interleaves them across stages.
+class NEVA_API Schedule {
+ public:
+  virtual ~Schedule();
+  // Calls `forward_backward(i)` for every micro-batch i of the step; returns the sum of what they returned.
+  virtual double run(std::size_t micro_batches, const std::function<double(std::size_t)>& forward_backward) const = 0;
+};
+NEVA_API std::unique_ptr<Schedule> sequential_schedule();
+
+struct TrainerOptions {
+  OptimizerConfig optim;       // AdamW, the learning-rate schedule, clipping
+  LossSpikeConfig loss_spike;  // the guard
+  std::string title = "train";  // prefixes error messages ("stage 1: step 3: ...")
+  // Keep the fp32 originals of frozen weights cast once to bf16 (bf16 mixed), for a reader outside
+  // autocast after training (the export); restore_frozen_weights() puts them back.
+  bool keep_frozen_originals = false;
+  // What the error of a step that stops the run names as the last good checkpoint.
+  std::function<std::string()> last_checkpoint = [] { return std::string("none written yet"); };
+  // Written into trainer_state.json ("recipe").
+  std::string source;
+};
+
+// What one step did.
+struct StepReport {
+  double loss = 0;  // mean over the labelled tokens of the global batch (plus MoE aux losses)
+  double grad_norm = 0;
+  double lr = 0;
+  bool skipped = false;     // a loss spike the guard skipped: no update
+  std::string skip_reason;  // the guard's words, when skipped
+  std::int64_t tokens = 0, labelled_tokens = 0, samples = 0;
+  double forward_backward_seconds = 0, optimizer_seconds = 0;
+};
+
+class NEVA_API Trainer {
+ public:
+  // Trains every parameter of `model` that requires grad (throws Error when none does). `model`,
+  // `precision` and `context` must outlive the trainer; the context's generator is part of its state.
+  Trainer(LlavaModel& model, const PrecisionRecipe& precision, RuntimeContext& context, TrainerOptions options,
+          std::unique_ptr<Schedule> schedule = sequential_schedule());
+  ~Trainer();
+  Trainer(const Trainer&) = delete;
+  Trainer& operator=(const Trainer&) = delete;
+
+  // Data parallelism: called after the schedule, before the guard and the norm, with the tensors
+  // whose main gradients hold this replica's sum; it must leave the global batch's gradients there.
+  // Null: one replica.
+  std::function<void(std::vector<TrainedTensor>&)> sync_gradients;
+
+  // One optimizer step over the micro-batches of one global batch. Throws Error (naming the step and
+  // the last good checkpoint) when the batch holds no labelled token, the guard stops the run or the
+  // gradient norm is not finite; nothing is updated then.
+  StepReport train_step(const std::vector<TrainingBatch>& batches);
+
+  // The trainer's state in `directory`: model.safetensors (the trained tensors, by name),
+  // optimizer.safetensors (AdamW's moments, the generators' states), trainer_state.json (step,
+  // `consumed_samples`, the guard's window). restore() reads them back and returns consumed_samples;
+  // errors name the file and the tensor.
+  void save(const std::filesystem::path& directory, std::uint64_t consumed_samples) const;
+  std::uint64_t restore(const std::filesystem::path& directory);
+
+  // The frozen weights' fp32 originals back (see TrainerOptions::keep_frozen_originals).
+  void restore_frozen_weights();
+
+  std::int64_t step() const { return step_; }
+  const std::vector<TrainedTensor>& trained() const { return trained_; }
+  const LossSpikeGuard& guard() const { return guard_; }
+  bool main_copies() const { return main_copies_; }  // megatron_amp_O2: fp32 main weights
+  std::int64_t parameter_count() const;
+
+ private:
+  LlavaModel& model_;
+  const PrecisionRecipe& precision_;
+  RuntimeContext& context_;
+  TrainerOptions options_;
+  std::unique_ptr<Schedule> schedule_;
+  std::vector<TrainedTensor> trained_;
+  std::vector<at::Tensor> mains_;
+  bool main_copies_ = false;
+  std::unique_ptr<FrozenWeightCasts> frozen_casts_;
+  std::unique_ptr<torch::optim::AdamW> optimizer_;
+  LossSpikeGuard guard_;
+  std::int64_t step_ = 0;
+};
+
+}  // namespace neva
