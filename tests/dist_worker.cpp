@@ -14,6 +14,7 @@
 #include "neva/parallel/rank_grid.h"
 #include "neva/parallel_strategy.h"
 #include "neva/registry.h"
+#include "neva/train/trainer.h"
 
 namespace {
 
@@ -74,6 +75,14 @@ int check_groups(const neva::World& world, char** sizes_text) {
                     (!*group || (*group)->global_ranks() == members);
     report(world, std::string("group ") + kind, ok);
   }
+  // The trainer's schedule follows from the pipeline group: sequential without one, refused with one.
+  bool refused = false;
+  try {
+    (void)neva::schedule_for(groups);
+  } catch (const neva::Error& error) {
+    refused = std::string(error.what()).find("1F1B") != std::string::npos;
+  }
+  report(world, "schedule", refused == (sizes.pipeline > 1));
   return failures ? 3 : 0;
 }
 

@@ -299,3 +299,56 @@ TEST_CASE("the loader skips and reports bad samples, or stops at the first when 
   neva::TrainingData hopeless({{all_bad.string(), 1.0}}, tokenizer, format_for("v1", dir), options);
   CHECK_THROWS_WITH_AS(hopeless.next(), doctest::Contains("no usable training sample"), neva::Error);
 }
+
+TEST_CASE("data-parallel shards: each replica reads its residue class of the stream, skips within it, resumes") {
+  TempDir dir;
+  auto tokenizer = byte_tokenizer(dir);
+  write_image(dir.path() / "cat.png");
+  std::string lines;
+  for (int k = 0; k < 7; ++k) {
+    json turns = {{{"from", "human"}, {"value", "<image>\nq" + std::to_string(k)}}, {{"from", "gpt"}, {"value", "a"}}};
+    json r = {{"image", k == 4 ? "gone.png" : "cat.png"}, {"conversations", turns}};  // record 5 is bad
+    lines += r.dump() + "\n";
+  }
+  auto path = dir.write("data.jsonl", lines);
+  neva::LoaderOptions options;  // micro-batch 1: a batch's sample sits at end_position - 1
+  std::map<std::uint64_t, at::Tensor> stream;
+  {
+    neva::TrainingData single({{path.string(), 1.0}}, tokenizer, format_for("v1", dir), options);
+    while (stream.size() < 40) {
+      auto batch = single.next();
+      stream[batch.end_position - 1] = batch.input_ids;
+    }
+  }
+  for (std::int64_t count : {2, 3}) {
+    std::set<std::uint64_t> seen;
+    for (std::int64_t rank = 0; rank < count; ++rank) {
+      options.shard_rank = rank;
+      options.shard_count = count;
+      neva::TrainingData shard({{path.string(), 1.0}}, tokenizer, format_for("v1", dir), options);
+      std::uint64_t resume_at = 0;
+      std::vector<at::Tensor> after_resume;
+      for (int i = 0; i < 8; ++i) {
+        auto batch = shard.next();
+        const std::uint64_t position = batch.end_position - 1;
+        CHECK(position % count == static_cast<std::uint64_t>(rank));
+        REQUIRE(stream.count(position));
+        CHECK(at::equal(batch.input_ids, stream[position]));
+        CHECK(seen.insert(position).second);
+        if (i == 3) resume_at = batch.end_position;
+        if (i > 3) after_resume.push_back(batch.input_ids);
+      }
+      neva::TrainingData resumed({{path.string(), 1.0}}, tokenizer, format_for("v1", dir), options, resume_at);
+      for (const auto& expected : after_resume) CHECK(at::equal(resumed.next().input_ids, expected));
+    }
+    // Together the replicas read the single run's samples, no more and none twice.
+    const std::uint64_t covered = 8 * static_cast<std::uint64_t>(count) / 2;
+    for (const auto& [position, ids] : stream) {
+      if (position < covered) CHECK(seen.count(position));
+    }
+  }
+  options.shard_rank = 2;
+  options.shard_count = 2;
+  CHECK_THROWS_WITH_AS(neva::TrainingData({{path.string(), 1.0}}, tokenizer, format_for("v1", dir), options),
+                       doctest::Contains("data shard 2 of 2"), neva::Error);
+}

@@ -83,6 +83,7 @@ TEST_CASE("the megatron strategy builds every group on c10d, each with the membe
                                "data_and_context", "tensor_and_expert", "embedding", "position_embedding", "world"}) {
         CHECK(result.out.find("rank " + std::to_string(rank) + "/4 group " + kind + " ok") != std::string::npos);
       }
+      CHECK(result.out.find("rank " + std::to_string(rank) + "/4 schedule ok") != std::string::npos);
     }
   };
   SUBCASE("tensor 2 x pipeline 2") { check("2 2 1 1"); }

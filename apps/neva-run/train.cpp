@@ -249,7 +249,7 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
   const bool exporting = recipe.exp_manager.export_hf && model.encoder();
   if (exporting) {  // now, not after the run
     try {
-      check_exportable(recipe, model);
+      check_hf_exportable(recipe.hf_export_source(), model);
     } catch (const Error& error) {
       throw Error(recipe.source + ": " + error.what() + " (exp_manager.export_hf = false trains without exporting)");
     }
@@ -291,6 +291,8 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
   loader.seed = recipe.run.seed;
   loader.skip_bad_samples = recipe.model.data.skip_bad_samples;
   loader.prefetch = recipe.model.data.prefetch;
+  loader.shard_rank = group_rank(context.groups.data);  // each data-parallel replica its own samples
+  loader.shard_count = group_size(context.groups.data);
   for (const char* pad : {"<pad>", "<unk>"}) {
     if (auto id = tokenizer->token_id(pad)) {
       loader.pad_id = *id;
@@ -409,7 +411,7 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
   trainer.restore_frozen_weights();  // the export writes the frozen components' fp32 weights as loaded
   if (exporting) {
     summary.hf_dir = summary.run_dir / "hf";
-    export_hf(recipe, model, summary.hf_dir);
+    export_hf(recipe.hf_export_source(), model, summary.hf_dir);
   }
   summary.seconds = std::chrono::duration<double>(Clock::now() - started).count();
   progress.message("done: step " + std::to_string(step) + ", loss " + std::to_string(last_loss) + ", " +

@@ -28,13 +28,4 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title = "train")
 // (neva::emulated_bf16_warning); every command that runs a model calls it once.
 void warn_if_bf16_emulated(const Recipe& recipe);
 
-// Throws the error export_hf would, before anything is trained: a connector other than mlp2x_gelu,
-// no vision encoder, a component without a config.json (or a vision one without patch_size), more
-// leading tokens dropped than one.
-void check_exportable(const Recipe& recipe, LlavaModel& model);
-
-// Writes `model` as a transformers LlavaForConditionalGeneration directory (config.json,
-// model.safetensors, the tokenizer's files) at `directory`, replacing it atomically.
-void export_hf(const Recipe& recipe, LlavaModel& model, const std::filesystem::path& directory);
-
 }  // namespace neva

@@ -421,4 +421,17 @@ RuntimeContext Recipe::runtime_context(const World& world) const {
   return context;
 }
 
+HfExportSource Recipe::hf_export_source() const {
+  const MultimodalConfig& mm = model.mm_cfg;
+  HfExportSource source;
+  if (mm.llm) source.llm = {mm.llm->section, mm.llm->hf_config};
+  if (mm.vision_encoder) {
+    source.vision = {mm.vision_encoder->section, mm.vision_encoder->hf_config};
+    source.vision_config = dynamic_cast<const VisionEncoderConfig*>(mm.vision_encoder->config.get());
+  }
+  source.connector = mm.connector.plugin;
+  source.tokenizer = model.tokenizer;
+  return source;
+}
+
 }  // namespace neva

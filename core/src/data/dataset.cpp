@@ -361,6 +361,9 @@ struct TrainingData::State {
     while (true) {
       position = order->position();
       auto [source, index] = order->next();
+      if (position % static_cast<std::uint64_t>(options.shard_count) != static_cast<std::uint64_t>(options.shard_rank)) {
+        continue;  // another replica's sample
+      }
       try {
         return make_sample(records[source][index], *tokenizer, format);
       } catch (const SampleError& error) {
@@ -442,6 +445,10 @@ TrainingData::TrainingData(const std::vector<DataSource>& sources, std::shared_p
     : state_(std::make_unique<State>()) {
   if (sources.empty()) throw Error("no training data: give model.data.data_path");
   if (options.micro_batch_size < 1) throw Error("micro_batch_size must be at least 1");
+  if (options.shard_count < 1 || options.shard_rank < 0 || options.shard_rank >= options.shard_count) {
+    throw Error("data shard " + std::to_string(options.shard_rank) + " of " + std::to_string(options.shard_count) +
+                ": the rank must be in [0, count)");
+  }
   if (!format.tokens_for_image) format.tokens_for_image = [](std::int64_t, std::int64_t) -> std::int64_t { return 0; };
   std::vector<std::size_t> sizes;
   std::vector<double> weights;

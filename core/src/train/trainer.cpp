@@ -48,13 +48,22 @@ class SequentialSchedule : public Schedule {
 Schedule::~Schedule() = default;
 std::unique_ptr<Schedule> sequential_schedule() { return std::make_unique<SequentialSchedule>(); }
 
+std::unique_ptr<Schedule> schedule_for(const ParallelGroups& groups) {
+  const int stages = group_size(groups.pipeline);
+  if (stages > 1) {
+    throw Error("pipeline parallelism over " + std::to_string(stages) +
+                " stages needs a pipeline schedule (1F1B), which is not implemented yet");
+  }
+  return sequential_schedule();
+}
+
 Trainer::Trainer(LlavaModel& model, const PrecisionRecipe& precision, RuntimeContext& context, TrainerOptions options,
                  std::unique_ptr<Schedule> schedule)
     : model_(model),
       precision_(precision),
       context_(context),
       options_(std::move(options)),
-      schedule_(schedule ? std::move(schedule) : sequential_schedule()),
+      schedule_(schedule ? std::move(schedule) : schedule_for(context.groups)),
       guard_(options_.loss_spike) {
   main_copies_ = context_.dtypes.params != context_.dtypes.main_params;
   std::vector<torch::nn::Module*> modules;

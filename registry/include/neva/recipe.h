@@ -13,6 +13,7 @@
 #include "neva/connector.h"
 #include "neva/context.h"
 #include "neva/model/llava.h"
+#include "neva/train/hf_export.h"
 #include "neva/train/loss_spike.h"
 #include "neva/train/optim.h"
 #include "neva/parallel/process_group.h"
@@ -139,6 +140,9 @@ struct NEVA_API Recipe {
   // Device, dtypes, generator and activation checkpointing from the recipe; the process groups the
   // parallel strategy builds for `world` (a world of one by default: every group "this rank alone").
   RuntimeContext runtime_context(const World& world = World()) const;
+  // What the Hugging Face export reads besides the weights: the components' config.json files,
+  // the encoder's shared keys, the connector's name, the tokenizer.
+  HfExportSource hf_export_source() const;
 };
 
 // Builds the model the recipe describes: every component through the registry, frozen as asked.

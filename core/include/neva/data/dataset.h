@@ -102,6 +102,12 @@ struct LoaderOptions {
   bool skip_bad_samples = true;   // false: the first bad sample stops the run
   std::int64_t prefetch = 4;      // micro-batches prepared ahead
   std::int64_t pad_id = 0;
+  // Data parallelism: of the blended stream, this loader reads the positions p with
+  // p % shard_count == shard_rank (its data-parallel rank and size), so replicas never share a
+  // sample, and a skipped bad sample is replaced from the same shard. Positions (start_position,
+  // TrainingBatch::end_position) stay in the stream's coordinates.
+  std::int64_t shard_rank = 0;
+  std::int64_t shard_count = 1;
 };
 
 // Which record comes at each data position: Megatron's blending (at each position, the source whose

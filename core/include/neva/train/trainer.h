@@ -48,6 +48,10 @@ class NEVA_API Schedule {
   virtual double run(std::size_t micro_batches, const std::function<double(std::size_t)>& forward_backward) const = 0;
 };
 NEVA_API std::unique_ptr<Schedule> sequential_schedule();
+// The schedule the parallel layout calls for, as Megatron-core's get_forward_backward_func picks
+// it from the pipeline size: sequential without pipeline parallelism. A pipeline group of more than
+// one rank is refused (no 1F1B schedule yet) rather than run as if it were one stage.
+NEVA_API std::unique_ptr<Schedule> schedule_for(const ParallelGroups& groups);
 
 struct TrainerOptions {
   OptimizerConfig optim;       // AdamW, the learning-rate schedule, clipping
@@ -77,8 +81,9 @@ class NEVA_API Trainer {
  public:
   // Trains every parameter of `model` that requires grad (throws Error when none does). `model`,
   // `precision` and `context` must outlive the trainer; the context's generator is part of its state.
+  // Without a schedule, the trainer runs schedule_for(context.groups).
   Trainer(LlavaModel& model, const PrecisionRecipe& precision, RuntimeContext& context, TrainerOptions options,
-          std::unique_ptr<Schedule> schedule = sequential_schedule());
+          std::unique_ptr<Schedule> schedule = nullptr);
   ~Trainer();
   Trainer(const Trainer&) = delete;
   Trainer& operator=(const Trainer&) = delete;

@@ -1,7 +1,7 @@
-// Export to a transformers LlavaForConditionalGeneration directory, in the layout transformers 5
-// itself saves: language_model.{model.*, lm_head.*}, vision_tower.* (the tower's own names without
-// its vision_model. prefix), multi_modal_projector.linear_{1,2}.*; config.json with text_config and
-// vision_config taken from the components' own config.json files; the tokenizer files copied.
+// The Hugging Face export (neva/train/hf_export.h). The vision tower's names lose their
+// vision_model. prefix; SigLIP's pooling head is not part of a LLaVA tower.
+#include "neva/train/hf_export.h"
+
 #include <fcntl.h>
 #include <stdio.h>
 #include <unistd.h>
@@ -21,7 +21,6 @@
 #include "neva/data/image.h"
 #include "neva/io/safetensors.h"
 #include "neva/data/tokenizer.h"
-#include "train.h"
 
 namespace neva {
 
@@ -31,12 +30,12 @@ namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 // The component's own config.json (a llava-hf directory contributes its text_config or vision_config).
-json component_config(const ComponentSpec& spec, const char* llava_key) {
-  if (spec.hf_config.empty()) {
-    throw Error("export: " + spec.section + " has neither config nor from_pretrained, so there is no config.json to "
+json component_config(const HfExportSource::Part& part, const char* llava_key) {
+  if (part.hf_config.empty()) {
+    throw Error("export: " + part.section + " has neither config nor from_pretrained, so there is no config.json to "
                 "describe it with");
   }
-  fs::path path = fs::is_directory(spec.hf_config) ? fs::path(spec.hf_config) / "config.json" : fs::path(spec.hf_config);
+  fs::path path = fs::is_directory(part.hf_config) ? fs::path(part.hf_config) / "config.json" : fs::path(part.hf_config);
   json config = read_json_file(path.string());
   if (!config.is_object()) throw Error("export: " + path.string() + ": not a JSON object");
   if (config.value("model_type", "") == "llava") return config.at(llava_key);
@@ -52,17 +51,19 @@ struct ExportPlan {
   std::int64_t patch_size;
 };
 
-ExportPlan plan_export(const Recipe& recipe, LlavaModel& model) {
-  const MultimodalConfig& mm = recipe.model.mm_cfg;
-  if (!model.encoder() || !mm.vision_encoder) throw Error("export: LlavaForConditionalGeneration needs a vision encoder");
+ExportPlan plan_export(const HfExportSource& source, LlavaModel& model) {
+  if (!model.encoder() || !source.vision_config) {
+    throw Error("export: LlavaForConditionalGeneration needs a vision encoder");
+  }
+  if (!model.connector()) throw Error("export: LlavaForConditionalGeneration needs a connector");
   std::set<std::string> projector;
   for (const auto& item : model.connector()->named_parameters()) projector.insert(item.key());
   if (projector != std::set<std::string>{"0.weight", "0.bias", "2.weight", "2.bias"}) {
     throw Error("export: LlavaForConditionalGeneration's projector is two linear layers with a GELU between "
-                "(mm_mlp_adapter_type = \"mlp2x_gelu\"); this model's connector '" + mm.connector.plugin + "' is not");
+                "(mm_mlp_adapter_type = \"mlp2x_gelu\"); this model's connector '" + source.connector + "' is not");
   }
-  ExportPlan plan{dynamic_cast<const VisionEncoderConfig*>(mm.vision_encoder->config.get()),
-                  component_config(*mm.llm, "text_config"), component_config(*mm.vision_encoder, "vision_config"), 0};
+  ExportPlan plan{source.vision_config, component_config(source.llm, "text_config"),
+                  component_config(source.vision, "vision_config"), 0};
   if (plan.vision->dropped_tokens() > 1) {
     throw Error("export: the vision encoder drops " + std::to_string(plan.vision->dropped_tokens()) +
                 " leading tokens (class_token_length), which LlavaForConditionalGeneration cannot express (its "
@@ -70,7 +71,7 @@ ExportPlan plan_export(const Recipe& recipe, LlavaModel& model) {
   }
   // LlavaProcessor needs it, and without it transformers would fall back on its own class default.
   if (!plan.vision_config.contains("patch_size") || !plan.vision_config["patch_size"].is_number_integer()) {
-    throw Error("export: the vision encoder's config.json (" + mm.vision_encoder->hf_config +
+    throw Error("export: the vision encoder's config.json (" + source.vision.hf_config +
                 ") has no integer patch_size, which LlavaProcessor needs");
   }
   plan.patch_size = plan.vision_config["patch_size"].get<std::int64_t>();
@@ -79,10 +80,10 @@ ExportPlan plan_export(const Recipe& recipe, LlavaModel& model) {
 
 }  // namespace
 
-void check_exportable(const Recipe& recipe, LlavaModel& model) { plan_export(recipe, model); }
+void check_hf_exportable(const HfExportSource& source, LlavaModel& model) { plan_export(source, model); }
 
-void export_hf(const Recipe& recipe, LlavaModel& model, const fs::path& directory) {
-  const ExportPlan plan = plan_export(recipe, model);
+void export_hf(const HfExportSource& source, LlavaModel& model, const fs::path& directory) {
+  const ExportPlan plan = plan_export(source, model);
   const VisionEncoderConfig* vision = plan.vision;
   const json& text_config = plan.text_config;
   const json& vision_config = plan.vision_config;
@@ -156,7 +157,7 @@ void export_hf(const Recipe& recipe, LlavaModel& model, const fs::path& director
                     {"num_additional_image_tokens", additional_tokens},
                     {"image_token", "<image>"}};
   write_file_atomically((staging / "processor_config.json").string(), processor.dump(2) + "\n");
-  fs::path tokenizer(recipe.model.tokenizer);
+  fs::path tokenizer(source.tokenizer);
   fs::path tokenizer_dir = fs::is_directory(tokenizer) ? tokenizer : tokenizer.parent_path();
   // Without a tokenizer in the recipe there is nothing to write (not the current directory's files).
   if (!tokenizer.empty()) {
