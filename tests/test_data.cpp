@@ -10,7 +10,7 @@
 #include "neva/io/atomic_file.h"
 #include "neva/data/dataset.h"
 #include "neva/data/image.h"
-#include "neva/train/loss.h"
+#include "neva/data/labels.h"
 #include "test_support.h"
 
 using neva::test::TempDir;

@@ -20,9 +20,9 @@
 #include <sstream>
 #include <thread>
 
-#include "neva/inference/generation.h"
+#include "neva/data/image_tokens.h"
 #include "neva/io/json.h"
-#include "neva/train/loss.h"
+#include "neva/data/labels.h"
 
 namespace neva {
 

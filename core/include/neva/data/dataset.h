@@ -23,6 +23,7 @@
 #include "neva/error.h"
 #include "neva/api.h"
 #include "neva/data/image.h"
+#include "neva/data/labels.h"
 #include "neva/data/tokenizer.h"
 
 namespace neva {

@@ -6,10 +6,9 @@
 #include <cstdint>
 
 #include "neva/api.h"
+#include "neva/data/labels.h"
 
 namespace neva {
-
-inline constexpr std::int64_t kIgnoreIndex = -100;  // labels that do not count (prompt, image, padding)
 
 // Mean next-token cross entropy over positions whose label is not kIgnoreIndex: logits [B, S, V]
 // predict labels [B, S] shifted by one (logits at t score label t + 1), computed in fp32.
