@@ -6,6 +6,8 @@
 #include <torch/types.h>
 
 #include <algorithm>
+#include <cmath>
+#include <map>
 #include <iostream>
 #include <string>
 
@@ -14,7 +16,12 @@
 #include "neva/parallel/rank_grid.h"
 #include "neva/parallel_strategy.h"
 #include "neva/registry.h"
+#include "neva/model/decoder.h"
+#include "neva/model/llava.h"
+#include "neva/train/loss.h"
 #include "neva/train/trainer.h"
+#include "float64_precision.h"
+#include "tiny_decoder.h"
 
 namespace {
 
@@ -86,12 +93,91 @@ int check_groups(const neva::World& world, char** sizes_text) {
   return failures ? 3 : 0;
 }
 
+// `dp_train`: data parallelism against one process, in float64. Every rank builds the same tiny
+// MoE decoder (one seed) twice: a reference trainer that runs every micro-batch of the global batch,
+// and a data-parallel one (context.groups.data = the world) that runs this rank's share (micro-batches
+// rank, rank + n, ...) and syncs with the trainer's default all-reduce. After each of two steps
+// the losses, the synced gradients and the updated weights must agree within 1e-10. Micro-batches
+// differ in length and labelled tokens, so a per-replica mean instead of the global one would show.
+neva::TrainingSample dp_sample(std::int64_t length, std::int64_t seed) {
+  at::Generator generator = neva::make_generator(seed);
+  at::Tensor ids = at::randint(4, 97, {length}, generator, at::kLong);
+  neva::TrainingSample s;
+  s.input_ids.assign(ids.data_ptr<std::int64_t>(), ids.data_ptr<std::int64_t>() + length);
+  s.labels = s.input_ids;
+  for (std::int64_t t = 0; t < (length * (seed % 3 + 1)) / 5; ++t) s.labels[t] = neva::kIgnoreIndex;
+  return s;
+}
+
+int check_data_parallel(const neva::World& world) {
+  const c10::Device cpu(c10::DeviceType::CPU);
+  std::vector<int> everyone;
+  for (int rank = 0; rank < world.size; ++rank) everyone.push_back(rank);
+  std::shared_ptr<neva::ProcessGroup> group = neva::new_group(world, "dp", everyone, cpu);
+  neva::test::Float64 precision;
+  struct Replica {
+    neva::RuntimeContext context = neva::RuntimeContext::seeded(3);
+    std::unique_ptr<neva::LlavaModel> model;
+    std::unique_ptr<neva::Trainer> trainer;
+    std::map<std::string, at::Tensor> gradients;
+  };
+  auto make = [&](Replica& r, std::shared_ptr<neva::ProcessGroup> data) {
+    r.context.dtypes = precision.dtype_policy();
+    r.context.groups.data = std::move(data);
+    auto backbone = std::make_shared<neva::DecoderBackbone>(neva::test::tiny_decoder("moe"), r.context);
+    r.model = std::make_unique<neva::LlavaModel>(nullptr, nullptr, backbone, -1);
+    neva::TrainerOptions options;
+    options.optim.lr = 1e-3;
+    options.optim.max_steps = 10;
+    options.title = "dp";
+    options.collective_timeout = std::chrono::seconds(60);
+    r.trainer = std::make_unique<neva::Trainer>(*r.model, precision, r.context, options);
+    auto sync = r.trainer->sync_gradients;  // the default: set only for the data-parallel replica
+    r.trainer->sync_gradients = [&r, sync](std::vector<neva::TrainedTensor>& trained) {
+      if (sync) sync(trained);
+      for (const auto& t : trained) r.gradients[t.name] = t.main.grad().detach().clone();
+    };
+  };
+  Replica reference, replica;
+  make(reference, nullptr);
+  make(replica, group);
+  report(world, "dp default sync", static_cast<bool>(replica.trainer->sync_gradients));
+  const int micro_batches = 2 * world.size;
+  double worst_loss = 0, worst_gradient = 0, worst_weight = 0;
+  for (int step = 0; step < 2; ++step) {
+    std::vector<neva::TrainingBatch> all, mine;
+    for (int m = 0; m < micro_batches; ++m) {
+      const std::int64_t seed = 100 * step + m;
+      all.push_back(neva::collate({dp_sample(9 + 3 * m, seed), dp_sample(6 + m, seed + 50)}, false, 0));
+      if (m % world.size == world.rank) mine.push_back(all.back());
+    }
+    const double expected = reference.trainer->train_step(all).loss;
+    const double got = replica.trainer->train_step(mine).loss;
+    worst_loss = std::max(worst_loss, std::abs(expected - got));
+    for (const auto& [name, gradient] : reference.gradients) {
+      worst_gradient = std::max(worst_gradient, (gradient - replica.gradients.at(name)).abs().max().item<double>());
+    }
+    for (std::size_t i = 0; i < reference.trainer->trained().size(); ++i) {
+      const at::Tensor& a = reference.trainer->trained()[i].main;
+      const at::Tensor& b = replica.trainer->trained()[i].main;
+      worst_weight = std::max(worst_weight, (a - b).abs().max().item<double>());
+    }
+  }
+  std::cout << "rank " << world.rank << " worst differences: loss " << worst_loss << ", gradient " << worst_gradient
+            << ", weight " << worst_weight << std::endl;
+  report(world, "dp loss", worst_loss < 1e-10);
+  report(world, "dp gradients", worst_gradient < 1e-10 && !reference.gradients.empty());
+  report(world, "dp weights", worst_weight < 1e-10);
+  return failures ? 3 : 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   try {
     neva::World world = neva::World::from_environment(std::chrono::seconds(60));
     if (argc == 6 && std::string(argv[1]) == "groups") return check_groups(world, argv + 2);
+    if (argc == 2 && std::string(argv[1]) == "dp_train") return check_data_parallel(world);
     const int n = world.size, me = world.rank;
     std::vector<int> everyone(n);
     for (int rank = 0; rank < n; ++rank) everyone[rank] = rank;

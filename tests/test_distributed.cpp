@@ -90,6 +90,23 @@ TEST_CASE("the megatron strategy builds every group on c10d, each with the membe
   SUBCASE("context 2, expert 2, data 2") { check("1 1 2 2"); }
 }
 
+TEST_CASE("data parallelism: replicas on their shares match one process on the whole batch (float64)") {
+  // Loss, synced gradients and updated weights after each of two steps, a tiny MoE decoder, within
+  // 1e-10 (dist_worker.cpp, check_data_parallel).
+  for (int ranks : {2, 3}) {
+    auto result = launch(ranks, " dp_train");
+    INFO("ranks: " << ranks << "\nstdout: " << result.out << "\nstderr: " << result.err);
+    CHECK(result.exit_code == 0);
+    CHECK(result.out.find("WRONG") == std::string::npos);
+    for (int rank = 0; rank < ranks; ++rank) {
+      const std::string prefix = "rank " + std::to_string(rank) + "/" + std::to_string(ranks) + " ";
+      for (const char* check : {"dp default sync", "dp loss", "dp gradients", "dp weights"}) {
+        CHECK(result.out.find(prefix + check + " ok") != std::string::npos);
+      }
+    }
+  }
+}
+
 TEST_CASE("without launcher variables the world is this process alone") {
   neva::World world = neva::World::from_environment();
   CHECK(world.size == 1);

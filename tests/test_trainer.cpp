@@ -8,22 +8,13 @@
 #include "neva/model/llava.h"
 #include "neva/train/loss.h"
 #include "neva/train/trainer.h"
+#include "float64_precision.h"
 #include "tiny_decoder.h"
 #include "test_support.h"
 
 namespace {
 
-// fp64 throughout, no autocast: what the equivalence checks compare in.
-class Float64 : public neva::PrecisionRecipe {
- public:
-  neva::DTypePolicy dtype_policy() const override {
-    return {at::kDouble, at::kDouble, at::kDouble};
-  }
-  void prepare(torch::nn::Module& module, const neva::RuntimeContext& context) const override {
-    module.to(context.device, context.dtypes.params);
-  }
-  std::unique_ptr<neva::PrecisionScope> enter_forward(const neva::RuntimeContext&) const override { return nullptr; }
-};
+using neva::test::Float64;
 
 struct Setup {
   Float64 precision;

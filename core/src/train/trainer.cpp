@@ -5,12 +5,14 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <map>
 #include <nlohmann/json.hpp>
 
 #include "neva/error.h"
 #include "neva/io/atomic_file.h"
 #include "neva/io/json.h"
 #include "neva/io/safetensors.h"
+#include "neva/parallel/process_group.h"
 #include "neva/train/loss.h"
 
 namespace neva {
@@ -48,6 +50,37 @@ class SequentialSchedule : public Schedule {
 Schedule::~Schedule() = default;
 std::unique_ptr<Schedule> sequential_schedule() { return std::make_unique<SequentialSchedule>(); }
 
+std::function<void(std::vector<TrainedTensor>&)> all_reduce_gradients(std::shared_ptr<ProcessGroup> group,
+                                                                      std::chrono::milliseconds timeout) {
+  return [group = std::move(group), timeout](std::vector<TrainedTensor>& trained) {
+    if (!group || group->size() == 1) return;
+    at::NoGradGuard no_grad;
+    // One buffer per dtype (fp32 main gradients; fp64 in the equivalence tests), in trained order:
+    // the same layout on every replica.
+    std::map<at::ScalarType, std::vector<TrainedTensor*>> by_dtype;
+    for (auto& t : trained) by_dtype[t.main.scalar_type()].push_back(&t);
+    for (auto& [dtype, tensors] : by_dtype) {
+      std::vector<at::Tensor> flat;
+      for (TrainedTensor* t : tensors) {
+        const at::Tensor& grad = t->main.grad();
+        flat.push_back(grad.defined() ? grad.reshape({-1}) : at::zeros({t->main.numel()}, t->main.options()));
+      }
+      at::Tensor buffer = at::cat(flat);
+      group->all_reduce(buffer).wait(timeout);
+      std::int64_t offset = 0;
+      for (TrainedTensor* t : tensors) {
+        at::Tensor summed = buffer.narrow(0, offset, t->main.numel()).view(t->main.sizes());
+        offset += t->main.numel();
+        if (t->main.grad().defined()) {
+          t->main.mutable_grad().copy_(summed);
+        } else {
+          t->main.mutable_grad() = summed.clone();
+        }
+      }
+    }
+  };
+}
+
 std::unique_ptr<Schedule> schedule_for(const ParallelGroups& groups) {
   const int stages = group_size(groups.pipeline);
   if (stages > 1) {
@@ -84,6 +117,9 @@ Trainer::Trainer(LlavaModel& model, const PrecisionRecipe& precision, RuntimeCon
       modules, context_.dtypes.params == at::kFloat ? context_.dtypes.compute : at::kFloat,
       options_.keep_frozen_originals);
   optimizer_ = make_adamw(mains_, options_.optim);
+  if (group_size(context_.groups.data) > 1) {
+    sync_gradients = all_reduce_gradients(context_.groups.data, options_.collective_timeout);
+  }
 }
 
 Trainer::~Trainer() = default;
@@ -104,8 +140,16 @@ StepReport Trainer::train_step(const std::vector<TrainingBatch>& batches) {
     report.tokens += batch.tokens;
     report.samples += batch.samples;
   }
-  const std::int64_t labelled = report.labelled_tokens;
-  const auto accumulation = static_cast<double>(batches.size());
+  // Data parallelism: the global batch's labelled tokens (every replica's micro-batches).
+  const std::shared_ptr<ProcessGroup>& replicas = context_.groups.data;
+  const int replica_count = group_size(replicas);
+  std::int64_t labelled = report.labelled_tokens;
+  if (replica_count > 1) {
+    at::Tensor count = at::tensor({labelled}, at::kLong);
+    replicas->all_reduce(count).wait(options_.collective_timeout);
+    labelled = count.item<std::int64_t>();
+  }
+  const auto accumulation = static_cast<double>(batches.size()) * replica_count;  // micro-batches in the global batch
   // The loss is the mean over every labelled token of the global batch, whatever the split into
   // micro-batches or packed rows: each micro-batch contributes its share.
   auto forward_backward = [&](std::size_t index) -> double {
@@ -146,6 +190,11 @@ StepReport Trainer::train_step(const std::vector<TrainingBatch>& batches) {
   };
   const std::string at_step = options_.title + ": step " + std::to_string(step_ + 1) + ": ";
   report.loss = schedule_->run(batches.size(), forward_backward);
+  if (replica_count > 1) {  // the replicas' shares of the global loss
+    at::Tensor loss = at::tensor({report.loss}, at::kDouble);
+    replicas->all_reduce(loss).wait(options_.collective_timeout);
+    report.loss = loss.item<double>();
+  }
   if (labelled == 0) throw Error(at_step + "the global batch holds no labelled token");
   if (sync_gradients) sync_gradients(trained_);
   report.forward_backward_seconds = seconds_since(started);

@@ -10,6 +10,7 @@
 #include <ATen/core/Tensor.h>
 #include <torch/optim/adamw.h>
 
+#include <chrono>
 #include <cstdint>
 #include <filesystem>
 #include <functional>
@@ -37,6 +38,13 @@ struct TrainedTensor {
 };
 
 class Trainer;
+class ProcessGroup;
+
+// Data parallelism's gradient sync: every trained tensor's main gradient summed over `group`, in
+// one flattened all-reduce per dtype (a tensor without a gradient on a replica counts as zeros). Each
+// replica's gradients are its share of the global batch's mean, so the sum is the global gradient.
+NEVA_API std::function<void(std::vector<TrainedTensor>&)> all_reduce_gradients(
+    std::shared_ptr<ProcessGroup> group, std::chrono::milliseconds timeout = std::chrono::minutes(5));
 
 // Which micro-batch runs forward and backward when, within one optimizer step. The sequential
 // schedule runs them one after the other (gradient accumulation; one micro-batch: a plain step);
@@ -64,16 +72,19 @@ struct TrainerOptions {
   std::function<std::string()> last_checkpoint = [] { return std::string("none written yet"); };
   // Written into trainer_state.json ("recipe").
   std::string source;
+  // How long a collective of data parallelism may take before the step fails naming the group
+  // (a lost replica ends the run instead of hanging it).
+  std::chrono::milliseconds collective_timeout = std::chrono::minutes(5);
 };
 
 // What one step did.
 struct StepReport {
-  double loss = 0;  // mean over the labelled tokens of the global batch (plus MoE aux losses)
+  double loss = 0;  // mean over the labelled tokens of the global batch, every replica's (plus MoE aux losses)
   double grad_norm = 0;
   double lr = 0;
   bool skipped = false;     // a loss spike the guard skipped: no update
   std::string skip_reason;  // the guard's words, when skipped
-  std::int64_t tokens = 0, labelled_tokens = 0, samples = 0;
+  std::int64_t tokens = 0, labelled_tokens = 0, samples = 0;  // this replica's micro-batches
   double forward_backward_seconds = 0, optimizer_seconds = 0;
 };
 
@@ -89,8 +100,13 @@ class NEVA_API Trainer {
   Trainer& operator=(const Trainer&) = delete;
 
   // Data parallelism: called after the schedule, before the guard and the norm, with the tensors
-  // whose main gradients hold this replica's sum; it must leave the global batch's gradients there.
-  // Null: one replica.
+  // whose main gradients hold this replica's share; it must leave the global batch's gradients
+  // there. With a data group of more than one rank (context.groups.data) it starts as
+  // all_reduce_gradients(that group); null with one replica.
+  //
+  // Under data parallelism each replica passes train_step its own micro-batches (as many on every
+  // replica); the trainer sums the labelled tokens over the group first, so the loss is the mean
+  // over every labelled token of the global batch, exactly as one process running all of them.
   std::function<void(std::vector<TrainedTensor>&)> sync_gradients;
 
   // One optimizer step over the micro-batches of one global batch. Throws Error (naming the step and
