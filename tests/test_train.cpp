@@ -445,3 +445,56 @@ TEST_CASE("gradient accumulation: 2 micro-batches of 4 make the same step as one
   // The loss is the mean over the global batch's labelled tokens either way; only rounding differs.
   for (std::size_t i = 0; i < 3; ++i) CHECK(std::stod(a[i]) == doctest::Approx(std::stod(b[i])).epsilon(1e-5));
 }
+
+TEST_CASE("data parallelism under the real torchrun: two replicas train what one process trains, and resume exactly") {
+  Workspace ws;
+  // One process runs micro-batches of 2 twice per step; each of two replicas runs one of 2: the same
+  // global batch of 4 (the replicas read the even and the odd positions of the same stream).
+  const std::string sizes = "--set trainer.max_steps=4 --set model.micro_batch_size=2 --set model.global_batch_size=4";
+  auto one = ws.train("one", sizes);
+  REQUIRE_MESSAGE(one.exit_code == 0, one.err);
+  const fs::path torchrun = neva::test::source_directory() / ".venv" / "bin" / "torchrun";
+  REQUIRE(fs::exists(torchrun));
+  auto launch = [&](const std::string& run, const std::string& overrides) {
+    return run_command(kNevaRunPrefix + torchrun.string() + " --no-python --standalone --nproc-per-node 2 " +
+                           neva::test::binary("neva-run").string() + " " + ws.train_arguments(run, sizes + " " + overrides),
+                       300);
+  };
+  auto two = launch("two", "");
+  REQUIRE_MESSAGE(two.exit_code == 0, two.err);
+  CHECK(contains(two.err, "x 2 data-parallel replicas"));
+  const auto single = ws.losses("one"), replicated = ws.losses("two");
+  REQUIRE(single.size() == 4);
+  REQUIRE(replicated.size() == 4);
+  for (std::size_t i = 0; i < single.size(); ++i) {
+    // fp32, other batch shapes (padding) and another summation order: close, not bitwise.
+    CHECK(std::stod(replicated[i]) == doctest::Approx(std::stod(single[i])).epsilon(1e-5));
+  }
+  std::ifstream metrics(ws.root / "two" / "metrics.jsonl"), reference(ws.root / "one" / "metrics.jsonl");
+  for (std::string a, b; std::getline(metrics, a) && std::getline(reference, b);) {
+    const json got = json::parse(a), expected = json::parse(b);
+    CHECK(got["data_parallel_size"] == 2);
+    CHECK(got["tokens"] == expected["tokens"]);  // every replica's tokens: the same global batch
+    CHECK(got["labelled_tokens"] == expected["labelled_tokens"]);
+  }
+  const json state = json::parse(std::ifstream(ws.root / "two" / "checkpoints" / "step-0000004" / "trainer_state.json"));
+  REQUIRE(state["consumed_samples_per_replica"].size() == 2);
+  CHECK(state["consumed_samples_per_replica"][0] == state["consumed_samples"]);
+
+  // Stopped at step 2 and relaunched: the same losses, bit for bit, as the uninterrupted launch.
+  auto first = launch("split", "--set trainer.exit_interval=2");
+  REQUIRE_MESSAGE(first.exit_code == 0, first.err);
+  auto second = launch("split", "");
+  REQUIRE_MESSAGE(second.exit_code == 0, second.err);
+  CHECK(ws.losses("split") == replicated);
+
+  // A global batch the replicas cannot share evenly: every rank refuses it, naming the key.
+  auto uneven = launch("uneven", "--set model.global_batch_size=6");
+  CHECK(uneven.exit_code != 0);
+  CHECK(contains(uneven.err, "model.global_batch_size (6) must be a multiple of micro_batch_size x the data-parallel size (2 x 2)"));
+
+  // A checkpoint of two replicas is not resumed by one process (its data positions are per replica).
+  auto alone = ws.train("two", sizes + " --set trainer.max_steps=6");
+  CHECK(alone.exit_code == 1);
+  CHECK(contains(alone.err, "was saved by 2 data-parallel replica(s), and this run has 1"));
+}

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include "neva/error.h"
+#include "neva/io/json.h"
 #include "neva/model/llava.h"
 #include "neva/train/loss.h"
 #include "neva/train/trainer.h"
@@ -132,17 +133,22 @@ TEST_CASE("trainer: a run resumed from the trainer's saved state continues bitwi
     Setup first("moe");
     neva::Trainer trainer(*first.model, first.precision, first.context, first.options());
     for (int step = 0; step < 2; ++step) (void)trainer.train_step({neva::collate(steps[step], false, 0)});
-    trainer.save(dir.path(), 42);
+    trainer.save(dir.path(), {42});
   }
   Setup resumed("moe");
   // Another seed: every weight, moment and the generator must come from the checkpoint.
   resumed.context.generator = neva::make_generator(99);
   neva::Trainer trainer(*resumed.model, resumed.precision, resumed.context, resumed.options());
-  CHECK(trainer.restore(dir.path()) == 42);
+  CHECK(trainer.restore(dir.path()) == std::vector<std::uint64_t>{42});
   CHECK(trainer.step() == 2);
   (void)trainer.train_step({neva::collate(steps[2], false, 0)});
   CHECK(max_difference(straight.weights(), resumed.weights()) == 0);
   CHECK(resumed.context.generator.current_seed() == straight.context.generator.current_seed());
+  // Data parallelism: every replica's data position is kept (rank 0's also as consumed_samples).
+  neva::test::TempDir replicas;
+  trainer.save(replicas.path(), {30, 31, 32});
+  CHECK(trainer.restore(replicas.path()) == std::vector<std::uint64_t>{30, 31, 32});
+  CHECK(neva::read_json_file((replicas.path() / "trainer_state.json").string())["consumed_samples"] == 30);
 }
 
 TEST_CASE("trainer: a batch without labelled tokens and a model with nothing to train are errors") {

@@ -35,15 +35,16 @@ neva::Recipe load(const std::string& recipe_path, const std::vector<std::string>
 }
 
 
-// A launch as several processes (torchrun --nproc-per-node N, srun -n N) would run N independent copies
-// on one run directory until data parallelism is implemented: refused, naming the variable.
-void refuse_multi_process_launch() {
+// Training runs data-parallel over the processes a launcher started (torchrun --nproc-per-node N,
+// srun -n N); the other modes and the demo run as one process until they are distributed too:
+// refused, naming the variable, instead of N independent copies.
+void refuse_multi_process_launch(const std::string& what) {
   for (const char* variable : {"WORLD_SIZE", "SLURM_STEP_NUM_TASKS"}) {
     const char* value = std::getenv(variable);
     if (value && *value && std::string(value) != "1") {
-      throw neva::RecipeError(std::string("launched as several processes (") + variable + "=" + value +
-                              "), but multi-process training (data parallelism) is not implemented yet: run "
-                              "neva-run as one process");
+      throw neva::RecipeError(std::string("launched as several processes (") + variable + "=" + value + "), but " +
+                              what + " as several processes is not implemented yet (run.mode = \"train\" is: it " +
+                              "trains data-parallel): run it as one process");
     }
   }
 }
@@ -51,7 +52,7 @@ void refuse_multi_process_launch() {
 // The exit status: 0, or 128 + the signal (SIGTERM 143, SIGINT 130) that stopped a training run after
 // its checkpoint.
 int run(const neva::Recipe& recipe) {
-  refuse_multi_process_launch();
+  if (recipe.run.mode != "train") refuse_multi_process_launch("run.mode = \"" + recipe.run.mode + "\"");
   neva::warn_if_bf16_emulated(recipe);
   // Modes are checked when the recipe is parsed.
   if (recipe.run.mode == "generate") {
@@ -113,6 +114,8 @@ int main(int argc, char** argv) {
       "Plugins are searched in run.plugin_paths, --plugin-path, NEVA_PLUGIN_PATH and the install\n"
       "directory, never the current directory. Recipe keys: docs/recipes.md; example recipes: configs/.\n"
       "Check a plugin of your own with neva-conformance PLUGIN.so (docs/plugins.md).\n"
+      "Training runs data-parallel when launched as several processes: torchrun --no-python --standalone\n"
+      "--nproc-per-node N neva-run RECIPE.toml, or srun -n N neva-run RECIPE.toml (rank 0 writes the run directory).\n"
       "Exit codes: 0 success, 2 usage or recipe error, 1 runtime error; a training run stopped by SIGTERM or\n"
       "SIGINT checkpoints first and exits 143 or 130 (run it again to continue).",
       "neva-run"};
@@ -172,7 +175,7 @@ int main(int argc, char** argv) {
       neva::Recipe recipe = load(recipe_path, overrides, plugin_paths);
       std::cout << recipe.source << ": valid (mode " << recipe.run.mode << ")\n";
     } else if (*demo) {
-      refuse_multi_process_launch();
+      refuse_multi_process_launch("the demo");
       return neva::run_demo(demo_dir, overrides, registry_options(plugin_paths), prepare_only);
     } else if (!recipe_path.empty()) {
       return run(load(recipe_path, overrides, plugin_paths));

@@ -33,6 +33,7 @@
 #include "neva/data/image.h"
 #include "neva/train/loss_spike.h"
 #include "neva/train/trainer.h"
+#include "neva/parallel/process_group.h"
 #include "neva/precision.h"
 #include "neva/io/safetensors.h"
 #include "neva/data/tokenizer.h"
@@ -58,10 +59,13 @@ std::string format_duration(double seconds) {
 // Progress on a terminal (one line, redrawn), plain log lines otherwise.
 class Progress {
  public:
-  Progress(std::string title, std::int64_t total, std::int64_t log_every)
-      : title_(std::move(title)), total_(total), log_every_(log_every), terminal_(::isatty(STDERR_FILENO) != 0) {}
+  // A quiet one prints nothing: data-parallel ranks other than 0.
+  Progress(std::string title, std::int64_t total, std::int64_t log_every, bool quiet = false)
+      : title_(std::move(title)), total_(total), log_every_(log_every), terminal_(::isatty(STDERR_FILENO) != 0),
+        quiet_(quiet) {}
 
   void update(std::int64_t step, double loss, double lr, double grad_norm, double tokens_per_second, double eta) {
+    if (quiet_) return;
     if (terminal_) {
       constexpr int kWidth = 24;
       int filled = static_cast<int>(kWidth * step / std::max<std::int64_t>(1, total_));
@@ -80,6 +84,7 @@ class Progress {
               << " eta " << format_duration(eta) << std::defaultfloat << std::endl;
   }
   void message(const std::string& text) {
+    if (quiet_) return;
     if (terminal_) std::cerr << "\r\033[K";
     std::cerr << title_ << ": " << text << std::endl;
   }
@@ -88,6 +93,7 @@ class Progress {
   std::string title_;
   std::int64_t total_, log_every_;
   bool terminal_;
+  bool quiet_;
 };
 
 // metrics.jsonl: one object per optimizer step. On resume the lines after the resumed step (written
@@ -233,20 +239,57 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
   keep_freed_memory();
   TrainSummary summary;
   summary.run_dir = recipe.exp_manager.explicit_log_dir;
-  fs::create_directories(summary.run_dir);
+  // The processes a launcher started (torchrun, srun), each a data-parallel replica; a world of one
+  // without a launcher. Rank 0 owns the run directory: lock, checkpoints, metrics, progress, export.
+  const World world = World::from_environment();
+  RuntimeContext context = recipe.runtime_context(world);
+  const std::shared_ptr<ProcessGroup>& everyone = context.groups.world;
+  const bool leader = world.rank == 0;
+  const int replicas = group_size(context.groups.data);
+  const int replica = group_rank(context.groups.data);
+  const auto collective = std::chrono::minutes(5);
   auto warn = [&title](const std::string& text) { std::cerr << title << ": warning: " << text << std::endl; };
-  const RunDirectoryLock lock(summary.run_dir, warn);  // one run per directory, for the whole run
-  CheckpointManager checkpoints(summary.run_dir, warn);
-  auto resume_from = checkpoints.find_latest();
-  if (resume_from && !recipe.exp_manager.resume_if_exists) {
-    throw Error(summary.run_dir.string() + " already holds checkpoints (" + resume_from->filename().string() +
-                "); set exp_manager.resume_if_exists = true to continue that run, or choose another explicit_log_dir");
+  if (recipe.model.global_batch_size % (recipe.model.micro_batch_size * replicas) != 0) {
+    throw RecipeError(recipe.source + ": model.global_batch_size (" + std::to_string(recipe.model.global_batch_size) +
+                      ") must be a multiple of micro_batch_size x the data-parallel size (" +
+                      std::to_string(recipe.model.micro_batch_size) + " x " + std::to_string(replicas) + ")");
+  }
+  std::optional<RunDirectoryLock> lock;
+  std::optional<CheckpointManager> checkpoints;
+  std::optional<fs::path> resume_from;
+  // Rank 0 finds the checkpoint to resume from and tells the others its step (-1: none; -2: rank 0
+  // failed, and reports why).
+  std::int64_t resume_step = -1;
+  try {
+    if (leader) {
+      fs::create_directories(summary.run_dir);
+      lock.emplace(summary.run_dir, warn);  // one run per directory, for the whole run
+      checkpoints.emplace(summary.run_dir, warn);
+      resume_from = checkpoints->find_latest();
+      if (resume_from && !recipe.exp_manager.resume_if_exists) {
+        throw Error(summary.run_dir.string() + " already holds checkpoints (" + resume_from->filename().string() +
+                    "); set exp_manager.resume_if_exists = true to continue that run, or choose another explicit_log_dir");
+      }
+      if (resume_from) resume_step = CheckpointManager::parse_step(resume_from->filename().string());
+    }
+  } catch (...) {
+    if (everyone) {
+      at::Tensor failed = at::tensor({std::int64_t{-2}}, at::kLong);
+      everyone->broadcast(failed, 0).wait(collective);
+    }
+    throw;
+  }
+  if (everyone) {
+    at::Tensor step = at::tensor({resume_step}, at::kLong);
+    everyone->broadcast(step, 0).wait(collective);
+    resume_step = step.item<std::int64_t>();
+    if (resume_step == -2) throw Error("rank 0 could not open the run directory " + summary.run_dir.string() + " (its error says why)");
+    if (!leader && resume_step >= 0) resume_from = summary.run_dir / "checkpoints" / CheckpointManager::step_name(resume_step);
   }
 
-  RuntimeContext context = recipe.runtime_context();
   LlavaModel model = build_model(recipe, context);
   std::shared_ptr<const Tokenizer> tokenizer = Tokenizer::load(recipe.model.tokenizer);
-  const bool exporting = recipe.exp_manager.export_hf && model.encoder();
+  const bool exporting = leader && recipe.exp_manager.export_hf && model.encoder();
   if (exporting) {  // now, not after the run
     try {
       check_hf_exportable(recipe.hf_export_source(), model);
@@ -260,13 +303,23 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
   options.title = title;
   options.keep_frozen_originals = exporting;  // the export is the one reader outside autocast
   options.last_checkpoint = [&checkpoints] {
-    return checkpoints.latest() ? checkpoints.latest()->string() : std::string("none written yet");
+    return checkpoints && checkpoints->latest() ? checkpoints->latest()->string() : std::string("none written yet");
   };
+  options.collective_timeout = collective;
   options.source = recipe.source;
-  Trainer trainer(model, *recipe.precision, context, options);  // one replica: no gradient sync
+  Trainer trainer(model, *recipe.precision, context, options);  // with several replicas: gradients all-reduced
 
-  // Resume: weights, optimizer moments, step, data position, RNG.
-  std::uint64_t position = resume_from ? trainer.restore(*resume_from) : 0;
+  // Resume: weights, optimizer moments, step, every replica's data position, RNG.
+  std::uint64_t position = 0;
+  if (resume_from) {
+    const std::vector<std::uint64_t> positions = trainer.restore(*resume_from);
+    if (static_cast<int>(positions.size()) != replicas) {
+      throw Error(resume_from->string() + " was saved by " + std::to_string(positions.size()) +
+                  " data-parallel replica(s), and this run has " + std::to_string(replicas) +
+                  "; resuming under another data-parallel size is not implemented yet (launch as many processes)");
+    }
+    position = positions[replica];
+  }
   std::int64_t step = trainer.step();
 
   // Data.
@@ -301,21 +354,34 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
   }
   TrainingData data(sources, tokenizer, format, loader, position);
 
-  const std::int64_t accumulation = recipe.model.global_batch_size / recipe.model.micro_batch_size;
+  // Micro-batches per replica and step: the global batch is every replica's.
+  const std::int64_t accumulation = recipe.model.global_batch_size / (recipe.model.micro_batch_size * replicas);
   const std::int64_t max_steps = recipe.trainer.max_steps;
-  Progress progress(title, max_steps, recipe.trainer.log_every_n_steps);
-  Metrics metrics(summary.run_dir / "metrics.jsonl", step);
+  Progress progress(title, max_steps, recipe.trainer.log_every_n_steps, !leader);
+  std::optional<Metrics> metrics;
+  if (leader) metrics.emplace(summary.run_dir / "metrics.jsonl", step);
   if (resume_from) progress.message("resumed from " + resume_from->string() + " (step " + std::to_string(step) + ")");
   progress.message(std::to_string(trainer.trained().size()) + " tensors trained (" +
                    std::to_string(trainer.parameter_count()) +
                    " parameters), " + std::to_string(data.records()) + " records, micro-batch " +
                    std::to_string(recipe.model.micro_batch_size) + " x " + std::to_string(accumulation) +
-                   " accumulation, precision " + recipe.trainer.precision +
+                   " accumulation" + (replicas > 1 ? " x " + std::to_string(replicas) + " data-parallel replicas" : "") +
+                   ", precision " + recipe.trainer.precision +
                    (trainer.main_copies() ? " (O2: fp32 main weights)" : ""));
 
+  // Every replica's data position goes into the checkpoint rank 0 writes (the rest of the state is
+  // the same on every replica).
   auto save = [&](std::int64_t at_step) {
-    checkpoints.save(at_step, recipe.exp_manager.save_top_k,
-                     [&](const fs::path& directory) { trainer.save(directory, position); });
+    std::vector<std::uint64_t> positions{position};
+    if (replicas > 1) {
+      at::Tensor all = at::zeros({replicas}, at::kLong);
+      context.groups.data->all_gather_into_tensor(all, at::tensor({static_cast<std::int64_t>(position)}, at::kLong))
+          .wait(collective);
+      positions.assign(all.data_ptr<std::int64_t>(), all.data_ptr<std::int64_t>() + replicas);
+    }
+    if (!leader) return;
+    checkpoints->save(at_step, recipe.exp_manager.save_top_k,
+                      [&](const fs::path& directory) { trainer.save(directory, positions); });
   };
 
   const std::int64_t first_step = step;
@@ -351,19 +417,33 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
     }
     step = trainer.step();
     position = batches.back().end_position;
+    std::int64_t tokens_all = report.tokens, labelled_all = report.labelled_tokens, samples_all = report.samples;
+    int stop = signals->received();
+    if (everyone) {  // the step's tokens over every replica, and whether any replica was asked to stop
+      at::Tensor counts = at::tensor({tokens_all, labelled_all, samples_all, static_cast<std::int64_t>(stop)}, at::kLong);
+      at::Tensor sums = counts.narrow(0, 0, 3).clone();
+      at::Tensor signal = counts.narrow(0, 3, 1).clone();
+      everyone->all_reduce(sums).wait(collective);
+      everyone->all_reduce(signal, ReduceOp::Max).wait(collective);
+      tokens_all = sums[0].item<std::int64_t>();
+      labelled_all = sums[1].item<std::int64_t>();
+      samples_all = sums[2].item<std::int64_t>();
+      stop = static_cast<int>(signal.item<std::int64_t>());
+    }
     if (!report.skipped) last_loss = report.loss;
     const double seconds = std::chrono::duration<double>(Clock::now() - step_started).count();
     const double elapsed = std::chrono::duration<double>(Clock::now() - started).count();
     const double eta = (max_steps - step) * elapsed / static_cast<double>(std::max<std::int64_t>(1, step - first_step));
-    metrics.write({{"step", step},
+    if (metrics) metrics->write({{"step", step},
                    {"loss", report.loss},
                    {"lr", report.lr},
                    {"grad_norm", report.grad_norm},
-                   {"tokens", report.tokens},
-                   {"labelled_tokens", report.labelled_tokens},
-                   {"samples", report.samples},
+                   {"tokens", tokens_all},
+                   {"labelled_tokens", labelled_all},
+                   {"samples", samples_all},
                    {"consumed_samples", position},
-                   {"tokens_per_second", report.tokens / seconds},
+                   {"data_parallel_size", replicas},
+                   {"tokens_per_second", tokens_all / seconds},
                    {"step_seconds", seconds},
                    {"data_wait_seconds", data_wait},
                    {"forward_backward_seconds", report.forward_backward_seconds},
@@ -371,7 +451,7 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
                    {"skipped_samples", summary.skipped_samples},
                    {"skipped_batch", report.skipped},
                    {"skipped_batches", trainer.guard().skipped()}});
-    progress.update(step, report.loss, report.lr, report.grad_norm, report.tokens / seconds, eta);
+    progress.update(step, report.loss, report.lr, report.grad_norm, tokens_all / seconds, eta);
     const bool exiting = recipe.trainer.exit_interval > 0 && step % recipe.trainer.exit_interval == 0;
     if (auto saved = profiler.after(step, step == max_steps || exiting)) progress.message(*saved);
     if (exiting || (recipe.exp_manager.every_n_train_steps > 0 && step % recipe.exp_manager.every_n_train_steps == 0)) {
@@ -383,8 +463,8 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
                        "; run the recipe again to continue");
       break;
     }
-    if (signals->received() && step < max_steps) {
-      summary.signal = signals->received();
+    if (stop && step < max_steps) {
+      summary.signal = stop;
       progress.message(std::string("received ") + (summary.signal == SIGTERM ? "SIGTERM" : "SIGINT") +
                        ": checkpointing step " + std::to_string(step) + " and stopping; run the recipe again to continue");
       break;
@@ -396,9 +476,9 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
   summary.steps = step;
   summary.trained = step - first_step;
   summary.last_loss = last_loss;
-  if (step < max_steps) return summary;  // stopped by exit_interval: the run is not finished
+  if (step < max_steps || !leader) return summary;  // stopped by exit_interval: not finished; or not rank 0
 
-  write_loss_plot((summary.run_dir / "loss.png").string(), metrics.losses(), title);
+  write_loss_plot((summary.run_dir / "loss.png").string(), metrics->losses(), title);
 
   if (model.connector() && !recipe.model.mm_cfg.connector.freeze) {
     // LLaVA's mm_projector file: what a stage-2 recipe's pretrain_mm_mlp_adapter points at.

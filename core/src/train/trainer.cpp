@@ -236,7 +236,8 @@ StepReport Trainer::train_step(const std::vector<TrainingBatch>& batches) {
   return report;
 }
 
-void Trainer::save(const fs::path& directory, std::uint64_t consumed_samples) const {
+void Trainer::save(const fs::path& directory, const std::vector<std::uint64_t>& consumed_samples) const {
+  if (consumed_samples.empty()) throw Error("Trainer::save: no data position given");
   std::vector<std::pair<std::string, at::Tensor>> weights, moments;
   for (const auto& t : trained_) {
     weights.emplace_back(t.name, t.main.detach());
@@ -254,28 +255,39 @@ void Trainer::save(const fs::path& directory, std::uint64_t consumed_samples) co
   write_safetensors((directory / "model.safetensors").string(), weights, {{"format", "pt"}});
   write_safetensors((directory / "optimizer.safetensors").string(), moments);
   json state = {{"step", step_},
-                {"consumed_samples", consumed_samples},
+                {"consumed_samples", consumed_samples.front()},
                 {"loss_window", guard_.window()},
                 {"skipped_batches", guard_.skipped()},
                 {"consecutive_spikes", guard_.consecutive()},
                 {"lr", learning_rate(options_.optim, step_)},
                 {"recipe", options_.source}};
+  if (consumed_samples.size() > 1) state["consumed_samples_per_replica"] = consumed_samples;
   write_file_atomically((directory / "trainer_state.json").string(), state.dump(2) + "\n");
 }
 
-std::uint64_t Trainer::restore(const fs::path& directory) {
+std::vector<std::uint64_t> Trainer::restore(const fs::path& directory) {
   at::NoGradGuard no_grad;
   SafetensorsCheckpoint weights((directory / "model.safetensors").string());
   SafetensorsCheckpoint moments((directory / "optimizer.safetensors").string());
   const std::string state_path = (directory / "trainer_state.json").string();
   const json state = read_json_file(state_path);
-  std::uint64_t position = 0;
+  std::vector<std::uint64_t> positions;
   try {
     if (!state.at("step").is_number_unsigned() || !state.at("consumed_samples").is_number_unsigned()) {
       throw Error(state_path + ": malformed trainer state: step and consumed_samples must be non-negative integers");
     }
     step_ = state.at("step").get<std::int64_t>();
-    position = state.at("consumed_samples").get<std::uint64_t>();
+    positions = {state.at("consumed_samples").get<std::uint64_t>()};
+    if (state.contains("consumed_samples_per_replica")) {
+      const json& per_replica = state.at("consumed_samples_per_replica");
+      bool valid = per_replica.is_array() && !per_replica.empty();
+      for (const auto& value : per_replica) valid = valid && value.is_number_unsigned();
+      if (!valid) {
+        throw Error(state_path + ": malformed trainer state: consumed_samples_per_replica must be a non-empty list " +
+                    "of non-negative integers");
+      }
+      positions = per_replica.get<std::vector<std::uint64_t>>();
+    }
     // Older checkpoints kept a running mean instead of the window; their guard starts afresh.
     guard_.restore(state.value("loss_window", std::vector<double>{}), state.value("skipped_batches", std::int64_t{0}),
                    state.value("consecutive_spikes", std::int64_t{0}));
@@ -303,7 +315,7 @@ std::uint64_t Trainer::restore(const fs::path& directory) {
     at::Generator device = at::globalContext().defaultGenerator(context_.device);
     device.set_state(moments.tensor(rng_key(context_.device)));
   }
-  return position;
+  return positions;
 }
 
 }  // namespace neva

@@ -115,11 +115,13 @@ class NEVA_API Trainer {
   StepReport train_step(const std::vector<TrainingBatch>& batches);
 
   // The trainer's state in `directory`: model.safetensors (the trained tensors, by name),
-  // optimizer.safetensors (AdamW's moments, the generators' states), trainer_state.json (step,
-  // `consumed_samples`, the guard's window). restore() reads them back and returns consumed_samples;
-  // errors name the file and the tensor.
-  void save(const std::filesystem::path& directory, std::uint64_t consumed_samples) const;
-  std::uint64_t restore(const std::filesystem::path& directory);
+  // optimizer.safetensors (AdamW's moments, the generators' states), trainer_state.json (step, the
+  // data position of every data-parallel replica — `consumed_samples`, and
+  // `consumed_samples_per_replica` beside it when there are several — the guard's window). Replicas
+  // hold the same state otherwise, so one of them writes it. restore() reads it back and returns the
+  // positions, one per replica that saved; errors name the file and the tensor.
+  void save(const std::filesystem::path& directory, const std::vector<std::uint64_t>& consumed_samples) const;
+  std::vector<std::uint64_t> restore(const std::filesystem::path& directory);
 
   // The frozen weights' fp32 originals back (see TrainerOptions::keep_frozen_originals).
   void restore_frozen_weights();
