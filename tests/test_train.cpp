@@ -7,6 +7,10 @@
 #include <unistd.h>
 
 #include <fstream>
+#include <chrono>
+#include <algorithm>
+#include <sstream>
+#include <thread>
 #include <numeric>
 #include <random>
 #include <set>
@@ -488,6 +492,11 @@ TEST_CASE("data parallelism under the real torchrun: two replicas train what one
   REQUIRE_MESSAGE(second.exit_code == 0, second.err);
   CHECK(ws.losses("split") == replicated);
 
+  // neva-run's own launcher starts the same two workers: the same losses, bit for bit.
+  auto own = neva_run("--nproc-per-node 2 " + ws.train_arguments("own", sizes));
+  REQUIRE_MESSAGE(own.exit_code == 0, own.err);
+  CHECK(ws.losses("own") == replicated);
+
   // A global batch the replicas cannot share evenly: every rank refuses it, naming the key.
   auto uneven = launch("uneven", "--set model.global_batch_size=6");
   CHECK(uneven.exit_code != 0);
@@ -497,4 +506,35 @@ TEST_CASE("data parallelism under the real torchrun: two replicas train what one
   auto alone = ws.train("two", sizes + " --set trainer.max_steps=6");
   CHECK(alone.exit_code == 1);
   CHECK(contains(alone.err, "was saved by 2 data-parallel replica(s), and this run has 1"));
+}
+
+TEST_CASE("neva-run --nproc-per-node: a worker killed mid-run ends the launch at once, naming it, with no worker left") {
+  Workspace ws;
+  const fs::path log = ws.root / "launcher.err";
+  neva::test::Process launcher(ws.train_command("killed", "--set trainer.max_steps=100000") +
+                               " --nproc-per-node 2 2> " + log.string());
+  // Training has started once rank 0 wrote a step.
+  const fs::path metrics = ws.root / "killed" / "metrics.jsonl";
+  for (int i = 0; i < 600 && !(fs::exists(metrics) && fs::file_size(metrics) > 0); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  REQUIRE(fs::exists(metrics));
+  auto children = run_command("pgrep -P " + std::to_string(launcher.pid()));
+  std::istringstream pids(children.out);
+  std::vector<int> workers;
+  for (int pid; pids >> pid;) workers.push_back(pid);
+  REQUIRE(workers.size() == 2);
+  std::sort(workers.begin(), workers.end());  // rank 0 was started first
+  const auto killed_at = std::chrono::steady_clock::now();
+  ::kill(workers[1], SIGKILL);
+  const int status = launcher.wait(120);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - killed_at).count();
+  std::ifstream log_file(log);
+  const std::string err((std::istreambuf_iterator<char>(log_file)), std::istreambuf_iterator<char>());
+  INFO("launcher stderr:\n" << err);
+  CHECK(status == 128 + SIGKILL);  // the first failure's status
+  CHECK(contains(err, "worker 1 (rank 1 of 2) was killed by signal 9"));
+  CHECK(contains(err, "worker 0 (rank 0 of 2) exited with status 1"));  // its collective saw the peer gone
+  CHECK(seconds < 60);
+  for (int pid : workers) CHECK(::kill(pid, 0) != 0);  // reaped: nothing left running
 }

@@ -12,6 +12,7 @@
 #include "demo.h"
 #include "inference.h"
 #include "inspect.h"
+#include "launch.h"
 #include "train.h"
 #include "neva/error.h"
 #include "neva/recipe.h"
@@ -114,8 +115,9 @@ int main(int argc, char** argv) {
       "Plugins are searched in run.plugin_paths, --plugin-path, NEVA_PLUGIN_PATH and the install\n"
       "directory, never the current directory. Recipe keys: docs/recipes.md; example recipes: configs/.\n"
       "Check a plugin of your own with neva-conformance PLUGIN.so (docs/plugins.md).\n"
-      "Training runs data-parallel when launched as several processes: torchrun --no-python --standalone\n"
-      "--nproc-per-node N neva-run RECIPE.toml, or srun -n N neva-run RECIPE.toml (rank 0 writes the run directory).\n"
+      "Training runs data-parallel when launched as several processes: neva-run --nproc-per-node N RECIPE.toml,\n"
+      "torchrun --no-python --standalone --nproc-per-node N neva-run RECIPE.toml, or srun -n N neva-run RECIPE.toml\n"
+      "(rank 0 writes the run directory).\n"
       "Exit codes: 0 success, 2 usage or recipe error, 1 runtime error; a training run stopped by SIGTERM or\n"
       "SIGINT checkpoints first and exits 143 or 130 (run it again to continue).",
       "neva-run"};
@@ -135,6 +137,11 @@ int main(int argc, char** argv) {
   };
   app.add_option("recipe", recipe_path, "Recipe to run (TOML)")->type_name("RECIPE.toml");
   add_common(&app);
+  int nproc_per_node = 1;
+  app.add_option("--nproc-per-node", nproc_per_node,
+                 "Train data-parallel as N local processes (as torchrun --standalone --nproc-per-node N)")
+      ->type_name("N")
+      ->check(CLI::Range(1, 1024));
 
   auto* demo = app.add_subcommand("demo", "Train and evaluate a tiny NeVA on synthetic data (configs/demo/*.toml)");
   add_common(demo);
@@ -169,6 +176,23 @@ int main(int argc, char** argv) {
   }
 
   try {
+    if (nproc_per_node > 1) {
+      if (recipe_path.empty() || *demo || *validate || *plugins) {
+        std::cerr << "neva-run: --nproc-per-node goes with a recipe to run (neva-run --nproc-per-node N RECIPE.toml)\n";
+        return kExitUsage;
+      }
+      // The workers run this same command line without the option.
+      std::vector<std::string> arguments;
+      for (int i = 0; i < argc; ++i) {
+        const std::string argument = argv[i];
+        if (argument == "--nproc-per-node") {
+          ++i;
+        } else if (argument.rfind("--nproc-per-node=", 0) != 0) {
+          arguments.push_back(argument);
+        }
+      }
+      return neva::launch_workers(nproc_per_node, arguments);
+    }
     if (*plugins) {
       list_plugins(plugin_paths, json);
     } else if (*validate) {
