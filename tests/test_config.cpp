@@ -123,3 +123,13 @@ TEST_CASE("closest_match finds likely typos and nothing else") {
   CHECK(neva::closest_match("freez", {"freeze", "plugin"}) == "freeze");
   CHECK(neva::closest_match("completely_different", {"freeze", "plugin"}).empty());
 }
+
+TEST_CASE("canonical text: equal for the same recipe however it is written, different for another value") {
+  auto a = neva::ConfigDocument::parse("[trainer]\nmax_steps = 10\nprecision = \"bf16\"\n[run]\nseed = 1\n", "a.toml");
+  auto b = neva::ConfigDocument::parse("run.seed = 1\n\n[trainer]\nprecision = 'bf16'   # same\nmax_steps = 10\n", "b.toml");
+  CHECK(a.canonical() == b.canonical());
+  b.set("trainer.max_steps=11");
+  CHECK(a.canonical() != b.canonical());
+  a.set("trainer.max_steps=11");
+  CHECK(a.canonical() == b.canonical());  // overrides count, as the file does
+}

@@ -502,6 +502,22 @@ TEST_CASE("data parallelism under the real torchrun: two replicas train what one
   CHECK(uneven.exit_code != 0);
   CHECK(contains(uneven.err, "model.global_batch_size (6) must be a multiple of micro_batch_size x the data-parallel size (2 x 2)"));
 
+  // Two processes that read different recipes (here one more --set) are one run only by mistake.
+  {
+    const int port = neva::test::free_port();
+    std::string script = "status=0\n";
+    for (int rank = 0; rank < 2; ++rank) {
+      script += "RANK=" + std::to_string(rank) + " LOCAL_RANK=" + std::to_string(rank) +
+                " WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(port) + " " + ws.train_command("mixed", sizes) +
+                (rank == 1 ? " --set trainer.log_every_n_steps=3" : "") + " &\npid" + std::to_string(rank) + "=$!\n";
+    }
+    script += "wait $pid0 || status=$?\nwait $pid1 || status=$?\nexit $status\n";
+    auto mixed = run_command(script, 120);
+    CHECK(mixed.exit_code == 2);
+    CHECK(contains(mixed.err, "rank 1 runs another recipe than rank 0"));
+    CHECK(!fs::exists(ws.root / "mixed" / "checkpoints"));
+  }
+
   // A checkpoint of two replicas is not resumed by one process (its data positions are per replica).
   auto alone = ws.train("two", sizes + " --set trainer.max_steps=6");
   CHECK(alone.exit_code == 1);

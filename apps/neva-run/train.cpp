@@ -254,6 +254,17 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
                       ") must be a multiple of micro_batch_size x the data-parallel size (" +
                       std::to_string(recipe.model.micro_batch_size) + " x " + std::to_string(replicas) + ")");
   }
+  if (everyone) {  // one run: every process must have read the same recipe (file and --set overrides)
+    at::Tensor mine = at::tensor({static_cast<std::int64_t>(recipe.fingerprint)}, at::kLong);
+    at::Tensor all = at::zeros({world.size}, at::kLong);
+    everyone->all_gather_into_tensor(all, mine).wait(collective);
+    for (int rank = 1; rank < world.size; ++rank) {
+      if (all[rank].item<std::int64_t>() != all[0].item<std::int64_t>()) {
+        throw RecipeError(recipe.source + ": rank " + std::to_string(rank) + " runs another recipe than rank 0 (the " +
+                          "file or its --set overrides differ); every process of a run must run the same recipe");
+      }
+    }
+  }
   std::optional<RunDirectoryLock> lock;
   std::optional<CheckpointManager> checkpoints;
   std::optional<fs::path> resume_from;

@@ -411,4 +411,10 @@ void ConfigDocument::set(std::string_view assignment) {
 ConfigSection ConfigDocument::root() const { return ConfigSection(root_); }
 const std::string& ConfigDocument::source_name() const { return root_->document->source_name; }
 
+std::string ConfigDocument::canonical() const {
+  std::ostringstream out;
+  out << toml::toml_formatter(*root_->table, toml::format_flags::none);
+  return out.str();
+}
+
 }  // namespace neva

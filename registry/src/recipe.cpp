@@ -2,6 +2,8 @@
 
 #include <c10/core/Device.h>
 
+#include <functional>
+
 #include "neva/data/conversation.h"
 #include "neva/error.h"
 #include "neva/io/hf_config.h"
@@ -118,6 +120,7 @@ Recipe parse_recipe(const ConfigDocument& document, const fs::path& base_directo
   root.reject_unknown_keys(/*recursive=*/false);
   Recipe recipe;
   recipe.source = document.source_name();
+  recipe.fingerprint = std::hash<std::string>{}(document.canonical());
   recipe.run = parse_run(root.section("run"), base_directory);
 
   Registry::Options options = registry_options;

@@ -87,6 +87,9 @@ class NEVA_API ConfigDocument {
 
   ConfigSection root() const;
   const std::string& source_name() const;
+  // The document as TOML, overrides applied, keys in sorted order: equal for equal recipes whatever
+  // their formatting (what ranks compare to know they run the same recipe).
+  std::string canonical() const;
 
  private:
   explicit ConfigDocument(std::shared_ptr<ConfigSection::Impl> root);

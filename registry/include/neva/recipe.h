@@ -125,6 +125,9 @@ struct ModelConfig {            // model
 
 struct NEVA_API Recipe {
   std::string source;           // file path, or a description of the embedded recipe
+  // A hash of the recipe as parsed (ConfigDocument::canonical: overrides applied, keys sorted): the
+  // processes of one run compare it before training.
+  std::uint64_t fingerprint = 0;
   RunConfig run;
   TrainerConfig trainer;
   ExpManagerConfig exp_manager;
