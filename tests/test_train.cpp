@@ -554,3 +554,37 @@ TEST_CASE("neva-run --nproc-per-node: a worker killed mid-run ends the launch at
   CHECK(seconds < 60);
   for (int pid : workers) CHECK(::kill(pid, 0) != 0);  // reaped: nothing left running
 }
+
+TEST_CASE("a stopped worker: the other fails within trainer.distributed_timeout_minutes, naming the group, and the launch ends") {
+  Workspace ws;
+  const fs::path log = ws.root / "launcher.err";
+  neva::test::Process launcher(ws.train_command("stopped", "--set trainer.max_steps=100000"
+                                                           " --set trainer.distributed_timeout_minutes=0.05") +
+                               " --nproc-per-node 2 2> " + log.string());
+  const fs::path metrics = ws.root / "stopped" / "metrics.jsonl";
+  for (int i = 0; i < 600 && !(fs::exists(metrics) && fs::file_size(metrics) > 0); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  REQUIRE(fs::exists(metrics));
+  auto children = run_command("pgrep -P " + std::to_string(launcher.pid()));
+  std::istringstream pids(children.out);
+  std::vector<int> workers;
+  for (int pid; pids >> pid;) workers.push_back(pid);
+  REQUIRE(workers.size() == 2);
+  std::sort(workers.begin(), workers.end());
+  const auto stopped_at = std::chrono::steady_clock::now();
+  ::kill(workers[1], SIGSTOP);  // alive, holding its connections, answering nothing
+  const int status = launcher.wait(120);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - stopped_at).count();
+  std::ifstream log_file(log);
+  const std::string err((std::istreambuf_iterator<char>(log_file)), std::istreambuf_iterator<char>());
+  INFO("launcher stderr:\n" << err);
+  CHECK(status == 1);
+  CHECK(contains(err, "(rank 0 of 2)"));
+  // 0.05 minutes: our wait or Gloo's own (the group was created with the same timeout), whichever first.
+  CHECK((contains(err, "did not complete within 3000 ms") || contains(err, "Timed out waiting 3000ms")));
+  CHECK(contains(err, "worker 0 (rank 0 of 2) exited with status 1"));
+  CHECK(contains(err, "worker 1 still running 30 s after a worker failed: killing it"));
+  CHECK(seconds < 90);
+  for (int pid : workers) CHECK(::kill(pid, 0) != 0);
+}

@@ -241,13 +241,14 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
   summary.run_dir = recipe.exp_manager.explicit_log_dir;
   // The processes a launcher started (torchrun, srun), each a data-parallel replica; a world of one
   // without a launcher. Rank 0 owns the run directory: lock, checkpoints, metrics, progress, export.
-  const World world = World::from_environment();
+  const auto collective = std::chrono::duration_cast<std::chrono::milliseconds>(
+      std::chrono::duration<double, std::ratio<60>>(recipe.trainer.distributed_timeout_minutes));
+  const World world = World::from_environment(collective);
   RuntimeContext context = recipe.runtime_context(world);
   const std::shared_ptr<ProcessGroup>& everyone = context.groups.world;
   const bool leader = world.rank == 0;
   const int replicas = group_size(context.groups.data);
   const int replica = group_rank(context.groups.data);
-  const auto collective = std::chrono::minutes(5);
   auto warn = [&title](const std::string& text) { std::cerr << title << ": warning: " << text << std::endl; };
   if (recipe.model.global_batch_size % (recipe.model.micro_batch_size * replicas) != 0) {
     throw RecipeError(recipe.source + ": model.global_batch_size (" + std::to_string(recipe.model.global_batch_size) +

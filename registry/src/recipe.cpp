@@ -155,6 +155,11 @@ Recipe parse_recipe(const ConfigDocument& document, const fs::path& base_directo
   spike.warmup = std::min(spike.warmup, spike.window);
   spike.skip = trainer.choice("loss_spike_action", "skip", {"skip", "stop"}) == "skip";
   spike.max_consecutive = trainer.integer("loss_spike_max_consecutive", spike.max_consecutive, 1);
+  recipe.trainer.distributed_timeout_minutes =
+      trainer.get<double>("distributed_timeout_minutes", recipe.trainer.distributed_timeout_minutes);
+  if (!(recipe.trainer.distributed_timeout_minutes > 0) || recipe.trainer.distributed_timeout_minutes > 24 * 60) {
+    trainer.fail("distributed_timeout_minutes", "expected a number of minutes in (0, 1440]");
+  }
   recipe.trainer.profile = trainer.get<bool>("profile", false);
   recipe.trainer.profile_step_start = trainer.integer("profile_step_start", recipe.trainer.profile_step_start, 0);
   recipe.trainer.profile_step_end = trainer.integer("profile_step_end", recipe.trainer.profile_step_end, 1);

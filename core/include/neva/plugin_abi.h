@@ -11,6 +11,7 @@
 //   2.0: RuntimeContext carries the generator layers initialise from and every
 //   process group (last); headers grouped by concern (neva/io, data, nn, model, parallel, train,
 //   inference); layers built from the context through neva::nn's factories (docs/plugins.md).
+//   2.1: World::timeout (appended), the wait a parallel strategy creates its groups with.
 //
 // Plugins must build against the same LibTorch as the host (checked through torch_version), link
 // libneva_core, use hidden visibility, and register no operators statically (no TORCH_LIBRARY).
@@ -25,7 +26,7 @@
 namespace neva {
 
 inline constexpr std::uint32_t kPluginAbiMajor = 2;
-inline constexpr std::uint32_t kPluginAbiMinor = 0;
+inline constexpr std::uint32_t kPluginAbiMinor = 1;
 inline constexpr const char* kPluginEntrySymbol = "neva_plugin";
 
 struct PluginAbiVersion {

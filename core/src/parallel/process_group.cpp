@@ -68,6 +68,7 @@ World& World::operator=(World&&) noexcept = default;
 
 World World::from_environment(std::chrono::milliseconds timeout) {
   World world;
+  world.timeout = timeout;
   const char* launcher = nullptr;
   if (env("WORLD_SIZE") || env("RANK")) {
     launcher = "torchrun-style";

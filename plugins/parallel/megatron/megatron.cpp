@@ -40,7 +40,7 @@ class MegatronStrategy : public neva::ParallelStrategy {
       for (std::size_t index = 0; index < groups.size(); ++index) {
         const auto& members = groups[index];
         if (std::find(members.begin(), members.end(), world.rank) == members.end()) continue;
-        return neva::new_group(world, std::string(kind) + "." + std::to_string(index), members, device);
+        return neva::new_group(world, std::string(kind) + "." + std::to_string(index), members, device, world.timeout);
       }
       return nullptr;  // not a member of any (e.g. position_embedding off the first stage)
     };

@@ -44,6 +44,10 @@ struct TrainerConfig {
   LossSpikeConfig loss_spike;
   // Megatron's --profile: the optimizer steps [profile_step_start, profile_step_end) are traced by
   // PyTorch's profiler (Kineto) into profile.json in the run directory (Chrome trace format).
+  // Megatron's --distributed-timeout-minutes: how long a process of a multi-process run waits for the
+  // others (joining the run, each collective) before it fails naming the group, instead of hanging
+  // when a peer died or stopped.
+  double distributed_timeout_minutes = 5;
   bool profile = false;
   std::int64_t profile_step_start = 10;
   std::int64_t profile_step_end = 12;

@@ -38,6 +38,11 @@ struct NEVA_API World {
   std::string master_addr;
   int master_port = 0;
   c10::intrusive_ptr<c10d::Store> store;  // null when size == 1
+  // How long a member waits for the others: what from_environment was given. Groups are created
+  // with it (Gloo's and NCCL's operation timeout), so that a dead or stopped peer fails every
+  // operation in time instead of hanging the process (also at exit, in the backend's destructor).
+  // Appended in plugin ABI 2.1.
+  std::chrono::milliseconds timeout{std::chrono::minutes(30)};
 
   // Reads the launcher's environment (torchrun first, then Slurm) and connects to the TCPStore held
   // by rank 0. Without any launcher variables: a world of one, no store. Errors name the variable.
