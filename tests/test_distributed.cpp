@@ -139,6 +139,25 @@ TEST_CASE("launcher misconfiguration is a clear error naming the variable") {
   }
 }
 
+TEST_CASE("Slurm: rank 0's host is the first of SLURM_JOB_NODELIST, expanded without scontrol") {
+  CHECK(neva::first_slurm_host("gpu07") == "gpu07");
+  CHECK(neva::first_slurm_host("gpu[03-05,9],cpu1") == "gpu03");
+  CHECK(neva::first_slurm_host("node[007-010]") == "node007");  // zero padding kept
+  CHECK(neva::first_slurm_host("cpu1,gpu[1-2]") == "cpu1");
+  CHECK(neva::first_slurm_host("rack[2-3]-n[11,14]") == "rack2-n11");
+  CHECK_THROWS_WITH_AS(neva::first_slurm_host("gpu[1-3"), doctest::Contains("an unclosed ["), neva::Error);
+  CHECK_THROWS_WITH_AS(neva::first_slurm_host("gpu[[1]]"), doctest::Contains("nested brackets"), neva::Error);
+  CHECK_THROWS_WITH_AS(neva::first_slurm_host(""), doctest::Contains("no host"), neva::Error);
+  // Without MASTER_ADDR / MASTER_PORT: the first node and 15000 + the job id's last four digits.
+  EnvGuard env;
+  env.set("SLURM_PROCID", "0");
+  env.set("SLURM_NTASKS", "2");
+  env.set("SLURM_JOB_NODELIST", "127.0.0.[1-2]");
+  env.set("SLURM_JOB_ID", "98761234");
+  CHECK_THROWS_WITH_AS(neva::World::from_environment(std::chrono::seconds(1)),
+                       doctest::Contains("cannot reach the rendezvous store at 127.0.0.1:16234"), neva::Error);
+}
+
 TEST_CASE("a rank whose peers never arrive fails within its timeout instead of hanging") {
   EnvGuard env;
   env.set("RANK", "0");

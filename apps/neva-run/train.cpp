@@ -255,9 +255,11 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
                       ") must be a multiple of micro_batch_size x the data-parallel size (" +
                       std::to_string(recipe.model.micro_batch_size) + " x " + std::to_string(replicas) + ")");
   }
+  // The small tensors of the run's own collectives live on the device (NCCL takes only CUDA tensors).
+  const at::TensorOptions on_device = at::TensorOptions(at::kLong).device(context.device);
   if (everyone) {  // one run: every process must have read the same recipe (file and --set overrides)
-    at::Tensor mine = at::tensor({static_cast<std::int64_t>(recipe.fingerprint)}, at::kLong);
-    at::Tensor all = at::zeros({world.size}, at::kLong);
+    at::Tensor mine = at::tensor({static_cast<std::int64_t>(recipe.fingerprint)}, on_device);
+    at::Tensor all = at::zeros({world.size}, on_device);
     everyone->all_gather_into_tensor(all, mine).wait(collective);
     for (int rank = 1; rank < world.size; ++rank) {
       if (all[rank].item<std::int64_t>() != all[0].item<std::int64_t>()) {
@@ -286,13 +288,13 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
     }
   } catch (...) {
     if (everyone) {
-      at::Tensor failed = at::tensor({std::int64_t{-2}}, at::kLong);
+      at::Tensor failed = at::tensor({std::int64_t{-2}}, on_device);
       everyone->broadcast(failed, 0).wait(collective);
     }
     throw;
   }
   if (everyone) {
-    at::Tensor step = at::tensor({resume_step}, at::kLong);
+    at::Tensor step = at::tensor({resume_step}, on_device);
     everyone->broadcast(step, 0).wait(collective);
     resume_step = step.item<std::int64_t>();
     if (resume_step == -2) throw Error("rank 0 could not open the run directory " + summary.run_dir.string() + " (its error says why)");
@@ -386,9 +388,10 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
   auto save = [&](std::int64_t at_step) {
     std::vector<std::uint64_t> positions{position};
     if (replicas > 1) {
-      at::Tensor all = at::zeros({replicas}, at::kLong);
-      context.groups.data->all_gather_into_tensor(all, at::tensor({static_cast<std::int64_t>(position)}, at::kLong))
+      at::Tensor all = at::zeros({replicas}, on_device);
+      context.groups.data->all_gather_into_tensor(all, at::tensor({static_cast<std::int64_t>(position)}, on_device))
           .wait(collective);
+      all = all.cpu();
       positions.assign(all.data_ptr<std::int64_t>(), all.data_ptr<std::int64_t>() + replicas);
     }
     if (!leader) return;
@@ -432,7 +435,7 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
     std::int64_t tokens_all = report.tokens, labelled_all = report.labelled_tokens, samples_all = report.samples;
     int stop = signals->received();
     if (everyone) {  // the step's tokens over every replica, and whether any replica was asked to stop
-      at::Tensor counts = at::tensor({tokens_all, labelled_all, samples_all, static_cast<std::int64_t>(stop)}, at::kLong);
+      at::Tensor counts = at::tensor({tokens_all, labelled_all, samples_all, static_cast<std::int64_t>(stop)}, on_device);
       at::Tensor sums = counts.narrow(0, 0, 3).clone();
       at::Tensor signal = counts.narrow(0, 3, 1).clone();
       everyone->all_reduce(sums).wait(collective);

@@ -49,6 +49,24 @@ std::string require_env(const char* name, const char* launcher) {
   return *value;
 }
 
+// Under Slurm without MASTER_ADDR / MASTER_PORT: rank 0's host is the first of the job's nodes, and
+// the port follows the job id as PyTorch Lightning chooses it (15000 + the id's last four digits), so
+// every task of one job computes the same address without scontrol.
+void derive_slurm_rendezvous(World& world) {
+  if (!env("MASTER_ADDR")) {
+    auto nodes = env("SLURM_JOB_NODELIST");
+    if (!nodes) nodes = env("SLURM_NODELIST");
+    if (nodes) world.master_addr = first_slurm_host(*nodes);
+  }
+  if (!env("MASTER_PORT") && env("SLURM_JOB_ID")) {
+    const std::string id = *env("SLURM_JOB_ID");
+    const std::string digits = id.size() > 4 ? id.substr(id.size() - 4) : id;
+    if (!digits.empty() && std::all_of(digits.begin(), digits.end(), [](char c) { return c >= '0' && c <= '9'; })) {
+      world.master_port = 15000 + std::stoi(digits);
+    }
+  }
+}
+
 c10d::ReduceOp to_c10d(ReduceOp op) {
   switch (op) {
     case ReduceOp::Max: return c10d::ReduceOp::MAX;
@@ -58,6 +76,38 @@ c10d::ReduceOp to_c10d(ReduceOp op) {
 }
 
 }  // namespace
+
+std::string first_slurm_host(const std::string& nodelist) {
+  // The first item at bracket depth 0 ("a[1-3],b" -> "a[1-3]"), then in each bracket the first
+  // number of its first range, zero padding kept ("node[007-010]" -> "node007").
+  auto bad = [&nodelist](const std::string& why) {
+    return Error("SLURM_JOB_NODELIST='" + nodelist + "': " + why + " (expected Slurm's hostlist form, e.g. node[01-04,07])");
+  };
+  std::string host;
+  int depth = 0;
+  bool skipping = false;  // inside a bracket, past its first number
+  for (char c : nodelist) {
+    if (c == '[') {
+      if (depth++ != 0) throw bad("nested brackets");
+      skipping = false;
+      continue;
+    }
+    if (c == ']') {
+      if (depth-- != 1) throw bad("an unmatched ]");
+      continue;
+    }
+    if (depth == 0 && c == ',') break;
+    if (depth == 1) {
+      if (c == '-' || c == ',') skipping = true;
+      if (!skipping) host += c;
+      continue;
+    }
+    host += c;
+  }
+  if (depth != 0) throw bad("an unclosed [");
+  if (host.empty()) throw bad("no host");
+  return host;
+}
 
 World::World() = default;
 World::~World() = default;
@@ -84,9 +134,12 @@ World World::from_environment(std::chrono::milliseconds timeout) {
   }
   if (world.size == 1) return world;
 
-  world.master_addr = require_env("MASTER_ADDR", launcher);
-  require_env("MASTER_PORT", launcher);
-  world.master_port = env_int("MASTER_PORT", 1, 65535);
+  if (std::string(launcher) == "Slurm") derive_slurm_rendezvous(world);
+  if (world.master_addr.empty()) world.master_addr = require_env("MASTER_ADDR", launcher);
+  if (world.master_port == 0) {
+    require_env("MASTER_PORT", launcher);
+    world.master_port = env_int("MASTER_PORT", 1, 65535);
+  }
   c10d::TCPStoreOptions options;
   options.port = static_cast<std::uint16_t>(world.master_port);
   options.isServer = world.rank == 0;

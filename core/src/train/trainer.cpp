@@ -145,7 +145,8 @@ StepReport Trainer::train_step(const std::vector<TrainingBatch>& batches) {
   const int replica_count = group_size(replicas);
   std::int64_t labelled = report.labelled_tokens;
   if (replica_count > 1) {
-    at::Tensor count = at::tensor({labelled}, at::kLong);
+    // NCCL takes only device tensors.
+    at::Tensor count = at::tensor({labelled}, at::TensorOptions(at::kLong).device(context_.device));
     replicas->all_reduce(count).wait(options_.collective_timeout);
     labelled = count.item<std::int64_t>();
   }
@@ -191,7 +192,7 @@ StepReport Trainer::train_step(const std::vector<TrainingBatch>& batches) {
   const std::string at_step = options_.title + ": step " + std::to_string(step_ + 1) + ": ";
   report.loss = schedule_->run(batches.size(), forward_backward);
   if (replica_count > 1) {  // the replicas' shares of the global loss
-    at::Tensor loss = at::tensor({report.loss}, at::kDouble);
+    at::Tensor loss = at::tensor({report.loss}, at::TensorOptions(at::kDouble).device(context_.device));
     replicas->all_reduce(loss).wait(options_.collective_timeout);
     report.loss = loss.item<double>();
   }

@@ -49,6 +49,11 @@ struct NEVA_API World {
   static World from_environment(std::chrono::milliseconds timeout = std::chrono::minutes(5));
 };
 
+// The first host of a Slurm hostlist ("gpu[03-05,9],cpu1" -> "gpu03"), without scontrol. Under
+// Slurm, World::from_environment uses it as MASTER_ADDR when that is not set (and 15000 + the last
+// four digits of SLURM_JOB_ID as MASTER_PORT, as PyTorch Lightning does). Throws naming the list.
+NEVA_API std::string first_slurm_host(const std::string& nodelist);
+
 enum class ReduceOp { Sum, Max, Min, Avg };
 
 // The completion of one operation (or of a batch of point-to-point operations), as c10d's Work.
