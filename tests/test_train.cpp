@@ -481,6 +481,13 @@ TEST_CASE("data parallelism under the real torchrun: two replicas train what one
     CHECK(got["tokens"] == expected["tokens"]);  // every replica's tokens: the same global batch
     CHECK(got["labelled_tokens"] == expected["labelled_tokens"]);
   }
+  // Every rank logs to its own file; only rank 0 to the console.
+  for (int rank = 0; rank < 2; ++rank) {
+    std::ifstream in(ws.root / "two" / "logs" / ("rank-" + std::to_string(rank) + ".log"));
+    const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    CHECK(contains(text, "rank " + std::to_string(rank) + " of 2"));
+    CHECK(contains(text, "step 4/4 loss"));
+  }
   const json state = json::parse(std::ifstream(ws.root / "two" / "checkpoints" / "step-0000004" / "trainer_state.json"));
   REQUIRE(state["consumed_samples_per_replica"].size() == 2);
   CHECK(state["consumed_samples_per_replica"][0] == state["consumed_samples"]);
@@ -551,6 +558,9 @@ TEST_CASE("neva-run --nproc-per-node: a worker killed mid-run ends the launch at
   CHECK(status == 128 + SIGKILL);  // the first failure's status
   CHECK(contains(err, "worker 1 (rank 1 of 2) was killed by signal 9"));
   CHECK(contains(err, "worker 0 (rank 0 of 2) exited with status 1"));  // its collective saw the peer gone
+  std::ifstream rank0(ws.root / "killed" / "logs" / "rank-0.log");
+  const std::string rank0_log((std::istreambuf_iterator<char>(rank0)), std::istreambuf_iterator<char>());
+  CHECK(contains(rank0_log, "error: process group 'data.0' (rank 0 of 2)"));  // its error, in its own log
   CHECK(seconds < 60);
   for (int pid : workers) CHECK(::kill(pid, 0) != 0);  // reaped: nothing left running
 }

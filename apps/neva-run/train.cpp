@@ -59,12 +59,19 @@ std::string format_duration(double seconds) {
 // Progress on a terminal (one line, redrawn), plain log lines otherwise.
 class Progress {
  public:
-  // A quiet one prints nothing: data-parallel ranks other than 0.
-  Progress(std::string title, std::int64_t total, std::int64_t log_every, bool quiet = false)
+  // A quiet one prints nothing on the console (data-parallel ranks other than 0); `log`, when given
+  // (a multi-process run: the rank's own file), receives every message and logged step.
+  Progress(std::string title, std::int64_t total, std::int64_t log_every, bool quiet = false, std::ostream* log = nullptr)
       : title_(std::move(title)), total_(total), log_every_(log_every), terminal_(::isatty(STDERR_FILENO) != 0),
-        quiet_(quiet) {}
+        quiet_(quiet), log_(log) {}
 
   void update(std::int64_t step, double loss, double lr, double grad_norm, double tokens_per_second, double eta) {
+    const bool logged = step % log_every_ == 0 || step == total_;
+    if (log_ && logged) {
+      *log_ << title_ << ": step " << step << "/" << total_ << " loss " << std::fixed << std::setprecision(4) << loss
+            << " lr " << std::scientific << std::setprecision(3) << lr << " grad_norm " << std::fixed
+            << std::setprecision(3) << grad_norm << std::defaultfloat << std::endl;
+    }
     if (quiet_) return;
     if (terminal_) {
       constexpr int kWidth = 24;
@@ -84,6 +91,7 @@ class Progress {
               << " eta " << format_duration(eta) << std::defaultfloat << std::endl;
   }
   void message(const std::string& text) {
+    if (log_) *log_ << title_ << ": " << text << std::endl;
     if (quiet_) return;
     if (terminal_) std::cerr << "\r\033[K";
     std::cerr << title_ << ": " << text << std::endl;
@@ -94,6 +102,7 @@ class Progress {
   std::int64_t total_, log_every_;
   bool terminal_;
   bool quiet_;
+  std::ostream* log_;
 };
 
 // metrics.jsonl: one object per optimizer step. On resume the lines after the resumed step (written
@@ -234,22 +243,23 @@ void warn_if_bf16_emulated(const Recipe& recipe) {
   if (!warning.empty()) std::cerr << "neva-run: warning: " << warning << "\n";
 }
 
-TrainSummary run_train(const Recipe& recipe, const std::string& title) {
+namespace {
+
+TrainSummary train_replica(const Recipe& recipe, const std::string& title, const World& world,
+                           std::chrono::milliseconds collective, std::ostream* log) {
   const auto started = Clock::now();
   keep_freed_memory();
   TrainSummary summary;
   summary.run_dir = recipe.exp_manager.explicit_log_dir;
-  // The processes a launcher started (torchrun, srun), each a data-parallel replica; a world of one
-  // without a launcher. Rank 0 owns the run directory: lock, checkpoints, metrics, progress, export.
-  const auto collective = std::chrono::duration_cast<std::chrono::milliseconds>(
-      std::chrono::duration<double, std::ratio<60>>(recipe.trainer.distributed_timeout_minutes));
-  const World world = World::from_environment(collective);
   RuntimeContext context = recipe.runtime_context(world);
   const std::shared_ptr<ProcessGroup>& everyone = context.groups.world;
   const bool leader = world.rank == 0;
   const int replicas = group_size(context.groups.data);
   const int replica = group_rank(context.groups.data);
-  auto warn = [&title](const std::string& text) { std::cerr << title << ": warning: " << text << std::endl; };
+  auto warn = [&title, log](const std::string& text) {
+    std::cerr << title << ": warning: " << text << std::endl;
+    if (log) *log << title << ": warning: " << text << std::endl;
+  };
   if (recipe.model.global_batch_size % (recipe.model.micro_batch_size * replicas) != 0) {
     throw RecipeError(recipe.source + ": model.global_batch_size (" + std::to_string(recipe.model.global_batch_size) +
                       ") must be a multiple of micro_batch_size x the data-parallel size (" +
@@ -371,7 +381,7 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
   // Micro-batches per replica and step: the global batch is every replica's.
   const std::int64_t accumulation = recipe.model.global_batch_size / (recipe.model.micro_batch_size * replicas);
   const std::int64_t max_steps = recipe.trainer.max_steps;
-  Progress progress(title, max_steps, recipe.trainer.log_every_n_steps, !leader);
+  Progress progress(title, max_steps, recipe.trainer.log_every_n_steps, !leader, log);
   std::optional<Metrics> metrics;
   if (leader) metrics.emplace(summary.run_dir / "metrics.jsonl", step);
   if (resume_from) progress.message("resumed from " + resume_from->string() + " (step " + std::to_string(step) + ")");
@@ -514,6 +524,34 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
                    std::to_string(trainer.guard().skipped()) + " loss spike(s) skipped, " +
                    format_duration(summary.seconds) + "; run directory " + summary.run_dir.string());
   return summary;
+}
+
+}  // namespace
+
+TrainSummary run_train(const Recipe& recipe, const std::string& title) {
+  // The processes a launcher started (torchrun, srun, --nproc-per-node), each a data-parallel
+  // replica; a world of one without a launcher. Rank 0 owns the run directory (lock, checkpoints,
+  // metrics, the console, the export); with several, every rank also logs to
+  // <run>/logs/rank-<R>.log, its errors included.
+  const auto collective = std::chrono::duration_cast<std::chrono::milliseconds>(
+      std::chrono::duration<double, std::ratio<60>>(recipe.trainer.distributed_timeout_minutes));
+  const World world = World::from_environment(collective);
+  std::optional<std::ofstream> log;
+  if (world.size > 1) {
+    const fs::path directory = fs::path(recipe.exp_manager.explicit_log_dir) / "logs";
+    fs::create_directories(directory);
+    const fs::path path = directory / ("rank-" + std::to_string(world.rank) + ".log");
+    log.emplace(path, std::ios::app);
+    if (!*log) throw Error(path.string() + ": cannot open this rank's log");
+    *log << title << ": rank " << world.rank << " of " << world.size << " (local rank " << world.local_rank << ", pid "
+         << ::getpid() << ")" << std::endl;
+  }
+  try {
+    return train_replica(recipe, title, world, collective, log ? &*log : nullptr);
+  } catch (const std::exception& error) {
+    if (log) *log << title << ": error: " << error.what() << std::endl;
+    throw;
+  }
 }
 
 }  // namespace neva
