@@ -531,72 +531,72 @@ TEST_CASE("data parallelism under the real torchrun: two replicas train what one
   CHECK(contains(alone.err, "was saved by 2 data-parallel replica(s), and this run has 1"));
 }
 
-TEST_CASE("neva-run --nproc-per-node: a worker killed mid-run ends the launch at once, naming it, with no worker left") {
-  Workspace ws;
-  const fs::path log = ws.root / "launcher.err";
-  neva::test::Process launcher(ws.train_command("killed", "--set trainer.max_steps=100000") +
+namespace {
+
+std::string read_text(const fs::path& path) {
+  std::ifstream in(path);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+// Starts `neva-run --nproc-per-node 2` on run `run`, waits until rank 0 wrote a step, sends
+// `signal` to the rank-1 worker, and waits for the launcher: its status, its stderr, the seconds
+// from the signal to its end, and the two workers' pids.
+struct WorkerFault {
+  int status = -1;
+  std::string err;
+  double seconds = 0;
+  std::vector<int> workers;
+};
+WorkerFault fault_one_worker(const Workspace& ws, const std::string& run, const std::string& overrides, int signal) {
+  WorkerFault out;
+  const fs::path log = ws.root / (run + ".launcher.err");
+  neva::test::Process launcher(ws.train_command(run, "--set trainer.max_steps=100000 " + overrides) +
                                " --nproc-per-node 2 2> " + log.string());
-  // Training has started once rank 0 wrote a step.
-  const fs::path metrics = ws.root / "killed" / "metrics.jsonl";
+  const fs::path metrics = ws.root / run / "metrics.jsonl";
   for (int i = 0; i < 600 && !(fs::exists(metrics) && fs::file_size(metrics) > 0); ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
   REQUIRE(fs::exists(metrics));
-  auto children = run_command("pgrep -P " + std::to_string(launcher.pid()));
-  std::istringstream pids(children.out);
-  std::vector<int> workers;
-  for (int pid; pids >> pid;) workers.push_back(pid);
-  REQUIRE(workers.size() == 2);
-  std::sort(workers.begin(), workers.end());  // rank 0 was started first
-  const auto killed_at = std::chrono::steady_clock::now();
-  ::kill(workers[1], SIGKILL);
-  const int status = launcher.wait(120);
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - killed_at).count();
-  std::ifstream log_file(log);
-  const std::string err((std::istreambuf_iterator<char>(log_file)), std::istreambuf_iterator<char>());
-  INFO("launcher stderr:\n" << err);
-  CHECK(status == 128 + SIGKILL);  // the first failure's status
-  CHECK(contains(err, "worker 1 (rank 1 of 2) was killed by signal 9"));
-  CHECK(contains(err, "worker 0 (rank 0 of 2) exited with status 1"));  // its collective saw the peer gone
-  std::ifstream rank0(ws.root / "killed" / "logs" / "rank-0.log");
-  const std::string rank0_log((std::istreambuf_iterator<char>(rank0)), std::istreambuf_iterator<char>());
+  std::istringstream pids(run_command("pgrep -P " + std::to_string(launcher.pid())).out);
+  for (int pid; pids >> pid;) out.workers.push_back(pid);
+  REQUIRE(out.workers.size() == 2);
+  std::sort(out.workers.begin(), out.workers.end());  // rank 0 was started first
+  const auto signalled_at = std::chrono::steady_clock::now();
+  ::kill(out.workers[1], signal);
+  out.status = launcher.wait(120);
+  out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - signalled_at).count();
+  out.err = read_text(log);
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("neva-run --nproc-per-node: a worker killed mid-run ends the launch at once, naming it, with no worker left") {
+  Workspace ws;
+  const WorkerFault fault = fault_one_worker(ws, "killed", "", SIGKILL);
+  INFO("launcher stderr:\n" << fault.err);
+  CHECK(fault.status == 128 + SIGKILL);  // the first failure's status
+  CHECK(contains(fault.err, "worker 1 (rank 1 of 2) was killed by signal 9"));
+  CHECK(contains(fault.err, "worker 0 (rank 0 of 2) exited with status 1"));  // its collective saw the peer gone
   // Its error, in its own log: whichever collective met the dead peer first (data.0 or world.0).
+  const std::string rank0_log = read_text(ws.root / "killed" / "logs" / "rank-0.log");
   CHECK(contains(rank0_log, "error: process group '"));
   CHECK(contains(rank0_log, "(rank 0 of 2)"));
-  CHECK(seconds < 60);
-  for (int pid : workers) CHECK(::kill(pid, 0) != 0);  // reaped: nothing left running
+  CHECK(fault.seconds < 60);
+  for (int pid : fault.workers) CHECK(::kill(pid, 0) != 0);  // reaped: nothing left running
 }
 
 TEST_CASE("a stopped worker: the other fails within trainer.distributed_timeout_minutes, naming the group, and the launch ends") {
   Workspace ws;
-  const fs::path log = ws.root / "launcher.err";
-  neva::test::Process launcher(ws.train_command("stopped", "--set trainer.max_steps=100000"
-                                                           " --set trainer.distributed_timeout_minutes=0.05") +
-                               " --nproc-per-node 2 2> " + log.string());
-  const fs::path metrics = ws.root / "stopped" / "metrics.jsonl";
-  for (int i = 0; i < 600 && !(fs::exists(metrics) && fs::file_size(metrics) > 0); ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  }
-  REQUIRE(fs::exists(metrics));
-  auto children = run_command("pgrep -P " + std::to_string(launcher.pid()));
-  std::istringstream pids(children.out);
-  std::vector<int> workers;
-  for (int pid; pids >> pid;) workers.push_back(pid);
-  REQUIRE(workers.size() == 2);
-  std::sort(workers.begin(), workers.end());
-  const auto stopped_at = std::chrono::steady_clock::now();
-  ::kill(workers[1], SIGSTOP);  // alive, holding its connections, answering nothing
-  const int status = launcher.wait(120);
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - stopped_at).count();
-  std::ifstream log_file(log);
-  const std::string err((std::istreambuf_iterator<char>(log_file)), std::istreambuf_iterator<char>());
-  INFO("launcher stderr:\n" << err);
-  CHECK(status == 1);
-  CHECK(contains(err, "(rank 0 of 2)"));
+  // Alive, holding its connections, answering nothing.
+  const WorkerFault fault = fault_one_worker(ws, "stopped", "--set trainer.distributed_timeout_minutes=0.05", SIGSTOP);
+  INFO("launcher stderr:\n" << fault.err);
+  CHECK(fault.status == 1);
+  CHECK(contains(fault.err, "(rank 0 of 2)"));
   // 0.05 minutes: our wait or Gloo's own (the group was created with the same timeout), whichever first.
-  CHECK((contains(err, "did not complete within 3000 ms") || contains(err, "Timed out waiting 3000ms")));
-  CHECK(contains(err, "worker 0 (rank 0 of 2) exited with status 1"));
-  CHECK(contains(err, "worker 1 still running 30 s after a worker failed: killing it"));
-  CHECK(seconds < 90);
-  for (int pid : workers) CHECK(::kill(pid, 0) != 0);
+  CHECK((contains(fault.err, "did not complete within 3000 ms") || contains(fault.err, "Timed out waiting 3000ms")));
+  CHECK(contains(fault.err, "worker 0 (rank 0 of 2) exited with status 1"));
+  CHECK(contains(fault.err, "worker 1 still running 30 s after a worker failed: killing it"));
+  CHECK(fault.seconds < 90);
+  for (int pid : fault.workers) CHECK(::kill(pid, 0) != 0);
 }
