@@ -21,6 +21,7 @@
 #include "neva/train/loss.h"
 #include "neva/train/trainer.h"
 #include "float64_precision.h"
+#include "random_sample.h"
 #include "tiny_decoder.h"
 
 namespace {
@@ -100,13 +101,7 @@ int check_groups(const neva::World& world, char** sizes_text) {
 // the losses, the synced gradients and the updated weights must agree within 1e-10. Micro-batches
 // differ in length and labelled tokens, so a per-replica mean instead of the global one would show.
 neva::TrainingSample dp_sample(std::int64_t length, std::int64_t seed) {
-  at::Generator generator = neva::make_generator(seed);
-  at::Tensor ids = at::randint(4, 97, {length}, generator, at::kLong);
-  neva::TrainingSample s;
-  s.input_ids.assign(ids.data_ptr<std::int64_t>(), ids.data_ptr<std::int64_t>() + length);
-  s.labels = s.input_ids;
-  for (std::int64_t t = 0; t < (length * (seed % 3 + 1)) / 5; ++t) s.labels[t] = neva::kIgnoreIndex;
-  return s;
+  return neva::test::random_sample(length, seed, (length * (seed % 3 + 1)) / 5);  // uneven prompts
 }
 
 int check_data_parallel(const neva::World& world) {

@@ -10,6 +10,7 @@
 #include "neva/train/loss.h"
 #include "neva/train/trainer.h"
 #include "float64_precision.h"
+#include "random_sample.h"
 #include "tiny_decoder.h"
 #include "test_support.h"
 
@@ -43,13 +44,7 @@ struct Setup {
 };
 
 neva::TrainingSample sample(std::int64_t length, std::int64_t seed) {
-  at::Generator generator = neva::make_generator(seed);
-  at::Tensor ids = at::randint(4, 97, {length}, generator, at::kLong);
-  neva::TrainingSample s;
-  s.input_ids.assign(ids.data_ptr<std::int64_t>(), ids.data_ptr<std::int64_t>() + length);
-  s.labels = s.input_ids;
-  for (std::int64_t t = 0; t < length / 3; ++t) s.labels[t] = neva::kIgnoreIndex;
-  return s;
+  return neva::test::random_sample(length, seed, length / 3);
 }
 
 double max_difference(const std::map<std::string, at::Tensor>& a, const std::map<std::string, at::Tensor>& b) {
