@@ -5,14 +5,20 @@
 #include <torch/csrc/distributed/c10d/Store.hpp>
 #include <torch/types.h>
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
+#include <fstream>
 #include <map>
 #include <iostream>
 #include <string>
 
 #include "neva/error.h"
+#include "neva/parallel/mappings.h"
 #include "neva/parallel/process_group.h"
+#include "neva/recipe.h"
 #include "neva/parallel/rank_grid.h"
 #include "neva/parallel_strategy.h"
 #include "neva/registry.h"
@@ -116,7 +122,10 @@ int check_data_parallel(const neva::World& world) {
     std::unique_ptr<neva::Trainer> trainer;
     std::map<std::string, at::Tensor> gradients;
   };
-  auto make = [&](Replica& r, std::shared_ptr<neva::ProcessGroup> data) {
+  // The overlapped replica's buckets are small (many, started while the backward pass runs); the
+  // plain one has the same buckets, reduced after the backward pass; the whole one reduces one.
+  auto make = [&](Replica& r, std::shared_ptr<neva::ProcessGroup> data, bool overlap, std::int64_t bucket_bytes,
+                  bool zero = false) {
     r.context.dtypes = precision.dtype_policy();
     r.context.groups.data = std::move(data);
     auto backbone = std::make_shared<neva::DecoderBackbone>(neva::test::tiny_decoder("moe"), r.context);
@@ -126,19 +135,30 @@ int check_data_parallel(const neva::World& world) {
     options.optim.max_steps = 10;
     options.title = "dp";
     options.collective_timeout = std::chrono::seconds(60);
+    options.gradient_buckets.overlap = overlap;
+    options.gradient_buckets.bucket_bytes = bucket_bytes;
+    options.optim.distributed = zero;
+    options.optim.clip_grad = 0.05;  // clipping active: the norm must be the whole model's
     r.trainer = std::make_unique<neva::Trainer>(*r.model, precision, r.context, options);
-    auto sync = r.trainer->sync_gradients;  // the default: set only for the data-parallel replica
-    r.trainer->sync_gradients = [&r, sync](std::vector<neva::TrainedTensor>& trained) {
-      if (sync) sync(trained);
-      for (const auto& t : trained) r.gradients[t.name] = t.main.grad().detach().clone();
+    r.trainer->gradients_ready = [&r](std::vector<neva::TrainedTensor>& trained) {
+      const std::vector<at::Tensor> gradients = r.trainer->gradients();  // ZeRO-1: gathered from the shares
+      for (std::size_t i = 0; i < trained.size(); ++i) r.gradients[trained[i].name] = gradients[i];
     };
   };
-  Replica reference, replica;
-  make(reference, nullptr);
-  make(replica, group);
-  report(world, "dp default sync", static_cast<bool>(replica.trainer->sync_gradients));
+  Replica reference, overlapped, plain, whole, zero;
+  make(reference, nullptr, false, 0);
+  make(overlapped, group, true, 16 << 10);
+  make(plain, group, false, 16 << 10);
+  make(whole, group, false, std::int64_t{1} << 30);
+  make(zero, group, true, 16 << 10, /*zero=*/true);  // ZeRO-1: distributed_fused_adam
+  report(world, "dp zero-1 shards the optimizer state",
+         zero.trainer->distributed_optimizer() &&
+             zero.trainer->optimizer_state_bytes() * world.size < 2 * plain.trainer->optimizer_state_bytes());
+  std::cout << "rank " << world.rank << " optimizer state: replicated " << plain.trainer->optimizer_state_bytes()
+            << " bytes, ZeRO-1 " << zero.trainer->optimizer_state_bytes() << " bytes" << std::endl;
   const int micro_batches = 2 * world.size;
-  double worst_loss = 0, worst_gradient = 0, worst_weight = 0;
+  double worst_loss = 0, worst_gradient = 0, worst_weight = 0, overlap_difference = 0;
+  bool overlap_seen = true, once_per_step = true;
   for (int step = 0; step < 2; ++step) {
     std::vector<neva::TrainingBatch> all, mine;
     for (int m = 0; m < micro_batches; ++m) {
@@ -147,22 +167,204 @@ int check_data_parallel(const neva::World& world) {
       if (m % world.size == world.rank) mine.push_back(all.back());
     }
     const double expected = reference.trainer->train_step(all).loss;
-    const double got = replica.trainer->train_step(mine).loss;
-    worst_loss = std::max(worst_loss, std::abs(expected - got));
+    const auto before = group->traffic();
+    const neva::StepReport got = overlapped.trainer->train_step(mine);
+    const auto after = group->traffic();
+    const double plain_loss = plain.trainer->train_step(mine).loss;
+    const double whole_loss = whole.trainer->train_step(mine).loss;
+    const double zero_loss = zero.trainer->train_step(mine).loss;
+    worst_loss = std::max({worst_loss, std::abs(expected - got.loss), std::abs(expected - plain_loss),
+                           std::abs(expected - whole_loss), std::abs(expected - zero_loss)});
+    // Buckets started during the backward pass; all-reduces once per step, not per micro-batch: one
+    // per bucket, plus the step's labelled-token count and its loss.
+    overlap_seen = overlap_seen && got.gradient_sync.buckets > 2 && got.gradient_sync.started_in_backward > 0;
+    auto calls = [](const neva::TrafficByOperation& traffic) {
+      auto found = traffic.find("all_reduce");
+      return found == traffic.end() ? std::int64_t{0} : found->second.calls;
+    };
+    once_per_step = once_per_step && calls(after) - calls(before) == got.gradient_sync.buckets + 2;
     for (const auto& [name, gradient] : reference.gradients) {
-      worst_gradient = std::max(worst_gradient, (gradient - replica.gradients.at(name)).abs().max().item<double>());
+      worst_gradient = std::max({worst_gradient, (gradient - overlapped.gradients.at(name)).abs().max().item<double>(),
+                                 (gradient - plain.gradients.at(name)).abs().max().item<double>(),
+                                 (gradient - whole.gradients.at(name)).abs().max().item<double>(),
+                                 (gradient - zero.gradients.at(name)).abs().max().item<double>()});
+      overlap_difference =
+          std::max(overlap_difference, (overlapped.gradients.at(name) - plain.gradients.at(name)).abs().max().item<double>());
     }
     for (std::size_t i = 0; i < reference.trainer->trained().size(); ++i) {
       const at::Tensor& a = reference.trainer->trained()[i].main;
-      const at::Tensor& b = replica.trainer->trained()[i].main;
-      worst_weight = std::max(worst_weight, (a - b).abs().max().item<double>());
+      worst_weight = std::max({worst_weight, (a - overlapped.trainer->trained()[i].main).abs().max().item<double>(),
+                               (a - plain.trainer->trained()[i].main).abs().max().item<double>(),
+                               (a - whole.trainer->trained()[i].main).abs().max().item<double>(),
+                               (a - zero.trainer->trained()[i].main).abs().max().item<double>()});
     }
   }
   std::cout << "rank " << world.rank << " worst differences: loss " << worst_loss << ", gradient " << worst_gradient
-            << ", weight " << worst_weight << std::endl;
+            << ", weight " << worst_weight << "; overlapped against plain buckets " << overlap_difference << std::endl;
   report(world, "dp loss", worst_loss < 1e-10);
   report(world, "dp gradients", worst_gradient < 1e-10 && !reference.gradients.empty());
   report(world, "dp weights", worst_weight < 1e-10);
+  report(world, "dp overlapped buckets equal the plain reduction bitwise", overlap_difference == 0);
+  report(world, "dp buckets start during the backward pass", overlap_seen);
+  report(world, "dp one reduction per step, none per micro-batch", once_per_step);
+  // ZeRO-1's state saved and restored into a fresh trainer: the next step as the original's.
+  {
+    const std::filesystem::path dir =
+        std::filesystem::temp_directory_path() / ("neva-zero-" + std::to_string(::getpid()));
+    std::filesystem::create_directories(dir);
+    const neva::Trainer::State state = zero.trainer->gather_state();
+    zero.trainer->save(dir, {0}, state);
+    Replica resumed;
+    make(resumed, group, true, 16 << 10, /*zero=*/true);
+    resumed.trainer->restore(dir);
+    std::vector<neva::TrainingBatch> mine;
+    for (int m = 0; m < micro_batches; ++m) {
+      if (m % world.size == world.rank) mine.push_back(neva::collate({dp_sample(7 + m, 900 + m)}, false, 0));
+    }
+    const double original = zero.trainer->train_step(mine).loss, again = resumed.trainer->train_step(mine).loss;
+    double weights = 0;
+    for (std::size_t i = 0; i < zero.trainer->trained().size(); ++i) {
+      weights = std::max(weights, (zero.trainer->trained()[i].main - resumed.trainer->trained()[i].main).abs().max().item<double>());
+    }
+    report(world, "dp zero-1 resumes exactly", original == again && weights == 0);
+    std::filesystem::remove_all(dir);
+  }
+  return failures ? 3 : 0;
+}
+
+// `tp_train LAYOUT`: tensor (and sequence) parallelism against one process, in float64. LAYOUT is
+// "tpT[-sp][-moe|-kv1]": T tensor-parallel ranks (the rest of the world data-parallel), sequence
+// parallelism, a Mixtral-style MoE backbone, or a Llama with one KV head (replicated over the group).
+// Every rank builds, through the recipe and the plugins, a tiny LLaVA (Llama or Mixtral + CLIP +
+// mlp2x_gelu, everything trained) twice from one seed: alone, and split over the megatron plugin's
+// groups. Two steps over micro-batches of odd lengths, with and without an image: the losses, every
+// gradient and every updated weight (gathered from the shards) must equal the single process's
+// within 1e-10, and the vision tower's and connector's gradients must be identical on every rank of a
+// tensor-parallel group.
+int check_tensor_parallel(const neva::World& world, const std::string& layout) {
+  namespace fs = std::filesystem;
+  const int tp = std::stoi(layout.substr(2));
+  const bool sp = layout.find("-sp") != std::string::npos, moe = layout.find("-moe") != std::string::npos;
+  const bool one_kv_head = layout.find("-kv1") != std::string::npos;
+  const bool zero = layout.find("-zero") != std::string::npos;  // ZeRO-1 over the data-parallel ranks
+  struct Scratch {  // removed however the check ends
+    fs::path path = fs::temp_directory_path() / ("neva-tp-" + std::to_string(::getpid()));
+    Scratch() { fs::create_directories(path); }
+    ~Scratch() { std::error_code ignored; fs::remove_all(path, ignored); }
+  } scratch;
+  const fs::path& dir = scratch.path;
+  auto write = [&](const std::string& name, const std::string& text) {
+    std::ofstream((dir / name).string()) << text;
+  };
+  // A vocabulary of 97 (odd: padded under tensor parallelism), 4 heads.
+  write("llm.json", std::string("{\"model_type\": \"") + (moe ? "mixtral" : "llama") +
+                        "\", \"vocab_size\": 97, \"hidden_size\": 32, \"intermediate_size\": 64, "
+                        "\"num_hidden_layers\": 2, \"num_attention_heads\": 4, \"num_key_value_heads\": " +
+                        (one_kv_head ? "1" : "2") +
+                        ", \"max_position_embeddings\": 256, \"num_local_experts\": 4, \"num_experts_per_tok\": 2, "
+                        "\"router_aux_loss_coef\": 0.02}");
+  write("clip.json", "{\"model_type\": \"clip_vision_model\", \"hidden_size\": 16, \"intermediate_size\": 32, "
+                     "\"num_hidden_layers\": 2, \"num_attention_heads\": 2, \"image_size\": 28, \"patch_size\": 14}");
+  auto recipe_text = [&](int tp, bool sp) {
+    return "[run]\nmode = \"inspect\"\nseed = 11\n[model]\ntensor_model_parallel_size = " + std::to_string(tp) +
+      "\nsequence_parallel = " + (sp ? "true" : "false") +
+      "\nmake_vocab_size_divisible_by = 8\n[model.mm_cfg]\nmm_mlp_adapter_type = \"mlp2x_gelu\"\n"
+      "image_token_index = 96\n[model.mm_cfg.llm]\nplugin = \"" + (moe ? "mixtral" : "llama") +
+      "\"\nconfig = \"" + (dir / "llm.json").string() +
+      "\"\n[model.mm_cfg.vision_encoder]\nplugin = \"clip\"\nconfig = \"" + (dir / "clip.json").string() + "\"\n"
+      "freeze = false\n";
+  };
+  neva::Registry::Options options;
+  options.use_environment = false;
+  const neva::Recipe alone = neva::parse_recipe(neva::ConfigDocument::parse(recipe_text(1, false), "tp test"), dir, options);
+  const neva::Recipe split = neva::parse_recipe(neva::ConfigDocument::parse(recipe_text(tp, sp), "tp test"), dir, options);
+  neva::test::Float64 precision;
+  struct Replica {
+    neva::RuntimeContext context;
+    std::unique_ptr<neva::LlavaModel> model;
+    std::unique_ptr<neva::Trainer> trainer;
+    std::map<std::string, at::Tensor> gradients;  // whole, after the step's synchronisation
+  };
+  auto make = [&](Replica& r, const neva::Recipe& recipe, const neva::World& in) {
+    r.context = recipe.runtime_context(in);
+    r.context.dtypes = precision.dtype_policy();
+    r.context.sequence_parallel = recipe.model.parallel.sequence_parallel;  // what a train recipe's context has
+    r.model = std::make_unique<neva::LlavaModel>(neva::build_model(recipe, r.context));
+    neva::TrainerOptions trainer_options;
+    trainer_options.optim.lr = 1e-3;
+    trainer_options.optim.max_steps = 10;
+    trainer_options.optim.clip_grad = 0.05;  // clipping active: the gradient norm must be the whole model's
+    trainer_options.optim.distributed = zero && &recipe == &split;
+    trainer_options.title = "tp";
+    trainer_options.collective_timeout = std::chrono::seconds(60);
+    r.trainer = std::make_unique<neva::Trainer>(*r.model, precision, r.context, trainer_options);
+    r.trainer->gradients_ready = [&r](std::vector<neva::TrainedTensor>& trained) {
+      const std::vector<at::Tensor> gradients = r.trainer->gradients();  // ZeRO-1: gathered from the shares
+      for (std::size_t i = 0; i < trained.size(); ++i) {
+        r.gradients[trained[i].name] = neva::nn::unshard(gradients[i], trained[i].sharding, r.context.groups.tensor).clone();
+      }
+    };
+  };
+  Replica reference, parallel;
+  make(reference, alone, neva::World());
+  make(parallel, split, world);
+  const int dp = neva::group_size(parallel.context.groups.data), dp_rank = neva::group_rank(parallel.context.groups.data);
+  report(world, "tp groups", neva::group_size(parallel.context.groups.tensor) == tp && dp * tp == world.size);
+  auto sample = [](std::int64_t length, std::int64_t seed, bool image) {
+    neva::TrainingSample s = neva::test::random_sample(length, seed, length / 3);
+    for (auto& id : s.input_ids) id = std::min<std::int64_t>(id, 95);  // 96 is the image placeholder
+    for (std::size_t i = 0; i < s.labels.size(); ++i) {
+      if (s.labels[i] != neva::kIgnoreIndex) s.labels[i] = s.input_ids[i];
+    }
+    if (image) {  // 4 placeholders after two text tokens, an image [3, 28, 28]
+      for (int i = 2; i < 6; ++i) {
+        s.input_ids[i] = 96;
+        s.labels[i] = neva::kIgnoreIndex;
+      }
+      s.images.push_back(torch::randn({3, 28, 28}, neva::make_generator(seed + 7), at::kFloat));
+    }
+    return s;
+  };
+  double worst_loss = 0, worst_gradient = 0, worst_weight = 0, vision_spread = 0;
+  const int micro_batches = 2 * dp;
+  for (int step = 0; step < 2; ++step) {
+    std::vector<neva::TrainingBatch> all, mine;
+    for (int m = 0; m < micro_batches; ++m) {
+      const std::int64_t seed = 100 * step + m;
+      all.push_back(neva::collate({sample(11 + 2 * m, seed, m % 2 == 0), sample(8 + m, seed + 50, false)}, false, 0));
+      if (m % dp == dp_rank) mine.push_back(all.back());
+    }
+    const double expected = reference.trainer->train_step(all).loss;
+    const double got = parallel.trainer->train_step(mine).loss;
+    worst_loss = std::max(worst_loss, std::abs(expected - got));
+    for (const auto& [name, gradient] : reference.gradients) {
+      if (!gradient.sizes().equals(parallel.gradients.at(name).sizes())) {
+        throw neva::Error(name + ": gradient shaped " + c10::str(parallel.gradients.at(name).sizes()) + ", expected " +
+                          c10::str(gradient.sizes()));
+      }
+      const double difference = (gradient - parallel.gradients.at(name)).abs().max().item<double>();
+      if (difference > 1e-10 && world.rank == 0) std::cout << "gradient of " << name << " differs by " << difference << std::endl;
+      worst_gradient = std::max(worst_gradient, difference);
+      // The replicated vision side: bitwise the same gradient on every rank of the group.
+      if (name.rfind("llm.", 0) == 0) continue;
+      const at::Tensor mine_grad = parallel.gradients.at(name).reshape({1, -1});
+      const at::Tensor every = neva::all_gather_along(parallel.context.groups.tensor, mine_grad, 0);
+      vision_spread = std::max(vision_spread, (every - mine_grad).abs().max().item<double>());
+    }
+    const auto& got_tensors = parallel.trainer->trained();
+    for (std::size_t i = 0; i < reference.trainer->trained().size(); ++i) {
+      const at::Tensor& a = reference.trainer->trained()[i].main;
+      const at::Tensor b = neva::nn::unshard(got_tensors[i].main.detach(), got_tensors[i].sharding, parallel.context.groups.tensor);
+      worst_weight = std::max(worst_weight, (a - b).abs().max().item<double>());
+    }
+  }
+  std::cout << "rank " << world.rank << " " << layout << " worst differences: loss " << worst_loss << ", gradient "
+            << worst_gradient << ", weight " << worst_weight << ", vision gradients across the group " << vision_spread
+            << std::endl;
+  report(world, layout + " loss", worst_loss < 1e-10);
+  report(world, layout + " gradients", worst_gradient < 1e-10 && !reference.gradients.empty());
+  report(world, layout + " weights", worst_weight < 1e-10);
+  report(world, layout + " vision gradients identical", vision_spread == 0);
   return failures ? 3 : 0;
 }
 
@@ -173,6 +375,7 @@ int main(int argc, char** argv) {
     neva::World world = neva::World::from_environment(std::chrono::seconds(60));
     if (argc == 6 && std::string(argv[1]) == "groups") return check_groups(world, argv + 2);
     if (argc == 2 && std::string(argv[1]) == "dp_train") return check_data_parallel(world);
+    if (argc == 3 && std::string(argv[1]) == "tp_train") return check_tensor_parallel(world, argv[2]);
     const int n = world.size, me = world.rank;
     std::vector<int> everyone(n);
     for (int rank = 0; rank < n; ++rank) everyone[rank] = rank;

@@ -1,5 +1,11 @@
 #include <doctest/doctest.h>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <chrono>
 #include <cstdlib>
 
 #include "neva/parallel/process_group.h"
@@ -92,7 +98,9 @@ TEST_CASE("the megatron strategy builds every group on c10d, each with the membe
 
 TEST_CASE("data parallelism: replicas on their shares match one process on the whole batch (float64)") {
   // Loss, synced gradients and updated weights after each of two steps, a tiny MoE decoder, within
-  // 1e-10 (dist_worker.cpp, check_data_parallel).
+  // 1e-10; gradient buckets all-reduced during the last micro-batch's backward pass equal one
+  // reduction after it, bit for bit, and nothing is reduced per micro-batch (dist_worker.cpp,
+  // check_data_parallel).
   for (int ranks : {2, 3}) {
     auto result = launch(ranks, " dp_train");
     INFO("ranks: " << ranks << "\nstdout: " << result.out << "\nstderr: " << result.err);
@@ -100,11 +108,50 @@ TEST_CASE("data parallelism: replicas on their shares match one process on the w
     CHECK(result.out.find("WRONG") == std::string::npos);
     for (int rank = 0; rank < ranks; ++rank) {
       const std::string prefix = "rank " + std::to_string(rank) + "/" + std::to_string(ranks) + " ";
-      for (const char* check : {"dp default sync", "dp loss", "dp gradients", "dp weights"}) {
+      for (const char* check : {"dp loss", "dp gradients", "dp weights",
+                                "dp overlapped buckets equal the plain reduction bitwise",
+                                "dp buckets start during the backward pass", "dp one reduction per step, none per micro-batch",
+                                "dp zero-1 shards the optimizer state", "dp zero-1 resumes exactly"}) {
         CHECK(result.out.find(prefix + check + " ok") != std::string::npos);
       }
     }
   }
+}
+
+// One tensor-parallel layout against one process (dist_worker.cpp, check_tensor_parallel): a tiny
+// LLaVA (Llama or Mixtral + CLIP + mlp2x_gelu) built through the recipe and plugins, two steps in
+// float64: loss, gathered gradients and updated weights within 1e-10; the replicated vision side's
+// gradients identical on every rank of a tensor-parallel group.
+static void check_tensor_parallel(int ranks, const std::string& layout) {
+  auto result = launch(ranks, " tp_train " + layout);
+  INFO("ranks: " << ranks << ", layout " << layout << "\nstdout: " << result.out << "\nstderr: " << result.err);
+  CHECK(result.exit_code == 0);
+  CHECK(result.out.find("WRONG") == std::string::npos);
+  for (int rank = 0; rank < ranks; ++rank) {
+    const std::string prefix = "rank " + std::to_string(rank) + "/" + std::to_string(ranks) + " ";
+    CHECK(result.out.find(prefix + "tp groups ok") != std::string::npos);
+    for (const char* check : {" loss", " gradients", " weights", " vision gradients identical"}) {
+      CHECK(result.out.find(prefix + layout + check + " ok") != std::string::npos);
+    }
+  }
+}
+
+TEST_CASE("tensor parallelism: TP2 matches one process (Llama + CLIP, float64), with sequence parallelism too") {
+  SUBCASE("TP2") { check_tensor_parallel(2, "tp2"); }
+  SUBCASE("TP2 + SP") { check_tensor_parallel(2, "tp2-sp"); }
+  SUBCASE("TP2 with one KV head, replicated over the group") { check_tensor_parallel(2, "tp2-kv1"); }
+}
+
+TEST_CASE("tensor parallelism: Mixtral's experts split under TP2, with and without sequence parallelism (float64)") {
+  SUBCASE("TP2") { check_tensor_parallel(2, "tp2-moe"); }
+  SUBCASE("TP2 + SP") { check_tensor_parallel(2, "tp2-sp-moe"); }
+}
+
+TEST_CASE("tensor x data parallelism over four processes: TP2 x DP2, ZeRO-1 and TP4 + SP match one process (float64)") {
+  SUBCASE("TP2 x DP2, Llama") { check_tensor_parallel(4, "tp2"); }
+  SUBCASE("TP2 x DP2 + SP, Mixtral") { check_tensor_parallel(4, "tp2-sp-moe"); }
+  SUBCASE("TP4 + SP: two KV heads, each on two ranks") { check_tensor_parallel(4, "tp4-sp"); }
+  SUBCASE("TP2 x DP2 + SP with ZeRO-1, one KV head") { check_tensor_parallel(4, "tp2-sp-kv1-zero"); }
 }
 
 TEST_CASE("without launcher variables the world is this process alone") {
@@ -155,7 +202,8 @@ TEST_CASE("Slurm: rank 0's host is the first of SLURM_JOB_NODELIST, expanded wit
   env.set("SLURM_JOB_NODELIST", "127.0.0.[1-2]");
   env.set("SLURM_JOB_ID", "98761234");
   CHECK_THROWS_WITH_AS(neva::World::from_environment(std::chrono::seconds(1)),
-                       doctest::Contains("cannot reach the rendezvous store at 127.0.0.1:16234"), neva::Error);
+                       doctest::Contains("cannot hold the rendezvous store on port 16234 (MASTER_PORT) for 127.0.0.1"),
+                       neva::Error);
 }
 
 TEST_CASE("a rank whose peers never arrive fails within its timeout instead of hanging") {
@@ -165,5 +213,39 @@ TEST_CASE("a rank whose peers never arrive fails within its timeout instead of h
   env.set("MASTER_ADDR", "127.0.0.1");
   env.set("MASTER_PORT", std::to_string(neva::test::free_port()));
   CHECK_THROWS_WITH_AS(neva::World::from_environment(std::chrono::seconds(2)),
-                       doctest::Contains("rank 0 of 2: cannot reach the rendezvous store at 127.0.0.1:"), neva::Error);
+                       doctest::Contains("rank 0 of 2: cannot hold the rendezvous store on port"), neva::Error);
+}
+
+TEST_CASE("rendezvous: a port in use and an unreachable rank 0 are clear errors within the timeout") {
+  // Another process listens on MASTER_PORT: rank 0 cannot hold the store there, and says so.
+  const int port = neva::test::free_port();
+  const int listener = ::socket(AF_INET, SOCK_STREAM, 0);
+  REQUIRE(listener >= 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_port = htons(static_cast<std::uint16_t>(port));
+  address.sin_addr.s_addr = htonl(INADDR_ANY);
+  REQUIRE(::bind(listener, reinterpret_cast<sockaddr*>(&address), sizeof(address)) == 0);
+  REQUIRE(::listen(listener, 1) == 0);
+  {
+    EnvGuard env;
+    env.set("RANK", "0");
+    env.set("WORLD_SIZE", "2");
+    env.set("MASTER_ADDR", "127.0.0.1");
+    env.set("MASTER_PORT", std::to_string(port));
+    const std::string expected = "rank 0 of 2: cannot hold the rendezvous store on port " + std::to_string(port);
+    CHECK_THROWS_WITH_AS(neva::World::from_environment(std::chrono::seconds(2)), doctest::Contains(expected.c_str()),
+                         neva::Error);
+  }
+  ::close(listener);
+  // Rank 1 of a job whose rank 0 never comes up: it gives up within its timeout, naming the address.
+  EnvGuard env;
+  env.set("RANK", "1");
+  env.set("WORLD_SIZE", "2");
+  env.set("MASTER_ADDR", "127.0.0.1");
+  env.set("MASTER_PORT", std::to_string(neva::test::free_port()));
+  const auto started = std::chrono::steady_clock::now();
+  CHECK_THROWS_WITH_AS(neva::World::from_environment(std::chrono::seconds(2)),
+                       doctest::Contains("rank 1 of 2: cannot reach the rendezvous store at 127.0.0.1:"), neva::Error);
+  CHECK(std::chrono::steady_clock::now() - started < std::chrono::seconds(30));
 }

@@ -102,7 +102,7 @@ TEST_CASE("trainer: the schedule decides the order, the gradient-sync hook runs 
     Setup setup;
     neva::Trainer trainer(*setup.model, setup.precision, setup.context, setup.options());
     std::size_t synced = 0;
-    trainer.sync_gradients = [&](std::vector<neva::TrainedTensor>& tensors) {
+    trainer.gradients_ready = [&](std::vector<neva::TrainedTensor>& tensors) {
       synced = tensors.size();
       for (auto& t : tensors) {
         if (t.main.grad().defined()) t.main.mutable_grad().zero_();

@@ -17,6 +17,7 @@
 #include "neva/data/image.h"
 #include "neva/model/llava.h"
 #include "neva/data/tokenizer.h"
+#include "neva/parallel/process_group.h"
 
 namespace neva {
 
@@ -73,11 +74,30 @@ std::vector<Request> read_requests(const Recipe& recipe, bool need_continuation)
   return requests;
 }
 
+// Generation and scoring run on one tensor-parallel group: every rank computes the same tokens (the
+// logits are gathered over the group, and sampling draws from one seed), rank 0 writes them.
+World inference_world(const Recipe& recipe) {
+  // Checked before joining the others: a wrong launch is refused without waiting for them.
+  const ParallelSizes& sizes = recipe.model.parallel;
+  const int launched = World::launched_size();
+  if (launched != sizes.tensor * sizes.pipeline * sizes.context) {
+    throw RecipeError(recipe.source + ": run.mode = \"" + recipe.run.mode + "\" runs on one model-parallel group, but " +
+                      std::to_string(launched) + " process" + (launched == 1 ? " was" : "es were") +
+                      " launched for model.tensor_model_parallel_size = " + std::to_string(sizes.tensor) +
+                      " (data-parallel " + recipe.run.mode +
+                      " is not implemented: launch tensor_model_parallel_size processes)");
+  }
+  const auto timeout = std::chrono::duration_cast<std::chrono::milliseconds>(
+      std::chrono::duration<double, std::ratio<60>>(recipe.trainer.distributed_timeout_minutes));
+  return World::from_environment(timeout);
+}
+
 class Session {
  public:
   explicit Session(const Recipe& recipe)
       : recipe_(recipe),
-        context_(recipe.runtime_context()),
+        world_(inference_world(recipe)),
+        context_(recipe.runtime_context(world_)),
         model_(build_model(recipe, context_)),
         tokenizer_(Tokenizer::load(recipe.model.tokenizer)),
         conversation_(conversation_template(recipe.model.data.conv_template)) {
@@ -133,12 +153,14 @@ class Session {
   }
 
   LlavaModel& model() { return model_; }
+  bool writes() const { return world_.rank == 0; }  // the rank that prints and writes the answers
   const Tokenizer& tokenizer() const { return *tokenizer_; }
   // The precision recipe's forward scope (none for a model held in bf16 or fp32 throughout).
   std::unique_ptr<PrecisionScope> enter_forward() const { return recipe_.precision->enter_forward(context_); }
 
  private:
   const Recipe& recipe_;
+  World world_;
   RuntimeContext context_;
   LlavaModel model_;
   std::unique_ptr<Tokenizer> tokenizer_;
@@ -149,10 +171,12 @@ class Session {
 // Lines of JSON: to stdout as they come, or into an AtomicFile committed when complete.
 class JsonlOutput {
  public:
-  explicit JsonlOutput(const std::string& path) {
-    if (!path.empty()) file_ = std::make_unique<AtomicFile>(path);
+  // `silent`: another rank writes the answers (tensor parallelism).
+  JsonlOutput(const std::string& path, bool silent) : silent_(silent) {
+    if (!path.empty() && !silent) file_ = std::make_unique<AtomicFile>(path);
   }
   void write(const json& line) {
+    if (silent_) return;
     if (file_) {
       file_->write(line.dump() + "\n");
     } else {
@@ -164,6 +188,7 @@ class JsonlOutput {
   }
 
  private:
+  bool silent_;
   std::unique_ptr<AtomicFile> file_;
 };
 
@@ -178,8 +203,9 @@ void run_generate(const Recipe& recipe) {
   const std::int64_t context = session.model().backbone().max_position_embeddings();
 
   // One request to a terminal: stream the answer as it is written. Otherwise one JSON line each.
-  const bool stream = recipe.inference.output_file.empty() && requests.size() == 1 && ::isatty(STDOUT_FILENO);
-  JsonlOutput output(recipe.inference.output_file);
+  const bool stream =
+      session.writes() && recipe.inference.output_file.empty() && requests.size() == 1 && ::isatty(STDOUT_FILENO);
+  JsonlOutput output(recipe.inference.output_file, !session.writes());
   const std::size_t batch = static_cast<std::size_t>(recipe.model.micro_batch_size);
   for (std::size_t start = 0; start < prepared.size(); start += batch) {
     std::vector<GenerationRequest> chunk(prepared.begin() + start,
@@ -196,6 +222,7 @@ void run_generate(const Recipe& recipe) {
         std::cout << "\n";
         continue;
       }
+      if (!session.writes()) continue;
       const Request& request = requests[start + i];
       output.write({{"prompt", request.prompt}, {"images", request.images}, {"answer", results[i].text},
                     {"tokens", results[i].token_ids.size()}, {"finish_reason", results[i].finish_reason}});
@@ -206,7 +233,7 @@ void run_generate(const Recipe& recipe) {
 
 void run_score(const Recipe& recipe) {
   Session session(recipe);
-  JsonlOutput output(recipe.inference.output_file);
+  JsonlOutput output(recipe.inference.output_file, !session.writes());
   const std::int64_t context = session.model().backbone().max_position_embeddings();
   for (const auto& request : read_requests(recipe, true)) {
     GenerationRequest prepared = session.prepare(request);

@@ -36,16 +36,15 @@ neva::Recipe load(const std::string& recipe_path, const std::vector<std::string>
 }
 
 
-// Training runs data-parallel over the processes a launcher started (torchrun --nproc-per-node N,
-// srun -n N); the other modes and the demo run as one process until they are distributed too:
-// refused, naming the variable, instead of N independent copies.
+// Training runs over the processes a launcher started (torchrun --nproc-per-node N, srun -n N), and
+// generation and scoring over a tensor-parallel group of them; inspect and the demo run as one
+// process: refused, naming the variable, instead of N independent copies.
 void refuse_multi_process_launch(const std::string& what) {
   for (const char* variable : {"WORLD_SIZE", "SLURM_STEP_NUM_TASKS"}) {
     const char* value = std::getenv(variable);
     if (value && *value && std::string(value) != "1") {
       throw neva::RecipeError(std::string("launched as several processes (") + variable + "=" + value + "), but " +
-                              what + " as several processes is not implemented yet (run.mode = \"train\" is: it " +
-                              "trains data-parallel): run it as one process");
+                              what + " runs as one process (train, generate and score run across processes)");
     }
   }
 }
@@ -53,7 +52,7 @@ void refuse_multi_process_launch(const std::string& what) {
 // The exit status: 0, or 128 + the signal (SIGTERM 143, SIGINT 130) that stopped a training run after
 // its checkpoint.
 int run(const neva::Recipe& recipe) {
-  if (recipe.run.mode != "train") refuse_multi_process_launch("run.mode = \"" + recipe.run.mode + "\"");
+  if (recipe.run.mode == "inspect") refuse_multi_process_launch("run.mode = \"" + recipe.run.mode + "\"");
   neva::warn_if_bf16_emulated(recipe);
   // Modes are checked when the recipe is parsed.
   if (recipe.run.mode == "generate") {
@@ -115,9 +114,11 @@ int main(int argc, char** argv) {
       "Plugins are searched in run.plugin_paths, --plugin-path, NEVA_PLUGIN_PATH and the install\n"
       "directory, never the current directory. Recipe keys: docs/recipes.md; example recipes: configs/.\n"
       "Check a plugin of your own with neva-conformance PLUGIN.so (docs/plugins.md).\n"
-      "Training runs data-parallel when launched as several processes: neva-run --nproc-per-node N RECIPE.toml,\n"
-      "torchrun --no-python --standalone --nproc-per-node N neva-run RECIPE.toml, or srun -n N neva-run RECIPE.toml\n"
-      "(rank 0 writes the run directory).\n"
+      "Across processes: neva-run --nproc-per-node N RECIPE.toml, torchrun --no-python --standalone\n"
+      "--nproc-per-node N neva-run RECIPE.toml, or srun -n N neva-run RECIPE.toml. Training splits each layer over\n"
+      "model.tensor_model_parallel_size ranks (model.sequence_parallel = true also splits the sequence) and\n"
+      "replicates the rest data-parallel; generate and score run over tensor_model_parallel_size = N processes.\n"
+      "Rank 0 writes the run directory and the answers; every rank logs to <run>/logs/rank-R.log.\n"
       "Exit codes: 0 success, 2 usage or recipe error, 1 runtime error; a training run stopped by SIGTERM or\n"
       "SIGINT checkpoints first and exits 143 or 130 (run it again to continue).",
       "neva-run"};

@@ -1,6 +1,7 @@
 #include "train.h"
 
 #include <malloc.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <ATen/ATen.h>
@@ -23,8 +24,13 @@
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+#include <torch/csrc/distributed/c10d/Store.hpp>
 
 #include "neva/io/atomic_file.h"
+#include "neva/nn/module.h"
 #include "neva/train/checkpoints.h"
 #include "neva/data/dataset.h"
 #include "neva/error.h"
@@ -200,6 +206,19 @@ void keep_freed_memory() {
   ::mallopt(M_TRIM_THRESHOLD, std::numeric_limits<int>::max());
 }
 
+std::string mib(std::int64_t bytes) {
+  std::ostringstream out;
+  out << std::fixed << std::setprecision(1) << static_cast<double>(bytes) / (1 << 20);
+  return out.str();
+}
+
+// This process's peak resident memory so far (getrusage).
+double peak_rss_mib() {
+  struct rusage usage {};
+  ::getrusage(RUSAGE_SELF, &usage);
+  return static_cast<double>(usage.ru_maxrss) / 1024.0;  // kilobytes on Linux
+}
+
 // SIGTERM (Slurm's pre-emption, a scheduler's stop) and SIGINT (Ctrl-C) while training: the current
 // step finishes, a checkpoint is written and the run exits 128 + the signal. A second signal acts as
 // if nothing were installed (the handlers reset themselves), for a user who does not want to wait. A
@@ -238,12 +257,87 @@ class StopSignals {
 }  // namespace
 
 void warn_if_bf16_emulated(const Recipe& recipe) {
-  const RuntimeContext context = recipe.runtime_context();
-  const std::string warning = emulated_bf16_warning(context.device, context.dtypes.compute);
+  // Before the launcher's world is joined: only rank 0 (or a single process) warns.
+  const char* rank = std::getenv("RANK");
+  if (rank && std::string(rank) != "0") return;
+  const std::string warning = emulated_bf16_warning(c10::Device(recipe.run.device), recipe.dtype_policy().compute);
   if (!warning.empty()) std::cerr << "neva-run: warning: " << warning << "\n";
 }
 
 namespace {
+
+// The other ranks of a multi-process run, seen through the rendezvous store: each rank increments a
+// heartbeat counter every second and publishes the first error it raises. When a collective fails,
+// the survivor names the rank that stopped (killed, stopped, unreachable) or that failed first,
+// instead of only the group whose operation broke.
+class PeerWatch {
+ public:
+  explicit PeerWatch(const World& world) : world_(world) {
+    if (world_.size == 1 || !world_.store) return;
+    heartbeat_ = std::thread([this] {
+      std::unique_lock<std::mutex> lock(mutex_);
+      while (!stopping_) {
+        try {
+          world_.store->add(key("alive", world_.rank), 1);
+        } catch (...) {
+          return;  // the store is gone (rank 0 ended): nothing left to tell
+        }
+        wake_.wait_for(lock, std::chrono::seconds(1), [this] { return stopping_; });
+      }
+    });
+  }
+  ~PeerWatch() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stopping_ = true;
+    }
+    wake_.notify_all();
+    if (heartbeat_.joinable()) heartbeat_.join();
+  }
+  void publish_error(const std::string& message) {
+    if (!world_.store) return;
+    try {
+      const std::string text = message.substr(0, 1000);
+      world_.store->set(key("error", world_.rank), std::vector<std::uint8_t>(text.begin(), text.end()));
+    } catch (...) {
+    }
+  }
+  // "rank 1 stopped responding ..." / "rank 1 failed first: ..." / "" when nothing is known.
+  std::string diagnose() const {
+    if (!world_.store) return "";
+    std::string out;
+    auto add = [&out](const std::string& part) { out += (out.empty() ? "" : "; ") + part; };
+    try {
+      std::vector<std::int64_t> before(world_.size);
+      for (int r = 0; r < world_.size; ++r) before[r] = world_.store->add(key("alive", r), 0);
+      std::this_thread::sleep_for(std::chrono::milliseconds(2500));
+      for (int r = 0; r < world_.size; ++r) {
+        if (r == world_.rank) continue;
+        const std::string error = key("error", r);
+        if (world_.store->check({error})) {
+          const auto bytes = world_.store->get(error);
+          const std::string text(bytes.begin(), bytes.end());
+          // A peer that only saw the same breakage is not the cause.
+          if (text.find("process group '") == std::string::npos) add("rank " + std::to_string(r) + " failed first: " + text);
+        } else if (world_.store->add(key("alive", r), 0) == before[r]) {
+          add("rank " + std::to_string(r) + " stopped responding (no heartbeat for 2.5 s: killed, stopped or unreachable)");
+        }
+      }
+    } catch (const std::exception&) {
+      return "the rendezvous store held by rank 0 at " + world_.master_addr + ":" + std::to_string(world_.master_port) +
+             " is gone: rank 0 stopped";
+    }
+    return out;
+  }
+
+ private:
+  static std::string key(const char* what, int rank) { return std::string("neva/") + what + "/" + std::to_string(rank); }
+  const World& world_;
+  std::thread heartbeat_;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  bool stopping_ = false;
+};
 
 TrainSummary train_replica(const Recipe& recipe, const std::string& title, const World& world,
                            std::chrono::milliseconds collective, std::ostream* log) {
@@ -330,6 +424,8 @@ TrainSummary train_replica(const Recipe& recipe, const std::string& title, const
     return checkpoints && checkpoints->latest() ? checkpoints->latest()->string() : std::string("none written yet");
   };
   options.collective_timeout = collective;
+  options.gradient_buckets.bucket_bytes = recipe.model.optim.bucket_cap_mb << 20;
+  options.gradient_buckets.overlap = recipe.model.optim.overlap_grad_sync;
   options.source = recipe.source;
   Trainer trainer(model, *recipe.precision, context, options);  // with several replicas: gradients all-reduced
 
@@ -391,10 +487,17 @@ TrainSummary train_replica(const Recipe& recipe, const std::string& title, const
                    std::to_string(recipe.model.micro_batch_size) + " x " + std::to_string(accumulation) +
                    " accumulation" + (replicas > 1 ? " x " + std::to_string(replicas) + " data-parallel replicas" : "") +
                    ", precision " + recipe.trainer.precision +
-                   (trainer.main_copies() ? " (O2: fp32 main weights)" : ""));
+                   (trainer.main_copies() ? " (O2: fp32 main weights)" : "") +
+                   (group_size(context.groups.tensor) > 1
+                        ? ", tensor-parallel over " + std::to_string(group_size(context.groups.tensor)) + " ranks" +
+                              (context.sequence_parallel ? " with sequence parallelism" : "")
+                        : "") +
+                   ", optimizer state " + mib(trainer.optimizer_state_bytes()) + " MiB per rank" +
+                   (trainer.distributed_optimizer() ? " (ZeRO-1: 1/" + std::to_string(replicas) + " of it)" : ""));
 
   // Every replica's data position goes into the checkpoint rank 0 writes (the rest of the state is
   // the same on every replica).
+  // The whole tensors: gathered from their shards (tensor parallelism) and shares (ZeRO-1) by every rank.
   auto save = [&](std::int64_t at_step) {
     std::vector<std::uint64_t> positions{position};
     if (replicas > 1) {
@@ -404,9 +507,10 @@ TrainSummary train_replica(const Recipe& recipe, const std::string& title, const
       all = all.cpu();
       positions.assign(all.data_ptr<std::int64_t>(), all.data_ptr<std::int64_t>() + replicas);
     }
+    const Trainer::State state = trainer.gather_state();  // a collective (tensor parallelism, ZeRO-1)
     if (!leader) return;
     checkpoints->save(at_step, recipe.exp_manager.save_top_k,
-                      [&](const fs::path& directory) { trainer.save(directory, positions); });
+                      [&](const fs::path& directory) { trainer.save(directory, positions, state); });
   };
 
   const std::int64_t first_step = step;
@@ -419,6 +523,7 @@ TrainSummary train_replica(const Recipe& recipe, const std::string& title, const
   while (step < max_steps) {
     profiler.before(step);
     const auto step_started = Clock::now();
+    const TrafficByGroup traffic_before = traffic(context.groups);
     std::vector<TrainingBatch> batches;
     std::int64_t labelled = 0, tokens = 0, samples = 0;
     for (std::int64_t i = 0; i < accumulation; ++i) {
@@ -444,11 +549,12 @@ TrainSummary train_replica(const Recipe& recipe, const std::string& title, const
     position = batches.back().end_position;
     std::int64_t tokens_all = report.tokens, labelled_all = report.labelled_tokens, samples_all = report.samples;
     int stop = signals->received();
-    if (everyone) {  // the step's tokens over every replica, and whether any replica was asked to stop
+    if (everyone) {  // the step's tokens over every replica, and whether any rank was asked to stop
       at::Tensor counts = at::tensor({tokens_all, labelled_all, samples_all, static_cast<std::int64_t>(stop)}, on_device);
       at::Tensor sums = counts.narrow(0, 0, 3).clone();
       at::Tensor signal = counts.narrow(0, 3, 1).clone();
-      everyone->all_reduce(sums).wait(collective);
+      // The ranks of one replica (tensor parallelism) read the same batch: summed over the replicas.
+      if (context.groups.data) context.groups.data->all_reduce(sums).wait(collective);
       everyone->all_reduce(signal, ReduceOp::Max).wait(collective);
       tokens_all = sums[0].item<std::int64_t>();
       labelled_all = sums[1].item<std::int64_t>();
@@ -457,6 +563,14 @@ TrainSummary train_replica(const Recipe& recipe, const std::string& title, const
     }
     if (!report.skipped) last_loss = report.loss;
     const double seconds = std::chrono::duration<double>(Clock::now() - step_started).count();
+    // This rank's collectives of the step, per group and operation (docs/parallelism.md compares
+    // them with Megatron's formulas).
+    json communication = json::object();
+    for (const auto& [kind, operations] : traffic_since(traffic_before, traffic(context.groups))) {
+      for (const auto& [operation, t] : operations) {
+        communication[kind][operation] = {{"calls", t.calls}, {"bytes", t.bytes}, {"seconds", t.seconds}};
+      }
+    }
     const double elapsed = std::chrono::duration<double>(Clock::now() - started).count();
     const double eta = (max_steps - step) * elapsed / static_cast<double>(std::max<std::int64_t>(1, step - first_step));
     if (metrics) metrics->write({{"step", step},
@@ -468,6 +582,7 @@ TrainSummary train_replica(const Recipe& recipe, const std::string& title, const
                    {"samples", samples_all},
                    {"consumed_samples", position},
                    {"data_parallel_size", replicas},
+                   {"tensor_model_parallel_size", group_size(context.groups.tensor)},
                    {"tokens_per_second", tokens_all / seconds},
                    {"step_seconds", seconds},
                    {"data_wait_seconds", data_wait},
@@ -475,7 +590,10 @@ TrainSummary train_replica(const Recipe& recipe, const std::string& title, const
                    {"optimizer_seconds", report.optimizer_seconds},
                    {"skipped_samples", summary.skipped_samples},
                    {"skipped_batch", report.skipped},
-                   {"skipped_batches", trainer.guard().skipped()}});
+                   {"skipped_batches", trainer.guard().skipped()},
+                   {"peak_rss_mib", peak_rss_mib()},
+                   {"optimizer_state_mib", static_cast<double>(trainer.optimizer_state_bytes()) / (1 << 20)},
+                   {"communication", communication}});
     progress.update(step, report.loss, report.lr, report.grad_norm, tokens_all / seconds, eta);
     const bool exiting = recipe.trainer.exit_interval > 0 && step % recipe.trainer.exit_interval == 0;
     if (auto saved = profiler.after(step, step == max_steps || exiting)) progress.message(*saved);
@@ -497,11 +615,20 @@ TrainSummary train_replica(const Recipe& recipe, const std::string& title, const
   }
   if (saved_step != step) save(step);
   signals.reset();
+  if (log) *log << title << ": peak resident memory " << std::fixed << std::setprecision(1) << peak_rss_mib() << " MiB"
+                << std::defaultfloat << std::endl;
   summary.skipped_batches = trainer.guard().skipped();
   summary.steps = step;
   summary.trained = step - first_step;
   summary.last_loss = last_loss;
-  if (step < max_steps || !leader) return summary;  // stopped by exit_interval: not finished; or not rank 0
+  if (step < max_steps) return summary;  // stopped by exit_interval: not finished
+  // The export writes whole tensors: the first replica's ranks gather the language model's shards.
+  std::vector<std::pair<std::string, at::Tensor>> whole_llm;
+  if (replica == 0 && recipe.exp_manager.export_hf && model.encoder()) {
+    trainer.restore_frozen_weights();
+    whole_llm = nn::whole_parameters(model.backbone(), context.groups.tensor);
+  }
+  if (!leader) return summary;
 
   write_loss_plot((summary.run_dir / "loss.png").string(), metrics->losses(), title);
 
@@ -516,7 +643,7 @@ TrainSummary train_replica(const Recipe& recipe, const std::string& title, const
   trainer.restore_frozen_weights();  // the export writes the frozen components' fp32 weights as loaded
   if (exporting) {
     summary.hf_dir = summary.run_dir / "hf";
-    export_hf(recipe.hf_export_source(), model, summary.hf_dir);
+    export_hf(recipe.hf_export_source(), model, summary.hf_dir, whole_llm);
   }
   summary.seconds = std::chrono::duration<double>(Clock::now() - started).count();
   progress.message("done: step " + std::to_string(step) + ", loss " + std::to_string(last_loss) + ", " +
@@ -546,11 +673,23 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
     *log << title << ": rank " << world.rank << " of " << world.size << " (local rank " << world.local_rank << ", pid "
          << ::getpid() << ")" << std::endl;
   }
+  PeerWatch peers(world);
   try {
     return train_replica(recipe, title, world, collective, log ? &*log : nullptr);
-  } catch (const std::exception& error) {
+  } catch (const RecipeError& error) {  // the same on every rank: nobody else to blame
     if (log) *log << title << ": error: " << error.what() << std::endl;
     throw;
+  } catch (const std::exception& error) {
+    // A collective that failed names its group; the store tells which rank is gone or failed first.
+    std::string message = error.what();
+    peers.publish_error(message);
+    if (message.find("process group '") != std::string::npos) {
+      const std::string cause = peers.diagnose();
+      if (!cause.empty()) message += "; " + cause;
+    }
+    if (log) *log << title << ": error: " << message << std::endl;
+    if (message == error.what()) throw;
+    throw Error(message);
   }
 }
 

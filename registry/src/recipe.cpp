@@ -1,5 +1,7 @@
 #include "neva/recipe.h"
 
+#include "neva/nn/module.h"
+
 #include <c10/core/Device.h>
 
 #include <functional>
@@ -60,7 +62,6 @@ ParallelSizes parse_parallel(const ConfigSection& model) {
     std::int64_t size;
   };
   const Unimplemented unimplemented[] = {
-      {"tensor_model_parallel_size", "tensor parallelism", sizes.tensor},
       {"pipeline_model_parallel_size", "pipeline parallelism", sizes.pipeline},
       {"virtual_pipeline_model_parallel_size", "interleaved pipelining", sizes.virtual_pipeline},
       {"context_parallel_size", "context parallelism", sizes.context},
@@ -70,9 +71,6 @@ ParallelSizes parse_parallel(const ConfigSection& model) {
       model.fail(u.key, std::string(u.feature) + " is not implemented yet (got " + std::to_string(u.size) +
                             "): neva trains in one process; set it to 1");
     }
-  }
-  if (sizes.sequence_parallel) {
-    model.fail("sequence_parallel", "sequence parallelism is not implemented yet (set it to false)");
   }
   return sizes;
 }
@@ -199,6 +197,8 @@ Recipe parse_recipe(const ConfigDocument& document, const fs::path& base_directo
   }
 
   recipe.model.encoder_seq_length = model.integer("encoder_seq_length", recipe.model.encoder_seq_length, 2);
+  recipe.model.make_vocab_size_divisible_by =
+      model.integer("make_vocab_size_divisible_by", recipe.model.make_vocab_size_divisible_by, 1, 1 << 20);
   ActivationCheckpointConfig& recompute = recipe.model.activations_checkpoint;
   recompute.granularity = model.choice("activations_checkpoint_granularity", "", {"", "full", "selective"});
   recompute.method = model.choice("activations_checkpoint_method", recompute.method, {"uniform", "block"});
@@ -207,10 +207,9 @@ Recipe parse_recipe(const ConfigDocument& document, const fs::path& base_directo
   ConfigSection optim = model.section("optim");
   OptimizerConfig& adam = recipe.model.optim;
   // NeMo's names; fused_adam is AdamW (LibTorch's fused kernel where the device has it).
-  if (optim.choice("name", "adamw", {"adamw", "fused_adam", "distributed_fused_adam"}) == "distributed_fused_adam") {
-    optim.fail("name", "distributed_fused_adam (the optimizer state sharded over data-parallel ranks) is not "
-                       "implemented yet; use adamw or fused_adam");
-  }
+  // distributed_fused_adam is ZeRO-1: the optimizer state sharded over the data-parallel ranks.
+  adam.distributed = optim.choice("name", "adamw", {"adamw", "fused_adam", "distributed_fused_adam"}) ==
+                     "distributed_fused_adam";
   adam.lr = optim.get<double>("lr", adam.lr);
   if (!(adam.lr > 0)) optim.fail("lr", "expected a learning rate > 0");
   adam.weight_decay = optim.get<double>("weight_decay", adam.weight_decay);
@@ -223,6 +222,8 @@ Recipe parse_recipe(const ConfigDocument& document, const fs::path& base_directo
   adam.beta2 = betas[1];
   adam.eps = optim.get<double>("eps", adam.eps);
   if (!(adam.eps > 0)) optim.fail("eps", "expected a number > 0");
+  adam.bucket_cap_mb = optim.integer("bucket_cap_mb", adam.bucket_cap_mb, 1, 1 << 20);
+  adam.overlap_grad_sync = optim.get<bool>("overlap_grad_sync", adam.overlap_grad_sync);
   ConfigSection sched = optim.section("sched");
   sched.choice("name", "CosineAnnealing", {"CosineAnnealing"});
   adam.warmup_steps = sched.integer("warmup_steps", 0, 0);
@@ -385,23 +386,31 @@ LlavaModel build_model(const Recipe& recipe, const RuntimeContext& context) {
     for (auto& parameter : module.parameters()) parameter.set_requires_grad(false);
   };
   // Errors name the recipe table (and config.json) of the component that failed, e.g. out of memory.
-  auto create = [&](auto* type, const ComponentSpec& spec) {
+  auto create = [&](auto* type, const ComponentSpec& spec, const RuntimeContext& where) {
     using Interface = std::remove_pointer_t<decltype(type)>;
     try {
-      auto component = recipe.registry->create<Interface>(spec.plugin, *spec.config, context);
-      recipe.precision->prepare(*component, context);
+      auto component = recipe.registry->create<Interface>(spec.plugin, *spec.config, where);
+      recipe.precision->prepare(*component, where);
       freeze(*component, spec.freeze);
       return component;
     } catch (const PluginError& error) {
       throw PluginError(spec.section + (spec.hf_config.empty() ? "" : " (" + spec.hf_config + ")") + ": " + error.what());
     }
   };
-  auto backbone = create(static_cast<LanguageBackbone*>(nullptr), *mm_cfg.llm);
+  auto backbone = create(static_cast<LanguageBackbone*>(nullptr), *mm_cfg.llm, context);
   std::shared_ptr<VisionEncoder> encoder;
   std::shared_ptr<Connector> connector;
   if (mm_cfg.vision_encoder) {
-    encoder = create(static_cast<VisionEncoder*>(nullptr), *mm_cfg.vision_encoder);
-    connector = create(static_cast<Connector*>(nullptr), mm_cfg.connector);
+    // NeVA's layout (NeMo's Hugging Face vision path): the vision encoder and the connector are whole
+    // on every tensor-parallel rank. Their gradients agree across the group without a collective of
+    // their own: what reaches them through the LM's input is already summed over it.
+    RuntimeContext replicated = context;  // the same generator: one stream, in construction order
+    replicated.groups.tensor = nullptr;
+    replicated.sequence_parallel = false;
+    encoder = create(static_cast<VisionEncoder*>(nullptr), *mm_cfg.vision_encoder, replicated);
+    connector = create(static_cast<Connector*>(nullptr), mm_cfg.connector, replicated);
+    nn::set_replicated(*encoder);
+    nn::set_replicated(*connector);
   }
   return LlavaModel(encoder, connector, backbone, mm_cfg.image_token_index);
 }
@@ -426,6 +435,10 @@ RuntimeContext Recipe::runtime_context(const World& world) const {
   }
   context.activations_checkpoint = model.activations_checkpoint;
   context.groups = parallel_strategy->build_groups(world, model.parallel, context.device);
+  // Sequence parallelism splits training activations; generation and scoring run without it
+  // (a KV cache grows one token at a time), as Megatron's inference does.
+  context.sequence_parallel = model.parallel.sequence_parallel && run.mode == "train";
+  context.make_vocab_size_divisible_by = model.make_vocab_size_divisible_by;
   return context;
 }
 

@@ -58,7 +58,7 @@ NEVA_API int group_rank(const std::shared_ptr<ProcessGroup>& group);
 NEVA_API at::Generator make_generator(std::uint64_t seed);
 
 // Everything a layer needs to know about where and how it runs. Later fields (a precision recipe's
-// hooks for the FP8 linear) are appended after `groups` as a minor ABI version.
+// hooks for the FP8 linear) are appended at the end as a minor ABI version.
 //
 // Parameters are initialised from `generator`, on the CPU, then moved to `device` (Megatron's
 // use_cpu_initialization): the same seed gives the same weights on every device. Copies of a context
@@ -68,7 +68,15 @@ struct RuntimeContext {
   DTypePolicy dtypes;
   at::Generator generator = make_generator(0);  // its seed: generator.current_seed()
   ActivationCheckpointConfig activations_checkpoint;
-  ParallelGroups groups;  // last: it grows
+  ParallelGroups groups;
+  // Appended in plugin ABI 2.2.
+  // Megatron's sequence parallelism (model.sequence_parallel, with a tensor-parallel group of more
+  // than one rank): the decoder's activations outside its tensor-parallel blocks (norms, residuals)
+  // are split along the sequence over groups.tensor.
+  bool sequence_parallel = false;
+  // Under tensor parallelism a vocabulary is padded to a multiple of this x the group's size
+  // (Megatron's make_vocab_size_divisible_by); the padding rows take no part in any result.
+  std::int64_t make_vocab_size_divisible_by = 128;
 
   // A context for a fresh run: a generator seeded with `seed`.
   NEVA_API static RuntimeContext seeded(std::uint64_t seed, c10::Device device = c10::Device(c10::DeviceType::CPU));

@@ -33,6 +33,10 @@ struct BackboneInputs {
   // positions in row-major order, so the LM head runs only where the loss needs it. A backbone may
   // ignore it and return [batch, seq, vocab]; callers accept both.
   at::Tensor logits_mask;
+  // Plugin ABI 2.2: under tensor parallelism, return this rank's shard of the vocabulary (columns
+  // [rank x V'/tp, (rank + 1) x V'/tp) of the padded vocabulary V') instead of gathering every
+  // rank's: what a vocabulary-parallel loss takes. Ignored without tensor parallelism.
+  bool vocab_parallel_logits = false;
 };
 
 struct BackboneOutputs {

@@ -12,6 +12,9 @@
 //   process group (last); headers grouped by concern (neva/io, data, nn, model, parallel, train,
 //   inference); layers built from the context through neva::nn's factories (docs/plugins.md).
 //   2.1: World::timeout (appended), the wait a parallel strategy creates its groups with.
+//   2.2: tensor and sequence parallelism: RuntimeContext::sequence_parallel and
+//   ::make_vocab_size_divisible_by, ParameterSharding::logical_size and ::tensor_parallel_replicas,
+//   BackboneInputs::vocab_parallel_logits (all appended).
 //
 // Plugins must build against the same LibTorch as the host (checked through torch_version), link
 // libneva_core, use hidden visibility, and register no operators statically (no TORCH_LIBRARY).
@@ -26,7 +29,7 @@
 namespace neva {
 
 inline constexpr std::uint32_t kPluginAbiMajor = 2;
-inline constexpr std::uint32_t kPluginAbiMinor = 1;
+inline constexpr std::uint32_t kPluginAbiMinor = 2;
 inline constexpr const char* kPluginEntrySymbol = "neva_plugin";
 
 struct PluginAbiVersion {

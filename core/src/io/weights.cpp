@@ -1,8 +1,11 @@
 #include "neva/io/weights.h"
 
+#include <map>
 #include <set>
 
+#include "neva/context.h"
 #include "neva/error.h"
+#include "neva/nn/module.h"
 
 namespace neva {
 
@@ -29,13 +32,26 @@ WeightMap detect_layout(const SafetensorsCheckpoint& checkpoint, const std::vect
 }
 
 void load_weights(torch::nn::Module& module, const SafetensorsCheckpoint& checkpoint, const WeightMap& map,
-                  const std::string& what) {
+                  const std::string& what, const std::shared_ptr<ProcessGroup>& tensor_group) {
   std::set<std::string> used;
   torch::NoGradGuard no_grad;
+  const int tp = group_size(tensor_group), tp_rank = group_rank(tensor_group);
+  std::map<std::string, nn::ParameterSharding> shardings;
+  if (tp > 1) {
+    for (auto& [name, sharding] : nn::parameter_shardings(module)) shardings.emplace(name, sharding);
+  }
   for (auto& item : module.named_parameters()) {
     std::string name = map.checkpoint_name(item.key());
     if (name.empty()) throw Error(what + ": no checkpoint name for parameter '" + item.key() + "'");
-    item.value().copy_(checkpoint.tensor(name, item.value().sizes()));
+    at::Tensor& parameter = item.value();
+    const auto sharding = shardings.find(item.key());
+    if (sharding == shardings.end() || sharding->second.tensor_parallel_dim < 0) {
+      parameter.copy_(checkpoint.tensor(name, parameter.sizes()));
+    } else {  // this rank's shard of the whole tensor
+      const nn::ParameterSharding& s = sharding->second;
+      const at::Tensor whole = checkpoint.tensor(name, nn::whole_shape(parameter, s, tp));
+      parameter.copy_(nn::shard_of(whole, s, tp_rank, tp, parameter.size(s.tensor_parallel_dim)));
+    }
     used.insert(name);
   }
   for (const auto& name : checkpoint.names()) {

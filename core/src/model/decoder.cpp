@@ -9,16 +9,25 @@
 #include "neva/nn/recompute.h"
 #include "neva/nn/mlp.h"
 #include "neva/nn/norm.h"
+#include "neva/parallel/mappings.h"
 #include "neva/io/safetensors.h"
 
 namespace neva {
 
 namespace {
 
+// A norm of the residual stream: under sequence parallelism it sees this rank's part of the sequence,
+// and its gradient is summed over the tensor-parallel group.
+std::shared_ptr<Norm> sequence_parallel_norm(const RuntimeContext& context, const DecoderConfig& config) {
+  auto norm = make_norm(context, config.norm, config.hidden_size, config.norm_eps);
+  if (context.sequence_parallel && group_size(context.groups.tensor) > 1) nn::set_sequence_parallel(*norm);
+  return norm;
+}
+
 class DecoderLayer : public torch::nn::Module {
  public:
   DecoderLayer(const RuntimeContext& context, const DecoderConfig& config, bool recompute_attention_core) {
-    auto norm = [&] { return make_norm(context, config.norm, config.hidden_size, config.norm_eps); };
+    auto norm = [&] { return sequence_parallel_norm(context, config); };
     input_layernorm_ = register_module("input_layernorm", norm());
     self_attn_ = register_module("self_attn", std::make_shared<SelfAttention>(context, AttentionConfig{
                                                   config.hidden_size, config.num_heads, config.num_kv_heads,
@@ -76,7 +85,7 @@ class DecoderModel : public torch::nn::Module {
     for (std::int64_t i = 0; i < config.num_layers; ++i) {
       layers->push_back(std::make_shared<DecoderLayer>(context, config, recompute_attention_core));
     }
-    norm = register_module("norm", make_norm(context, config.norm, config.hidden_size, config.norm_eps));
+    norm = register_module("norm", sequence_parallel_norm(context, config));
   }
   nn::Embedding embed_tokens;
   torch::nn::ModuleList layers{nullptr};
@@ -84,14 +93,25 @@ class DecoderModel : public torch::nn::Module {
 };
 
 DecoderBackbone::DecoderBackbone(const DecoderConfig& config, const RuntimeContext& context)
-    : config_(config), context_(context), rotary_(config.rope) {
+    : config_(config), context_(context), rotary_(config.rope), region_(context),
+      vocabulary_(nn::vocabulary_shard(context, config.vocab_size)) {
+  // Every size that splits over the tensor-parallel group, checked before anything is built.
+  const int tp = region_.size();
+  if (tp > 1) {
+    split_heads(config.num_heads, config.num_kv_heads, tp);
+    if (config.intermediate_size % tp != 0) {
+      throw Error(config.source + ": intermediate_size " + std::to_string(config.intermediate_size) +
+                  " does not split over " + std::to_string(tp) +
+                  " tensor-parallel ranks (it must be a multiple of tensor_model_parallel_size)");
+    }
+  }
   const auto& recompute = context.activations_checkpoint;
   model_ = register_module("model", std::make_shared<DecoderModel>(context, config, recompute.granularity == "selective"));
   if (!config.tie_word_embeddings) {
-    // The vocabulary split over the tensor-parallel group, logits gathered (a vocabulary-parallel
-    // loss will take them split).
+    // The vocabulary split over the tensor-parallel group (padded to make_vocab_size_divisible_by x
+    // the group); the logits are gathered unless a vocabulary-parallel loss takes them split.
     lm_head_ = register_module("lm_head", nn::linear(context, config.hidden_size, config.vocab_size,
-                                                     {false, nn::Parallel::Column, /*gather_output=*/true}));
+                                                     {false, nn::Parallel::Column}, nn::ColumnLayout{1, true}));
   }
   to(context.device, context.dtypes.params);
 }
@@ -110,40 +130,70 @@ at::Tensor DecoderBackbone::embed(const at::Tensor& token_ids) {
   return model_->embed_tokens->forward(token_ids.to(context_.device));
 }
 
+namespace {
+
+// The sequence (dim 1) of `x` padded with `pad` copies of `value` (or zeros) at its end.
+at::Tensor pad_sequence(const at::Tensor& x, std::int64_t pad, double value = 0) {
+  if (!x.defined() || pad == 0) return x;
+  std::vector<std::int64_t> shape = x.sizes().vec();
+  shape[1] = pad;
+  return at::cat({x, at::full(shape, value, x.options())}, 1);
+}
+
+}  // namespace
+
 BackboneOutputs DecoderBackbone::forward(const BackboneInputs& inputs) {
-  const at::Tensor& x0 = inputs.embeddings;
-  if (x0.dim() != 3 || x0.size(2) != config_.hidden_size) {
-    throw Error("embeddings have shape " + std::string(c10::str(x0.sizes())) + ", expected [batch, seq, " +
+  const at::Tensor& embeddings = inputs.embeddings;
+  if (embeddings.dim() != 3 || embeddings.size(2) != config_.hidden_size) {
+    throw Error("embeddings have shape " + std::string(c10::str(embeddings.sizes())) + ", expected [batch, seq, " +
                 std::to_string(config_.hidden_size) + "]");
   }
-  const std::int64_t batch = x0.size(0), seq = x0.size(1);
+  const std::int64_t batch = embeddings.size(0), seq = embeddings.size(1);
   auto* cache = dynamic_cast<DecoderCache*>(inputs.cache);
   if (inputs.cache && !cache) throw Error("the KV cache was not made by this backbone");
-  const std::int64_t past = cache ? cache->length : 0;
-  at::Tensor positions =
-      inputs.positions.defined()
-          ? inputs.positions.to(context_.device)
-          : at::arange(past, past + seq, at::TensorOptions().dtype(at::kLong).device(context_.device)).expand({batch, seq});
-  auto mask = AttentionMask::build(batch, seq, past, inputs.attention_mask, inputs.segment_ids, config_.sliding_window,
-                                   context_.device);
-  // Named tensors, not a structured binding: lambdas below capture them (C++17 cannot capture bindings).
-  const auto cos_sin = rotary_.cos_sin(positions, x0.scalar_type());
-  const at::Tensor cos = cos_sin.first, sin = cos_sin.second;
-
-  // With a logits mask, the last layer computes its outputs only where logits are wanted (its keys
-  // and values still cover every position): for training, with labels on a few answer tokens, this
-  // skips most of that layer's work. Not for an MoE layer, whose load-balancing loss counts every
-  // token's routing.
-  at::Tensor rows, wanted;  // [batch, count] positions, and which of them are in the mask
-  const std::size_t layers = model_->layers->size();
   if (inputs.logits_mask.defined() &&
       (inputs.logits_mask.dim() != 2 || inputs.logits_mask.size(0) != batch || inputs.logits_mask.size(1) != seq)) {
     throw Error("logits_mask has shape " + std::string(c10::str(inputs.logits_mask.sizes())) + ", expected [" +
                 std::to_string(batch) + ", " + std::to_string(seq) + "] (the embeddings' batch and sequence)");
   }
+  // Sequence parallelism: the residual stream holds this rank's 1/tp of the sequence, padded at its
+  // end to a multiple of tp (Megatron pads the combined text and image sequence the same way). The
+  // padding comes last, so causal attention keeps it out of every real token's view; it gets its
+  // own segment and no attention_mask entry where the batch has those.
+  const bool split_sequence = region_.group && region_.sequence_parallel;
+  if (split_sequence && cache) throw Error("sequence parallelism is for training; generation runs without it");
+  const std::int64_t pad = split_sequence ? (region_.size() - seq % region_.size()) % region_.size() : 0;
+  const std::int64_t padded_seq = seq + pad;
+  const std::int64_t past = cache ? cache->length : 0;
+  at::Tensor positions =
+      inputs.positions.defined()
+          ? inputs.positions.to(context_.device)
+          : at::arange(past, past + seq, at::TensorOptions().dtype(at::kLong).device(context_.device)).expand({batch, seq});
+  at::Tensor attention_mask = inputs.attention_mask, segment_ids = inputs.segment_ids;
+  if (pad > 0) {
+    positions = at::cat({positions, positions.narrow(1, seq - 1, 1) + at::arange(1, pad + 1, positions.options())}, 1);
+    attention_mask = pad_sequence(attention_mask.defined() ? attention_mask.to(context_.device) : attention_mask, pad);
+    if (segment_ids.defined()) {
+      segment_ids = segment_ids.to(context_.device);
+      segment_ids = pad_sequence(segment_ids, pad, segment_ids.max().item<double>() + 1);
+    }
+  }
+  auto mask = AttentionMask::build(batch, padded_seq, past, attention_mask, segment_ids, config_.sliding_window,
+                                   context_.device);
+  // Named tensors, not a structured binding: lambdas below capture them (C++17 cannot capture bindings).
+  const auto cos_sin = rotary_.cos_sin(positions, embeddings.scalar_type());
+  const at::Tensor cos = cos_sin.first, sin = cos_sin.second;
+
+  // With a logits mask, the last layer computes its outputs only where logits are wanted (its keys
+  // and values still cover every position): for training, with labels on a few answer tokens, this
+  // skips most of that layer's work. Not for an MoE layer, whose load-balancing loss counts every
+  // token's routing, nor under sequence parallelism (each rank holds other positions).
+  at::Tensor rows, wanted;  // [batch, count] positions, and which of them are in the mask
+  const std::size_t layers = model_->layers->size();
   const at::Tensor logits_mask =
       inputs.logits_mask.defined() ? inputs.logits_mask.to(context_.device).to(at::kBool) : at::Tensor();
-  if (logits_mask.defined() && !cache && layers > 0 && !model_->layers->ptr<DecoderLayer>(layers - 1)->is_moe()) {
+  if (logits_mask.defined() && !cache && !split_sequence && layers > 0 &&
+      !model_->layers->ptr<DecoderLayer>(layers - 1)->is_moe()) {
     const std::int64_t count = logits_mask.sum(1).max().item<std::int64_t>();
     if (count > 0 && count < seq) {
       // Each row's wanted positions in order, then unwanted ones to fill the rows to one length.
@@ -152,7 +202,8 @@ BackboneOutputs DecoderBackbone::forward(const BackboneInputs& inputs) {
       wanted = logits_mask.gather(1, rows);
     }
   }
-  at::Tensor h = x0;
+  at::Tensor h = split_sequence ? scatter_to_sequence_parallel_region(region_.group, pad_sequence(embeddings, pad), 1)
+                                : embeddings;
   std::vector<at::Tensor> router_logits;
   const auto& recompute = context_.activations_checkpoint;
   const bool full = recompute.granularity == "full" && !cache && at::GradMode::is_enabled();
@@ -187,10 +238,24 @@ BackboneOutputs DecoderBackbone::forward(const BackboneInputs& inputs) {
   }
   h = model_->norm->forward(h);
   if (cache) cache->length += seq;
+  // The LM head is column-parallel over the vocabulary: its input enters the tensor-parallel region
+  // (f; under sequence parallelism the all-gather of the sequence, which also drops the padding).
+  h = region_.enter(h);
+  if (pad > 0) h = h.narrow(1, 0, seq);
   if (logits_mask.defined()) h = h.index({rows.defined() ? wanted : logits_mask});
   BackboneOutputs outputs;
-  outputs.logits = lm_head_ ? lm_head_->forward(h) : at::linear(h, model_->embed_tokens->weight);
+  nn::LinearImpl* head = lm_head_.get();
+  outputs.logits = head ? head->forward_entered(h) : at::linear(h, model_->embed_tokens->weight);
+  if (region_.group && !inputs.vocab_parallel_logits) {
+    outputs.logits = gather_from_tensor_parallel_region(region_.group, outputs.logits);
+    if (vocabulary_.padded != config_.vocab_size) outputs.logits = outputs.logits.narrow(-1, 0, config_.vocab_size);
+  }
   if (is_training() && !router_logits.empty() && config_.router_aux_loss_coef > 0) {
+    if (pad > 0) {  // the padding's routing is no token's
+      for (auto& logits : router_logits) {
+        logits = logits.view({batch, padded_seq, -1}).narrow(1, 0, seq).reshape({batch * seq, -1});
+      }
+    }
     outputs.aux_loss = config_.router_aux_loss_coef *
                        load_balancing_loss(router_logits, config_.num_experts, config_.experts_per_token);
   }
@@ -200,9 +265,10 @@ BackboneOutputs DecoderBackbone::forward(const BackboneInputs& inputs) {
 std::unique_ptr<KVCache> DecoderBackbone::new_cache(std::int64_t batch, std::int64_t max_tokens) {
   auto cache = std::make_unique<DecoderCache>();
   auto options = at::TensorOptions().device(context_.device).dtype(context_.dtypes.compute);
+  const std::int64_t kv_heads = split_heads(config_.num_heads, config_.num_kv_heads, region_.size()).kv_heads;
   for (std::int64_t i = 0; i < config_.num_layers; ++i) {
-    cache->layers.push_back({at::empty({batch, config_.num_kv_heads, max_tokens, config_.head_dim}, options),
-                             at::empty({batch, config_.num_kv_heads, max_tokens, config_.head_dim}, options)});
+    cache->layers.push_back({at::empty({batch, kv_heads, max_tokens, config_.head_dim}, options),
+                             at::empty({batch, kv_heads, max_tokens, config_.head_dim}, options)});
   }
   return cache;
 }
@@ -269,7 +335,7 @@ void DecoderBackbone::load(const std::string& checkpoint_path, const std::string
         return (tied && name == "lm_head.weight") ||
                (name.size() > 9 && name.compare(name.size() - 9, 9, ".inv_freq") == 0);
       });
-  load_weights(*this, checkpoint, map, what + " language model (" + config_.source + ")");
+  load_weights(*this, checkpoint, map, what + " language model (" + config_.source + ")", context_.groups.tensor);
 }
 
 }  // namespace neva

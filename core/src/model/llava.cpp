@@ -87,6 +87,7 @@ BackboneOutputs LlavaModel::forward(const MultimodalInputs& inputs) {
   backbone_inputs.segment_ids = moved(inputs.segment_ids, device_);
   backbone_inputs.cache = inputs.cache;
   backbone_inputs.logits_mask = moved(inputs.logits_mask, device_);
+  backbone_inputs.vocab_parallel_logits = inputs.vocab_parallel_logits;
   return backbone_->forward(backbone_inputs);
 }
 

@@ -48,28 +48,47 @@ at::Tensor take_positions(const at::Tensor& x, const at::Tensor& rows) {
   return x.gather(1, index.expand(shape));
 }
 
-SelfAttention::SelfAttention(const RuntimeContext& context, const AttentionConfig& config) : config_(config) {
-  auto linear = [&context](std::int64_t in, std::int64_t out, bool bias, nn::Parallel parallel) {
-    return nn::linear(context, in, out, {bias, parallel});
-  };
+HeadSplit split_heads(std::int64_t num_heads, std::int64_t num_kv_heads, int tp) {
+  if (num_heads % tp != 0) {
+    throw Error(std::to_string(num_heads) + " attention heads do not split over " + std::to_string(tp) +
+                " tensor-parallel ranks (num_attention_heads must be a multiple of tensor_model_parallel_size)");
+  }
+  if (num_kv_heads % tp == 0) return {num_heads / tp, num_kv_heads / tp, 1};
+  if (tp % num_kv_heads != 0) {
+    throw Error(std::to_string(num_kv_heads) + " KV heads do not split over " + std::to_string(tp) +
+                " tensor-parallel ranks (num_key_value_heads must be a multiple or a divisor of "
+                "tensor_model_parallel_size)");
+  }
+  return {num_heads / tp, 1, tp / num_kv_heads};
+}
+
+SelfAttention::SelfAttention(const RuntimeContext& context, const AttentionConfig& config)
+    : config_(config), region_(context) {
+  const HeadSplit split = split_heads(config.num_heads, config.num_kv_heads, region_.size());
+  heads_ = split.heads;
+  kv_heads_ = split.kv_heads;
   const std::int64_t q = config.num_heads * config.head_dim, kv = config.num_kv_heads * config.head_dim;
-  q_proj_ = register_module("q_proj", linear(config.hidden_size, q, config.bias, nn::Parallel::Column));
-  k_proj_ = register_module("k_proj", linear(config.hidden_size, kv, config.bias, nn::Parallel::Column));
-  v_proj_ = register_module("v_proj", linear(config.hidden_size, kv, config.bias, nn::Parallel::Column));
-  o_proj_ = register_module("o_proj", linear(q, config.hidden_size, config.output_bias, nn::Parallel::Row));
+  const nn::ColumnLayout kv_layout{split.kv_replicas, false};
+  q_proj_ = register_module("q_proj", nn::linear(context, config.hidden_size, q, {config.bias, nn::Parallel::Column}));
+  k_proj_ = register_module("k_proj", nn::linear(context, config.hidden_size, kv, {config.bias, nn::Parallel::Column}, kv_layout));
+  v_proj_ = register_module("v_proj", nn::linear(context, config.hidden_size, kv, {config.bias, nn::Parallel::Column}, kv_layout));
+  o_proj_ = register_module("o_proj", nn::linear(context, q, config.hidden_size, {config.output_bias, nn::Parallel::Row}));
 }
 
 at::Tensor SelfAttention::forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                                   const AttentionMask& mask, LayerCache* cache, const at::Tensor& rows) {
-  const std::int64_t batch = x.size(0), seq = x.size(1), hd = config_.head_dim;
+  const std::int64_t batch = x.size(0), hd = config_.head_dim;
   if (rows.defined() && cache) throw Error("attention rows cannot be combined with a KV cache");
   // With `rows`, queries only there, each seeing the keys its row of the mask allows; keys and
   // values for every position.
-  const at::Tensor query_input = rows.defined() ? take_positions(x, rows) : x;
+  // One f (or one sequence-parallel all-gather) for q, k and v.
+  const at::Tensor input = region_.enter(x);
+  const std::int64_t seq = input.size(1);
+  const at::Tensor query_input = rows.defined() ? take_positions(input, rows) : input;
   const std::int64_t queries = query_input.size(1);
-  at::Tensor q = q_proj_->forward(query_input).view({batch, queries, config_.num_heads, hd}).transpose(1, 2);
-  at::Tensor k = k_proj_->forward(x).view({batch, seq, config_.num_kv_heads, hd}).transpose(1, 2);
-  at::Tensor v = v_proj_->forward(x).view({batch, seq, config_.num_kv_heads, hd}).transpose(1, 2);
+  at::Tensor q = q_proj_->forward_entered(query_input).view({batch, queries, heads_, hd}).transpose(1, 2);
+  at::Tensor k = k_proj_->forward_entered(input).view({batch, seq, kv_heads_, hd}).transpose(1, 2);
+  at::Tensor v = v_proj_->forward_entered(input).view({batch, seq, kv_heads_, hd}).transpose(1, 2);
   at::Tensor visible = mask.visible;
   if (rows.defined()) {
     // cos/sin may broadcast over the batch ([1, seq, rotary_dim]); the gather needs every row.
@@ -95,7 +114,7 @@ at::Tensor SelfAttention::forward(const at::Tensor& x, const at::Tensor& cos, co
     v = cache->values.narrow(2, 0, mask.past + seq);
   }
   const bool plain_causal = !visible.defined();
-  const bool grouped = config_.num_heads != config_.num_kv_heads;
+  const bool grouped = heads_ != kv_heads_;
   const double scale = std::pow(static_cast<double>(hd), -0.5);
   auto core = [plain_causal, grouped, scale](const std::vector<at::Tensor>& qkv) -> std::vector<at::Tensor> {
     return {at::scaled_dot_product_attention(qkv[0], qkv[1], qkv[2],
@@ -105,7 +124,7 @@ at::Tensor SelfAttention::forward(const at::Tensor& x, const at::Tensor& cos, co
   std::vector<at::Tensor> operands{q, k, v};
   if (!plain_causal) operands.push_back(visible);
   at::Tensor out = (config_.recompute_core && !cache) ? recomputed(core, operands)[0] : core(operands)[0];
-  return o_proj_->forward(out.transpose(1, 2).reshape({batch, queries, config_.num_heads * hd}));
+  return o_proj_->forward(out.transpose(1, 2).reshape({batch, queries, heads_ * hd}));
 }
 
 }  // namespace neva

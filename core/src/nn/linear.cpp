@@ -2,9 +2,13 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
+#include <string>
 
 #include "neva/error.h"
+#include "neva/parallel/mappings.h"
+#include "neva/parallel/process_group.h"
 
 namespace neva::nn {
 
@@ -18,11 +22,8 @@ double kaiming_uniform_bound(std::int64_t fan_in) {
   return std::sqrt(3.0) * std;
 }
 
-void refuse_split(const RuntimeContext& context, const char* what) {
-  if (group_size(context.groups.tensor) > 1) {
-    throw Error(std::string(what) + " over a tensor-parallel group of " +
-                std::to_string(group_size(context.groups.tensor)) + " ranks is not implemented yet");
-  }
+std::string layer_sizes(std::int64_t in, std::int64_t out) {
+  return "a linear layer " + std::to_string(in) + " -> " + std::to_string(out);
 }
 
 at::Tensor placed(const RuntimeContext& context, at::Tensor cpu) {
@@ -39,51 +40,153 @@ at::Tensor normal_parameter(const RuntimeContext& context, at::IntArrayRef shape
   return placed(context, at::empty(shape, at::kFloat).normal_(0.0, std, context.generator));
 }
 
+VocabularyShard vocabulary_shard(const RuntimeContext& context, std::int64_t vocabulary) {
+  const int tp = group_size(context.groups.tensor);
+  if (tp == 1) return {0, vocabulary, vocabulary};
+  const std::int64_t multiple = std::max<std::int64_t>(1, context.make_vocab_size_divisible_by) * tp;
+  const std::int64_t padded = (vocabulary + multiple - 1) / multiple * multiple;
+  const std::int64_t rows = padded / tp;
+  return {group_rank(context.groups.tensor) * rows, rows, padded};
+}
+
+TensorParallelRegion::TensorParallelRegion(const RuntimeContext& context) {
+  if (group_size(context.groups.tensor) == 1) return;
+  group = context.groups.tensor;
+  sequence_parallel = context.sequence_parallel;
+}
+
+at::Tensor TensorParallelRegion::enter(const at::Tensor& x) const {
+  if (!group) return x;
+  return sequence_parallel ? gather_from_sequence_parallel_region(group, x, 1) : copy_to_tensor_parallel_region(group, x);
+}
+
+int TensorParallelRegion::size() const { return group_size(group); }
+int TensorParallelRegion::rank() const { return group_rank(group); }
+
 LinearImpl::LinearImpl(const RuntimeContext& context, std::int64_t in_features, std::int64_t out_features,
                        const LinearOptions& options)
-    : in_features_(in_features), out_features_(out_features) {
+    : LinearImpl(context, in_features, out_features, options, ColumnLayout{}) {}
+
+LinearImpl::LinearImpl(const RuntimeContext& context, std::int64_t in_features, std::int64_t out_features,
+                       const LinearOptions& options, const ColumnLayout& layout)
+    : in_features_(in_features), out_features_(out_features), options_(options) {
   if (in_features <= 0 || out_features <= 0) {
     throw Error("a linear layer needs positive sizes, got " + std::to_string(in_features) + " -> " +
                 std::to_string(out_features));
   }
-  if (options.parallel != Parallel::Replicated) refuse_split(context, "a column- or row-parallel linear layer");
+  const bool split = options.parallel != Parallel::Replicated && group_size(context.groups.tensor) > 1;
+  const int tp = split ? group_size(context.groups.tensor) : 1;
+  const int rank = split ? group_rank(context.groups.tensor) : 0;
+  if (split) {
+    group_ = context.groups.tensor;
+    sequence_parallel_ = context.sequence_parallel;
+  }
   ParameterSharding sharding;
+  std::int64_t local_out = out_features, local_in = in_features;
   if (options.parallel == Parallel::Column) {
     sharding.tensor_parallel_dim = 0;
     sharding.partition_stride = options.partition_stride;
+    sharding.tensor_parallel_replicas = split ? layout.replicas : 1;
+    if (sharding.tensor_parallel_replicas < 1 || tp % sharding.tensor_parallel_replicas != 0) {
+      throw Error(layer_sizes(in_features, out_features) + ": " + std::to_string(layout.replicas) +
+                  " ranks per shard do not divide the tensor-parallel group of " + std::to_string(tp));
+    }
+    const std::int64_t shards = tp / sharding.tensor_parallel_replicas;
+    if (layout.vocabulary && split) {
+      if (options.partition_stride != 1 || sharding.tensor_parallel_replicas != 1) {
+        throw Error(layer_sizes(in_features, out_features) + ": a vocabulary is split evenly, unstrided");
+      }
+      local_out = vocabulary_shard(context, out_features).rows;
+      sharding.logical_size = out_features;
+    } else if (out_features % (shards * options.partition_stride) != 0) {
+      throw Error(layer_sizes(in_features, out_features) + " splits its " + std::to_string(out_features) +
+                  " output features over " + std::to_string(shards) + " tensor-parallel shards" +
+                  (options.partition_stride > 1 ? " in " + std::to_string(options.partition_stride) + " blocks" : "") +
+                  ": they must divide evenly");
+    } else {
+      local_out = out_features / shards;
+    }
   } else if (options.parallel == Parallel::Row) {
     sharding.tensor_parallel_dim = 1;
+    if (in_features % tp != 0) {
+      throw Error(layer_sizes(in_features, out_features) + " splits its " + std::to_string(in_features) +
+                  " input features over " + std::to_string(tp) + " tensor-parallel ranks: they must divide evenly");
+    }
+    local_in = in_features / tp;
   }
-  // As torch::nn::LinearImpl::reset_parameters: the weight first, then the bias, from one stream.
-  weight = register_parameter("weight", uniform_parameter(context, {out_features, in_features},
-                                                          kaiming_uniform_bound(in_features)),
-                              sharding);
+  // As torch::nn::LinearImpl::reset_parameters: the weight first, then the bias, from one stream,
+  // whole (Megatron's CPU initialisation): each rank then keeps its shard.
+  at::Tensor full = uniform_parameter(context, {out_features, in_features}, kaiming_uniform_bound(in_features));
+  const std::int64_t extent = sharding.tensor_parallel_dim == 0 ? local_out : local_in;
+  weight = register_parameter("weight", split ? shard_of(full, sharding, rank, tp, extent).contiguous() : full, sharding);
   if (options.bias) {
     ParameterSharding bias_sharding;  // a row-parallel bias is added once, after the sum
     if (options.parallel == Parallel::Column) bias_sharding = sharding;
-    bias = register_parameter("bias", uniform_parameter(context, {out_features}, 1.0 / std::sqrt(in_features)),
-                              bias_sharding);
+    // Under sequence parallelism it is added to this rank's part of the sequence: its gradient
+    // holds that part's share.
+    if (options.parallel == Parallel::Row && sequence_parallel_) bias_sharding.sequence_parallel = true;
+    at::Tensor whole = uniform_parameter(context, {out_features}, 1.0 / std::sqrt(in_features));
+    bias = register_parameter(
+        "bias", split && options.parallel == Parallel::Column ? shard_of(whole, bias_sharding, rank, tp, local_out).contiguous() : whole,
+        bias_sharding);
   }
 }
 
-at::Tensor LinearImpl::forward(const at::Tensor& x) { return at::linear(x, weight, bias); }
+at::Tensor LinearImpl::column_output(const at::Tensor& x) {
+  at::Tensor y = at::linear(x, weight, bias);
+  if (!options_.gather_output) return y;
+  y = gather_from_tensor_parallel_region(group_, y);
+  return y.size(-1) == out_features_ ? y : y.narrow(-1, 0, out_features_);  // a padded vocabulary
+}
+
+at::Tensor LinearImpl::forward(const at::Tensor& x) {
+  if (!group_) return at::linear(x, weight, bias);
+  if (options_.parallel == Parallel::Column) return column_output(copy_to_tensor_parallel_region(group_, x));
+  const at::Tensor input = options_.input_is_parallel ? x : scatter_to_tensor_parallel_region(group_, x);
+  at::Tensor y = at::linear(input, weight);
+  y = sequence_parallel_ ? reduce_scatter_to_sequence_parallel_region(group_, y, 1) : reduce_from_tensor_parallel_region(group_, y);
+  return bias.defined() ? y + bias : y;
+}
+
+at::Tensor LinearImpl::forward_entered(const at::Tensor& x) {
+  if (options_.parallel != Parallel::Column) throw Error("forward_entered is for column-parallel layers");
+  return group_ ? column_output(x) : at::linear(x, weight, bias);
+}
+
+at::Tensor LinearImpl::forward_unreduced(const at::Tensor& x) {
+  if (options_.parallel != Parallel::Row) throw Error("forward_unreduced is for row-parallel layers");
+  return at::linear(x, weight);
+}
 
 EmbeddingImpl::EmbeddingImpl(const RuntimeContext& context, std::int64_t num_embeddings, std::int64_t embedding_dim,
                              bool vocabulary_parallel)
-    : num_embeddings_(num_embeddings) {
+    : num_embeddings_(num_embeddings), shard_{0, num_embeddings, num_embeddings} {
   if (num_embeddings <= 0 || embedding_dim <= 0) {
     throw Error("an embedding needs positive sizes, got " + std::to_string(num_embeddings) + " x " +
                 std::to_string(embedding_dim));
   }
   ParameterSharding sharding;
+  at::Tensor full = normal_parameter(context, {num_embeddings, embedding_dim});
   if (vocabulary_parallel) {
-    refuse_split(context, "a vocabulary-parallel embedding");
     sharding.tensor_parallel_dim = 0;
+    if (group_size(context.groups.tensor) > 1) {
+      group_ = context.groups.tensor;
+      shard_ = vocabulary_shard(context, num_embeddings);
+      sharding.logical_size = num_embeddings;
+      full = shard_of(full, sharding, group_rank(group_), group_size(group_), shard_.rows).contiguous();
+    }
   }
-  weight = register_parameter("weight", normal_parameter(context, {num_embeddings, embedding_dim}), sharding);
+  weight = register_parameter("weight", full, sharding);
 }
 
-at::Tensor EmbeddingImpl::forward(const at::Tensor& ids) { return at::embedding(weight, ids); }
+at::Tensor EmbeddingImpl::forward(const at::Tensor& ids) {
+  if (!group_) return at::embedding(weight, ids);
+  // Ids outside this rank's rows look up row 0 and are zeroed; the sum over the group has each id's row.
+  at::Tensor outside = (ids < shard_.start) | (ids >= shard_.start + shard_.rows);
+  at::Tensor local = (ids - shard_.start).masked_fill(outside, 0);
+  at::Tensor rows = at::embedding(weight, local).masked_fill(outside.unsqueeze(-1), 0);
+  return reduce_from_tensor_parallel_region(group_, rows);
+}
 
 Conv2dImpl::Conv2dImpl(const RuntimeContext& context, std::int64_t in_channels, std::int64_t out_channels,
                        std::int64_t kernel, std::int64_t stride, bool bias)
@@ -103,6 +206,11 @@ at::Tensor Conv2dImpl::forward(const at::Tensor& x) { return at::conv2d(x, weigh
 Linear linear(const RuntimeContext& context, std::int64_t in_features, std::int64_t out_features,
               const LinearOptions& options) {
   return std::make_shared<LinearImpl>(context, in_features, out_features, options);
+}
+
+Linear linear(const RuntimeContext& context, std::int64_t in_features, std::int64_t out_features,
+              const LinearOptions& options, const ColumnLayout& layout) {
+  return std::make_shared<LinearImpl>(context, in_features, out_features, options, layout);
 }
 
 Embedding embedding(const RuntimeContext& context, std::int64_t num_embeddings, std::int64_t embedding_dim,

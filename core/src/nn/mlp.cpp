@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include "neva/error.h"
+#include "neva/parallel/mappings.h"
 
 namespace neva {
 
@@ -33,28 +34,35 @@ nn::LinearOptions row(bool bias) { return {bias, nn::Parallel::Row}; }
 
 GatedMLP::GatedMLP(const RuntimeContext& context, std::int64_t hidden_size, std::int64_t intermediate_size, bool bias,
                    std::string activation, Names names)
-    : activation_(std::move(activation)) {
+    : activation_(std::move(activation)), region_(context) {
   gate_ = register_module(names.gate, nn::linear(context, hidden_size, intermediate_size, column(bias)));
   up_ = register_module(names.up, nn::linear(context, hidden_size, intermediate_size, column(bias)));
   down_ = register_module(names.down, nn::linear(context, intermediate_size, hidden_size, row(bias)));
 }
 
 at::Tensor GatedMLP::forward(const at::Tensor& x) {
-  return down_->forward(activation(activation_, gate_->forward(x)) * up_->forward(x));
+  const at::Tensor entered = region_.enter(x);
+  return down_->forward(activation(activation_, gate_->forward_entered(entered)) * up_->forward_entered(entered));
+}
+
+at::Tensor GatedMLP::forward_partial(const at::Tensor& entered) {
+  return down_->forward_unreduced(activation(activation_, gate_->forward_entered(entered)) * up_->forward_entered(entered));
 }
 
 PlainMLP::PlainMLP(const RuntimeContext& context, std::int64_t hidden_size, std::int64_t intermediate_size, bool bias,
                    std::string activation)
-    : activation_(std::move(activation)) {
+    : activation_(std::move(activation)), region_(context) {
   up_proj_ = register_module("up_proj", nn::linear(context, hidden_size, intermediate_size, column(bias)));
   down_proj_ = register_module("down_proj", nn::linear(context, intermediate_size, hidden_size, row(bias)));
 }
 
-at::Tensor PlainMLP::forward(const at::Tensor& x) { return down_proj_->forward(activation(activation_, up_proj_->forward(x))); }
+at::Tensor PlainMLP::forward(const at::Tensor& x) {
+  return down_proj_->forward(activation(activation_, up_proj_->forward_entered(region_.enter(x))));
+}
 
 SparseMoE::SparseMoE(const RuntimeContext& context, std::int64_t hidden_size, std::int64_t intermediate_size,
                      std::int64_t num_experts, std::int64_t top_k, std::string activation)
-    : num_experts_(num_experts), top_k_(top_k) {
+    : num_experts_(num_experts), top_k_(top_k), region_(context) {
   gate_ = register_module("gate", nn::linear(context, hidden_size, num_experts, {false}));
   experts_ = register_module("experts", torch::nn::ModuleList());
   for (std::int64_t e = 0; e < num_experts; ++e) {
@@ -68,24 +76,47 @@ SparseMoE::SparseMoE(const RuntimeContext& context, std::int64_t hidden_size, st
 at::Tensor SparseMoE::forward(const at::Tensor& x) { return forward_with_router(x).first; }
 
 std::pair<at::Tensor, at::Tensor> SparseMoE::forward_with_router(const at::Tensor& x) {
-  const auto shape = x.sizes().vec();
-  at::Tensor tokens = x.reshape({-1, x.size(-1)});
+  const std::int64_t hidden = x.size(-1);
+  // The router's input and the experts' (see the class comment): the whole sequence under sequence
+  // parallelism, the experts' through the conjugate collectives.
+  const bool split_sequence = region_.group && region_.sequence_parallel;
+  const at::Tensor router_input =
+      split_sequence ? gather_from_sequence_parallel_region(region_.group, x, 1, /*tensor_parallel_output_grad=*/false) : x;
+  const at::Tensor expert_input = region_.enter(x);
+  const auto shape = router_input.sizes().vec();
+  at::Tensor tokens = router_input.reshape({-1, hidden});
+  at::Tensor expert_tokens = expert_input.reshape({-1, hidden});
   at::Tensor router_logits = gate_->forward(tokens);
   at::Tensor probabilities = router_logits.softmax(1, at::kFloat);
   auto [weights, selected] = probabilities.topk(top_k_, -1);
   weights = (weights / weights.sum(-1, true)).to(tokens.scalar_type());
-  at::Tensor out = at::zeros_like(tokens);
   // Experts in index order, each over the tokens routed to it; an expert without tokens is skipped.
   at::Tensor routed = at::one_hot(selected, num_experts_).permute({2, 1, 0});  // [experts, top_k, tokens]
+  std::vector<at::Tensor> token_index, slot_index, partial;
   for (std::int64_t e = 0; e < num_experts_; ++e) {
     at::Tensor hits = routed[e].nonzero();  // [n, 2]: (slot, token)
     if (hits.size(0) == 0) continue;
-    at::Tensor slot = hits.select(1, 0), token = hits.select(1, 1);
-    at::Tensor result = experts_->ptr<GatedMLP>(e)->forward(tokens.index_select(0, token)) *
-                        weights.index({token, slot}).unsqueeze(-1);
-    out.index_add_(0, token, result.to(out.scalar_type()));
+    token_index.push_back(hits.select(1, 1));
+    slot_index.push_back(hits.select(1, 0));
+    partial.push_back(experts_->ptr<GatedMLP>(e)->forward_partial(expert_tokens.index_select(0, token_index.back())));
   }
-  return {out.view(shape), router_logits};
+  // Every expert's output summed over the tensor-parallel group at once (g).
+  std::vector<at::Tensor> results;
+  if (region_.group && !partial.empty()) {
+    std::vector<std::int64_t> counts;
+    for (const auto& p : partial) counts.push_back(p.size(0));
+    results = reduce_from_tensor_parallel_region(region_.group, at::cat(partial, 0)).split_with_sizes(counts, 0);
+  } else {
+    results = partial;
+  }
+  at::Tensor out = at::zeros_like(tokens);
+  for (std::size_t i = 0; i < results.size(); ++i) {
+    at::Tensor result = results[i] * weights.index({token_index[i], slot_index[i]}).unsqueeze(-1);
+    out.index_add_(0, token_index[i], result.to(out.scalar_type()));
+  }
+  out = out.view(shape);
+  if (split_sequence) out = scatter_to_sequence_parallel_region(region_.group, out, 1);
+  return {out, router_logits};
 }
 
 at::Tensor load_balancing_loss(const std::vector<at::Tensor>& router_logits, std::int64_t num_experts,

@@ -1,6 +1,14 @@
 #include "neva/nn/module.h"
 
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <map>
+
+#include "neva/context.h"
 #include "neva/error.h"
+#include "neva/parallel/mappings.h"
+#include "neva/parallel/process_group.h"
 
 namespace neva::nn {
 
@@ -62,6 +70,109 @@ void set_expert(torch::nn::Module& module, std::int64_t expert) {
 
 void set_pipeline_stage(torch::nn::Module& module, std::int64_t stage) {
   change_all(module, "a pipeline stage", [stage](ParameterSharding& s) { s.pipeline_stage = stage; });
+}
+
+void set_sequence_parallel(torch::nn::Module& module) {
+  change_all(module, "sequence parallelism", [](ParameterSharding& s) { s.sequence_parallel = true; });
+}
+
+void set_replicated(torch::nn::Module& root) {
+  for_each_module(root, [](const std::string&, torch::nn::Module& each) {
+    auto* module = dynamic_cast<Module*>(&each);
+    if (!module) return;
+    for (auto& [name, sharding] : module->own_shardings()) {
+      sharding.tensor_parallel_dim = -1;
+      sharding.partition_stride = 1;
+      sharding.logical_size = 0;
+      sharding.tensor_parallel_replicas = 1;
+      sharding.sequence_parallel = false;
+    }
+  });
+}
+
+namespace {
+
+std::int64_t shard_count(const ParameterSharding& s, int tp_size) {
+  if (s.tensor_parallel_replicas < 1 || tp_size % s.tensor_parallel_replicas != 0) {
+    throw Error("a parameter shared by " + std::to_string(s.tensor_parallel_replicas) +
+                " tensor-parallel ranks cannot be split over " + std::to_string(tp_size));
+  }
+  return tp_size / s.tensor_parallel_replicas;
+}
+
+}  // namespace
+
+std::vector<std::pair<std::string, at::Tensor>> whole_parameters(const torch::nn::Module& root,
+                                                                const std::shared_ptr<ProcessGroup>& group) {
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  std::map<std::string, ParameterSharding> shardings;
+  for (auto& [name, sharding] : parameter_shardings(root)) shardings.emplace(name, sharding);
+  at::NoGradGuard no_grad;
+  for (const auto& item : root.named_parameters()) {
+    out.emplace_back(item.key(), unshard(item.value().detach(), shardings.at(item.key()), group));
+  }
+  return out;
+}
+
+std::vector<std::int64_t> whole_shape(const at::Tensor& shard, const ParameterSharding& s, int tp_size) {
+  std::vector<std::int64_t> shape = shard.sizes().vec();
+  if (s.tensor_parallel_dim < 0) return shape;
+  const auto d = static_cast<std::size_t>(s.tensor_parallel_dim);
+  shape[d] = s.logical_size > 0 ? s.logical_size : shape[d] * shard_count(s, tp_size);
+  return shape;
+}
+
+at::Tensor shard_of(const at::Tensor& whole, const ParameterSharding& s, int tp_rank, int tp_size,
+                    std::int64_t local_extent) {
+  if (s.tensor_parallel_dim < 0) return whole;
+  const std::int64_t d = s.tensor_parallel_dim, shards = shard_count(s, tp_size);
+  const std::int64_t index = tp_rank / s.tensor_parallel_replicas;
+  if (s.partition_stride > 1) {
+    // Interleaved blocks (fused q/k/v, gate/up), each split separately.
+    if (whole.size(d) != local_extent * shards) {
+      throw Error("a strided parameter's whole size " + std::to_string(whole.size(d)) + " is not " +
+                  std::to_string(shards) + " x its shard's " + std::to_string(local_extent));
+    }
+    const std::int64_t block = whole.size(d) / s.partition_stride, chunk = block / shards;
+    std::vector<at::Tensor> parts;
+    for (std::int64_t b = 0; b < s.partition_stride; ++b) parts.push_back(whole.narrow(d, b * block + index * chunk, chunk));
+    return at::cat(parts, d);
+  }
+  const std::int64_t padded = local_extent * shards;
+  if (whole.size(d) > padded || (whole.size(d) < padded && s.logical_size != whole.size(d))) {
+    throw Error("a parameter split in " + std::to_string(shards) + " shards of " + std::to_string(local_extent) +
+                " along dimension " + std::to_string(d) + " cannot come from a whole tensor of " +
+                std::to_string(whole.size(d)));
+  }
+  const std::int64_t begin = index * local_extent;
+  const std::int64_t real = std::clamp<std::int64_t>(whole.size(d) - begin, 0, local_extent);
+  if (real == local_extent) return whole.narrow(d, begin, local_extent);
+  std::vector<std::int64_t> shape = whole.sizes().vec();
+  shape[static_cast<std::size_t>(d)] = local_extent;
+  at::Tensor out = at::zeros(shape, whole.options());  // the padding rows
+  if (real > 0) out.narrow(d, 0, real).copy_(whole.narrow(d, begin, real));
+  return out;
+}
+
+at::Tensor unshard(const at::Tensor& shard, const ParameterSharding& s, const std::shared_ptr<ProcessGroup>& group) {
+  const int tp_size = group_size(group);
+  if (s.tensor_parallel_dim < 0 || tp_size == 1) return shard;
+  const std::int64_t d = s.tensor_parallel_dim, shards = shard_count(s, tp_size), local = shard.size(d);
+  at::Tensor all = all_gather_along(group, shard, d);  // [tp_size x local] along d
+  std::vector<at::Tensor> distinct;
+  for (std::int64_t i = 0; i < shards; ++i) distinct.push_back(all.narrow(d, i * s.tensor_parallel_replicas * local, local));
+  at::Tensor whole;
+  if (s.partition_stride > 1) {
+    const std::int64_t chunk = local / s.partition_stride;
+    std::vector<at::Tensor> parts;
+    for (std::int64_t b = 0; b < s.partition_stride; ++b) {
+      for (const auto& piece : distinct) parts.push_back(piece.narrow(d, b * chunk, chunk));
+    }
+    whole = at::cat(parts, d);
+  } else {
+    whole = at::cat(distinct, d);
+  }
+  return s.logical_size > 0 ? whole.narrow(d, 0, s.logical_size).contiguous() : whole;
 }
 
 }  // namespace neva::nn

@@ -8,10 +8,12 @@
 #include <algorithm>
 #include <functional>
 #include <future>
+#include <mutex>
 #include <thread>
 #include <cstdlib>
 #include <optional>
 
+#include "neva/context.h"
 #include "neva/error.h"
 
 namespace neva {
@@ -116,6 +118,12 @@ World& World::operator=(const World&) = default;
 World::World(World&&) noexcept = default;
 World& World::operator=(World&&) noexcept = default;
 
+int World::launched_size() {
+  if (env("WORLD_SIZE") || env("RANK")) return env("WORLD_SIZE") ? env_int("WORLD_SIZE", 1, 1 << 20) : 1;
+  if (env("SLURM_NTASKS") && env("SLURM_PROCID")) return env_int("SLURM_NTASKS", 1, 1 << 20);
+  return 1;
+}
+
 World World::from_environment(std::chrono::milliseconds timeout) {
   World world;
   world.timeout = timeout;
@@ -149,15 +157,32 @@ World World::from_environment(std::chrono::milliseconds timeout) {
   try {
     world.store = c10::make_intrusive<c10d::TCPStore>(world.master_addr, options);
   } catch (const std::exception& error) {
+    // Rank 0 holds the store: it failed to listen (the port in use) or its peers never came.
+    std::string reason = error.what();
+    reason = reason.substr(0, reason.find("\nException raised from"));  // c10's backtrace: not for users
     throw Error("rank " + std::to_string(world.rank) + " of " + std::to_string(world.size) +
-                ": cannot reach the rendezvous store at " + world.master_addr + ":" +
-                std::to_string(world.master_port) + ": " + error.what());
+                (world.rank == 0 ? ": cannot hold the rendezvous store on port " + std::to_string(world.master_port) +
+                                       " (MASTER_PORT) for " + world.master_addr + " (MASTER_ADDR)"
+                                 : ": cannot reach the rendezvous store at " + world.master_addr + ":" +
+                                       std::to_string(world.master_port)) +
+                ": " + reason);
   }
   return world;
 }
 
+struct ProcessGroup::Accounting {
+  std::mutex mutex;
+  TrafficByOperation traffic;
+  void waited(const std::string& operation, double seconds) {
+    std::lock_guard<std::mutex> lock(mutex);
+    traffic[operation].seconds += seconds;
+  }
+};
+
 struct Work::State {
   std::string what;  // "process group 'tp' (rank 0 of 2): all_gather"
+  std::string operation;  // "all_gather"
+  std::shared_ptr<ProcessGroup::Accounting> accounting;
   std::vector<c10::intrusive_ptr<c10d::Work>> parts;
   std::function<void()> then;  // run once, after a successful wait (Avg's division)
   // A timed wait waits on a thread of its own: c10d's timed waits end a Gloo send or receive for
@@ -182,6 +207,17 @@ bool Work::completed() const {
 
 void Work::wait(std::chrono::milliseconds timeout) {
   if (!state_ || state_->done) return;
+  const auto started = std::chrono::steady_clock::now();
+  struct Record {  // the time blocked here, however the wait ends
+    State& state;
+    std::chrono::steady_clock::time_point started;
+    ~Record() {
+      if (state.accounting) {
+        state.accounting->waited(state.operation,
+                                 std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count());
+      }
+    }
+  } record{*state_, started};
   try {
     if (timeout == kNoTimeout && !state_->waiter.valid()) {
       for (auto& part : state_->parts) part->wait();
@@ -214,7 +250,13 @@ void Work::wait(std::chrono::milliseconds timeout) {
 }
 
 ProcessGroup::ProcessGroup(c10::intrusive_ptr<c10d::Backend> backend, std::string name, std::vector<int> global_ranks)
-    : backend_(std::move(backend)), name_(std::move(name)), global_ranks_(std::move(global_ranks)) {}
+    : backend_(std::move(backend)), name_(std::move(name)), global_ranks_(std::move(global_ranks)),
+      accounting_(std::make_shared<Accounting>()) {}
+
+TrafficByOperation ProcessGroup::traffic() const {
+  std::lock_guard<std::mutex> lock(accounting_->mutex);
+  return accounting_->traffic;
+}
 ProcessGroup::~ProcessGroup() = default;
 
 int ProcessGroup::rank() const { return backend_->getRank(); }
@@ -222,10 +264,18 @@ int ProcessGroup::size() const { return backend_->getSize(); }
 std::string ProcessGroup::backend_name() const { return backend_->getBackendName(); }
 
 Work ProcessGroup::make_work(const char* what, std::vector<c10::intrusive_ptr<c10d::Work>> parts,
-                             std::function<void()> then) const {
+                             std::function<void()> then, std::int64_t bytes) const {
   auto state = std::make_unique<Work::State>();
   state->what = "process group '" + name_ + "' (rank " + std::to_string(rank()) + " of " + std::to_string(size()) +
                 "): " + what;
+  state->operation = what;
+  state->accounting = accounting_;
+  {
+    std::lock_guard<std::mutex> lock(accounting_->mutex);
+    Traffic& traffic = accounting_->traffic[what];
+    ++traffic.calls;
+    traffic.bytes += bytes;
+  }
   state->parts = std::move(parts);
   state->then = std::move(then);
   return Work(std::move(state));
@@ -254,6 +304,10 @@ void check_rows(const ProcessGroup& group, const char* what, const at::Tensor& w
   }
 }
 
+std::int64_t bytes_of(const at::Tensor& tensor) {
+  return tensor.numel() * static_cast<std::int64_t>(tensor.element_size());
+}
+
 void check_peer(const ProcessGroup& group, const char* what, int peer) {
   if (peer < 0 || peer >= group.size() || peer == group.rank()) {
     throw Error("process group '" + group.name() + "' (rank " + std::to_string(group.rank()) + " of " +
@@ -271,7 +325,7 @@ Work ProcessGroup::all_reduce(at::Tensor& tensor, ReduceOp op) {
   auto work = start(*this, "all_reduce", [&] { return backend_->allreduce(tensors, options); });
   std::function<void()> then;
   if (op == ReduceOp::Avg) then = [tensor, size = size()]() mutable { tensor.div_(size); };
-  return make_work("all_reduce", {work}, std::move(then));
+  return make_work("all_reduce", {work}, std::move(then), bytes_of(tensor));
 }
 
 Work ProcessGroup::broadcast(at::Tensor& tensor, int root) {
@@ -282,7 +336,8 @@ Work ProcessGroup::broadcast(at::Tensor& tensor, int root) {
   std::vector<at::Tensor> tensors{tensor};
   c10d::BroadcastOptions options;
   options.rootRank = root;
-  return make_work("broadcast", {start(*this, "broadcast", [&] { return backend_->broadcast(tensors, options); })});
+  return make_work("broadcast", {start(*this, "broadcast", [&] { return backend_->broadcast(tensors, options); })},
+                   nullptr, bytes_of(tensor));
 }
 
 Work ProcessGroup::barrier() {
@@ -293,7 +348,8 @@ Work ProcessGroup::all_gather_into_tensor(at::Tensor& output, const at::Tensor& 
   check_rows(*this, "all_gather_into_tensor", output, input);
   at::Tensor source = input;
   return make_work("all_gather_into_tensor",
-                   {start(*this, "all_gather_into_tensor", [&] { return backend_->_allgather_base(output, source); })});
+                   {start(*this, "all_gather_into_tensor", [&] { return backend_->_allgather_base(output, source); })},
+                   nullptr, bytes_of(output));
 }
 
 Work ProcessGroup::all_gather(std::vector<at::Tensor>& outputs, const at::Tensor& input) {
@@ -304,7 +360,8 @@ Work ProcessGroup::all_gather(std::vector<at::Tensor>& outputs, const at::Tensor
   }
   std::vector<std::vector<at::Tensor>> gathered{outputs};
   std::vector<at::Tensor> inputs{input};
-  return make_work("all_gather", {start(*this, "all_gather", [&] { return backend_->allgather(gathered, inputs); })});
+  return make_work("all_gather", {start(*this, "all_gather", [&] { return backend_->allgather(gathered, inputs); })},
+                   nullptr, bytes_of(input) * size());
 }
 
 Work ProcessGroup::reduce_scatter_tensor(at::Tensor& output, const at::Tensor& input, ReduceOp op) {
@@ -315,7 +372,7 @@ Work ProcessGroup::reduce_scatter_tensor(at::Tensor& output, const at::Tensor& i
   auto work = start(*this, "reduce_scatter_tensor", [&] { return backend_->_reduce_scatter_base(output, source, options); });
   std::function<void()> then;
   if (op == ReduceOp::Avg) then = [output, size = size()]() mutable { output.div_(size); };
-  return make_work("reduce_scatter_tensor", {work}, std::move(then));
+  return make_work("reduce_scatter_tensor", {work}, std::move(then), bytes_of(input));
 }
 
 Work ProcessGroup::all_to_all_single(at::Tensor& output, const at::Tensor& input,
@@ -339,19 +396,22 @@ Work ProcessGroup::all_to_all_single(at::Tensor& output, const at::Tensor& input
   std::vector<std::int64_t> out_splits = output_splits, in_splits = input_splits;
   return make_work("all_to_all_single", {start(*this, "all_to_all_single", [&] {
                      return backend_->alltoall_base(output, source, out_splits, in_splits);
-                   })});
+                   })},
+                   nullptr, bytes_of(input));
 }
 
 Work ProcessGroup::isend(at::Tensor& tensor, int peer, int tag) {
   check_peer(*this, "isend", peer);
   std::vector<at::Tensor> tensors{tensor};
-  return make_work("isend", {start(*this, "isend", [&] { return backend_->send(tensors, peer, tag); })});
+  return make_work("isend", {start(*this, "isend", [&] { return backend_->send(tensors, peer, tag); })}, nullptr,
+                   bytes_of(tensor));
 }
 
 Work ProcessGroup::irecv(at::Tensor& tensor, int peer, int tag) {
   check_peer(*this, "irecv", peer);
   std::vector<at::Tensor> tensors{tensor};
-  return make_work("irecv", {start(*this, "irecv", [&] { return backend_->recv(tensors, peer, tag); })});
+  return make_work("irecv", {start(*this, "irecv", [&] { return backend_->recv(tensors, peer, tag); })}, nullptr,
+                   bytes_of(tensor));
 }
 
 Work ProcessGroup::batch_isend_irecv(const std::vector<P2POp>& ops) {
@@ -372,7 +432,38 @@ Work ProcessGroup::batch_isend_irecv(const std::vector<P2POp>& ops) {
     throw;
   }
   if (coalesce) parts = {start(*this, "batch_isend_irecv", [&] { return backend_->endCoalescing(); })};
-  return make_work("batch_isend_irecv", std::move(parts));
+  std::int64_t bytes = 0;
+  for (const auto& op : ops) bytes += bytes_of(op.tensor);
+  return make_work("batch_isend_irecv", std::move(parts), nullptr, bytes);
+}
+
+TrafficByGroup traffic(const ParallelGroups& g) {
+  const std::pair<const char*, const std::shared_ptr<ProcessGroup>*> kinds[] = {
+      {"tensor", &g.tensor}, {"pipeline", &g.pipeline}, {"data", &g.data}, {"context", &g.context},
+      {"expert", &g.expert}, {"expert_data", &g.expert_data}, {"tensor_and_data", &g.tensor_and_data},
+      {"data_and_context", &g.data_and_context}, {"tensor_and_expert", &g.tensor_and_expert},
+      {"embedding", &g.embedding}, {"position_embedding", &g.position_embedding}, {"world", &g.world}};
+  TrafficByGroup out;
+  for (const auto& [kind, group] : kinds) {
+    if (*group) out[kind] = (*group)->traffic();
+  }
+  return out;
+}
+
+TrafficByGroup traffic_since(const TrafficByGroup& before, const TrafficByGroup& after) {
+  TrafficByGroup out;
+  for (const auto& [kind, operations] : after) {
+    const auto earlier = before.find(kind);
+    for (const auto& [operation, now] : operations) {
+      Traffic then;
+      if (earlier != before.end()) {
+        if (auto found = earlier->second.find(operation); found != earlier->second.end()) then = found->second;
+      }
+      if (now.calls == then.calls) continue;
+      out[kind][operation] = {now.calls - then.calls, now.bytes - then.bytes, now.seconds - then.seconds};
+    }
+  }
+  return out;
 }
 
 std::shared_ptr<ProcessGroup> new_group(const World& world, const std::string& name, std::vector<int> global_ranks,

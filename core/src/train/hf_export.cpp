@@ -82,13 +82,18 @@ ExportPlan plan_export(const HfExportSource& source, LlavaModel& model) {
 
 void check_hf_exportable(const HfExportSource& source, LlavaModel& model) { plan_export(source, model); }
 
-void export_hf(const HfExportSource& source, LlavaModel& model, const fs::path& directory) {
+void export_hf(const HfExportSource& source, LlavaModel& model, const fs::path& directory,
+               const std::vector<std::pair<std::string, at::Tensor>>& llm_weights) {
   const ExportPlan plan = plan_export(source, model);
   const VisionEncoderConfig* vision = plan.vision;
   const json& text_config = plan.text_config;
   const json& vision_config = plan.vision_config;
   std::vector<std::pair<std::string, at::Tensor>> tensors;
-  for (const auto& item : model.backbone().named_parameters()) tensors.emplace_back("language_model." + item.key(), item.value());
+  if (llm_weights.empty()) {
+    for (const auto& item : model.backbone().named_parameters()) tensors.emplace_back("language_model." + item.key(), item.value());
+  } else {
+    for (const auto& [name, tensor] : llm_weights) tensors.emplace_back("language_model." + name, tensor);
+  }
   for (const auto& item : model.encoder()->named_parameters()) {
     std::string name = item.key();
     if (name.rfind("vision_model.", 0) == 0) name = name.substr(13);

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "neva/error.h"
+#include "neva/parallel/mappings.h"
 
 namespace neva {
 
@@ -35,12 +36,28 @@ LabelledPositions labelled_positions(const at::Tensor& labels) {
   return {mask, next.masked_select(next != kIgnoreIndex)};
 }
 
-at::Tensor labelled_lm_loss(const at::Tensor& logits, const LabelledPositions& positions) {
+namespace {
+
+at::Tensor labelled_rows(const at::Tensor& logits, const LabelledPositions& positions) {
   at::Tensor selected = logits.dim() == 3 ? logits.index({positions.mask.to(logits.device())}) : logits;
   if (selected.size(0) != positions.targets.size(0)) {
     throw Error("labelled_lm_loss: " + std::to_string(selected.size(0)) + " logits rows for " +
                 std::to_string(positions.targets.size(0)) + " labelled positions");
   }
+  return selected;
+}
+
+}  // namespace
+
+at::Tensor labelled_lm_loss(const at::Tensor& logits, const LabelledPositions& positions,
+                            const std::shared_ptr<ProcessGroup>& tensor_group, std::int64_t vocab_start,
+                            std::int64_t vocab_size) {
+  const at::Tensor selected = labelled_rows(logits, positions);
+  return vocab_parallel_cross_entropy(tensor_group, selected, positions.targets, vocab_start, vocab_size).mean();
+}
+
+at::Tensor labelled_lm_loss(const at::Tensor& logits, const LabelledPositions& positions) {
+  const at::Tensor selected = labelled_rows(logits, positions);
   return at::cross_entropy_loss(selected.to(loss_dtype(selected)), positions.targets.to(logits.device()), {}, at::Reduction::Mean,
                                 kIgnoreIndex);
 }

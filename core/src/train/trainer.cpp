@@ -12,6 +12,7 @@
 #include "neva/io/atomic_file.h"
 #include "neva/io/json.h"
 #include "neva/io/safetensors.h"
+#include "neva/nn/linear.h"
 #include "neva/parallel/process_group.h"
 #include "neva/train/loss.h"
 
@@ -50,37 +51,6 @@ class SequentialSchedule : public Schedule {
 Schedule::~Schedule() = default;
 std::unique_ptr<Schedule> sequential_schedule() { return std::make_unique<SequentialSchedule>(); }
 
-std::function<void(std::vector<TrainedTensor>&)> all_reduce_gradients(std::shared_ptr<ProcessGroup> group,
-                                                                      std::chrono::milliseconds timeout) {
-  return [group = std::move(group), timeout](std::vector<TrainedTensor>& trained) {
-    if (!group || group->size() == 1) return;
-    at::NoGradGuard no_grad;
-    // One buffer per dtype (fp32 main gradients; fp64 in the equivalence tests), in trained order:
-    // the same layout on every replica.
-    std::map<at::ScalarType, std::vector<TrainedTensor*>> by_dtype;
-    for (auto& t : trained) by_dtype[t.main.scalar_type()].push_back(&t);
-    for (auto& [dtype, tensors] : by_dtype) {
-      std::vector<at::Tensor> flat;
-      for (TrainedTensor* t : tensors) {
-        const at::Tensor& grad = t->main.grad();
-        flat.push_back(grad.defined() ? grad.reshape({-1}) : at::zeros({t->main.numel()}, t->main.options()));
-      }
-      at::Tensor buffer = at::cat(flat);
-      group->all_reduce(buffer).wait(timeout);
-      std::int64_t offset = 0;
-      for (TrainedTensor* t : tensors) {
-        at::Tensor summed = buffer.narrow(0, offset, t->main.numel()).view(t->main.sizes());
-        offset += t->main.numel();
-        if (t->main.grad().defined()) {
-          t->main.mutable_grad().copy_(summed);
-        } else {
-          t->main.mutable_grad() = summed.clone();
-        }
-      }
-    }
-  };
-}
-
 std::unique_ptr<Schedule> schedule_for(const ParallelGroups& groups) {
   const int stages = group_size(groups.pipeline);
   if (stages > 1) {
@@ -98,27 +68,47 @@ Trainer::Trainer(LlavaModel& model, const PrecisionRecipe& precision, RuntimeCon
       options_(std::move(options)),
       schedule_(schedule ? std::move(schedule) : schedule_for(context.groups)),
       guard_(options_.loss_spike) {
-  main_copies_ = context_.dtypes.params != context_.dtypes.main_params;
+  // ZeRO-1 keeps the main weights in its shares only: no whole main copies then.
+  const bool zero = options_.optim.distributed && group_size(context_.groups.data) > 1;
+  main_copies_ = !zero && context_.dtypes.params != context_.dtypes.main_params;
   std::vector<torch::nn::Module*> modules;
   for (auto& [prefix, module] : components(model_)) {
     modules.push_back(module);
     module->train();
+    std::map<std::string, nn::ParameterSharding> shardings;
+    for (auto& [name, sharding] : nn::parameter_shardings(*module)) shardings.emplace(name, sharding);
     for (const auto& item : module->named_parameters()) {
       if (!item.value().requires_grad()) continue;
       at::Tensor main =
           main_copies_ ? item.value().detach().to(context_.dtypes.main_params).clone() : item.value();
-      trained_.push_back({prefix + "." + item.key(), item.value(), main});
+      trained_.push_back({prefix + "." + item.key(), item.value(), main, shardings.at(item.key())});
       mains_.push_back(main);
     }
+  }
+  // The gradient norm counts each parameter once over the tensor-parallel group: a shard with its
+  // share, a replicated tensor on the group's first rank.
+  const int tp_rank = group_rank(context_.groups.tensor);
+  for (const auto& t : trained_) {
+    const auto& sharding = t.sharding;
+    norm_weights_.push_back(sharding.tensor_parallel_dim >= 0 ? 1.0 / static_cast<double>(sharding.tensor_parallel_replicas)
+                                                              : (tp_rank == 0 ? 1.0 : 0.0));
   }
   if (trained_.empty()) throw Error(options_.source + ": nothing to train: every component is frozen");
   // bf16 mixed: the frozen linear and convolution weights are cast once instead of at every forward.
   frozen_casts_ = std::make_unique<FrozenWeightCasts>(
       modules, context_.dtypes.params == at::kFloat ? context_.dtypes.compute : at::kFloat,
       options_.keep_frozen_originals);
-  optimizer_ = make_adamw(mains_, options_.optim);
+  if (!zero) optimizer_ = make_adamw(mains_, options_.optim);
   if (group_size(context_.groups.data) > 1) {
-    sync_gradients = all_reduce_gradients(context_.groups.data, options_.collective_timeout);
+    GradientBucketOptions bucket_options = options_.gradient_buckets;
+    bucket_options.timeout = options_.collective_timeout;
+    bucket_options.shard = zero;
+    if (zero) bucket_options.grad_dtype = context_.dtypes.main_params;  // fp32 gradients of bf16 weights
+    buckets_ = std::make_unique<GradientBuckets>(trained_, context_.groups.data, bucket_options);
+    if (zero) {
+      distributed_ = std::make_unique<DistributedOptimizer>(trained_, *buckets_, context_.groups.data, options_.optim,
+                                                            context_.dtypes.main_params, options_.collective_timeout);
+    }
   }
 }
 
@@ -151,6 +141,9 @@ StepReport Trainer::train_step(const std::vector<TrainingBatch>& batches) {
     labelled = count.item<std::int64_t>();
   }
   const auto accumulation = static_cast<double>(batches.size()) * replica_count;  // micro-batches in the global batch
+  // Tensor parallelism: the LM head's logits stay split over the vocabulary, and so does the loss.
+  const bool tensor_parallel = group_size(context_.groups.tensor) > 1;
+  const nn::VocabularyShard vocabulary = nn::vocabulary_shard(context_, model_.backbone().vocab_size());
   // The loss is the mean over every labelled token of the global batch, whatever the split into
   // micro-batches or packed rows: each micro-batch contributes its share.
   auto forward_backward = [&](std::size_t index) -> double {
@@ -165,15 +158,19 @@ StepReport Trainer::train_step(const std::vector<TrainingBatch>& batches) {
     // The LM head runs only where a labelled token follows (stage 2: the answers).
     LabelledPositions positions = labelled_positions(batch.labels);
     inputs.logits_mask = positions.mask;
+    inputs.vocab_parallel_logits = tensor_parallel;
     at::Tensor loss;
     {
       auto scope = precision_.enter_forward(context_);
       BackboneOutputs outputs = model_.forward(inputs);
-      loss = labelled_lm_loss(outputs.logits, positions) *
+      loss = (tensor_parallel ? labelled_lm_loss(outputs.logits, positions, context_.groups.tensor, vocabulary.start,
+                                                 model_.backbone().vocab_size())
+                              : labelled_lm_loss(outputs.logits, positions)) *
              (static_cast<double>(batch.labelled_tokens) / static_cast<double>(std::max<std::int64_t>(1, labelled)));
       if (outputs.aux_loss.defined()) loss = loss + outputs.aux_loss.to(loss.scalar_type()) / accumulation;
     }
     // Text-only samples while only the vision side trains: nothing to differentiate.
+    if (buckets_ && index + 1 == batches.size()) buckets_->arm();  // the step's last backward pass
     if (loss.requires_grad()) loss.backward();
     if (main_copies_) {  // O2: accumulate in fp32 (Megatron's main_grad), not in the bf16 .grad
       at::NoGradGuard no_grad;
@@ -191,13 +188,22 @@ StepReport Trainer::train_step(const std::vector<TrainingBatch>& batches) {
   };
   const std::string at_step = options_.title + ": step " + std::to_string(step_ + 1) + ": ";
   report.loss = schedule_->run(batches.size(), forward_backward);
+  if (labelled == 0) throw Error(at_step + "the global batch holds no labelled token");
+  // Data parallelism's reduction first — on the data-parallel group right after the backward pass,
+  // whose gradient buckets every replica finishes in the same order before any other collective
+  // there — then tensor parallelism's fix-up, on the whole gradients or on ZeRO-1's shares.
+  if (buckets_) report.gradient_sync = buckets_->finish();
+  if (distributed_) {
+    distributed_->finalize_tensor_parallel(context_.groups.tensor);
+  } else {
+    finalize_tensor_parallel_gradients(trained_, context_.groups.tensor);
+  }
+  if (gradients_ready) gradients_ready(trained_);
   if (replica_count > 1) {  // the replicas' shares of the global loss
     at::Tensor loss = at::tensor({report.loss}, at::TensorOptions(at::kDouble).device(context_.device));
     replicas->all_reduce(loss).wait(options_.collective_timeout);
     report.loss = loss.item<double>();
   }
-  if (labelled == 0) throw Error(at_step + "the global batch holds no labelled token");
-  if (sync_gradients) sync_gradients(trained_);
   report.forward_backward_seconds = seconds_since(started);
 
   const double loss_value = report.loss;
@@ -215,7 +221,9 @@ StepReport Trainer::train_step(const std::vector<TrainingBatch>& batches) {
   // The clipping factor is applied inside the optimizer's fused update (no pass of its own).
   report.lr = learning_rate(options_.optim, step_);
   if (!report.skipped) {
-    const GradientNorm norm = gradient_norm(mains_, options_.optim.clip_grad);
+    const GradientNorm norm =
+        distributed_ ? distributed_->gradient_norm(options_.optim.clip_grad, norm_weights_, context_.groups.tensor)
+                     : gradient_norm(mains_, options_.optim.clip_grad, norm_weights_, context_.groups.tensor);
     report.grad_norm = norm.norm;
     if (!std::isfinite(report.grad_norm)) {
       throw Error(at_step + "the gradient norm is " +
@@ -223,12 +231,20 @@ StepReport Trainer::train_step(const std::vector<TrainingBatch>& batches) {
                   std::to_string(loss_value) + "); stopping before the update (last good checkpoint: " +
                   options_.last_checkpoint() + "). Lower model.optim.lr, or use fp32 to find the overflowing layer");
     }
-    set_learning_rate(*optimizer_, report.lr);
-    scaled_step(*optimizer_, norm.clip_scale);
+    if (distributed_) {
+      distributed_->step(report.lr, norm.clip_scale);
+    } else {
+      set_learning_rate(*optimizer_, report.lr);
+      scaled_step(*optimizer_, norm.clip_scale);
+    }
   } else {
     report.skip_reason = why;
   }
-  optimizer_->zero_grad(true);
+  if (buckets_) {
+    buckets_->zero();  // the gradients are views into the buckets
+  } else {
+    optimizer_->zero_grad(true);
+  }
   if (main_copies_) {
     for (auto& t : trained_) t.param.copy_(t.main);
   }
@@ -237,22 +253,66 @@ StepReport Trainer::train_step(const std::vector<TrainingBatch>& batches) {
   return report;
 }
 
-void Trainer::save(const fs::path& directory, const std::vector<std::uint64_t>& consumed_samples) const {
-  if (consumed_samples.empty()) throw Error("Trainer::save: no data position given");
-  std::vector<std::pair<std::string, at::Tensor>> weights, moments;
+std::int64_t Trainer::optimizer_state_bytes() const {
+  if (distributed_) return distributed_->state_bytes();
+  std::int64_t bytes = 0;
   for (const auto& t : trained_) {
-    weights.emplace_back(t.name, t.main.detach());
+    const std::int64_t main = t.main.numel() * static_cast<std::int64_t>(t.main.element_size());
+    bytes += (main_copies_ ? 3 : 2) * main;
+  }
+  return bytes;
+}
+
+std::vector<at::Tensor> Trainer::gradients() const {
+  if (distributed_) return distributed_->gather_gradients();
+  std::vector<at::Tensor> out;
+  for (const auto& t : trained_) out.push_back(t.main.grad().defined() ? t.main.grad().detach().clone() : at::zeros_like(t.main));
+  return out;
+}
+
+Trainer::State Trainer::gather_state() const {
+  State state;
+  const std::shared_ptr<ProcessGroup>& tp = context_.groups.tensor;
+  if (distributed_) {  // ZeRO-1: whole over the replicas first, then over the tensor-parallel group
+    const DistributedOptimizer::Whole whole = distributed_->gather();
+    for (std::size_t i = 0; i < trained_.size(); ++i) {
+      const TrainedTensor& t = trained_[i];
+      state.weights.emplace_back(t.name, nn::unshard(whole.main[i], t.sharding, tp));
+      if (whole.steps == 0) continue;
+      state.moments.emplace_back("step." + t.name, at::scalar_tensor(whole.steps, at::kLong));
+      state.moments.emplace_back("exp_avg." + t.name, nn::unshard(whole.exp_avg[i], t.sharding, tp));
+      state.moments.emplace_back("exp_avg_sq." + t.name, nn::unshard(whole.exp_avg_sq[i], t.sharding, tp));
+    }
+  }
+  for (const auto& t : trained_) {
+    if (distributed_) break;
+    state.weights.emplace_back(t.name, nn::unshard(t.main.detach(), t.sharding, tp));
+    // A tensor that never had a gradient (an expert no token reached) has no state yet; under tensor
+    // parallelism every rank of the group holds the same tensors' states (each of its shards was
+    // updated in the same steps), so they gather together.
     auto found = optimizer_->state().find(t.main.unsafeGetTensorImpl());
-    if (found == optimizer_->state().end()) continue;  // never updated: no state to keep
+    if (found == optimizer_->state().end()) continue;
     auto& moment = static_cast<torch::optim::AdamWParamState&>(*found->second);
-    moments.emplace_back("step." + t.name, at::scalar_tensor(moment.step(), at::kLong));
-    moments.emplace_back("exp_avg." + t.name, moment.exp_avg());
-    moments.emplace_back("exp_avg_sq." + t.name, moment.exp_avg_sq());
+    state.moments.emplace_back("step." + t.name, at::scalar_tensor(moment.step(), at::kLong));
+    state.moments.emplace_back("exp_avg." + t.name, nn::unshard(moment.exp_avg(), t.sharding, tp));
+    state.moments.emplace_back("exp_avg_sq." + t.name, nn::unshard(moment.exp_avg_sq(), t.sharding, tp));
   }
-  moments.emplace_back("rng.cpu", context_.generator.get_state());
+  state.moments.emplace_back("rng.cpu", context_.generator.get_state());
   if (!context_.device.is_cpu()) {
-    moments.emplace_back(rng_key(context_.device), at::globalContext().defaultGenerator(context_.device).get_state());
+    state.moments.emplace_back(rng_key(context_.device), at::globalContext().defaultGenerator(context_.device).get_state());
   }
+  return state;
+}
+
+void Trainer::save(const fs::path& directory, const std::vector<std::uint64_t>& consumed_samples) const {
+  save(directory, consumed_samples, gather_state());
+}
+
+void Trainer::save(const fs::path& directory, const std::vector<std::uint64_t>& consumed_samples,
+                   const State& gathered) const {
+  if (consumed_samples.empty()) throw Error("Trainer::save: no data position given");
+  const auto& weights = gathered.weights;
+  const auto& moments = gathered.moments;
   write_safetensors((directory / "model.safetensors").string(), weights, {{"format", "pt"}});
   write_safetensors((directory / "optimizer.safetensors").string(), moments);
   json state = {{"step", step_},
@@ -295,21 +355,39 @@ std::vector<std::uint64_t> Trainer::restore(const fs::path& directory) {
   } catch (const json::exception& malformed) {
     throw Error(state_path + ": malformed trainer state: " + json_error_reason(malformed));
   }
+  const int tp = group_size(context_.groups.tensor), tp_rank = group_rank(context_.groups.tensor);
+  std::vector<at::Tensor> zero_main, zero_first, zero_second;  // ZeRO-1: this rank's tensor-parallel shards, whole
+  std::int64_t zero_steps = 0;
   for (const auto& t : trained_) {
     if (!weights.contains(t.name)) {
       throw Error(weights.path() + ": has no tensor '" + t.name + "', which this recipe trains; was the checkpoint " +
                   "written by a recipe that froze other components?");
     }
-    t.main.copy_(weights.tensor(t.name, t.main.sizes()));
+    // Whole tensors in the files; this rank keeps its shard (tensor parallelism).
+    const std::vector<std::int64_t> whole = nn::whole_shape(t.main, t.sharding, tp);
+    const std::int64_t extent = t.sharding.tensor_parallel_dim >= 0 ? t.main.size(t.sharding.tensor_parallel_dim) : 0;
+    auto shard = [&](const SafetensorsCheckpoint& file, const std::string& name) {
+      return nn::shard_of(file.tensor(name, whole), t.sharding, tp_rank, tp, extent);
+    };
+    if (distributed_) {
+      zero_main.push_back(shard(weights, t.name).to(context_.dtypes.main_params));
+      const bool has = moments.contains("step." + t.name);
+      if (has) zero_steps = moments.tensor("step." + t.name).item<std::int64_t>();
+      zero_first.push_back(has ? shard(moments, "exp_avg." + t.name) : at::zeros_like(zero_main.back()));
+      zero_second.push_back(has ? shard(moments, "exp_avg_sq." + t.name) : at::zeros_like(zero_main.back()));
+      continue;
+    }
+    t.main.copy_(shard(weights, t.name));
     if (main_copies_) t.param.copy_(t.main);
     // A tensor that never had a gradient (an expert no token reached) has no optimizer state yet.
     if (!moments.contains("step." + t.name)) continue;
     auto moment = std::make_unique<torch::optim::AdamWParamState>();
     moment->step(moments.tensor("step." + t.name).item<std::int64_t>());
-    moment->exp_avg(moments.tensor("exp_avg." + t.name, t.main.sizes()).to(t.main.options()).clone());
-    moment->exp_avg_sq(moments.tensor("exp_avg_sq." + t.name, t.main.sizes()).to(t.main.options()).clone());
+    moment->exp_avg(shard(moments, "exp_avg." + t.name).to(t.main.options()).clone());
+    moment->exp_avg_sq(shard(moments, "exp_avg_sq." + t.name).to(t.main.options()).clone());
     optimizer_->state()[t.main.unsafeGetTensorImpl()] = std::move(moment);
   }
+  if (distributed_) distributed_->restore(zero_main, zero_first, zero_second, zero_steps);
   context_.generator.set_state(moments.tensor("rng.cpu"));  // the context's generator (CPU)
   // The accelerator's generator too, when the checkpoint was written on the same kind of device.
   if (!context_.device.is_cpu() && moments.contains(rng_key(context_.device))) {

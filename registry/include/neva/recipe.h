@@ -121,6 +121,8 @@ struct ModelConfig {            // model
   std::int64_t global_batch_size = 1;
   std::string tokenizer;        // model.tokenizer.model: a tokenizer directory or file
   std::int64_t encoder_seq_length = 2048;  // longest training sample (tokens, image tokens included)
+  // Under tensor parallelism the vocabulary is padded to a multiple of this x tensor_model_parallel_size.
+  std::int64_t make_vocab_size_divisible_by = 128;
   ActivationCheckpointConfig activations_checkpoint;
   OptimizerConfig optim;        // model.optim (+ .sched); max_steps and clipping from trainer
   DataConfig data;

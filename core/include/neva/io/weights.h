@@ -5,6 +5,7 @@
 #include <torch/nn/module.h>
 
 #include <functional>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -13,6 +14,8 @@
 #include "neva/io/safetensors.h"
 
 namespace neva {
+
+class ProcessGroup;
 
 struct WeightMap {
   // (module prefix, checkpoint prefix) pairs: a parameter "model.norm.weight" is read from
@@ -40,8 +43,10 @@ NEVA_API WeightMap detect_layout(const SafetensorsCheckpoint& checkpoint, const 
                                  std::function<bool(const std::string&)> may_ignore = nullptr);
 
 // Copies every parameter of `module` from `checkpoint` (converting dtype, keeping device).
-// `what` names the component in errors ("llama language model").
+// `what` names the component in errors ("llama language model"). With a tensor-parallel group of
+// more than one rank, a parameter split over it (neva::nn's ParameterSharding) takes its shard of the
+// whole checkpoint tensor.
 NEVA_API void load_weights(torch::nn::Module& module, const SafetensorsCheckpoint& checkpoint, const WeightMap& map,
-                           const std::string& what);
+                           const std::string& what, const std::shared_ptr<ProcessGroup>& tensor_group = nullptr);
 
 }  // namespace neva

@@ -24,6 +24,7 @@ struct MultimodalInputs {
   at::Tensor segment_ids;     // optional [batch, seq] (packing)
   KVCache* cache = nullptr;
   at::Tensor logits_mask;     // optional [batch, seq] bool: logits only there (BackboneInputs::logits_mask)
+  bool vocab_parallel_logits = false;  // BackboneInputs::vocab_parallel_logits
 };
 
 class NEVA_API LlavaModel {

@@ -37,6 +37,14 @@ struct AttentionMask {
 // x [batch, seq, ...] at positions rows [batch, count] (int64): [batch, count, ...].
 NEVA_API at::Tensor take_positions(const at::Tensor& x, const at::Tensor& rows);
 
+// The query and KV heads one tensor-parallel rank holds, and over how many consecutive ranks its KV
+// heads are replicated (1 unless there are fewer KV heads than ranks). Throws naming the counts when
+// the heads do not split over `tp` ranks.
+struct HeadSplit {
+  std::int64_t heads, kv_heads, kv_replicas;
+};
+NEVA_API HeadSplit split_heads(std::int64_t num_heads, std::int64_t num_kv_heads, int tp);
+
 struct AttentionConfig {
   std::int64_t hidden_size = 0;
   std::int64_t num_heads = 0;
@@ -49,9 +57,11 @@ struct AttentionConfig {
   bool recompute_core = false;
 };
 
-// Parameter names match transformers: q_proj, k_proj, v_proj, o_proj. q/k/v split their outputs
-// (whole heads) over the tensor-parallel group, o_proj its input. Head counts and sizes come from the
-// config, never from the input's shape.
+// Parameter names match transformers: q_proj, k_proj, v_proj, o_proj. Under tensor parallelism q/k/v
+// split their outputs (whole heads: num_heads / tp query heads per rank, num_kv_heads / tp KV heads —
+// or, with fewer KV heads than ranks, the one KV head its query heads read, replicated over
+// tp / num_kv_heads ranks) and o_proj its input. Head counts and sizes come from the config, never
+// from the input's shape.
 class NEVA_API SelfAttention : public nn::Module {
  public:
   SelfAttention(const RuntimeContext& context, const AttentionConfig& config);
@@ -60,9 +70,12 @@ class NEVA_API SelfAttention : public nn::Module {
   // the output is [batch, count, hidden] (keys and values still cover every position).
   at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const AttentionMask& mask,
                      LayerCache* cache, const at::Tensor& rows = {});
+  std::int64_t local_kv_heads() const { return kv_heads_; }  // a KV cache's heads on this rank
 
  private:
   AttentionConfig config_;
+  std::int64_t heads_, kv_heads_;  // on this rank
+  nn::TensorParallelRegion region_;
   nn::Linear q_proj_, k_proj_, v_proj_, o_proj_;
 };
 

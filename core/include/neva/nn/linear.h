@@ -22,7 +22,8 @@
 namespace neva::nn {
 
 // How a linear layer is split over the tensor-parallel group (Megatron's ColumnParallelLinear and
-// RowParallelLinear).
+// RowParallelLinear). Weights are drawn whole, from the same stream at every size, and each rank keeps
+// its shard: a model built under tensor parallelism holds slices of the one built without it.
 enum class Parallel {
   Replicated,  // every rank holds the whole weight
   Column,      // the output features are split: weight [out / tp, in]
@@ -40,11 +41,32 @@ struct LinearOptions {
   std::int64_t partition_stride = 1;
 };
 
+// Column layers whose shards are not an even split of the output features (plugin ABI 2.2).
+struct ColumnLayout {
+  // Consecutive tensor-parallel ranks holding the same shard: KV heads fewer than the ranks are
+  // replicated (each rank keeps the group its query heads read), their gradients summed over those ranks.
+  std::int64_t replicas = 1;
+  // The output features are a vocabulary (the LM head): padded to a multiple of
+  // make_vocab_size_divisible_by x the shards; the padding rows are zeros and their outputs unused.
+  bool vocabulary = false;
+};
+
 class NEVA_API LinearImpl : public Module {
  public:
   LinearImpl(const RuntimeContext& context, std::int64_t in_features, std::int64_t out_features,
              const LinearOptions& options);
+  LinearImpl(const RuntimeContext& context, std::int64_t in_features, std::int64_t out_features,
+             const LinearOptions& options, const ColumnLayout& layout);
+  // Column: f (identity forward, all-reduce of the input gradient backward), then this rank's outputs.
+  // Row: this rank's part of the product, summed over the group (g; a reduce-scatter along the
+  // sequence under sequence parallelism), then the bias. Replicated: at::linear.
   at::Tensor forward(const at::Tensor& x);
+  // Column, for an input the caller passed through TensorParallelRegion::enter once for several layers
+  // (q, k and v; gate and up): no f of its own.
+  at::Tensor forward_entered(const at::Tensor& x);
+  // Row: this rank's partial product, neither summed over the group nor biased (an MoE layer sums
+  // every expert's output at once, then adds what it must).
+  at::Tensor forward_unreduced(const at::Tensor& x);
   std::int64_t in_features() const { return in_features_; }    // of the whole layer
   std::int64_t out_features() const { return out_features_; }  // of the whole layer
 
@@ -52,22 +74,50 @@ class NEVA_API LinearImpl : public Module {
   at::Tensor bias;    // [out] (this rank's shard), or undefined
 
  private:
+  at::Tensor column_output(const at::Tensor& x);
   std::int64_t in_features_, out_features_;
+  LinearOptions options_;
+  std::shared_ptr<ProcessGroup> group_;  // the tensor-parallel group, when split over more than one rank
+  bool sequence_parallel_ = false;
+};
+
+// This rank's rows of a vocabulary under tensor parallelism: the vocabulary padded to a multiple of
+// make_vocab_size_divisible_by x the group's size, split evenly. Without it: [0, vocabulary).
+struct VocabularyShard {
+  std::int64_t start = 0, rows = 0, padded = 0;
+};
+NEVA_API VocabularyShard vocabulary_shard(const RuntimeContext& context, std::int64_t vocabulary);
+
+// Where a tensor-parallel block (attention, MLP) takes its input: once for every column-parallel
+// layer that reads it (forward_entered), f — or, under sequence parallelism, the all-gather along the
+// sequence (dim 1) whose backward reduce-scatters. The identity without tensor parallelism.
+struct NEVA_API TensorParallelRegion {
+  TensorParallelRegion() = default;
+  explicit TensorParallelRegion(const RuntimeContext& context);
+  at::Tensor enter(const at::Tensor& x) const;
+  int size() const;
+  int rank() const;
+
+  std::shared_ptr<ProcessGroup> group;  // null: no tensor parallelism
+  bool sequence_parallel = false;
 };
 
 class NEVA_API EmbeddingImpl : public Module {
  public:
   // `vocabulary_parallel`: the rows are split over the tensor-parallel group (Megatron's
-  // VocabParallelEmbedding).
+  // VocabParallelEmbedding): each rank looks up the ids in its rows, zeros for the others, and the
+  // results are summed over the group.
   EmbeddingImpl(const RuntimeContext& context, std::int64_t num_embeddings, std::int64_t embedding_dim,
                 bool vocabulary_parallel);
   at::Tensor forward(const at::Tensor& ids);
-  std::int64_t num_embeddings() const { return num_embeddings_; }
+  std::int64_t num_embeddings() const { return num_embeddings_; }  // of the whole table (unpadded)
 
-  at::Tensor weight;  // [num_embeddings, dim] (this rank's rows)
+  at::Tensor weight;  // [num_embeddings, dim] (this rank's rows, padding included)
 
  private:
   std::int64_t num_embeddings_;
+  VocabularyShard shard_;
+  std::shared_ptr<ProcessGroup> group_;
 };
 
 // A 2-D convolution with a square kernel and stride (ViT patch embeddings).
@@ -90,6 +140,8 @@ using Conv2d = std::shared_ptr<Conv2dImpl>;
 
 NEVA_API Linear linear(const RuntimeContext& context, std::int64_t in_features, std::int64_t out_features,
                        const LinearOptions& options = {});
+NEVA_API Linear linear(const RuntimeContext& context, std::int64_t in_features, std::int64_t out_features,
+                       const LinearOptions& options, const ColumnLayout& layout);
 NEVA_API Embedding embedding(const RuntimeContext& context, std::int64_t num_embeddings, std::int64_t embedding_dim,
                              bool vocabulary_parallel = false);
 NEVA_API Conv2d conv2d(const RuntimeContext& context, std::int64_t in_channels, std::int64_t out_channels,

@@ -37,10 +37,14 @@ class NEVA_API GatedMLP : public FeedForward {
            std::string activation)
       : GatedMLP(context, hidden_size, intermediate_size, bias, std::move(activation), Names{}) {}
   at::Tensor forward(const at::Tensor& x) override;
+  // For an input already entered into the tensor-parallel region, this rank's partial output
+  // (down's product not summed over the group, no down bias): an MoE layer's experts.
+  at::Tensor forward_partial(const at::Tensor& entered);
 
  private:
   nn::Linear gate_, up_, down_;
   std::string activation_;
+  nn::TensorParallelRegion region_;
 };
 
 // down_proj(act(up_proj(x))), no gate (Nemotron's relu2 MLP).
@@ -53,11 +57,19 @@ class NEVA_API PlainMLP : public FeedForward {
  private:
   nn::Linear up_proj_, down_proj_;
   std::string activation_;
+  nn::TensorParallelRegion region_;
 };
 
 // Mixtral's sparse mixture of experts: router softmax in fp32 over all experts, top-k, renormalised
 // weights, SwiGLU experts (gate, experts.N.w1/w2/w3). Experts are separate modules so that expert
 // parallelism can place them on different ranks.
+//
+// Under tensor parallelism every expert is split as a GatedMLP is (w1/w3 by output, w2 by input) and
+// the router is replicated: the router reads the tokens as they are, the experts through f (under
+// sequence parallelism: both through an all-gather of the sequence, the router's without the
+// reduction of its gradient); the experts' partial outputs are summed over the group at once (one
+// all-reduce per layer), so the routing weights, the router and its load-balancing loss see whole
+// values, the same on every rank.
 class NEVA_API SparseMoE : public FeedForward {
  public:
   // The router is replicated; each expert's parameters carry its index (nn::ParameterSharding::expert).
@@ -72,6 +84,7 @@ class NEVA_API SparseMoE : public FeedForward {
 
  private:
   std::int64_t num_experts_, top_k_;
+  nn::TensorParallelRegion region_;
   nn::Linear gate_;
   torch::nn::ModuleList experts_{nullptr};
 };

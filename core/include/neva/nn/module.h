@@ -10,6 +10,10 @@
 
 #include "neva/api.h"
 
+namespace neva {
+class ProcessGroup;
+}
+
 namespace neva::nn {
 
 // How one parameter is laid out across ranks (Megatron's tensor_model_parallel, partition_dim,
@@ -30,6 +34,14 @@ struct ParameterSharding {
   std::int64_t expert = -1;
   // The pipeline stage that holds it.
   std::int64_t pipeline_stage = 0;
+  // Appended in plugin ABI 2.2 (tensor parallelism):
+  // The size of tensor_parallel_dim in the whole tensor, when it is less than the local size x the
+  // shards: a vocabulary padded to a multiple of the group (make_vocab_size_divisible_by) keeps its
+  // real rows. 0: the local size x the shards.
+  std::int64_t logical_size = 0;
+  // Consecutive tensor-parallel ranks holding the same shard (KV heads fewer than the group's ranks):
+  // rank r holds shard r / replicas of tp / replicas, and the gradient is summed over those ranks.
+  std::int64_t tensor_parallel_replicas = 1;
 };
 
 class NEVA_API Module : public torch::nn::Module {
@@ -52,9 +64,32 @@ class NEVA_API Module : public torch::nn::Module {
 // what a neva::nn::Module registered, the default (replicated, dense, stage 0) for the rest.
 NEVA_API std::vector<std::pair<std::string, ParameterSharding>> parameter_shardings(const torch::nn::Module& root);
 
+// This rank's part of `whole` (the unsharded tensor) for a parameter sharded as `sharding` whose
+// split dimension holds `local_extent` rows here: rows beyond the whole tensor's (vocabulary
+// padding) are zeros. `whole` itself when the parameter is not split.
+NEVA_API at::Tensor shard_of(const at::Tensor& whole, const ParameterSharding& sharding, int tp_rank, int tp_size,
+                             std::int64_t local_extent);
+// The whole tensor from every tensor-parallel rank's shard (a collective over `tensor_group`, which
+// every rank of it must call): the inverse of shard_of. `shard` itself when not split.
+NEVA_API at::Tensor unshard(const at::Tensor& shard, const ParameterSharding& sharding,
+                            const std::shared_ptr<ProcessGroup>& tensor_group);
+// Every parameter of `root` by name, whole (unshard of each, in named_parameters order): a collective
+// over `tensor_group` under tensor parallelism, the parameters themselves without it.
+NEVA_API std::vector<std::pair<std::string, at::Tensor>> whole_parameters(const torch::nn::Module& root,
+                                                                         const std::shared_ptr<ProcessGroup>& tensor_group);
+// The whole tensor's shape.
+NEVA_API std::vector<std::int64_t> whole_shape(const at::Tensor& shard, const ParameterSharding& sharding, int tp_size);
+
 // Marks every parameter under `module` as a weight of `expert` (SparseMoE's experts).
 NEVA_API void set_expert(torch::nn::Module& module, std::int64_t expert);
 // Marks every parameter under `module` as held by pipeline stage `stage`.
 NEVA_API void set_pipeline_stage(torch::nn::Module& module, std::int64_t stage);
+// Marks every parameter under `module` as applied to sequence-parallel activations (the decoder's
+// norms under sequence parallelism): its gradient is summed over the tensor-parallel group.
+NEVA_API void set_sequence_parallel(torch::nn::Module& module);
+// Marks every parameter under `module` as whole on every tensor-parallel rank (a component built
+// for a context without the tensor-parallel group: NeVA's vision encoder and connector). Modules
+// not built from neva::nn hold whole parameters already and are left as they are.
+NEVA_API void set_replicated(torch::nn::Module& module);
 
 }  // namespace neva::nn

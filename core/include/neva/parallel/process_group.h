@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -47,6 +48,9 @@ struct NEVA_API World {
   // Reads the launcher's environment (torchrun first, then Slurm) and connects to the TCPStore held
   // by rank 0. Without any launcher variables: a world of one, no store. Errors name the variable.
   static World from_environment(std::chrono::milliseconds timeout = std::chrono::minutes(5));
+  // The number of processes the launcher's environment says were started (1 without one), read
+  // without joining them. Throws as from_environment for malformed variables.
+  static int launched_size();
 };
 
 // The first host of a Slurm hostlist ("gpu[03-05,9],cpu1" -> "gpu03"), without scontrol. Under
@@ -93,6 +97,19 @@ struct P2POp {
   int tag = 0;
 };
 
+// What a group's operations moved and waited for, per operation name ("all_reduce", ...): the
+// communication accounting of the training metrics. `bytes` is each call's logical payload, the N
+// of the bandwidth cost model (all_reduce: the tensor; all_gather: the gathered output;
+// reduce_scatter: the input; all_to_all, send, recv: what this rank sends or receives), whatever the
+// backend does on the wire (Gloo emulates reduce_scatter with an all-reduce); `seconds` is the time
+// this rank spent blocked in wait() on them.
+struct Traffic {
+  std::int64_t calls = 0;
+  std::int64_t bytes = 0;
+  double seconds = 0;
+};
+using TrafficByOperation = std::map<std::string, Traffic>;
+
 // One c10d process group. `name` is unique per group and prefixes its keys in the store.
 // Operations are asynchronous and return Work (wait() for the result); ranks are group ranks.
 // Errors name the group and this rank. Tensors must be contiguous and on the group's device.
@@ -132,13 +149,25 @@ class NEVA_API ProcessGroup {
   // the order of `ops` must match across the ranks involved, as in torch.distributed.
   [[nodiscard]] Work batch_isend_irecv(const std::vector<P2POp>& ops);
 
+  // Every operation since the group was made (thread-safe).
+  TrafficByOperation traffic() const;
+  struct Accounting;  // (internal: shared with the group's Works)
+
  private:
   Work make_work(const char* what, std::vector<c10::intrusive_ptr<c10d::Work>> parts,
-                 std::function<void()> then = nullptr) const;
+                 std::function<void()> then = nullptr, std::int64_t bytes = 0) const;
   c10::intrusive_ptr<c10d::Backend> backend_;
   std::string name_;
   std::vector<int> global_ranks_;
+  std::shared_ptr<Accounting> accounting_;  // shared with the Works, which record their waits
 };
+
+struct ParallelGroups;
+// Every group of `groups` that exists, by kind ("tensor", "data", ..., "world"), with its traffic.
+using TrafficByGroup = std::map<std::string, TrafficByOperation>;
+NEVA_API TrafficByGroup traffic(const ParallelGroups& groups);
+// What happened between two readings (`after` minus `before`), operations without calls left out.
+NEVA_API TrafficByGroup traffic_since(const TrafficByGroup& before, const TrafficByGroup& after);
 
 // Creates the group of `global_ranks` (which must include world.rank) with the backend for `device`:
 // Gloo for CPU, NCCL for CUDA. Every member must call this for the same groups in the same order.

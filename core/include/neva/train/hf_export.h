@@ -5,6 +5,8 @@
 // the processor files LlavaProcessor needs, and the tokenizer as neva ran it.
 #include <filesystem>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "neva/api.h"
 #include "neva/model/llava.h"
@@ -30,7 +32,9 @@ struct HfExportSource {
 NEVA_API void check_hf_exportable(const HfExportSource& source, LlavaModel& model);
 
 // Writes `model` at `directory`, replacing what is there in one step (readers see the old
-// directory or the new one).
-NEVA_API void export_hf(const HfExportSource& source, LlavaModel& model, const std::filesystem::path& directory);
+// directory or the new one). `llm_weights`, when given, are the language model's parameters whole
+// (nn::whole_parameters under tensor parallelism), written instead of the backbone's own shards.
+NEVA_API void export_hf(const HfExportSource& source, LlavaModel& model, const std::filesystem::path& directory,
+                        const std::vector<std::pair<std::string, at::Tensor>>& llm_weights = {});
 
 }  // namespace neva

@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <memory>
 
 #include "neva/api.h"
 #include "neva/data/labels.h"
@@ -24,5 +25,14 @@ NEVA_API LabelledPositions labelled_positions(const at::Tensor& labels);
 // causal_lm_loss over logits computed at `positions.mask` only ([N, V], or [B, S, V] from a backbone
 // that ignored the mask): the same value.
 NEVA_API at::Tensor labelled_lm_loss(const at::Tensor& logits, const LabelledPositions& positions);
+
+class ProcessGroup;
+// The same loss over vocabulary-parallel logits ([N, rows] or [B, S, rows]: this rank's columns
+// [vocab_start, vocab_start + rows) of the padded vocabulary) with Megatron's vocabulary-parallel
+// cross entropy over `tensor_group`: the full logits are never gathered. Columns at or beyond
+// `vocab_size` (padding) take no part. The same value on every rank of the group.
+NEVA_API at::Tensor labelled_lm_loss(const at::Tensor& logits, const LabelledPositions& positions,
+                                     const std::shared_ptr<ProcessGroup>& tensor_group, std::int64_t vocab_start,
+                                     std::int64_t vocab_size);
 
 }  // namespace neva

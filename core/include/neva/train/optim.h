@@ -21,6 +21,12 @@ struct OptimizerConfig {
   std::int64_t warmup_steps = 0;
   std::int64_t max_steps = 1;
   double clip_grad = 1.0;  // 0: no clipping
+  // Data parallelism (NeMo's distributed optimizer keys): the size of a gradient bucket, whether the
+  // buckets are all-reduced while the backward pass runs, and ZeRO-1 (distributed_fused_adam: the
+  // optimizer state and fp32 main weights sharded over the data-parallel ranks).
+  std::int64_t bucket_cap_mb = 25;
+  bool overlap_grad_sync = true;
+  bool distributed = false;
 };
 
 // Learning rate at optimizer step `step` (0-based): linear warmup from lr / warmup_steps to lr over
@@ -34,6 +40,10 @@ NEVA_API std::unique_ptr<torch::optim::AdamW> make_adamw(const std::vector<torch
 // The same over given tensors (e.g. fp32 main copies of bf16 weights); the group is chosen by dim().
 NEVA_API std::unique_ptr<torch::optim::AdamW> make_adamw(const std::vector<at::Tensor>& parameters,
                                                           const OptimizerConfig& config);
+// The same with the two groups given: `decayed` with weight decay, `plain` without.
+NEVA_API std::unique_ptr<torch::optim::AdamW> make_adamw(const std::vector<at::Tensor>& decayed,
+                                                          const std::vector<at::Tensor>& plain,
+                                                          const OptimizerConfig& config);
 // Parameters of `modules` that require gradients.
 NEVA_API std::vector<at::Tensor> trainable_parameters(const std::vector<torch::nn::Module*>& modules);
 NEVA_API void set_learning_rate(torch::optim::Optimizer& optimizer, double lr);
@@ -46,6 +56,13 @@ struct GradientNorm {
   double clip_scale = 1;
 };
 NEVA_API GradientNorm gradient_norm(const std::vector<at::Tensor>& parameters, double max_norm);
+class ProcessGroup;
+// The same over a model split across `group` (tensor parallelism): each parameter's square counted
+// with its weight (1 for a shard only this rank holds, 1/n for one n ranks hold, 0 for a copy
+// another rank counts; Megatron's param_is_not_tensor_parallel_duplicate) and summed over the group.
+// A collective: every rank of the group calls it.
+NEVA_API GradientNorm gradient_norm(const std::vector<at::Tensor>& parameters, double max_norm,
+                                    const std::vector<double>& weights, const std::shared_ptr<ProcessGroup>& group);
 // optimizer.step() with every gradient multiplied by `gradient_scale` first: with gradient_norm's
 // clip_scale, clip_grad_norm_ then step(). For an optimizer from make_adamw the scaling is done
 // inside the fused update (the gradients are left scaled, as clip_grad_norm_ leaves them), saving

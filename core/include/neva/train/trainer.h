@@ -4,8 +4,9 @@
 // the loop around it: data, logging, checkpoint cadence, signals, the export.
 //
 // A step is: the schedule runs forward and backward over the step's micro-batches (inside the
-// precision recipe's forward scope), the gradient-sync hook runs (data parallelism), the loss-spike
-// guard judges the loss, then the gradients are clipped and the optimizer updates the main weights
+// precision recipe's forward scope), the gradients are reduced over the data-parallel replicas and
+// fixed up over the tensor-parallel group, the loss-spike guard judges the loss, then the gradients
+// are clipped and the optimizer updates the main weights
 // (fp32 copies of bf16 weights under megatron_amp_O2, copied back after the update).
 #include <ATen/core/Tensor.h>
 #include <torch/optim/adamw.h>
@@ -22,6 +23,9 @@
 #include "neva/context.h"
 #include "neva/data/dataset.h"
 #include "neva/model/llava.h"
+#include "neva/nn/module.h"
+#include "neva/train/data_parallel.h"
+#include "neva/train/distributed_optimizer.h"
 #include "neva/precision.h"
 #include "neva/precision_recipe.h"
 #include "neva/train/loss_spike.h"
@@ -29,22 +33,8 @@
 
 namespace neva {
 
-// A trained tensor: the model's parameter and the copy the optimizer updates (the same tensor in
-// fp32; an fp32 main copy of a bf16 weight under megatron_amp_O2).
-struct TrainedTensor {
-  std::string name;  // "llm.model.layers.0.mlp.up_proj.weight"
-  at::Tensor param;
-  at::Tensor main;
-};
-
 class Trainer;
 class ProcessGroup;
-
-// Data parallelism's gradient sync: every trained tensor's main gradient summed over `group`, in
-// one flattened all-reduce per dtype (a tensor without a gradient on a replica counts as zeros). Each
-// replica's gradients are its share of the global batch's mean, so the sum is the global gradient.
-NEVA_API std::function<void(std::vector<TrainedTensor>&)> all_reduce_gradients(
-    std::shared_ptr<ProcessGroup> group, std::chrono::milliseconds timeout = std::chrono::minutes(5));
 
 // Which micro-batch runs forward and backward when, within one optimizer step. The sequential
 // schedule runs them one after the other (gradient accumulation; one micro-batch: a plain step);
@@ -75,6 +65,9 @@ struct TrainerOptions {
   // How long a collective of data parallelism may take before the step fails naming the group
   // (a lost replica ends the run instead of hanging it).
   std::chrono::milliseconds collective_timeout = std::chrono::minutes(5);
+  // Data parallelism: the gradient buckets' size and whether they are all-reduced during the
+  // backward pass (model.optim.bucket_cap_mb, overlap_grad_sync). Their timeout is collective_timeout.
+  GradientBucketOptions gradient_buckets;
 };
 
 // What one step did.
@@ -86,6 +79,7 @@ struct StepReport {
   std::string skip_reason;  // the guard's words, when skipped
   std::int64_t tokens = 0, labelled_tokens = 0, samples = 0;  // this replica's micro-batches
   double forward_backward_seconds = 0, optimizer_seconds = 0;
+  GradientSyncReport gradient_sync;  // data parallelism's buckets this step
 };
 
 class NEVA_API Trainer {
@@ -99,15 +93,15 @@ class NEVA_API Trainer {
   Trainer(const Trainer&) = delete;
   Trainer& operator=(const Trainer&) = delete;
 
-  // Data parallelism: called after the schedule, before the guard and the norm, with the tensors
-  // whose main gradients hold this replica's share; it must leave the global batch's gradients
-  // there. With a data group of more than one rank (context.groups.data) it starts as
-  // all_reduce_gradients(that group); null with one replica.
+  // Called once the step's gradients are final — summed over the data-parallel replicas (gradient
+  // buckets, overlapped with the last micro-batch's backward pass) and fixed up over the
+  // tensor-parallel group — before the loss-spike guard, the norm and the update; it may read or
+  // change them (main gradients; under ZeRO-1 gradients() gathers them from the shares). Null by default.
   //
   // Under data parallelism each replica passes train_step its own micro-batches (as many on every
   // replica); the trainer sums the labelled tokens over the group first, so the loss is the mean
   // over every labelled token of the global batch, exactly as one process running all of them.
-  std::function<void(std::vector<TrainedTensor>&)> sync_gradients;
+  std::function<void(std::vector<TrainedTensor>&)> gradients_ready;
 
   // One optimizer step over the micro-batches of one global batch. Throws Error (naming the step and
   // the last good checkpoint) when the batch holds no labelled token, the guard stops the run or the
@@ -120,8 +114,20 @@ class NEVA_API Trainer {
   // `consumed_samples_per_replica` beside it when there are several — the guard's window). Replicas
   // hold the same state otherwise, so one of them writes it. restore() reads it back and returns the
   // positions, one per replica that saved; errors name the file and the tensor.
+  //
+  // Under tensor parallelism the files hold whole tensors (each gathered from its shards: the same
+  // checkpoint at any tensor-parallel size), and restore() keeps this rank's shard of each.
   void save(const std::filesystem::path& directory, const std::vector<std::uint64_t>& consumed_samples) const;
   std::vector<std::uint64_t> restore(const std::filesystem::path& directory);
+
+  // What save() writes, as whole tensors: under tensor parallelism a collective every rank of the
+  // group calls (one of them then writes it with the overload below).
+  struct State {
+    std::vector<std::pair<std::string, at::Tensor>> weights, moments;
+  };
+  State gather_state() const;
+  void save(const std::filesystem::path& directory, const std::vector<std::uint64_t>& consumed_samples,
+            const State& state) const;
 
   // The frozen weights' fp32 originals back (see TrainerOptions::keep_frozen_originals).
   void restore_frozen_weights();
@@ -131,6 +137,14 @@ class NEVA_API Trainer {
   const LossSpikeGuard& guard() const { return guard_; }
   bool main_copies() const { return main_copies_; }  // megatron_amp_O2: fp32 main weights
   std::int64_t parameter_count() const;
+  // This rank's optimizer state: main weights (where they are copies) and AdamW's two moments; under
+  // ZeRO-1 (model.optim.name = distributed_fused_adam with data parallelism) its 1/d share.
+  std::int64_t optimizer_state_bytes() const;
+  bool distributed_optimizer() const { return distributed_ != nullptr; }
+  // Every trained tensor's gradient of the last step before its update, summed over the replicas
+  // (under ZeRO-1 gathered from the shares: a collective over the data-parallel group). For tests,
+  // inside gradients_ready.
+  std::vector<at::Tensor> gradients() const;
 
  private:
   LlavaModel& model_;
@@ -140,9 +154,12 @@ class NEVA_API Trainer {
   std::unique_ptr<Schedule> schedule_;
   std::vector<TrainedTensor> trained_;
   std::vector<at::Tensor> mains_;
+  std::vector<double> norm_weights_;  // each main's weight in the gradient norm (tensor parallelism)
   bool main_copies_ = false;
   std::unique_ptr<FrozenWeightCasts> frozen_casts_;
   std::unique_ptr<torch::optim::AdamW> optimizer_;
+  std::unique_ptr<GradientBuckets> buckets_;  // data parallelism
+  std::unique_ptr<DistributedOptimizer> distributed_;  // ZeRO-1 (instead of optimizer_)
   LossSpikeGuard guard_;
   std::int64_t step_ = 0;
 };

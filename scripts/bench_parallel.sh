@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Training across processes on one machine: the same global batch of configs/bench/train.toml (NeVA
+# stage 2, Llama-shaped ~134M decoder trained, CLIP ViT-B/32-shaped tower frozen, over the demo's
+# data) as one process, and as two processes data-parallel (DP2, DP2 with ZeRO-1), tensor-parallel
+# (TP2) and tensor + sequence parallel (TP2+SP). For each: tokens/s (median over the steps after the
+# first two), the share of a step this rank spent blocked in collectives (metrics.jsonl
+# "communication" seconds over step_seconds), the bytes each group moved per step, optimizer state and
+# peak resident memory per rank. Run after scripts/setup.sh; figures go to docs/benchmarks.md.
+#   scripts/bench_parallel.sh [STEPS]
+# The threads are shared fairly: one process gets all cores, each of two processes half of them
+# (OMP_NUM_THREADS). BENCH_LAYOUTS="1 tp2" runs only those of: 1 dp2 dp2-zero tp2 tp2-sp.
+# On a GPU machine, BENCH_DEVICE=cuda runs the same layouts on NCCL (one GPU per process).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+steps="${1:-8}"
+cores="$(nproc)"
+work="$root/build/bench-parallel"
+bin="$root/build/bin"
+device="${BENCH_DEVICE:-cpu}"
+echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $cores CPUs; device $device; $(date -u +%F)"
+[ -f "$work/demo/data/stage2.json" ] || "$bin/neva-run" demo --prepare-only --dir "$work/demo" > /dev/null
+mkdir -p "$work/runs"
+common=(--set trainer.max_steps=$((steps + 2)) --set model.data.data_path="$work/demo/data/stage2.json"
+        --set model.data.image_folder="$work/demo/data/images" --set model.tokenizer.model="$work/demo/model/tokenizer"
+        --set model.global_batch_size=4 --set run.device="$device")
+run() {  # run LAYOUT PROCESSES ARGS...
+  local layout="$1" processes="$2"
+  shift 2
+  local dir="$work/runs/$layout"
+  rm -rf "$dir"
+  local launch=()
+  ((processes > 1)) && launch=(--nproc-per-node "$processes")
+  OMP_NUM_THREADS=$((cores / processes > 0 ? cores / processes : 1)) \
+    "$bin/neva-run" "${launch[@]}" "$root/configs/bench/train.toml" "${common[@]}" \
+    --set exp_manager.explicit_log_dir="$dir" "$@" > "$work/runs/$layout.out" 2>&1
+}
+for layout in ${BENCH_LAYOUTS:-1 dp2 dp2-zero tp2 tp2-sp}; do
+  case "$layout" in
+    1) run 1 1 --set model.micro_batch_size=4 ;;
+    dp2) run dp2 2 --set model.micro_batch_size=2 ;;
+    dp2-zero) run dp2-zero 2 --set model.micro_batch_size=2 --set model.optim.name=distributed_fused_adam ;;
+    tp2) run tp2 2 --set model.micro_batch_size=4 --set model.tensor_model_parallel_size=2 ;;
+    tp2-sp) run tp2-sp 2 --set model.micro_batch_size=4 --set model.tensor_model_parallel_size=2 \
+              --set model.sequence_parallel=true ;;
+    *) echo "unknown layout $layout (expected 1, dp2, dp2-zero, tp2, tp2-sp)" >&2; exit 2 ;;
+  esac
+done
+"$root/.venv/bin/python" - "$work/runs" ${BENCH_LAYOUTS:-1 dp2 dp2-zero tp2 tp2-sp} <<'PY'
+import glob, json, os, re, statistics, sys
+runs, layouts = sys.argv[1], sys.argv[2:]
+print("| layout | tokens/s | vs 1 process | blocked in collectives | bytes per step (rank 0) | optimizer state per rank | peak RSS per rank |")
+print("|---|---|---|---|---|---|---|")
+base = None
+for layout in layouts:
+    lines = [json.loads(l) for l in open(os.path.join(runs, layout, "metrics.jsonl"))][2:]
+    tps = statistics.median(l["tokens_per_second"] for l in lines)
+    base = base or tps
+    blocked = statistics.median(
+        sum(op["seconds"] for group in l["communication"].values() for op in group.values()) / l["step_seconds"]
+        for l in lines)
+    traffic = {}
+    for group, ops in lines[-1]["communication"].items():
+        for op, t in ops.items():
+            if t["bytes"] > 1 << 16:  # the run's own small collectives left out
+                traffic[f"{group} {op}"] = t["bytes"]
+    moved = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sorted(traffic.items())) or "none"
+    rss = []
+    for log in sorted(glob.glob(os.path.join(runs, layout, "logs", "rank-*.log"))):
+        found = re.findall(r"peak resident memory ([0-9.]+) MiB", open(log).read())
+        if found: rss.append(float(found[-1]))
+    if not rss: rss = [lines[-1]["peak_rss_mib"]]
+    print(f"| {layout} | {tps:.0f} | {tps / base:.2f} | {100 * blocked:.0f}% | {moved} | "
+          f"{lines[-1]['optimizer_state_mib']:.0f} MiB | {' / '.join(f'{r:.0f}' for r in rss)} MiB |")
+PY
