@@ -66,7 +66,7 @@ for layout in layouts:
     moved = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sorted(traffic.items())) or "none"
     rss = []
     for log in sorted(glob.glob(os.path.join(runs, layout, "logs", "rank-*.log"))):
-        found = re.findall(r"peak resident memory ([0-9.]+) MiB", open(log).read())
+        found = re.findall(r"peak resident memory while training ([0-9.]+) MiB", open(log).read())
         if found: rss.append(float(found[-1]))
     if not rss: rss = [lines[-1]["peak_rss_mib"]]
     print(f"| {layout} | {tps:.0f} | {tps / base:.2f} | {100 * blocked:.0f}% | {moved} | "

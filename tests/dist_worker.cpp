@@ -124,9 +124,13 @@ int check_data_parallel(const neva::World& world) {
   };
   // The overlapped replica's buckets are small (many, started while the backward pass runs); the
   // plain one has the same buckets, reduced after the backward pass; the whole one reduces one.
+  // The mixed policy stands for megatron_amp_O2 (weights in a lower precision than the optimizer's
+  // main weights: here fp32 weights, fp64 main weights), whose gradients reach the buckets through
+  // their hooks and whose ZeRO-1 keeps main-weight copies.
+  const neva::DTypePolicy mixed{at::kFloat, at::kFloat, at::kDouble};
   auto make = [&](Replica& r, std::shared_ptr<neva::ProcessGroup> data, bool overlap, std::int64_t bucket_bytes,
-                  bool zero = false) {
-    r.context.dtypes = precision.dtype_policy();
+                  bool zero = false, bool o2 = false) {
+    r.context.dtypes = o2 ? mixed : precision.dtype_policy();
     r.context.groups.data = std::move(data);
     auto backbone = std::make_shared<neva::DecoderBackbone>(neva::test::tiny_decoder("moe"), r.context);
     r.model = std::make_unique<neva::LlavaModel>(nullptr, nullptr, backbone, -1);
@@ -207,6 +211,33 @@ int check_data_parallel(const neva::World& world) {
   report(world, "dp overlapped buckets equal the plain reduction bitwise", overlap_difference == 0);
   report(world, "dp buckets start during the backward pass", overlap_seen);
   report(world, "dp one reduction per step, none per micro-batch", once_per_step);
+  // O2's paths: fp32 weights with fp64 main weights, replicated and ZeRO-1, against one process with
+  // the same policy (fp32 sums in another order: close, not equal).
+  {
+    Replica alone, replicated, sharded;
+    make(alone, nullptr, false, 0, false, true);
+    make(replicated, group, true, 16 << 10, false, true);
+    make(sharded, group, true, 16 << 10, true, true);
+    double loss = 0, weight = 0;
+    for (int step = 0; step < 2; ++step) {
+      std::vector<neva::TrainingBatch> all, mine;
+      for (int m = 0; m < micro_batches; ++m) {
+        all.push_back(neva::collate({dp_sample(9 + 2 * m, 300 + 10 * step + m)}, false, 0));
+        if (m % world.size == world.rank) mine.push_back(all.back());
+      }
+      const double expected = alone.trainer->train_step(all).loss;
+      loss = std::max({loss, std::abs(expected - replicated.trainer->train_step(mine).loss),
+                       std::abs(expected - sharded.trainer->train_step(mine).loss)});
+      for (std::size_t i = 0; i < alone.trainer->trained().size(); ++i) {
+        const at::Tensor a = alone.trainer->trained()[i].param.to(at::kDouble);
+        weight = std::max({weight, (a - replicated.trainer->trained()[i].param.to(at::kDouble)).abs().max().item<double>(),
+                           (a - sharded.trainer->trained()[i].param.to(at::kDouble)).abs().max().item<double>()});
+      }
+    }
+    std::cout << "rank " << world.rank << " O2-style worst differences: loss " << loss << ", weight " << weight << std::endl;
+    report(world, "dp O2-style main copies, replicated and ZeRO-1",
+           replicated.trainer->main_copies() && sharded.trainer->distributed_optimizer() && loss < 1e-5 && weight < 1e-5);
+  }
   // ZeRO-1's state saved and restored into a fresh trainer: the next step as the original's.
   {
     const std::filesystem::path dir =

@@ -111,7 +111,8 @@ TEST_CASE("data parallelism: replicas on their shares match one process on the w
       for (const char* check : {"dp loss", "dp gradients", "dp weights",
                                 "dp overlapped buckets equal the plain reduction bitwise",
                                 "dp buckets start during the backward pass", "dp one reduction per step, none per micro-batch",
-                                "dp zero-1 shards the optimizer state", "dp zero-1 resumes exactly"}) {
+                                "dp zero-1 shards the optimizer state", "dp zero-1 resumes exactly",
+                                "dp O2-style main copies, replicated and ZeRO-1"}) {
         CHECK(result.out.find(prefix + check + " ok") != std::string::npos);
       }
     }

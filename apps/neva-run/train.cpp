@@ -579,6 +579,7 @@ TrainSummary train_replica(const Recipe& recipe, const std::string& title, const
                    {"grad_norm", report.grad_norm},
                    {"tokens", tokens_all},
                    {"labelled_tokens", labelled_all},
+                   {"positions", report.positions},  // this replica's batch x sequence, padding included
                    {"samples", samples_all},
                    {"consumed_samples", position},
                    {"data_parallel_size", replicas},
@@ -613,10 +614,11 @@ TrainSummary train_replica(const Recipe& recipe, const std::string& title, const
       break;
     }
   }
+  // Before the last save, which gathers whole tensors for the checkpoint.
+  if (log) *log << title << ": peak resident memory while training " << std::fixed << std::setprecision(1)
+                << peak_rss_mib() << " MiB" << std::defaultfloat << std::endl;
   if (saved_step != step) save(step);
   signals.reset();
-  if (log) *log << title << ": peak resident memory " << std::fixed << std::setprecision(1) << peak_rss_mib() << " MiB"
-                << std::defaultfloat << std::endl;
   summary.skipped_batches = trainer.guard().skipped();
   summary.steps = step;
   summary.trained = step - first_step;

@@ -118,7 +118,8 @@ LinearImpl::LinearImpl(const RuntimeContext& context, std::int64_t in_features, 
   // whole (Megatron's CPU initialisation): each rank then keeps its shard.
   at::Tensor full = uniform_parameter(context, {out_features, in_features}, kaiming_uniform_bound(in_features));
   const std::int64_t extent = sharding.tensor_parallel_dim == 0 ? local_out : local_in;
-  weight = register_parameter("weight", split ? shard_of(full, sharding, rank, tp, extent).contiguous() : full, sharding);
+  // clone(): a shard of dimension 0 is a view that would keep the whole weight's memory alive.
+  weight = register_parameter("weight", split ? shard_of(full, sharding, rank, tp, extent).clone() : full, sharding);
   if (options.bias) {
     ParameterSharding bias_sharding;  // a row-parallel bias is added once, after the sum
     if (options.parallel == Parallel::Column) bias_sharding = sharding;
@@ -127,7 +128,7 @@ LinearImpl::LinearImpl(const RuntimeContext& context, std::int64_t in_features, 
     if (options.parallel == Parallel::Row && sequence_parallel_) bias_sharding.sequence_parallel = true;
     at::Tensor whole = uniform_parameter(context, {out_features}, 1.0 / std::sqrt(in_features));
     bias = register_parameter(
-        "bias", split && options.parallel == Parallel::Column ? shard_of(whole, bias_sharding, rank, tp, local_out).contiguous() : whole,
+        "bias", split && options.parallel == Parallel::Column ? shard_of(whole, bias_sharding, rank, tp, local_out).clone() : whole,
         bias_sharding);
   }
 }
@@ -173,7 +174,7 @@ EmbeddingImpl::EmbeddingImpl(const RuntimeContext& context, std::int64_t num_emb
       group_ = context.groups.tensor;
       shard_ = vocabulary_shard(context, num_embeddings);
       sharding.logical_size = num_embeddings;
-      full = shard_of(full, sharding, group_rank(group_), group_size(group_), shard_.rows).contiguous();
+      full = shard_of(full, sharding, group_rank(group_), group_size(group_), shard_.rows).clone();
     }
   }
   weight = register_parameter("weight", full, sharding);

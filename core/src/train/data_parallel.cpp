@@ -104,9 +104,13 @@ struct GradientBuckets::State {
   }
   void start(std::size_t index) {
     Bucket& bucket = buckets[index];
-    bucket.work.emplace(options.shard ? group->reduce_scatter_tensor(bucket.shard, bucket.buffer)
-                                      : group->all_reduce(bucket.buffer));
+    // Gloo has no reduce-scatter of its own: c10d emulates it with an all-reduce of a copy of the
+    // input, a bucket-sized temporary per bucket in flight. The same all-reduce in place (this rank's
+    // share is then already in place) moves the same bytes without the copies.
+    bucket.work.emplace(options.shard && !emulated_reduce_scatter ? group->reduce_scatter_tensor(bucket.shard, bucket.buffer)
+                                                                   : group->all_reduce(bucket.buffer));
   }
+  bool emulated_reduce_scatter = false;
   void gradient_ready(std::size_t index) {
     std::lock_guard<std::mutex> lock(mutex);
     if (adds[index]) {  // O2: the bf16 gradient into the fp32 bucket, at once
@@ -139,6 +143,7 @@ GradientBuckets::GradientBuckets(std::vector<TrainedTensor>& trained, std::share
   s.trained = &trained;
   s.group = std::move(group);
   s.options = options;
+  s.emulated_reduce_scatter = s.group && s.group->backend_name() == "gloo";
   s.bucket_of.assign(trained.size(), 0);
   s.seen.assign(trained.size(), false);
   // Reverse order (the backward pass finishes the last layers first), one dtype per bucket.
@@ -169,8 +174,10 @@ GradientBuckets::GradientBuckets(std::vector<TrainedTensor>& trained, std::share
     const auto options = first.main.options().dtype(dtype_of(first)).requires_grad(false);
     bucket.buffer = at::zeros({length}, options);
     if (s.options.shard) {
+      // This rank's share, in place in the bucket: the all-reduce leaves it there, and NCCL's
+      // reduce-scatter writes it in place (its output at the input's rank offset).
       bucket.shard_size = length / ranks;
-      bucket.shard = at::zeros({bucket.shard_size}, options);
+      bucket.shard = bucket.buffer.narrow(0, s.group->rank() * bucket.shard_size, bucket.shard_size);
     }
     std::int64_t offset = 0;
     for (std::size_t i : bucket.members) {
@@ -246,6 +253,7 @@ GradientSyncReport GradientBuckets::finish() {
   for (auto& bucket : s.buckets) {
     bucket.work->wait(s.options.timeout);
     bucket.work.reset();
+
     report.bytes += bucket.buffer.numel() * static_cast<std::int64_t>(bucket.buffer.element_size());
   }
   report.buckets = static_cast<std::int64_t>(s.buckets.size());

@@ -16,20 +16,25 @@ DistributedOptimizer::DistributedOptimizer(std::vector<TrainedTensor>& trained, 
     : trained_(trained), buckets_(buckets), data_(std::move(data)), timeout_(timeout) {
   at::NoGradGuard no_grad;
   const int rank = data_ ? data_->rank() : 0;
+  for (const auto& t : trained_) copies_ = copies_ || t.param.scalar_type() != main_dtype;
   std::vector<at::Tensor> decayed, plain;
   for (std::size_t b = 0; b < buckets_.buckets().size(); ++b) {
     const GradientBucket& bucket = buckets_.buckets()[b];
     if (!bucket.shard.defined()) throw Error("the distributed optimizer needs sharded gradient buckets");
     const std::int64_t first = rank * bucket.shard_size, last = first + bucket.shard_size;
-    main_shares_.push_back(at::zeros({bucket.shard_size}, bucket.shard.options().dtype(main_dtype)));
+    if (copies_) main_shares_.push_back(at::zeros({bucket.shard_size}, bucket.shard.options().dtype(main_dtype)));
     for (std::size_t k = 0; k < bucket.members.size(); ++k) {
       const std::size_t i = bucket.members[k];
       const std::int64_t begin = bucket.offsets[k], end = begin + trained_[i].main.numel();
       const std::int64_t low = std::max(begin, first), high = std::min(end, last);
       if (low >= high) continue;
       const Piece piece{i, b, low - begin, low - first, high - low};
-      at::Tensor main = main_shares_[b].narrow(0, piece.shard_offset, piece.length);
-      main.copy_(trained_[i].param.detach().reshape({-1}).narrow(0, piece.tensor_offset, piece.length));
+      at::Tensor own = trained_[i].param.detach().reshape({-1}).narrow(0, piece.tensor_offset, piece.length);
+      at::Tensor main = own;
+      if (copies_) {
+        main = main_shares_[b].narrow(0, piece.shard_offset, piece.length);
+        main.copy_(own);
+      }
       main.mutable_grad() = bucket.shard.narrow(0, piece.shard_offset, piece.length);
       // Megatron's rule, by the parameter the piece belongs to: no decay on vectors (norms, biases).
       (trained_[i].param.dim() >= 2 ? decayed : plain).push_back(main);
@@ -90,7 +95,7 @@ void DistributedOptimizer::step(double lr, double gradient_scale) {
   for (std::size_t b = 0; b < buckets_.buckets().size(); ++b) {
     const GradientBucket& bucket = buckets_.buckets()[b];
     const at::ScalarType dtype = trained_[bucket.members.front()].param.scalar_type();
-    const at::Tensor whole = gather_bucket(b, main_shares_[b], dtype);
+    const at::Tensor whole = gather_bucket(b, share(b), dtype);
     for (std::size_t k = 0; k < bucket.members.size(); ++k) {
       at::Tensor param = trained_[bucket.members[k]].param.detach();
       param.view({-1}).copy_(whole.narrow(0, bucket.offsets[k], param.numel()));
@@ -98,10 +103,20 @@ void DistributedOptimizer::step(double lr, double gradient_scale) {
   }
 }
 
+at::Tensor DistributedOptimizer::share(std::size_t b) const {
+  if (copies_) return main_shares_[b];
+  const GradientBucket& bucket = buckets_.buckets()[b];
+  at::Tensor out = at::zeros({bucket.shard_size}, bucket.shard.options().dtype(trained_[bucket.members.front()].param.scalar_type()));
+  for (std::size_t p = 0; p < pieces_.size(); ++p) {
+    if (pieces_[p].bucket == b) out.narrow(0, pieces_[p].shard_offset, pieces_[p].length).copy_(piece_mains_[p]);
+  }
+  return out;
+}
+
 std::int64_t DistributedOptimizer::state_bytes() const {
   std::int64_t bytes = 0;
-  for (const auto& share : main_shares_) bytes += share.numel() * static_cast<std::int64_t>(share.element_size());
-  return 3 * bytes;  // main weights, exp_avg, exp_avg_sq
+  for (const auto& piece : piece_mains_) bytes += piece.numel() * static_cast<std::int64_t>(piece.element_size());
+  return (copies_ ? 3 : 2) * bytes;  // (main weights,) exp_avg, exp_avg_sq
 }
 
 std::vector<at::Tensor> DistributedOptimizer::gather_pieces(const std::vector<at::Tensor>& shares) const {
@@ -127,12 +142,13 @@ DistributedOptimizer::Whole DistributedOptimizer::gather() const {
   at::NoGradGuard no_grad;
   Whole whole;
   whole.steps = steps_;
-  whole.main = gather_pieces(main_shares_);
-  std::vector<at::Tensor> first, second;
-  for (const auto& share : main_shares_) {
-    first.push_back(at::zeros_like(share));
-    second.push_back(at::zeros_like(share));
+  std::vector<at::Tensor> mains, first, second;
+  for (std::size_t b = 0; b < buckets_.buckets().size(); ++b) {
+    mains.push_back(share(b));
+    first.push_back(at::zeros({buckets_.buckets()[b].shard_size}, piece_mains_.empty() ? mains.back().options() : piece_mains_.front().options()));
+    second.push_back(at::zeros_like(first.back()));
   }
+  whole.main = gather_pieces(mains);
   for (std::size_t p = 0; p < pieces_.size() && optimizer_; ++p) {
     auto found = optimizer_->state().find(piece_mains_[p].unsafeGetTensorImpl());
     if (found == optimizer_->state().end()) continue;
@@ -155,7 +171,7 @@ void DistributedOptimizer::restore(const std::vector<at::Tensor>& main, const st
     auto slice = [&piece](const at::Tensor& whole) {
       return whole.reshape({-1}).narrow(0, piece.tensor_offset, piece.length);
     };
-    piece_mains_[p].copy_(slice(main.at(piece.tensor)));
+    if (copies_) piece_mains_[p].copy_(slice(main.at(piece.tensor)));  // else the parameter's own piece, just copied
     if (steps == 0) continue;
     auto moment = std::make_unique<torch::optim::AdamWParamState>();
     moment->step(steps);

@@ -129,6 +129,7 @@ StepReport Trainer::train_step(const std::vector<TrainingBatch>& batches) {
     report.labelled_tokens += batch.labelled_tokens;
     report.tokens += batch.tokens;
     report.samples += batch.samples;
+    report.positions += batch.input_ids.numel();
   }
   // Data parallelism: the global batch's labelled tokens (every replica's micro-batches).
   const std::shared_ptr<ProcessGroup>& replicas = context_.groups.data;

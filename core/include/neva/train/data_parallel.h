@@ -70,7 +70,7 @@ struct GradientBucket {
   at::Tensor buffer;
   std::vector<std::size_t> members;    // indices into the trained tensors
   std::vector<std::int64_t> offsets;   // each member's first element in the buffer
-  at::Tensor shard;                    // sharded: the reduce-scatter's output
+  at::Tensor shard;                    // sharded: this rank's share of the buffer (a view), reduced
   std::int64_t shard_size = 0;
 };
 

@@ -30,8 +30,9 @@ class SafetensorsCheckpoint;
 
 class NEVA_API DistributedOptimizer {
  public:
-  // `buckets` must shard (GradientBucketOptions::shard) over `data`; the main weights are `main_dtype`
-  // (fp32; fp64 in the equivalence tests) copies of the parameters' pieces in this rank's shares.
+  // `buckets` must shard (GradientBucketOptions::shard) over `data`. The main weights are `main_dtype`
+  // (fp32; fp64 in the equivalence tests): copies of this rank's pieces of bf16 parameters, or the
+  // parameters' pieces themselves when they have that dtype.
   DistributedOptimizer(std::vector<TrainedTensor>& trained, const GradientBuckets& buckets,
                        std::shared_ptr<ProcessGroup> data, const OptimizerConfig& config, at::ScalarType main_dtype,
                        std::chrono::milliseconds timeout);
@@ -77,8 +78,12 @@ class NEVA_API DistributedOptimizer {
   std::shared_ptr<ProcessGroup> data_;
   std::chrono::milliseconds timeout_;
   std::vector<Piece> pieces_;
-  std::vector<at::Tensor> main_shares_;  // per bucket [shard_size]
-  std::vector<at::Tensor> piece_mains_;  // per piece: a view into its bucket's main share (the optimizer's parameters)
+  at::Tensor share(std::size_t bucket) const;  // this rank's main weights of a bucket, [shard_size]
+  // Main weights in another dtype than the parameters' (bf16 weights, fp32 main weights): a share per
+  // bucket. In the parameters' dtype the pieces are views into the parameters themselves.
+  bool copies_ = false;
+  std::vector<at::Tensor> main_shares_;  // per bucket [shard_size], with copies_
+  std::vector<at::Tensor> piece_mains_;  // per piece: the optimizer's parameter (a view)
   std::unique_ptr<torch::optim::AdamW> optimizer_;
   std::int64_t steps_ = 0;
 };

@@ -78,6 +78,7 @@ struct StepReport {
   bool skipped = false;     // a loss spike the guard skipped: no update
   std::string skip_reason;  // the guard's words, when skipped
   std::int64_t tokens = 0, labelled_tokens = 0, samples = 0;  // this replica's micro-batches
+  std::int64_t positions = 0;  // batch x sequence over this replica's micro-batches, padding included
   double forward_backward_seconds = 0, optimizer_seconds = 0;
   GradientSyncReport gradient_sync;  // data parallelism's buckets this step
 };
