@@ -129,10 +129,10 @@ int check_data_parallel(const neva::World& world) {
   // their hooks and whose ZeRO-1 keeps main-weight copies.
   const neva::DTypePolicy mixed{at::kFloat, at::kFloat, at::kDouble};
   auto make = [&](Replica& r, std::shared_ptr<neva::ProcessGroup> data, bool overlap, std::int64_t bucket_bytes,
-                  bool zero = false, bool o2 = false) {
+                  bool zero = false, bool o2 = false, const char* mlp = "moe") {
     r.context.dtypes = o2 ? mixed : precision.dtype_policy();
     r.context.groups.data = std::move(data);
-    auto backbone = std::make_shared<neva::DecoderBackbone>(neva::test::tiny_decoder("moe"), r.context);
+    auto backbone = std::make_shared<neva::DecoderBackbone>(neva::test::tiny_decoder(mlp), r.context);
     r.model = std::make_unique<neva::LlavaModel>(nullptr, nullptr, backbone, -1);
     neva::TrainerOptions options;
     options.optim.lr = 1e-3;
@@ -238,6 +238,32 @@ int check_data_parallel(const neva::World& world) {
     report(world, "dp O2-style main copies, replicated and ZeRO-1",
            replicated.trainer->main_copies() && sharded.trainer->distributed_optimizer() && loss < 1e-5 && weight < 1e-5);
   }
+  // Gradient accumulation under data parallelism equals one process's single bigger micro-batch
+  // (a dense decoder: an MoE's load-balancing loss depends on how tokens are grouped, as in
+  // transformers and Megatron).
+  {
+    Replica big, accumulated;
+    make(big, nullptr, false, 0, false, false, "gated");
+    make(accumulated, group, true, 16 << 10, false, false, "gated");
+    double loss = 0, weight = 0;
+    for (int step = 0; step < 2; ++step) {
+      std::vector<neva::TrainingSample> every;
+      std::vector<neva::TrainingBatch> mine;
+      for (int m = 0; m < micro_batches; ++m) {
+        const neva::TrainingSample s = dp_sample(8 + 3 * m, 500 + 10 * step + m);
+        every.push_back(s);
+        if (m % world.size == world.rank) mine.push_back(neva::collate({s}, false, 0));
+      }
+      loss = std::max(loss, std::abs(big.trainer->train_step({neva::collate(every, false, 0)}).loss -
+                                     accumulated.trainer->train_step(mine).loss));
+      for (std::size_t i = 0; i < big.trainer->trained().size(); ++i) {
+        weight = std::max(weight, (big.trainer->trained()[i].main - accumulated.trainer->trained()[i].main).abs().max().item<double>());
+      }
+    }
+    std::cout << "rank " << world.rank << " accumulation against one micro-batch: loss " << loss << ", weight " << weight
+              << std::endl;
+    report(world, "dp accumulation equals one bigger micro-batch", loss < 1e-10 && weight < 1e-10);
+  }
   // ZeRO-1's state saved and restored into a fresh trainer: the next step as the original's.
   {
     const std::filesystem::path dir =
@@ -264,8 +290,9 @@ int check_data_parallel(const neva::World& world) {
 }
 
 // `tp_train LAYOUT`: tensor (and sequence) parallelism against one process, in float64. LAYOUT is
-// "tpT[-sp][-moe|-kv1]": T tensor-parallel ranks (the rest of the world data-parallel), sequence
-// parallelism, a Mixtral-style MoE backbone, or a Llama with one KV head (replicated over the group).
+// "tpT[-sp][-moe|-kv1][-tied][-zero]": T tensor-parallel ranks (the rest of the world data-parallel),
+// sequence parallelism, a Mixtral-style MoE backbone or a Llama with one KV head (replicated over the
+// group), tied embeddings, ZeRO-1 over the data-parallel ranks.
 // Every rank builds, through the recipe and the plugins, a tiny LLaVA (Llama or Mixtral + CLIP +
 // mlp2x_gelu, everything trained) twice from one seed: alone, and split over the megatron plugin's
 // groups. Two steps over micro-batches of odd lengths, with and without an image: the losses, every
@@ -278,6 +305,7 @@ int check_tensor_parallel(const neva::World& world, const std::string& layout) {
   const bool sp = layout.find("-sp") != std::string::npos, moe = layout.find("-moe") != std::string::npos;
   const bool one_kv_head = layout.find("-kv1") != std::string::npos;
   const bool zero = layout.find("-zero") != std::string::npos;  // ZeRO-1 over the data-parallel ranks
+  const bool tied = layout.find("-tied") != std::string::npos;  // the LM head is the embedding
   struct Scratch {  // removed however the check ends
     fs::path path = fs::temp_directory_path() / ("neva-tp-" + std::to_string(::getpid()));
     Scratch() { fs::create_directories(path); }
@@ -293,7 +321,7 @@ int check_tensor_parallel(const neva::World& world, const std::string& layout) {
                         "\"num_hidden_layers\": 2, \"num_attention_heads\": 4, \"num_key_value_heads\": " +
                         (one_kv_head ? "1" : "2") +
                         ", \"max_position_embeddings\": 256, \"num_local_experts\": 4, \"num_experts_per_tok\": 2, "
-                        "\"router_aux_loss_coef\": 0.02}");
+                        "\"router_aux_loss_coef\": 0.02, \"tie_word_embeddings\": " + (tied ? "true" : "false") + "}");
   write("clip.json", "{\"model_type\": \"clip_vision_model\", \"hidden_size\": 16, \"intermediate_size\": 32, "
                      "\"num_hidden_layers\": 2, \"num_attention_heads\": 2, \"image_size\": 28, \"patch_size\": 14}");
   auto recipe_text = [&](int tp, bool sp) {

@@ -112,7 +112,8 @@ TEST_CASE("data parallelism: replicas on their shares match one process on the w
                                 "dp overlapped buckets equal the plain reduction bitwise",
                                 "dp buckets start during the backward pass", "dp one reduction per step, none per micro-batch",
                                 "dp zero-1 shards the optimizer state", "dp zero-1 resumes exactly",
-                                "dp O2-style main copies, replicated and ZeRO-1"}) {
+                                "dp O2-style main copies, replicated and ZeRO-1",
+                                "dp accumulation equals one bigger micro-batch"}) {
         CHECK(result.out.find(prefix + check + " ok") != std::string::npos);
       }
     }
@@ -141,6 +142,9 @@ TEST_CASE("tensor parallelism: TP2 matches one process (Llama + CLIP, float64), 
   SUBCASE("TP2") { check_tensor_parallel(2, "tp2"); }
   SUBCASE("TP2 + SP") { check_tensor_parallel(2, "tp2-sp"); }
   SUBCASE("TP2 with one KV head, replicated over the group") { check_tensor_parallel(2, "tp2-kv1"); }
+  SUBCASE("TP2 + SP with tied embeddings (the LM head is the vocabulary-parallel embedding)") {
+    check_tensor_parallel(2, "tp2-sp-tied");
+  }
 }
 
 TEST_CASE("tensor parallelism: Mixtral's experts split under TP2, with and without sequence parallelism (float64)") {

@@ -3,6 +3,9 @@
 // context's generator alone, and nothing in core or the plugins creates a layer any other way.
 #include <doctest/doctest.h>
 
+#include "neva/nn/attention.h"
+#include "neva/nn/module.h"
+
 #include <ATen/ATen.h>
 #include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/embedding.h>
@@ -167,4 +170,46 @@ TEST_CASE("core, the plugins and the example create linear layers, embeddings, c
   std::ostringstream list;
   for (const auto& offence : offences) list << "\n  " << offence;
   CHECK_MESSAGE(offences.empty(), "created outside neva::nn or drawn from the global generator:" << list.str());
+}
+
+TEST_CASE("tensor parallelism: heads split whole, KV heads fewer than the ranks are replicated, and shards round-trip") {
+  auto split = neva::split_heads(32, 8, 4);
+  CHECK((split.heads == 8 && split.kv_heads == 2 && split.kv_replicas == 1));
+  split = neva::split_heads(32, 2, 8);  // two KV heads over eight ranks: each on four
+  CHECK((split.heads == 4 && split.kv_heads == 1 && split.kv_replicas == 4));
+  CHECK_THROWS_WITH_AS(neva::split_heads(4, 4, 3), doctest::Contains("4 attention heads do not split over 3 tensor-parallel ranks"),
+                       neva::Error);
+  CHECK_THROWS_WITH_AS(neva::split_heads(24, 3, 4), doctest::Contains("3 KV heads do not split over 4 tensor-parallel ranks"),
+                       neva::Error);
+  // A decoder's sizes, checked before it is built: heads, KV heads, FFN; its config.json named.
+  neva::DecoderConfig config = neva::test::tiny_decoder();  // 4 heads, 2 KV heads, FFN 128
+  CHECK_NOTHROW(neva::check_tensor_parallel_split(config, 4));
+  CHECK_THROWS_WITH_AS(neva::check_tensor_parallel_split(config, 3),
+                       "test: 4 attention heads do not split over 3 tensor-parallel ranks (num_attention_heads must be "
+                       "a multiple of tensor_model_parallel_size)",
+                       neva::Error);
+  config.intermediate_size = 130;
+  CHECK_THROWS_WITH_AS(neva::check_tensor_parallel_split(config, 4),
+                       doctest::Contains("test: intermediate_size 130 does not split over 4 tensor-parallel ranks"), neva::Error);
+  // shard_of: an even split, a padded vocabulary (the padding rows zero), a strided (fused) split and
+  // a shard shared by two ranks.
+  const at::Tensor whole = torch::arange(10 * 3, at::kFloat).view({10, 3});
+  neva::nn::ParameterSharding rows;
+  rows.tensor_parallel_dim = 0;
+  CHECK(torch::equal(neva::nn::shard_of(whole, rows, 1, 2, 5), whole.narrow(0, 5, 5)));
+  neva::nn::ParameterSharding padded = rows;
+  padded.logical_size = 10;
+  const at::Tensor last = neva::nn::shard_of(whole, padded, 2, 3, 4);  // rows 8, 9 and two zero rows
+  CHECK(torch::equal(last.narrow(0, 0, 2), whole.narrow(0, 8, 2)));
+  CHECK(last.narrow(0, 2, 2).abs().sum().item<float>() == 0);
+  neva::nn::ParameterSharding strided = rows;
+  strided.partition_stride = 2;  // [gate; up] of 6 rows each, each split in two
+  const at::Tensor fused = torch::arange(12 * 3, at::kFloat).view({12, 3});
+  CHECK(torch::equal(neva::nn::shard_of(fused, strided, 1, 2, 6),
+                     torch::cat({fused.narrow(0, 3, 3), fused.narrow(0, 9, 3)})));
+  neva::nn::ParameterSharding shared = rows;
+  shared.tensor_parallel_replicas = 2;  // ranks 2 and 3 of 4 hold the second half
+  CHECK(torch::equal(neva::nn::shard_of(whole, shared, 3, 4, 5), whole.narrow(0, 5, 5)));
+  CHECK(neva::nn::whole_shape(last, padded, 3) == std::vector<std::int64_t>{10, 3});
+  CHECK(neva::nn::whole_shape(neva::nn::shard_of(whole, shared, 0, 4, 5), shared, 4) == std::vector<std::int64_t>{10, 3});
 }

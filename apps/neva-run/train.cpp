@@ -666,17 +666,20 @@ TrainSummary run_train(const Recipe& recipe, const std::string& title) {
       std::chrono::duration<double, std::ratio<60>>(recipe.trainer.distributed_timeout_minutes));
   const World world = World::from_environment(collective);
   std::optional<std::ofstream> log;
-  if (world.size > 1) {
-    const fs::path directory = fs::path(recipe.exp_manager.explicit_log_dir) / "logs";
-    fs::create_directories(directory);
-    const fs::path path = directory / ("rank-" + std::to_string(world.rank) + ".log");
-    log.emplace(path, std::ios::app);
-    if (!*log) throw Error(path.string() + ": cannot open this rank's log");
-    *log << title << ": rank " << world.rank << " of " << world.size << " (local rank " << world.local_rank << ", pid "
-         << ::getpid() << ")" << std::endl;
-  }
   PeerWatch peers(world);
   try {
+    if (world.size > 1) {
+      const fs::path directory = fs::path(recipe.exp_manager.explicit_log_dir) / "logs";
+      fs::create_directories(directory);
+      const fs::path path = directory / ("rank-" + std::to_string(world.rank) + ".log");
+      log.emplace(path, std::ios::app);
+      if (!*log) {
+        log.reset();
+        throw Error(path.string() + ": cannot open this rank's log");
+      }
+      *log << title << ": rank " << world.rank << " of " << world.size << " (local rank " << world.local_rank
+           << ", pid " << ::getpid() << ")" << std::endl;
+    }
     return train_replica(recipe, title, world, collective, log ? &*log : nullptr);
   } catch (const RecipeError& error) {  // the same on every rank: nobody else to blame
     if (log) *log << title << ": error: " << error.what() << std::endl;

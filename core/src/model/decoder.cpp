@@ -95,16 +95,7 @@ class DecoderModel : public torch::nn::Module {
 DecoderBackbone::DecoderBackbone(const DecoderConfig& config, const RuntimeContext& context)
     : config_(config), context_(context), rotary_(config.rope), region_(context),
       vocabulary_(nn::vocabulary_shard(context, config.vocab_size)) {
-  // Every size that splits over the tensor-parallel group, checked before anything is built.
-  const int tp = region_.size();
-  if (tp > 1) {
-    split_heads(config.num_heads, config.num_kv_heads, tp);
-    if (config.intermediate_size % tp != 0) {
-      throw Error(config.source + ": intermediate_size " + std::to_string(config.intermediate_size) +
-                  " does not split over " + std::to_string(tp) +
-                  " tensor-parallel ranks (it must be a multiple of tensor_model_parallel_size)");
-    }
-  }
+  check_tensor_parallel_split(config, region_.size());  // before anything is built
   const auto& recompute = context.activations_checkpoint;
   model_ = register_module("model", std::make_shared<DecoderModel>(context, config, recompute.granularity == "selective"));
   if (!config.tie_word_embeddings) {
@@ -271,6 +262,20 @@ std::unique_ptr<KVCache> DecoderBackbone::new_cache(std::int64_t batch, std::int
                              at::empty({batch, kv_heads, max_tokens, config_.head_dim}, options)});
   }
   return cache;
+}
+
+void check_tensor_parallel_split(const DecoderConfig& config, int tp) {
+  if (tp == 1) return;
+  try {
+    split_heads(config.num_heads, config.num_kv_heads, tp);
+  } catch (const Error& error) {
+    throw Error(config.source + ": " + error.what());
+  }
+  if (config.intermediate_size % tp != 0) {
+    throw Error(config.source + ": intermediate_size " + std::to_string(config.intermediate_size) +
+                " does not split over " + std::to_string(tp) +
+                " tensor-parallel ranks (it must be a multiple of tensor_model_parallel_size)");
+  }
 }
 
 DecoderPluginConfig::~DecoderPluginConfig() = default;

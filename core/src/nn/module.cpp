@@ -129,7 +129,7 @@ at::Tensor shard_of(const at::Tensor& whole, const ParameterSharding& s, int tp_
   const std::int64_t index = tp_rank / s.tensor_parallel_replicas;
   if (s.partition_stride > 1) {
     // Interleaved blocks (fused q/k/v, gate/up), each split separately.
-    if (whole.size(d) != local_extent * shards) {
+    if (whole.size(d) != local_extent * shards || whole.size(d) % (s.partition_stride * shards) != 0) {
       throw Error("a strided parameter's whole size " + std::to_string(whole.size(d)) + " is not " +
                   std::to_string(shards) + " x its shard's " + std::to_string(local_extent));
     }

@@ -68,6 +68,11 @@ class NEVA_API DecoderBackbone : public LanguageBackbone {
   nn::Linear lm_head_;
 };
 
+// Throws naming config.json's key when the decoder does not split over `tp` tensor-parallel ranks:
+// num_attention_heads and intermediate_size must divide by it, num_key_value_heads must be a
+// multiple or a divisor of it. (The vocabulary is padded instead: make_vocab_size_divisible_by.)
+NEVA_API void check_tensor_parallel_split(const DecoderConfig& config, int tp);
+
 // An architecture's transformers defaults for absent config.json keys.
 struct DecoderDefaults {
   std::int64_t vocab_size, hidden_size, intermediate_size, num_layers, num_heads;
