@@ -290,9 +290,10 @@ int check_data_parallel(const neva::World& world) {
 }
 
 // `tp_train LAYOUT`: tensor (and sequence) parallelism against one process, in float64. LAYOUT is
-// "tpT[-sp][-moe|-kv1][-tied][-zero]": T tensor-parallel ranks (the rest of the world data-parallel),
-// sequence parallelism, a Mixtral-style MoE backbone or a Llama with one KV head (replicated over the
-// group), tied embeddings, ZeRO-1 over the data-parallel ranks.
+// "tpT[-sp][-moe|-kv1][-tied][-zero][-recompute][-packed]": T tensor-parallel ranks (the rest of the
+// world data-parallel), sequence parallelism, a Mixtral-style MoE backbone or a Llama with one KV head
+// (replicated over the group), tied embeddings, ZeRO-1 over the data-parallel ranks, full activation
+// recomputation, packed rows (segments).
 // Every rank builds, through the recipe and the plugins, a tiny LLaVA (Llama or Mixtral + CLIP +
 // mlp2x_gelu, everything trained) twice from one seed: alone, and split over the megatron plugin's
 // groups. Two steps over micro-batches of odd lengths, with and without an image: the losses, every
@@ -306,6 +307,8 @@ int check_tensor_parallel(const neva::World& world, const std::string& layout) {
   const bool one_kv_head = layout.find("-kv1") != std::string::npos;
   const bool zero = layout.find("-zero") != std::string::npos;  // ZeRO-1 over the data-parallel ranks
   const bool tied = layout.find("-tied") != std::string::npos;  // the LM head is the embedding
+  const bool recompute = layout.find("-recompute") != std::string::npos;  // full activation recomputation
+  const bool packed = layout.find("-packed") != std::string::npos;  // each micro-batch one packed row
   struct Scratch {  // removed however the check ends
     fs::path path = fs::temp_directory_path() / ("neva-tp-" + std::to_string(::getpid()));
     Scratch() { fs::create_directories(path); }
@@ -326,6 +329,7 @@ int check_tensor_parallel(const neva::World& world, const std::string& layout) {
                      "\"num_hidden_layers\": 2, \"num_attention_heads\": 2, \"image_size\": 28, \"patch_size\": 14}");
   auto recipe_text = [&](int tp, bool sp) {
     return "[run]\nmode = \"inspect\"\nseed = 11\n[model]\ntensor_model_parallel_size = " + std::to_string(tp) +
+      (recompute ? "\nactivations_checkpoint_granularity = \"full\"" : "") +
       "\nsequence_parallel = " + (sp ? "true" : "false") +
       "\nmake_vocab_size_divisible_by = 8\n[model.mm_cfg]\nmm_mlp_adapter_type = \"mlp2x_gelu\"\n"
       "image_token_index = 96\n[model.mm_cfg.llm]\nplugin = \"" + (moe ? "mixtral" : "llama") +
@@ -390,7 +394,7 @@ int check_tensor_parallel(const neva::World& world, const std::string& layout) {
     std::vector<neva::TrainingBatch> all, mine;
     for (int m = 0; m < micro_batches; ++m) {
       const std::int64_t seed = 100 * step + m;
-      all.push_back(neva::collate({sample(11 + 2 * m, seed, m % 2 == 0), sample(8 + m, seed + 50, false)}, false, 0));
+      all.push_back(neva::collate({sample(11 + 2 * m, seed, m % 2 == 0), sample(8 + m, seed + 50, false)}, packed, 0));
       if (m % dp == dp_rank) mine.push_back(all.back());
     }
     const double expected = reference.trainer->train_step(all).loss;

@@ -145,6 +145,7 @@ TEST_CASE("tensor parallelism: TP2 matches one process (Llama + CLIP, float64), 
   SUBCASE("TP2 + SP with tied embeddings (the LM head is the vocabulary-parallel embedding)") {
     check_tensor_parallel(2, "tp2-sp-tied");
   }
+  SUBCASE("TP2 + SP with full activation recomputation and packed rows") { check_tensor_parallel(2, "tp2-sp-recompute-packed"); }
 }
 
 TEST_CASE("tensor parallelism: Mixtral's experts split under TP2, with and without sequence parallelism (float64)") {

@@ -140,7 +140,8 @@ int main(int argc, char** argv) {
   add_common(&app);
   int nproc_per_node = 1;
   app.add_option("--nproc-per-node", nproc_per_node,
-                 "Train data-parallel as N local processes (as torchrun --standalone --nproc-per-node N)")
+                 "Run the recipe as N local processes (as torchrun --standalone --nproc-per-node N): training "
+                 "tensor- and data-parallel, generate and score over a tensor-parallel group")
       ->type_name("N")
       ->check(CLI::Range(1, 1024));
 

@@ -50,8 +50,6 @@ class NEVA_API DecoderBackbone : public LanguageBackbone {
   std::unique_ptr<KVCache> new_cache(std::int64_t batch, std::int64_t max_tokens) override;
   std::int64_t hidden_size() const override { return config_.hidden_size; }
   std::int64_t vocab_size() const override { return config_.vocab_size; }
-  // Under tensor parallelism: this rank's columns of the vocabulary-parallel logits.
-  const nn::VocabularyShard& vocabulary_shard() const { return vocabulary_; }
   std::int64_t max_position_embeddings() const override { return config_.rope.max_position_embeddings; }
 
   // Loads a checkpoint in CausalLM names or a llava-hf text model (hub, nested or transformers 5

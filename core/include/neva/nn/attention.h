@@ -70,7 +70,6 @@ class NEVA_API SelfAttention : public nn::Module {
   // the output is [batch, count, hidden] (keys and values still cover every position).
   at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const AttentionMask& mask,
                      LayerCache* cache, const at::Tensor& rows = {});
-  std::int64_t local_kv_heads() const { return kv_heads_; }  // a KV cache's heads on this rank
 
  private:
   AttentionConfig config_;
