@@ -90,30 +90,28 @@ std::pair<at::Tensor, at::Tensor> SparseMoE::forward_with_router(const at::Tenso
   at::Tensor probabilities = router_logits.softmax(1, at::kFloat);
   auto [weights, selected] = probabilities.topk(top_k_, -1);
   weights = (weights / weights.sum(-1, true)).to(tokens.scalar_type());
-  // Experts in index order, each over the tokens routed to it; an expert without tokens is skipped.
-  at::Tensor routed = at::one_hot(selected, num_experts_).permute({2, 1, 0});  // [experts, top_k, tokens]
-  std::vector<at::Tensor> token_index, slot_index, partial;
+  // Every (token, slot) assignment sorted by expert once (a stable sort: within an expert, tokens in
+  // order), the experts' inputs gathered in that order and each expert run on its contiguous rows.
+  // One host read per layer (the rows per expert), none per expert.
+  const at::Tensor assigned = selected.reshape({-1});  // [tokens x top_k], token-major
+  const at::Tensor order = std::get<1>(assigned.sort(std::optional<bool>(true), /*dim=*/0, /*descending=*/false));
+  const at::Tensor token_of = at::div(order, top_k_, "floor");
+  const at::Tensor counts = at::bincount(assigned, {}, num_experts_).cpu();
+  const std::int64_t* rows = counts.data_ptr<std::int64_t>();
+  const at::Tensor inputs = expert_tokens.index_select(0, token_of);
+  std::vector<at::Tensor> partial;
+  std::int64_t offset = 0;
   for (std::int64_t e = 0; e < num_experts_; ++e) {
-    at::Tensor hits = routed[e].nonzero();  // [n, 2]: (slot, token)
-    if (hits.size(0) == 0) continue;
-    token_index.push_back(hits.select(1, 1));
-    slot_index.push_back(hits.select(1, 0));
-    partial.push_back(experts_->ptr<GatedMLP>(e)->forward_partial(expert_tokens.index_select(0, token_index.back())));
+    if (rows[e] == 0) continue;  // an expert without tokens is skipped
+    partial.push_back(experts_->ptr<GatedMLP>(e)->forward_partial(inputs.narrow(0, offset, rows[e])));
+    offset += rows[e];
   }
   // Every expert's output summed over the tensor-parallel group at once (g).
-  std::vector<at::Tensor> results;
-  if (region_.group && !partial.empty()) {
-    std::vector<std::int64_t> counts;
-    for (const auto& p : partial) counts.push_back(p.size(0));
-    results = reduce_from_tensor_parallel_region(region_.group, at::cat(partial, 0)).split_with_sizes(counts, 0);
-  } else {
-    results = partial;
-  }
-  at::Tensor out = at::zeros_like(tokens);
-  for (std::size_t i = 0; i < results.size(); ++i) {
-    at::Tensor result = results[i] * weights.index({token_index[i], slot_index[i]}).unsqueeze(-1);
-    out.index_add_(0, token_index[i], result.to(out.scalar_type()));
-  }
+  at::Tensor results = partial.empty() ? at::zeros({0, hidden}, tokens.options())
+                                       : partial.size() == 1 ? partial.front() : at::cat(partial, 0);
+  if (region_.group) results = reduce_from_tensor_parallel_region(region_.group, results);
+  results = results * weights.reshape({-1}).index_select(0, order).unsqueeze(-1);
+  at::Tensor out = at::zeros_like(tokens).index_add_(0, token_of, results.to(tokens.scalar_type()));
   out = out.view(shape);
   if (split_sequence) out = scatter_to_sequence_parallel_region(region_.group, out, 1);
   return {out, router_logits};
