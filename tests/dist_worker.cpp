@@ -289,6 +289,18 @@ int check_data_parallel(const neva::World& world) {
   return failures ? 3 : 0;
 }
 
+// Named tensors with every expert's (expert parallelism: each rank holds some experts).
+std::vector<std::pair<std::string, at::Tensor>> with_all_experts(const std::vector<std::pair<std::string, at::Tensor>>& local,
+                                                                 const std::shared_ptr<neva::ProcessGroup>& experts) {
+  if (neva::group_size(experts) == 1) return local;
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  for (const auto& entry : local) {
+    if (neva::nn::expert_index(entry.first) < 0) out.push_back(entry);
+  }
+  for (auto& entry : neva::nn::gather_experts(local, experts)) out.push_back(std::move(entry));
+  return out;
+}
+
 // `tp_train LAYOUT`: tensor (and sequence) parallelism against one process, in float64. LAYOUT is
 // "tpT[-sp][-moe|-kv1][-tied][-zero][-recompute][-packed]": T tensor-parallel ranks (the rest of the
 // world data-parallel), sequence parallelism, a Mixtral-style MoE backbone or a Llama with one KV head
@@ -302,8 +314,12 @@ int check_data_parallel(const neva::World& world) {
 // tensor-parallel group.
 int check_tensor_parallel(const neva::World& world, const std::string& layout) {
   namespace fs = std::filesystem;
-  const int tp = std::stoi(layout.substr(2));
-  const bool sp = layout.find("-sp") != std::string::npos, moe = layout.find("-moe") != std::string::npos;
+  // "tpN..." or "epN..." (expert parallelism, a Mixtral backbone).
+  const bool expert_layout = layout.rfind("ep", 0) == 0;
+  const int tp = expert_layout ? 1 : std::stoi(layout.substr(2));
+  const int ep = expert_layout ? std::stoi(layout.substr(2)) : 1;
+  const bool sp = layout.find("-sp") != std::string::npos;
+  const bool moe = expert_layout || layout.find("-moe") != std::string::npos;
   const bool one_kv_head = layout.find("-kv1") != std::string::npos;
   const bool zero = layout.find("-zero") != std::string::npos;  // ZeRO-1 over the data-parallel ranks
   const bool tied = layout.find("-tied") != std::string::npos;  // the LM head is the embedding
@@ -327,8 +343,9 @@ int check_tensor_parallel(const neva::World& world, const std::string& layout) {
                         "\"router_aux_loss_coef\": 0.02, \"tie_word_embeddings\": " + (tied ? "true" : "false") + "}");
   write("clip.json", "{\"model_type\": \"clip_vision_model\", \"hidden_size\": 16, \"intermediate_size\": 32, "
                      "\"num_hidden_layers\": 2, \"num_attention_heads\": 2, \"image_size\": 28, \"patch_size\": 14}");
-  auto recipe_text = [&](int tp, bool sp) {
+  auto recipe_text = [&](int tp, bool sp, int ep) {
     return "[run]\nmode = \"inspect\"\nseed = 11\n[model]\ntensor_model_parallel_size = " + std::to_string(tp) +
+      "\nexpert_model_parallel_size = " + std::to_string(ep) +
       (recompute ? "\nactivations_checkpoint_granularity = \"full\"" : "") +
       "\nsequence_parallel = " + (sp ? "true" : "false") +
       "\nmake_vocab_size_divisible_by = 8\n[model.mm_cfg]\nmm_mlp_adapter_type = \"mlp2x_gelu\"\n"
@@ -339,8 +356,8 @@ int check_tensor_parallel(const neva::World& world, const std::string& layout) {
   };
   neva::Registry::Options options;
   options.use_environment = false;
-  const neva::Recipe alone = neva::parse_recipe(neva::ConfigDocument::parse(recipe_text(1, false), "tp test"), dir, options);
-  const neva::Recipe split = neva::parse_recipe(neva::ConfigDocument::parse(recipe_text(tp, sp), "tp test"), dir, options);
+  const neva::Recipe alone = neva::parse_recipe(neva::ConfigDocument::parse(recipe_text(1, false, 1), "tp test"), dir, options);
+  const neva::Recipe split = neva::parse_recipe(neva::ConfigDocument::parse(recipe_text(tp, sp, ep), "tp test"), dir, options);
   neva::test::Float64 precision;
   struct Replica {
     neva::RuntimeContext context;
@@ -363,16 +380,19 @@ int check_tensor_parallel(const neva::World& world, const std::string& layout) {
     r.trainer = std::make_unique<neva::Trainer>(*r.model, precision, r.context, trainer_options);
     r.trainer->gradients_ready = [&r](std::vector<neva::TrainedTensor>& trained) {
       const std::vector<at::Tensor> gradients = r.trainer->gradients();  // ZeRO-1: gathered from the shares
+      std::vector<std::pair<std::string, at::Tensor>> whole;
       for (std::size_t i = 0; i < trained.size(); ++i) {
-        r.gradients[trained[i].name] = neva::nn::unshard(gradients[i], trained[i].sharding, r.context.groups.tensor).clone();
+        whole.emplace_back(trained[i].name, neva::nn::unshard(gradients[i], trained[i].sharding, r.context.groups.tensor).clone());
       }
+      for (auto& [name, tensor] : with_all_experts(whole, r.context.groups.expert)) r.gradients[name] = tensor;
     };
   };
   Replica reference, parallel;
   make(reference, alone, neva::World());
   make(parallel, split, world);
   const int dp = neva::group_size(parallel.context.groups.data), dp_rank = neva::group_rank(parallel.context.groups.data);
-  report(world, "tp groups", neva::group_size(parallel.context.groups.tensor) == tp && dp * tp == world.size);
+  report(world, "tp groups", neva::group_size(parallel.context.groups.tensor) == tp && dp * tp == world.size &&
+                                 neva::group_size(parallel.context.groups.expert) == ep);
   auto sample = [](std::int64_t length, std::int64_t seed, bool image) {
     neva::TrainingSample s = neva::test::random_sample(length, seed, length / 3);
     for (auto& id : s.input_ids) id = std::min<std::int64_t>(id, 95);  // 96 is the image placeholder
@@ -414,12 +434,35 @@ int check_tensor_parallel(const neva::World& world, const std::string& layout) {
       const at::Tensor every = neva::all_gather_along(parallel.context.groups.tensor, mine_grad, 0);
       vision_spread = std::max(vision_spread, (every - mine_grad).abs().max().item<double>());
     }
-    const auto& got_tensors = parallel.trainer->trained();
-    for (std::size_t i = 0; i < reference.trainer->trained().size(); ++i) {
-      const at::Tensor& a = reference.trainer->trained()[i].main;
-      const at::Tensor b = neva::nn::unshard(got_tensors[i].main.detach(), got_tensors[i].sharding, parallel.context.groups.tensor);
-      worst_weight = std::max(worst_weight, (a - b).abs().max().item<double>());
+    std::vector<std::pair<std::string, at::Tensor>> weights;
+    for (const auto& t : parallel.trainer->trained()) {
+      weights.emplace_back(t.name, neva::nn::unshard(t.main.detach(), t.sharding, parallel.context.groups.tensor));
     }
+    std::map<std::string, at::Tensor> updated;
+    for (auto& [name, tensor] : with_all_experts(weights, parallel.context.groups.expert)) updated[name] = tensor;
+    for (const auto& t : reference.trainer->trained()) {
+      worst_weight = std::max(worst_weight, (t.main - updated.at(t.name)).abs().max().item<double>());
+    }
+  }
+  // Greedy decoding with the KV cache (generation runs without sequence parallelism): the same tokens.
+  if (!sp) {
+    auto greedy = [&](Replica& r) {
+      at::NoGradGuard no_grad;
+      auto cache = r.model->backbone().new_cache(1, 32);
+      std::vector<std::int64_t> tokens;
+      at::Tensor ids = torch::tensor({{5, 17, 33, 2, 60, 71, 9}}, at::kLong);
+      for (int i = 0; i < 8; ++i) {
+        neva::MultimodalInputs inputs;
+        inputs.input_ids = ids;
+        inputs.cache = cache.get();
+        const at::Tensor logits = r.model->forward(inputs).logits;
+        const std::int64_t next = logits.select(1, logits.size(1) - 1).argmax(-1).item<std::int64_t>();
+        tokens.push_back(next);
+        ids = torch::tensor({{next}}, at::kLong);
+      }
+      return tokens;
+    };
+    report(world, layout + " greedy tokens", greedy(reference) == greedy(parallel));
   }
   std::cout << "rank " << world.rank << " " << layout << " worst differences: loss " << worst_loss << ", gradient "
             << worst_gradient << ", weight " << worst_weight << ", vision gradients across the group " << vision_spread

@@ -752,3 +752,72 @@ TEST_CASE("a worker that raises: the other fails within the timeout and names it
   CHECK(contains(rank0_log, "rank 1 failed first: " + (ws.root / "raised" / "logs" / "rank-1.log").string() +
                                 ": cannot open this rank's log"));
 }
+
+TEST_CASE("expert parallelism under torchrun: a Mixtral over EP2 trains what one process trains, exports and answers") {
+  Workspace ws;
+  // The demo's stage 2 with a tiny Mixtral (4 experts, top 2) of the demo tokenizer's vocabulary.
+  const json llama = json::parse(std::ifstream(ws.root / "model" / "llm" / "config.json"));
+  fs::create_directories(ws.root / "mixtral");
+  std::ofstream(ws.root / "mixtral" / "config.json")
+      << json{{"model_type", "mixtral"}, {"vocab_size", llama["vocab_size"]}, {"hidden_size", 64},
+              {"intermediate_size", 128}, {"num_hidden_layers", 2}, {"num_attention_heads", 4},
+              {"num_key_value_heads", 2}, {"max_position_embeddings", 256}, {"num_local_experts", 4},
+              {"num_experts_per_tok", 2}, {"router_aux_loss_coef", 0.02}, {"bos_token_id", 1}, {"eos_token_id", 2}}
+             .dump();
+  std::string recipe = read_text(ws.root / "stage2.toml");
+  const auto llm = recipe.find("[model.mm_cfg.llm]"), vision = recipe.find("[model.mm_cfg.vision_encoder]");
+  REQUIRE(llm != std::string::npos);
+  REQUIRE(vision != std::string::npos);
+  recipe.replace(llm, vision - llm, "[model.mm_cfg.llm]\nplugin = \"mixtral\"\nconfig = \"mixtral/config.json\"\nfreeze = false\n\n");
+  std::ofstream(ws.root / "stage2-mixtral.toml") << recipe;
+  auto arguments = [&](const std::string& run, const std::string& extra) {
+    std::string text = ws.train_arguments(run, extra);
+    return text.replace(text.find((ws.root / "stage2.toml").string()), (ws.root / "stage2.toml").string().size(),
+                        (ws.root / "stage2-mixtral.toml").string());
+  };
+  // Micro-batches of one sample: the load-balancing loss depends on how tokens are grouped into
+  // micro-batches, and the replicas group the global batch's samples otherwise than one process.
+  const std::string sizes = "--set trainer.max_steps=20 --set model.micro_batch_size=1 --set model.global_batch_size=4 "
+                            "--set exp_manager.export_hf=true";
+  auto one = neva_run(arguments("one", sizes));
+  REQUIRE_MESSAGE(one.exit_code == 0, one.err);
+  const fs::path torchrun = neva::test::source_directory() / ".venv" / "bin" / "torchrun";
+  auto launch = [&](const std::string& text) {
+    return run_command(kNevaRunPrefix + torchrun.string() + " --no-python --standalone --nproc-per-node 2 " +
+                           neva::test::binary("neva-run").string() + " " + text,
+                       600);
+  };
+  auto split = launch(arguments("ep2", sizes + " --set model.expert_model_parallel_size=2"));
+  REQUIRE_MESSAGE(split.exit_code == 0, split.err);
+  const auto single = ws.losses("one"), experts = ws.losses("ep2");
+  REQUIRE(single.size() == 20);
+  REQUIRE(experts.size() == 20);
+  double worst = 0;
+  for (std::size_t i = 0; i < single.size(); ++i) {
+    worst = std::max(worst, std::abs(std::stod(experts[i]) - std::stod(single[i])) / std::stod(single[i]));
+  }
+  MESSAGE("20 fp32 steps, EP2 against one process: worst relative loss difference " << worst);
+  CHECK(worst < 1e-6);
+  // The export has every expert, gathered from both ranks.
+  neva::SafetensorsCheckpoint exported((ws.root / "ep2" / "hf" / "model.safetensors").string());
+  for (int e = 0; e < 4; ++e) {
+    CHECK(exported.contains("language_model.model.layers.1.block_sparse_moe.experts." + std::to_string(e) + ".w2.weight"));
+  }
+  // Generation over the EP2 export: two ranks (each with two experts) give one process's answers.
+  const std::string answer = (ws.root / "eval.toml").string() + " --set model.mm_cfg.llm.plugin=mixtral" +
+                             " --set model.mm_cfg.llm.from_pretrained=" + (ws.root / "ep2" / "hf").string() +
+                             " --set model.mm_cfg.vision_encoder.from_pretrained=" + (ws.root / "ep2" / "hf").string() +
+                             " --set model.mm_cfg.mm_mlp_adapter.from_pretrained=" + (ws.root / "ep2" / "hf").string();
+  auto alone = neva_run(answer + " --set inference.output_file=" + (ws.root / "answers-1.jsonl").string());
+  REQUIRE_MESSAGE(alone.exit_code == 0, alone.err);
+  auto pair = launch(answer + " --set model.expert_model_parallel_size=2 --set inference.output_file=" +
+                     (ws.root / "answers-2.jsonl").string());
+  REQUIRE_MESSAGE(pair.exit_code == 0, pair.err);
+  const std::string a = read_text(ws.root / "answers-1.jsonl"), b = read_text(ws.root / "answers-2.jsonl");
+  CHECK(!a.empty());
+  CHECK(a == b);
+  // A model without experts under expert parallelism: refused on every rank, naming the key.
+  auto dense = launch(ws.train_arguments("dense", sizes + " --set model.expert_model_parallel_size=2"));
+  CHECK(dense.exit_code != 0);
+  CHECK(contains(dense.err, "expert_model_parallel_size = 2 needs a mixture-of-experts language model"));
+}

@@ -79,13 +79,17 @@ std::vector<Request> read_requests(const Recipe& recipe, bool need_continuation)
 World inference_world(const Recipe& recipe) {
   // Checked before joining the others: a wrong launch is refused without waiting for them.
   const ParallelSizes& sizes = recipe.model.parallel;
+  // Under expert parallelism the dense part is replicated over the expert-parallel ranks: all of
+  // them run the same requests, each its experts.
   const int launched = World::launched_size();
-  if (launched != sizes.tensor * sizes.pipeline * sizes.context) {
+  const std::int64_t group = sizes.tensor * sizes.pipeline * sizes.context * sizes.expert;
+  if (launched != group) {
     throw RecipeError(recipe.source + ": run.mode = \"" + recipe.run.mode + "\" runs on one model-parallel group, but " +
                       std::to_string(launched) + " process" + (launched == 1 ? " was" : "es were") +
                       " launched for model.tensor_model_parallel_size = " + std::to_string(sizes.tensor) +
-                      " (data-parallel " + recipe.run.mode +
-                      " is not implemented: launch tensor_model_parallel_size processes)");
+                      (sizes.expert > 1 ? " x expert_model_parallel_size = " + std::to_string(sizes.expert) : "") +
+                      " (data-parallel " + recipe.run.mode + " is not implemented: launch " + std::to_string(group) +
+                      " processes)");
   }
   const auto timeout = std::chrono::duration_cast<std::chrono::milliseconds>(
       std::chrono::duration<double, std::ratio<60>>(recipe.trainer.distributed_timeout_minutes));

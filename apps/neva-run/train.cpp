@@ -626,9 +626,10 @@ TrainSummary train_replica(const Recipe& recipe, const std::string& title, const
   if (step < max_steps) return summary;  // stopped by exit_interval: not finished
   // The export writes whole tensors: the first replica's ranks gather the language model's shards.
   std::vector<std::pair<std::string, at::Tensor>> whole_llm;
-  if (replica == 0 && recipe.exp_manager.export_hf && model.encoder()) {
+  const bool experts_split = group_size(context.groups.expert) > 1;  // every replica holds some experts
+  if ((replica == 0 || experts_split) && recipe.exp_manager.export_hf && model.encoder()) {
     trainer.restore_frozen_weights();
-    whole_llm = nn::whole_parameters(model.backbone(), context.groups.tensor);
+    whole_llm = nn::whole_parameters(model.backbone(), context.groups.tensor, context.groups.expert);
   }
   if (!leader) return summary;
 

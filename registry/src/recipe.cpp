@@ -46,6 +46,10 @@ ParallelSizes parse_parallel(const ConfigSection& model) {
   sizes.virtual_pipeline = model.integer("virtual_pipeline_model_parallel_size", 1, 1);
   sizes.context = model.integer("context_parallel_size", 1, 1);
   sizes.expert = model.integer("expert_model_parallel_size", 1, 1);
+  if (sizes.expert > 1 && sizes.tensor > 1) {
+    model.fail("expert_model_parallel_size", "expert parallelism together with tensor parallelism (experts split "
+                                             "over both) is not implemented yet: set one of them to 1");
+  }
   sizes.sequence_parallel = model.get<bool>("sequence_parallel", false);
   if (sizes.sequence_parallel && sizes.tensor == 1) {
     model.fail("sequence_parallel", "sequence parallelism splits activations across the tensor-parallel group; "
@@ -64,8 +68,7 @@ ParallelSizes parse_parallel(const ConfigSection& model) {
   const Unimplemented unimplemented[] = {
       {"pipeline_model_parallel_size", "pipeline parallelism", sizes.pipeline},
       {"virtual_pipeline_model_parallel_size", "interleaved pipelining", sizes.virtual_pipeline},
-      {"context_parallel_size", "context parallelism", sizes.context},
-      {"expert_model_parallel_size", "expert parallelism", sizes.expert}};
+      {"context_parallel_size", "context parallelism", sizes.context}};
   for (const Unimplemented& u : unimplemented) {
     if (u.size > 1) {
       model.fail(u.key, std::string(u.feature) + " is not implemented yet (got " + std::to_string(u.size) +
@@ -210,6 +213,10 @@ Recipe parse_recipe(const ConfigDocument& document, const fs::path& base_directo
   // distributed_fused_adam is ZeRO-1: the optimizer state sharded over the data-parallel ranks.
   adam.distributed = optim.choice("name", "adamw", {"adamw", "fused_adam", "distributed_fused_adam"}) ==
                      "distributed_fused_adam";
+  if (adam.distributed && recipe.model.parallel.expert > 1) {
+    optim.fail("name", "distributed_fused_adam (ZeRO-1) with expert parallelism is not implemented yet: use adamw, "
+                       "or expert_model_parallel_size = 1");
+  }
   adam.lr = optim.get<double>("lr", adam.lr);
   if (!(adam.lr > 0)) optim.fail("lr", "expected a learning rate > 0");
   adam.weight_decay = optim.get<double>("weight_decay", adam.weight_decay);

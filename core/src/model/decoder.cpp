@@ -96,6 +96,10 @@ DecoderBackbone::DecoderBackbone(const DecoderConfig& config, const RuntimeConte
     : config_(config), context_(context), rotary_(config.rope), region_(context),
       vocabulary_(nn::vocabulary_shard(context, config.vocab_size)) {
   check_tensor_parallel_split(config, region_.size());  // before anything is built
+  if (group_size(context.groups.expert) > 1 && config.mlp != "moe") {
+    throw Error(config.source + ": expert_model_parallel_size = " + std::to_string(group_size(context.groups.expert)) +
+                " needs a mixture-of-experts language model (Mixtral); this one has no experts");
+  }
   const auto& recompute = context.activations_checkpoint;
   model_ = register_module("model", std::make_shared<DecoderModel>(context, config, recompute.granularity == "selective"));
   if (!config.tie_word_embeddings) {
@@ -336,7 +340,12 @@ void DecoderBackbone::load(const std::string& checkpoint_path, const std::string
       {{"model.embed_tokens.weight", {{"model.", "model."}, {"lm_head.", "lm_head."}}},
        {"language_model.model.embed_tokens.weight", {{"model.", "language_model.model."}, {"lm_head.", "language_model.lm_head."}}},
        {"model.language_model.embed_tokens.weight", {{"model.", "model.language_model."}, {"lm_head.", "lm_head."}}}},
-      what, [tied](const std::string& name) {
+      what, [tied, this](const std::string& name) {
+        // Expert parallelism: other ranks' experts.
+        const std::int64_t expert = nn::expert_index(name);
+        const int ep = group_size(context_.groups.expert);
+        const std::int64_t per_rank = config_.num_experts / std::max(1, ep);
+        if (expert >= 0 && ep > 1 && expert / per_rank != group_rank(context_.groups.expert)) return true;
         return (tied && name == "lm_head.weight") ||
                (name.size() > 9 && name.compare(name.size() - 9, 9, ".inv_freq") == 0);
       });

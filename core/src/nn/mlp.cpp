@@ -1,9 +1,14 @@
 #include "neva/nn/mlp.h"
 
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <mutex>
+#include <tuple>
 
 #include "neva/error.h"
 #include "neva/parallel/mappings.h"
+#include "neva/parallel/process_group.h"
 
 namespace neva {
 
@@ -63,13 +68,32 @@ at::Tensor PlainMLP::forward(const at::Tensor& x) {
 SparseMoE::SparseMoE(const RuntimeContext& context, std::int64_t hidden_size, std::int64_t intermediate_size,
                      std::int64_t num_experts, std::int64_t top_k, std::string activation)
     : num_experts_(num_experts), top_k_(top_k), region_(context) {
+  const int ep = group_size(context.groups.expert);
+  if (num_experts % ep != 0) {
+    throw Error(std::to_string(num_experts) + " experts do not split over " + std::to_string(ep) +
+                " expert-parallel ranks (num_local_experts must be a multiple of expert_model_parallel_size)");
+  }
+  if (ep > 1) expert_group_ = context.groups.expert;
+  local_experts_ = num_experts / ep;
+  first_expert_ = group_rank(context.groups.expert) * local_experts_;
   gate_ = register_module("gate", nn::linear(context, hidden_size, num_experts, {false}));
-  experts_ = register_module("experts", torch::nn::ModuleList());
-  for (std::int64_t e = 0; e < num_experts; ++e) {
-    auto expert = std::make_shared<GatedMLP>(context, hidden_size, intermediate_size, false, activation,
+  // One draw from the context's stream seeds every expert's own generator: each rank builds only its
+  // experts, with the weights they have at any expert-parallel size.
+  std::uint64_t base = 0;
+  {
+    auto* generator = at::check_generator<at::CPUGeneratorImpl>(context.generator);
+    std::lock_guard<std::mutex> lock(generator->mutex_);
+    base = generator->random64();
+  }
+  experts_ = register_module("experts", std::make_shared<torch::nn::Module>("Experts"));
+  for (std::int64_t e = first_expert_; e < first_expert_ + local_experts_; ++e) {
+    RuntimeContext own = context;
+    own.generator = make_generator(base + 0x9E3779B97F4A7C15ULL * static_cast<std::uint64_t>(e + 1));
+    auto expert = std::make_shared<GatedMLP>(own, hidden_size, intermediate_size, false, activation,
                                              GatedMLP::Names{"w1", "w3", "w2"});
     nn::set_expert(*expert, e);
-    experts_->push_back(expert);
+    experts_->register_module(std::to_string(e), expert);
+    local_.push_back(expert);
   }
 }
 
@@ -98,23 +122,79 @@ std::pair<at::Tensor, at::Tensor> SparseMoE::forward_with_router(const at::Tenso
   const at::Tensor token_of = at::div(order, top_k_, "floor");
   const at::Tensor counts = at::bincount(assigned, {}, num_experts_).cpu();
   const std::int64_t* rows = counts.data_ptr<std::int64_t>();
-  const at::Tensor inputs = expert_tokens.index_select(0, token_of);
+  at::Tensor inputs = expert_tokens.index_select(0, token_of);
+  // Expert parallelism: the rows go to the ranks holding their experts, and come back after.
+  std::vector<std::int64_t> sent, received;
+  at::Tensor regroup, ungroup;
+  std::vector<std::int64_t> local_rows(rows + first_expert_, rows + first_expert_ + local_experts_);
+  if (expert_group_) {
+    std::tie(inputs, local_rows, sent, received, regroup, ungroup) = dispatch(inputs, counts);
+  }
   std::vector<at::Tensor> partial;
   std::int64_t offset = 0;
-  for (std::int64_t e = 0; e < num_experts_; ++e) {
-    if (rows[e] == 0) continue;  // an expert without tokens is skipped
-    partial.push_back(experts_->ptr<GatedMLP>(e)->forward_partial(inputs.narrow(0, offset, rows[e])));
-    offset += rows[e];
+  for (std::int64_t j = 0; j < local_experts_; ++j) {
+    if (local_rows[j] == 0) continue;  // an expert without tokens is skipped
+    partial.push_back(local_[j]->forward_partial(inputs.narrow(0, offset, local_rows[j])));
+    offset += local_rows[j];
   }
   // Every expert's output summed over the tensor-parallel group at once (g).
   at::Tensor results = partial.empty() ? at::zeros({0, hidden}, tokens.options())
                                        : partial.size() == 1 ? partial.front() : at::cat(partial, 0);
   if (region_.group) results = reduce_from_tensor_parallel_region(region_.group, results);
+  if (expert_group_) results = all_to_all(expert_group_, results.index_select(0, ungroup), sent, received);
   results = results * weights.reshape({-1}).index_select(0, order).unsqueeze(-1);
   at::Tensor out = at::zeros_like(tokens).index_add_(0, token_of, results.to(tokens.scalar_type()));
   out = out.view(shape);
   if (split_sequence) out = scatter_to_sequence_parallel_region(region_.group, out, 1);
   return {out, router_logits};
+}
+
+std::tuple<at::Tensor, std::vector<std::int64_t>, std::vector<std::int64_t>, std::vector<std::int64_t>, at::Tensor,
+           at::Tensor>
+SparseMoE::dispatch(const at::Tensor& inputs, const at::Tensor& counts) const {
+  // counts [E] on the host: this rank's rows per expert, sorted by expert, hence by destination rank.
+  const int ep = expert_group_->size();
+  const std::int64_t* rows = counts.data_ptr<std::int64_t>();
+  std::vector<std::int64_t> to_rank(ep, 0);
+  for (std::int64_t e = 0; e < num_experts_; ++e) to_rank[e / local_experts_] += rows[e];
+  // What each rank sends to each of this rank's experts: one all_to_all of E counts.
+  at::Tensor incoming = at::empty({num_experts_}, at::kLong);
+  {
+    at::Tensor outgoing = counts.to(inputs.device());
+    at::Tensor arrived = at::empty({num_experts_}, outgoing.options());
+    expert_group_->all_to_all_single(arrived, outgoing).wait();
+    incoming.copy_(arrived);
+  }
+  const std::int64_t* from = incoming.data_ptr<std::int64_t>();  // [source rank][local expert]
+  std::vector<std::int64_t> from_rank(ep, 0), local_rows(local_experts_, 0);
+  for (int r = 0; r < ep; ++r) {
+    for (std::int64_t j = 0; j < local_experts_; ++j) {
+      from_rank[r] += from[r * local_experts_ + j];
+      local_rows[j] += from[r * local_experts_ + j];
+    }
+  }
+  at::Tensor arrived = all_to_all(expert_group_, inputs, from_rank, to_rank);
+  // The rows arrive by source rank, then expert; the experts want them by expert, then source.
+  std::vector<std::int64_t> starts(ep * local_experts_, 0);
+  std::int64_t position = 0;
+  for (int r = 0; r < ep; ++r) {
+    for (std::int64_t j = 0; j < local_experts_; ++j) {
+      starts[r * local_experts_ + j] = position;
+      position += from[r * local_experts_ + j];
+    }
+  }
+  at::Tensor regroup = at::empty({position}, at::kLong);
+  std::int64_t* index = regroup.data_ptr<std::int64_t>();
+  for (std::int64_t j = 0; j < local_experts_; ++j) {
+    for (int r = 0; r < ep; ++r) {
+      for (std::int64_t i = 0; i < from[r * local_experts_ + j]; ++i) *index++ = starts[r * local_experts_ + j] + i;
+    }
+  }
+  at::Tensor ungroup = at::empty_like(regroup);
+  ungroup.index_copy_(0, regroup, at::arange(position, at::kLong));
+  regroup = regroup.to(inputs.device());
+  ungroup = ungroup.to(inputs.device());
+  return {arrived.index_select(0, regroup), local_rows, to_rank, from_rank, regroup, ungroup};
 }
 
 at::Tensor load_balancing_loss(const std::vector<at::Tensor>& router_logits, std::int64_t num_experts,

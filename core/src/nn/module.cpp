@@ -102,14 +102,80 @@ std::int64_t shard_count(const ParameterSharding& s, int tp_size) {
 
 }  // namespace
 
+std::int64_t expert_index(const std::string& name) {
+  const std::string key = ".experts.";
+  const auto at = name.find(key);
+  if (at == std::string::npos) return -1;
+  const auto begin = at + key.size(), end = name.find('.', begin);
+  if (end == std::string::npos || end == begin) return -1;
+  std::int64_t index = 0;
+  for (auto i = begin; i < end; ++i) {
+    if (name[i] < '0' || name[i] > '9') return -1;
+    index = index * 10 + (name[i] - '0');
+  }
+  return index;
+}
+
+std::vector<std::pair<std::string, at::Tensor>> gather_experts(const std::vector<std::pair<std::string, at::Tensor>>& local,
+                                                               const std::shared_ptr<ProcessGroup>& group) {
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  std::int64_t first = -1, last = -1;
+  for (const auto& [name, tensor] : local) {
+    const std::int64_t e = expert_index(name);
+    if (e < 0) continue;
+    first = first < 0 ? e : std::min(first, e);
+    last = std::max(last, e);
+  }
+  if (first < 0) return out;
+  const int ep = group_size(group);
+  const std::int64_t per_rank = last - first + 1;
+  // The tensors of this rank's first expert give every expert's names and shapes, in one order.
+  struct Pattern {
+    std::string prefix, suffix;
+    at::Tensor like;
+  };
+  std::vector<Pattern> patterns;
+  std::map<std::string, at::Tensor> mine;
+  for (const auto& [name, tensor] : local) {
+    const std::int64_t e = expert_index(name);
+    if (e < 0) continue;
+    mine[name] = tensor;
+    if (e != first) continue;
+    const std::string index = ".experts." + std::to_string(e) + ".";
+    const auto at = name.find(index);
+    patterns.push_back({name.substr(0, at) + ".experts.", name.substr(at + index.size() - 1), tensor});
+  }
+  at::NoGradGuard no_grad;
+  for (const Pattern& pattern : patterns) {
+    for (std::int64_t e = 0; e < per_rank * ep; ++e) {
+      const std::string name = pattern.prefix + std::to_string(e) + pattern.suffix;
+      const int owner = static_cast<int>(e / per_rank);
+      at::Tensor tensor = owner == group_rank(group) ? mine.at(name).detach().contiguous().clone()
+                                                     : at::empty_like(pattern.like, at::MemoryFormat::Contiguous);
+      if (ep > 1) group->broadcast(tensor, owner).wait();
+      out.emplace_back(name, tensor);
+    }
+  }
+  return out;
+}
+
 std::vector<std::pair<std::string, at::Tensor>> whole_parameters(const torch::nn::Module& root,
-                                                                const std::shared_ptr<ProcessGroup>& group) {
+                                                                const std::shared_ptr<ProcessGroup>& group,
+                                                                const std::shared_ptr<ProcessGroup>& expert_group) {
   std::vector<std::pair<std::string, at::Tensor>> out;
   std::map<std::string, ParameterSharding> shardings;
   for (auto& [name, sharding] : parameter_shardings(root)) shardings.emplace(name, sharding);
   at::NoGradGuard no_grad;
   for (const auto& item : root.named_parameters()) {
     out.emplace_back(item.key(), unshard(item.value().detach(), shardings.at(item.key()), group));
+  }
+  if (group_size(expert_group) > 1) {
+    std::vector<std::pair<std::string, at::Tensor>> dense;
+    for (auto& entry : out) {
+      if (expert_index(entry.first) < 0) dense.push_back(std::move(entry));
+    }
+    for (auto& entry : gather_experts(out, expert_group)) dense.push_back(std::move(entry));
+    return dense;
   }
   return out;
 }

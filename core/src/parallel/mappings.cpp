@@ -127,6 +127,32 @@ struct ReduceScatterAlong : torch::autograd::Function<ReduceScatterAlong> {
   }
 };
 
+at::Tensor exchanged(ProcessGroup& group, const at::Tensor& x, const std::vector<std::int64_t>& output_splits,
+                     const std::vector<std::int64_t>& input_splits) {
+  std::int64_t rows = 0;
+  for (std::int64_t r : output_splits) rows += r;
+  std::vector<std::int64_t> shape = x.sizes().vec();
+  shape[0] = rows;
+  at::Tensor out = at::empty(shape, x.options());
+  group.all_to_all_single(out, x.contiguous(), output_splits, input_splits).wait();
+  return out;
+}
+
+struct AllToAll : torch::autograd::Function<AllToAll> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, ProcessGroup* group,
+                            const std::vector<std::int64_t>& output_splits, const std::vector<std::int64_t>& input_splits) {
+    keep(ctx, group);
+    ctx->saved_data["output_splits"] = output_splits;
+    ctx->saved_data["input_splits"] = input_splits;
+    return exchanged(*group, x, output_splits, input_splits);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto sent = ctx->saved_data["input_splits"].toIntVector();
+    const auto received = ctx->saved_data["output_splits"].toIntVector();
+    return {exchanged(*group_of(ctx), grads[0], sent, received), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
 // Megatron's _VocabParallelCrossEntropy. Saved for backward: the local softmax and where the target
 // falls in this rank's columns.
 struct VocabParallelCrossEntropy : torch::autograd::Function<VocabParallelCrossEntropy> {
@@ -197,6 +223,11 @@ at::Tensor gather_from_sequence_parallel_region(const Group& group, const at::Te
 
 at::Tensor reduce_scatter_to_sequence_parallel_region(const Group& group, const at::Tensor& x, std::int64_t dim) {
   return trivial(group) ? x : ReduceScatterAlong::apply(x, group.get(), positive_dim(x, dim));
+}
+
+at::Tensor all_to_all(const Group& group, const at::Tensor& x, const std::vector<std::int64_t>& output_splits,
+                      const std::vector<std::int64_t>& input_splits) {
+  return trivial(group) ? x : AllToAll::apply(x, group.get(), output_splits, input_splits);
 }
 
 at::Tensor all_gather_along(const Group& group, const at::Tensor& x, std::int64_t dim) {

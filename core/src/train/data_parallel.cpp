@@ -104,6 +104,7 @@ struct GradientBuckets::State {
   }
   void start(std::size_t index) {
     Bucket& bucket = buckets[index];
+    if (!group || group->size() == 1) return;  // nothing to reduce over
     // Gloo has no reduce-scatter of its own: c10d emulates it with an all-reduce of a copy of the
     // input, a bucket-sized temporary per bucket in flight. The same all-reduce in place (this rank's
     // share is then already in place) moves the same bytes without the copies.
@@ -122,7 +123,7 @@ struct GradientBuckets::State {
     }
     if (!armed) return;
     Bucket& bucket = buckets[bucket_of[index]];
-    if (bucket.work) {
+    if (bucket.work || (armed && &bucket - buckets.data() < static_cast<std::ptrdiff_t>(next))) {
       if (late.empty()) late = (*trained)[index].name;
       return;
     }
@@ -137,7 +138,7 @@ struct GradientBuckets::State {
 };
 
 GradientBuckets::GradientBuckets(std::vector<TrainedTensor>& trained, std::shared_ptr<ProcessGroup> group,
-                                 GradientBucketOptions options)
+                                 GradientBucketOptions options, std::function<bool(const TrainedTensor&)> include)
     : state_(std::make_unique<State>()) {
   State& s = *state_;
   s.trained = &trained;
@@ -151,6 +152,7 @@ GradientBuckets::GradientBuckets(std::vector<TrainedTensor>& trained, std::share
   std::vector<std::int64_t> filled;            // bytes per bucket
   auto dtype_of = [&s](const TrainedTensor& t) { return s.options.grad_dtype.value_or(t.main.scalar_type()); };
   for (std::size_t i = trained.size(); i-- > 0;) {
+    if (include && !include(trained[i])) continue;
     const at::Tensor& main = trained[i].main;
     const std::int64_t bytes = main.numel() * static_cast<std::int64_t>(c10::elementSize(dtype_of(trained[i])));
     auto found = open.find(dtype_of(trained[i]));
@@ -166,6 +168,7 @@ GradientBuckets::GradientBuckets(std::vector<TrainedTensor>& trained, std::share
   s.views.resize(trained.size());
   s.adds.assign(trained.size(), false);
   const std::int64_t ranks = s.group ? s.group->size() : 1;
+  if (s.options.shard && ranks == 1) throw Error("sharded gradient buckets need a group of more than one rank");
   for (auto& bucket : s.buckets) {
     std::int64_t length = 0;
     for (std::size_t i : bucket.members) length += trained[i].main.numel();
@@ -195,7 +198,12 @@ GradientBuckets::GradientBuckets(std::vector<TrainedTensor>& trained, std::share
     }
     s.public_buckets.push_back(bucket);
   }
+  std::vector<bool> member(trained.size(), false);
+  for (const auto& bucket : s.buckets) {
+    for (std::size_t i : bucket.members) member[i] = true;
+  }
   for (std::size_t i = 0; i < trained.size(); ++i) {
+    if (!member[i]) continue;
     auto accumulator = torch::autograd::impl::grad_accumulator(trained[i].param);
     if (!accumulator) throw Error("data parallelism: " + trained[i].name + " is not a leaf that accumulates gradients");
     State* raw = &s;
@@ -251,6 +259,7 @@ GradientSyncReport GradientBuckets::finish() {
     s.armed = false;
   }
   for (auto& bucket : s.buckets) {
+    if (!bucket.work) continue;  // a group of one rank
     bucket.work->wait(s.options.timeout);
     bucket.work.reset();
 

@@ -85,13 +85,21 @@ Trainer::Trainer(LlavaModel& model, const PrecisionRecipe& precision, RuntimeCon
       mains_.push_back(main);
     }
   }
-  // The gradient norm counts each parameter once over the tensor-parallel group: a shard with its
-  // share, a replicated tensor on the group's first rank.
-  const int tp_rank = group_rank(context_.groups.tensor);
+  // The gradient norm counts each parameter once over the model-parallel ranks: a shard with its
+  // share, a tensor replicated over the tensor-parallel group on its first rank; under expert
+  // parallelism an expert where it lives, a dense tensor on the expert group's first rank.
+  const int tp_rank = group_rank(context_.groups.tensor), ep = group_size(context_.groups.expert);
+  const int ep_rank = group_rank(context_.groups.expert);
+  if (ep > 1 && group_size(context_.groups.tensor) > 1) {
+    throw Error(options_.source + ": expert parallelism together with tensor parallelism is not implemented yet");
+  }
+  norm_group_ = ep > 1 ? context_.groups.expert : context_.groups.tensor;
   for (const auto& t : trained_) {
     const auto& sharding = t.sharding;
-    norm_weights_.push_back(sharding.tensor_parallel_dim >= 0 ? 1.0 / static_cast<double>(sharding.tensor_parallel_replicas)
-                                                              : (tp_rank == 0 ? 1.0 : 0.0));
+    double weight = sharding.tensor_parallel_dim >= 0 ? 1.0 / static_cast<double>(sharding.tensor_parallel_replicas)
+                                                      : (tp_rank == 0 ? 1.0 : 0.0);
+    if (ep > 1 && sharding.expert < 0 && ep_rank != 0) weight = 0;
+    norm_weights_.push_back(weight);
   }
   if (trained_.empty()) throw Error(options_.source + ": nothing to train: every component is frozen");
   // bf16 mixed: the frozen linear and convolution weights are cast once instead of at every forward.
@@ -99,12 +107,24 @@ Trainer::Trainer(LlavaModel& model, const PrecisionRecipe& precision, RuntimeCon
       modules, context_.dtypes.params == at::kFloat ? context_.dtypes.compute : at::kFloat,
       options_.keep_frozen_originals);
   if (!zero) optimizer_ = make_adamw(mains_, options_.optim);
+  if (zero && ep > 1) {
+    throw Error(options_.source + ": distributed_fused_adam (ZeRO-1) with expert parallelism is not implemented yet");
+  }
+  GradientBucketOptions bucket_options = options_.gradient_buckets;
+  bucket_options.timeout = options_.collective_timeout;
+  // Expert parallelism: an expert's gradient already holds every expert-parallel rank's tokens; it is
+  // summed over the ranks holding the same expert (the expert-data group), the dense ones over the
+  // data-parallel group.
+  if (ep > 1) {  // (a group of one rank: the buckets only hold the gradients)
+    expert_buckets_ = std::make_unique<GradientBuckets>(trained_, context_.groups.expert_data, bucket_options,
+                                                        [](const TrainedTensor& t) { return t.sharding.expert >= 0; });
+  }
   if (group_size(context_.groups.data) > 1) {
-    GradientBucketOptions bucket_options = options_.gradient_buckets;
-    bucket_options.timeout = options_.collective_timeout;
     bucket_options.shard = zero;
     if (zero) bucket_options.grad_dtype = context_.dtypes.main_params;  // fp32 gradients of bf16 weights
-    buckets_ = std::make_unique<GradientBuckets>(trained_, context_.groups.data, bucket_options);
+    std::function<bool(const TrainedTensor&)> dense;
+    if (ep > 1) dense = [](const TrainedTensor& t) { return t.sharding.expert < 0; };
+    buckets_ = std::make_unique<GradientBuckets>(trained_, context_.groups.data, bucket_options, dense);
     if (zero) {
       distributed_ = std::make_unique<DistributedOptimizer>(trained_, *buckets_, context_.groups.data, options_.optim,
                                                             context_.dtypes.main_params, options_.collective_timeout);
@@ -171,7 +191,10 @@ StepReport Trainer::train_step(const std::vector<TrainingBatch>& batches) {
       if (outputs.aux_loss.defined()) loss = loss + outputs.aux_loss.to(loss.scalar_type()) / accumulation;
     }
     // Text-only samples while only the vision side trains: nothing to differentiate.
-    if (buckets_ && index + 1 == batches.size()) buckets_->arm();  // the step's last backward pass
+    if (index + 1 == batches.size()) {  // the step's last backward pass
+      if (buckets_) buckets_->arm();
+      if (expert_buckets_) expert_buckets_->arm();
+    }
     if (loss.requires_grad()) loss.backward();
     if (main_copies_) {  // O2: accumulate in fp32 (Megatron's main_grad), not in the bf16 .grad
       at::NoGradGuard no_grad;
@@ -194,6 +217,12 @@ StepReport Trainer::train_step(const std::vector<TrainingBatch>& batches) {
   // whose gradient buckets every replica finishes in the same order before any other collective
   // there — then tensor parallelism's fix-up, on the whole gradients or on ZeRO-1's shares.
   if (buckets_) report.gradient_sync = buckets_->finish();
+  if (expert_buckets_) {
+    const GradientSyncReport experts = expert_buckets_->finish();
+    report.gradient_sync.buckets += experts.buckets;
+    report.gradient_sync.bytes += experts.bytes;
+    report.gradient_sync.started_in_backward += experts.started_in_backward;
+  }
   if (distributed_) {
     distributed_->finalize_tensor_parallel(context_.groups.tensor);
   } else {
@@ -224,7 +253,7 @@ StepReport Trainer::train_step(const std::vector<TrainingBatch>& batches) {
   if (!report.skipped) {
     const GradientNorm norm =
         distributed_ ? distributed_->gradient_norm(options_.optim.clip_grad, norm_weights_, context_.groups.tensor)
-                     : gradient_norm(mains_, options_.optim.clip_grad, norm_weights_, context_.groups.tensor);
+                     : gradient_norm(mains_, options_.optim.clip_grad, norm_weights_, norm_group_);
     report.grad_norm = norm.norm;
     if (!std::isfinite(report.grad_norm)) {
       throw Error(at_step + "the gradient norm is " +
@@ -241,8 +270,9 @@ StepReport Trainer::train_step(const std::vector<TrainingBatch>& batches) {
   } else {
     report.skip_reason = why;
   }
-  if (buckets_) {
-    buckets_->zero();  // the gradients are views into the buckets
+  if (buckets_ || expert_buckets_) {
+    if (buckets_) buckets_->zero();  // the gradients are views into the buckets
+    if (expert_buckets_) expert_buckets_->zero();
   } else {
     optimizer_->zero_grad(true);
   }
@@ -297,6 +327,17 @@ Trainer::State Trainer::gather_state() const {
     state.moments.emplace_back("step." + t.name, at::scalar_tensor(moment.step(), at::kLong));
     state.moments.emplace_back("exp_avg." + t.name, nn::unshard(moment.exp_avg(), t.sharding, tp));
     state.moments.emplace_back("exp_avg_sq." + t.name, nn::unshard(moment.exp_avg_sq(), t.sharding, tp));
+  }
+  // Expert parallelism: every expert's tensors, from the ranks holding them.
+  if (group_size(context_.groups.expert) > 1) {
+    for (auto* list : {&state.weights, &state.moments}) {
+      std::vector<std::pair<std::string, at::Tensor>> whole;
+      for (auto& entry : *list) {
+        if (nn::expert_index(entry.first) < 0) whole.push_back(entry);
+      }
+      for (auto& entry : nn::gather_experts(*list, context_.groups.expert)) whole.push_back(std::move(entry));
+      *list = std::move(whole);
+    }
   }
   state.moments.emplace_back("rng.cpu", context_.generator.get_state());
   if (!context_.device.is_cpu()) {

@@ -3,6 +3,8 @@
 #include <torch/nn/modules/container/modulelist.h>
 
 #include <string>
+#include <tuple>
+#include <vector>
 
 #include "neva/api.h"
 #include "neva/context.h"
@@ -70,6 +72,12 @@ class NEVA_API PlainMLP : public FeedForward {
 // reduction of its gradient); the experts' partial outputs are summed over the group at once (one
 // all-reduce per layer), so the routing weights, the router and its load-balancing loss see whole
 // values, the same on every rank.
+//
+// Under expert parallelism (groups.expert of ep ranks) a rank holds experts
+// [rank x E/ep, (rank + 1) x E/ep), named by their global index; every (token, slot) assignment is
+// sorted by expert once, sent to the rank holding its expert with one all_to_all (dropless), computed
+// there and sent back the same way. Each expert initialises from its own generator, seeded from one
+// draw of the context's: the same weights whatever the expert-parallel size.
 class NEVA_API SparseMoE : public FeedForward {
  public:
   // The router is replicated; each expert's parameters carry its index (nn::ParameterSharding::expert).
@@ -80,13 +88,25 @@ class NEVA_API SparseMoE : public FeedForward {
   // kept: a module holds no per-call state, so one instance serves concurrent callers.
   std::pair<at::Tensor, at::Tensor> forward_with_router(const at::Tensor& x);
   std::int64_t num_experts() const { return num_experts_; }
+  std::int64_t first_expert() const { return first_expert_; }  // this rank's experts: first_expert() ...
+  std::int64_t local_experts() const { return local_experts_; }  // ... + local_experts()
   std::int64_t top_k() const { return top_k_; }
 
  private:
+  // Expert parallelism's exchange: the rows (sorted by expert) sent to the ranks holding their experts;
+  // returns them grouped by this rank's experts, the rows per local expert, the splits sent and
+  // received, and the permutations into and out of the expert grouping.
+  std::tuple<at::Tensor, std::vector<std::int64_t>, std::vector<std::int64_t>, std::vector<std::int64_t>, at::Tensor,
+             at::Tensor>
+  dispatch(const at::Tensor& inputs, const at::Tensor& counts) const;
+
   std::int64_t num_experts_, top_k_;
   nn::TensorParallelRegion region_;
+  std::shared_ptr<ProcessGroup> expert_group_;  // null: every expert here
+  std::int64_t first_expert_ = 0, local_experts_ = 0;
   nn::Linear gate_;
-  torch::nn::ModuleList experts_{nullptr};
+  std::shared_ptr<torch::nn::Module> experts_;          // this rank's experts, by global index
+  std::vector<std::shared_ptr<GatedMLP>> local_;        // the same, in order
 };
 
 // Mixtral's load_balancing_loss_func over the router logits of every layer (unweighted):

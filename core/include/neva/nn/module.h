@@ -75,8 +75,20 @@ NEVA_API at::Tensor unshard(const at::Tensor& shard, const ParameterSharding& sh
                             const std::shared_ptr<ProcessGroup>& tensor_group);
 // Every parameter of `root` by name, whole (unshard of each, in named_parameters order): a collective
 // over `tensor_group` under tensor parallelism, the parameters themselves without it.
-NEVA_API std::vector<std::pair<std::string, at::Tensor>> whole_parameters(const torch::nn::Module& root,
-                                                                         const std::shared_ptr<ProcessGroup>& tensor_group);
+// Under expert parallelism (`expert_group` of more than one rank, each holding its share of every MoE
+// layer's experts, named "....experts.<global index>....") the result has every expert's tensors.
+NEVA_API std::vector<std::pair<std::string, at::Tensor>> whole_parameters(
+    const torch::nn::Module& root, const std::shared_ptr<ProcessGroup>& tensor_group,
+    const std::shared_ptr<ProcessGroup>& expert_group = nullptr);
+
+// Expert parallelism: from this rank's named expert tensors (names holding ".experts.<index>."; every
+// rank of `expert_group` the same number of consecutive experts, in the same order), every expert's,
+// each broadcast from the rank holding it. Tensors whose names name no expert are not taken. A
+// collective over the group.
+NEVA_API std::vector<std::pair<std::string, at::Tensor>> gather_experts(
+    const std::vector<std::pair<std::string, at::Tensor>>& local, const std::shared_ptr<ProcessGroup>& expert_group);
+// The expert index a name holds (".experts.<index>."), or -1.
+NEVA_API std::int64_t expert_index(const std::string& name);
 // The whole tensor's shape.
 NEVA_API std::vector<std::int64_t> whole_shape(const at::Tensor& shard, const ParameterSharding& sharding, int tp_size);
 

@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "neva/api.h"
 
@@ -40,6 +41,12 @@ NEVA_API at::Tensor gather_from_sequence_parallel_region(const Group& group, con
 // layers under sequence parallelism, instead of g.
 NEVA_API at::Tensor reduce_scatter_to_sequence_parallel_region(const Group& group, const at::Tensor& x,
                                                                std::int64_t dim);
+
+// Megatron's all_to_all (expert parallelism's token dispatch): rows of `x` go to the ranks in order,
+// `input_splits[r]` rows to rank r; the result holds `output_splits[r]` rows from each rank r. The
+// backward pass sends the gradient back the same way, with the splits swapped.
+NEVA_API at::Tensor all_to_all(const Group& group, const at::Tensor& x, const std::vector<std::int64_t>& output_splits,
+                               const std::vector<std::int64_t>& input_splits);
 
 // Without autograd: every rank's `x` concatenated along `dim` in rank order, and the sum over the
 // group of `x` with this rank's chunk of `dim` kept.

@@ -14,6 +14,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -87,8 +88,10 @@ class NEVA_API GradientBuckets {
   // (zeros) where the dtypes agree; where a parameter's dtype is not its bucket's (bf16 weights with
   // fp32 gradients: megatron_amp_O2), its gradient is added into the bucket as soon as the backward
   // pass produces it (and a main copy of that dtype, O2's fp32 main weights, takes the view).
+  // `include` picks the tensors these buckets reduce (default every one): expert parallelism reduces
+  // the dense tensors over the data-parallel group and the experts over the expert-data group.
   GradientBuckets(std::vector<TrainedTensor>& trained, std::shared_ptr<ProcessGroup> group,
-                  GradientBucketOptions options);
+                  GradientBucketOptions options, std::function<bool(const TrainedTensor&)> include = nullptr);
   ~GradientBuckets();
   GradientBuckets(const GradientBuckets&) = delete;
   GradientBuckets& operator=(const GradientBuckets&) = delete;

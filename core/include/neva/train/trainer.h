@@ -160,6 +160,8 @@ class NEVA_API Trainer {
   std::unique_ptr<FrozenWeightCasts> frozen_casts_;
   std::unique_ptr<torch::optim::AdamW> optimizer_;
   std::unique_ptr<GradientBuckets> buckets_;  // data parallelism
+  std::unique_ptr<GradientBuckets> expert_buckets_;  // expert parallelism: experts over the expert-data group
+  std::shared_ptr<ProcessGroup> norm_group_;  // what the gradient norm sums over
   std::unique_ptr<DistributedOptimizer> distributed_;  // ZeRO-1 (instead of optimizer_)
   LossSpikeGuard guard_;
   std::int64_t step_ = 0;
