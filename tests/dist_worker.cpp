@@ -316,8 +316,12 @@ int check_tensor_parallel(const neva::World& world, const std::string& layout) {
   namespace fs = std::filesystem;
   // "tpN..." or "epN..." (expert parallelism, a Mixtral backbone).
   const bool expert_layout = layout.rfind("ep", 0) == 0;
-  const int tp = expert_layout ? 1 : std::stoi(layout.substr(2));
+  const bool context_layout = layout.rfind("cp", 0) == 0;
+  const int tp = expert_layout || context_layout ? 1 : std::stoi(layout.substr(2));
   const int ep = expert_layout ? std::stoi(layout.substr(2)) : 1;
+  // "...-cpN" or "cpN...": context parallelism over N ranks.
+  const auto cp_at = layout.find("cp");
+  const int cp = cp_at == std::string::npos ? 1 : std::stoi(layout.substr(cp_at + 2));
   const bool sp = layout.find("-sp") != std::string::npos;
   const bool moe = expert_layout || layout.find("-moe") != std::string::npos;
   const bool one_kv_head = layout.find("-kv1") != std::string::npos;
@@ -357,7 +361,8 @@ int check_tensor_parallel(const neva::World& world, const std::string& layout) {
   neva::Registry::Options options;
   options.use_environment = false;
   const neva::Recipe alone = neva::parse_recipe(neva::ConfigDocument::parse(recipe_text(1, false, 1), "tp test"), dir, options);
-  const neva::Recipe split = neva::parse_recipe(neva::ConfigDocument::parse(recipe_text(tp, sp, ep), "tp test"), dir, options);
+  neva::Recipe split = neva::parse_recipe(neva::ConfigDocument::parse(recipe_text(tp, sp, ep), "tp test"), dir, options);
+  split.model.parallel.context = cp;  // (a recipe takes it in train mode only; this one is inspect's)
   neva::test::Float64 precision;
   struct Replica {
     neva::RuntimeContext context;
@@ -391,8 +396,9 @@ int check_tensor_parallel(const neva::World& world, const std::string& layout) {
   make(reference, alone, neva::World());
   make(parallel, split, world);
   const int dp = neva::group_size(parallel.context.groups.data), dp_rank = neva::group_rank(parallel.context.groups.data);
-  report(world, "tp groups", neva::group_size(parallel.context.groups.tensor) == tp && dp * tp == world.size &&
-                                 neva::group_size(parallel.context.groups.expert) == ep);
+  report(world, "tp groups", neva::group_size(parallel.context.groups.tensor) == tp && dp * tp * cp == world.size &&
+                                 neva::group_size(parallel.context.groups.expert) == ep &&
+                                 neva::group_size(parallel.context.groups.context) == cp);
   auto sample = [](std::int64_t length, std::int64_t seed, bool image) {
     neva::TrainingSample s = neva::test::random_sample(length, seed, length / 3);
     for (auto& id : s.input_ids) id = std::min<std::int64_t>(id, 95);  // 96 is the image placeholder
@@ -415,6 +421,10 @@ int check_tensor_parallel(const neva::World& world, const std::string& layout) {
     for (int m = 0; m < micro_batches; ++m) {
       const std::int64_t seed = 100 * step + m;
       all.push_back(neva::collate({sample(11 + 2 * m, seed, m % 2 == 0), sample(8 + m, seed + 50, false)}, packed, 0));
+      if (m == 0 && step == 1) {  // one row, no padding and no mask: plain causal attention (the fast path)
+        all.back() = neva::collate({sample(13, seed, true)}, false, 0);
+        all.back().attention_mask = at::Tensor();
+      }
       if (m % dp == dp_rank) mine.push_back(all.back());
     }
     const double expected = reference.trainer->train_step(all).loss;
@@ -444,8 +454,8 @@ int check_tensor_parallel(const neva::World& world, const std::string& layout) {
       worst_weight = std::max(worst_weight, (t.main - updated.at(t.name)).abs().max().item<double>());
     }
   }
-  // Greedy decoding with the KV cache (generation runs without sequence parallelism): the same tokens.
-  if (!sp) {
+  // Greedy decoding with the KV cache (generation runs without sequence or context parallelism).
+  if (!sp && cp == 1) {
     auto greedy = [&](Replica& r) {
       at::NoGradGuard no_grad;
       auto cache = r.model->backbone().new_cache(1, 32);

@@ -135,7 +135,7 @@ static void check_tensor_parallel(int ranks, const std::string& layout) {
     for (const char* check : {" loss", " gradients", " weights", " vision gradients identical"}) {
       CHECK(result.out.find(prefix + layout + check + " ok") != std::string::npos);
     }
-    if (layout.find("-sp") == std::string::npos) {  // generation runs without sequence parallelism
+    if (layout.find("-sp") == std::string::npos && layout.find("cp") == std::string::npos) {  // generation: without SP or CP
       CHECK(result.out.find(prefix + layout + " greedy tokens ok") != std::string::npos);
     }
   }
@@ -171,6 +171,17 @@ TEST_CASE("expert parallelism: Mixtral's experts over EP2 and EP4, with data par
     check_tensor_parallel(4, "ep2-recompute-packed");
   }
   SUBCASE("EP4: one expert per rank") { check_tensor_parallel(4, "ep4"); }
+}
+
+TEST_CASE("context parallelism: zig-zag chunks and ring attention over CP2 and CP4, with TP, SP, MoE and ZeRO-1 (float64)") {
+  // Padded and packed rows and one unpadded row (the plain causal path), recomputation, the MoE's
+  // load-balancing loss over the whole sequence.
+  SUBCASE("CP2") { check_tensor_parallel(2, "cp2"); }
+  SUBCASE("CP2, Mixtral, packed rows, recomputation") { check_tensor_parallel(2, "cp2-moe-packed-recompute"); }
+  SUBCASE("TP2 x CP2") { check_tensor_parallel(4, "tp2-cp2"); }
+  SUBCASE("TP2 + SP x CP2, Mixtral") { check_tensor_parallel(4, "tp2-sp-cp2-moe"); }
+  SUBCASE("CP4") { check_tensor_parallel(4, "cp4"); }
+  SUBCASE("CP2 x DP2 with ZeRO-1") { check_tensor_parallel(4, "cp2-zero"); }
 }
 
 TEST_CASE("without launcher variables the world is this process alone") {

@@ -603,7 +603,7 @@ TEST_CASE("a stopped worker: the other fails within trainer.distributed_timeout_
   for (int pid : fault.workers) CHECK(::kill(pid, 0) != 0);
 }
 
-TEST_CASE("tensor parallelism under torchrun: TP2 and TP2 + SP train what one process trains, resume, export, answer") {
+TEST_CASE("tensor parallelism under torchrun: TP2, TP2 + SP and CP2 train what one process trains, resume, export, answer") {
   Workspace ws;
   // 20 fp32 steps of the demo's stage 2 (Llama 4 heads / 2 KV heads, hidden 128, FFN 384 + CLIP):
   // one process, and two ranks splitting every layer (the same global batch, one replica).
@@ -622,7 +622,11 @@ TEST_CASE("tensor parallelism under torchrun: TP2 and TP2 + SP train what one pr
   REQUIRE_MESSAGE(split.exit_code == 0, split.err);
   auto sequence = launch(ws.train_arguments("tp2sp", tp2 + " --set model.sequence_parallel=true"));
   REQUIRE_MESSAGE(sequence.exit_code == 0, sequence.err);
+  auto ring = launch(ws.train_arguments("cp2", sizes + " --set model.context_parallel_size=2"));
+  REQUIRE_MESSAGE(ring.exit_code == 0, ring.err);
   const auto single = ws.losses("one"), tensor = ws.losses("tp2"), tensor_sequence = ws.losses("tp2sp");
+  const auto context = ws.losses("cp2");
+  REQUIRE(context.size() == 20);
   REQUIRE(single.size() == 20);
   REQUIRE(tensor.size() == 20);
   REQUIRE(tensor_sequence.size() == 20);
@@ -631,10 +635,10 @@ TEST_CASE("tensor parallelism under torchrun: TP2 and TP2 + SP train what one pr
     // fp32 sums in another order (the split matmuls, the all-reduces): close, not bitwise.
     const double expected = std::stod(single[i]);
     worst = std::max({worst, std::abs(std::stod(tensor[i]) - expected) / expected,
-                      std::abs(std::stod(tensor_sequence[i]) - expected) / expected});
-    MESSAGE("step " << i + 1 << ": " << single[i] << " " << tensor[i] << " " << tensor_sequence[i]);
+                      std::abs(std::stod(tensor_sequence[i]) - expected) / expected,
+                      std::abs(std::stod(context[i]) - expected) / expected});
   }
-  MESSAGE("20 fp32 steps, TP2 and TP2 + SP against one process: worst relative loss difference " << worst);
+  MESSAGE("20 fp32 steps, TP2, TP2 + SP and CP2 against one process: worst relative loss difference " << worst);
   CHECK(worst < 1e-6);
   std::ifstream metrics(ws.root / "tp2" / "metrics.jsonl"), reference(ws.root / "one" / "metrics.jsonl");
   for (std::string a, b; std::getline(metrics, a) && std::getline(reference, b);) {

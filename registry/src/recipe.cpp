@@ -46,6 +46,10 @@ ParallelSizes parse_parallel(const ConfigSection& model) {
   sizes.virtual_pipeline = model.integer("virtual_pipeline_model_parallel_size", 1, 1);
   sizes.context = model.integer("context_parallel_size", 1, 1);
   sizes.expert = model.integer("expert_model_parallel_size", 1, 1);
+  if (sizes.context > 1 && sizes.expert > 1) {
+    model.fail("context_parallel_size", "context parallelism together with expert parallelism is not implemented "
+                                        "yet: set one of them to 1");
+  }
   if (sizes.expert > 1 && sizes.tensor > 1) {
     model.fail("expert_model_parallel_size", "expert parallelism together with tensor parallelism (experts split "
                                              "over both) is not implemented yet: set one of them to 1");
@@ -67,8 +71,7 @@ ParallelSizes parse_parallel(const ConfigSection& model) {
   };
   const Unimplemented unimplemented[] = {
       {"pipeline_model_parallel_size", "pipeline parallelism", sizes.pipeline},
-      {"virtual_pipeline_model_parallel_size", "interleaved pipelining", sizes.virtual_pipeline},
-      {"context_parallel_size", "context parallelism", sizes.context}};
+      {"virtual_pipeline_model_parallel_size", "interleaved pipelining", sizes.virtual_pipeline}};
   for (const Unimplemented& u : unimplemented) {
     if (u.size > 1) {
       model.fail(u.key, std::string(u.feature) + " is not implemented yet (got " + std::to_string(u.size) +
@@ -180,6 +183,10 @@ Recipe parse_recipe(const ConfigDocument& document, const fs::path& base_directo
 
   ConfigSection model = root.section("model");
   recipe.model.parallel = parse_parallel(model);
+  if (recipe.model.parallel.context > 1 && recipe.run.mode != "train") {
+    model.fail("context_parallel_size", "context parallelism splits training sequences; run.mode = \"" +
+                                            recipe.run.mode + "\" runs without it (set it to 1)");
+  }
   recipe.model.micro_batch_size = model.integer("micro_batch_size", 1, 1);
   recipe.model.global_batch_size = model.integer("global_batch_size", recipe.model.micro_batch_size, 1);
   if (recipe.model.global_batch_size % recipe.model.micro_batch_size != 0) {

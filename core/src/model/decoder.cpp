@@ -9,6 +9,7 @@
 #include "neva/nn/recompute.h"
 #include "neva/nn/mlp.h"
 #include "neva/nn/norm.h"
+#include "neva/parallel/context_parallel.h"
 #include "neva/parallel/mappings.h"
 #include "neva/io/safetensors.h"
 
@@ -157,8 +158,19 @@ BackboneOutputs DecoderBackbone::forward(const BackboneInputs& inputs) {
   // own segment and no attention_mask entry where the batch has those.
   const bool split_sequence = region_.group && region_.sequence_parallel;
   if (split_sequence && cache) throw Error("sequence parallelism is for training; generation runs without it");
-  const std::int64_t pad = split_sequence ? (region_.size() - seq % region_.size()) % region_.size() : 0;
-  const std::int64_t padded_seq = seq + pad;
+  // Context parallelism: this rank holds two of the 2 x cp chunks of the padded sequence (zig-zag;
+  // the local length then splits over the tensor-parallel ranks too, with sequence parallelism), and
+  // attention runs around the ring.
+  const int cp = group_size(context_.groups.context);
+  if (cp > 1 && cache) throw Error("context parallelism is for training; generation runs without it");
+  std::shared_ptr<const ContextParallelLayout> layout;
+  if (cp > 1) {
+    layout = std::make_shared<const ContextParallelLayout>(
+        context_parallel_layout(seq, context_.groups.context, split_sequence ? region_.size() : 1));
+  }
+  const std::int64_t padded_seq =
+      layout ? layout->padded : seq + (split_sequence ? (region_.size() - seq % region_.size()) % region_.size() : 0);
+  const std::int64_t pad = padded_seq - seq;
   const std::int64_t past = cache ? cache->length : 0;
   at::Tensor positions =
       inputs.positions.defined()
@@ -175,6 +187,11 @@ BackboneOutputs DecoderBackbone::forward(const BackboneInputs& inputs) {
   }
   auto mask = AttentionMask::build(batch, padded_seq, past, attention_mask, segment_ids, config_.sliding_window,
                                    context_.device);
+  if (layout) {
+    mask.context_group = context_.groups.context;
+    mask.context_layout = layout;
+    positions = layout->take(positions, 1);
+  }
   // Named tensors, not a structured binding: lambdas below capture them (C++17 cannot capture bindings).
   const auto cos_sin = rotary_.cos_sin(positions, embeddings.scalar_type());
   const at::Tensor cos = cos_sin.first, sin = cos_sin.second;
@@ -187,7 +204,7 @@ BackboneOutputs DecoderBackbone::forward(const BackboneInputs& inputs) {
   const std::size_t layers = model_->layers->size();
   const at::Tensor logits_mask =
       inputs.logits_mask.defined() ? inputs.logits_mask.to(context_.device).to(at::kBool) : at::Tensor();
-  if (logits_mask.defined() && !cache && !split_sequence && layers > 0 &&
+  if (logits_mask.defined() && !cache && !split_sequence && !layout && layers > 0 &&
       !model_->layers->ptr<DecoderLayer>(layers - 1)->is_moe()) {
     const std::int64_t count = logits_mask.sum(1).max().item<std::int64_t>();
     if (count > 0 && count < seq) {
@@ -197,8 +214,8 @@ BackboneOutputs DecoderBackbone::forward(const BackboneInputs& inputs) {
       wanted = logits_mask.gather(1, rows);
     }
   }
-  at::Tensor h = split_sequence ? scatter_to_sequence_parallel_region(region_.group, pad_sequence(embeddings, pad), 1)
-                                : embeddings;
+  at::Tensor h = layout ? layout->take(embeddings, 1) : pad_sequence(embeddings, split_sequence ? pad : 0);
+  if (split_sequence) h = scatter_to_sequence_parallel_region(region_.group, h, 1);
   std::vector<at::Tensor> router_logits;
   const auto& recompute = context_.activations_checkpoint;
   const bool full = recompute.granularity == "full" && !cache && at::GradMode::is_enabled();
@@ -236,8 +253,12 @@ BackboneOutputs DecoderBackbone::forward(const BackboneInputs& inputs) {
   // The LM head is column-parallel over the vocabulary: its input enters the tensor-parallel region
   // (f; under sequence parallelism the all-gather of the sequence, which also drops the padding).
   h = region_.enter(h);
-  if (pad > 0) h = h.narrow(1, 0, seq);
-  if (logits_mask.defined()) h = h.index({rows.defined() ? wanted : logits_mask});
+  if (layout) {  // this rank's positions (padding among them): the logits where the local mask says
+    if (logits_mask.defined()) h = h.index({layout->take(logits_mask, 1, 0).to(at::kBool)});
+  } else {
+    if (pad > 0) h = h.narrow(1, 0, seq);
+    if (logits_mask.defined()) h = h.index({rows.defined() ? wanted : logits_mask});
+  }
   BackboneOutputs outputs;
   nn::LinearImpl* head = lm_head_.get();
   outputs.logits = head ? head->forward_entered(h) : at::linear(h, model_->embed_tokens->weight);
@@ -246,12 +267,26 @@ BackboneOutputs DecoderBackbone::forward(const BackboneInputs& inputs) {
     if (vocabulary_.padded != config_.vocab_size) outputs.logits = outputs.logits.narrow(-1, 0, config_.vocab_size);
   }
   if (is_training() && !router_logits.empty() && config_.router_aux_loss_coef > 0) {
+    double share = 1;
+    if (layout) {
+      // Every rank's routing, back in sequence order (a gather whose backward reduce-scatters: each
+      // rank's copy of the loss sends its gradient to every token), the loss counted 1/cp per rank.
+      at::Tensor order = at::empty({layout->padded}, at::kLong);
+      order.index_copy_(0, at::cat(layout->of_rank), at::arange(layout->padded, at::kLong));
+      order = order.to(context_.device);
+      for (auto& logits : router_logits) {
+        logits = gather_from_sequence_parallel_region(context_.groups.context, logits.view({batch, -1, logits.size(-1)}), 1)
+                     .index_select(1, order)
+                     .reshape({batch * padded_seq, -1});
+      }
+      share = 1.0 / cp;
+    }
     if (pad > 0) {  // the padding's routing is no token's
       for (auto& logits : router_logits) {
         logits = logits.view({batch, padded_seq, -1}).narrow(1, 0, seq).reshape({batch * seq, -1});
       }
     }
-    outputs.aux_loss = config_.router_aux_loss_coef *
+    outputs.aux_loss = config_.router_aux_loss_coef * share *
                        load_balancing_loss(router_logits, config_.num_experts, config_.experts_per_token);
   }
   return outputs;

@@ -4,6 +4,7 @@
 
 #include "neva/error.h"
 #include "neva/nn/recompute.h"
+#include "neva/parallel/context_parallel.h"
 
 namespace neva {
 
@@ -116,6 +117,18 @@ at::Tensor SelfAttention::forward(const at::Tensor& x, const at::Tensor& cos, co
   const bool plain_causal = !visible.defined();
   const bool grouped = heads_ != kv_heads_;
   const double scale = std::pow(static_cast<double>(hd), -0.5);
+  if (mask.context_layout) {  // context parallelism: ring attention over this rank's tokens
+    if (cache || rows.defined()) throw Error("context parallelism runs without a KV cache or selected rows");
+    const ContextParallelLayout& layout = *mask.context_layout;
+    const at::Tensor local = layout.positions.to(q.device());
+    auto seen = [&](int source) {
+      const at::Tensor keys = layout.of_rank[static_cast<std::size_t>(source)].to(q.device());
+      if (!plain_causal) return visible.index_select(2, local).index_select(3, keys);
+      return (keys.view({1, 1, 1, -1}) <= local.view({1, 1, -1, 1}));
+    };
+    at::Tensor out = ring_attention(mask.context_group, q, k, v, scale, seen);
+    return o_proj_->forward(out.transpose(1, 2).reshape({batch, queries, heads_ * hd}));
+  }
   auto core = [plain_causal, grouped, scale](const std::vector<at::Tensor>& qkv) -> std::vector<at::Tensor> {
     return {at::scaled_dot_product_attention(qkv[0], qkv[1], qkv[2],
                                              plain_causal ? std::optional<at::Tensor>() : qkv[3], 0.0, plain_causal,

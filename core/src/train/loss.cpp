@@ -5,6 +5,7 @@
 #include <string>
 
 #include "neva/error.h"
+#include "neva/parallel/context_parallel.h"
 #include "neva/parallel/mappings.h"
 
 namespace neva {
@@ -54,6 +55,16 @@ at::Tensor labelled_lm_loss(const at::Tensor& logits, const LabelledPositions& p
                             std::int64_t vocab_size) {
   const at::Tensor selected = labelled_rows(logits, positions);
   return vocab_parallel_cross_entropy(tensor_group, selected, positions.targets, vocab_start, vocab_size).mean();
+}
+
+LabelledPositions labelled_positions(const at::Tensor& labels, const ContextParallelLayout& layout) {
+  if (labels.dim() != 2) throw Error("labels must be [batch, seq], got " + std::string(c10::str(labels.sizes())));
+  // The label each position predicts (the next one), then this rank's positions of it.
+  at::Tensor next = at::cat({labels.narrow(1, 1, labels.size(1) - 1),
+                             at::full({labels.size(0), 1}, kIgnoreIndex, labels.options())}, 1);
+  next = layout.take(next, 1, kIgnoreIndex);
+  const at::Tensor mask = next != kIgnoreIndex;
+  return {mask, next.masked_select(mask)};
 }
 
 at::Tensor labelled_lm_loss(const at::Tensor& logits, const LabelledPositions& positions) {

@@ -13,6 +13,7 @@
 #include "neva/io/json.h"
 #include "neva/io/safetensors.h"
 #include "neva/nn/linear.h"
+#include "neva/parallel/context_parallel.h"
 #include "neva/parallel/process_group.h"
 #include "neva/train/loss.h"
 
@@ -69,7 +70,8 @@ Trainer::Trainer(LlavaModel& model, const PrecisionRecipe& precision, RuntimeCon
       schedule_(schedule ? std::move(schedule) : schedule_for(context.groups)),
       guard_(options_.loss_spike) {
   // ZeRO-1 keeps the main weights in its shares only: no whole main copies then.
-  const bool zero = options_.optim.distributed && group_size(context_.groups.data) > 1;
+  const bool zero = options_.optim.distributed &&
+                    group_size(context_.groups.data) * group_size(context_.groups.context) > 1;
   main_copies_ = !zero && context_.dtypes.params != context_.dtypes.main_params;
   std::vector<torch::nn::Module*> modules;
   for (auto& [prefix, module] : components(model_)) {
@@ -119,14 +121,18 @@ Trainer::Trainer(LlavaModel& model, const PrecisionRecipe& precision, RuntimeCon
     expert_buckets_ = std::make_unique<GradientBuckets>(trained_, context_.groups.expert_data, bucket_options,
                                                         [](const TrainedTensor& t) { return t.sharding.expert >= 0; });
   }
-  if (group_size(context_.groups.data) > 1) {
+  // Context parallelism: each rank's gradients hold its part of the sequence's tokens, summed over
+  // the data x context group (Megatron's dp-cp group).
+  const std::shared_ptr<ProcessGroup>& dense_group =
+      group_size(context_.groups.context) > 1 ? context_.groups.data_and_context : context_.groups.data;
+  if (group_size(dense_group) > 1) {
     bucket_options.shard = zero;
     if (zero) bucket_options.grad_dtype = context_.dtypes.main_params;  // fp32 gradients of bf16 weights
     std::function<bool(const TrainedTensor&)> dense;
     if (ep > 1) dense = [](const TrainedTensor& t) { return t.sharding.expert < 0; };
-    buckets_ = std::make_unique<GradientBuckets>(trained_, context_.groups.data, bucket_options, dense);
+    buckets_ = std::make_unique<GradientBuckets>(trained_, dense_group, bucket_options, dense);
     if (zero) {
-      distributed_ = std::make_unique<DistributedOptimizer>(trained_, *buckets_, context_.groups.data, options_.optim,
+      distributed_ = std::make_unique<DistributedOptimizer>(trained_, *buckets_, dense_group, options_.optim,
                                                             context_.dtypes.main_params, options_.collective_timeout);
     }
   }
@@ -164,6 +170,8 @@ StepReport Trainer::train_step(const std::vector<TrainingBatch>& batches) {
   const auto accumulation = static_cast<double>(batches.size()) * replica_count;  // micro-batches in the global batch
   // Tensor parallelism: the LM head's logits stay split over the vocabulary, and so does the loss.
   const bool tensor_parallel = group_size(context_.groups.tensor) > 1;
+  const bool context_parallel = group_size(context_.groups.context) > 1;
+  const std::int64_t sequence_split = context_.sequence_parallel ? group_size(context_.groups.tensor) : 1;
   const nn::VocabularyShard vocabulary = nn::vocabulary_shard(context_, model_.backbone().vocab_size());
   // The loss is the mean over every labelled token of the global batch, whatever the split into
   // micro-batches or packed rows: each micro-batch contributes its share.
@@ -176,18 +184,29 @@ StepReport Trainer::train_step(const std::vector<TrainingBatch>& batches) {
     inputs.attention_mask = batch.attention_mask;
     inputs.positions = batch.positions;
     inputs.segment_ids = batch.segment_ids;
-    // The LM head runs only where a labelled token follows (stage 2: the answers).
+    // The LM head runs only where a labelled token follows (stage 2: the answers). Under context
+    // parallelism the backbone takes this rank's positions of that mask, and the loss its labels.
     LabelledPositions positions = labelled_positions(batch.labels);
     inputs.logits_mask = positions.mask;
     inputs.vocab_parallel_logits = tensor_parallel;
+    std::int64_t local_labelled = batch.labelled_tokens;
+    if (context_parallel) {
+      positions = labelled_positions(batch.labels, context_parallel_layout(batch.labels.size(1), context_.groups.context,
+                                                                           sequence_split));
+      local_labelled = positions.targets.numel();
+    }
     at::Tensor loss;
     {
       auto scope = precision_.enter_forward(context_);
       BackboneOutputs outputs = model_.forward(inputs);
-      loss = (tensor_parallel ? labelled_lm_loss(outputs.logits, positions, context_.groups.tensor, vocabulary.start,
-                                                 model_.backbone().vocab_size())
-                              : labelled_lm_loss(outputs.logits, positions)) *
-             (static_cast<double>(batch.labelled_tokens) / static_cast<double>(std::max<std::int64_t>(1, labelled)));
+      if (local_labelled == 0) {  // none of this micro-batch's labels lie in this rank's part
+        loss = outputs.logits.sum() * 0.0;
+      } else {
+        loss = tensor_parallel ? labelled_lm_loss(outputs.logits, positions, context_.groups.tensor, vocabulary.start,
+                                                  model_.backbone().vocab_size())
+                               : labelled_lm_loss(outputs.logits, positions);
+      }
+      loss = loss * (static_cast<double>(local_labelled) / static_cast<double>(std::max<std::int64_t>(1, labelled)));
       if (outputs.aux_loss.defined()) loss = loss + outputs.aux_loss.to(loss.scalar_type()) / accumulation;
     }
     // Text-only samples while only the vision side trains: nothing to differentiate.
@@ -229,9 +248,11 @@ StepReport Trainer::train_step(const std::vector<TrainingBatch>& batches) {
     finalize_tensor_parallel_gradients(trained_, context_.groups.tensor);
   }
   if (gradients_ready) gradients_ready(trained_);
-  if (replica_count > 1) {  // the replicas' shares of the global loss
+  // The replicas' (and, with context parallelism, the sequence parts') shares of the global loss.
+  const std::shared_ptr<ProcessGroup>& shares = context_parallel ? context_.groups.data_and_context : replicas;
+  if (group_size(shares) > 1) {
     at::Tensor loss = at::tensor({report.loss}, at::TensorOptions(at::kDouble).device(context_.device));
-    replicas->all_reduce(loss).wait(options_.collective_timeout);
+    shares->all_reduce(loss).wait(options_.collective_timeout);
     report.loss = loss.item<double>();
   }
   report.forward_backward_seconds = seconds_since(started);

@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -20,12 +21,19 @@ struct LayerCache {
   at::Tensor values;
 };
 
+struct ContextParallelLayout;  // neva/parallel/context_parallel.h
+
 // Which keys each query may see, shared by all layers of one forward call.
 struct AttentionMask {
   // Boolean [batch, 1, queries, keys] (true = visible), or undefined when plain causal attention
   // over exactly the new tokens applies (the fast path: is_causal in the kernel).
   at::Tensor visible;
   std::int64_t past = 0;  // tokens already in the cache before this call
+  // Context parallelism: the ring's group and where every rank's tokens lie. The queries, keys and
+  // values of a forward call are this rank's; `visible`, when defined, covers the whole padded
+  // sequence ([batch, 1, padded, padded]) and attention runs as ring attention.
+  std::shared_ptr<ProcessGroup> context_group;
+  std::shared_ptr<const ContextParallelLayout> context_layout;
 
   // `attention_mask`: optional [batch, past + seq] (1 = real token); `segment_ids`: optional
   // [batch, seq] packed-sample ids; `window`: 0 for none, else a key is visible iff q - window < k <= q.

@@ -22,6 +22,10 @@ struct LabelledPositions {
   at::Tensor targets;
 };
 NEVA_API LabelledPositions labelled_positions(const at::Tensor& labels);
+struct ContextParallelLayout;
+// Under context parallelism: the same for this rank's positions of the padded sequence (`layout`),
+// in its local order — what the backbone's logits cover there.
+NEVA_API LabelledPositions labelled_positions(const at::Tensor& labels, const ContextParallelLayout& layout);
 // causal_lm_loss over logits computed at `positions.mask` only ([N, V], or [B, S, V] from a backbone
 // that ignored the mask): the same value.
 NEVA_API at::Tensor labelled_lm_loss(const at::Tensor& logits, const LabelledPositions& positions);
