@@ -2,13 +2,15 @@
 # Training across processes on one machine: the same global batch of configs/bench/train.toml (NeVA
 # stage 2, Llama-shaped ~134M decoder trained, CLIP ViT-B/32-shaped tower frozen, over the demo's
 # data) as one process, and as two processes data-parallel (DP2, DP2 with ZeRO-1), tensor-parallel
-# (TP2) and tensor + sequence parallel (TP2+SP). For each: tokens/s (median over the steps after the
+# (TP2), tensor + sequence parallel (TP2+SP) and context-parallel (CP2); and with a Mixtral-shaped
+# ~100M decoder (configs/bench/models/mixtral-train-bench: 8 experts) as one process (1-moe) and
+# expert-parallel (EP2). For each: tokens/s (median over the steps after the
 # first two), the share of a step this rank spent blocked in collectives (metrics.jsonl
 # "communication" seconds over step_seconds), the bytes each group moved per step, optimizer state and
 # peak resident memory per rank. Run after scripts/setup.sh; figures go to docs/benchmarks.md.
 #   scripts/bench_parallel.sh [STEPS]
 # The threads are shared fairly: one process gets all cores, each of two processes half of them
-# (OMP_NUM_THREADS). BENCH_LAYOUTS="1 tp2" runs only those of: 1 dp2 dp2-zero tp2 tp2-sp.
+# (OMP_NUM_THREADS). BENCH_LAYOUTS="1 tp2" runs only those of: 1 dp2 dp2-zero tp2 tp2-sp cp2 1-moe ep2.
 # On a GPU machine, BENCH_DEVICE=cuda runs the same layouts on NCCL (one GPU per process).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -23,6 +25,7 @@ mkdir -p "$work/runs"
 common=(--set trainer.max_steps=$((steps + 2)) --set model.data.data_path="$work/demo/data/stage2.json"
         --set model.data.image_folder="$work/demo/data/images" --set model.tokenizer.model="$work/demo/model/tokenizer"
         --set model.global_batch_size=4 --set run.device="$device")
+moe=(--set model.mm_cfg.llm.plugin=mixtral --set model.mm_cfg.llm.config="$root/configs/bench/models/mixtral-train-bench/config.json")
 run() {  # run LAYOUT PROCESSES ARGS...
   local layout="$1" processes="$2"
   shift 2
@@ -34,7 +37,7 @@ run() {  # run LAYOUT PROCESSES ARGS...
     "$bin/neva-run" "${launch[@]}" "$root/configs/bench/train.toml" "${common[@]}" \
     --set exp_manager.explicit_log_dir="$dir" "$@" > "$work/runs/$layout.out" 2>&1
 }
-for layout in ${BENCH_LAYOUTS:-1 dp2 dp2-zero tp2 tp2-sp}; do
+for layout in ${BENCH_LAYOUTS:-1 dp2 dp2-zero tp2 tp2-sp cp2 1-moe ep2}; do
   case "$layout" in
     1) run 1 1 --set model.micro_batch_size=4 ;;
     dp2) run dp2 2 --set model.micro_batch_size=2 ;;
@@ -42,10 +45,13 @@ for layout in ${BENCH_LAYOUTS:-1 dp2 dp2-zero tp2 tp2-sp}; do
     tp2) run tp2 2 --set model.micro_batch_size=4 --set model.tensor_model_parallel_size=2 ;;
     tp2-sp) run tp2-sp 2 --set model.micro_batch_size=4 --set model.tensor_model_parallel_size=2 \
               --set model.sequence_parallel=true ;;
-    *) echo "unknown layout $layout (expected 1, dp2, dp2-zero, tp2, tp2-sp)" >&2; exit 2 ;;
+    cp2) run cp2 2 --set model.micro_batch_size=4 --set model.context_parallel_size=2 ;;
+    1-moe) run 1-moe 1 --set model.micro_batch_size=4 "${moe[@]}" ;;
+    ep2) run ep2 2 --set model.micro_batch_size=2 --set model.expert_model_parallel_size=2 "${moe[@]}" ;;
+    *) echo "unknown layout $layout (expected 1, dp2, dp2-zero, tp2, tp2-sp, cp2, 1-moe, ep2)" >&2; exit 2 ;;
   esac
 done
-"$root/.venv/bin/python" - "$work/runs" ${BENCH_LAYOUTS:-1 dp2 dp2-zero tp2 tp2-sp} <<'PY'
+"$root/.venv/bin/python" - "$work/runs" ${BENCH_LAYOUTS:-1 dp2 dp2-zero tp2 tp2-sp cp2 1-moe ep2} <<'PY'
 import glob, json, os, re, statistics, sys
 runs, layouts = sys.argv[1], sys.argv[2:]
 print("| layout | tokens/s | vs 1 process | blocked in collectives | bytes per step (rank 0) | optimizer state per rank | peak RSS per rank |")
@@ -54,6 +60,7 @@ base = None
 for layout in layouts:
     lines = [json.loads(l) for l in open(os.path.join(runs, layout, "metrics.jsonl"))][2:]
     tps = statistics.median(l["tokens_per_second"] for l in lines)
+    if layout in ("1", "1-moe"): base = tps  # each model against its own single process
     base = base or tps
     blocked = statistics.median(
         sum(op["seconds"] for group in l["communication"].values() for op in group.values()) / l["step_seconds"]

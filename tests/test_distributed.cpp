@@ -27,7 +27,9 @@ neva::test::CommandResult launch(int ranks, const std::string& arguments = "") {
               arguments + " &\npids=\"$pids $!\"\n";
   }
   script += "for p in $pids; do wait $p || status=1; done\nexit $status\n";
-  return run_command(script, 120);
+  // Generous: CI runs two of these multi-process tests at once on two cores; a hang is still caught
+  // (and each rank's own c10d timeout names the missing peer well before this).
+  return run_command(script, 480);
 }
 
 struct EnvGuard {

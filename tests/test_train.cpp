@@ -825,3 +825,30 @@ TEST_CASE("expert parallelism under torchrun: a Mixtral over EP2 trains what one
   CHECK(dense.exit_code != 0);
   CHECK(contains(dense.err, "expert_model_parallel_size = 2 needs a mixture-of-experts language model"));
 }
+
+TEST_CASE("every recipe in configs/parallel trains two steps as four processes (neva-run --nproc-per-node 4)") {
+  Workspace ws;
+  const fs::path configs = neva::test::source_directory() / "configs" / "parallel";
+  int recipes = 0;
+  for (const auto& entry : fs::directory_iterator(configs)) {
+    if (entry.path().extension() != ".toml") continue;
+    ++recipes;
+    const std::string name = entry.path().stem().string();
+    // The recipes read ./neva-demo (the repository root's): here the workspace's copy of it.
+    const std::string demo = ws.root.string();
+    std::string overrides = " --set trainer.max_steps=2 --set model.optim.sched.warmup_steps=1 "
+                            "--set exp_manager.export_hf=false --set exp_manager.explicit_log_dir=" +
+                            (ws.root / ("parallel-" + name)).string() + " --set model.tokenizer.model=" + demo +
+                            "/model/tokenizer --set model.data.data_path=" + demo +
+                            "/data/stage2.json --set model.data.image_folder=" + demo +
+                            "/data/images --set model.mm_cfg.vision_encoder.from_pretrained=" + demo + "/model/vision";
+    if (read_text(entry.path()).find("plugin = \"llama\"") != std::string::npos) {
+      overrides += " --set model.mm_cfg.llm.from_pretrained=" + demo + "/model/llm";
+    }
+    auto result = neva_run("--nproc-per-node 4 " + entry.path().string() + overrides);
+    INFO(name << ": " << result.err);
+    CHECK(result.exit_code == 0);
+    CHECK(ws.losses("parallel-" + name).size() == 2);
+  }
+  CHECK(recipes >= 7);
+}
