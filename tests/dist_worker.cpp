@@ -89,14 +89,18 @@ int check_groups(const neva::World& world, char** sizes_text) {
                     (!*group || (*group)->global_ranks() == members);
     report(world, std::string("group ") + kind, ok);
   }
-  // The trainer's schedule follows from the pipeline group: sequential without one, refused with one.
-  bool refused = false;
-  try {
-    (void)neva::schedule_for(groups);
-  } catch (const neva::Error& error) {
-    refused = std::string(error.what()).find("1F1B") != std::string::npos;
-  }
-  report(world, "schedule", refused == (sizes.pipeline > 1));
+  // The trainer's schedule follows from the pipeline group: sequential without one, 1F1B with one.
+  auto text = [](const neva::Schedule& schedule) {
+    std::string out;
+    for (const auto& pass : schedule.order(4)) {
+      out += (pass.forward ? "F" : "B") + std::to_string(pass.chunk) + "." + std::to_string(pass.micro_batch) + " ";
+    }
+    return out;
+  };
+  const std::string expected_schedule =
+      sizes.pipeline > 1 ? text(*neva::pipeline_schedule(static_cast<int>(sizes.pipeline), neva::group_rank(groups.pipeline), 1))
+                         : text(*neva::sequential_schedule());
+  report(world, "schedule", text(*neva::schedule_for(groups)) == expected_schedule);
   return failures ? 3 : 0;
 }
 
@@ -302,8 +306,9 @@ std::vector<std::pair<std::string, at::Tensor>> with_all_experts(const std::vect
 }
 
 // `tp_train LAYOUT`: tensor (and sequence) parallelism against one process, in float64. LAYOUT is
-// "tpT[-sp][-moe|-kv1][-tied][-zero][-recompute][-packed]": T tensor-parallel ranks (the rest of the
-// world data-parallel), sequence parallelism, a Mixtral-style MoE backbone or a Llama with one KV head
+// "tpT[-sp][-moe|-kv1][-tied][-zero][-recompute][-packed][-ppP[-vV]]" (or "epE...", "cpC...",
+// "ppP..."): T tensor-parallel ranks (the rest of the world data-parallel), P pipeline stages of V
+// chunks each (1F1B, interleaved when V > 1; what a checkpoint gathers checked too), sequence parallelism, a Mixtral-style MoE backbone or a Llama with one KV head
 // (replicated over the group), tied embeddings, ZeRO-1 over the data-parallel ranks, full activation
 // recomputation, packed rows (segments).
 // Every rank builds, through the recipe and the plugins, a tiny LLaVA (Llama or Mixtral + CLIP +
@@ -317,7 +322,14 @@ int check_tensor_parallel(const neva::World& world, const std::string& layout) {
   // "tpN..." or "epN..." (expert parallelism, a Mixtral backbone).
   const bool expert_layout = layout.rfind("ep", 0) == 0;
   const bool context_layout = layout.rfind("cp", 0) == 0;
-  const int tp = expert_layout || context_layout ? 1 : std::stoi(layout.substr(2));
+  const bool pipeline_layout = layout.rfind("pp", 0) == 0;
+  const int tp = expert_layout || context_layout || pipeline_layout ? 1 : std::stoi(layout.substr(2));
+  // "...-ppN" or "ppN...": pipeline parallelism over N stages; "-vV": V chunks per stage (interleaved).
+  const auto pp_at = layout.find("pp");
+  const int pp = pp_at == std::string::npos ? 1 : std::stoi(layout.substr(pp_at + 2));
+  const auto v_at = layout.find("-v");
+  const int virtual_chunks = v_at == std::string::npos ? 1 : std::stoi(layout.substr(v_at + 2));
+  const int layers = std::max(2, pp * virtual_chunks);
   const int ep = expert_layout ? std::stoi(layout.substr(2)) : 1;
   // "...-cpN" or "cpN...": context parallelism over N ranks.
   const auto cp_at = layout.find("cp");
@@ -341,15 +353,17 @@ int check_tensor_parallel(const neva::World& world, const std::string& layout) {
   // A vocabulary of 97 (odd: padded under tensor parallelism), 4 heads.
   write("llm.json", std::string("{\"model_type\": \"") + (moe ? "mixtral" : "llama") +
                         "\", \"vocab_size\": 97, \"hidden_size\": 32, \"intermediate_size\": 64, "
-                        "\"num_hidden_layers\": 2, \"num_attention_heads\": 4, \"num_key_value_heads\": " +
+                        "\"num_hidden_layers\": " + std::to_string(layers) + ", \"num_attention_heads\": 4, \"num_key_value_heads\": " +
                         (one_kv_head ? "1" : "2") +
                         ", \"max_position_embeddings\": 256, \"num_local_experts\": 4, \"num_experts_per_tok\": 2, "
                         "\"router_aux_loss_coef\": 0.02, \"tie_word_embeddings\": " + (tied ? "true" : "false") + "}");
   write("clip.json", "{\"model_type\": \"clip_vision_model\", \"hidden_size\": 16, \"intermediate_size\": 32, "
                      "\"num_hidden_layers\": 2, \"num_attention_heads\": 2, \"image_size\": 28, \"patch_size\": 14}");
-  auto recipe_text = [&](int tp, bool sp, int ep) {
+  auto recipe_text = [&](int tp, bool sp, int ep, int pp = 1, int v = 1) {
     return "[run]\nmode = \"inspect\"\nseed = 11\n[model]\ntensor_model_parallel_size = " + std::to_string(tp) +
       "\nexpert_model_parallel_size = " + std::to_string(ep) +
+      "\npipeline_model_parallel_size = " + std::to_string(pp) +
+      "\nvirtual_pipeline_model_parallel_size = " + std::to_string(v) +
       (recompute ? "\nactivations_checkpoint_granularity = \"full\"" : "") +
       "\nsequence_parallel = " + (sp ? "true" : "false") +
       "\nmake_vocab_size_divisible_by = 8\n[model.mm_cfg]\nmm_mlp_adapter_type = \"mlp2x_gelu\"\n"
@@ -361,7 +375,8 @@ int check_tensor_parallel(const neva::World& world, const std::string& layout) {
   neva::Registry::Options options;
   options.use_environment = false;
   const neva::Recipe alone = neva::parse_recipe(neva::ConfigDocument::parse(recipe_text(1, false, 1), "tp test"), dir, options);
-  neva::Recipe split = neva::parse_recipe(neva::ConfigDocument::parse(recipe_text(tp, sp, ep), "tp test"), dir, options);
+  neva::Recipe split = neva::parse_recipe(
+      neva::ConfigDocument::parse(recipe_text(tp, sp, ep, pp, virtual_chunks), "tp test"), dir, options);
   split.model.parallel.context = cp;  // (a recipe takes it in train mode only; this one is inspect's)
   neva::test::Float64 precision;
   struct Replica {
@@ -389,14 +404,20 @@ int check_tensor_parallel(const neva::World& world, const std::string& layout) {
       for (std::size_t i = 0; i < trained.size(); ++i) {
         whole.emplace_back(trained[i].name, neva::nn::unshard(gradients[i], trained[i].sharding, r.context.groups.tensor).clone());
       }
-      for (auto& [name, tensor] : with_all_experts(whole, r.context.groups.expert)) r.gradients[name] = tensor;
+      // Pipeline parallelism: every stage's on the first; the others keep their own.
+      for (auto& [name, tensor] : neva::nn::gather_pipeline_stages(with_all_experts(whole, r.context.groups.expert),
+                                                                   r.context.groups.pipeline)) {
+        r.gradients[name] = tensor;
+      }
     };
   };
   Replica reference, parallel;
   make(reference, alone, neva::World());
   make(parallel, split, world);
   const int dp = neva::group_size(parallel.context.groups.data), dp_rank = neva::group_rank(parallel.context.groups.data);
-  report(world, "tp groups", neva::group_size(parallel.context.groups.tensor) == tp && dp * tp * cp == world.size &&
+  const bool first_stage = neva::group_rank(parallel.context.groups.pipeline) == 0;
+  report(world, "tp groups", neva::group_size(parallel.context.groups.tensor) == tp && dp * tp * cp * pp == world.size &&
+                                 neva::group_size(parallel.context.groups.pipeline) == pp &&
                                  neva::group_size(parallel.context.groups.expert) == ep &&
                                  neva::group_size(parallel.context.groups.context) == cp);
   auto sample = [](std::int64_t length, std::int64_t seed, bool image) {
@@ -431,6 +452,7 @@ int check_tensor_parallel(const neva::World& world, const std::string& layout) {
     const double got = parallel.trainer->train_step(mine).loss;
     worst_loss = std::max(worst_loss, std::abs(expected - got));
     for (const auto& [name, gradient] : reference.gradients) {
+      if (!first_stage && !parallel.gradients.count(name)) continue;  // another stage's (the first has all)
       if (!gradient.sizes().equals(parallel.gradients.at(name).sizes())) {
         throw neva::Error(name + ": gradient shaped " + c10::str(parallel.gradients.at(name).sizes()) + ", expected " +
                           c10::str(gradient.sizes()));
@@ -449,10 +471,40 @@ int check_tensor_parallel(const neva::World& world, const std::string& layout) {
       weights.emplace_back(t.name, neva::nn::unshard(t.main.detach(), t.sharding, parallel.context.groups.tensor));
     }
     std::map<std::string, at::Tensor> updated;
-    for (auto& [name, tensor] : with_all_experts(weights, parallel.context.groups.expert)) updated[name] = tensor;
+    for (auto& [name, tensor] : neva::nn::gather_pipeline_stages(with_all_experts(weights, parallel.context.groups.expert),
+                                                                 parallel.context.groups.pipeline)) {
+      updated[name] = tensor;
+    }
     for (const auto& t : reference.trainer->trained()) {
+      if (!first_stage && !updated.count(t.name)) continue;
       worst_weight = std::max(worst_weight, (t.main - updated.at(t.name)).abs().max().item<double>());
     }
+  }
+  // What a checkpoint holds: every tensor whole (shards, stages and ZeRO-1 shares gathered), with its
+  // AdamW moments, on the first stage.
+  {
+    const neva::Trainer::State expected = reference.trainer->gather_state();
+    const neva::Trainer::State got = parallel.trainer->gather_state();
+    bool same = true;
+    if (first_stage) {
+      for (const auto* lists : {&expected.weights, &expected.moments}) {
+        const auto& other = lists == &expected.weights ? got.weights : got.moments;
+        std::map<std::string, at::Tensor> by_name(other.begin(), other.end());
+        std::size_t compared = 0;
+        for (const auto& [name, tensor] : *lists) {
+          if (name.rfind("rng.", 0) == 0) continue;
+          ++compared;
+          const auto found = by_name.find(name);
+          if (found == by_name.end() || !found->second.sizes().equals(tensor.sizes()) ||
+              (found->second.to(at::kDouble) - tensor.to(at::kDouble)).abs().max().item<double>() > 1e-10) {
+            if (world.rank == 0) std::cout << "checkpoint tensor " << name << " differs or is missing" << std::endl;
+            same = false;
+          }
+        }
+        same = same && by_name.size() == compared + (lists == &expected.moments ? 1 : 0);  // + rng.cpu
+      }
+    }
+    report(world, layout + " checkpoint state", same);
   }
   // Greedy decoding with the KV cache (generation runs without sequence or context parallelism).
   if (!sp && cp == 1) {

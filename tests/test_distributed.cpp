@@ -134,7 +134,7 @@ static void check_tensor_parallel(int ranks, const std::string& layout) {
   for (int rank = 0; rank < ranks; ++rank) {
     const std::string prefix = "rank " + std::to_string(rank) + "/" + std::to_string(ranks) + " ";
     CHECK(result.out.find(prefix + "tp groups ok") != std::string::npos);
-    for (const char* check : {" loss", " gradients", " weights", " vision gradients identical"}) {
+    for (const char* check : {" loss", " gradients", " weights", " vision gradients identical", " checkpoint state"}) {
       CHECK(result.out.find(prefix + layout + check + " ok") != std::string::npos);
     }
     if (layout.find("-sp") == std::string::npos && layout.find("cp") == std::string::npos) {  // generation: without SP or CP
@@ -184,6 +184,21 @@ TEST_CASE("context parallelism: zig-zag chunks and ring attention over CP2 and C
   SUBCASE("TP2 + SP x CP2, Mixtral") { check_tensor_parallel(4, "tp2-sp-cp2-moe"); }
   SUBCASE("CP4") { check_tensor_parallel(4, "cp4"); }
   SUBCASE("CP2 x DP2 with ZeRO-1") { check_tensor_parallel(4, "cp2-zero"); }
+}
+
+TEST_CASE("pipeline parallelism: 1F1B and interleaved 1F1B over PP2 and PP4, with TP, SP, CP, DP, ZeRO-1 and tied embeddings (float64)") {
+  // The vision encoder and connector on stage 0; hidden states and their gradients between stages
+  // point to point; the loss on the last stage; tied embeddings' two copies summed; generation
+  // through the stages; what a checkpoint gathers from every stage.
+  SUBCASE("PP2") { check_tensor_parallel(2, "pp2"); }
+  SUBCASE("PP2, tied embeddings") { check_tensor_parallel(2, "pp2-tied"); }
+  SUBCASE("PP2, two chunks per stage (interleaved)") { check_tensor_parallel(2, "pp2-v2"); }
+  SUBCASE("PP4") { check_tensor_parallel(4, "pp4"); }
+  SUBCASE("PP2 x DP2") { check_tensor_parallel(4, "pp2"); }
+  SUBCASE("TP2 x PP2") { check_tensor_parallel(4, "tp2-pp2"); }
+  SUBCASE("TP2 + SP x PP2, tied embeddings, recomputation") { check_tensor_parallel(4, "tp2-sp-tied-recompute-pp2"); }
+  SUBCASE("CP2 x PP2, packed rows") { check_tensor_parallel(4, "cp2-packed-pp2"); }
+  SUBCASE("PP2 x DP2 with ZeRO-1, interleaved") { check_tensor_parallel(4, "pp2-zero-v2"); }
 }
 
 TEST_CASE("without launcher variables the world is this process alone") {

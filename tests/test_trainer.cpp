@@ -72,18 +72,53 @@ TEST_CASE("trainer: micro-batches accumulated make the step one big batch makes 
   CHECK(max_difference(whole.weights(), split.weights()) < 1e-12);
 }
 
+// The passes as text: F<chunk>.<micro-batch> / B<chunk>.<micro-batch>.
+static std::string passes_text(const neva::Schedule& schedule, std::size_t micro_batches) {
+  std::string text;
+  for (const auto& pass : schedule.order(micro_batches)) {
+    text += (text.empty() ? "" : " ") + std::string(pass.forward ? "F" : "B") + std::to_string(pass.chunk) + "." +
+            std::to_string(pass.micro_batch);
+  }
+  return text;
+}
+
+TEST_CASE("pipeline schedules: Megatron-core's 1F1B and interleaved 1F1B orders") {
+  // 1F1B over 4 stages, 6 micro-batches: stage r runs p - r - 1 forward passes first
+  // (forward_backward_pipelining_without_interleaving's num_warmup_microbatches).
+  CHECK(passes_text(*neva::pipeline_schedule(4, 0, 1), 6) ==
+        "F0.0 F0.1 F0.2 F0.3 B0.0 F0.4 B0.1 F0.5 B0.2 B0.3 B0.4 B0.5");
+  CHECK(passes_text(*neva::pipeline_schedule(4, 3, 1), 6) ==
+        "F0.0 B0.0 F0.1 B0.1 F0.2 B0.2 F0.3 B0.3 F0.4 B0.4 F0.5 B0.5");
+  CHECK(passes_text(*neva::pipeline_schedule(4, 1, 1), 2) == "F0.0 F0.1 B0.0 B0.1");  // fewer than the warm-up
+  // Interleaved, 2 stages x 2 chunks, 4 micro-batches: warm-up (p - r - 1) x 2 + (v - 1) x p
+  // virtual micro-batches; virtual micro-batch k is micro-batch (k / (p v)) p + k % p of chunk
+  // (k % (p v)) / p, counted from the last chunk for backward passes.
+  CHECK(passes_text(*neva::pipeline_schedule(2, 0, 2), 4) ==
+        "F0.0 F0.1 F1.0 F1.1 F0.2 B1.0 F0.3 B1.1 F1.2 B0.0 F1.3 B0.1 B1.2 B1.3 B0.2 B0.3");
+  CHECK(passes_text(*neva::pipeline_schedule(2, 1, 2), 4) ==
+        "F0.0 F0.1 F1.0 B1.0 F1.1 B1.1 F0.2 B0.0 F0.3 B0.1 F1.2 B1.2 F1.3 B1.3 B0.2 B0.3");
+  // As many micro-batches as stages: every forward pass first.
+  CHECK(passes_text(*neva::pipeline_schedule(2, 1, 2), 2) == "F0.0 F0.1 F1.0 F1.1 B1.0 B1.1 B0.0 B0.1");
+  CHECK_THROWS_WITH_AS(neva::pipeline_schedule(2, 0, 2)->order(3),
+                       doctest::Contains("needs the micro-batches of a step on each replica to be a multiple of "
+                                         "pipeline_model_parallel_size = 2; got 3"),
+                       neva::Error);
+  CHECK(passes_text(*neva::sequential_schedule(), 2) == "F0.0 B0.0 F0.1 B0.1");
+}
+
 TEST_CASE("trainer: the schedule decides the order, the gradient-sync hook runs before the update") {
   const std::vector<neva::TrainingSample> data{sample(15, 4), sample(19, 5)};
   SUBCASE("a schedule that runs the micro-batches backwards gives the same step") {
     struct Backwards : neva::Schedule {
-      mutable std::vector<std::size_t> order;
-      double run(std::size_t n, const std::function<double(std::size_t)>& forward_backward) const override {
-        double total = 0;
+      mutable std::vector<std::size_t> order_seen;
+      std::vector<neva::ScheduledPass> order(std::size_t n) const override {
+        std::vector<neva::ScheduledPass> passes;
         for (std::size_t i = n; i-- > 0;) {
-          order.push_back(i);
-          total += forward_backward(i);
+          order_seen.push_back(i);
+          passes.push_back({true, 0, i});
+          passes.push_back({false, 0, i});
         }
-        return total;
+        return passes;
       }
     };
     Setup forwards_setup, backwards_setup;
@@ -95,7 +130,7 @@ TEST_CASE("trainer: the schedule decides the order, the gradient-sync hook runs 
                             backwards_setup.options(), std::move(schedule));
     const std::vector<neva::TrainingBatch> batches{neva::collate({data[0]}, false, 0), neva::collate({data[1]}, false, 0)};
     CHECK(forwards.train_step(batches).loss == doctest::Approx(backwards.train_step(batches).loss).epsilon(1e-12));
-    CHECK(seen->order == std::vector<std::size_t>{1, 0});
+    CHECK(seen->order_seen == std::vector<std::size_t>{1, 0});
     CHECK(max_difference(forwards_setup.weights(), backwards_setup.weights()) < 1e-12);
   }
   SUBCASE("a hook that zeroes the gradients leaves the weights as they were") {

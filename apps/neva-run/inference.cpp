@@ -74,8 +74,9 @@ std::vector<Request> read_requests(const Recipe& recipe, bool need_continuation)
   return requests;
 }
 
-// Generation and scoring run on one tensor-parallel group: every rank computes the same tokens (the
-// logits are gathered over the group, and sampling draws from one seed), rank 0 writes them.
+// Generation and scoring run on one model-parallel group (tensor x pipeline x expert): every rank
+// computes the same tokens (the logits are gathered over the tensor group and broadcast from the
+// last pipeline stage, and sampling draws from one seed), rank 0 writes them.
 World inference_world(const Recipe& recipe) {
   // Checked before joining the others: a wrong launch is refused without waiting for them.
   const ParallelSizes& sizes = recipe.model.parallel;
@@ -87,6 +88,7 @@ World inference_world(const Recipe& recipe) {
     throw RecipeError(recipe.source + ": run.mode = \"" + recipe.run.mode + "\" runs on one model-parallel group, but " +
                       std::to_string(launched) + " process" + (launched == 1 ? " was" : "es were") +
                       " launched for model.tensor_model_parallel_size = " + std::to_string(sizes.tensor) +
+                      (sizes.pipeline > 1 ? " x pipeline_model_parallel_size = " + std::to_string(sizes.pipeline) : "") +
                       (sizes.expert > 1 ? " x expert_model_parallel_size = " + std::to_string(sizes.expert) : "") +
                       " (data-parallel " + recipe.run.mode + " is not implemented: launch " + std::to_string(group) +
                       " processes)");

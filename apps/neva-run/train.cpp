@@ -481,9 +481,11 @@ TrainSummary train_replica(const Recipe& recipe, const std::string& title, const
   std::optional<Metrics> metrics;
   if (leader) metrics.emplace(summary.run_dir / "metrics.jsonl", step);
   if (resume_from) progress.message("resumed from " + resume_from->string() + " (step " + std::to_string(step) + ")");
+  const int stages = group_size(context.groups.pipeline);
+  const bool model_parallel = group_size(context.groups.tensor) * stages * group_size(context.groups.expert) > 1;
   progress.message(std::to_string(trainer.trained().size()) + " tensors trained (" +
                    std::to_string(trainer.parameter_count()) +
-                   " parameters), " + std::to_string(data.records()) + " records, micro-batch " +
+                   " parameters" + (model_parallel ? " on rank 0" : "") + "), " + std::to_string(data.records()) + " records, micro-batch " +
                    std::to_string(recipe.model.micro_batch_size) + " x " + std::to_string(accumulation) +
                    " accumulation" + (replicas > 1 ? " x " + std::to_string(replicas) + " data-parallel replicas" : "") +
                    ", precision " + recipe.trainer.precision +
@@ -492,6 +494,11 @@ TrainSummary train_replica(const Recipe& recipe, const std::string& title, const
                         ? ", tensor-parallel over " + std::to_string(group_size(context.groups.tensor)) + " ranks" +
                               (context.sequence_parallel ? " with sequence parallelism" : "")
                         : "") +
+                   (stages > 1 ? ", pipeline over " + std::to_string(stages) + " stages (" +
+                                     (context.virtual_pipeline_chunks > 1
+                                          ? std::to_string(context.virtual_pipeline_chunks) + " chunks each, interleaved 1F1B)"
+                                          : "1F1B)")
+                               : "") +
                    ", optimizer state " + mib(trainer.optimizer_state_bytes()) + " MiB per rank" +
                    (trainer.distributed_optimizer() ? " (ZeRO-1: 1/" + std::to_string(replicas) + " of it)" : ""));
 
@@ -514,7 +521,11 @@ TrainSummary train_replica(const Recipe& recipe, const std::string& title, const
   };
 
   const std::int64_t first_step = step;
-  StepProfiler profiler(recipe.trainer, context, summary.run_dir / "profile.json");
+  // Every rank traces its own work (a pipeline stage's passes, its waits): rank 0 into profile.json,
+  // rank R into profile-rank-R.json.
+  StepProfiler profiler(recipe.trainer, context,
+                        summary.run_dir / (world.rank == 0 ? std::string("profile.json")
+                                                           : "profile-rank-" + std::to_string(world.rank) + ".json"));
   // From the first step to the last save: a signal before it (loading) just stops the process, with
   // nothing to lose; during the export after it, too (the export is written atomically).
   std::optional<StopSignals> signals(std::in_place);
@@ -584,6 +595,7 @@ TrainSummary train_replica(const Recipe& recipe, const std::string& title, const
                    {"consumed_samples", position},
                    {"data_parallel_size", replicas},
                    {"tensor_model_parallel_size", group_size(context.groups.tensor)},
+                   {"pipeline_model_parallel_size", group_size(context.groups.pipeline)},
                    {"tokens_per_second", tokens_all / seconds},
                    {"step_seconds", seconds},
                    {"data_wait_seconds", data_wait},
@@ -629,7 +641,8 @@ TrainSummary train_replica(const Recipe& recipe, const std::string& title, const
   const bool experts_split = group_size(context.groups.expert) > 1;  // every replica holds some experts
   if ((replica == 0 || experts_split) && recipe.exp_manager.export_hf && model.encoder()) {
     trainer.restore_frozen_weights();
-    whole_llm = nn::whole_parameters(model.backbone(), context.groups.tensor, context.groups.expert);
+    whole_llm = nn::gather_pipeline_stages(
+        nn::whole_parameters(model.backbone(), context.groups.tensor, context.groups.expert), context.groups.pipeline);
   }
   if (!leader) return summary;
 

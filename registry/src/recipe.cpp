@@ -62,22 +62,6 @@ ParallelSizes parse_parallel(const ConfigSection& model) {
   if (sizes.virtual_pipeline > 1 && sizes.pipeline == 1) {
     model.fail("virtual_pipeline_model_parallel_size", "interleaved pipelining needs pipeline_model_parallel_size > 1");
   }
-  // Parsed with the checks that will stay, then refused: a size > 1 must never mean a silent
-  // single-process run. Each parallelism issue removes its line as it implements the feature.
-  struct Unimplemented {
-    const char* key;
-    const char* feature;
-    std::int64_t size;
-  };
-  const Unimplemented unimplemented[] = {
-      {"pipeline_model_parallel_size", "pipeline parallelism", sizes.pipeline},
-      {"virtual_pipeline_model_parallel_size", "interleaved pipelining", sizes.virtual_pipeline}};
-  for (const Unimplemented& u : unimplemented) {
-    if (u.size > 1) {
-      model.fail(u.key, std::string(u.feature) + " is not implemented yet (got " + std::to_string(u.size) +
-                            "): neva trains in one process; set it to 1");
-    }
-  }
   return sizes;
 }
 
@@ -209,6 +193,19 @@ Recipe parse_recipe(const ConfigDocument& document, const fs::path& base_directo
   recipe.model.encoder_seq_length = model.integer("encoder_seq_length", recipe.model.encoder_seq_length, 2);
   recipe.model.make_vocab_size_divisible_by =
       model.integer("make_vocab_size_divisible_by", recipe.model.make_vocab_size_divisible_by, 1, 1 << 20);
+  recipe.model.pipeline_layer_split = model.get<std::vector<std::int64_t>>("pipeline_layer_split", {});
+  if (!recipe.model.pipeline_layer_split.empty()) {
+    const ParallelSizes& sizes = recipe.model.parallel;
+    const auto chunks = static_cast<std::size_t>(sizes.pipeline * sizes.virtual_pipeline);
+    if (recipe.model.pipeline_layer_split.size() != chunks) {
+      model.fail("pipeline_layer_split", "expected one layer count per pipeline chunk (pipeline_model_parallel_size x "
+                                         "virtual_pipeline_model_parallel_size = " + std::to_string(chunks) + "), got " +
+                                         std::to_string(recipe.model.pipeline_layer_split.size()));
+    }
+    for (auto layers : recipe.model.pipeline_layer_split) {
+      if (layers < 1) model.fail("pipeline_layer_split", "every pipeline chunk needs at least one layer, got " + std::to_string(layers));
+    }
+  }
   ActivationCheckpointConfig& recompute = recipe.model.activations_checkpoint;
   recompute.granularity = model.choice("activations_checkpoint_granularity", "", {"", "full", "selective"});
   recompute.method = model.choice("activations_checkpoint_method", recompute.method, {"uniform", "block"});
@@ -421,12 +418,24 @@ LlavaModel build_model(const Recipe& recipe, const RuntimeContext& context) {
     RuntimeContext replicated = context;  // the same generator: one stream, in construction order
     replicated.groups.tensor = nullptr;
     replicated.sequence_parallel = false;
+    // Pipeline parallelism: the encoder and connector live on the first stage (NeMo's add_encoder).
+    // The other stages only ask them how many tokens an image becomes: built on the meta device,
+    // they hold no memory and are never run.
+    const bool elsewhere = group_rank(context.groups.pipeline) != 0;
+    if (elsewhere) replicated.device = c10::Device(c10::DeviceType::Meta);
     encoder = create(static_cast<VisionEncoder*>(nullptr), *mm_cfg.vision_encoder, replicated);
     connector = create(static_cast<Connector*>(nullptr), mm_cfg.connector, replicated);
     nn::set_replicated(*encoder);
     nn::set_replicated(*connector);
+    if (elsewhere) {
+      freeze(*encoder, true);
+      freeze(*connector, true);
+    }
   }
-  return LlavaModel(encoder, connector, backbone, mm_cfg.image_token_index);
+  LlavaModel model(encoder, connector, backbone, mm_cfg.image_token_index);
+  model.set_pipeline(context.groups.pipeline, context.virtual_pipeline_chunks,
+                     group_size(context.groups.pipeline) * context.virtual_pipeline_chunks);
+  return model;
 }
 
 Recipe load_recipe(const fs::path& path, const std::vector<std::string>& overrides,
@@ -453,6 +462,8 @@ RuntimeContext Recipe::runtime_context(const World& world) const {
   // (a KV cache grows one token at a time), as Megatron's inference does.
   context.sequence_parallel = model.parallel.sequence_parallel && run.mode == "train";
   context.make_vocab_size_divisible_by = model.make_vocab_size_divisible_by;
+  context.virtual_pipeline_chunks = model.parallel.virtual_pipeline;
+  context.pipeline_layer_split = model.pipeline_layer_split;
   return context;
 }
 

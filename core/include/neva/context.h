@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "neva/api.h"
 
@@ -77,9 +78,21 @@ struct RuntimeContext {
   // Under tensor parallelism a vocabulary is padded to a multiple of this x the group's size
   // (Megatron's make_vocab_size_divisible_by); the padding rows take no part in any result.
   std::int64_t make_vocab_size_divisible_by = 128;
+  // Pipeline parallelism (groups.pipeline of p ranks): each rank holds this many model chunks
+  // (Megatron's virtual_pipeline_model_parallel_size; chunk c of rank r is the pipeline's chunk
+  // c x p + r), and the decoder layers of each of the p x chunks pipeline chunks (empty: split evenly).
+  std::int64_t virtual_pipeline_chunks = 1;
+  std::vector<std::int64_t> pipeline_layer_split;
 
   // A context for a fresh run: a generator seeded with `seed`.
   NEVA_API static RuntimeContext seeded(std::uint64_t seed, c10::Device device = c10::Device(c10::DeviceType::CPU));
 };
+
+// One 64-bit draw from `context`'s generator (consuming it), to seed substreams.
+NEVA_API std::uint64_t draw_seed(const RuntimeContext& context);
+// `context` with a generator of its own, seeded from (`base`, `index`): a part (a layer, an expert)
+// initialised from it has the same weights whichever other parts this rank builds (pipeline and
+// expert parallelism build some parts only).
+NEVA_API RuntimeContext substream(const RuntimeContext& context, std::uint64_t base, std::uint64_t index);
 
 }  // namespace neva

@@ -37,6 +37,12 @@ struct BackboneInputs {
   // [rank x V'/tp, (rank + 1) x V'/tp) of the padded vocabulary V') instead of gathering every
   // rank's: what a vocabulary-parallel loss takes. Ignored without tensor parallelism.
   bool vocab_parallel_logits = false;
+  // Pipeline parallelism (plugin ABI 2.2): which of this rank's model chunks runs, and — for every
+  // chunk but the pipeline's first, whose `embeddings` are the previous chunk's output — the length
+  // of the whole sequence. A chunk other than the pipeline's last returns its hidden states in
+  // BackboneOutputs::logits, for the next.
+  std::int64_t pipeline_chunk = 0;
+  std::int64_t sequence_length = 0;
 };
 
 struct BackboneOutputs {

@@ -3,6 +3,9 @@
 #include <ATen/ATen.h>
 #include <torch/nn/modules/container/modulelist.h>
 
+#include <algorithm>
+#include <cctype>
+
 #include "neva/error.h"
 #include "neva/nn/attention.h"
 #include "neva/nn/linear.h"
@@ -77,37 +80,97 @@ struct DecoderCache : KVCache {
 
 }  // namespace
 
+PipelinePlacement pipeline_placement(const RuntimeContext& context, std::int64_t num_layers) {
+  const int p = group_size(context.groups.pipeline), rank = group_rank(context.groups.pipeline);
+  const std::int64_t v = std::max<std::int64_t>(1, context.virtual_pipeline_chunks);
+  PipelinePlacement placement;
+  placement.total_chunks = p * v;
+  std::vector<std::int64_t> split = context.pipeline_layer_split;
+  if (split.empty()) {
+    if (num_layers % placement.total_chunks != 0) {
+      throw Error(std::to_string(num_layers) + " decoder layers do not split evenly into " +
+                  std::to_string(placement.total_chunks) + " pipeline chunks (pipeline_model_parallel_size x " +
+                  "virtual_pipeline_model_parallel_size); give model.pipeline_layer_split");
+    }
+    split.assign(static_cast<std::size_t>(placement.total_chunks), num_layers / placement.total_chunks);
+  }
+  std::int64_t total = 0;
+  for (auto layers : split) total += layers;
+  if (static_cast<std::int64_t>(split.size()) != placement.total_chunks || total != num_layers ||
+      std::any_of(split.begin(), split.end(), [](std::int64_t layers) { return layers < 1; })) {
+    throw Error("model.pipeline_layer_split must give each of the " + std::to_string(placement.total_chunks) +
+                " pipeline chunks at least one layer, " + std::to_string(num_layers) + " in all");
+  }
+  std::vector<std::int64_t> starts(split.size() + 1, 0);
+  for (std::size_t c = 0; c < split.size(); ++c) starts[c + 1] = starts[c] + split[c];
+  for (std::int64_t chunk = 0; chunk < v; ++chunk) {
+    const std::int64_t index = chunk * p + rank;
+    placement.chunks.push_back({index, starts[static_cast<std::size_t>(index)], starts[static_cast<std::size_t>(index) + 1]});
+  }
+  placement.first_stage = placement.chunks.front().index == 0;
+  placement.last_stage = placement.chunks.back().index == placement.total_chunks - 1;
+  return placement;
+}
+
+// Every part of the decoder draws from its own generator, seeded from one draw of the context's
+// stream: a pipeline stage builds its parts with the weights they have in one process.
 class DecoderModel : public torch::nn::Module {
  public:
-  DecoderModel(const RuntimeContext& context, const DecoderConfig& config, bool recompute_attention_core) {
-    embed_tokens = register_module("embed_tokens", nn::embedding(context, config.vocab_size, config.hidden_size,
-                                                                 /*vocabulary_parallel=*/true));
-    layers = register_module("layers", torch::nn::ModuleList());
-    for (std::int64_t i = 0; i < config.num_layers; ++i) {
-      layers->push_back(std::make_shared<DecoderLayer>(context, config, recompute_attention_core));
+  DecoderModel(const RuntimeContext& context, const DecoderConfig& config, bool recompute_attention_core,
+               const PipelinePlacement& placement, std::uint64_t base) {
+    if (placement.first_stage || (placement.last_stage && config.tie_word_embeddings)) {
+      embed_tokens = register_module("embed_tokens", nn::embedding(substream(context, base, 0), config.vocab_size,
+                                                                   config.hidden_size, /*vocabulary_parallel=*/true));
     }
-    norm = register_module("norm", sequence_parallel_norm(context, config));
+    layers = register_module("layers", std::make_shared<torch::nn::Module>("Layers"));
+    by_index.resize(static_cast<std::size_t>(config.num_layers));
+    for (const auto& chunk : placement.chunks) {
+      for (std::int64_t i = chunk.first_layer; i < chunk.end_layer; ++i) {
+        auto layer = std::make_shared<DecoderLayer>(substream(context, base, static_cast<std::uint64_t>(i) + 1), config,
+                                                    recompute_attention_core);
+        layers->register_module(std::to_string(i), layer);  // by its index in the whole decoder
+        if (group_size(context.groups.pipeline) > 1) nn::set_pipeline_stage(*layer, chunk.index);
+        by_index[static_cast<std::size_t>(i)] = layer;
+      }
+    }
+    if (placement.last_stage) norm = register_module("norm", sequence_parallel_norm(context, config));
   }
-  nn::Embedding embed_tokens;
-  torch::nn::ModuleList layers{nullptr};
-  std::shared_ptr<Norm> norm;
+  nn::Embedding embed_tokens;                          // first stage (and the last, for a tied LM head)
+  std::shared_ptr<torch::nn::Module> layers;           // this rank's
+  std::vector<std::shared_ptr<DecoderLayer>> by_index;  // every layer's slot, null where not here
+  std::shared_ptr<Norm> norm;                           // last stage
 };
 
 DecoderBackbone::DecoderBackbone(const DecoderConfig& config, const RuntimeContext& context)
     : config_(config), context_(context), rotary_(config.rope), region_(context),
-      vocabulary_(nn::vocabulary_shard(context, config.vocab_size)) {
+      vocabulary_(nn::vocabulary_shard(context, config.vocab_size)),
+      placement_(pipeline_placement(context, config.num_layers)) {
   check_tensor_parallel_split(config, region_.size());  // before anything is built
   if (group_size(context.groups.expert) > 1 && config.mlp != "moe") {
     throw Error(config.source + ": expert_model_parallel_size = " + std::to_string(group_size(context.groups.expert)) +
                 " needs a mixture-of-experts language model (Mixtral); this one has no experts");
   }
+  if (placement_.total_chunks > 1 && config.mlp == "moe" && config.router_aux_loss_coef > 0) {
+    throw Error(config.source + ": the load-balancing loss (router_aux_loss_coef) is taken over every layer's routing "
+                "at once (transformers' formula), which pipeline stages cannot share within a micro-batch; set "
+                "router_aux_loss_coef = 0 to train this model with pipeline_model_parallel_size > 1");
+  }
   const auto& recompute = context.activations_checkpoint;
-  model_ = register_module("model", std::make_shared<DecoderModel>(context, config, recompute.granularity == "selective"));
-  if (!config.tie_word_embeddings) {
+  const std::uint64_t base = draw_seed(context);
+  model_ = register_module("model", std::make_shared<DecoderModel>(context, config, recompute.granularity == "selective",
+                                                                   placement_, base));
+  if (!config.tie_word_embeddings && placement_.last_stage) {
     // The vocabulary split over the tensor-parallel group (padded to make_vocab_size_divisible_by x
     // the group); the logits are gathered unless a vocabulary-parallel loss takes them split.
-    lm_head_ = register_module("lm_head", nn::linear(context, config.hidden_size, config.vocab_size,
-                                                     {false, nn::Parallel::Column}, nn::ColumnLayout{1, true}));
+    lm_head_ = register_module("lm_head", nn::linear(substream(context, base, static_cast<std::uint64_t>(config.num_layers) + 1),
+                                                     config.hidden_size, config.vocab_size, {false, nn::Parallel::Column},
+                                                     nn::ColumnLayout{1, true}));
+  }
+  if (group_size(context.groups.pipeline) > 1) {
+    const std::int64_t last = placement_.total_chunks - 1;
+    if (model_->embed_tokens) nn::set_pipeline_stage(*model_->embed_tokens, placement_.first_stage ? 0 : last);
+    if (model_->norm) nn::set_pipeline_stage(*model_->norm, last);
+    if (lm_head_) nn::set_pipeline_stage(*lm_head_, last);
   }
   to(context.device, context.dtypes.params);
 }
@@ -115,6 +178,7 @@ DecoderBackbone::DecoderBackbone(const DecoderConfig& config, const RuntimeConte
 DecoderBackbone::~DecoderBackbone() = default;
 
 at::Tensor DecoderBackbone::embed(const at::Tensor& token_ids) {
+  if (!placement_.first_stage) throw Error("the token embedding lives on the first pipeline stage");
   if (token_ids.numel() > 0) {
     auto [low, high] = at::aminmax(token_ids);
     std::int64_t lowest = low.item<std::int64_t>(), highest = high.item<std::int64_t>();
@@ -138,13 +202,37 @@ at::Tensor pad_sequence(const at::Tensor& x, std::int64_t pad, double value = 0)
 
 }  // namespace
 
+std::vector<std::int64_t> DecoderBackbone::pipeline_hidden_shape(std::int64_t batch, std::int64_t sequence_length) const {
+  const bool split_sequence = region_.group && region_.sequence_parallel;
+  const std::int64_t tp = split_sequence ? region_.size() : 1;
+  std::int64_t local = sequence_length;
+  if (group_size(context_.groups.context) > 1) {
+    local = context_parallel_layout(sequence_length, context_.groups.context, tp).positions.size(0) / tp;
+  } else if (split_sequence) {
+    local = (sequence_length + (tp - sequence_length % tp) % tp) / tp;
+  }
+  return {batch, local, config_.hidden_size};
+}
+
 BackboneOutputs DecoderBackbone::forward(const BackboneInputs& inputs) {
+  // Pipeline parallelism: one of this rank's chunks runs; all but the pipeline's first take the
+  // previous chunk's hidden states, all but its last return theirs.
+  if (inputs.pipeline_chunk < 0 || inputs.pipeline_chunk >= static_cast<std::int64_t>(placement_.chunks.size())) {
+    throw Error("pipeline chunk " + std::to_string(inputs.pipeline_chunk) + " is not one of this rank's " +
+                std::to_string(placement_.chunks.size()));
+  }
+  const PipelinePlacement::Chunk& part = placement_.chunks[static_cast<std::size_t>(inputs.pipeline_chunk)];
+  const bool first = part.index == 0, last = part.index == placement_.total_chunks - 1;
+  const bool final_chunk_here = inputs.pipeline_chunk + 1 == static_cast<std::int64_t>(placement_.chunks.size());
   const at::Tensor& embeddings = inputs.embeddings;
   if (embeddings.dim() != 3 || embeddings.size(2) != config_.hidden_size) {
     throw Error("embeddings have shape " + std::string(c10::str(embeddings.sizes())) + ", expected [batch, seq, " +
                 std::to_string(config_.hidden_size) + "]");
   }
-  const std::int64_t batch = embeddings.size(0), seq = embeddings.size(1);
+  if (!first && inputs.sequence_length <= 0) {
+    throw Error("a pipeline chunk after the first needs the whole sequence's length (BackboneInputs::sequence_length)");
+  }
+  const std::int64_t batch = embeddings.size(0), seq = first ? embeddings.size(1) : inputs.sequence_length;
   auto* cache = dynamic_cast<DecoderCache*>(inputs.cache);
   if (inputs.cache && !cache) throw Error("the KV cache was not made by this backbone");
   if (inputs.logits_mask.defined() &&
@@ -201,11 +289,12 @@ BackboneOutputs DecoderBackbone::forward(const BackboneInputs& inputs) {
   // skips most of that layer's work. Not for an MoE layer, whose load-balancing loss counts every
   // token's routing, nor under sequence parallelism (each rank holds other positions).
   at::Tensor rows, wanted;  // [batch, count] positions, and which of them are in the mask
-  const std::size_t layers = model_->layers->size();
+  const std::size_t layers = static_cast<std::size_t>(config_.num_layers);
+  const std::size_t begin = static_cast<std::size_t>(part.first_layer), end_layer = static_cast<std::size_t>(part.end_layer);
   const at::Tensor logits_mask =
       inputs.logits_mask.defined() ? inputs.logits_mask.to(context_.device).to(at::kBool) : at::Tensor();
-  if (logits_mask.defined() && !cache && !split_sequence && !layout && layers > 0 &&
-      !model_->layers->ptr<DecoderLayer>(layers - 1)->is_moe()) {
+  if (logits_mask.defined() && last && !cache && !split_sequence && !layout && layers > 0 &&
+      !model_->by_index[layers - 1]->is_moe()) {
     const std::int64_t count = logits_mask.sum(1).max().item<std::int64_t>();
     if (count > 0 && count < seq) {
       // Each row's wanted positions in order, then unwanted ones to fill the rows to one length.
@@ -214,8 +303,11 @@ BackboneOutputs DecoderBackbone::forward(const BackboneInputs& inputs) {
       wanted = logits_mask.gather(1, rows);
     }
   }
-  at::Tensor h = layout ? layout->take(embeddings, 1) : pad_sequence(embeddings, split_sequence ? pad : 0);
-  if (split_sequence) h = scatter_to_sequence_parallel_region(region_.group, h, 1);
+  at::Tensor h = embeddings;  // a later chunk's input is already split and padded
+  if (first) {
+    h = layout ? layout->take(embeddings, 1) : pad_sequence(embeddings, split_sequence ? pad : 0);
+    if (split_sequence) h = scatter_to_sequence_parallel_region(region_.group, h, 1);
+  }
   std::vector<at::Tensor> router_logits;
   const auto& recompute = context_.activations_checkpoint;
   const bool full = recompute.granularity == "full" && !cache && at::GradMode::is_enabled();
@@ -223,11 +315,11 @@ BackboneOutputs DecoderBackbone::forward(const BackboneInputs& inputs) {
   // first num_layers layers one by one. A chunk returns its hidden state and its routers' logits
   // (MoE), so that the load-balancing loss still reaches the routers.
   const std::size_t chunk = full && recompute.method == "uniform" ? static_cast<std::size_t>(recompute.num_layers) : 1;
-  for (std::size_t i = 0; i < layers;) {
-    const std::size_t end = std::min(layers, i + chunk);
+  for (std::size_t i = begin; i < end_layer;) {
+    const std::size_t end = std::min(end_layer, i + chunk);
     const bool checkpoint = full && (recompute.method == "uniform" || i < static_cast<std::size_t>(recompute.num_layers));
     if (!checkpoint) {
-      auto layer = model_->layers->ptr<DecoderLayer>(i);
+      auto layer = model_->by_index[i];
       h = layer->forward(h, cos, sin, mask, cache ? &cache->layers[i] : nullptr, i + 1 == layers ? rows : at::Tensor(),
                          router_logits);
       ++i;
@@ -236,7 +328,7 @@ BackboneOutputs DecoderBackbone::forward(const BackboneInputs& inputs) {
     auto run = [this, i, end, layers, cos, sin, mask, rows](const std::vector<at::Tensor>& inputs) {
       std::vector<at::Tensor> outputs{inputs[0]};
       for (std::size_t j = i; j < end; ++j) {
-        auto layer = model_->layers->ptr<DecoderLayer>(j);
+        auto layer = model_->by_index[j];
         std::vector<at::Tensor> logits;
         outputs[0] = layer->forward(outputs[0], cos, sin, mask, nullptr, j + 1 == layers ? rows : at::Tensor(), logits);
         outputs.insert(outputs.end(), logits.begin(), logits.end());
@@ -248,8 +340,13 @@ BackboneOutputs DecoderBackbone::forward(const BackboneInputs& inputs) {
     router_logits.insert(router_logits.end(), outputs.begin() + 1, outputs.end());
     i = end;
   }
+  if (cache && final_chunk_here) cache->length += seq;
+  if (!last) {  // the next chunk's input
+    BackboneOutputs outputs;
+    outputs.logits = h;
+    return outputs;
+  }
   h = model_->norm->forward(h);
-  if (cache) cache->length += seq;
   // The LM head is column-parallel over the vocabulary: its input enters the tensor-parallel region
   // (f; under sequence parallelism the all-gather of the sequence, which also drops the padding).
   h = region_.enter(h);
@@ -297,6 +394,10 @@ std::unique_ptr<KVCache> DecoderBackbone::new_cache(std::int64_t batch, std::int
   auto options = at::TensorOptions().device(context_.device).dtype(context_.dtypes.compute);
   const std::int64_t kv_heads = split_heads(config_.num_heads, config_.num_kv_heads, region_.size()).kv_heads;
   for (std::int64_t i = 0; i < config_.num_layers; ++i) {
+    if (!model_->by_index[static_cast<std::size_t>(i)]) {  // another pipeline stage's layer
+      cache->layers.emplace_back();
+      continue;
+    }
     cache->layers.push_back({at::empty({batch, kv_heads, max_tokens, config_.head_dim}, options),
                              at::empty({batch, kv_heads, max_tokens, config_.head_dim}, options)});
   }
@@ -376,6 +477,19 @@ void DecoderBackbone::load(const std::string& checkpoint_path, const std::string
        {"language_model.model.embed_tokens.weight", {{"model.", "language_model.model."}, {"lm_head.", "language_model.lm_head."}}},
        {"model.language_model.embed_tokens.weight", {{"model.", "model.language_model."}, {"lm_head.", "lm_head."}}}},
       what, [tied, this](const std::string& name) {
+        // Pipeline parallelism: other stages' parts.
+        const std::string prefix = "model.layers.";
+        if (name.compare(0, prefix.size(), prefix) == 0) {
+          const auto dot = name.find('.', prefix.size());
+          const std::string index = name.substr(prefix.size(), dot - prefix.size());
+          if (!index.empty() && std::all_of(index.begin(), index.end(), ::isdigit) &&
+              std::stoll(index) < config_.num_layers && !model_->by_index[static_cast<std::size_t>(std::stoll(index))]) {
+            return true;
+          }
+        }
+        if (!model_->embed_tokens && name.compare(0, 19, "model.embed_tokens.") == 0) return true;
+        if (!model_->norm && name.compare(0, 11, "model.norm.") == 0) return true;
+        if (!lm_head_ && !tied && name.compare(0, 8, "lm_head.") == 0 && !placement_.last_stage) return true;
         // Expert parallelism: other ranks' experts.
         const std::int64_t expert = nn::expert_index(name);
         const int ep = group_size(context_.groups.expert);

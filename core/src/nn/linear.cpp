@@ -32,11 +32,14 @@ at::Tensor placed(const RuntimeContext& context, at::Tensor cpu) {
 
 }  // namespace
 
+// On the meta device (a part another pipeline stage holds, built for its shapes only) nothing is drawn.
 at::Tensor uniform_parameter(const RuntimeContext& context, at::IntArrayRef shape, double bound) {
+  if (context.device.is_meta()) return at::empty(shape, at::TensorOptions(at::kFloat).device(at::kMeta));
   return placed(context, at::empty(shape, at::kFloat).uniform_(-bound, bound, context.generator));
 }
 
 at::Tensor normal_parameter(const RuntimeContext& context, at::IntArrayRef shape, double std) {
+  if (context.device.is_meta()) return at::empty(shape, at::TensorOptions(at::kFloat).device(at::kMeta));
   return placed(context, at::empty(shape, at::kFloat).normal_(0.0, std, context.generator));
 }
 

@@ -79,16 +79,10 @@ SparseMoE::SparseMoE(const RuntimeContext& context, std::int64_t hidden_size, st
   gate_ = register_module("gate", nn::linear(context, hidden_size, num_experts, {false}));
   // One draw from the context's stream seeds every expert's own generator: each rank builds only its
   // experts, with the weights they have at any expert-parallel size.
-  std::uint64_t base = 0;
-  {
-    auto* generator = at::check_generator<at::CPUGeneratorImpl>(context.generator);
-    std::lock_guard<std::mutex> lock(generator->mutex_);
-    base = generator->random64();
-  }
+  const std::uint64_t base = draw_seed(context);
   experts_ = register_module("experts", std::make_shared<torch::nn::Module>("Experts"));
   for (std::int64_t e = first_expert_; e < first_expert_ + local_experts_; ++e) {
-    RuntimeContext own = context;
-    own.generator = make_generator(base + 0x9E3779B97F4A7C15ULL * static_cast<std::uint64_t>(e + 1));
+    const RuntimeContext own = substream(context, base, static_cast<std::uint64_t>(e));
     auto expert = std::make_shared<GatedMLP>(own, hidden_size, intermediate_size, false, activation,
                                              GatedMLP::Names{"w1", "w3", "w2"});
     nn::set_expert(*expert, e);

@@ -58,7 +58,7 @@ void DistributedOptimizer::finalize_tensor_parallel(const std::shared_ptr<Proces
 }
 
 GradientNorm DistributedOptimizer::gradient_norm(double max_norm, const std::vector<double>& weights,
-                                                 const std::shared_ptr<ProcessGroup>& tensor_group) const {
+                                                 const std::vector<std::shared_ptr<ProcessGroup>>& model_groups) const {
   at::NoGradGuard no_grad;
   at::Tensor total = at::zeros({1}, buckets_.buckets().empty() ? at::TensorOptions(at::kDouble)
                                                                : buckets_.buckets().front().shard.options().dtype(at::kDouble));
@@ -70,7 +70,9 @@ GradientNorm DistributedOptimizer::gradient_norm(double max_norm, const std::vec
     total += at::linalg_vector_norm(grad, 2, {}, false, dtype).square().to(at::kDouble) * weight;
   }
   if (data_) data_->all_reduce(total).wait(timeout_);
-  if (tensor_group && tensor_group->size() > 1) tensor_group->all_reduce(total).wait(timeout_);
+  for (const auto& group : model_groups) {
+    if (group && group->size() > 1) group->all_reduce(total).wait(timeout_);
+  }
   const double norm = std::sqrt(total.item<double>());
   const double scale = max_norm / (norm + 1e-6);
   return {norm, max_norm > 0 && scale < 1 ? scale : 1.0};

@@ -157,11 +157,11 @@ void scaled_step(torch::optim::Optimizer& optimizer, double gradient_scale) {
 }
 
 GradientNorm gradient_norm(const std::vector<at::Tensor>& all, double max_norm) {
-  return gradient_norm(all, max_norm, std::vector<double>(all.size(), 1.0), nullptr);
+  return gradient_norm(all, max_norm, std::vector<double>(all.size(), 1.0), {});
 }
 
 GradientNorm gradient_norm(const std::vector<at::Tensor>& all, double max_norm, const std::vector<double>& weights,
-                           const std::shared_ptr<ProcessGroup>& group) {
+                           const std::vector<std::shared_ptr<ProcessGroup>>& groups) {
   at::NoGradGuard no_grad;
   if (weights.size() != all.size()) throw Error("gradient_norm: one weight per parameter expected");
   // Each gradient's sum of squares: a BLAS dot for a dense fp32 gradient on the CPU (one read of
@@ -183,12 +183,15 @@ GradientNorm gradient_norm(const std::vector<at::Tensor>& all, double max_norm, 
     }
     squares.push_back(weights[i] == 1 ? square : square * weights[i]);
   }
-  const bool reduce = group && group->size() > 1;
+  bool reduce = false;
+  for (const auto& group : groups) reduce = reduce || (group && group->size() > 1);
   if (squares.empty() && !reduce) return {};
   at::Tensor total = squares.empty() ? at::zeros({}, at::kDouble) : at::stack(squares).sum();
   if (reduce) {
     at::Tensor sum = total.reshape({1}).to(at::TensorOptions(at::kDouble).device(all.empty() ? at::Device(at::kCPU) : all.front().device()));
-    group->all_reduce(sum).wait();
+    for (const auto& group : groups) {
+      if (group && group->size() > 1) group->all_reduce(sum).wait();
+    }
     total = sum.cpu();
   }
   const double norm = std::sqrt(total.sum().item<double>());

@@ -1,6 +1,8 @@
 #include "neva/train/trainer.h"
 
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
+#include <torch/csrc/autograd/autograd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -12,6 +14,7 @@
 #include "neva/io/atomic_file.h"
 #include "neva/io/json.h"
 #include "neva/io/safetensors.h"
+#include "neva/model/decoder.h"
 #include "neva/nn/linear.h"
 #include "neva/parallel/context_parallel.h"
 #include "neva/parallel/process_group.h"
@@ -40,11 +43,60 @@ double seconds_since(Clock::time_point start) { return std::chrono::duration<dou
 
 class SequentialSchedule : public Schedule {
  public:
-  double run(std::size_t micro_batches, const std::function<double(std::size_t)>& forward_backward) const override {
-    double total = 0;
-    for (std::size_t i = 0; i < micro_batches; ++i) total += forward_backward(i);
-    return total;
+  std::vector<ScheduledPass> order(std::size_t micro_batches) const override {
+    std::vector<ScheduledPass> passes;
+    for (std::size_t i = 0; i < micro_batches; ++i) {
+      passes.push_back({true, 0, i});
+      passes.push_back({false, 0, i});
+    }
+    return passes;
   }
+};
+
+class PipelineSchedule : public Schedule {
+ public:
+  PipelineSchedule(int stages, int rank, std::int64_t chunks) : stages_(stages), rank_(rank), chunks_(chunks) {}
+  std::vector<ScheduledPass> order(std::size_t micro_batches) const override {
+    const auto m = static_cast<std::int64_t>(micro_batches), p = static_cast<std::int64_t>(stages_);
+    const std::int64_t v = chunks_;
+    std::vector<ScheduledPass> passes;
+    if (v == 1) {  // 1F1B
+      const std::int64_t warmup = std::min<std::int64_t>(p - rank_ - 1, m);
+      for (std::int64_t i = 0; i < warmup; ++i) passes.push_back({true, 0, static_cast<std::size_t>(i)});
+      for (std::int64_t i = 0; i < m - warmup; ++i) {
+        passes.push_back({true, 0, static_cast<std::size_t>(warmup + i)});
+        passes.push_back({false, 0, static_cast<std::size_t>(i)});
+      }
+      for (std::int64_t i = m - warmup; i < m; ++i) passes.push_back({false, 0, static_cast<std::size_t>(i)});
+      return passes;
+    }
+    // Interleaved: virtual micro-batch k is micro-batch (k / (p v)) p + k % p of chunk (k % (p v)) / p
+    // (counted from the last chunk backwards for the backward passes).
+    if (m % p != 0) {
+      throw Error("the interleaved pipeline schedule (virtual_pipeline_model_parallel_size = " + std::to_string(v) +
+                  ") needs the micro-batches of a step on each replica to be a multiple of "
+                  "pipeline_model_parallel_size = " + std::to_string(p) + "; got " + std::to_string(m) +
+                  " (global_batch_size / (micro_batch_size x data-parallel size))");
+    }
+    const std::int64_t total = m * v;
+    const std::int64_t warmup = m == p ? total : std::min(total, (p - rank_ - 1) * 2 + (v - 1) * p);
+    auto pass = [&](std::int64_t k, bool forward) {
+      std::int64_t chunk = (k % (p * v)) / p;
+      if (!forward) chunk = v - 1 - chunk;
+      return ScheduledPass{forward, chunk, static_cast<std::size_t>((k / (p * v)) * p + k % p)};
+    };
+    for (std::int64_t k = 0; k < warmup; ++k) passes.push_back(pass(k, true));
+    for (std::int64_t k = 0; k < total - warmup; ++k) {
+      passes.push_back(pass(warmup + k, true));
+      passes.push_back(pass(k, false));
+    }
+    for (std::int64_t k = total - warmup; k < total; ++k) passes.push_back(pass(k, false));
+    return passes;
+  }
+
+ private:
+  int stages_, rank_;
+  std::int64_t chunks_;
 };
 
 }  // namespace
@@ -52,12 +104,17 @@ class SequentialSchedule : public Schedule {
 Schedule::~Schedule() = default;
 std::unique_ptr<Schedule> sequential_schedule() { return std::make_unique<SequentialSchedule>(); }
 
-std::unique_ptr<Schedule> schedule_for(const ParallelGroups& groups) {
-  const int stages = group_size(groups.pipeline);
-  if (stages > 1) {
-    throw Error("pipeline parallelism over " + std::to_string(stages) +
-                " stages needs a pipeline schedule (1F1B), which is not implemented yet");
+std::unique_ptr<Schedule> pipeline_schedule(int stages, int rank, std::int64_t chunks) {
+  if (stages < 1 || rank < 0 || rank >= stages || chunks < 1) {
+    throw Error("pipeline_schedule: rank " + std::to_string(rank) + " of " + std::to_string(stages) + " stages with " +
+                std::to_string(chunks) + " chunks each");
   }
+  return std::make_unique<PipelineSchedule>(stages, rank, chunks);
+}
+
+std::unique_ptr<Schedule> schedule_for(const ParallelGroups& groups, std::int64_t virtual_chunks) {
+  const int stages = group_size(groups.pipeline);
+  if (stages > 1) return pipeline_schedule(stages, group_rank(groups.pipeline), virtual_chunks);
   return sequential_schedule();
 }
 
@@ -67,7 +124,7 @@ Trainer::Trainer(LlavaModel& model, const PrecisionRecipe& precision, RuntimeCon
       precision_(precision),
       context_(context),
       options_(std::move(options)),
-      schedule_(schedule ? std::move(schedule) : schedule_for(context.groups)),
+      schedule_(schedule ? std::move(schedule) : schedule_for(context.groups, model.pipeline_chunks())),
       guard_(options_.loss_spike) {
   // ZeRO-1 keeps the main weights in its shares only: no whole main copies then.
   const bool zero = options_.optim.distributed &&
@@ -95,12 +152,22 @@ Trainer::Trainer(LlavaModel& model, const PrecisionRecipe& precision, RuntimeCon
   if (ep > 1 && group_size(context_.groups.tensor) > 1) {
     throw Error(options_.source + ": expert parallelism together with tensor parallelism is not implemented yet");
   }
-  norm_group_ = ep > 1 ? context_.groups.expert : context_.groups.tensor;
-  for (const auto& t : trained_) {
-    const auto& sharding = t.sharding;
+  // Pipeline parallelism: each stage counts its own parts; the last stage's copy of tied embeddings
+  // (its gradient summed with the first stage's over groups.embedding) is counted on the first.
+  norm_groups_ = {ep > 1 ? context_.groups.expert : context_.groups.tensor, context_.groups.pipeline};
+  const bool pipelined = group_size(context_.groups.pipeline) > 1;
+  const auto* decoder = dynamic_cast<const DecoderBackbone*>(&model_.backbone());
+  const bool tied = decoder && decoder->tied_embeddings();
+  for (std::size_t i = 0; i < trained_.size(); ++i) {
+    const auto& sharding = trained_[i].sharding;
     double weight = sharding.tensor_parallel_dim >= 0 ? 1.0 / static_cast<double>(sharding.tensor_parallel_replicas)
                                                       : (tp_rank == 0 ? 1.0 : 0.0);
     if (ep > 1 && sharding.expert < 0 && ep_rank != 0) weight = 0;
+    const bool embedding = trained_[i].name.find(".embed_tokens.") != std::string::npos;
+    if (pipelined && tied && embedding && group_size(context_.groups.embedding) > 1) {
+      tied_embeddings_.push_back(i);
+      if (sharding.pipeline_stage != 0) weight = 0;
+    }
     norm_weights_.push_back(weight);
   }
   if (trained_.empty()) throw Error(options_.source + ": nothing to train: every component is frozen");
@@ -109,6 +176,10 @@ Trainer::Trainer(LlavaModel& model, const PrecisionRecipe& precision, RuntimeCon
       modules, context_.dtypes.params == at::kFloat ? context_.dtypes.compute : at::kFloat,
       options_.keep_frozen_originals);
   if (!zero) optimizer_ = make_adamw(mains_, options_.optim);
+  if (zero && !tied_embeddings_.empty()) {
+    throw Error(options_.source + ": distributed_fused_adam (ZeRO-1) with pipeline parallelism and tied embeddings "
+                "(the first and last stages' copies summed) is not implemented yet; use fused_adam or untie them");
+  }
   if (zero && ep > 1) {
     throw Error(options_.source + ": distributed_fused_adam (ZeRO-1) with expert parallelism is not implemented yet");
   }
@@ -173,11 +244,57 @@ StepReport Trainer::train_step(const std::vector<TrainingBatch>& batches) {
   const bool context_parallel = group_size(context_.groups.context) > 1;
   const std::int64_t sequence_split = context_.sequence_parallel ? group_size(context_.groups.tensor) : 1;
   const nn::VocabularyShard vocabulary = nn::vocabulary_shard(context_, model_.backbone().vocab_size());
+  // Pipeline parallelism: this rank's chunks, the neighbours its hidden states come from and go to.
+  const std::shared_ptr<ProcessGroup>& pipeline = context_.groups.pipeline;
+  const int stages = group_size(pipeline), stage = group_rank(pipeline);
+  const std::int64_t total_chunks = stages * model_.pipeline_chunks();
+  // What a forward pass leaves for its backward pass: the received input (a leaf whose gradient goes
+  // back to the previous stage) and the output (the loss on the last chunk, the hidden states elsewhere).
+  struct Activations {
+    at::Tensor input, output;
+  };
+  std::map<std::pair<std::int64_t, std::size_t>, Activations> activations;
+  // Point-to-point traffic: hidden states forward, their gradients backward, tagged by micro-batch,
+  // receiving chunk and direction. Under 1F1B the sends a pass produces go out with the next receive
+  // in one batch (Megatron's send_forward_recv_backward and send_backward_recv_forward: a pair of
+  // stages exchanging both ways must post both at once on NCCL); the interleaved schedule posts them
+  // at once. A receive blocks; every send is waited for before the update.
+  std::vector<P2POp> outgoing;
+  std::vector<Work> sends;
+  std::vector<at::Tensor> in_transit;
+  const bool batch_sends = model_.pipeline_chunks() == 1;
+  auto tag = [&](std::size_t micro_batch, std::int64_t chunk, bool gradient) {
+    return static_cast<int>(((static_cast<std::int64_t>(micro_batch) * total_chunks + chunk) * 2) + (gradient ? 1 : 0));
+  };
+  auto send = [&](const at::Tensor& tensor, int peer, int message) {
+    in_transit.push_back(tensor.detach().contiguous());
+    outgoing.push_back({P2POp::Kind::Send, in_transit.back(), peer, message});
+    if (!batch_sends) {
+      sends.push_back(pipeline->batch_isend_irecv(outgoing));
+      outgoing.clear();
+    }
+  };
+  auto flush = [&]() {
+    if (outgoing.empty()) return;
+    sends.push_back(pipeline->batch_isend_irecv(outgoing));
+    outgoing.clear();
+  };
+  auto receive = [&](at::Tensor& tensor, int peer, int message) {
+    std::vector<P2POp> ops = std::move(outgoing);
+    outgoing.clear();
+    ops.push_back({P2POp::Kind::Recv, tensor, peer, message});
+    RECORD_USER_SCOPE("pipeline receive");
+    pipeline->batch_isend_irecv(ops).wait(options_.collective_timeout);
+    if (batch_sends) in_transit.clear();  // what went with it has been sent
+  };
+  const int previous = (stage - 1 + stages) % std::max(stages, 1), next = (stage + 1) % std::max(stages, 1);
   // The loss is the mean over every labelled token of the global batch, whatever the split into
   // micro-batches or packed rows: each micro-batch contributes its share.
-  auto forward_backward = [&](std::size_t index) -> double {
+  auto forward = [&](std::int64_t chunk, std::size_t index) -> double {
     const TrainingBatch& batch = batches[index];
     if (batch.labelled_tokens == 0) return 0;  // nothing to learn from (its share of the loss is 0)
+    const std::int64_t whole_chunk = chunk * stages + stage;  // in the whole pipeline
+    const bool first = whole_chunk == 0, last = whole_chunk == total_chunks - 1;
     MultimodalInputs inputs;
     inputs.input_ids = batch.input_ids;  // the model moves its inputs to its device
     inputs.images = batch.images;
@@ -195,26 +312,61 @@ StepReport Trainer::train_step(const std::vector<TrainingBatch>& batches) {
                                                                            sequence_split));
       local_labelled = positions.targets.numel();
     }
-    at::Tensor loss;
-    {
-      auto scope = precision_.enter_forward(context_);
-      BackboneOutputs outputs = model_.forward(inputs);
-      if (local_labelled == 0) {  // none of this micro-batch's labels lie in this rank's part
-        loss = outputs.logits.sum() * 0.0;
-      } else {
-        loss = tensor_parallel ? labelled_lm_loss(outputs.logits, positions, context_.groups.tensor, vocabulary.start,
-                                                  model_.backbone().vocab_size())
-                               : labelled_lm_loss(outputs.logits, positions);
+    Activations& saved = activations[{chunk, index}];
+    if (stages > 1) {
+      inputs.pipeline_chunk = chunk;
+      if (!first) {
+        saved.input = model_.empty_hidden_states(batch.input_ids.size(0), batch.input_ids.size(1));
+        receive(saved.input, previous, tag(index, whole_chunk, false));
+        saved.input.requires_grad_(true);
+        inputs.hidden_states = saved.input;
       }
-      loss = loss * (static_cast<double>(local_labelled) / static_cast<double>(std::max<std::int64_t>(1, labelled)));
-      if (outputs.aux_loss.defined()) loss = loss + outputs.aux_loss.to(loss.scalar_type()) / accumulation;
     }
-    // Text-only samples while only the vision side trains: nothing to differentiate.
-    if (index + 1 == batches.size()) {  // the step's last backward pass
-      if (buckets_) buckets_->arm();
-      if (expert_buckets_) expert_buckets_->arm();
+    auto scope = precision_.enter_forward(context_);
+    BackboneOutputs outputs = model_.forward(inputs);
+    if (!last) {
+      saved.output = outputs.logits;
+      const at::Tensor expected = model_.empty_hidden_states(batch.input_ids.size(0), batch.input_ids.size(1));
+      if (saved.output.sizes() != expected.sizes() || saved.output.scalar_type() != expected.scalar_type()) {
+        throw Error("pipeline chunk " + std::to_string(whole_chunk) + " returned hidden states of shape " +
+                    c10::str(saved.output.sizes()) + " (" + c10::toString(saved.output.scalar_type()) +
+                    "); the next stage expects " + c10::str(expected.sizes()) + " (" +
+                    c10::toString(expected.scalar_type()) + ")");
+      }
+      send(saved.output, next, tag(index, whole_chunk + 1, false));
+      return 0;
     }
-    if (loss.requires_grad()) loss.backward();
+    at::Tensor loss;
+    if (local_labelled == 0) {  // none of this micro-batch's labels lie in this rank's part
+      loss = outputs.logits.sum() * 0.0;
+    } else {
+      loss = tensor_parallel ? labelled_lm_loss(outputs.logits, positions, context_.groups.tensor, vocabulary.start,
+                                                model_.backbone().vocab_size())
+                             : labelled_lm_loss(outputs.logits, positions);
+    }
+    loss = loss * (static_cast<double>(local_labelled) / static_cast<double>(std::max<std::int64_t>(1, labelled)));
+    if (outputs.aux_loss.defined()) loss = loss + outputs.aux_loss.to(loss.scalar_type()) / accumulation;
+    saved.output = loss;
+    return loss.item<double>();
+  };
+  auto backward = [&](std::int64_t chunk, std::size_t index) {
+    if (batches[index].labelled_tokens == 0) return;
+    const std::int64_t whole_chunk = chunk * stages + stage;
+    const bool first = whole_chunk == 0, last = whole_chunk == total_chunks - 1;
+    Activations saved = std::move(activations.at({chunk, index}));
+    activations.erase({chunk, index});
+    if (last) {
+      // Text-only samples while only the vision side trains: nothing to differentiate.
+      if (saved.output.requires_grad()) saved.output.backward();
+    } else {
+      at::Tensor gradient = at::empty_like(saved.output, at::MemoryFormat::Contiguous);
+      receive(gradient, next, tag(index, whole_chunk, true));
+      if (saved.output.requires_grad()) torch::autograd::backward({saved.output}, {gradient});
+    }
+    if (!first) {
+      const at::Tensor& gradient = saved.input.grad();
+      send(gradient.defined() ? gradient : at::zeros_like(saved.input), previous, tag(index, whole_chunk - 1, true));
+    }
     if (main_copies_) {  // O2: accumulate in fp32 (Megatron's main_grad), not in the bf16 .grad
       at::NoGradGuard no_grad;
       for (auto& t : trained_) {
@@ -227,10 +379,42 @@ StepReport Trainer::train_step(const std::vector<TrainingBatch>& batches) {
         t.param.mutable_grad().reset();
       }
     }
-    return loss.item<double>();
   };
   const std::string at_step = options_.title + ": step " + std::to_string(step_ + 1) + ": ";
-  report.loss = schedule_->run(batches.size(), forward_backward);
+  const std::vector<ScheduledPass> passes = schedule_->order(batches.size());
+  std::size_t last_backward = passes.size();
+  for (std::size_t k = 0; k < passes.size(); ++k) {
+    if (!passes[k].forward) last_backward = k;
+  }
+  for (std::size_t k = 0; k < passes.size(); ++k) {
+    const ScheduledPass& pass = passes[k];
+    if (pass.micro_batch >= batches.size() || pass.chunk < 0 || pass.chunk >= model_.pipeline_chunks()) {
+      throw Error(options_.title + ": the schedule asked for micro-batch " + std::to_string(pass.micro_batch) +
+                  " of chunk " + std::to_string(pass.chunk) + "; the step has " + std::to_string(batches.size()) +
+                  " micro-batches and this rank " + std::to_string(model_.pipeline_chunks()) + " chunks");
+    }
+    // The schedule's timeline in a profile trace (trainer.profile): one user scope per pass, named
+    // after it, on each rank's trace (receives inside it show as "pipeline receive").
+    RECORD_USER_SCOPE(std::string(pass.forward ? "forward" : "backward") + " chunk " +
+                      std::to_string(pass.chunk * stages + stage) + " micro-batch " + std::to_string(pass.micro_batch));
+    if (pass.forward) {
+      report.loss += forward(pass.chunk, pass.micro_batch);
+      continue;
+    }
+    if (k == last_backward) {  // the step's last backward pass on this rank
+      if (buckets_) buckets_->arm();
+      if (expert_buckets_) expert_buckets_->arm();
+    }
+    backward(pass.chunk, pass.micro_batch);
+  }
+  flush();
+  for (auto& work : sends) work.wait(options_.collective_timeout);
+  sends.clear();
+  in_transit.clear();
+  if (!activations.empty()) {
+    throw Error(options_.title + ": the schedule left " + std::to_string(activations.size()) +
+                " forward pass(es) without their backward pass");
+  }
   if (labelled == 0) throw Error(at_step + "the global batch holds no labelled token");
   // Data parallelism's reduction first — on the data-parallel group right after the backward pass,
   // whose gradient buckets every replica finishes in the same order before any other collective
@@ -247,8 +431,22 @@ StepReport Trainer::train_step(const std::vector<TrainingBatch>& batches) {
   } else {
     finalize_tensor_parallel_gradients(trained_, context_.groups.tensor);
   }
+  // Tied embeddings under pipeline parallelism: the first stage's embedding and the last stage's
+  // LM head are one tensor held twice; each copy takes the sum of both gradients (Megatron's
+  // _allreduce_embedding_grads), so that they stay equal.
+  for (std::size_t i : tied_embeddings_) {
+    TrainedTensor& t = trained_[i];
+    if (!t.main.grad().defined()) t.main.mutable_grad() = at::zeros_like(t.main);
+    at::Tensor gradient = t.main.mutable_grad();
+    context_.groups.embedding->all_reduce(gradient).wait(options_.collective_timeout);
+  }
   if (gradients_ready) gradients_ready(trained_);
   // The replicas' (and, with context parallelism, the sequence parts') shares of the global loss.
+  if (stages > 1) {  // the last stage's (the others add 0)
+    at::Tensor loss = at::tensor({report.loss}, at::TensorOptions(at::kDouble).device(context_.device));
+    pipeline->all_reduce(loss).wait(options_.collective_timeout);
+    report.loss = loss.item<double>();
+  }
   const std::shared_ptr<ProcessGroup>& shares = context_parallel ? context_.groups.data_and_context : replicas;
   if (group_size(shares) > 1) {
     at::Tensor loss = at::tensor({report.loss}, at::TensorOptions(at::kDouble).device(context_.device));
@@ -273,8 +471,9 @@ StepReport Trainer::train_step(const std::vector<TrainingBatch>& batches) {
   report.lr = learning_rate(options_.optim, step_);
   if (!report.skipped) {
     const GradientNorm norm =
-        distributed_ ? distributed_->gradient_norm(options_.optim.clip_grad, norm_weights_, context_.groups.tensor)
-                     : gradient_norm(mains_, options_.optim.clip_grad, norm_weights_, norm_group_);
+        distributed_ ? distributed_->gradient_norm(options_.optim.clip_grad, norm_weights_,
+                                                   {context_.groups.tensor, context_.groups.pipeline})
+                     : gradient_norm(mains_, options_.optim.clip_grad, norm_weights_, norm_groups_);
     report.grad_norm = norm.norm;
     if (!std::isfinite(report.grad_norm)) {
       throw Error(at_step + "the gradient norm is " +
@@ -359,6 +558,11 @@ Trainer::State Trainer::gather_state() const {
       for (auto& entry : nn::gather_experts(*list, context_.groups.expert)) whole.push_back(std::move(entry));
       *list = std::move(whole);
     }
+  }
+  // Pipeline parallelism: every stage's tensors, on the first stage.
+  if (group_size(context_.groups.pipeline) > 1) {
+    state.weights = nn::gather_pipeline_stages(state.weights, context_.groups.pipeline);
+    state.moments = nn::gather_pipeline_stages(state.moments, context_.groups.pipeline);
   }
   state.moments.emplace_back("rng.cpu", context_.generator.get_state());
   if (!context_.device.is_cpu()) {

@@ -123,6 +123,9 @@ struct ModelConfig {            // model
   std::int64_t encoder_seq_length = 2048;  // longest training sample (tokens, image tokens included)
   // Under tensor parallelism the vocabulary is padded to a multiple of this x tensor_model_parallel_size.
   std::int64_t make_vocab_size_divisible_by = 128;
+  // Pipeline parallelism: the decoder layers of each pipeline chunk, in pipeline order
+  // (pipeline_model_parallel_size x virtual_pipeline_model_parallel_size entries); empty: even.
+  std::vector<std::int64_t> pipeline_layer_split;
   ActivationCheckpointConfig activations_checkpoint;
   OptimizerConfig optim;        // model.optim (+ .sched); max_steps and clipping from trainer
   DataConfig data;

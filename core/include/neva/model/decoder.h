@@ -39,6 +39,23 @@ struct DecoderConfig {
 
 class DecoderModel;  // model.*: embed_tokens, layers, norm
 
+// Which parts of a decoder of `num_layers` layers a pipeline rank holds (groups.pipeline of p ranks,
+// context.virtual_pipeline_chunks = v chunks each): pipeline chunk c = v' x p + rank for each of this
+// rank's v' < v, with the layers context.pipeline_layer_split gives it (default: an even split).
+// The first chunk has the token embedding, the last the final norm and the LM head (and, with tied
+// embeddings, a copy of the embedding, its gradient summed with the first's over groups.embedding).
+struct PipelinePlacement {
+  struct Chunk {
+    std::int64_t index = 0;                    // in the whole pipeline
+    std::int64_t first_layer = 0, end_layer = 0;
+  };
+  std::vector<Chunk> chunks;  // this rank's, in order
+  std::int64_t total_chunks = 1;
+  bool first_stage = true, last_stage = true;
+};
+// Throws naming the keys when the layers do not split into the chunks.
+NEVA_API PipelinePlacement pipeline_placement(const RuntimeContext& context, std::int64_t num_layers);
+
 class NEVA_API DecoderBackbone : public LanguageBackbone {
  public:
   DecoderBackbone(const DecoderConfig& config, const RuntimeContext& context);
@@ -51,6 +68,12 @@ class NEVA_API DecoderBackbone : public LanguageBackbone {
   std::int64_t hidden_size() const override { return config_.hidden_size; }
   std::int64_t vocab_size() const override { return config_.vocab_size; }
   std::int64_t max_position_embeddings() const override { return config_.rope.max_position_embeddings; }
+  const PipelinePlacement& placement() const { return placement_; }
+  bool tied_embeddings() const { return config_.tie_word_embeddings; }
+  // Pipeline parallelism: the shape of the hidden states passed between chunks for `batch` sequences
+  // of `sequence_length` positions (this rank's part of them under sequence or context parallelism,
+  // padded as the layers hold it): what a stage receives without being told.
+  std::vector<std::int64_t> pipeline_hidden_shape(std::int64_t batch, std::int64_t sequence_length) const;
 
   // Loads a checkpoint in CausalLM names or a llava-hf text model (hub, nested or transformers 5
   // layouts), strictly; `what` names the architecture in errors.
@@ -62,6 +85,7 @@ class NEVA_API DecoderBackbone : public LanguageBackbone {
   RotaryEmbedding rotary_;
   nn::TensorParallelRegion region_;
   nn::VocabularyShard vocabulary_;  // this rank's rows of the (padded) vocabulary
+  PipelinePlacement placement_;
   std::shared_ptr<DecoderModel> model_;
   nn::Linear lm_head_;
 };

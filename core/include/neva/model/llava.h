@@ -15,6 +15,8 @@
 
 namespace neva {
 
+class ProcessGroup;
+
 struct MultimodalInputs {
   at::Tensor input_ids;       // [batch, seq] int64, with image_token_id placeholders
   at::Tensor pixel_values;    // optional [images, 3, H, W], in placeholder order across the batch
@@ -25,6 +27,12 @@ struct MultimodalInputs {
   KVCache* cache = nullptr;
   at::Tensor logits_mask;     // optional [batch, seq] bool: logits only there (BackboneInputs::logits_mask)
   bool vocab_parallel_logits = false;  // BackboneInputs::vocab_parallel_logits
+  // Pipeline parallelism: -1 runs the whole model (generation and scoring: every stage calls it, the
+  // hidden states travel from stage to stage and every stage returns the last's logits); a chunk
+  // index runs that chunk of this rank only (a training schedule), on `hidden_states` unless it is
+  // the pipeline's first chunk.
+  std::int64_t pipeline_chunk = -1;
+  at::Tensor hidden_states;
 };
 
 class NEVA_API LlavaModel {
@@ -47,6 +55,15 @@ class NEVA_API LlavaModel {
   VisionEncoder* encoder() const { return encoder_.get(); }
   Connector* connector() const { return connector_.get(); }
   LanguageBackbone& backbone() const { return *backbone_; }
+  // Pipeline parallelism: the group of the stages and this rank's chunks (build_model sets them).
+  void set_pipeline(std::shared_ptr<ProcessGroup> pipeline, std::int64_t chunks, std::int64_t total_chunks);
+  std::int64_t pipeline_chunks() const { return chunks_; }
+  // Whether chunk `chunk` of this rank is the pipeline's first / last.
+  bool first_chunk(std::int64_t chunk) const;
+  bool last_chunk(std::int64_t chunk) const;
+  // What a chunk after the first receives for `batch` sequences of `sequence_length` tokens (the
+  // input ids' shape): an uninitialised tensor of the hidden states' shape, dtype and device.
+  at::Tensor empty_hidden_states(std::int64_t batch, std::int64_t sequence_length) const;
 
  private:
   std::shared_ptr<VisionEncoder> encoder_;
@@ -56,6 +73,12 @@ class NEVA_API LlavaModel {
   // Where the weights live (the plugins build them on the context's device): inputs built on the
   // CPU are moved there by forward. Found once here, not by walking the parameters every call.
   at::Device device_ = at::kCPU;
+  std::shared_ptr<ProcessGroup> pipeline_;  // null: no pipeline parallelism
+  std::int64_t chunks_ = 1, total_chunks_ = 1;
+  at::ScalarType hidden_dtype_ = at::kFloat;
+  static constexpr int kInferenceTag = 1 << 20;  // point-to-point tags of forward_pipelined
+  BackboneOutputs forward_chunk(const MultimodalInputs& inputs, std::int64_t chunk);
+  BackboneOutputs forward_pipelined(const MultimodalInputs& inputs);
 };
 
 }  // namespace neva

@@ -87,6 +87,11 @@ NEVA_API std::vector<std::pair<std::string, at::Tensor>> whole_parameters(
 // collective over the group.
 NEVA_API std::vector<std::pair<std::string, at::Tensor>> gather_experts(
     const std::vector<std::pair<std::string, at::Tensor>>& local, const std::shared_ptr<ProcessGroup>& expert_group);
+// Pipeline parallelism: every stage's named tensors on the group's first rank — its own, then each
+// later stage's whose names it has not seen (the last stage's copy of tied embeddings is dropped) —
+// sent to it point to point; the other ranks get their own back. A collective over `pipeline_group`.
+NEVA_API std::vector<std::pair<std::string, at::Tensor>> gather_pipeline_stages(
+    const std::vector<std::pair<std::string, at::Tensor>>& local, const std::shared_ptr<ProcessGroup>& pipeline_group);
 // The expert index a name holds (".experts.<index>."), or -1.
 NEVA_API std::int64_t expert_index(const std::string& name);
 // The whole tensor's shape.

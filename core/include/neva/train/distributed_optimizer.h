@@ -41,9 +41,9 @@ class NEVA_API DistributedOptimizer {
   // Tensor parallelism's fix-up (finalize_tensor_parallel_gradients) on this rank's shares.
   void finalize_tensor_parallel(const std::shared_ptr<ProcessGroup>& tensor_group);
   // The whole model's gradient norm: each piece's square with its parameter's weight (see
-  // gradient_norm), summed over the data-parallel and tensor-parallel groups.
+  // gradient_norm), summed over the data-parallel group and then over `model_groups` (tensor, pipeline).
   GradientNorm gradient_norm(double max_norm, const std::vector<double>& weights,
-                             const std::shared_ptr<ProcessGroup>& tensor_group) const;
+                             const std::vector<std::shared_ptr<ProcessGroup>>& model_groups) const;
   // One AdamW step of this rank's shares at `lr`, the gradients multiplied by `gradient_scale`
   // (clipping), then every parameter all-gathered from the ranks that updated its pieces.
   void step(double lr, double gradient_scale);

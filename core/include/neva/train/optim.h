@@ -57,12 +57,13 @@ struct GradientNorm {
 };
 NEVA_API GradientNorm gradient_norm(const std::vector<at::Tensor>& parameters, double max_norm);
 class ProcessGroup;
-// The same over a model split across `group` (tensor parallelism): each parameter's square counted
-// with its weight (1 for a shard only this rank holds, 1/n for one n ranks hold, 0 for a copy
-// another rank counts; Megatron's param_is_not_tensor_parallel_duplicate) and summed over the group.
-// A collective: every rank of the group calls it.
+// The same over a model split across `groups` (tensor, expert, pipeline parallelism: axes of one
+// grid, summed over one after the other): each parameter's square counted with its weight (1 for a
+// shard only this rank holds, 1/n for one n ranks hold, 0 for a copy another rank counts;
+// Megatron's param_is_not_tensor_parallel_duplicate). A collective: every rank of the groups calls it.
 NEVA_API GradientNorm gradient_norm(const std::vector<at::Tensor>& parameters, double max_norm,
-                                    const std::vector<double>& weights, const std::shared_ptr<ProcessGroup>& group);
+                                    const std::vector<double>& weights,
+                                    const std::vector<std::shared_ptr<ProcessGroup>>& groups);
 // optimizer.step() with every gradient multiplied by `gradient_scale` first: with gradient_norm's
 // clip_scale, clip_grad_norm_ then step(). For an optimizer from make_adamw the scaling is done
 // inside the fused update (the gradients are left scaled, as clip_grad_norm_ leaves them), saving

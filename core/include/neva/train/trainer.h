@@ -36,20 +36,34 @@ namespace neva {
 class Trainer;
 class ProcessGroup;
 
-// Which micro-batch runs forward and backward when, within one optimizer step. The sequential
-// schedule runs them one after the other (gradient accumulation; one micro-batch: a plain step);
-// a pipeline schedule (1F1B) interleaves them across stages.
+// One forward or backward pass of one micro-batch through one of this rank's model chunks.
+struct ScheduledPass {
+  bool forward = true;
+  std::int64_t chunk = 0;  // this rank's chunk (pipeline parallelism with interleaving: 0 .. v - 1)
+  std::size_t micro_batch = 0;
+};
+
+// Which micro-batch runs forward and backward when, within one optimizer step, on this rank. The
+// sequential schedule runs them one after the other (gradient accumulation; one micro-batch: a
+// plain step); a pipeline schedule (1F1B, interleaved 1F1B) interleaves them across stages. The
+// trainer runs the passes in order; a forward pass of a chunk after the pipeline's first receives
+// its input from the previous stage, a backward pass of one before the last its gradient.
 class NEVA_API Schedule {
  public:
   virtual ~Schedule();
-  // Calls `forward_backward(i)` for every micro-batch i of the step; returns the sum of what they returned.
-  virtual double run(std::size_t micro_batches, const std::function<double(std::size_t)>& forward_backward) const = 0;
+  // Every micro-batch's forward pass before its backward pass, each chunk's exactly once.
+  virtual std::vector<ScheduledPass> order(std::size_t micro_batches) const = 0;
 };
 NEVA_API std::unique_ptr<Schedule> sequential_schedule();
+// Megatron-core's schedules for rank `rank` of `stages` pipeline stages holding `chunks` model
+// chunks each: with one chunk, 1F1B (forward_backward_pipelining_without_interleaving: p - r - 1
+// warm-up forward passes, then one forward and one backward, then the remaining backward passes);
+// with more, the interleaved 1F1B (forward_backward_pipelining_with_interleaving), which needs the
+// micro-batches to come in multiples of `stages` (order() throws otherwise).
+NEVA_API std::unique_ptr<Schedule> pipeline_schedule(int stages, int rank, std::int64_t chunks);
 // The schedule the parallel layout calls for, as Megatron-core's get_forward_backward_func picks
-// it from the pipeline size: sequential without pipeline parallelism. A pipeline group of more than
-// one rank is refused (no 1F1B schedule yet) rather than run as if it were one stage.
-NEVA_API std::unique_ptr<Schedule> schedule_for(const ParallelGroups& groups);
+// it: sequential without pipeline parallelism, pipeline_schedule over groups.pipeline with it.
+NEVA_API std::unique_ptr<Schedule> schedule_for(const ParallelGroups& groups, std::int64_t virtual_chunks = 1);
 
 struct TrainerOptions {
   OptimizerConfig optim;       // AdamW, the learning-rate schedule, clipping
@@ -161,7 +175,8 @@ class NEVA_API Trainer {
   std::unique_ptr<torch::optim::AdamW> optimizer_;
   std::unique_ptr<GradientBuckets> buckets_;  // data parallelism
   std::unique_ptr<GradientBuckets> expert_buckets_;  // expert parallelism: experts over the expert-data group
-  std::shared_ptr<ProcessGroup> norm_group_;  // what the gradient norm sums over
+  std::vector<std::shared_ptr<ProcessGroup>> norm_groups_;  // what the gradient norm sums over
+  std::vector<std::size_t> tied_embeddings_;  // trained tensors whose gradients sum over groups.embedding
   std::unique_ptr<DistributedOptimizer> distributed_;  // ZeRO-1 (instead of optimizer_)
   LossSpikeGuard guard_;
   std::int64_t step_ = 0;
