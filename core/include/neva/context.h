@@ -78,7 +78,7 @@ struct RuntimeContext {
   // Under tensor parallelism a vocabulary is padded to a multiple of this x the group's size
   // (Megatron's make_vocab_size_divisible_by); the padding rows take no part in any result.
   std::int64_t make_vocab_size_divisible_by = 128;
-  // Pipeline parallelism (groups.pipeline of p ranks): each rank holds this many model chunks
+  // Appended in plugin ABI 2.3. Pipeline parallelism (groups.pipeline of p ranks): each rank holds this many model chunks
   // (Megatron's virtual_pipeline_model_parallel_size; chunk c of rank r is the pipeline's chunk
   // c x p + r), and the decoder layers of each of the p x chunks pipeline chunks (empty: split evenly).
   std::int64_t virtual_pipeline_chunks = 1;

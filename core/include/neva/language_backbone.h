@@ -37,7 +37,7 @@ struct BackboneInputs {
   // [rank x V'/tp, (rank + 1) x V'/tp) of the padded vocabulary V') instead of gathering every
   // rank's: what a vocabulary-parallel loss takes. Ignored without tensor parallelism.
   bool vocab_parallel_logits = false;
-  // Pipeline parallelism (plugin ABI 2.2): which of this rank's model chunks runs, and — for every
+  // Pipeline parallelism (plugin ABI 2.3): which of this rank's model chunks runs, and — for every
   // chunk but the pipeline's first, whose `embeddings` are the previous chunk's output — the length
   // of the whole sequence. A chunk other than the pipeline's last returns its hidden states in
   // BackboneOutputs::logits, for the next.

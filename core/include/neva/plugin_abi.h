@@ -15,6 +15,8 @@
 //   2.2: tensor and sequence parallelism: RuntimeContext::sequence_parallel and
 //   ::make_vocab_size_divisible_by, ParameterSharding::logical_size and ::tensor_parallel_replicas,
 //   BackboneInputs::vocab_parallel_logits (all appended).
+//   2.3: pipeline parallelism: RuntimeContext::virtual_pipeline_chunks and ::pipeline_layer_split,
+//   BackboneInputs::pipeline_chunk and ::sequence_length (all appended).
 //
 // Plugins must build against the same LibTorch as the host (checked through torch_version), link
 // libneva_core, use hidden visibility, and register no operators statically (no TORCH_LIBRARY).
@@ -29,7 +31,7 @@
 namespace neva {
 
 inline constexpr std::uint32_t kPluginAbiMajor = 2;
-inline constexpr std::uint32_t kPluginAbiMinor = 2;
+inline constexpr std::uint32_t kPluginAbiMinor = 3;
 inline constexpr const char* kPluginEntrySymbol = "neva_plugin";
 
 struct PluginAbiVersion {
