@@ -2,15 +2,19 @@
 # Training across processes on one machine: the same global batch of configs/bench/train.toml (NeVA
 # stage 2, Llama-shaped ~134M decoder trained, CLIP ViT-B/32-shaped tower frozen, over the demo's
 # data) as one process, and as two processes data-parallel (DP2, DP2 with ZeRO-1), tensor-parallel
-# (TP2), tensor + sequence parallel (TP2+SP) and context-parallel (CP2); and with a Mixtral-shaped
+# (TP2), tensor + sequence parallel (TP2+SP), context-parallel (CP2) and pipeline-parallel (PP2 with
+# 1F1B over 4 micro-batches of 1, PP2 interleaved with 2 chunks per stage); and with a Mixtral-shaped
 # ~100M decoder (configs/bench/models/mixtral-train-bench: 8 experts) as one process (1-moe) and
 # expert-parallel (EP2). For each: tokens/s (median over the steps after the
 # first two), the share of a step this rank spent blocked in collectives (metrics.jsonl
 # "communication" seconds over step_seconds), the bytes each group moved per step, optimizer state and
-# peak resident memory per rank. Run after scripts/setup.sh; figures go to docs/benchmarks.md.
+# peak resident memory per rank; for the pipelines, the bubble stage 0 measured (its time blocked on
+# the pipeline group over the rest of its step) beside Megatron's (p - 1) / (v m). Run after
+# scripts/setup.sh; figures go to docs/benchmarks.md.
 #   scripts/bench_parallel.sh [STEPS]
 # The threads are shared fairly: one process gets all cores, each of two processes half of them
-# (OMP_NUM_THREADS). BENCH_LAYOUTS="1 tp2" runs only those of: 1 dp2 dp2-zero tp2 tp2-sp cp2 1-moe ep2.
+# (OMP_NUM_THREADS). BENCH_LAYOUTS="1 tp2" runs only those of: 1 dp2 dp2-zero tp2 tp2-sp cp2 pp2 pp2-v2
+# 1-moe ep2.
 # On a GPU machine, BENCH_DEVICE=cuda runs the same layouts on NCCL (one GPU per process).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -37,7 +41,8 @@ run() {  # run LAYOUT PROCESSES ARGS...
     "$bin/neva-run" "${launch[@]}" "$root/configs/bench/train.toml" "${common[@]}" \
     --set exp_manager.explicit_log_dir="$dir" "$@" > "$work/runs/$layout.out" 2>&1
 }
-for layout in ${BENCH_LAYOUTS:-1 dp2 dp2-zero tp2 tp2-sp cp2 1-moe ep2}; do
+all_layouts="1 dp2 dp2-zero tp2 tp2-sp cp2 pp2 pp2-v2 1-moe ep2"
+for layout in ${BENCH_LAYOUTS:-$all_layouts}; do
   case "$layout" in
     1) run 1 1 --set model.micro_batch_size=4 ;;
     dp2) run dp2 2 --set model.micro_batch_size=2 ;;
@@ -46,12 +51,15 @@ for layout in ${BENCH_LAYOUTS:-1 dp2 dp2-zero tp2 tp2-sp cp2 1-moe ep2}; do
     tp2-sp) run tp2-sp 2 --set model.micro_batch_size=4 --set model.tensor_model_parallel_size=2 \
               --set model.sequence_parallel=true ;;
     cp2) run cp2 2 --set model.micro_batch_size=4 --set model.context_parallel_size=2 ;;
+    pp2) run pp2 2 --set model.micro_batch_size=1 --set model.pipeline_model_parallel_size=2 ;;
+    pp2-v2) run pp2-v2 2 --set model.micro_batch_size=1 --set model.pipeline_model_parallel_size=2 \
+              --set model.virtual_pipeline_model_parallel_size=2 ;;
     1-moe) run 1-moe 1 --set model.micro_batch_size=4 "${moe[@]}" ;;
     ep2) run ep2 2 --set model.micro_batch_size=2 --set model.expert_model_parallel_size=2 "${moe[@]}" ;;
-    *) echo "unknown layout $layout (expected 1, dp2, dp2-zero, tp2, tp2-sp, cp2, 1-moe, ep2)" >&2; exit 2 ;;
+    *) echo "unknown layout $layout (expected one of: $all_layouts)" >&2; exit 2 ;;
   esac
 done
-"$root/.venv/bin/python" - "$work/runs" ${BENCH_LAYOUTS:-1 dp2 dp2-zero tp2 tp2-sp cp2 1-moe ep2} <<'PY'
+"$root/.venv/bin/python" - "$work/runs" ${BENCH_LAYOUTS:-$all_layouts} <<'PY'
 import glob, json, os, re, statistics, sys
 runs, layouts = sys.argv[1], sys.argv[2:]
 print("| layout | tokens/s | vs 1 process | blocked in collectives | bytes per step (rank 0) | optimizer state per rank | peak RSS per rank |")
@@ -78,4 +86,19 @@ for layout in layouts:
     if not rss: rss = [lines[-1]["peak_rss_mib"]]
     print(f"| {layout} | {tps:.0f} | {tps / base:.2f} | {100 * blocked:.0f}% | {moved} | "
           f"{lines[-1]['optimizer_state_mib']:.0f} MiB | {' / '.join(f'{r:.0f}' for r in rss)} MiB |")
+pipelines = [l for l in layouts if l.startswith("pp")]
+if pipelines:
+    print()
+    print("| layout | stages p | chunks v | micro-batches m | stage 0 blocked / its work (measured bubble) | (p - 1) / (v m) |")
+    print("|---|---|---|---|---|---|")
+for layout in pipelines:
+    lines = [json.loads(l) for l in open(os.path.join(runs, layout, "metrics.jsonl"))][2:]
+    p = lines[-1]["pipeline_model_parallel_size"]
+    v = 2 if layout.endswith("-v2") else 1
+    m = round(lines[-1]["samples"] / lines[-1]["data_parallel_size"])  # micro-batches of one sample
+    waits = []
+    for l in lines:
+        blocked = sum(op["seconds"] for op in l["communication"].get("pipeline", {}).values())
+        waits.append(blocked / (l["forward_backward_seconds"] - blocked))
+    print(f"| {layout} | {p} | {v} | {m} | {100 * statistics.median(waits):.0f}% | {100 * (p - 1) / (v * m):.0f}% |")
 PY
