@@ -21,6 +21,7 @@
 #include "neva/error.h"
 #include "neva/model/decoder.h"
 #include "neva/nn/linear.h"
+#include "neva/nn/mlp.h"
 #include "neva/nn/module.h"
 #include "test_support.h"
 #include "tiny_decoder.h"
@@ -212,4 +213,82 @@ TEST_CASE("tensor parallelism: heads split whole, KV heads fewer than the ranks 
   CHECK(torch::equal(neva::nn::shard_of(whole, shared, 3, 4, 5), whole.narrow(0, 5, 5)));
   CHECK(neva::nn::whole_shape(last, padded, 3) == std::vector<std::int64_t>{10, 3});
   CHECK(neva::nn::whole_shape(neva::nn::shard_of(whole, shared, 0, 4, 5), shared, 4) == std::vector<std::int64_t>{10, 3});
+}
+
+TEST_CASE("MoE token dropping: Megatron's capacity ceil(tokens x top_k / experts x factor), by probability or position") {
+  // A naive reference in the test: every expert's assignments listed, sorted by the policy, cut at
+  // the capacity; each token's output the weighted sum of its kept experts' outputs (weights as
+  // routed, not renormalised), as megatron.core's topk_softmax_with_capacity + the dispatcher.
+  const std::int64_t hidden = 8, experts = 4, top_k = 2, tokens = 10;
+  neva::RuntimeContext context = neva::RuntimeContext::seeded(21);
+  neva::SparseMoE moe(context, hidden, 16, experts, top_k, "silu");
+  moe.to(at::kDouble);
+  const at::Tensor x = at::randn({1, tokens, hidden}, neva::make_generator(5), at::kDouble);
+  std::map<std::string, at::Tensor> parameters;
+  for (const auto& item : moe.named_parameters()) parameters[item.key()] = item.value();
+  std::map<std::int64_t, std::shared_ptr<neva::GatedMLP>> expert_modules;
+  for (const auto& item : moe.named_modules("", /*include_self=*/false)) {
+    const std::string prefix = "experts.";
+    if (item.key().rfind(prefix, 0) == 0 && item.key().find('.', prefix.size()) == std::string::npos) {
+      expert_modules[std::stoll(item.key().substr(prefix.size()))] = std::dynamic_pointer_cast<neva::GatedMLP>(item.value());
+    }
+  }
+  REQUIRE(expert_modules.size() == static_cast<std::size_t>(experts));
+  auto reference = [&](double factor, bool by_probability, std::int64_t* dropped) {
+    at::NoGradGuard no_grad;
+    const at::Tensor flat = x.reshape({tokens, hidden});
+    // The routing softmax in fp32, as transformers' Mixtral computes it.
+    const at::Tensor probabilities = at::linear(flat, parameters.at("gate.weight")).softmax(-1, at::kFloat);
+    const auto routed = probabilities.topk(top_k, -1);
+    const at::Tensor selected = std::get<1>(routed);
+    const at::Tensor weights = (std::get<0>(routed) / std::get<0>(routed).sum(-1, true)).to(at::kDouble);
+    const auto capacity = static_cast<std::size_t>(std::ceil(double(tokens * top_k) / double(experts) * factor));
+    at::Tensor out = at::zeros_like(flat);
+    *dropped = 0;
+    for (std::int64_t e = 0; e < experts; ++e) {
+      std::vector<std::pair<std::int64_t, std::int64_t>> mine;  // (token, slot), token-major
+      for (std::int64_t t = 0; t < tokens; ++t) {
+        for (std::int64_t s = 0; s < top_k; ++s) {
+          if (selected[t][s].item<std::int64_t>() == e) mine.emplace_back(t, s);
+        }
+      }
+      if (by_probability) {
+        std::stable_sort(mine.begin(), mine.end(), [&](const std::pair<std::int64_t, std::int64_t>& a, const std::pair<std::int64_t, std::int64_t>& b) {
+          return weights[a.first][a.second].item<double>() > weights[b.first][b.second].item<double>();
+        });
+      }
+      if (mine.size() > capacity) {
+        *dropped += static_cast<std::int64_t>(mine.size() - capacity);
+        mine.resize(capacity);
+      }
+      for (const auto& [t, s] : mine) {
+        out[t] += weights[t][s] * expert_modules.at(e)->forward(flat[t].unsqueeze(0))[0];
+      }
+    }
+    return out.reshape({1, tokens, hidden});
+  };
+  for (const double factor : {0.5, 0.75, 100.0}) {
+    for (const std::string policy : {"probs", "position"}) {
+      CAPTURE(factor);
+      CAPTURE(policy);
+      moe.set_capacity(factor, policy);
+      std::int64_t expected_dropped = 0;
+      const at::Tensor expected = reference(factor, policy == "probs", &expected_dropped);
+      const at::Tensor got = moe.forward(x);
+      CHECK((got - expected).abs().max().item<double>() < 1e-12);
+      CHECK(moe.take_dropped() == expected_dropped);
+      CHECK(moe.take_dropped() == 0);  // taken
+      if (factor == 0.5) CHECK(expected_dropped > 0);
+      if (factor == 100.0) CHECK(expected_dropped == 0);
+    }
+  }
+  {  // The two policies keep different assignments here (the test tells them apart).
+    std::int64_t a = 0, b = 0;
+    CHECK((reference(0.5, true, &a) - reference(0.5, false, &b)).abs().max().item<double>() > 1e-3);
+  }
+  // Dropless (the default): every assignment runs.
+  moe.set_capacity(0, "probs");
+  std::int64_t none = 0;
+  CHECK((moe.forward(x) - reference(1e9, true, &none)).abs().max().item<double>() < 1e-12);
+  CHECK_THROWS_WITH_AS(moe.set_capacity(1.0, "random"), doctest::Contains("\"probs\" or \"position\""), neva::Error);
 }

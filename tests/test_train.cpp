@@ -896,6 +896,28 @@ TEST_CASE("expert parallelism under torchrun: a Mixtral over EP2 trains what one
   auto dense = launch(ws.train_arguments("dense", sizes + " --set model.expert_model_parallel_size=2"));
   CHECK(dense.exit_code != 0);
   CHECK(contains(dense.err, "expert_model_parallel_size = 2 needs a mixture-of-experts language model"));
+  // Token dropping (moe_expert_capacity_factor = 0.5: at most half of the even share per expert):
+  // one process and EP2 train, and each step's metrics count the assignments dropped (all ranks').
+  const std::string dropping = " --set trainer.max_steps=2 --set model.micro_batch_size=1 --set model.global_batch_size=4"
+                               " --set model.mm_cfg.llm.moe_expert_capacity_factor=0.5";
+  for (const std::string layout : {"one", "ep2"}) {
+    const std::string run = "dropping-" + layout;
+    auto dropped = layout == "one" ? neva_run(arguments(run, dropping))
+                                   : launch(arguments(run, dropping + " --set model.expert_model_parallel_size=2"));
+    REQUIRE_MESSAGE(dropped.exit_code == 0, dropped.err);
+    std::ifstream in(ws.root / run / "metrics.jsonl");
+    int steps = 0;
+    for (std::string line; std::getline(in, line); ++steps) {
+      const json item = json::parse(line);
+      REQUIRE(item.contains("moe_dropped_assignments"));
+      CHECK(item["moe_dropped_assignments"].get<std::int64_t>() > 0);
+    }
+    CHECK(steps == 2);
+  }
+  // Without experts there is nothing to drop: the key is refused.
+  auto no_experts = neva_run(ws.train_arguments("dense-drop", "--set model.mm_cfg.llm.moe_expert_capacity_factor=1.0"));
+  CHECK(no_experts.exit_code == 2);
+  CHECK(contains(no_experts.err, "model.mm_cfg.llm.moe_expert_capacity_factor: this Llama model has no experts"));
 }
 
 TEST_CASE("every recipe in configs/parallel trains two steps as four processes (neva-run --nproc-per-node 4)") {

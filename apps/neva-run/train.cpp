@@ -30,6 +30,7 @@
 #include <torch/csrc/distributed/c10d/Store.hpp>
 
 #include "neva/io/atomic_file.h"
+#include "neva/nn/mlp.h"
 #include "neva/nn/module.h"
 #include "neva/train/checkpoints.h"
 #include "neva/data/dataset.h"
@@ -520,6 +521,13 @@ TrainSummary train_replica(const Recipe& recipe, const std::string& title, const
                       [&](const fs::path& directory) { trainer.save(directory, positions, state); });
   };
 
+  // Token dropping (moe_expert_capacity_factor): the MoE layers that drop, whose counts each step
+  // reports, summed over every rank routing its own tokens (a tensor-parallel group routes the same).
+  std::vector<SparseMoE*> dropping;
+  for (const auto& module : model.backbone().modules(/*include_self=*/false)) {
+    auto* moe = dynamic_cast<SparseMoE*>(module.get());
+    if (moe && moe->capacity_factor() > 0) dropping.push_back(moe);
+  }
   const std::int64_t first_step = step;
   // Every rank traces its own work (a pipeline stage's passes, its waits): rank 0 into profile.json,
   // rank R into profile-rank-R.json.
@@ -572,6 +580,13 @@ TrainSummary train_replica(const Recipe& recipe, const std::string& title, const
       samples_all = sums[2].item<std::int64_t>();
       stop = static_cast<int>(signal.item<std::int64_t>());
     }
+    std::int64_t dropped = 0;
+    for (auto* moe : dropping) dropped += moe->take_dropped();
+    if (!dropping.empty() && everyone) {
+      at::Tensor count = at::tensor({dropped}, on_device);
+      everyone->all_reduce(count).wait(collective);
+      dropped = count.item<std::int64_t>() / group_size(context.groups.tensor);
+    }
     if (!report.skipped) last_loss = report.loss;
     const double seconds = std::chrono::duration<double>(Clock::now() - step_started).count();
     // This rank's collectives of the step, per group and operation (docs/parallelism.md compares
@@ -584,7 +599,7 @@ TrainSummary train_replica(const Recipe& recipe, const std::string& title, const
     }
     const double elapsed = std::chrono::duration<double>(Clock::now() - started).count();
     const double eta = (max_steps - step) * elapsed / static_cast<double>(std::max<std::int64_t>(1, step - first_step));
-    if (metrics) metrics->write({{"step", step},
+    json item = {{"step", step},
                    {"loss", report.loss},
                    {"lr", report.lr},
                    {"grad_norm", report.grad_norm},
@@ -606,7 +621,10 @@ TrainSummary train_replica(const Recipe& recipe, const std::string& title, const
                    {"skipped_batches", trainer.guard().skipped()},
                    {"peak_rss_mib", peak_rss_mib()},
                    {"optimizer_state_mib", static_cast<double>(trainer.optimizer_state_bytes()) / (1 << 20)},
-                   {"communication", communication}});
+                   {"communication", communication}};
+    // (token, expert) assignments over an expert's capacity, dropped this step.
+    if (!dropping.empty()) item["moe_dropped_assignments"] = dropped;
+    if (metrics) metrics->write(item);
     progress.update(step, report.loss, report.lr, report.grad_norm, tokens_all / seconds, eta);
     const bool exiting = recipe.trainer.exit_interval > 0 && step % recipe.trainer.exit_interval == 0;
     if (auto saved = profiler.after(step, step == max_steps || exiting)) progress.message(*saved);

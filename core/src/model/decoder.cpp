@@ -41,6 +41,7 @@ class DecoderLayer : public torch::nn::Module {
     if (config.mlp == "moe") {
       moe_ = std::make_shared<SparseMoE>(context, config.hidden_size, config.intermediate_size, config.num_experts,
                                          config.experts_per_token, config.activation);
+      moe_->set_capacity(config.moe_capacity_factor, config.moe_drop_policy);
       mlp_ = register_module("block_sparse_moe", moe_);
     } else if (config.mlp == "plain") {
       mlp_ = register_module("mlp", std::make_shared<PlainMLP>(context, config.hidden_size, config.intermediate_size,
@@ -454,6 +455,23 @@ DecoderPluginConfig* parse_decoder_plugin_config(const ConfigSection& section, c
     read(source.config, config->decoder);
   } catch (const Error& error) {
     section.fail(source.key, error.what());
+  }
+  // Token dropping for an MoE (Megatron / NeMo's keys; transformers' Mixtral is dropless).
+  if (auto factor = section.optional<double>("moe_expert_capacity_factor")) {
+    if (config->decoder.mlp != "moe") {
+      section.fail("moe_expert_capacity_factor", "this " + architecture + " model has no experts");
+    }
+    if (!(*factor > 0)) section.fail("moe_expert_capacity_factor", "expected a number > 0 (leave it out: dropless)");
+    config->decoder.moe_capacity_factor = *factor;
+  }
+  if (auto policy = section.optional<std::string>("moe_token_drop_policy")) {
+    if (*policy != "probs" && *policy != "position") {
+      section.fail("moe_token_drop_policy", "expected \"probs\" or \"position\", got \"" + *policy + "\"");
+    }
+    if (config->decoder.moe_capacity_factor == 0) {
+      section.fail("moe_token_drop_policy", "needs moe_expert_capacity_factor (without it nothing is dropped)");
+    }
+    config->decoder.moe_drop_policy = *policy;
   }
   config->weights = source.weights;
   config->hidden_size = config->decoder.hidden_size;

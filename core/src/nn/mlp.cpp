@@ -93,6 +93,17 @@ SparseMoE::SparseMoE(const RuntimeContext& context, std::int64_t hidden_size, st
 
 at::Tensor SparseMoE::forward(const at::Tensor& x) { return forward_with_router(x).first; }
 
+void SparseMoE::set_capacity(double factor, const std::string& policy) {
+  if (factor < 0) throw Error("SparseMoE: a capacity factor must be > 0 (0: dropless), got " + std::to_string(factor));
+  if (policy != "probs" && policy != "position") {
+    throw Error("SparseMoE: the token drop policy is \"probs\" or \"position\", got \"" + policy + "\"");
+  }
+  capacity_factor_ = factor;
+  drop_by_probability_ = policy == "probs";
+}
+
+std::int64_t SparseMoE::take_dropped() { return dropped_.exchange(0); }
+
 std::pair<at::Tensor, at::Tensor> SparseMoE::forward_with_router(const at::Tensor& x) {
   const std::int64_t hidden = x.size(-1);
   // The router's input and the experts' (see the class comment): the whole sequence under sequence
@@ -112,9 +123,30 @@ std::pair<at::Tensor, at::Tensor> SparseMoE::forward_with_router(const at::Tenso
   // order), the experts' inputs gathered in that order and each expert run on its contiguous rows.
   // One host read per layer (the rows per expert), none per expert.
   const at::Tensor assigned = selected.reshape({-1});  // [tokens x top_k], token-major
-  const at::Tensor order = std::get<1>(assigned.sort(std::optional<bool>(true), /*dim=*/0, /*descending=*/false));
+  at::Tensor order;
+  if (capacity_factor_ > 0 && drop_by_probability_) {
+    // Within each expert, its assignments by falling weight: a stable sort by weight, then by expert.
+    const at::Tensor by_weight = std::get<1>(weights.reshape({-1}).detach().sort(std::optional<bool>(true), 0, true));
+    order = by_weight.index_select(
+        0, std::get<1>(assigned.index_select(0, by_weight).sort(std::optional<bool>(true), 0, false)));
+  } else {
+    order = std::get<1>(assigned.sort(std::optional<bool>(true), /*dim=*/0, /*descending=*/false));
+  }
+  at::Tensor counts = at::bincount(assigned, {}, num_experts_).cpu();
+  if (capacity_factor_ > 0) {
+    // Megatron's get_capacity over this rank's assignments; each expert keeps its first `capacity`
+    // rows of the order above.
+    const auto capacity = static_cast<std::int64_t>(
+        std::ceil(static_cast<double>(assigned.numel()) / static_cast<double>(num_experts_) * capacity_factor_));
+    const at::Tensor starts = (counts.cumsum(0) - counts).to(assigned.device());
+    const at::Tensor rank_in_expert =
+        at::arange(order.numel(), order.options()) - starts.index_select(0, assigned.index_select(0, order));
+    order = order.masked_select(rank_in_expert < capacity);
+    const at::Tensor kept = counts.clamp_max(capacity);
+    if (at::GradMode::is_enabled()) dropped_ += (counts - kept).sum().item<std::int64_t>();
+    counts = kept;
+  }
   const at::Tensor token_of = at::div(order, top_k_, "floor");
-  const at::Tensor counts = at::bincount(assigned, {}, num_experts_).cpu();
   const std::int64_t* rows = counts.data_ptr<std::int64_t>();
   at::Tensor inputs = expert_tokens.index_select(0, token_of);
   // Expert parallelism: the rows go to the ranks holding their experts, and come back after.

@@ -35,6 +35,11 @@ struct DecoderConfig {
   std::int64_t num_experts = 0, experts_per_token = 0;  // moe
   double router_aux_loss_coef = 0;                      // moe: weight of the load-balancing loss
   RopeConfig rope;
+  // moe: Megatron's moe_expert_capacity_factor (0: dropless, as transformers' Mixtral) and
+  // moe_token_drop_policy ("probs": an expert over capacity keeps its most probable assignments;
+  // "position": its first ones). Set from the recipe's [model.mm_cfg.llm] table.
+  double moe_capacity_factor = 0;
+  std::string moe_drop_policy = "probs";
 };
 
 class DecoderModel;  // model.*: embed_tokens, layers, norm

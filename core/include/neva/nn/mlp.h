@@ -91,6 +91,15 @@ class NEVA_API SparseMoE : public FeedForward {
   std::int64_t first_expert() const { return first_expert_; }  // this rank's experts: first_expert() ...
   std::int64_t local_experts() const { return local_experts_; }  // ... + local_experts()
   std::int64_t top_k() const { return top_k_; }
+  // Token dropping (Megatron's moe_expert_capacity_factor): each expert takes at most
+  // ceil(tokens x top_k / experts x factor) of the assignments this rank routes — by `policy`, its
+  // most probable ones ("probs") or its first ones ("position") — and the others contribute nothing
+  // (their weights are not renormalised). 0: dropless (the default).
+  void set_capacity(double factor, const std::string& policy);
+  double capacity_factor() const { return capacity_factor_; }
+  // The assignments dropped by forward passes that recorded gradients since the last call (a
+  // recomputed forward counts once), and reset.
+  std::int64_t take_dropped();
 
  private:
   // Expert parallelism's exchange: the rows (sorted by expert) sent to the ranks holding their experts;
@@ -107,6 +116,9 @@ class NEVA_API SparseMoE : public FeedForward {
   nn::Linear gate_;
   std::shared_ptr<torch::nn::Module> experts_;          // this rank's experts, by global index
   std::vector<std::shared_ptr<GatedMLP>> local_;        // the same, in order
+  double capacity_factor_ = 0;
+  bool drop_by_probability_ = true;
+  std::atomic<std::int64_t> dropped_{0};
 };
 
 // Mixtral's load_balancing_loss_func over the router logits of every layer (unweighted):
