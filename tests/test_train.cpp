@@ -803,6 +803,40 @@ TEST_CASE("pipeline parallelism under torchrun: PP2 (1F1B) trains what one proce
   const std::string expected_answers = read_text(ws.root / "answers-1.jsonl");
   CHECK(!expected_answers.empty());
   CHECK(read_text(ws.root / "answers-2.jsonl") == expected_answers);
+  // Interleaved 1F1B: a 4-layer Llama of the recipe's seed (configs/parallel/models), two chunks per
+  // stage: 20 fp32 steps as one process and as PP2 x 2 chunks.
+  std::string deep_recipe = read_text(ws.root / "stage2.toml");
+  const auto llm_table = deep_recipe.find("[model.mm_cfg.llm]"), vision_table = deep_recipe.find("[model.mm_cfg.vision_encoder]");
+  REQUIRE(llm_table != std::string::npos);
+  REQUIRE(vision_table != std::string::npos);
+  deep_recipe.replace(llm_table, vision_table - llm_table,
+                      "[model.mm_cfg.llm]\nplugin = \"llama\"\nconfig = \"" +
+                          (neva::test::source_directory() / "configs" / "parallel" / "models" / "llama-4-layers" / "config.json")
+                              .string() +
+                          "\"\nfreeze = false\n\n");
+  std::ofstream(ws.root / "stage2-deep.toml") << deep_recipe;
+  auto deep = [&](const std::string& run, const std::string& extra) {
+    std::string text = ws.train_arguments(run, extra + " --set exp_manager.export_hf=false");
+    return text.replace(text.find((ws.root / "stage2.toml").string()), (ws.root / "stage2.toml").string().size(),
+                        (ws.root / "stage2-deep.toml").string());
+  };
+  const std::string four_layers = "--set trainer.max_steps=20 --set model.micro_batch_size=1 --set model.global_batch_size=4";
+  auto deep_one = neva_run(deep("deep-one", four_layers));
+  REQUIRE_MESSAGE(deep_one.exit_code == 0, deep_one.err);
+  auto interleaved = launch(deep("deep-pp2-v2", four_layers + " --set model.pipeline_model_parallel_size=2 "
+                                                                "--set model.virtual_pipeline_model_parallel_size=2"));
+  REQUIRE_MESSAGE(interleaved.exit_code == 0, interleaved.err);
+  CHECK(contains(interleaved.err, "pipeline over 2 stages (2 chunks each, interleaved 1F1B)"));
+  const auto deep_single = ws.losses("deep-one"), deep_interleaved = ws.losses("deep-pp2-v2");
+  REQUIRE(deep_single.size() == 20);
+  REQUIRE(deep_interleaved.size() == 20);
+  double worst_interleaved = 0;
+  for (std::size_t i = 0; i < deep_single.size(); ++i) {
+    const double expected = std::stod(deep_single[i]);
+    worst_interleaved = std::max(worst_interleaved, std::abs(std::stod(deep_interleaved[i]) - expected) / expected);
+  }
+  MESSAGE("20 fp32 steps, PP2 interleaved (v = 2) against one process: worst relative loss difference " << worst_interleaved);
+  CHECK(worst_interleaved < 1e-6);
   // Layers that do not split into the chunks: refused on every rank before any work.
   auto uneven = neva_run("--nproc-per-node 2 " + ws.train_arguments("uneven", pp2 + " --set model.virtual_pipeline_model_parallel_size=2"));
   CHECK(uneven.exit_code != 0);
