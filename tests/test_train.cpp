@@ -803,6 +803,28 @@ TEST_CASE("pipeline parallelism under torchrun: PP2 (1F1B) trains what one proce
   const std::string expected_answers = read_text(ws.root / "answers-1.jsonl");
   CHECK(!expected_answers.empty());
   CHECK(read_text(ws.root / "answers-2.jsonl") == expected_answers);
+  // Scoring through the two stages: one process's log-probabilities.
+  {
+    std::ofstream requests(ws.root / "score-requests.jsonl");
+    requests << R"({"prompt": "What shape is in the image?", "image": "test/0.png", "continuation": "a red circle"})" << "\n"
+             << R"({"prompt": "Where is the shape?", "image": "test/1.png", "continuation": "top left"})" << "\n";
+  }
+  const std::string scoring = " --set run.mode=score --set inference.input_file=" + (ws.root / "score-requests.jsonl").string();
+  auto alone_scores = neva_run(answer + scoring + " --set inference.output_file=" + (ws.root / "scores-1.jsonl").string());
+  REQUIRE_MESSAGE(alone_scores.exit_code == 0, alone_scores.err);
+  auto staged_scores = launch(answer + scoring + " --set model.pipeline_model_parallel_size=2 "
+                                       "--set inference.output_file=" + (ws.root / "scores-2.jsonl").string());
+  REQUIRE_MESSAGE(staged_scores.exit_code == 0, staged_scores.err);
+  std::ifstream scores_alone(ws.root / "scores-1.jsonl"), scores_staged(ws.root / "scores-2.jsonl");
+  int scored = 0;
+  for (std::string x, y; std::getline(scores_alone, x) && std::getline(scores_staged, y); ++scored) {
+    const json expected = json::parse(x), got = json::parse(y);
+    REQUIRE(got["token_logprobs"].size() == expected["token_logprobs"].size());
+    for (std::size_t i = 0; i < expected["token_logprobs"].size(); ++i) {
+      CHECK(std::abs(got["token_logprobs"][i].get<double>() - expected["token_logprobs"][i].get<double>()) < 1e-5);
+    }
+  }
+  CHECK(scored > 0);
   // Interleaved 1F1B: a 4-layer Llama of the recipe's seed (configs/parallel/models), two chunks per
   // stage: 20 fp32 steps as one process and as PP2 x 2 chunks.
   std::string deep_recipe = read_text(ws.root / "stage2.toml");
