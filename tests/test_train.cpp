@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <fstream>
+#include <functional>
 #include <chrono>
 #include <algorithm>
 #include <sstream>
@@ -538,6 +539,83 @@ std::string read_text(const fs::path& path) {
   return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
 }
 
+// `neva-run ARGUMENTS` as two ranks started by the real torchrun of the venv (--no-python).
+neva::test::CommandResult torchrun_two(const std::string& arguments) {
+  const fs::path torchrun = neva::test::source_directory() / ".venv" / "bin" / "torchrun";
+  REQUIRE(fs::exists(torchrun));
+  return run_command(kNevaRunPrefix + torchrun.string() + " --no-python --standalone --nproc-per-node 2 " +
+                         neva::test::binary("neva-run").string() + " " + arguments,
+                     600);
+}
+
+// The worst relative difference between two runs' losses (as metrics.jsonl wrote them), which must
+// have `steps` each.
+double worst_relative_loss(const std::vector<std::string>& expected, const std::vector<std::string>& got,
+                           std::size_t steps) {
+  REQUIRE(expected.size() == steps);
+  REQUIRE(got.size() == steps);
+  double worst = 0;
+  for (std::size_t i = 0; i < steps; ++i) {
+    const double reference = std::stod(expected[i]);
+    worst = std::max(worst, std::abs(std::stod(got[i]) - reference) / reference);
+  }
+  return worst;
+}
+
+// The largest difference between two runs' exports, which must hold the same names and shapes.
+double export_difference(const fs::path& expected_run, const fs::path& got_run) {
+  neva::SafetensorsCheckpoint got((got_run / "hf" / "model.safetensors").string());
+  neva::SafetensorsCheckpoint expected((expected_run / "hf" / "model.safetensors").string());
+  REQUIRE(got.names() == expected.names());
+  double difference = 0;
+  for (const auto& name : expected.names()) {
+    const at::Tensor a = expected.tensor(name), b = got.tensor(name);
+    REQUIRE_MESSAGE(a.sizes() == b.sizes(), name);
+    difference = std::max(difference, (a - b).abs().max().item<double>());
+  }
+  return difference;
+}
+
+// Two `score` outputs: `requests` lines, the same log-probabilities within 1e-5.
+void check_same_scores(const fs::path& expected_file, const fs::path& got_file, int requests) {
+  std::ifstream a(expected_file), b(got_file);
+  int lines = 0;
+  for (std::string x, y; std::getline(a, x) && std::getline(b, y); ++lines) {
+    const json expected = json::parse(x), got = json::parse(y);
+    REQUIRE(got["token_logprobs"].size() == expected["token_logprobs"].size());
+    for (std::size_t i = 0; i < expected["token_logprobs"].size(); ++i) {
+      CHECK(std::abs(got["token_logprobs"][i].get<double>() - expected["token_logprobs"][i].get<double>()) < 1e-5);
+    }
+  }
+  CHECK(lines == requests);
+}
+
+// Two score requests about the demo's test images, written into the workspace.
+fs::path write_score_requests(const Workspace& ws) {
+  const fs::path path = ws.root / "score-requests.jsonl";
+  std::ofstream requests(path);
+  requests << R"({"prompt": "What shape is in the image?", "image": "test/0.png", "continuation": "a red circle"})" << "\n"
+           << R"({"prompt": "Where is the shape?", "image": "test/1.png", "continuation": "top left"})" << "\n";
+  return path;
+}
+
+// The workspace's stage-2 recipe with another [model.mm_cfg.llm] table, saved as `name`; returns
+// Workspace::train_arguments for it.
+std::function<std::string(const std::string&, const std::string&)> with_llm(const Workspace& ws, const std::string& name,
+                                                                            const std::string& llm_table) {
+  std::string text = read_text(ws.root / "stage2.toml");
+  const auto from = text.find("[model.mm_cfg.llm]"), to = text.find("[model.mm_cfg.vision_encoder]");
+  REQUIRE(from != std::string::npos);
+  REQUIRE(to != std::string::npos);
+  text.replace(from, to - from, llm_table + "\n");
+  std::ofstream(ws.root / name) << text;
+  return [&ws, name](const std::string& run, const std::string& extra) {
+    std::string arguments = ws.train_arguments(run, extra);
+    const std::string original = (ws.root / "stage2.toml").string();
+    return arguments.replace(arguments.find(original), original.size(), (ws.root / name).string());
+  };
+}
+
 // Starts `neva-run --nproc-per-node 2` on run `run`, waits until rank 0 wrote a step, sends
 // `signal` to the rank-1 worker, and waits for the launcher: its status, its stderr, the seconds
 // from the signal to its end, and the two workers' pids.
@@ -611,12 +689,7 @@ TEST_CASE("tensor parallelism under torchrun: TP2, TP2 + SP and CP2 train what o
                             "--set exp_manager.export_hf=true";
   auto one = ws.train("one", sizes);
   REQUIRE_MESSAGE(one.exit_code == 0, one.err);
-  const fs::path torchrun = neva::test::source_directory() / ".venv" / "bin" / "torchrun";
-  auto launch = [&](const std::string& arguments) {
-    return run_command(kNevaRunPrefix + torchrun.string() + " --no-python --standalone --nproc-per-node 2 " +
-                           neva::test::binary("neva-run").string() + " " + arguments,
-                       600);
-  };
+  const auto launch = &torchrun_two;
   const std::string tp2 = sizes + " --set model.tensor_model_parallel_size=2";
   auto split = launch(ws.train_arguments("tp2", tp2));
   REQUIRE_MESSAGE(split.exit_code == 0, split.err);
@@ -624,20 +697,10 @@ TEST_CASE("tensor parallelism under torchrun: TP2, TP2 + SP and CP2 train what o
   REQUIRE_MESSAGE(sequence.exit_code == 0, sequence.err);
   auto ring = launch(ws.train_arguments("cp2", sizes + " --set model.context_parallel_size=2"));
   REQUIRE_MESSAGE(ring.exit_code == 0, ring.err);
-  const auto single = ws.losses("one"), tensor = ws.losses("tp2"), tensor_sequence = ws.losses("tp2sp");
-  const auto context = ws.losses("cp2");
-  REQUIRE(context.size() == 20);
-  REQUIRE(single.size() == 20);
-  REQUIRE(tensor.size() == 20);
-  REQUIRE(tensor_sequence.size() == 20);
-  double worst = 0;
-  for (std::size_t i = 0; i < single.size(); ++i) {
-    // fp32 sums in another order (the split matmuls, the all-reduces): close, not bitwise.
-    const double expected = std::stod(single[i]);
-    worst = std::max({worst, std::abs(std::stod(tensor[i]) - expected) / expected,
-                      std::abs(std::stod(tensor_sequence[i]) - expected) / expected,
-                      std::abs(std::stod(context[i]) - expected) / expected});
-  }
+  const auto single = ws.losses("one"), tensor = ws.losses("tp2");
+  // fp32 sums in another order (the split matmuls, the all-reduces): close, not bitwise.
+  const double worst = std::max({worst_relative_loss(single, tensor, 20), worst_relative_loss(single, ws.losses("tp2sp"), 20),
+                                 worst_relative_loss(single, ws.losses("cp2"), 20)});
   MESSAGE("20 fp32 steps, TP2, TP2 + SP and CP2 against one process: worst relative loss difference " << worst);
   CHECK(worst < 1e-6);
   std::ifstream metrics(ws.root / "tp2" / "metrics.jsonl"), reference(ws.root / "one" / "metrics.jsonl");
@@ -656,15 +719,8 @@ TEST_CASE("tensor parallelism under torchrun: TP2, TP2 + SP and CP2 train what o
   auto zero = launch(ws.train_arguments("zero", sizes + " --set model.optim.name=distributed_fused_adam"));
   REQUIRE_MESSAGE(zero.exit_code == 0, zero.err);
   CHECK(contains(zero.err, "(ZeRO-1: 1/2 of it)"));
-  const auto replicated = ws.losses("dp2"), sharded = ws.losses("zero");
-  REQUIRE(replicated.size() == 20);
-  REQUIRE(sharded.size() == 20);
-  double worst_data = 0;
-  for (std::size_t i = 0; i < single.size(); ++i) {
-    const double expected = std::stod(single[i]);
-    worst_data = std::max({worst_data, std::abs(std::stod(replicated[i]) - expected) / expected,
-                           std::abs(std::stod(sharded[i]) - expected) / expected});
-  }
+  const double worst_data =
+      std::max(worst_relative_loss(single, ws.losses("dp2"), 20), worst_relative_loss(single, ws.losses("zero"), 20));
   MESSAGE("20 fp32 steps, DP2 and DP2 with ZeRO-1 against one process: worst relative loss difference " << worst_data);
   CHECK(worst_data < 1e-6);
 
@@ -676,18 +732,7 @@ TEST_CASE("tensor parallelism under torchrun: TP2, TP2 + SP and CP2 train what o
   CHECK(contains(three.err, "4 attention heads do not split over 3 tensor-parallel ranks"));
 
   // The export holds whole tensors, as one process writes them (gathered from the shards).
-  {
-    neva::SafetensorsCheckpoint got((ws.root / "tp2" / "hf" / "model.safetensors").string());
-    neva::SafetensorsCheckpoint expected((ws.root / "one" / "hf" / "model.safetensors").string());
-    REQUIRE(got.names() == expected.names());
-    double difference = 0;
-    for (const auto& name : expected.names()) {
-      const at::Tensor a = expected.tensor(name), b = got.tensor(name);
-      REQUIRE_MESSAGE(a.sizes() == b.sizes(), name);
-      difference = std::max(difference, (a - b).abs().max().item<double>());
-    }
-    CHECK(difference < 1e-4);
-  }
+  CHECK(export_difference(ws.root / "one", ws.root / "tp2") < 1e-4);
 
   // Stopped at step 10 and relaunched under TP2: bitwise the uninterrupted TP2 run. The checkpoint
   // holds whole tensors: one process resumes it too.
@@ -704,16 +749,11 @@ TEST_CASE("tensor parallelism under torchrun: TP2, TP2 + SP and CP2 train what o
   for (std::size_t i = 10; i < 20; ++i) CHECK(std::abs(std::stod(resharded[i]) - std::stod(tensor[i])) < 1e-5);
 
   // Generation and scoring over the TP2 export: two ranks give one process's tokens and scores.
-  {
-    std::ofstream requests(ws.root / "requests.jsonl");
-    requests << R"({"prompt": "What shape is in the image?", "image": "test/0.png", "continuation": "a red circle"})" << "\n"
-             << R"({"prompt": "Where is the shape?", "image": "test/1.png", "continuation": "top left"})" << "\n";
-  }
   const std::string answer = (ws.root / "eval.toml").string() + " --set model.mm_cfg.llm.from_pretrained=" +
                              (ws.root / "tp2" / "hf").string() + " --set model.mm_cfg.vision_encoder.from_pretrained=" +
                              (ws.root / "tp2" / "hf").string() + " --set model.mm_cfg.mm_mlp_adapter.from_pretrained=" +
                              (ws.root / "tp2" / "hf").string() + " --set inference.input_file=" +
-                             (ws.root / "requests.jsonl").string();
+                             write_score_requests(ws).string();
   for (const std::string mode : {"generate", "score"}) {
     const std::string common = answer + " --set run.mode=" + mode;
     auto alone_run = neva_run(common + " --set inference.output_file=" + (ws.root / (mode + "-1.jsonl")).string());
@@ -721,18 +761,14 @@ TEST_CASE("tensor parallelism under torchrun: TP2, TP2 + SP and CP2 train what o
     auto split_run = launch(common + " --set model.tensor_model_parallel_size=2 --set inference.output_file=" +
                             (ws.root / (mode + "-2.jsonl")).string());
     REQUIRE_MESSAGE(split_run.exit_code == 0, split_run.err);
-    std::ifstream a(ws.root / (mode + "-1.jsonl")), b(ws.root / (mode + "-2.jsonl"));
+    if (mode == "score") {
+      check_same_scores(ws.root / "score-1.jsonl", ws.root / "score-2.jsonl", 2);
+      continue;
+    }
+    std::ifstream a(ws.root / "generate-1.jsonl"), b(ws.root / "generate-2.jsonl");
     int lines = 0;
     for (std::string x, y; std::getline(a, x) && std::getline(b, y); ++lines) {
-      const json expected = json::parse(x), got = json::parse(y);
-      if (mode == "generate") {
-        CHECK(got["answer"] == expected["answer"]);  // greedy: the same tokens
-      } else {
-        REQUIRE(got["token_logprobs"].size() == expected["token_logprobs"].size());
-        for (std::size_t i = 0; i < expected["token_logprobs"].size(); ++i) {
-          CHECK(std::abs(got["token_logprobs"][i].get<double>() - expected["token_logprobs"][i].get<double>()) < 1e-5);
-        }
-      }
+      CHECK(json::parse(y)["answer"] == json::parse(x)["answer"]);  // greedy: the same tokens
     }
     CHECK(lines == 2);
   }
@@ -750,12 +786,7 @@ TEST_CASE("pipeline parallelism under torchrun: PP2 (1F1B) trains what one proce
                             "--set exp_manager.export_hf=true";
   auto one = ws.train("one", sizes);
   REQUIRE_MESSAGE(one.exit_code == 0, one.err);
-  const fs::path torchrun = neva::test::source_directory() / ".venv" / "bin" / "torchrun";
-  auto launch = [&](const std::string& arguments) {
-    return run_command(kNevaRunPrefix + torchrun.string() + " --no-python --standalone --nproc-per-node 2 " +
-                           neva::test::binary("neva-run").string() + " " + arguments,
-                       600);
-  };
+  const auto launch = &torchrun_two;
   const std::string pp2 = sizes + " --set model.pipeline_model_parallel_size=2";
   auto staged = launch(ws.train_arguments("pp2", pp2 + " --set trainer.exit_interval=10"));
   REQUIRE_MESSAGE(staged.exit_code == 0, staged.err);
@@ -763,14 +794,8 @@ TEST_CASE("pipeline parallelism under torchrun: PP2 (1F1B) trains what one proce
   fs::copy(ws.root / "pp2", ws.root / "resharded", fs::copy_options::recursive);
   auto rest = launch(ws.train_arguments("pp2", pp2));  // stopped at step 10, relaunched
   REQUIRE_MESSAGE(rest.exit_code == 0, rest.err);
-  const auto single = ws.losses("one"), pipelined = ws.losses("pp2");
-  REQUIRE(single.size() == 20);
-  REQUIRE(pipelined.size() == 20);
-  double worst = 0;
-  for (std::size_t i = 0; i < single.size(); ++i) {
-    const double expected = std::stod(single[i]);
-    worst = std::max(worst, std::abs(std::stod(pipelined[i]) - expected) / expected);
-  }
+  const auto pipelined = ws.losses("pp2");
+  const double worst = worst_relative_loss(ws.losses("one"), pipelined, 20);
   MESSAGE("20 fp32 steps, PP2 against one process: worst relative loss difference " << worst);
   CHECK(worst < 1e-6);
   // The PP2 checkpoint of step 10 holds every stage's tensors: one process resumes it.
@@ -780,16 +805,7 @@ TEST_CASE("pipeline parallelism under torchrun: PP2 (1F1B) trains what one proce
   REQUIRE(resharded.size() == 20);
   for (std::size_t i = 10; i < 20; ++i) CHECK(std::abs(std::stod(resharded[i]) - std::stod(pipelined[i])) < 1e-5);
   // The export: every stage's tensors, as one process writes them.
-  {
-    neva::SafetensorsCheckpoint got((ws.root / "pp2" / "hf" / "model.safetensors").string());
-    neva::SafetensorsCheckpoint expected((ws.root / "one" / "hf" / "model.safetensors").string());
-    REQUIRE(got.names() == expected.names());
-    double difference = 0;
-    for (const auto& name : expected.names()) {
-      difference = std::max(difference, (expected.tensor(name) - got.tensor(name)).abs().max().item<double>());
-    }
-    CHECK(difference < 1e-4);
-  }
+  CHECK(export_difference(ws.root / "one", ws.root / "pp2") < 1e-4);
   // Generation through the two stages: one process's answers.
   const std::string answer = (ws.root / "eval.toml").string() + " --set model.mm_cfg.llm.from_pretrained=" +
                              (ws.root / "pp2" / "hf").string() + " --set model.mm_cfg.vision_encoder.from_pretrained=" +
@@ -804,43 +820,23 @@ TEST_CASE("pipeline parallelism under torchrun: PP2 (1F1B) trains what one proce
   CHECK(!expected_answers.empty());
   CHECK(read_text(ws.root / "answers-2.jsonl") == expected_answers);
   // Scoring through the two stages: one process's log-probabilities.
-  {
-    std::ofstream requests(ws.root / "score-requests.jsonl");
-    requests << R"({"prompt": "What shape is in the image?", "image": "test/0.png", "continuation": "a red circle"})" << "\n"
-             << R"({"prompt": "Where is the shape?", "image": "test/1.png", "continuation": "top left"})" << "\n";
-  }
-  const std::string scoring = " --set run.mode=score --set inference.input_file=" + (ws.root / "score-requests.jsonl").string();
+  const std::string scoring = " --set run.mode=score --set inference.input_file=" + write_score_requests(ws).string();
   auto alone_scores = neva_run(answer + scoring + " --set inference.output_file=" + (ws.root / "scores-1.jsonl").string());
   REQUIRE_MESSAGE(alone_scores.exit_code == 0, alone_scores.err);
   auto staged_scores = launch(answer + scoring + " --set model.pipeline_model_parallel_size=2 "
                                        "--set inference.output_file=" + (ws.root / "scores-2.jsonl").string());
   REQUIRE_MESSAGE(staged_scores.exit_code == 0, staged_scores.err);
-  std::ifstream scores_alone(ws.root / "scores-1.jsonl"), scores_staged(ws.root / "scores-2.jsonl");
-  int scored = 0;
-  for (std::string x, y; std::getline(scores_alone, x) && std::getline(scores_staged, y); ++scored) {
-    const json expected = json::parse(x), got = json::parse(y);
-    REQUIRE(got["token_logprobs"].size() == expected["token_logprobs"].size());
-    for (std::size_t i = 0; i < expected["token_logprobs"].size(); ++i) {
-      CHECK(std::abs(got["token_logprobs"][i].get<double>() - expected["token_logprobs"][i].get<double>()) < 1e-5);
-    }
-  }
-  CHECK(scored > 0);
+  check_same_scores(ws.root / "scores-1.jsonl", ws.root / "scores-2.jsonl", 2);
   // Interleaved 1F1B: a 4-layer Llama of the recipe's seed (configs/parallel/models), two chunks per
   // stage: 20 fp32 steps as one process and as PP2 x 2 chunks.
-  std::string deep_recipe = read_text(ws.root / "stage2.toml");
-  const auto llm_table = deep_recipe.find("[model.mm_cfg.llm]"), vision_table = deep_recipe.find("[model.mm_cfg.vision_encoder]");
-  REQUIRE(llm_table != std::string::npos);
-  REQUIRE(vision_table != std::string::npos);
-  deep_recipe.replace(llm_table, vision_table - llm_table,
-                      "[model.mm_cfg.llm]\nplugin = \"llama\"\nconfig = \"" +
-                          (neva::test::source_directory() / "configs" / "parallel" / "models" / "llama-4-layers" / "config.json")
-                              .string() +
-                          "\"\nfreeze = false\n\n");
-  std::ofstream(ws.root / "stage2-deep.toml") << deep_recipe;
+  const auto deep_arguments = with_llm(ws, "stage2-deep.toml",
+                                       "[model.mm_cfg.llm]\nplugin = \"llama\"\nconfig = \"" +
+                                           (neva::test::source_directory() / "configs" / "parallel" / "models" /
+                                            "llama-4-layers" / "config.json")
+                                               .string() +
+                                           "\"\nfreeze = false\n");
   auto deep = [&](const std::string& run, const std::string& extra) {
-    std::string text = ws.train_arguments(run, extra + " --set exp_manager.export_hf=false");
-    return text.replace(text.find((ws.root / "stage2.toml").string()), (ws.root / "stage2.toml").string().size(),
-                        (ws.root / "stage2-deep.toml").string());
+    return deep_arguments(run, extra + " --set exp_manager.export_hf=false");
   };
   const std::string four_layers = "--set trainer.max_steps=20 --set model.micro_batch_size=1 --set model.global_batch_size=4";
   auto deep_one = neva_run(deep("deep-one", four_layers));
@@ -849,14 +845,7 @@ TEST_CASE("pipeline parallelism under torchrun: PP2 (1F1B) trains what one proce
                                                                 "--set model.virtual_pipeline_model_parallel_size=2"));
   REQUIRE_MESSAGE(interleaved.exit_code == 0, interleaved.err);
   CHECK(contains(interleaved.err, "pipeline over 2 stages (2 chunks each, interleaved 1F1B)"));
-  const auto deep_single = ws.losses("deep-one"), deep_interleaved = ws.losses("deep-pp2-v2");
-  REQUIRE(deep_single.size() == 20);
-  REQUIRE(deep_interleaved.size() == 20);
-  double worst_interleaved = 0;
-  for (std::size_t i = 0; i < deep_single.size(); ++i) {
-    const double expected = std::stod(deep_single[i]);
-    worst_interleaved = std::max(worst_interleaved, std::abs(std::stod(deep_interleaved[i]) - expected) / expected);
-  }
+  const double worst_interleaved = worst_relative_loss(ws.losses("deep-one"), ws.losses("deep-pp2-v2"), 20);
   MESSAGE("20 fp32 steps, PP2 interleaved (v = 2) against one process: worst relative loss difference " << worst_interleaved);
   CHECK(worst_interleaved < 1e-6);
   // Layers that do not split into the chunks: refused on every rank before any work.
@@ -896,38 +885,18 @@ TEST_CASE("expert parallelism under torchrun: a Mixtral over EP2 trains what one
               {"num_key_value_heads", 2}, {"max_position_embeddings", 256}, {"num_local_experts", 4},
               {"num_experts_per_tok", 2}, {"router_aux_loss_coef", 0.02}, {"bos_token_id", 1}, {"eos_token_id", 2}}
              .dump();
-  std::string recipe = read_text(ws.root / "stage2.toml");
-  const auto llm = recipe.find("[model.mm_cfg.llm]"), vision = recipe.find("[model.mm_cfg.vision_encoder]");
-  REQUIRE(llm != std::string::npos);
-  REQUIRE(vision != std::string::npos);
-  recipe.replace(llm, vision - llm, "[model.mm_cfg.llm]\nplugin = \"mixtral\"\nconfig = \"mixtral/config.json\"\nfreeze = false\n\n");
-  std::ofstream(ws.root / "stage2-mixtral.toml") << recipe;
-  auto arguments = [&](const std::string& run, const std::string& extra) {
-    std::string text = ws.train_arguments(run, extra);
-    return text.replace(text.find((ws.root / "stage2.toml").string()), (ws.root / "stage2.toml").string().size(),
-                        (ws.root / "stage2-mixtral.toml").string());
-  };
+  const auto arguments = with_llm(ws, "stage2-mixtral.toml",
+                                  "[model.mm_cfg.llm]\nplugin = \"mixtral\"\nconfig = \"mixtral/config.json\"\nfreeze = false\n");
   // Micro-batches of one sample: the load-balancing loss depends on how tokens are grouped into
   // micro-batches, and the replicas group the global batch's samples otherwise than one process.
   const std::string sizes = "--set trainer.max_steps=20 --set model.micro_batch_size=1 --set model.global_batch_size=4 "
                             "--set exp_manager.export_hf=true";
   auto one = neva_run(arguments("one", sizes));
   REQUIRE_MESSAGE(one.exit_code == 0, one.err);
-  const fs::path torchrun = neva::test::source_directory() / ".venv" / "bin" / "torchrun";
-  auto launch = [&](const std::string& text) {
-    return run_command(kNevaRunPrefix + torchrun.string() + " --no-python --standalone --nproc-per-node 2 " +
-                           neva::test::binary("neva-run").string() + " " + text,
-                       600);
-  };
+  const auto launch = &torchrun_two;
   auto split = launch(arguments("ep2", sizes + " --set model.expert_model_parallel_size=2"));
   REQUIRE_MESSAGE(split.exit_code == 0, split.err);
-  const auto single = ws.losses("one"), experts = ws.losses("ep2");
-  REQUIRE(single.size() == 20);
-  REQUIRE(experts.size() == 20);
-  double worst = 0;
-  for (std::size_t i = 0; i < single.size(); ++i) {
-    worst = std::max(worst, std::abs(std::stod(experts[i]) - std::stod(single[i])) / std::stod(single[i]));
-  }
+  const double worst = worst_relative_loss(ws.losses("one"), ws.losses("ep2"), 20);
   MESSAGE("20 fp32 steps, EP2 against one process: worst relative loss difference " << worst);
   CHECK(worst < 1e-6);
   // The export has every expert, gathered from both ranks.
