@@ -116,8 +116,11 @@ int main(int argc, char** argv) {
       "Check a plugin of your own with neva-conformance PLUGIN.so (docs/plugins.md).\n"
       "Across processes: neva-run --nproc-per-node N RECIPE.toml, torchrun --no-python --standalone\n"
       "--nproc-per-node N neva-run RECIPE.toml, or srun -n N neva-run RECIPE.toml. Training splits each layer over\n"
-      "model.tensor_model_parallel_size ranks (model.sequence_parallel = true also splits the sequence) and\n"
-      "replicates the rest data-parallel; generate and score run over tensor_model_parallel_size = N processes.\n"
+      "model.tensor_model_parallel_size ranks (model.sequence_parallel = true also splits the sequence), the\n"
+      "layers into pipeline_model_parallel_size stages (1F1B; virtual_pipeline_model_parallel_size: interleaved),\n"
+      "Mixtral's experts over expert_model_parallel_size ranks and each sequence over context_parallel_size\n"
+      "ranks, and replicates the rest data-parallel (configs/parallel/ holds ready layouts); generate and score\n"
+      "run over tensor x pipeline x expert = N processes.\n"
       "Rank 0 writes the run directory and the answers; every rank logs to <run>/logs/rank-R.log.\n"
       "Exit codes: 0 success, 2 usage or recipe error, 1 runtime error; a training run stopped by SIGTERM or\n"
       "SIGINT checkpoints first and exits 143 or 130 (run it again to continue).",
@@ -141,7 +144,7 @@ int main(int argc, char** argv) {
   int nproc_per_node = 1;
   app.add_option("--nproc-per-node", nproc_per_node,
                  "Run the recipe as N local processes (as torchrun --standalone --nproc-per-node N): training "
-                 "tensor- and data-parallel, generate and score over a tensor-parallel group")
+                 "tensor-, pipeline-, expert-, context- and data-parallel, generate and score over a model-parallel group")
       ->type_name("N")
       ->check(CLI::Range(1, 1024));
 
