@@ -22,6 +22,7 @@
 #include "neva/model/decoder.h"
 #include "neva/nn/linear.h"
 #include "neva/nn/mlp.h"
+#include "neva/nn/recompute.h"
 #include "neva/nn/module.h"
 #include "test_support.h"
 #include "tiny_decoder.h"
@@ -281,6 +282,16 @@ TEST_CASE("MoE token dropping: Megatron's capacity ceil(tokens x top_k / experts
       if (factor == 0.5) CHECK(expected_dropped > 0);
       if (factor == 100.0) CHECK(expected_dropped == 0);
     }
+  }
+  {  // A recomputed forward (activation checkpointing) counts its drops once, not twice.
+    moe.set_capacity(0.5, "probs");
+    std::int64_t expected_dropped = 0;
+    (void)reference(0.5, true, &expected_dropped);
+    const at::Tensor input = x.clone().requires_grad_(true);
+    const auto outputs = neva::recomputed(
+        [&moe](const std::vector<at::Tensor>& in) { return std::vector<at::Tensor>{moe.forward(in[0])}; }, {input});
+    outputs[0].sum().backward();  // runs the forward again
+    CHECK(moe.take_dropped() == expected_dropped);
   }
   {  // The two policies keep different assignments here (the test tells them apart).
     std::int64_t a = 0, b = 0;

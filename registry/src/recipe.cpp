@@ -433,8 +433,7 @@ LlavaModel build_model(const Recipe& recipe, const RuntimeContext& context) {
     }
   }
   LlavaModel model(encoder, connector, backbone, mm_cfg.image_token_index);
-  model.set_pipeline(context.groups.pipeline, context.virtual_pipeline_chunks,
-                     group_size(context.groups.pipeline) * context.virtual_pipeline_chunks);
+  model.set_pipeline(context.groups.pipeline);
   return model;
 }
 

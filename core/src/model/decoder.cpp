@@ -178,6 +178,11 @@ DecoderBackbone::DecoderBackbone(const DecoderConfig& config, const RuntimeConte
 
 DecoderBackbone::~DecoderBackbone() = default;
 
+at::Tensor DecoderBackbone::pipeline_tied_embedding() const {
+  if (!config_.tie_word_embeddings || placement_.total_chunks == 1 || !model_->embed_tokens) return {};
+  return model_->embed_tokens->weight;
+}
+
 at::Tensor DecoderBackbone::embed(const at::Tensor& token_ids) {
   if (!placement_.first_stage) throw Error("the token embedding lives on the first pipeline stage");
   if (token_ids.numel() > 0) {
@@ -507,7 +512,7 @@ void DecoderBackbone::load(const std::string& checkpoint_path, const std::string
         }
         if (!model_->embed_tokens && name.compare(0, 19, "model.embed_tokens.") == 0) return true;
         if (!model_->norm && name.compare(0, 11, "model.norm.") == 0) return true;
-        if (!lm_head_ && !tied && name.compare(0, 8, "lm_head.") == 0 && !placement_.last_stage) return true;
+        if (!lm_head_ && !tied && name.compare(0, 8, "lm_head.") == 0) return true;  // not the last stage
         // Expert parallelism: other ranks' experts.
         const std::int64_t expert = nn::expert_index(name);
         const int ep = group_size(context_.groups.expert);

@@ -75,18 +75,20 @@ at::Tensor LlavaModel::embed(const at::Tensor& input_ids, const std::vector<at::
   return embeddings.masked_scatter(placeholders.unsqueeze(-1).to(embeddings.device()), features);
 }
 
-void LlavaModel::set_pipeline(std::shared_ptr<ProcessGroup> pipeline, std::int64_t chunks, std::int64_t total_chunks) {
-  if (group_size(pipeline) > 1 && !dynamic_cast<const DecoderBackbone*>(backbone_.get())) {
+void LlavaModel::set_pipeline(std::shared_ptr<ProcessGroup> pipeline) {
+  if (group_size(pipeline) == 1) return;
+  const auto* decoder = dynamic_cast<const DecoderBackbone*>(backbone_.get());
+  if (!decoder) {
     throw Error("pipeline parallelism needs a language backbone built on neva's DecoderBackbone (its layers split "
                 "into stages); this one is not");
   }
-  pipeline_ = group_size(pipeline) > 1 ? std::move(pipeline) : nullptr;
+  pipeline_ = std::move(pipeline);
+  chunks_ = static_cast<std::int64_t>(decoder->placement().chunks.size());  // the backbone's placement decides
+  total_chunks_ = decoder->placement().total_chunks;
   for (const auto& parameter : backbone_->parameters()) {
     hidden_dtype_ = parameter.scalar_type();
     break;
   }
-  chunks_ = chunks;
-  total_chunks_ = total_chunks;
 }
 
 bool LlavaModel::first_chunk(std::int64_t chunk) const { return chunk * group_size(pipeline_) + group_rank(pipeline_) == 0; }
@@ -127,10 +129,12 @@ BackboneOutputs LlavaModel::forward_chunk(const MultimodalInputs& inputs, std::i
   return backbone_->forward(backbone_inputs);
 }
 
+std::vector<std::int64_t> LlavaModel::hidden_states_shape(std::int64_t batch, std::int64_t sequence_length) const {
+  return dynamic_cast<const DecoderBackbone&>(*backbone_).pipeline_hidden_shape(batch, sequence_length);
+}
+
 at::Tensor LlavaModel::empty_hidden_states(std::int64_t batch, std::int64_t sequence_length) const {
-  const auto* decoder = dynamic_cast<const DecoderBackbone*>(backbone_.get());
-  return at::empty(decoder->pipeline_hidden_shape(batch, sequence_length),
-                   at::TensorOptions().device(device_).dtype(hidden_dtype_));
+  return at::empty(hidden_states_shape(batch, sequence_length), at::TensorOptions().device(device_).dtype(hidden_dtype_));
 }
 
 BackboneOutputs LlavaModel::forward_pipelined(const MultimodalInputs& inputs) {

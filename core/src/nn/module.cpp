@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <map>
+#include <nlohmann/json.hpp>
+#include <set>
 
 #include "neva/context.h"
 #include "neva/error.h"
@@ -184,22 +186,21 @@ std::vector<std::pair<std::string, at::Tensor>> gather_pipeline_stages(
     const std::vector<std::pair<std::string, at::Tensor>>& local, const std::shared_ptr<ProcessGroup>& group) {
   if (group_size(group) == 1) return local;
   at::NoGradGuard no_grad;
-  const int me = group->rank();
   const c10::Device device = local.empty() ? c10::Device(c10::kCPU) : local.front().second.device();
-  // Each later stage sends its tensors' names, dtypes and shapes as one line each, then the tensors.
-  if (me != 0) {
-    std::string header;
+  // Each later stage sends its tensors' names, dtypes and shapes (JSON: its length, then its bytes),
+  // then the tensors in that order.
+  if (group->rank() != 0) {
+    nlohmann::json header = nlohmann::json::array();
     for (const auto& [name, tensor] : local) {
-      header += name + "\t" + std::to_string(static_cast<int>(tensor.scalar_type()));
-      for (auto size : tensor.sizes()) header += "\t" + std::to_string(size);
-      header += "\n";
+      header.push_back({{"name", name}, {"dtype", static_cast<int>(tensor.scalar_type())}, {"shape", tensor.sizes().vec()}});
     }
-    at::Tensor length = at::tensor({static_cast<std::int64_t>(header.size())}, at::TensorOptions(at::kLong)).to(device);
+    const std::string text = header.dump();
+    at::Tensor length = at::tensor({static_cast<std::int64_t>(text.size())}, at::kLong).to(device);
     group->isend(length, 0, 0).wait();
-    at::Tensor bytes = at::empty({static_cast<std::int64_t>(header.size())}, at::kByte);
-    std::copy(header.begin(), header.end(), bytes.data_ptr<std::uint8_t>());
+    at::Tensor bytes = at::empty({static_cast<std::int64_t>(text.size())}, at::kByte);
+    std::copy(text.begin(), text.end(), bytes.data_ptr<std::uint8_t>());
     bytes = bytes.to(device);
-    if (!header.empty()) group->isend(bytes, 0, 1).wait();
+    group->isend(bytes, 0, 1).wait();
     int tag = 2;
     for (const auto& entry : local) {
       at::Tensor data = entry.second.detach().contiguous();
@@ -208,33 +209,22 @@ std::vector<std::pair<std::string, at::Tensor>> gather_pipeline_stages(
     return local;
   }
   std::vector<std::pair<std::string, at::Tensor>> out = local;
-  std::map<std::string, bool> seen;
-  for (const auto& entry : local) seen[entry.first] = true;
+  std::set<std::string> seen;
+  for (const auto& entry : local) seen.insert(entry.first);
   for (int stage = 1; stage < group->size(); ++stage) {
     at::Tensor length = at::zeros({1}, at::TensorOptions(at::kLong).device(device));
     group->irecv(length, stage, 0).wait();
-    const std::int64_t count = length.cpu().item<std::int64_t>();
-    at::Tensor bytes = at::empty({count}, at::TensorOptions(at::kByte).device(device));
-    if (count > 0) group->irecv(bytes, stage, 1).wait();
+    at::Tensor bytes = at::empty({length.cpu().item<std::int64_t>()}, at::TensorOptions(at::kByte).device(device));
+    group->irecv(bytes, stage, 1).wait();
     bytes = bytes.cpu();
-    const std::string header(reinterpret_cast<const char*>(bytes.data_ptr<std::uint8_t>()), static_cast<std::size_t>(count));
+    const auto* begin = reinterpret_cast<const char*>(bytes.data_ptr<std::uint8_t>());
+    const nlohmann::json header = nlohmann::json::parse(begin, begin + bytes.numel());
     int tag = 2;
-    std::size_t start = 0;
-    while (start < header.size()) {
-      const std::size_t end = header.find('\n', start);
-      std::vector<std::string> fields;
-      std::size_t field = start;
-      while (field <= end) {
-        const std::size_t stop = std::min(header.find('\t', field), end);
-        fields.push_back(header.substr(field, stop - field));
-        field = stop + 1;
-      }
-      start = end + 1;
-      std::vector<std::int64_t> shape;
-      for (std::size_t f = 2; f < fields.size(); ++f) shape.push_back(std::stoll(fields[f]));
-      at::Tensor data = at::empty(shape, at::TensorOptions(static_cast<at::ScalarType>(std::stoi(fields[1]))).device(device));
+    for (const auto& item : header) {
+      at::Tensor data = at::empty(item["shape"].get<std::vector<std::int64_t>>(),
+                                  at::TensorOptions(static_cast<at::ScalarType>(item["dtype"].get<int>())).device(device));
       group->irecv(data, stage, tag++).wait();
-      if (seen.emplace(fields[0], true).second) out.emplace_back(fields[0], data);
+      if (seen.insert(item["name"].get<std::string>()).second) out.emplace_back(item["name"].get<std::string>(), data);
     }
   }
   return out;

@@ -155,16 +155,14 @@ Trainer::Trainer(LlavaModel& model, const PrecisionRecipe& precision, RuntimeCon
   // Pipeline parallelism: each stage counts its own parts; the last stage's copy of tied embeddings
   // (its gradient summed with the first stage's over groups.embedding) is counted on the first.
   norm_groups_ = {ep > 1 ? context_.groups.expert : context_.groups.tensor, context_.groups.pipeline};
-  const bool pipelined = group_size(context_.groups.pipeline) > 1;
   const auto* decoder = dynamic_cast<const DecoderBackbone*>(&model_.backbone());
-  const bool tied = decoder && decoder->tied_embeddings();
+  const at::Tensor tied = decoder ? decoder->pipeline_tied_embedding() : at::Tensor();
   for (std::size_t i = 0; i < trained_.size(); ++i) {
     const auto& sharding = trained_[i].sharding;
     double weight = sharding.tensor_parallel_dim >= 0 ? 1.0 / static_cast<double>(sharding.tensor_parallel_replicas)
                                                       : (tp_rank == 0 ? 1.0 : 0.0);
     if (ep > 1 && sharding.expert < 0 && ep_rank != 0) weight = 0;
-    const bool embedding = trained_[i].name.find(".embed_tokens.") != std::string::npos;
-    if (pipelined && tied && embedding && group_size(context_.groups.embedding) > 1) {
+    if (tied.defined() && trained_[i].param.is_same(tied) && group_size(context_.groups.embedding) > 1) {
       tied_embeddings_.push_back(i);
       if (sharding.pipeline_stage != 0) weight = 0;
     }
@@ -326,12 +324,13 @@ StepReport Trainer::train_step(const std::vector<TrainingBatch>& batches) {
     BackboneOutputs outputs = model_.forward(inputs);
     if (!last) {
       saved.output = outputs.logits;
-      const at::Tensor expected = model_.empty_hidden_states(batch.input_ids.size(0), batch.input_ids.size(1));
-      if (saved.output.sizes() != expected.sizes() || saved.output.scalar_type() != expected.scalar_type()) {
+      // What the next stage allocates without being told: a mismatch would corrupt or hang it.
+      const std::vector<std::int64_t> expected = model_.hidden_states_shape(batch.input_ids.size(0), batch.input_ids.size(1));
+      if (saved.output.sizes() != at::IntArrayRef(expected) || saved.output.scalar_type() != model_.hidden_states_dtype()) {
         throw Error("pipeline chunk " + std::to_string(whole_chunk) + " returned hidden states of shape " +
                     c10::str(saved.output.sizes()) + " (" + c10::toString(saved.output.scalar_type()) +
-                    "); the next stage expects " + c10::str(expected.sizes()) + " (" +
-                    c10::toString(expected.scalar_type()) + ")");
+                    "); the next stage expects " + c10::str(at::IntArrayRef(expected)) + " (" +
+                    c10::toString(model_.hidden_states_dtype()) + ")");
       }
       send(saved.output, next, tag(index, whole_chunk + 1, false));
       return 0;

@@ -74,7 +74,9 @@ class NEVA_API DecoderBackbone : public LanguageBackbone {
   std::int64_t vocab_size() const override { return config_.vocab_size; }
   std::int64_t max_position_embeddings() const override { return config_.rope.max_position_embeddings; }
   const PipelinePlacement& placement() const { return placement_; }
-  bool tied_embeddings() const { return config_.tie_word_embeddings; }
+  // Pipeline parallelism with tied embeddings: this stage's copy of the embedding (the first stage's
+  // input embedding, the last stage's LM head), whose gradient the two stages sum; undefined otherwise.
+  at::Tensor pipeline_tied_embedding() const;
   // Pipeline parallelism: the shape of the hidden states passed between chunks for `batch` sequences
   // of `sequence_length` positions (this rank's part of them under sequence or context parallelism,
   // padded as the layers hold it): what a stage receives without being told.

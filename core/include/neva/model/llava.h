@@ -55,8 +55,9 @@ class NEVA_API LlavaModel {
   VisionEncoder* encoder() const { return encoder_.get(); }
   Connector* connector() const { return connector_.get(); }
   LanguageBackbone& backbone() const { return *backbone_; }
-  // Pipeline parallelism: the group of the stages and this rank's chunks (build_model sets them).
-  void set_pipeline(std::shared_ptr<ProcessGroup> pipeline, std::int64_t chunks, std::int64_t total_chunks);
+  // Pipeline parallelism over `pipeline` (build_model sets it): this rank's chunks are the
+  // backbone's (DecoderBackbone::placement); any other backbone is refused.
+  void set_pipeline(std::shared_ptr<ProcessGroup> pipeline);
   std::int64_t pipeline_chunks() const { return chunks_; }
   // Whether chunk `chunk` of this rank is the pipeline's first / last.
   bool first_chunk(std::int64_t chunk) const;
@@ -64,6 +65,8 @@ class NEVA_API LlavaModel {
   // What a chunk after the first receives for `batch` sequences of `sequence_length` tokens (the
   // input ids' shape): an uninitialised tensor of the hidden states' shape, dtype and device.
   at::Tensor empty_hidden_states(std::int64_t batch, std::int64_t sequence_length) const;
+  std::vector<std::int64_t> hidden_states_shape(std::int64_t batch, std::int64_t sequence_length) const;
+  at::ScalarType hidden_states_dtype() const { return hidden_dtype_; }
 
  private:
   std::shared_ptr<VisionEncoder> encoder_;
