@@ -9,10 +9,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <iostream>
+#include <limits>
 #include <string>
 
 #include "neva/error.h"
@@ -24,6 +27,7 @@
 #include "neva/registry.h"
 #include "neva/model/decoder.h"
 #include "neva/model/llava.h"
+#include "neva/train/checkpoints.h"
 #include "neva/train/loss.h"
 #include "neva/train/trainer.h"
 #include "float64_precision.h"
@@ -135,6 +139,7 @@ int check_data_parallel(const neva::World& world) {
   auto make = [&](Replica& r, std::shared_ptr<neva::ProcessGroup> data, bool overlap, std::int64_t bucket_bytes,
                   bool zero = false, bool o2 = false, const char* mlp = "moe") {
     r.context.dtypes = o2 ? mixed : precision.dtype_policy();
+    r.context.groups.world = data;  // the data-parallel group is the world here
     r.context.groups.data = std::move(data);
     auto backbone = std::make_shared<neva::DecoderBackbone>(neva::test::tiny_decoder(mlp), r.context);
     r.model = std::make_unique<neva::LlavaModel>(nullptr, nullptr, backbone, -1);
@@ -270,11 +275,13 @@ int check_data_parallel(const neva::World& world) {
   }
   // ZeRO-1's state saved and restored into a fresh trainer: the next step as the original's.
   {
+    const char* port = std::getenv("MASTER_PORT");  // the same directory on every rank
     const std::filesystem::path dir =
-        std::filesystem::temp_directory_path() / ("neva-zero-" + std::to_string(::getpid()));
+        std::filesystem::temp_directory_path() / ("neva-zero-" + std::string(port ? port : "0"));
     std::filesystem::create_directories(dir);
-    const neva::Trainer::State state = zero.trainer->gather_state();
-    zero.trainer->save(dir, {0}, state);
+    const nlohmann::json content = zero.trainer->save(dir, {0});  // each rank its share
+    if (world.rank == 0) neva::CheckpointManager::write_manifest(dir, 1, content);
+    group->barrier().wait();
     Replica resumed;
     make(resumed, group, true, 16 << 10, /*zero=*/true);
     resumed.trainer->restore(dir);
@@ -288,7 +295,8 @@ int check_data_parallel(const neva::World& world) {
       weights = std::max(weights, (zero.trainer->trained()[i].main - resumed.trainer->trained()[i].main).abs().max().item<double>());
     }
     report(world, "dp zero-1 resumes exactly", original == again && weights == 0);
-    std::filesystem::remove_all(dir);
+    group->barrier().wait();
+    if (world.rank == 0) std::filesystem::remove_all(dir);
   }
   return failures ? 3 : 0;
 }
@@ -317,7 +325,7 @@ std::vector<std::pair<std::string, at::Tensor>> with_all_experts(const std::vect
 // gradient and every updated weight (gathered from the shards) must equal the single process's
 // within 1e-10, and the vision tower's and connector's gradients must be identical on every rank of a
 // tensor-parallel group.
-int check_tensor_parallel(const neva::World& world, const std::string& layout) {
+int check_tensor_parallel(const neva::World& world, const std::string& layout, const std::string& reload = "") {
   namespace fs = std::filesystem;
   // "tpN..." or "epN..." (expert parallelism, a Mixtral backbone).
   const bool expert_layout = layout.rfind("ep", 0) == 0;
@@ -329,7 +337,29 @@ int check_tensor_parallel(const neva::World& world, const std::string& layout) {
   const int pp = pp_at == std::string::npos ? 1 : std::stoi(layout.substr(pp_at + 2));
   const auto v_at = layout.find("-v");
   const int virtual_chunks = v_at == std::string::npos ? 1 : std::stoi(layout.substr(v_at + 2));
-  const int layers = std::max(2, pp * virtual_chunks);
+  // RELOAD: a second layout of the same model and world ("tpT[-sp][-zero][-ppP[-vV]]", "epE", "cpC",
+  // "ppP..."), which reads what LAYOUT saves.
+  struct Sizes {
+    int tp = 1, ep = 1, pp = 1, v = 1, cp = 1;
+    bool sp = false, zero = false;
+  };
+  auto sizes_of = [](const std::string& text) {
+    Sizes out;
+    auto after = [&text](const std::string& key, int fallback) {
+      const auto at = text.find(key);
+      return at == std::string::npos ? fallback : std::stoi(text.substr(at + key.size()));
+    };
+    if (text.rfind("tp", 0) == 0) out.tp = std::stoi(text.substr(2));
+    if (text.rfind("ep", 0) == 0) out.ep = std::stoi(text.substr(2));
+    out.pp = after("pp", 1);
+    out.v = after("-v", 1);
+    out.cp = after("cp", 1);
+    out.sp = text.find("-sp") != std::string::npos;
+    out.zero = text.find("-zero") != std::string::npos;
+    return out;
+  };
+  const Sizes second = sizes_of(reload.empty() ? layout : reload);
+  const int layers = std::max({2, pp * virtual_chunks, second.pp * second.v});
   const int ep = expert_layout ? std::stoi(layout.substr(2)) : 1;
   // "...-cpN" or "cpN...": context parallelism over N ranks.
   const auto cp_at = layout.find("cp");
@@ -378,6 +408,12 @@ int check_tensor_parallel(const neva::World& world, const std::string& layout) {
   neva::Recipe split = neva::parse_recipe(
       neva::ConfigDocument::parse(recipe_text(tp, sp, ep, pp, virtual_chunks), "tp test"), dir, options);
   split.model.parallel.context = cp;  // (a recipe takes it in train mode only; this one is inspect's)
+  std::optional<neva::Recipe> other;
+  if (!reload.empty()) {
+    other = neva::parse_recipe(
+        neva::ConfigDocument::parse(recipe_text(second.tp, second.sp, second.ep, second.pp, second.v), "tp test"), dir, options);
+    other->model.parallel.context = second.cp;
+  }
   neva::test::Float64 precision;
   struct Replica {
     neva::RuntimeContext context;
@@ -394,7 +430,7 @@ int check_tensor_parallel(const neva::World& world, const std::string& layout) {
     trainer_options.optim.lr = 1e-3;
     trainer_options.optim.max_steps = 10;
     trainer_options.optim.clip_grad = 0.05;  // clipping active: the gradient norm must be the whole model's
-    trainer_options.optim.distributed = zero && &recipe == &split;
+    trainer_options.optim.distributed = (zero && &recipe == &split) || (other && &recipe == &*other && second.zero);
     trainer_options.title = "tp";
     trainer_options.collective_timeout = std::chrono::seconds(60);
     r.trainer = std::make_unique<neva::Trainer>(*r.model, precision, r.context, trainer_options);
@@ -481,30 +517,77 @@ int check_tensor_parallel(const neva::World& world, const std::string& layout) {
     }
   }
   // What a checkpoint holds: every tensor whole (shards, stages and ZeRO-1 shares gathered), with its
-  // AdamW moments, on the first stage.
-  {
-    const neva::Trainer::State expected = reference.trainer->gather_state();
-    const neva::Trainer::State got = parallel.trainer->gather_state();
-    bool same = true;
-    if (first_stage) {
-      for (const auto* lists : {&expected.weights, &expected.moments}) {
-        const auto& other = lists == &expected.weights ? got.weights : got.moments;
-        std::map<std::string, at::Tensor> by_name(other.begin(), other.end());
-        std::size_t compared = 0;
-        for (const auto& [name, tensor] : *lists) {
-          if (name.rfind("rng.", 0) == 0) continue;
-          ++compared;
-          const auto found = by_name.find(name);
-          if (found == by_name.end() || !found->second.sizes().equals(tensor.sizes()) ||
-              (found->second.to(at::kDouble) - tensor.to(at::kDouble)).abs().max().item<double>() > 1e-10) {
-            if (world.rank == 0) std::cout << "checkpoint tensor " << name << " differs or is missing" << std::endl;
-            same = false;
-          }
-        }
-        same = same && by_name.size() == compared + (lists == &expected.moments ? 1 : 0);  // + rng.cpu
+  // AdamW moments, on the first stage. The largest difference between two such states (infinite when
+  // their tensors differ in names or shapes).
+  auto state_difference = [](const neva::Trainer::State& a, const neva::Trainer::State& b) {
+    double worst = 0;
+    for (const auto& [mine, theirs] : {std::pair{&a.weights, &b.weights}, std::pair{&a.moments, &b.moments}}) {
+      std::map<std::string, at::Tensor> by_name;
+      for (const auto& [name, tensor] : *theirs) {
+        if (name.rfind("rng.", 0) != 0) by_name.emplace(name, tensor);
       }
+      std::size_t compared = 0;
+      for (const auto& [name, tensor] : *mine) {
+        if (name.rfind("rng.", 0) == 0) continue;
+        ++compared;
+        const auto found = by_name.find(name);
+        if (found == by_name.end() || !found->second.sizes().equals(tensor.sizes())) {
+          std::cout << "checkpoint tensor " << name << " is missing or shaped otherwise" << std::endl;
+          return std::numeric_limits<double>::infinity();
+        }
+        worst = std::max(worst, (found->second.to(at::kDouble) - tensor.to(at::kDouble)).abs().max().item<double>());
+      }
+      if (compared != by_name.size()) return std::numeric_limits<double>::infinity();
     }
-    report(world, layout + " checkpoint state", same);
+    return worst;
+  };
+  const neva::Trainer::State expected = reference.trainer->gather_state();
+  const neva::Trainer::State got = parallel.trainer->gather_state();
+  report(world, layout + " checkpoint state", !first_stage || state_difference(expected, got) <= 1e-10);
+  // Distributed checkpoints: what this layout saves, one process reads back, and what one process
+  // saves, this layout reads back — every tensor and moment exactly (resharding moves bytes only).
+  {
+    const char* port = std::getenv("MASTER_PORT");
+    const fs::path shared = fs::temp_directory_path() / ("neva-dcp-" + std::string(port ? port : "0"));
+    const fs::path from_layout = shared / "layout", from_one = shared / "one";
+    auto barrier = [&] {
+      if (parallel.context.groups.world) parallel.context.groups.world->barrier().wait();
+    };
+    if (world.rank == 0) {
+      fs::create_directories(from_layout);
+      fs::create_directories(from_one);
+    }
+    barrier();
+    const nlohmann::json content = parallel.trainer->save(from_layout, {0});
+    if (world.rank == 0) {
+      neva::CheckpointManager::write_manifest(from_layout, 2, content);
+      neva::CheckpointManager::write_manifest(from_one, 2, reference.trainer->save(from_one, {0}));
+    }
+    barrier();
+    Replica read_alone, read_split;
+    make(read_alone, alone, neva::World());
+    make(read_split, split, world);
+    read_alone.trainer->restore(from_layout);
+    read_split.trainer->restore(from_one);
+    const double to_one = state_difference(got, read_alone.trainer->gather_state());
+    const neva::Trainer::State resharded = read_split.trainer->gather_state();
+    const double to_layout = first_stage ? state_difference(expected, resharded) : 0;
+    std::cout << "rank " << world.rank << " " << layout << " checkpoint round trips: to one process " << to_one
+              << ", from one process " << to_layout << std::endl;
+    report(world, layout + " distributed checkpoint read by one process", !first_stage || to_one == 0);
+    report(world, layout + " one process's checkpoint read by this layout", to_layout == 0);
+    if (other) {  // straight from this layout to another
+      Replica read_other;
+      make(read_other, *other, world);
+      read_other.trainer->restore(from_layout);
+      const neva::Trainer::State resharded_state = read_other.trainer->gather_state();
+      const bool complete = neva::group_rank(read_other.context.groups.pipeline) == 0;
+      const double difference = complete ? state_difference(read_alone.trainer->gather_state(), resharded_state) : 0;
+      std::cout << "rank " << world.rank << " " << layout << " then " << reload << ": difference " << difference << std::endl;
+      report(world, layout + " then " + reload + " checkpoint resharded", difference == 0);
+    }
+    barrier();
+    if (world.rank == 0) fs::remove_all(shared);
   }
   // Greedy decoding with the KV cache (generation runs without sequence or context parallelism).
   if (!sp && cp == 1) {
@@ -544,6 +627,7 @@ int main(int argc, char** argv) {
     if (argc == 6 && std::string(argv[1]) == "groups") return check_groups(world, argv + 2);
     if (argc == 2 && std::string(argv[1]) == "dp_train") return check_data_parallel(world);
     if (argc == 3 && std::string(argv[1]) == "tp_train") return check_tensor_parallel(world, argv[2]);
+    if (argc == 4 && std::string(argv[1]) == "tp_train") return check_tensor_parallel(world, argv[2], argv[3]);
     const int n = world.size, me = world.rank;
     std::vector<int> everyone(n);
     for (int rank = 0; rank < n; ++rank) everyone[rank] = rank;

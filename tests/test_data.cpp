@@ -352,3 +352,23 @@ TEST_CASE("data-parallel shards: each replica reads its residue class of the str
   CHECK_THROWS_WITH_AS(neva::TrainingData({{path.string(), 1.0}}, tokenizer, format_for("v1", dir), options),
                        doctest::Contains("data shard 2 of 2"), neva::Error);
 }
+
+TEST_CASE("resuming under another data-parallel size starts where no replica has read, and counts what is read again") {
+  // Two aligned replicas after 4 samples each (0, 2, 4, 6 and 1, 3, 5, 7): nothing lost or repeated.
+  auto aligned = neva::resume_point({7, 8});
+  CHECK(aligned.position == 8);
+  CHECK(aligned.repeated == 0);
+  // One replica: its own end.
+  CHECK(neva::resume_point({13}).position == 13);
+  CHECK(neva::resume_point({13}).repeated == 0);
+  // Replica 1 read ahead (a skipped bad sample replaced from its shard: 1, 3, 5, 7, 9): position 8,
+  // and sample 9 is read again.
+  auto ahead = neva::resume_point({7, 10});
+  CHECK(ahead.position == 8);
+  CHECK(ahead.repeated == 1);
+  // Three replicas, one behind: 0 3 6 | 1 4 7 10 | 2 5 8 -> the first unread is 9 (replica 0's next).
+  auto three = neva::resume_point({7, 11, 9});
+  CHECK(three.position == 9);
+  CHECK(three.repeated == 1);  // 10
+  CHECK(neva::resume_point({}).position == 0);
+}

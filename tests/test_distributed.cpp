@@ -134,7 +134,8 @@ static void check_tensor_parallel(int ranks, const std::string& layout) {
   for (int rank = 0; rank < ranks; ++rank) {
     const std::string prefix = "rank " + std::to_string(rank) + "/" + std::to_string(ranks) + " ";
     CHECK(result.out.find(prefix + "tp groups ok") != std::string::npos);
-    for (const char* check : {" loss", " gradients", " weights", " vision gradients identical", " checkpoint state"}) {
+    for (const char* check : {" loss", " gradients", " weights", " vision gradients identical", " checkpoint state",
+                              " distributed checkpoint read by one process", " one process's checkpoint read by this layout"}) {
       CHECK(result.out.find(prefix + layout + check + " ok") != std::string::npos);
     }
     if (layout.find("-sp") == std::string::npos && layout.find("cp") == std::string::npos) {  // generation: without SP or CP
@@ -199,6 +200,27 @@ TEST_CASE("pipeline parallelism: 1F1B and interleaved 1F1B over PP2 and PP4, wit
   SUBCASE("TP2 + SP x PP2, tied embeddings, recomputation") { check_tensor_parallel(4, "tp2-sp-tied-recompute-pp2"); }
   SUBCASE("CP2 x PP2, packed rows") { check_tensor_parallel(4, "cp2-packed-pp2"); }
   SUBCASE("PP2 x DP2 with ZeRO-1, interleaved") { check_tensor_parallel(4, "pp2-zero-v2"); }
+}
+
+// Distributed checkpoints (dist_worker.cpp): what LAYOUT saves after two float64 steps, RELOAD (the
+// same model and world, another layout) reads back: every weight, moment and step exactly as saved
+// (and, in every check_tensor_parallel run, to and from one process).
+static void check_resharding(int ranks, const std::string& layout, const std::string& reload) {
+  auto result = launch(ranks, " tp_train " + layout + " " + reload);
+  INFO("ranks: " << ranks << ", " << layout << " then " << reload << "\nstdout: " << result.out << "\nstderr: " << result.err);
+  CHECK(result.exit_code == 0);
+  for (int rank = 0; rank < ranks; ++rank) {
+    const std::string prefix = "rank " + std::to_string(rank) + "/" + std::to_string(ranks) + " ";
+    CHECK(result.out.find(prefix + layout + " then " + reload + " checkpoint resharded ok") != std::string::npos);
+  }
+}
+
+TEST_CASE("distributed checkpoints: saved under one layout, read exactly under another (float64)") {
+  SUBCASE("TP2 -> PP2") { check_resharding(2, "tp2", "pp2"); }
+  SUBCASE("TP2 x DP2 -> TP4 + SP (KV heads shared by two ranks)") { check_resharding(4, "tp2", "tp4-sp"); }
+  SUBCASE("PP2 x DP2 interleaved with ZeRO-1 -> TP2 x PP2") { check_resharding(4, "pp2-zero-v2", "tp2-pp2"); }
+  SUBCASE("EP2 x DP2 -> EP4") { check_resharding(4, "ep2", "ep4"); }
+  SUBCASE("CP2 x DP2 with ZeRO-1 -> TP2 + SP x DP2 with ZeRO-1") { check_resharding(4, "cp2-zero", "tp2-sp-zero"); }
 }
 
 TEST_CASE("without launcher variables the world is this process alone") {

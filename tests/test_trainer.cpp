@@ -8,6 +8,7 @@
 #include "neva/io/json.h"
 #include "neva/model/llava.h"
 #include "neva/train/loss.h"
+#include "neva/train/checkpoints.h"
 #include "neva/train/trainer.h"
 #include "float64_precision.h"
 #include "random_sample.h"
@@ -163,7 +164,7 @@ TEST_CASE("trainer: a run resumed from the trainer's saved state continues bitwi
     Setup first("moe");
     neva::Trainer trainer(*first.model, first.precision, first.context, first.options());
     for (int step = 0; step < 2; ++step) (void)trainer.train_step({neva::collate(steps[step], false, 0)});
-    trainer.save(dir.path(), {42});
+    neva::CheckpointManager::write_manifest(dir.path(), 2, trainer.save(dir.path(), {42}));
   }
   Setup resumed("moe");
   // Another seed: every weight, moment and the generator must come from the checkpoint.
@@ -176,7 +177,7 @@ TEST_CASE("trainer: a run resumed from the trainer's saved state continues bitwi
   CHECK(resumed.context.generator.current_seed() == straight.context.generator.current_seed());
   // Data parallelism: every replica's data position is kept (rank 0's also as consumed_samples).
   neva::test::TempDir replicas;
-  trainer.save(replicas.path(), {30, 31, 32});
+  neva::CheckpointManager::write_manifest(replicas.path(), 3, trainer.save(replicas.path(), {30, 31, 32}));
   CHECK(trainer.restore(replicas.path()) == std::vector<std::uint64_t>{30, 31, 32});
   CHECK(neva::read_json_file((replicas.path() / "trainer_state.json").string())["consumed_samples"] == 30);
 }

@@ -9,6 +9,7 @@
 #include <iostream>
 #include <nlohmann/json.hpp>
 
+#include "checkpoint_tool.h"
 #include "demo.h"
 #include "inference.h"
 #include "inspect.h"
@@ -110,7 +111,9 @@ int main(int argc, char** argv) {
       "                                                      train a tiny NeVA on synthetic shapes (both stages),\n"
       "                                                      answer questions on held-out images; exit 1 below 90%\n"
       "  neva-run validate RECIPE.toml [--set ...]           check a recipe without running it\n"
-      "  neva-run plugins [--json]                           list the plugins found\n\n"
+      "  neva-run plugins [--json]                           list the plugins found\n"
+      "  neva-run checkpoint inspect DIR [--json]            a checkpoint's layout, tensors and pieces; checks its\n"
+      "                                                      files' sizes and SHA-256 (exit 1 when damaged)\n\n"
       "Plugins are searched in run.plugin_paths, --plugin-path, NEVA_PLUGIN_PATH and the install\n"
       "directory, never the current directory. Recipe keys: docs/recipes.md; example recipes: configs/.\n"
       "Check a plugin of your own with neva-conformance PLUGIN.so (docs/plugins.md).\n"
@@ -164,6 +167,16 @@ int main(int argc, char** argv) {
   plugins->add_option("--plugin-path", plugin_paths, "Search this plugin directory first (repeatable)")
       ->type_name("DIR");
 
+  auto* checkpoint = app.add_subcommand("checkpoint", "Tools for training checkpoints (docs/checkpoint-format.md)");
+  checkpoint->require_subcommand(1);
+  auto* checkpoint_inspect = checkpoint->add_subcommand(
+      "inspect", "Print a checkpoint's layout, tensors and pieces, and check its files against the manifest");
+  std::string checkpoint_dir;
+  checkpoint_inspect->add_option("dir", checkpoint_dir, "A step directory, or a run directory (its latest checkpoint)")
+      ->required()
+      ->type_name("DIR");
+  checkpoint_inspect->add_flag("--json", json, "Machine-readable output");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp&) {
@@ -182,7 +195,7 @@ int main(int argc, char** argv) {
 
   try {
     if (nproc_per_node > 1) {
-      if (recipe_path.empty() || *demo || *validate || *plugins) {
+      if (recipe_path.empty() || *demo || *validate || *plugins || *checkpoint) {
         std::cerr << "neva-run: --nproc-per-node goes with a recipe to run (neva-run --nproc-per-node N RECIPE.toml)\n";
         return kExitUsage;
       }
@@ -198,7 +211,9 @@ int main(int argc, char** argv) {
       }
       return neva::launch_workers(nproc_per_node, arguments);
     }
-    if (*plugins) {
+    if (*checkpoint_inspect) {
+      return neva::inspect_checkpoint(checkpoint_dir, json, std::cout, std::cerr);
+    } else if (*plugins) {
       list_plugins(plugin_paths, json);
     } else if (*validate) {
       neva::Recipe recipe = load(recipe_path, overrides, plugin_paths);

@@ -432,14 +432,24 @@ TrainSummary train_replica(const Recipe& recipe, const std::string& title, const
 
   // Resume: weights, optimizer moments, step, every replica's data position, RNG.
   std::uint64_t position = 0;
+  std::string progress_message_later;
   if (resume_from) {
     const std::vector<std::uint64_t> positions = trainer.restore(*resume_from);
-    if (static_cast<int>(positions.size()) != replicas) {
-      throw Error(resume_from->string() + " was saved by " + std::to_string(positions.size()) +
-                  " data-parallel replica(s), and this run has " + std::to_string(replicas) +
-                  "; resuming under another data-parallel size is not implemented yet (launch as many processes)");
+    if (static_cast<int>(positions.size()) == replicas) {
+      position = positions[replica];
+    } else {
+      // Another data-parallel size: every replica starts where the first sample no replica has read
+      // lies, and reads its share of the stream from there (the global batches then follow as an
+      // uninterrupted run of this size would read them).
+      const ResumePoint point = resume_point(positions);
+      position = point.position;
+      progress_message_later = "the checkpoint was saved by " + std::to_string(positions.size()) +
+                               " data-parallel replica(s), this run has " + std::to_string(replicas) +
+                               ": every replica resumes at data position " + std::to_string(point.position) +
+                               (point.repeated > 0 ? " (" + std::to_string(point.repeated) +
+                                                         " sample(s) a replica had read beyond it are read again)"
+                                                   : "");
     }
-    position = positions[replica];
   }
   std::int64_t step = trainer.step();
 
@@ -482,6 +492,7 @@ TrainSummary train_replica(const Recipe& recipe, const std::string& title, const
   std::optional<Metrics> metrics;
   if (leader) metrics.emplace(summary.run_dir / "metrics.jsonl", step);
   if (resume_from) progress.message("resumed from " + resume_from->string() + " (step " + std::to_string(step) + ")");
+  if (!progress_message_later.empty()) progress.message(progress_message_later);
   const int stages = group_size(context.groups.pipeline);
   const bool model_parallel = group_size(context.groups.tensor) * stages * group_size(context.groups.expert) > 1;
   progress.message(std::to_string(trainer.trained().size()) + " tensors trained (" +
@@ -503,9 +514,8 @@ TrainSummary train_replica(const Recipe& recipe, const std::string& title, const
                    ", optimizer state " + mib(trainer.optimizer_state_bytes()) + " MiB per rank" +
                    (trainer.distributed_optimizer() ? " (ZeRO-1: 1/" + std::to_string(replicas) + " of it)" : ""));
 
-  // Every replica's data position goes into the checkpoint rank 0 writes (the rest of the state is
-  // the same on every replica).
-  // The whole tensors: gathered from their shards (tensor parallelism) and shares (ZeRO-1) by every rank.
+  // A distributed checkpoint: rank 0 prepares the step's directory, every rank writes what it owns
+  // (with every replica's data position in rank 0's trainer state), rank 0 commits once all are on disk.
   auto save = [&](std::int64_t at_step) {
     std::vector<std::uint64_t> positions{position};
     if (replicas > 1) {
@@ -515,10 +525,11 @@ TrainSummary train_replica(const Recipe& recipe, const std::string& title, const
       all = all.cpu();
       positions.assign(all.data_ptr<std::int64_t>(), all.data_ptr<std::int64_t>() + replicas);
     }
-    const Trainer::State state = trainer.gather_state();  // a collective (tensor parallelism, ZeRO-1)
-    if (!leader) return;
-    checkpoints->save(at_step, recipe.exp_manager.save_top_k,
-                      [&](const fs::path& directory) { trainer.save(directory, positions, state); });
+    const fs::path directory = summary.run_dir / "checkpoints" / CheckpointManager::step_name(at_step);
+    if (leader) checkpoints->prepare(at_step);
+    if (everyone) everyone->barrier().wait(collective);
+    const json content = trainer.save(directory, positions);  // a collective
+    if (leader) checkpoints->commit(at_step, recipe.exp_manager.save_top_k, content);
   };
 
   // Token dropping (moe_expert_capacity_factor): the MoE layers that drop, whose counts each step

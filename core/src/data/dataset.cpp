@@ -489,4 +489,20 @@ TrainingBatch TrainingData::next() {
   return std::move(item.batch);
 }
 
+ResumePoint resume_point(const std::vector<std::uint64_t>& end_positions) {
+  ResumePoint point;
+  if (end_positions.empty()) return point;
+  const auto d = static_cast<std::uint64_t>(end_positions.size());
+  auto next_own = [d](std::uint64_t end, std::uint64_t r) { return end + (r + d - end % d) % d; };  // >= end, == r mod d
+  point.position = next_own(end_positions[0], 0);
+  for (std::uint64_t r = 1; r < d; ++r) point.position = std::min(point.position, next_own(end_positions[r], r));
+  for (std::uint64_t r = 0; r < d; ++r) {
+    // Read by replica r at or beyond the point: p in [position, end) with p == r mod d.
+    if (end_positions[r] <= point.position) continue;
+    const std::uint64_t first = next_own(point.position, r);
+    if (first < end_positions[r]) point.repeated += (end_positions[r] - 1 - first) / d + 1;
+  }
+  return point;
+}
+
 }  // namespace neva

@@ -483,7 +483,15 @@ std::shared_ptr<ProcessGroup> new_group(const World& world, const std::string& n
 
   int rank = static_cast<int>(self - global_ranks.begin());
   int size = static_cast<int>(global_ranks.size());
-  auto store = c10::make_intrusive<c10d::PrefixStore>(name, world.store);
+  // A group built again under the same name (a second model in one job: a test's fresh copy, a tool)
+  // rendezvouses under its own keys: its n-th creation with these members on this rank, counted in the
+  // store itself (every member creates the same groups in the same order, as torch.distributed's
+  // group count).
+  std::string members;
+  for (int rank : global_ranks) members += (members.empty() ? "" : ",") + std::to_string(rank);
+  const std::int64_t creation =
+      world.store->add("neva/created/" + name + "/" + members + "/" + std::to_string(world.rank), 1);
+  auto store = c10::make_intrusive<c10d::PrefixStore>(name + "[" + members + "]#" + std::to_string(creation), world.store);
   c10::intrusive_ptr<c10d::Backend> backend;
   try {
     if (device.is_cuda()) {

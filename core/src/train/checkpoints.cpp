@@ -16,6 +16,7 @@
 #include "neva/io/atomic_file.h"
 #include "neva/error.h"
 #include "neva/io/json.h"
+#include "neva/train/distributed_checkpoint.h"
 
 namespace neva {
 
@@ -26,7 +27,6 @@ namespace {
 
 constexpr const char* kManifest = "manifest.json";
 constexpr const char* kFormat = "neva-checkpoint";
-constexpr int kFormatVersion = 1;
 
 std::string hostname() {
   char name[256] = {};
@@ -157,9 +157,9 @@ std::string CheckpointManager::verify(const fs::path& directory) {
       !manifest["files"].is_object()) {
     return manifest_path.string() + ": not a neva checkpoint manifest";
   }
-  if (!manifest["version"].is_number_integer() || manifest["version"].get<int>() > kFormatVersion) {
+  if (!manifest["version"].is_number_integer() || manifest["version"].get<int>() > kCheckpointFormatVersion) {
     return manifest_path.string() + ": written by a newer neva (manifest version " + json_excerpt(manifest["version"]) +
-           ", this neva reads " + std::to_string(kFormatVersion) + ")";
+           ", this neva reads " + std::to_string(kCheckpointFormatVersion) + ")";
   }
   for (const auto& [name, file] : manifest["files"].items()) {
     if (name.empty() || name.find('/') != std::string::npos || name == "." || name == ".." || !file.is_object() ||
@@ -244,26 +244,46 @@ std::optional<fs::path> CheckpointManager::find_latest() {
   return std::nullopt;
 }
 
-void CheckpointManager::save(std::int64_t step, std::int64_t keep,
-                             const std::function<void(const fs::path&)>& write) {
+fs::path CheckpointManager::prepare(std::int64_t step) {
   const fs::path path = directory_ / step_name(step);
-  if (latest_ && *latest_ == path) return;  // this very step is already committed
-  fs::remove_all(path);                     // an interrupted or damaged save of the same step
+  if (latest_ && *latest_ == path) {
+    throw Error(path.string() + " is committed already; a second save of step " + std::to_string(step) + " would replace it");
+  }
+  fs::remove_all(path);  // an interrupted or damaged save of the same step
   fs::create_directories(path);
-  write(path);
-  json files = json::object();
-  for (const auto& entry : fs::directory_iterator(path)) {
+  return path;
+}
+
+void CheckpointManager::write_manifest(const fs::path& directory, std::int64_t step, json content) {
+  if (!content.is_object()) content = json::object();
+  json& files = content["files"];
+  if (!files.is_object()) files = json::object();
+  for (const auto& entry : fs::directory_iterator(directory)) {
     if (!entry.is_regular_file()) continue;
     const std::string name = entry.path().filename().string();
-    if (name.front() == '.') continue;  // an atomic writer's temporary, never part of the checkpoint
+    if (name.front() == '.' || name == kManifest || files.contains(name)) continue;  // temporaries; listed ones
     files[name] = {{"bytes", entry.file_size()}, {"sha256", sha256_file(entry.path())}};
   }
-  const json manifest = {{"format", kFormat}, {"version", kFormatVersion}, {"step", step}, {"files", files}};
-  write_file_atomically((path / kManifest).string(), manifest.dump(2) + "\n");  // the commit
+  content["format"] = kFormat;
+  content["version"] = kCheckpointFormatVersion;
+  content["step"] = step;
+  write_file_atomically((directory / kManifest).string(), content.dump(2) + "\n");  // the commit
+}
+
+void CheckpointManager::commit(std::int64_t step, std::int64_t keep, json content) {
+  const fs::path path = directory_ / step_name(step);
+  write_manifest(path, step, std::move(content));
   sync_directory(directory_.string());  // step-N's entry is durable before the marker names it
   write_file_atomically((directory_ / "latest").string(), path.filename().string() + "\n");
   latest_ = path;
   prune(step, keep);
+}
+
+void CheckpointManager::save(std::int64_t step, std::int64_t keep, const std::function<void(const fs::path&)>& write) {
+  const fs::path path = directory_ / step_name(step);
+  if (latest_ && *latest_ == path) return;  // this very step is already committed
+  write(prepare(step));
+  commit(step, keep);
 }
 
 void CheckpointManager::prune(std::int64_t committed_step, std::int64_t keep) {

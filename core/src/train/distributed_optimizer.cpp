@@ -183,4 +183,36 @@ void DistributedOptimizer::restore(const std::vector<at::Tensor>& main, const st
   }
 }
 
+std::vector<DistributedOptimizer::Share> DistributedOptimizer::shares() const {
+  std::vector<Share> out;
+  for (std::size_t p = 0; p < pieces_.size(); ++p) {
+    Share share{pieces_[p].tensor, pieces_[p].tensor_offset, pieces_[p].length, piece_mains_[p], {}, {}};
+    if (optimizer_) {
+      auto found = optimizer_->state().find(piece_mains_[p].unsafeGetTensorImpl());
+      if (found != optimizer_->state().end()) {
+        const auto& moment = static_cast<const torch::optim::AdamWParamState&>(*found->second);
+        share.exp_avg = moment.exp_avg();
+        share.exp_avg_sq = moment.exp_avg_sq();
+      }
+    }
+    out.push_back(std::move(share));
+  }
+  return out;
+}
+
+void DistributedOptimizer::reset_state(std::int64_t steps) {
+  at::NoGradGuard no_grad;
+  steps_ = steps;
+  if (!optimizer_) return;
+  optimizer_->state().clear();
+  if (steps == 0) return;
+  for (const auto& main : piece_mains_) {
+    auto moment = std::make_unique<torch::optim::AdamWParamState>();
+    moment->step(steps);
+    moment->exp_avg(at::zeros_like(main, at::MemoryFormat::Contiguous));
+    moment->exp_avg_sq(at::zeros_like(main, at::MemoryFormat::Contiguous));
+    optimizer_->state()[main.unsafeGetTensorImpl()] = std::move(moment);
+  }
+}
+
 }  // namespace neva

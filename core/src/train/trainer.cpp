@@ -18,6 +18,7 @@
 #include "neva/nn/linear.h"
 #include "neva/parallel/context_parallel.h"
 #include "neva/parallel/process_group.h"
+#include "neva/train/distributed_checkpoint.h"
 #include "neva/train/loss.h"
 
 namespace neva {
@@ -570,17 +571,98 @@ Trainer::State Trainer::gather_state() const {
   return state;
 }
 
-void Trainer::save(const fs::path& directory, const std::vector<std::uint64_t>& consumed_samples) const {
-  save(directory, consumed_samples, gather_state());
+bool Trainer::writes(const TrainedTensor& t, std::size_t index) const {
+  // One owner per replicated piece: the first rank of the replicas (the data-parallel ranks, or
+  // the expert-data ones for an expert), of the tensor-parallel ranks holding the same shard, and the
+  // first stage for tied embeddings.
+  const int tp = group_size(context_.groups.tensor), tp_rank = group_rank(context_.groups.tensor);
+  const auto& s = t.sharding;
+  const bool split = s.tensor_parallel_dim >= 0 && tp > 1;
+  if (split ? tp_rank % s.tensor_parallel_replicas != 0 : tp_rank != 0) return false;
+  if (std::find(tied_embeddings_.begin(), tied_embeddings_.end(), index) != tied_embeddings_.end() &&
+      s.pipeline_stage != 0) {
+    return false;
+  }
+  return true;
 }
 
-void Trainer::save(const fs::path& directory, const std::vector<std::uint64_t>& consumed_samples,
-                   const State& gathered) const {
+std::vector<CheckpointPiece> Trainer::state_pieces(bool owned) const {
+  std::vector<CheckpointPiece> out;
+  const int tp = group_size(context_.groups.tensor), tp_rank = group_rank(context_.groups.tensor);
+  const std::shared_ptr<ProcessGroup>& dense_group =
+      group_size(context_.groups.context) > 1 ? context_.groups.data_and_context : context_.groups.data;
+  const bool first_dense = group_rank(dense_group) == 0, first_expert = group_rank(context_.groups.expert_data) == 0;
+  auto add = [&out](const std::string& name, const std::vector<std::int64_t>& shape, TensorRegion region, at::Tensor data) {
+    out.push_back({name, shape, std::move(region), std::move(data)});
+  };
+  std::vector<std::vector<ShardSegment>> segments;
+  for (const auto& t : trained_) segments.push_back(shard_segments(t.main.sizes().vec(), t.sharding, tp_rank, tp));
+  if (distributed_) {  // ZeRO-1: each data-parallel rank its shares (flat runs of its tensor-parallel shards)
+    for (const auto& share : distributed_->shares()) {
+      const TrainedTensor& t = trained_[share.tensor];
+      if (owned && !writes(t, share.tensor)) continue;
+      const std::vector<std::int64_t> shape = nn::whole_shape(t.main, t.sharding, tp);
+      for (const auto& [region, start] : flat_regions(segments[share.tensor], t.main.sizes().vec(), share.offset, share.length)) {
+        add(t.name, shape, region, share.main.narrow(0, start, region.numel()));
+        if (!share.exp_avg.defined()) continue;
+        add("exp_avg." + t.name, shape, region, share.exp_avg.narrow(0, start, region.numel()));
+        add("exp_avg_sq." + t.name, shape, region, share.exp_avg_sq.narrow(0, start, region.numel()));
+      }
+    }
+    for (std::size_t i = 0; i < trained_.size() && distributed_->steps() > 0; ++i) {
+      if (owned && !(first_dense && tp_rank == 0 && writes(trained_[i], i))) continue;
+      add("step." + trained_[i].name, {}, whole_region({}), at::scalar_tensor(distributed_->steps(), at::kLong));
+    }
+    return out;
+  }
+  for (std::size_t i = 0; i < trained_.size(); ++i) {
+    const TrainedTensor& t = trained_[i];
+    if (owned && !((t.sharding.expert >= 0 ? first_expert : first_dense) && writes(t, i))) continue;
+    const std::vector<std::int64_t> shape = nn::whole_shape(t.main, t.sharding, tp);
+    auto found = optimizer_->state().find(t.main.unsafeGetTensorImpl());
+    const auto* moment = found == optimizer_->state().end()
+                             ? nullptr
+                             : static_cast<const torch::optim::AdamWParamState*>(found->second.get());
+    for (const ShardSegment& segment : segments[i]) {
+      auto part = [&segment](const at::Tensor& local) {
+        return local.dim() == 0 ? local : local.narrow(segment.dim, segment.local_begin, segment.length);
+      };
+      add(t.name, shape, segment.box, part(t.main));
+      if (!moment) continue;
+      add("exp_avg." + t.name, shape, segment.box, part(moment->exp_avg()));
+      add("exp_avg_sq." + t.name, shape, segment.box, part(moment->exp_avg_sq()));
+    }
+    // A tensor that never had a gradient (an expert no token reached) has no optimizer state yet.
+    if (moment && (!owned || tp_rank == 0)) add("step." + t.name, {}, whole_region({}), at::scalar_tensor(moment->step(), at::kLong));
+  }
+  return out;
+}
+
+json Trainer::save(const fs::path& directory, const std::vector<std::uint64_t>& consumed_samples) const {
   if (consumed_samples.empty()) throw Error("Trainer::save: no data position given");
-  const auto& weights = gathered.weights;
-  const auto& moments = gathered.moments;
-  write_safetensors((directory / "model.safetensors").string(), weights, {{"format", "pt"}});
-  write_safetensors((directory / "optimizer.safetensors").string(), moments);
+  at::NoGradGuard no_grad;
+  const std::shared_ptr<ProcessGroup>& world = context_.groups.world;
+  const int rank = group_rank(world);
+  const auto& g = context_.groups;
+  for (const auto* group : {&g.data, &g.tensor, &g.pipeline, &g.context, &g.expert}) {
+    if (group_size(*group) > group_size(world)) {
+      throw Error("Trainer::save: the runtime context's groups.world is not set while other groups span " +
+                  std::to_string(group_size(*group)) + " ranks; every rank writes its part of the checkpoint and rank 0 "
+                  "of the world commits it");
+    }
+  }
+  std::vector<std::pair<std::string, at::Tensor>> own{{"rng.cpu", context_.generator.get_state()}};
+  if (!context_.device.is_cpu()) {
+    own.emplace_back(rng_key(context_.device), at::globalContext().defaultGenerator(context_.device).get_state());
+  }
+  const json mine = write_rank_shard(directory, rank, state_pieces(/*owned=*/true), own);
+  // Every rank's file is on disk (fsynced) before rank 0 learns of it: the manifest, written after
+  // this, commits only complete checkpoints.
+  const std::vector<std::string> every = all_gather_text(world, mine.dump(), context_.device);
+  if (rank != 0) return nullptr;
+  std::vector<json> ranks;
+  for (const auto& text : every) ranks.push_back(json::parse(text));
+  json manifest = merge_rank_shards(ranks);
   json state = {{"step", step_},
                 {"consumed_samples", consumed_samples.front()},
                 {"loss_window", guard_.window()},
@@ -590,12 +672,20 @@ void Trainer::save(const fs::path& directory, const std::vector<std::uint64_t>& 
                 {"recipe", options_.source}};
   if (consumed_samples.size() > 1) state["consumed_samples_per_replica"] = consumed_samples;
   write_file_atomically((directory / "trainer_state.json").string(), state.dump(2) + "\n");
+  manifest["layout"] = {{"world_size", group_size(world)},
+                        {"tensor_model_parallel_size", group_size(context_.groups.tensor)},
+                        {"pipeline_model_parallel_size", group_size(context_.groups.pipeline)},
+                        {"virtual_pipeline_model_parallel_size", model_.pipeline_chunks()},
+                        {"context_parallel_size", group_size(context_.groups.context)},
+                        {"expert_model_parallel_size", group_size(context_.groups.expert)},
+                        {"data_parallel_size", group_size(context_.groups.data)},
+                        {"distributed_optimizer", distributed_ != nullptr}};
+  return manifest;
 }
 
 std::vector<std::uint64_t> Trainer::restore(const fs::path& directory) {
   at::NoGradGuard no_grad;
-  SafetensorsCheckpoint weights((directory / "model.safetensors").string());
-  SafetensorsCheckpoint moments((directory / "optimizer.safetensors").string());
+  const CheckpointReader checkpoint(directory);
   const std::string state_path = (directory / "trainer_state.json").string();
   const json state = read_json_file(state_path);
   std::vector<std::uint64_t> positions;
@@ -622,43 +712,64 @@ std::vector<std::uint64_t> Trainer::restore(const fs::path& directory) {
     throw Error(state_path + ": malformed trainer state: " + json_error_reason(malformed));
   }
   const int tp = group_size(context_.groups.tensor), tp_rank = group_rank(context_.groups.tensor);
-  std::vector<at::Tensor> zero_main, zero_first, zero_second;  // ZeRO-1: this rank's tensor-parallel shards, whole
-  std::int64_t zero_steps = 0;
+  // Whatever layout wrote it: every tensor there, whole shapes as this model's.
+  std::int64_t steps = 0;
   for (const auto& t : trained_) {
-    if (!weights.contains(t.name)) {
-      throw Error(weights.path() + ": has no tensor '" + t.name + "', which this recipe trains; was the checkpoint " +
-                  "written by a recipe that froze other components?");
+    if (!checkpoint.contains(t.name)) {
+      throw Error(directory.string() + ": the checkpoint has no tensor '" + t.name + "', which this recipe trains; was " +
+                  "it written by a recipe that froze other components, or by another model?");
     }
-    // Whole tensors in the files; this rank keeps its shard (tensor parallelism).
     const std::vector<std::int64_t> whole = nn::whole_shape(t.main, t.sharding, tp);
-    const std::int64_t extent = t.sharding.tensor_parallel_dim >= 0 ? t.main.size(t.sharding.tensor_parallel_dim) : 0;
-    auto shard = [&](const SafetensorsCheckpoint& file, const std::string& name) {
-      return nn::shard_of(file.tensor(name, whole), t.sharding, tp_rank, tp, extent);
-    };
-    if (distributed_) {
-      zero_main.push_back(shard(weights, t.name).to(context_.dtypes.main_params));
-      const bool has = moments.contains("step." + t.name);
-      if (has) zero_steps = moments.tensor("step." + t.name).item<std::int64_t>();
-      zero_first.push_back(has ? shard(moments, "exp_avg." + t.name) : at::zeros_like(zero_main.back()));
-      zero_second.push_back(has ? shard(moments, "exp_avg_sq." + t.name) : at::zeros_like(zero_main.back()));
-      continue;
+    if (checkpoint.shape(t.name) != whole) {
+      throw Error(directory.string() + ": tensor '" + t.name + "' has shape " + c10::str(at::IntArrayRef(checkpoint.shape(t.name))) +
+                  " in the checkpoint, this model's is " + c10::str(at::IntArrayRef(whole)) + " (another model?)");
     }
-    t.main.copy_(shard(weights, t.name));
-    if (main_copies_) t.param.copy_(t.main);
-    // A tensor that never had a gradient (an expert no token reached) has no optimizer state yet.
-    if (!moments.contains("step." + t.name)) continue;
-    auto moment = std::make_unique<torch::optim::AdamWParamState>();
-    moment->step(moments.tensor("step." + t.name).item<std::int64_t>());
-    moment->exp_avg(shard(moments, "exp_avg." + t.name).to(t.main.options()).clone());
-    moment->exp_avg_sq(shard(moments, "exp_avg_sq." + t.name).to(t.main.options()).clone());
-    optimizer_->state()[t.main.unsafeGetTensorImpl()] = std::move(moment);
+    if (checkpoint.contains("step." + t.name)) {
+      steps = std::max(steps, checkpoint.read_whole("step." + t.name).item<std::int64_t>());
+    }
   }
-  if (distributed_) distributed_->restore(zero_main, zero_first, zero_second, zero_steps);
-  context_.generator.set_state(moments.tensor("rng.cpu"));  // the context's generator (CPU)
+  // The moments the pieces are read into: zeros first, for the tensors that have them.
+  if (distributed_) {
+    distributed_->reset_state(steps);
+    for (const auto& t : trained_) {  // the parameters whole (the shares below take the main weights)
+      for (const ShardSegment& segment : shard_segments(t.main.sizes().vec(), t.sharding, tp_rank, tp)) {
+        checkpoint.read(t.name, segment.box, t.param.detach().narrow(segment.dim, segment.local_begin, segment.length));
+      }
+    }
+  } else {
+    optimizer_->state().clear();
+    for (const auto& t : trained_) {
+      if (!checkpoint.contains("step." + t.name)) continue;
+      auto moment = std::make_unique<torch::optim::AdamWParamState>();
+      moment->step(checkpoint.read_whole("step." + t.name).item<std::int64_t>());
+      moment->exp_avg(at::zeros_like(t.main, at::MemoryFormat::Contiguous));
+      moment->exp_avg_sq(at::zeros_like(t.main, at::MemoryFormat::Contiguous));
+      optimizer_->state()[t.main.unsafeGetTensorImpl()] = std::move(moment);
+    }
+  }
+  for (auto& piece : state_pieces(/*owned=*/false)) {
+    if (piece.name.rfind("step.", 0) == 0) continue;
+    if (!checkpoint.contains(piece.name)) {
+      // Moments of a tensor the writer had not updated yet stay zero.
+      if (piece.name.rfind("exp_avg", 0) == 0) continue;
+      throw Error(directory.string() + ": the checkpoint has no tensor '" + piece.name + "'");
+    }
+    checkpoint.read(piece.name, piece.region, piece.data);
+  }
+  if (main_copies_) {
+    for (auto& t : trained_) t.param.detach().copy_(t.main);
+  }
+  const int rank = group_rank(context_.groups.world);
+  const at::Tensor cpu = checkpoint.own_tensor(rank, "rng.cpu");
+  if (!cpu.defined()) throw Error(directory.string() + ": the checkpoint holds no generator state (rng.cpu)");
+  context_.generator.set_state(cpu);  // the context's generator (CPU)
   // The accelerator's generator too, when the checkpoint was written on the same kind of device.
-  if (!context_.device.is_cpu() && moments.contains(rng_key(context_.device))) {
-    at::Generator device = at::globalContext().defaultGenerator(context_.device);
-    device.set_state(moments.tensor(rng_key(context_.device)));
+  if (!context_.device.is_cpu()) {
+    const at::Tensor device_state = checkpoint.own_tensor(rank, rng_key(context_.device));
+    if (device_state.defined()) {
+      at::Generator generator = at::globalContext().defaultGenerator(context_.device);
+      generator.set_state(device_state);
+    }
   }
   return positions;
 }

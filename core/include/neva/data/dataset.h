@@ -111,6 +111,17 @@ struct LoaderOptions {
   std::int64_t shard_count = 1;
 };
 
+// Resuming under another data-parallel size: from the end positions of the replicas that saved
+// (replica r of d read the positions p < end[r] with p % d == r), the first position some replica
+// has not read — where every new replica starts, reading its own share of the stream — and how many
+// samples at or beyond it a replica had read already (read again; none when the replicas were
+// aligned, as they are without skipped samples or packing).
+struct ResumePoint {
+  std::uint64_t position = 0;
+  std::uint64_t repeated = 0;
+};
+NEVA_API ResumePoint resume_point(const std::vector<std::uint64_t>& end_positions);
+
 // Which record comes at each data position: Megatron's blending (at each position, the source whose
 // share so far lags its weight the most) and a fresh seeded shuffle of each source on every pass.
 // Positions are unbounded (the data repeats); the same seed gives the same order everywhere.

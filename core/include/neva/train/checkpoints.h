@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <functional>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <vector>
@@ -54,6 +55,15 @@ class NEVA_API CheckpointManager {
   // Writes the checkpoint of `step` through `write(directory)` into a fresh step directory, commits
   // it (manifest, then latest) and keeps the newest `keep` committed ones.
   void save(std::int64_t step, std::int64_t keep, const std::function<void(const std::filesystem::path&)>& write);
+  // The same in two halves, for a save that several processes write: prepare() gives a fresh
+  // step directory (an interrupted save of the same step removed), every rank writes its files into
+  // it, and once all of them are on disk commit() writes the manifest — `content` (what
+  // Trainer::save returns) completed by write_manifest — then `latest`, and prunes.
+  std::filesystem::path prepare(std::int64_t step);
+  void commit(std::int64_t step, std::int64_t keep, nlohmann::json content = nlohmann::json::object());
+  // <directory>/manifest.json, atomically: `content` with the format, its version and the step, and
+  // every file of the directory that content["files"] does not list yet, with its size and SHA-256.
+  static void write_manifest(const std::filesystem::path& directory, std::int64_t step, nlohmann::json content);
 
   static std::string step_name(std::int64_t step);  // "step-0000042"
   // The step of a checkpoint directory name, or -1 when `name` is not one.

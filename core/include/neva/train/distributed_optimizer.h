@@ -65,6 +65,20 @@ class NEVA_API DistributedOptimizer {
   void restore(const std::vector<at::Tensor>& main, const std::vector<at::Tensor>& exp_avg,
                const std::vector<at::Tensor>& exp_avg_sq, std::int64_t steps);
 
+  // This rank's shares, piece by piece: elements [offset, offset + length) of trained tensor `tensor`
+  // (its tensor-parallel shard, row-major), as views of the optimizer's own state — the main weights
+  // and, after a step (or reset_state), both moments. What a distributed checkpoint writes and reads.
+  struct Share {
+    std::size_t tensor;
+    std::int64_t offset, length;
+    at::Tensor main, exp_avg, exp_avg_sq;
+  };
+  std::vector<Share> shares() const;
+  std::int64_t steps() const { return steps_; }
+  // Before reading a checkpoint into shares(): `steps` steps taken, and (steps > 0) zero moments for
+  // every piece, to be overwritten.
+  void reset_state(std::int64_t steps);
+
  private:
   struct Piece {
     std::size_t tensor, bucket;

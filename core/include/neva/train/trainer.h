@@ -16,6 +16,7 @@
 #include <filesystem>
 #include <functional>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
@@ -25,6 +26,7 @@
 #include "neva/model/llava.h"
 #include "neva/nn/module.h"
 #include "neva/train/data_parallel.h"
+#include "neva/train/distributed_checkpoint.h"
 #include "neva/train/distributed_optimizer.h"
 #include "neva/precision.h"
 #include "neva/precision_recipe.h"
@@ -123,26 +125,28 @@ class NEVA_API Trainer {
   // gradient norm is not finite; nothing is updated then.
   StepReport train_step(const std::vector<TrainingBatch>& batches);
 
-  // The trainer's state in `directory`: model.safetensors (the trained tensors, by name),
-  // optimizer.safetensors (AdamW's moments, the generators' states), trainer_state.json (step, the
-  // data position of every data-parallel replica — `consumed_samples`, and
-  // `consumed_samples_per_replica` beside it when there are several — the guard's window). Replicas
-  // hold the same state otherwise, so one of them writes it. restore() reads it back and returns the
-  // positions, one per replica that saved; errors name the file and the tensor.
+  // The trainer's state in `directory`, as a distributed checkpoint (distributed_checkpoint.h; the
+  // format is docs/checkpoint-format.md): every rank writes rank-R.safetensors with the pieces of the
+  // trained tensors (main weights), AdamW's moments and steps that it owns — each replicated piece
+  // once — and its generators' states; rank 0 also trainer_state.json (step, the data position of
+  // every data-parallel replica — `consumed_samples`, and `consumed_samples_per_replica` beside it
+  // when there are several — the guard's window). A collective over groups.world: returns, on rank 0,
+  // the manifest's content (files with digests, tensors with their pieces, the layout) for
+  // CheckpointManager::commit, null elsewhere.
   //
-  // Under tensor parallelism the files hold whole tensors (each gathered from its shards: the same
-  // checkpoint at any tensor-parallel size), and restore() keeps this rank's shard of each.
-  void save(const std::filesystem::path& directory, const std::vector<std::uint64_t>& consumed_samples) const;
+  // restore() reads a checkpoint written under any layout (tensor, pipeline, expert, context and
+  // data parallelism, with or without ZeRO-1; or the whole-tensor files of format 1): each rank
+  // reads only the rows its own shards need. It returns the positions, one per replica that saved;
+  // errors name the file and the tensor.
+  nlohmann::json save(const std::filesystem::path& directory, const std::vector<std::uint64_t>& consumed_samples) const;
   std::vector<std::uint64_t> restore(const std::filesystem::path& directory);
 
-  // What save() writes, as whole tensors: under tensor parallelism a collective every rank of the
-  // group calls (one of them then writes it with the overload below).
+  // The whole state, as one process would hold it (tensors gathered from their shards, shares,
+  // experts and stages onto the pipeline's first rank): a collective; for tests and tools.
   struct State {
     std::vector<std::pair<std::string, at::Tensor>> weights, moments;
   };
   State gather_state() const;
-  void save(const std::filesystem::path& directory, const std::vector<std::uint64_t>& consumed_samples,
-            const State& state) const;
 
   // The frozen weights' fp32 originals back (see TrainerOptions::keep_frozen_originals).
   void restore_frozen_weights();
@@ -162,6 +166,12 @@ class NEVA_API Trainer {
   std::vector<at::Tensor> gradients() const;
 
  private:
+  // Whether this rank writes trained tensor `index`'s pieces (the rest of its replicas do not).
+  bool writes(const TrainedTensor& t, std::size_t index) const;
+  // This rank's state as checkpoint pieces, views of the live tensors: what it owns (to write), or
+  // everything it holds (to read into).
+  std::vector<CheckpointPiece> state_pieces(bool owned) const;
+
   LlavaModel& model_;
   const PrecisionRecipe& precision_;
   RuntimeContext& context_;
