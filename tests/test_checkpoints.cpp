@@ -5,7 +5,10 @@
 
 #include <unistd.h>
 
+#include <ATen/ATen.h>
+
 #include <fstream>
+#include <random>
 #include <set>
 #include <string>
 #include <vector>
@@ -14,6 +17,7 @@
 #include "neva/io/atomic_file.h"
 #include "neva/io/json.h"
 #include "neva/train/checkpoints.h"
+#include "neva/train/distributed_checkpoint.h"
 #include "test_support.h"
 
 using neva::test::TempDir;
@@ -140,4 +144,128 @@ TEST_CASE("run directory lock: one holder at a time, released with its holder") 
     CHECK_THROWS_WITH_AS(neva::RunDirectoryLock(dir.path()), doctest::Contains(holder.c_str()), neva::Error);
   }
   CHECK_NOTHROW(neva::RunDirectoryLock(dir.path()));
+}
+
+// ------------------------------------------------------------------ the distributed format's reader
+
+namespace {
+
+// A random region of a tensor of `shape`: a box, and half the time a flat run of it.
+neva::TensorRegion random_region(const std::vector<std::int64_t>& shape, std::mt19937& random, bool flat) {
+  neva::TensorRegion region;
+  for (std::int64_t size : shape) {
+    const std::int64_t begin = std::uniform_int_distribution<std::int64_t>(0, size - 1)(random);
+    region.offsets.push_back(begin);
+    region.lengths.push_back(std::uniform_int_distribution<std::int64_t>(1, size - begin)(random));
+  }
+  if (flat) {
+    const std::int64_t n = region.numel();
+    region.flat_begin = std::uniform_int_distribution<std::int64_t>(0, n - 1)(random);
+    region.flat_end = std::uniform_int_distribution<std::int64_t>(region.flat_begin + 1, n)(random);
+  }
+  return region;
+}
+
+// The region's elements of `whole`, as the format defines them (torch's slicing, independently of the reader).
+at::Tensor expected_region(const at::Tensor& whole, const neva::TensorRegion& region) {
+  at::Tensor box = whole;
+  for (std::size_t d = 0; d < region.offsets.size(); ++d) {
+    box = box.narrow(static_cast<std::int64_t>(d), region.offsets[d], region.lengths[d]);
+  }
+  return region.flat() ? box.reshape({-1}).slice(0, region.flat_begin, region.flat_end) : box;
+}
+
+}  // namespace
+
+TEST_CASE("distributed checkpoints: any region reads back exactly from pieces of any layout (boxes and flat runs)") {
+  std::mt19937 random(7);
+  for (int trial = 0; trial < 40; ++trial) {
+    TempDir dir;
+    // A tensor of 1 to 3 dimensions, cut along a random dimension into blocks; each block a box piece,
+    // or cut again into flat runs (a distributed optimizer's shares); the pieces spread over 3 ranks.
+    const int rank_count = 3;
+    std::vector<std::int64_t> shape;
+    const int dims = std::uniform_int_distribution<int>(1, 3)(random);
+    for (int d = 0; d < dims; ++d) shape.push_back(std::uniform_int_distribution<std::int64_t>(1, 9)(random));
+    const at::Tensor whole = at::arange(neva::whole_region(shape).numel(), at::kDouble).reshape(shape);
+    std::vector<std::vector<neva::CheckpointPiece>> pieces(rank_count);
+    const auto cut = static_cast<std::size_t>(std::uniform_int_distribution<int>(0, dims - 1)(random));
+    for (std::int64_t begin = 0; begin < shape[cut];) {
+      const std::int64_t length = std::uniform_int_distribution<std::int64_t>(1, shape[cut] - begin)(random);
+      neva::TensorRegion box = neva::whole_region(shape);
+      box.offsets[cut] = begin;
+      box.lengths[cut] = length;
+      begin += length;
+      const bool runs = random() % 2 == 0;
+      for (std::int64_t from = 0; from < box.numel();) {
+        neva::TensorRegion region = box;
+        if (runs) {
+          region.flat_begin = from;
+          region.flat_end = std::uniform_int_distribution<std::int64_t>(from + 1, box.numel())(random);
+          from = region.flat_end;
+        } else {
+          from = box.numel();
+        }
+        pieces[random() % rank_count].push_back({"w", shape, region, expected_region(whole, region).clone()});
+      }
+    }
+    std::vector<nlohmann::json> ranks;
+    for (int r = 0; r < rank_count; ++r) {
+      ranks.push_back(neva::write_rank_shard(dir.path(), r, pieces[r], {{"rng.cpu", at::full({2}, r, at::kByte)}}));
+    }
+    neva::CheckpointManager::write_manifest(dir.path(), 1, neva::merge_rank_shards(ranks));
+    const neva::CheckpointReader reader(dir.path());
+    REQUIRE(reader.shape("w") == shape);
+    CHECK(at::equal(reader.read_whole("w"), whole));
+    for (int read = 0; read < 20; ++read) {
+      const neva::TensorRegion region = random_region(shape, random, read % 2 == 1);
+      at::Tensor out = at::empty(region.data_shape(), at::kFloat);  // converted on the way
+      reader.read("w", region, out);
+      INFO("shape " << c10::str(at::IntArrayRef(shape)) << ", region offsets " << c10::str(at::IntArrayRef(region.offsets))
+                    << " lengths " << c10::str(at::IntArrayRef(region.lengths)) << " flat " << region.flat_begin << ".."
+                    << region.flat_end);
+      CHECK(at::equal(out, expected_region(whole, region).to(at::kFloat)));
+    }
+    CHECK(at::equal(reader.own_tensor(2, "rng.cpu"), at::full({2}, 2, at::kByte)));
+    CHECK(at::equal(reader.own_tensor(5, "rng.cpu"), at::full({2}, 0, at::kByte)));  // a rank the writer lacked: rank 0's
+  }
+  // A piece written twice is refused before anything is committed.
+  TempDir dir;
+  const at::Tensor whole = at::ones({4}, at::kFloat);
+  const neva::CheckpointPiece piece{"w", {4}, neva::whole_region({4}), whole};
+  CHECK_THROWS_WITH_AS(neva::merge_rank_shards({neva::write_rank_shard(dir.path(), 0, {piece}, {}),
+                                                neva::write_rank_shard(dir.path(), 1, {piece}, {})}),
+                       doctest::Contains("the ranks' pieces of 'w' hold 8 elements, the tensor [4] has 4"), neva::Error);
+}
+
+TEST_CASE("distributed checkpoints: a shard's place in the whole tensor (fused blocks, vocabulary padding, shares)") {
+  neva::nn::ParameterSharding fused;  // q/k/v fused along dim 0 in 3 blocks of 8 rows, over 2 ranks
+  fused.tensor_parallel_dim = 0;
+  fused.partition_stride = 3;
+  const auto blocks = neva::shard_segments({12, 5}, fused, 1, 2);
+  REQUIRE(blocks.size() == 3);
+  CHECK(blocks[1].local_begin == 4);
+  CHECK(blocks[1].box.offsets == std::vector<std::int64_t>{12, 0});  // block 1 (rows 8..15), rank 1's half
+  CHECK(blocks[1].box.lengths == std::vector<std::int64_t>{4, 5});
+  neva::nn::ParameterSharding padded;  // a vocabulary of 97 padded to 2 x 56 rows
+  padded.tensor_parallel_dim = 0;
+  padded.logical_size = 97;
+  const auto last = neva::shard_segments({56, 3}, padded, 1, 2);
+  REQUIRE(last.size() == 1);
+  CHECK(last[0].box.offsets == std::vector<std::int64_t>{56, 0});
+  CHECK(last[0].length == 41);  // the padding rows are in no segment
+  // A share of rank 1's shard, elements 100..150 of [56, 3]: rows 33..49 of the local tensor, real
+  // rows only up to 41 -> elements 100..123 of the box.
+  const auto shares = neva::flat_regions(last, {56, 3}, 100, 50);
+  REQUIRE(shares.size() == 1);
+  CHECK(shares[0].first.flat_begin == 100);
+  CHECK(shares[0].first.flat_end == 123);
+  CHECK(shares[0].second == 0);
+  neva::nn::ParameterSharding rows;  // row-parallel: split along dim 1
+  rows.tensor_parallel_dim = 1;
+  const auto share = neva::flat_regions(neva::shard_segments({4, 6}, rows, 1, 2), {4, 6}, 5, 10);
+  REQUIRE(share.size() == 1);  // the whole local tensor is one box: a flat run of it
+  CHECK(share[0].first.offsets == std::vector<std::int64_t>{0, 6});
+  CHECK(share[0].first.flat_begin == 5);
+  CHECK(share[0].first.flat_end == 15);
 }

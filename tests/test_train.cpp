@@ -98,6 +98,21 @@ TEST_CASE("fp32 resume is exact: 10 straight steps and 5 + resume + 5 give bitwi
   std::string name;
   std::getline(latest, name);
   CHECK(name == "step-0000010");
+  // async_save: checkpoints every 2 steps written by a background thread while training goes on,
+  // each committed at the next save (or the end): the same losses, and a resume from them as exact.
+  const std::string async = "--set exp_manager.checkpoint_callback_params.async_save=true "
+                            "--set exp_manager.checkpoint_callback_params.every_n_train_steps=2 "
+                            "--set exp_manager.checkpoint_callback_params.save_top_k=10 ";
+  auto background = ws.train("async", async + "--set trainer.max_steps=10 --set trainer.exit_interval=5");
+  REQUIRE_MESSAGE(background.exit_code == 0, background.err);
+  for (const char* step : {"step-0000002", "step-0000004", "step-0000005"}) {
+    CHECK(neva::CheckpointManager::verify(ws.root / "async/checkpoints" / step).empty());
+  }
+  auto rest = ws.train("async", async + "--set trainer.max_steps=10");
+  REQUIRE_MESSAGE(rest.exit_code == 0, rest.err);
+  CHECK(contains(rest.err, "resumed from " + (ws.root / "async/checkpoints/step-0000005").string() + " (step 5)"));
+  CHECK(ws.losses("async") == expected);
+  CHECK(neva::CheckpointManager::verify(ws.root / "async/checkpoints/step-0000010").empty());
 }
 
 TEST_CASE("kill -9 at 20 random points inside checkpoint saves: every run resumes from a committed checkpoint, "
@@ -133,6 +148,53 @@ TEST_CASE("kill -9 at 20 random points inside checkpoint saves: every run resume
     auto resumed = ws.train(run, settings);
     REQUIRE_MESSAGE(resumed.exit_code == 0, resumed.err);
     CHECK(ws.losses(run) == expected);
+  }
+}
+
+TEST_CASE("kill -9 of one rank at 20 random points inside two-process saves: every relaunch resumes from a committed "
+          "checkpoint, losses bitwise those of the uninterrupted run") {
+  Workspace ws;
+  const fs::path torchrun = neva::test::source_directory() / ".venv" / "bin" / "torchrun";
+  REQUIRE(fs::exists(torchrun));
+  const std::string settings = "--set trainer.max_steps=4 --set model.micro_batch_size=2 --set model.global_batch_size=4 "
+                               "--set exp_manager.checkpoint_callback_params.every_n_train_steps=2 "
+                               "--set trainer.distributed_timeout_minutes=1";
+  auto launch = [&](const std::string& run, const std::string& environment) {
+    return run_command(environment + " " + kNevaRunPrefix + torchrun.string() + " --no-python --standalone --nproc-per-node 2 " +
+                           neva::test::binary("neva-run").string() + " " + ws.train_arguments(run, settings),
+                       300);
+  };
+  auto straight = launch("straight", "");
+  REQUIRE_MESSAGE(straight.exit_code == 0, straight.err);
+  const auto expected = ws.losses("straight");
+  REQUIRE(expected.size() == 4);
+  const std::string shim = "LD_PRELOAD=" + neva::test::kill_shim().string() + " ASAN_OPTIONS=\"$ASAN_OPTIONS:verify_asan_link_order=0\"";
+  std::mt19937 random(20261207);
+  for (int rank = 0; rank < 2; ++rank) {
+    // The file operations of rank `rank` in the two saves (steps 2 and 4): its shard, and on rank 0
+    // the directory, the trainer state, the manifest and `latest`.
+    const fs::path trace = ws.dir.path() / ("trace-" + std::to_string(rank) + ".txt");
+    auto traced = launch("traced-" + std::to_string(rank), shim + " NEVA_KILL_RANK=" + std::to_string(rank) +
+                                                               " NEVA_KILL_TRACE=" + trace.string());
+    REQUIRE_MESSAGE(traced.exit_code == 0, traced.err);
+    std::vector<std::string> events;
+    std::ifstream in(trace);
+    for (std::string line; std::getline(in, line);) events.push_back(line);
+    REQUIRE(events.size() >= 10);
+    std::vector<std::size_t> points(events.size());
+    std::iota(points.begin(), points.end(), 1);
+    std::shuffle(points.begin(), points.end(), random);
+    points.resize(10);
+    for (std::size_t point : points) {
+      CAPTURE(rank);
+      CAPTURE(events[point - 1]);  // "N call path": the operation the kill preceded
+      const std::string run = "killed-" + std::to_string(rank) + "-" + std::to_string(point);
+      auto killed = launch(run, shim + " NEVA_KILL_RANK=" + std::to_string(rank) + " NEVA_KILL_AT=" + std::to_string(point));
+      CHECK(killed.exit_code != 0);
+      auto resumed = launch(run, "");
+      REQUIRE_MESSAGE(resumed.exit_code == 0, resumed.err);
+      CHECK(ws.losses(run) == expected);
+    }
   }
 }
 

@@ -18,6 +18,7 @@
 #include <functional>
 #include <numeric>
 #include <iomanip>
+#include <future>
 #include <optional>
 #include <set>
 #include <iostream>
@@ -516,7 +517,27 @@ TrainSummary train_replica(const Recipe& recipe, const std::string& title, const
 
   // A distributed checkpoint: rank 0 prepares the step's directory, every rank writes what it owns
   // (with every replica's data position in rank 0's trainer state), rank 0 commits once all are on disk.
+  // With async_save the state is copied at the step and a thread writes this rank's file while
+  // training goes on; the commit (a collective) waits for the next save or the end of the run.
+  struct PendingSave {
+    std::int64_t step;
+    fs::path directory;
+    std::shared_ptr<const Trainer::Snapshot> snapshot;
+    std::future<json> description;  // this rank's file, written
+  };
+  std::optional<PendingSave> pending;
+  auto commit = [&](std::int64_t at_step, const fs::path& directory, const json& description, const Trainer::Snapshot& snapshot) {
+    const json content = trainer.finish_save(directory, description, snapshot);  // a collective
+    if (leader) checkpoints->commit(at_step, recipe.exp_manager.save_top_k, content);
+  };
+  auto finish_pending = [&] {
+    if (!pending) return;
+    PendingSave save = std::move(*pending);
+    pending.reset();
+    commit(save.step, save.directory, save.description.get(), *save.snapshot);
+  };
   auto save = [&](std::int64_t at_step) {
+    finish_pending();  // a second save waits for the first
     std::vector<std::uint64_t> positions{position};
     if (replicas > 1) {
       at::Tensor all = at::zeros({replicas}, on_device);
@@ -528,8 +549,16 @@ TrainSummary train_replica(const Recipe& recipe, const std::string& title, const
     const fs::path directory = summary.run_dir / "checkpoints" / CheckpointManager::step_name(at_step);
     if (leader) checkpoints->prepare(at_step);
     if (everyone) everyone->barrier().wait(collective);
-    const json content = trainer.save(directory, positions);  // a collective
-    if (leader) checkpoints->commit(at_step, recipe.exp_manager.save_top_k, content);
+    const bool async = recipe.exp_manager.async_save;
+    auto snapshot = std::make_shared<const Trainer::Snapshot>(trainer.snapshot(positions, /*copy=*/async));
+    auto write = [directory, snapshot] {
+      return write_rank_shard(directory, snapshot->rank, snapshot->pieces, snapshot->own);
+    };
+    if (!async) {
+      commit(at_step, directory, write(), *snapshot);
+      return;
+    }
+    pending = PendingSave{at_step, directory, snapshot, std::async(std::launch::async, write)};
   };
 
   // Token dropping (moe_expert_capacity_factor): the MoE layers that drop, whose counts each step
@@ -659,6 +688,7 @@ TrainSummary train_replica(const Recipe& recipe, const std::string& title, const
   if (log) *log << title << ": peak resident memory while training " << std::fixed << std::setprecision(1)
                 << peak_rss_mib() << " MiB" << std::defaultfloat << std::endl;
   if (saved_step != step) save(step);
+  finish_pending();  // async_save: the last checkpoint committed before the export and the exit
   signals.reset();
   summary.skipped_batches = trainer.guard().skipped();
   summary.steps = step;

@@ -164,6 +164,7 @@ Recipe parse_recipe(const ConfigDocument& document, const fs::path& base_directo
   ConfigSection checkpoints = exp.section("checkpoint_callback_params");
   exp_manager.every_n_train_steps = checkpoints.integer("every_n_train_steps", 0, 0);
   exp_manager.save_top_k = checkpoints.integer("save_top_k", exp_manager.save_top_k, 1);
+  exp_manager.async_save = checkpoints.get<bool>("async_save", exp_manager.async_save);
 
   ConfigSection model = root.section("model");
   recipe.model.parallel = parse_parallel(model);

@@ -47,7 +47,7 @@ def main():
              "--set", "exp_manager.export_hf=true"])
         record(work / name / "hf", demo / "data" / "images" / "test" / "1.png", out / name,
                {"llm_plugin": llm, "vision_plugin": vision,
-                "checkpoint": str(work / name / "checkpoints" / "step-0000002" / "model.safetensors")})
+                "checkpoint": str(work / name / "checkpoints" / "step-0000002")})
         print(f"{name}: exported and recorded")
 
 

@@ -45,7 +45,7 @@ def main():
     demo, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
     last = sorted((demo / "runs" / "stage2" / "checkpoints").glob("step-*"))[-1]
     record(demo / "runs" / "stage2" / "hf", demo / "data" / "images" / "test" / "1.png", out,
-           {"llm_plugin": "llama", "vision_plugin": "clip", "checkpoint": str(last / "model.safetensors")})
+           {"llm_plugin": "llama", "vision_plugin": "clip", "checkpoint": str(last)})
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 // "/checkpoints/" directory (open for writing, write, fsync, rename, mkdir, unlink) and, when
 // NEVA_KILL_AT=N, kills the process with SIGKILL just before the N-th, as a power cut or `kill -9`
 // at that instant would. With NEVA_KILL_TRACE=FILE it only lists them (one "N call path" line each),
-// so a test can pick points inside a save. Production code has no hook: this sits between it and libc.
+// so a test can pick points inside a save. With NEVA_KILL_RANK=R only the process with RANK=R counts.
+// Production code has no hook: this sits between it and libc.
 
 #include <dlfcn.h>
 #include <fcntl.h>
@@ -25,6 +26,13 @@ std::atomic<long> counter;
 int is_checkpoint_path(const char* path) { return path && strstr(path, "/checkpoints/") != nullptr; }
 
 void event(const char* call, const char* path) {
+  // NEVA_KILL_RANK=R: only the process whose launcher-given RANK is R counts (one rank of a
+  // multi-process run; the launcher itself has no RANK).
+  const char* only = getenv("NEVA_KILL_RANK");
+  if (only) {
+    const char* rank = getenv("RANK");
+    if (!rank || strcmp(rank, only) != 0) return;
+  }
   long n = counter.fetch_add(1) + 1;
   const char* trace = getenv("NEVA_KILL_TRACE");
   if (trace) {

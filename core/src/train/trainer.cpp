@@ -638,11 +638,10 @@ std::vector<CheckpointPiece> Trainer::state_pieces(bool owned) const {
   return out;
 }
 
-json Trainer::save(const fs::path& directory, const std::vector<std::uint64_t>& consumed_samples) const {
+Trainer::Snapshot Trainer::snapshot(const std::vector<std::uint64_t>& consumed_samples, bool copy) const {
   if (consumed_samples.empty()) throw Error("Trainer::save: no data position given");
   at::NoGradGuard no_grad;
   const std::shared_ptr<ProcessGroup>& world = context_.groups.world;
-  const int rank = group_rank(world);
   const auto& g = context_.groups;
   for (const auto* group : {&g.data, &g.tensor, &g.pipeline, &g.context, &g.expert}) {
     if (group_size(*group) > group_size(world)) {
@@ -651,36 +650,52 @@ json Trainer::save(const fs::path& directory, const std::vector<std::uint64_t>& 
                   "of the world commits it");
     }
   }
-  std::vector<std::pair<std::string, at::Tensor>> own{{"rng.cpu", context_.generator.get_state()}};
+  Snapshot out;
+  out.rank = group_rank(world);
+  out.pieces = state_pieces(/*owned=*/true);
+  out.own = {{"rng.cpu", context_.generator.get_state()}};
   if (!context_.device.is_cpu()) {
-    own.emplace_back(rng_key(context_.device), at::globalContext().defaultGenerator(context_.device).get_state());
+    out.own.emplace_back(rng_key(context_.device), at::globalContext().defaultGenerator(context_.device).get_state());
   }
-  const json mine = write_rank_shard(directory, rank, state_pieces(/*owned=*/true), own);
+  if (copy) {  // off the live tensors, into host memory
+    for (auto& piece : out.pieces) piece.data = piece.data.to(at::kCPU, /*non_blocking=*/false, /*copy=*/true).contiguous();
+    for (auto& entry : out.own) entry.second = entry.second.to(at::kCPU, false, true);
+  }
+  out.trainer_state = {{"step", step_},
+                       {"consumed_samples", consumed_samples.front()},
+                       {"loss_window", guard_.window()},
+                       {"skipped_batches", guard_.skipped()},
+                       {"consecutive_spikes", guard_.consecutive()},
+                       {"lr", learning_rate(options_.optim, step_)},
+                       {"recipe", options_.source}};
+  if (consumed_samples.size() > 1) out.trainer_state["consumed_samples_per_replica"] = consumed_samples;
+  out.layout = {{"world_size", group_size(world)},
+                {"tensor_model_parallel_size", group_size(g.tensor)},
+                {"pipeline_model_parallel_size", group_size(g.pipeline)},
+                {"virtual_pipeline_model_parallel_size", model_.pipeline_chunks()},
+                {"context_parallel_size", group_size(g.context)},
+                {"expert_model_parallel_size", group_size(g.expert)},
+                {"data_parallel_size", group_size(g.data)},
+                {"distributed_optimizer", distributed_ != nullptr}};
+  return out;
+}
+
+json Trainer::finish_save(const fs::path& directory, const json& description, const Snapshot& snapshot) const {
   // Every rank's file is on disk (fsynced) before rank 0 learns of it: the manifest, written after
   // this, commits only complete checkpoints.
-  const std::vector<std::string> every = all_gather_text(world, mine.dump(), context_.device);
-  if (rank != 0) return nullptr;
+  const std::vector<std::string> every = all_gather_text(context_.groups.world, description.dump(), context_.device);
+  if (snapshot.rank != 0) return nullptr;
   std::vector<json> ranks;
   for (const auto& text : every) ranks.push_back(json::parse(text));
   json manifest = merge_rank_shards(ranks);
-  json state = {{"step", step_},
-                {"consumed_samples", consumed_samples.front()},
-                {"loss_window", guard_.window()},
-                {"skipped_batches", guard_.skipped()},
-                {"consecutive_spikes", guard_.consecutive()},
-                {"lr", learning_rate(options_.optim, step_)},
-                {"recipe", options_.source}};
-  if (consumed_samples.size() > 1) state["consumed_samples_per_replica"] = consumed_samples;
-  write_file_atomically((directory / "trainer_state.json").string(), state.dump(2) + "\n");
-  manifest["layout"] = {{"world_size", group_size(world)},
-                        {"tensor_model_parallel_size", group_size(context_.groups.tensor)},
-                        {"pipeline_model_parallel_size", group_size(context_.groups.pipeline)},
-                        {"virtual_pipeline_model_parallel_size", model_.pipeline_chunks()},
-                        {"context_parallel_size", group_size(context_.groups.context)},
-                        {"expert_model_parallel_size", group_size(context_.groups.expert)},
-                        {"data_parallel_size", group_size(context_.groups.data)},
-                        {"distributed_optimizer", distributed_ != nullptr}};
+  write_file_atomically((directory / "trainer_state.json").string(), snapshot.trainer_state.dump(2) + "\n");
+  manifest["layout"] = snapshot.layout;
   return manifest;
+}
+
+json Trainer::save(const fs::path& directory, const std::vector<std::uint64_t>& consumed_samples) const {
+  const Snapshot state = snapshot(consumed_samples, /*copy=*/false);
+  return finish_save(directory, write_rank_shard(directory, state.rank, state.pieces, state.own), state);
 }
 
 std::vector<std::uint64_t> Trainer::restore(const fs::path& directory) {

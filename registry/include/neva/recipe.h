@@ -59,6 +59,7 @@ struct ExpManagerConfig {
   bool resume_if_exists = true;          // continue from the directory's latest checkpoint
   std::int64_t every_n_train_steps = 0;  // checkpoint_callback_params: 0 = only at the end
   std::int64_t save_top_k = 2;           // committed checkpoints kept (the newest)
+  bool async_save = false;               // files written by a background thread while training goes on
   bool export_hf = true;                 // write hf/ (LlavaForConditionalGeneration) at the end
 };
 

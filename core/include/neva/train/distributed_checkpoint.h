@@ -28,7 +28,7 @@ class ProcessGroup;
 
 // A region of a whole tensor: a box (offsets and lengths per dimension), or only the elements
 // [flat_begin, flat_end) of the box in row-major order (a distributed optimizer's share).
-struct TensorRegion {
+struct NEVA_API TensorRegion {
   std::vector<std::int64_t> offsets, lengths;
   std::int64_t flat_begin = 0, flat_end = -1;  // flat_end < 0: the whole box
   bool flat() const { return flat_end >= 0; }

@@ -139,6 +139,20 @@ class NEVA_API Trainer {
   // reads only the rows its own shards need. It returns the positions, one per replica that saved;
   // errors name the file and the tensor.
   nlohmann::json save(const std::filesystem::path& directory, const std::vector<std::uint64_t>& consumed_samples) const;
+  // save() in two halves, for a save written while training goes on (async_save): snapshot() takes
+  // this rank's pieces and generators' states (`copy`: cloned into host memory, so training may
+  // change the live tensors), write_rank_shard() writes them (any thread), and finish_save() — a
+  // collective over groups.world — sends each rank's description to rank 0, which writes
+  // trainer_state.json and returns the manifest's content.
+  struct Snapshot {
+    int rank = 0;
+    std::vector<CheckpointPiece> pieces;
+    std::vector<std::pair<std::string, at::Tensor>> own;
+    nlohmann::json trainer_state, layout;
+  };
+  Snapshot snapshot(const std::vector<std::uint64_t>& consumed_samples, bool copy) const;
+  nlohmann::json finish_save(const std::filesystem::path& directory, const nlohmann::json& description,
+                             const Snapshot& snapshot) const;
   std::vector<std::uint64_t> restore(const std::filesystem::path& directory);
 
   // The whole state, as one process would hold it (tensors gathered from their shards, shares,

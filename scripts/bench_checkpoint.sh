@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Distributed checkpoints: the save and load throughput of neva's format against this disk's own
+# write and cold-read speed, and a load's peak memory against the bytes it reads
+# (build/bin/neva-bench-checkpoint, one rank's state of MIB MiB); then what checkpointing costs a
+# training run: configs/bench/train.toml (NeVA stage 2, ~134M Llama-shaped decoder trained: ~1.6 GB of
+# weights and AdamW moments per checkpoint) for STEPS steps with no checkpoint but the last, with a
+# checkpoint every 2 steps written synchronously, and the same with async_save (the state copied at the
+# step, a thread writing while training goes on). Run after scripts/setup.sh; figures go to
+# docs/benchmarks.md.
+#   scripts/bench_checkpoint.sh [MIB] [STEPS]
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+mib="${1:-1024}"
+steps="${2:-10}"
+work="$root/build/bench-checkpoint"
+bin="$root/build/bin"
+echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) CPUs; $(date -u +%F); disk of $work: $(df -h "$root/build" | tail -1 | awk '{print $1}')"
+mkdir -p "$work"
+"$bin/neva-bench-checkpoint" --mib "$mib" --dir "$work/io"
+[ -f "$work/demo/data/stage2.json" ] || "$bin/neva-run" demo --prepare-only --dir "$work/demo" > /dev/null
+common=(--set trainer.max_steps="$steps" --set model.data.data_path="$work/demo/data/stage2.json"
+        --set model.data.image_folder="$work/demo/data/images" --set model.tokenizer.model="$work/demo/model/tokenizer"
+        --set model.global_batch_size=4 --set model.micro_batch_size=4 --set exp_manager.export_hf=false)
+run() {  # run NAME ARGS...: prints the wall time of the training loop (first step to the last commit)
+  local name="$1"
+  shift
+  rm -rf "$work/runs/$name"
+  local start end
+  start=$(date +%s.%N)
+  "$bin/neva-run" "$root/configs/bench/train.toml" "${common[@]}" --set exp_manager.explicit_log_dir="$work/runs/$name" "$@" \
+    > "$work/$name.out" 2>&1
+  end=$(date +%s.%N)
+  python3 - "$work/runs/$name/metrics.jsonl" "$name" "$start" "$end" <<'PY'
+import json, sys, statistics
+rows = [json.loads(line) for line in open(sys.argv[1])]
+seconds = [r["step_seconds"] for r in rows]
+wall = float(sys.argv[4]) - float(sys.argv[3])
+print(f"{sys.argv[2]:>6}: {len(rows)} steps, step time median {statistics.median(seconds):.2f} s, sum {sum(seconds):.1f} s; "
+      f"whole run {wall:.1f} s")
+PY
+}
+run none
+run sync --set exp_manager.checkpoint_callback_params.every_n_train_steps=2
+run async --set exp_manager.checkpoint_callback_params.every_n_train_steps=2 \
+          --set exp_manager.checkpoint_callback_params.async_save=true
+du -sh "$work"/runs/sync/checkpoints/step-* 2>/dev/null | tail -1 || true
+rm -rf "$work/runs"
