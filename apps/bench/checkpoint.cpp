@@ -116,9 +116,9 @@ int main(int argc, char** argv) {
   }
   const double load_seconds = seconds_since(start);
   const double peak = status_mib("VmHWM:");
-  std::printf("load: %.2f GB/s cold; peak resident memory %.0f MiB, %.0f MiB before it (the destination) -> "
-              "%.3fx the bytes read\n",
-              bytes / load_seconds / 1e9, peak, before, peak / (bytes / 1048576));
+  std::printf("load: %.2f GB/s cold; peak resident memory %.0f MiB, %.0f MiB before it (the destination included): "
+              "the load added %.0f MiB, %.3f of the %.0f MiB it read\n",
+              bytes / load_seconds / 1e9, peak, before, peak - before, (peak - before) / (bytes / 1048576), bytes / 1048576);
   // A resharding read: each tensor's right half of the columns (a row-parallel shard at TP2 from TP1).
   drop_cache(dir / "rank-00000.safetensors");
   start = Clock::now();

@@ -498,31 +498,50 @@ void CheckpointReader::read_piece(const Piece& piece, const TensorRegion& region
         copied += 1;
         continue;
       }
-      // Rows (slices along the first dimension) of the source box are contiguous in the file.
+      // Rows (slices along the first dimension) of the source box are contiguous in the file. Where
+      // the target takes whole rows in the stored dtype into contiguous memory, they are read straight
+      // into it; otherwise through one staging buffer of up to kStagingBytes.
       const std::int64_t row = product(source.lengths, 1) * element;
       const std::int64_t rows = lengths[0], first = offsets[0] - source.offsets[0];
       const std::int64_t batch = std::max<std::int64_t>(1, kStagingBytes / std::max<std::int64_t>(row, 1));
+      bool whole_rows = true;
+      for (std::size_t d = 1; d < rank; ++d) whole_rows = whole_rows && lengths[d] == source.lengths[d];
+      at::Tensor target_rows = view.narrow(0, offsets[0] - target.offsets[0], rows);
+      for (std::size_t d = 1; d < rank; ++d) {
+        target_rows = target_rows.narrow(static_cast<std::int64_t>(d), offsets[d] - target.offsets[d], lengths[d]);
+      }
+      const bool direct = whole_rows && target_rows.is_contiguous() && target_rows.scalar_type() == piece.dtype &&
+                          target_rows.device().is_cpu();
       std::vector<std::int64_t> staging_shape = source.lengths;
-      for (std::int64_t done = 0; done < rows; done += batch) {
-        const std::int64_t count = std::min(batch, rows - done);
-        staging_shape[0] = count;
-        at::Tensor staging = at::empty(staging_shape, at::TensorOptions(piece.dtype));
-        const std::uint64_t position = piece.position + static_cast<std::uint64_t>(source.start * element + (first + done) * row);
-        auto* bytes = static_cast<char*>(staging.data_ptr());
-        std::int64_t left = count * row, at_byte = 0;
-        while (left > 0) {
-          const ssize_t got = ::pread(file.fd, bytes + at_byte, static_cast<std::size_t>(left), static_cast<off_t>(position + at_byte));
+      staging_shape[0] = std::min(batch, rows);
+      at::Tensor staging = direct ? at::Tensor() : at::empty(staging_shape, at::TensorOptions(piece.dtype));
+      auto read_bytes = [&](char* into, std::int64_t bytes, std::uint64_t position) {
+        std::int64_t at_byte = 0;
+        while (at_byte < bytes) {
+          const ssize_t got = ::pread(file.fd, into + at_byte, static_cast<std::size_t>(bytes - at_byte),
+                                      static_cast<off_t>(position + static_cast<std::uint64_t>(at_byte)));
           if (got < 0 && errno == EINTR) continue;
-          if (got <= 0) throw Error(file.path + ": cannot read '" + piece.key + "' (" + (got == 0 ? std::string("truncated") : std::strerror(errno)) + ")");
-          left -= got;
+          if (got <= 0) {
+            throw Error(file.path + ": cannot read '" + piece.key + "' (" +
+                        (got == 0 ? std::string("truncated") : std::string(std::strerror(errno))) + ")");
+          }
           at_byte += got;
         }
-        bytes_read_ += static_cast<std::uint64_t>(count * row);
-        at::Tensor from = staging;
-        at::Tensor to = view.narrow(0, offsets[0] - target.offsets[0] + done, count);
+        bytes_read_ += static_cast<std::uint64_t>(bytes);
+      };
+      for (std::int64_t done = 0; done < rows; done += batch) {
+        const std::int64_t count = std::min(batch, rows - done);
+        const std::uint64_t position = piece.position + static_cast<std::uint64_t>(source.start * element + (first + done) * row);
+        at::Tensor to = target_rows.narrow(0, done, count);
+        if (direct) {
+          read_bytes(static_cast<char*>(to.data_ptr()), count * row, position);
+          copied += to.numel();
+          continue;
+        }
+        at::Tensor from = staging.narrow(0, 0, count);
+        read_bytes(static_cast<char*>(from.data_ptr()), count * row, position);
         for (std::size_t d = 1; d < rank; ++d) {
           from = from.narrow(static_cast<std::int64_t>(d), offsets[d] - source.offsets[d], lengths[d]);
-          to = to.narrow(static_cast<std::int64_t>(d), offsets[d] - target.offsets[d], lengths[d]);
         }
         to.copy_(from);
         copied += from.numel();
