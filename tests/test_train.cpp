@@ -562,6 +562,15 @@ TEST_CASE("data parallelism under the real torchrun: two replicas train what one
   CHECK(contains(inspected.out, "layout: 2 rank(s): tensor 1, pipeline 1 (virtual 1), context 1, expert 1, data 2"));
   CHECK(contains(inspected.out, "3 file(s)"));  // rank-00000, rank-00001, trainer_state.json
   CHECK(contains(inspected.out, "intact: every file matches"));
+  // ... and converts it to one file of whole tensors, from which one process resumes (below: as it
+  // resumes from the two ranks' files, bit for bit).
+  auto converted = neva_run("checkpoint convert " + (ws.root / "two").string() + " --to " +
+                            (ws.root / "converted" / "checkpoints" / "step-0000004").string());
+  REQUIRE_MESSAGE(converted.exit_code == 0, converted.err);
+  CHECK(contains(converted.out, "tensors whole in one file"));
+  auto converted_inspected = neva_run("checkpoint inspect " + (ws.root / "converted" / "checkpoints" / "step-0000004").string());
+  CHECK(converted_inspected.exit_code == 0);
+  CHECK(contains(converted_inspected.out, "layout: 1 rank(s)"));
   const json state = json::parse(std::ifstream(ws.root / "two" / "checkpoints" / "step-0000004" / "trainer_state.json"));
   REQUIRE(state["consumed_samples_per_replica"].size() == 2);
   CHECK(state["consumed_samples_per_replica"][0] == state["consumed_samples"]);
@@ -617,6 +626,11 @@ TEST_CASE("data parallelism under the real torchrun: two replicas train what one
   REQUIRE(reference_losses.size() == 8);
   REQUIRE(resumed_alone.size() == 8);
   for (std::size_t i = 4; i < 8; ++i) CHECK(std::stod(resumed_alone[i]) == doctest::Approx(std::stod(reference_losses[i])).epsilon(1e-5));
+  auto from_converted = ws.train("converted", sizes + " --set trainer.max_steps=8");
+  REQUIRE_MESSAGE(from_converted.exit_code == 0, from_converted.err);
+  const auto converted_losses = ws.losses("converted");  // steps 5 to 8
+  REQUIRE(converted_losses.size() == 4);
+  for (std::size_t i = 0; i < 4; ++i) CHECK(converted_losses[i] == resumed_alone[4 + i]);
   auto replicas = launch("one-then-two", "--set trainer.max_steps=8");
   REQUIRE_MESSAGE(replicas.exit_code == 0, replicas.err);
   CHECK(contains(replicas.err, "the checkpoint was saved by 1 data-parallel replica(s), this run has 2: every replica "

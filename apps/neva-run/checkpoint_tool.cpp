@@ -95,4 +95,19 @@ int inspect_checkpoint(const fs::path& given, bool as_json, std::ostream& out, s
   return 0;
 }
 
+int convert_checkpoint(const fs::path& given, const fs::path& to, std::ostream& out, std::ostream& err) {
+  const fs::path directory = step_directory(given);
+  const std::string problem = CheckpointManager::verify(directory);
+  if (!problem.empty()) {
+    err << "neva-run: " << directory.string() << " is not converted: " << problem << "\n";
+    return 1;
+  }
+  const CheckpointReader reader(directory);
+  consolidate_checkpoint(reader, to);
+  out << directory.string() << " -> " << to.string() << ": " << reader.names().size() << " tensors whole in one file ("
+      << std::fixed << std::setprecision(1) << static_cast<double>(reader.bytes_read()) / 1048576.0
+      << " MiB read); any layout resumes from it\n";
+  return 0;
+}
+
 }  // namespace neva

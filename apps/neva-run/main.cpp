@@ -113,7 +113,9 @@ int main(int argc, char** argv) {
       "  neva-run validate RECIPE.toml [--set ...]           check a recipe without running it\n"
       "  neva-run plugins [--json]                           list the plugins found\n"
       "  neva-run checkpoint inspect DIR [--json]            a checkpoint's layout, tensors and pieces; checks its\n"
-      "                                                      files' sizes and SHA-256 (exit 1 when damaged)\n\n"
+      "                                                      files' sizes and SHA-256 (exit 1 when damaged)\n"
+      "  neva-run checkpoint convert DIR --to OUT            the same checkpoint with every tensor whole in one file\n"
+      "                                                      (a checkpoint of any layout resumes under any other as it is)\n\n"
       "Plugins are searched in run.plugin_paths, --plugin-path, NEVA_PLUGIN_PATH and the install\n"
       "directory, never the current directory. Recipe keys: docs/recipes.md; example recipes: configs/.\n"
       "Check a plugin of your own with neva-conformance PLUGIN.so (docs/plugins.md).\n"
@@ -176,6 +178,15 @@ int main(int argc, char** argv) {
       ->required()
       ->type_name("DIR");
   checkpoint_inspect->add_flag("--json", json, "Machine-readable output");
+  auto* checkpoint_convert = checkpoint->add_subcommand(
+      "convert", "Write a checkpoint with every tensor whole in one file (streamed), which any layout resumes from");
+  std::string convert_to;
+  checkpoint_convert->add_option("dir", checkpoint_dir, "A step directory, or a run directory (its latest checkpoint)")
+      ->required()
+      ->type_name("DIR");
+  checkpoint_convert->add_option("--to", convert_to, "The new checkpoint's directory (absent or empty)")
+      ->required()
+      ->type_name("OUT");
 
   try {
     app.parse(argc, argv);
@@ -213,6 +224,8 @@ int main(int argc, char** argv) {
     }
     if (*checkpoint_inspect) {
       return neva::inspect_checkpoint(checkpoint_dir, json, std::cout, std::cerr);
+    } else if (*checkpoint_convert) {
+      return neva::convert_checkpoint(checkpoint_dir, convert_to, std::cout, std::cerr);
     } else if (*plugins) {
       list_plugins(plugin_paths, json);
     } else if (*validate) {

@@ -10,6 +10,7 @@
 #include <numeric>
 
 #include "neva/error.h"
+#include "neva/io/atomic_file.h"
 #include "neva/io/json.h"
 #include "neva/io/safetensors.h"
 #include "neva/parallel/process_group.h"
@@ -589,6 +590,78 @@ at::Tensor CheckpointReader::own_tensor(int rank, const std::string& name) const
   std::int64_t copied = 0;
   read_piece(piece, piece.region, out, copied);
   return out;
+}
+
+// ------------------------------------------------------------------ conversion
+
+void consolidate_checkpoint(const CheckpointReader& checkpoint, const fs::path& directory) {
+  std::error_code error;
+  if (fs::exists(directory, error) && !fs::is_empty(directory, error)) {
+    throw Error(directory.string() + " exists and is not empty; convert into a new directory");
+  }
+  fs::create_directories(directory);
+  // The header first (every tensor's dtype, shape and place are known from the manifest), then each
+  // tensor's data in that order: one tensor in memory at a time.
+  struct Item {
+    std::string key, name;
+    c10::ScalarType dtype;
+    std::vector<std::int64_t> shape;
+    bool own;
+  };
+  std::vector<Item> items;
+  for (const std::string& name : checkpoint.names()) items.push_back({name, name, checkpoint.dtype(name), checkpoint.shape(name), false});
+  json own_names = json::array();
+  if (checkpoint.world_size() > 0) {
+    for (const std::string& name : {std::string("rng.cpu"), std::string("rng.cuda")}) {
+      const at::Tensor state = checkpoint.own_tensor(0, name);
+      if (!state.defined()) continue;
+      items.push_back({"own/" + name, name, state.scalar_type(), state.sizes().vec(), true});
+      own_names.push_back(name);
+    }
+  }
+  json header = json::object();
+  header["__metadata__"] = {{"format", "neva-checkpoint-shard"}, {"rank", "0"}};
+  json pieces = json::array();
+  std::uint64_t offset = 0;
+  for (const Item& item : items) {
+    std::uint64_t bytes = c10::elementSize(item.dtype);
+    for (auto size : item.shape) bytes *= static_cast<std::uint64_t>(size);
+    header[item.key] = {{"dtype", dtype_text(item.dtype)}, {"shape", item.shape}, {"data_offsets", {offset, offset + bytes}}};
+    offset += bytes;
+    if (!item.own) {
+      pieces.push_back({{"name", item.name}, {"shape", item.shape}, {"dtype", dtype_text(item.dtype)}, {"key", item.key},
+                        {"offsets", std::vector<std::int64_t>(item.shape.size(), 0)}, {"lengths", item.shape}});
+    }
+  }
+  std::string text = header.dump();
+  text.append((8 - text.size() % 8) % 8, ' ');
+  const std::string file = rank_file_name(0);
+  const fs::path path = directory / file;
+  {
+    AtomicFile out(path.string());
+    const std::uint64_t header_size = text.size();
+    out.write(&header_size, 8);
+    out.write(text);
+    for (const Item& item : items) {
+      const at::Tensor data = (item.own ? checkpoint.own_tensor(0, item.name) : checkpoint.read_whole(item.name)).contiguous();
+      out.write(data.data_ptr(), data.numel() * data.element_size());
+    }
+    out.commit();
+  }
+  json description = {{"file", file}, {"rank", 0}, {"bytes", fs::file_size(path)}, {"sha256", sha256_file(path)},
+                      {"own", own_names}, {"pieces", pieces}};
+  json content = merge_rank_shards({description});
+  json layout = {{"world_size", 1}, {"tensor_model_parallel_size", 1}, {"pipeline_model_parallel_size", 1},
+                 {"virtual_pipeline_model_parallel_size", 1}, {"context_parallel_size", 1},
+                 {"expert_model_parallel_size", 1}, {"data_parallel_size", 1}, {"distributed_optimizer", false}};
+  if (checkpoint.manifest().is_object() && checkpoint.manifest().contains("layout")) {
+    layout["converted_from"] = checkpoint.manifest()["layout"];
+  }
+  content["layout"] = layout;
+  const fs::path state = checkpoint.directory() / "trainer_state.json";
+  if (fs::exists(state, error)) write_file_atomically((directory / "trainer_state.json").string(), read_file(state.string()));
+  const std::int64_t step = checkpoint.manifest().is_object() ? checkpoint.manifest().value("step", std::int64_t{0}) : 0;
+  CheckpointManager::write_manifest(directory, step, content);
 }
 
 }  // namespace neva

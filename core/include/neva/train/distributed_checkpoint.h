@@ -84,6 +84,14 @@ NEVA_API nlohmann::json merge_rank_shards(const std::vector<nlohmann::json>& ran
 NEVA_API std::vector<std::string> all_gather_text(const std::shared_ptr<ProcessGroup>& group, const std::string& text,
                                                   c10::Device device);
 
+class CheckpointReader;
+
+// Writes every tensor of `checkpoint` whole into <directory>/rank-00000.safetensors — streamed, one
+// tensor in memory at a time — with rank 0's own tensors, a copy of trainer_state.json and a manifest
+// (layout: one process; "converted_from": the original layout): the layout-free form of a checkpoint,
+// which any layout loads as it loads any other. `directory` must not exist or be empty.
+NEVA_API void consolidate_checkpoint(const CheckpointReader& checkpoint, const std::filesystem::path& directory);
+
 // Reads a checkpoint of either format: any region of any logical tensor, from the pieces that
 // overlap it, with a bounded staging buffer (rows of a piece at a time; never a whole file or tensor).
 class NEVA_API CheckpointReader {
