@@ -336,6 +336,8 @@ at::Tensor SafetensorsCheckpoint::tensor(const std::string& name, at::IntArrayRe
 
 // ---------------------------------------------------------------------------------------------
 
+const char* safetensors_dtype_name(c10::ScalarType type) { return dtype_name(type); }
+
 void write_safetensors(const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
                        const std::map<std::string, std::string>& metadata) {
   struct Item {

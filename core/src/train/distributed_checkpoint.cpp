@@ -137,20 +137,11 @@ std::string rank_file_name(int rank) {
   return name;
 }
 
-// A safetensors dtype name from the reader's validated entry.
+// The safetensors name of a piece's dtype (the writer refuses the others, naming the tensor).
 std::string dtype_text(c10::ScalarType type) {
-  switch (type) {
-    case at::kFloat: return "F32";
-    case at::kDouble: return "F64";
-    case at::kBFloat16: return "BF16";
-    case at::kHalf: return "F16";
-    case at::kLong: return "I64";
-    case at::kInt: return "I32";
-    case at::kByte: return "U8";
-    case at::kFloat8_e4m3fn: return "F8_E4M3";
-    case at::kFloat8_e5m2: return "F8_E5M2";
-    default: return c10::toString(type);
-  }
+  const char* name = safetensors_dtype_name(type);
+  if (!name) throw Error(std::string("checkpoint: safetensors cannot store dtype ") + c10::toString(type));
+  return name;
 }
 
 }  // namespace

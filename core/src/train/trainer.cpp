@@ -13,7 +13,6 @@
 #include "neva/error.h"
 #include "neva/io/atomic_file.h"
 #include "neva/io/json.h"
-#include "neva/io/safetensors.h"
 #include "neva/model/decoder.h"
 #include "neva/nn/linear.h"
 #include "neva/parallel/context_parallel.h"
@@ -729,6 +728,7 @@ std::vector<std::uint64_t> Trainer::restore(const fs::path& directory) {
   const int tp = group_size(context_.groups.tensor), tp_rank = group_rank(context_.groups.tensor);
   // Whatever layout wrote it: every tensor there, whole shapes as this model's.
   std::int64_t steps = 0;
+  std::map<std::string, std::int64_t> tensor_steps;  // AdamW's step of each tensor that has state
   for (const auto& t : trained_) {
     if (!checkpoint.contains(t.name)) {
       throw Error(directory.string() + ": the checkpoint has no tensor '" + t.name + "', which this recipe trains; was " +
@@ -740,7 +740,9 @@ std::vector<std::uint64_t> Trainer::restore(const fs::path& directory) {
                   " in the checkpoint, this model's is " + c10::str(at::IntArrayRef(whole)) + " (another model?)");
     }
     if (checkpoint.contains("step." + t.name)) {
-      steps = std::max(steps, checkpoint.read_whole("step." + t.name).item<std::int64_t>());
+      const std::int64_t step = checkpoint.read_whole("step." + t.name).item<std::int64_t>();
+      tensor_steps[t.name] = step;
+      steps = std::max(steps, step);
     }
   }
   // The moments the pieces are read into: zeros first, for the tensors that have them.
@@ -754,16 +756,23 @@ std::vector<std::uint64_t> Trainer::restore(const fs::path& directory) {
   } else {
     optimizer_->state().clear();
     for (const auto& t : trained_) {
-      if (!checkpoint.contains("step." + t.name)) continue;
+      const auto found = tensor_steps.find(t.name);
+      if (found == tensor_steps.end()) continue;
       auto moment = std::make_unique<torch::optim::AdamWParamState>();
-      moment->step(checkpoint.read_whole("step." + t.name).item<std::int64_t>());
+      moment->step(found->second);
       moment->exp_avg(at::zeros_like(t.main, at::MemoryFormat::Contiguous));
       moment->exp_avg_sq(at::zeros_like(t.main, at::MemoryFormat::Contiguous));
       optimizer_->state()[t.main.unsafeGetTensorImpl()] = std::move(moment);
     }
   }
+  std::map<std::string, at::Tensor> parameters;
+  for (const auto& t : trained_) parameters.emplace(t.name, t.param);
   for (auto& piece : state_pieces(/*owned=*/false)) {
     if (piece.name.rfind("step.", 0) == 0) continue;
+    // ZeRO-1 with main weights in the parameters' dtype: a share's main weight is a view of the
+    // parameter, read whole just above.
+    const auto parameter = parameters.find(piece.name);
+    if (distributed_ && parameter != parameters.end() && piece.data.is_alias_of(parameter->second)) continue;
     if (!checkpoint.contains(piece.name)) {
       // Moments of a tensor the writer had not updated yet stay zero.
       if (piece.name.rfind("exp_avg", 0) == 0) continue;

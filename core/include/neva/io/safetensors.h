@@ -74,6 +74,9 @@ class NEVA_API SafetensorsCheckpoint {
   std::unique_ptr<Impl> impl_;
 };
 
+// The safetensors name of a dtype ("F32", "BF16", ...), or nullptr when safetensors cannot store it.
+NEVA_API const char* safetensors_dtype_name(c10::ScalarType type);
+
 // Writes tensors (any device, contiguous or not) to `path` atomically: a temporary file in the same
 // directory, fsync, rename, fsync of the directory. Header padded with spaces to a multiple of 8;
 // tensors ordered by descending alignment, then name, so every tensor's data is aligned.
