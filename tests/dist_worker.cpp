@@ -29,6 +29,7 @@
 #include "neva/model/llava.h"
 #include "neva/train/checkpoints.h"
 #include "neva/train/loss.h"
+#include "neva/train/hf_export.h"
 #include "neva/train/trainer.h"
 #include "float64_precision.h"
 #include "random_sample.h"
@@ -544,6 +545,32 @@ int check_tensor_parallel(const neva::World& world, const std::string& layout, c
   const neva::Trainer::State expected = reference.trainer->gather_state();
   const neva::Trainer::State got = parallel.trainer->gather_state();
   report(world, layout + " checkpoint state", !first_stage || state_difference(expected, got) <= 1e-10);
+  // The export's stream: rank 0 gets every language-model parameter whole, in any order (here the
+  // reverse of the names'), from whichever ranks hold it, equal to one process's.
+  {
+    neva::WholeParameterStream stream(parallel.model->backbone(), parallel.context.groups, parallel.context.device);
+    if (world.rank == 0) {
+      std::map<std::string, at::Tensor> whole;
+      for (const auto& item : reference.model->backbone().named_parameters()) whole.emplace(item.key(), item.value());
+      bool same = stream.specs().size() == whole.size();
+      double worst = 0;
+      for (auto spec = stream.specs().rbegin(); same && spec != stream.specs().rend(); ++spec) {
+        const auto found = whole.find(spec->name);
+        same = found != whole.end() && found->second.sizes().equals(spec->shape) && found->second.scalar_type() == spec->dtype;
+        if (!same) break;
+        const at::Tensor tensor = stream.fetch(spec->name);
+        same = tensor.sizes().equals(spec->shape);
+        if (same) worst = std::max(worst, (tensor - found->second).abs().max().item<double>());
+      }
+      stream.finish();
+      std::cout << "rank 0 " << layout << " export stream: " << stream.specs().size() << " tensors, largest difference "
+                << worst << std::endl;
+      report(world, layout + " export stream", same && worst <= 1e-10);
+    } else {
+      stream.serve();
+      report(world, layout + " export stream", true);
+    }
+  }
   // Distributed checkpoints: what this layout saves, one process reads back, and what one process
   // saves, this layout reads back — every tensor and moment exactly (resharding moves bytes only).
   {

@@ -135,7 +135,8 @@ static void check_tensor_parallel(int ranks, const std::string& layout) {
     const std::string prefix = "rank " + std::to_string(rank) + "/" + std::to_string(ranks) + " ";
     CHECK(result.out.find(prefix + "tp groups ok") != std::string::npos);
     for (const char* check : {" loss", " gradients", " weights", " vision gradients identical", " checkpoint state",
-                              " distributed checkpoint read by one process", " one process's checkpoint read by this layout"}) {
+                              " distributed checkpoint read by one process", " one process's checkpoint read by this layout",
+                              " export stream"}) {
       CHECK(result.out.find(prefix + layout + check + " ok") != std::string::npos);
     }
     if (layout.find("-sp") == std::string::npos && layout.find("cp") == std::string::npos) {  // generation: without SP or CP

@@ -231,3 +231,50 @@ TEST_CASE("writing is atomic: a write that fails midway leaves the previous file
   for (const auto& entry : std::filesystem::directory_iterator(dir.path())) leftovers += entry.path() != path;
   CHECK(leftovers == 0);  // no temporary file left behind
 }
+
+TEST_CASE("the streaming writer: header first, one tensor at a time in order(), checked, atomic") {
+  TempDir dir;
+  const auto path = (dir.path() / "s.safetensors").string();
+  const std::vector<neva::SafetensorsWriter::Spec> specs = {
+      {"b", at::kBFloat16, {3}}, {"a", at::kFloat, {2, 2}}, {"c", at::kDouble, {}}, {"d", at::kFloat, {0}}};
+  {
+    neva::SafetensorsWriter writer(path, specs, {{"format", "pt"}});
+    // Descending alignment, then name: every tensor's data aligned.
+    std::vector<std::string> order;
+    for (const auto& spec : writer.order()) order.push_back(spec.name);
+    CHECK(order == std::vector<std::string>{"c", "a", "d", "b"});
+    writer.write(torch::tensor(2.5, at::kDouble));
+    writer.write(torch::arange(4, at::kFloat).reshape({2, 2}).t());  // not contiguous: written as its values
+    // A tensor unlike its spec is named; nothing is written for it.
+    try {
+      writer.write(torch::zeros({3}, at::kFloat));
+      FAIL("expected an error");
+    } catch (const neva::Error& error) {
+      CHECK(contains(error.what(), "s.safetensors: tensor 'd' is Float [3], the header says Float [0]"));
+    }
+    writer.write(torch::zeros({0}, at::kFloat));
+    CHECK(!std::filesystem::exists(path));  // not committed yet
+    CHECK_THROWS_WITH_AS(writer.commit(), doctest::Contains("1 of 4 tensors not written"), neva::Error);
+    writer.write(torch::ones({3}, at::kBFloat16));
+    CHECK_THROWS_WITH_AS(writer.write(torch::ones({1})), doctest::Contains("more tensors written than the header lists"),
+                         neva::Error);
+    writer.commit();
+  }
+  SafetensorsFile file(path);
+  CHECK(file.metadata().at("format") == "pt");
+  CHECK(file.tensor("c").item<double>() == 2.5);
+  CHECK(at::equal(file.tensor("a"), torch::arange(4, at::kFloat).reshape({2, 2}).t()));
+  CHECK(file.tensor("d").numel() == 0);
+  CHECK(at::equal(file.tensor("b"), torch::ones({3}, at::kBFloat16)));
+  // Abandoned before commit: the earlier file stays, no temporary is left.
+  {
+    neva::SafetensorsWriter abandoned(path, {{"x", at::kFloat, {1}}});
+    abandoned.write(torch::ones({1}));
+  }
+  CHECK(SafetensorsFile(path).contains("a"));
+  std::size_t leftovers = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(dir.path())) leftovers += entry.path() != path;
+  CHECK(leftovers == 0);
+  CHECK_THROWS_WITH_AS(neva::SafetensorsWriter(path, {{"x", at::kComplexFloat, {1}}}),
+                       doctest::Contains("tensor 'x' has dtype ComplexFloat, which safetensors cannot store"), neva::Error);
+}

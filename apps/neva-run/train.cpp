@@ -695,13 +695,16 @@ TrainSummary train_replica(const Recipe& recipe, const std::string& title, const
   summary.trained = step - first_step;
   summary.last_loss = last_loss;
   if (step < max_steps) return summary;  // stopped by exit_interval: not finished
-  // The export writes whole tensors: the first replica's ranks gather the language model's shards.
-  std::vector<std::pair<std::string, at::Tensor>> whole_llm;
-  const bool experts_split = group_size(context.groups.expert) > 1;  // every replica holds some experts
-  if ((replica == 0 || experts_split) && recipe.exp_manager.export_hf && model.encoder()) {
-    trainer.restore_frozen_weights();
-    whole_llm = nn::gather_pipeline_stages(
-        nn::whole_parameters(model.backbone(), context.groups.tensor, context.groups.expert), context.groups.pipeline);
+  // The export streams the language model's tensors whole to rank 0, one at a time, from whichever
+  // ranks hold them (every rank takes part: a later stage's or another rank's experts are sent).
+  std::optional<WholeParameterStream> whole_llm;
+  if (recipe.exp_manager.export_hf && model.encoder()) {
+    trainer.restore_frozen_weights();  // the export writes the frozen components' fp32 weights as loaded
+    whole_llm.emplace(model.backbone(), context.groups, context.device);
+    if (!leader) {
+      whole_llm->serve();
+      return summary;
+    }
   }
   if (!leader) return summary;
 
@@ -718,7 +721,7 @@ TrainSummary train_replica(const Recipe& recipe, const std::string& title, const
   trainer.restore_frozen_weights();  // the export writes the frozen components' fp32 weights as loaded
   if (exporting) {
     summary.hf_dir = summary.run_dir / "hf";
-    export_hf(recipe.hf_export_source(), model, summary.hf_dir, whole_llm);
+    export_hf(recipe.hf_export_source(), model, summary.hf_dir, &*whole_llm);
   }
   summary.seconds = std::chrono::duration<double>(Clock::now() - started).count();
   progress.message("done: step " + std::to_string(step) + ", loss " + std::to_string(last_loss) + ", " +

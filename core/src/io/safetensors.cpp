@@ -338,46 +338,87 @@ at::Tensor SafetensorsCheckpoint::tensor(const std::string& name, at::IntArrayRe
 
 const char* safetensors_dtype_name(c10::ScalarType type) { return dtype_name(type); }
 
-void write_safetensors(const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
-                       const std::map<std::string, std::string>& metadata) {
-  struct Item {
-    std::string name;
-    at::Tensor data;  // contiguous, CPU
-    const char* dtype;
-  };
-  std::vector<Item> items;
-  std::set<std::string> seen;
-  for (const auto& [name, tensor] : tensors) {
-    if (name == "__metadata__" || !seen.insert(name).second) {
-      throw Error(path + ": cannot write tensor name '" + name + "' (reserved or duplicate)");
-    }
-    const char* dtype = dtype_name(tensor.scalar_type());
-    if (!dtype) throw Error(path + ": tensor '" + name + "' has dtype " + std::string(c10::toString(tensor.scalar_type())) +
-                            ", which safetensors cannot store");
-    items.push_back({name, tensor.detach().to(at::kCPU).contiguous(), dtype});
-  }
-  std::sort(items.begin(), items.end(), [](const Item& a, const Item& b) {
-    auto size_a = a.data.element_size(), size_b = b.data.element_size();
-    return size_a != size_b ? size_a > size_b : a.name < b.name;
-  });
+struct SafetensorsWriter::Impl {
+  std::string path;
+  std::vector<Spec> order;
+  std::size_t next = 0;
+  AtomicFile file;
+  explicit Impl(std::string p) : path(p), file(std::move(p)) {}
+};
 
+SafetensorsWriter::SafetensorsWriter(std::string path, std::vector<Spec> tensors,
+                                     const std::map<std::string, std::string>& metadata) {
+  std::set<std::string> seen;
   json header = json::object();
   if (!metadata.empty()) header["__metadata__"] = metadata;
+  for (const Spec& spec : tensors) {
+    if (spec.name == "__metadata__" || !seen.insert(spec.name).second) {
+      throw Error(path + ": cannot write tensor name '" + spec.name + "' (reserved or duplicate)");
+    }
+    if (!dtype_name(spec.dtype)) {
+      throw Error(path + ": tensor '" + spec.name + "' has dtype " + std::string(c10::toString(spec.dtype)) +
+                  ", which safetensors cannot store");
+    }
+    for (auto size : spec.shape) {
+      if (size < 0) throw Error(path + ": tensor '" + spec.name + "' has a negative size");
+    }
+  }
+  std::sort(tensors.begin(), tensors.end(), [](const Spec& a, const Spec& b) {
+    auto size_a = c10::elementSize(a.dtype), size_b = c10::elementSize(b.dtype);
+    return size_a != size_b ? size_a > size_b : a.name < b.name;
+  });
   std::uint64_t offset = 0;
-  for (const auto& item : items) {
-    std::uint64_t nbytes = item.data.numel() * item.data.element_size();
-    header[item.name] = {{"dtype", item.dtype}, {"shape", item.data.sizes().vec()}, {"data_offsets", {offset, offset + nbytes}}};
+  for (const Spec& spec : tensors) {
+    std::uint64_t nbytes = c10::elementSize(spec.dtype);
+    for (auto size : spec.shape) nbytes *= static_cast<std::uint64_t>(size);
+    header[spec.name] = {{"dtype", dtype_name(spec.dtype)}, {"shape", spec.shape}, {"data_offsets", {offset, offset + nbytes}}};
     offset += nbytes;
   }
   std::string text = header.dump();
   text.append((8 - text.size() % 8) % 8, ' ');
+  impl_ = std::make_unique<Impl>(std::move(path));
+  impl_->order = std::move(tensors);
+  const std::uint64_t header_size = text.size();
+  impl_->file.write(&header_size, 8);
+  impl_->file.write(text);
+}
 
-  AtomicFile file(path);
-  std::uint64_t header_size = text.size();
-  file.write(&header_size, 8);
-  file.write(text.data(), text.size());
-  for (const auto& item : items) file.write(item.data.data_ptr(), item.data.numel() * item.data.element_size());
-  file.commit();
+SafetensorsWriter::~SafetensorsWriter() = default;
+
+const std::vector<SafetensorsWriter::Spec>& SafetensorsWriter::order() const { return impl_->order; }
+
+void SafetensorsWriter::write(const at::Tensor& tensor) {
+  if (impl_->next >= impl_->order.size()) throw Error(impl_->path + ": more tensors written than the header lists");
+  const Spec& spec = impl_->order[impl_->next];
+  if (tensor.scalar_type() != spec.dtype || tensor.sizes() != at::IntArrayRef(spec.shape)) {
+    throw Error(impl_->path + ": tensor '" + spec.name + "' is " + std::string(c10::toString(tensor.scalar_type())) +
+                " " + shape_text(tensor.sizes()) + ", the header says " + c10::toString(spec.dtype) + " " +
+                shape_text(spec.shape));
+  }
+  const at::Tensor data = tensor.detach().to(at::kCPU).contiguous();
+  impl_->file.write(data.data_ptr(), data.numel() * data.element_size());
+  ++impl_->next;
+}
+
+void SafetensorsWriter::commit() {
+  if (impl_->next != impl_->order.size()) {
+    throw Error(impl_->path + ": " + std::to_string(impl_->order.size() - impl_->next) + " of " +
+                std::to_string(impl_->order.size()) + " tensors not written");
+  }
+  impl_->file.commit();
+}
+
+void write_safetensors(const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+                       const std::map<std::string, std::string>& metadata) {
+  std::vector<SafetensorsWriter::Spec> specs;
+  std::map<std::string, const at::Tensor*> by_name;
+  for (const auto& [name, tensor] : tensors) {
+    specs.push_back({name, tensor.scalar_type(), tensor.sizes().vec()});
+    by_name.emplace(name, &tensor);
+  }
+  SafetensorsWriter writer(path, std::move(specs), metadata);
+  for (const auto& spec : writer.order()) writer.write(*by_name.at(spec.name));
+  writer.commit();
 }
 
 }  // namespace neva

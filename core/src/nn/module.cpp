@@ -161,27 +161,6 @@ std::vector<std::pair<std::string, at::Tensor>> gather_experts(const std::vector
   return out;
 }
 
-std::vector<std::pair<std::string, at::Tensor>> whole_parameters(const torch::nn::Module& root,
-                                                                const std::shared_ptr<ProcessGroup>& group,
-                                                                const std::shared_ptr<ProcessGroup>& expert_group) {
-  std::vector<std::pair<std::string, at::Tensor>> out;
-  std::map<std::string, ParameterSharding> shardings;
-  for (auto& [name, sharding] : parameter_shardings(root)) shardings.emplace(name, sharding);
-  at::NoGradGuard no_grad;
-  for (const auto& item : root.named_parameters()) {
-    out.emplace_back(item.key(), unshard(item.value().detach(), shardings.at(item.key()), group));
-  }
-  if (group_size(expert_group) > 1) {
-    std::vector<std::pair<std::string, at::Tensor>> dense;
-    for (auto& entry : out) {
-      if (expert_index(entry.first) < 0) dense.push_back(std::move(entry));
-    }
-    for (auto& entry : gather_experts(out, expert_group)) dense.push_back(std::move(entry));
-    return dense;
-  }
-  return out;
-}
-
 std::vector<std::pair<std::string, at::Tensor>> gather_pipeline_stages(
     const std::vector<std::pair<std::string, at::Tensor>>& local, const std::shared_ptr<ProcessGroup>& group) {
   if (group_size(group) == 1) return local;

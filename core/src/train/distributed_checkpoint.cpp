@@ -591,8 +591,8 @@ void consolidate_checkpoint(const CheckpointReader& checkpoint, const fs::path& 
     throw Error(directory.string() + " exists and is not empty; convert into a new directory");
   }
   fs::create_directories(directory);
-  // The header first (every tensor's dtype, shape and place are known from the manifest), then each
-  // tensor's data in that order: one tensor in memory at a time.
+  // Streamed (SafetensorsWriter): every tensor's dtype and shape are known from the manifest, and
+  // one tensor is in memory at a time.
   struct Item {
     std::string key, name;
     c10::ScalarType dtype;
@@ -610,32 +610,24 @@ void consolidate_checkpoint(const CheckpointReader& checkpoint, const fs::path& 
       own_names.push_back(name);
     }
   }
-  json header = json::object();
-  header["__metadata__"] = {{"format", "neva-checkpoint-shard"}, {"rank", "0"}};
   json pieces = json::array();
-  std::uint64_t offset = 0;
+  std::vector<SafetensorsWriter::Spec> specs;
+  std::map<std::string, const Item*> by_key;
   for (const Item& item : items) {
-    std::uint64_t bytes = c10::elementSize(item.dtype);
-    for (auto size : item.shape) bytes *= static_cast<std::uint64_t>(size);
-    header[item.key] = {{"dtype", dtype_text(item.dtype)}, {"shape", item.shape}, {"data_offsets", {offset, offset + bytes}}};
-    offset += bytes;
+    specs.push_back({item.key, item.dtype, item.shape});
+    by_key.emplace(item.key, &item);
     if (!item.own) {
       pieces.push_back({{"name", item.name}, {"shape", item.shape}, {"dtype", dtype_text(item.dtype)}, {"key", item.key},
                         {"offsets", std::vector<std::int64_t>(item.shape.size(), 0)}, {"lengths", item.shape}});
     }
   }
-  std::string text = header.dump();
-  text.append((8 - text.size() % 8) % 8, ' ');
   const std::string file = rank_file_name(0);
   const fs::path path = directory / file;
   {
-    AtomicFile out(path.string());
-    const std::uint64_t header_size = text.size();
-    out.write(&header_size, 8);
-    out.write(text);
-    for (const Item& item : items) {
-      const at::Tensor data = (item.own ? checkpoint.own_tensor(0, item.name) : checkpoint.read_whole(item.name)).contiguous();
-      out.write(data.data_ptr(), data.numel() * data.element_size());
+    SafetensorsWriter out(path.string(), std::move(specs), {{"format", "neva-checkpoint-shard"}, {"rank", "0"}});
+    for (const auto& spec : out.order()) {
+      const Item& item = *by_key.at(spec.name);
+      out.write(item.own ? checkpoint.own_tensor(0, item.name) : checkpoint.read_whole(item.name));
     }
     out.commit();
   }

@@ -11,12 +11,17 @@
 
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <optional>
 #include <set>
 #include <string>
 #include <nlohmann/json.hpp>
 
 #include "neva/io/atomic_file.h"
 #include "neva/error.h"
+#include "neva/nn/module.h"
+#include "neva/parallel/process_group.h"
+#include "neva/train/distributed_checkpoint.h"
 #include "neva/io/json.h"
 #include "neva/data/image.h"
 #include "neva/io/safetensors.h"
@@ -82,31 +87,153 @@ ExportPlan plan_export(const HfExportSource& source, LlavaModel& model) {
 
 void check_hf_exportable(const HfExportSource& source, LlavaModel& model) { plan_export(source, model); }
 
+// ---------------------------------------------------------------------------------------------
+
+struct WholeParameterStream::Impl {
+  std::shared_ptr<ProcessGroup> world, tensor;
+  c10::Device device;
+  int rank = 0;
+  int tp_leader = 0;  // the world rank of this rank's tensor-parallel group's first rank
+  std::map<std::string, std::pair<at::Tensor, nn::ParameterSharding>> local;
+  std::vector<SafetensorsWriter::Spec> specs;
+  std::map<std::string, std::size_t> index;
+  std::vector<int> source;  // per spec: the tp_leader of the group that gathers it and sends it
+  bool finished = false;
+
+  // The collective for spec i: its group gathers it, its first rank sends it to rank 0.
+  at::Tensor run(std::size_t i) {
+    at::NoGradGuard no_grad;
+    const int from = source[i];
+    at::Tensor whole;
+    if (tp_leader == from) {
+      const auto& [shard, sharding] = local.at(specs[i].name);
+      whole = nn::unshard(shard.detach(), sharding, tensor).contiguous();
+    }
+    if (from == 0) return rank == 0 ? whole : at::Tensor();
+    const int tag = static_cast<int>(i % 1000000);
+    if (rank == from) {
+      world->isend(whole, 0, tag).wait();
+      return {};
+    }
+    if (rank != 0) return {};
+    whole = at::empty(specs[i].shape, at::TensorOptions(specs[i].dtype).device(device));
+    world->irecv(whole, from, tag).wait();
+    return whole;
+  }
+
+  // Rank 0 names the next spec (or -1: done) to every rank.
+  std::int64_t announce(std::int64_t i) {
+    at::Tensor value = at::full({1}, i, at::TensorOptions(at::kLong).device(device));
+    world->broadcast(value, 0).wait();
+    return value.cpu().item<std::int64_t>();
+  }
+};
+
+WholeParameterStream::WholeParameterStream(const torch::nn::Module& root, const ParallelGroups& groups, c10::Device device)
+    : impl_(std::make_unique<Impl>(Impl{groups.world, groups.tensor, device})) {
+  Impl& s = *impl_;
+  s.rank = group_rank(s.world);
+  std::map<std::string, nn::ParameterSharding> shardings;
+  for (auto& [name, sharding] : nn::parameter_shardings(root)) shardings.emplace(name, sharding);
+  const int tp = group_size(s.tensor);
+  json mine = json::array();
+  for (const auto& item : root.named_parameters()) {
+    const nn::ParameterSharding& sharding = shardings.at(item.key());
+    s.local.emplace(item.key(), std::make_pair(item.value(), sharding));
+    mine.push_back({{"name", item.key()}, {"dtype", static_cast<int>(item.value().scalar_type())},
+                    {"shape", nn::whole_shape(item.value(), sharding, tp)}});
+  }
+  if (group_size(s.world) > 1) {
+    s.tp_leader = std::stoi(all_gather_text(s.tensor, std::to_string(s.rank), device).front());
+  }
+  const std::vector<std::string> every =
+      group_size(s.world) > 1 ? all_gather_text(s.world, json{{"leader", s.tp_leader}, {"tensors", mine}}.dump(), device)
+                              : std::vector<std::string>{json{{"leader", 0}, {"tensors", mine}}.dump()};
+  // The first rank (by world rank) holding a tensor picks the group that sends it.
+  std::map<std::string, std::pair<SafetensorsWriter::Spec, int>> found;
+  for (const std::string& text : every) {
+    const json description = json::parse(text);
+    for (const auto& tensor : description["tensors"]) {
+      const std::string name = tensor["name"].get<std::string>();
+      if (found.count(name)) continue;
+      const auto dtype = static_cast<c10::ScalarType>(tensor["dtype"].get<int>());
+      found.emplace(name, std::make_pair(SafetensorsWriter::Spec{name, dtype, tensor["shape"].get<std::vector<std::int64_t>>()},
+                                         description["leader"].get<int>()));
+    }
+  }
+  for (auto& [name, entry] : found) {
+    s.index.emplace(name, s.specs.size());
+    s.specs.push_back(std::move(entry.first));
+    s.source.push_back(entry.second);
+  }
+}
+
+WholeParameterStream::~WholeParameterStream() {
+  try {
+    if (impl_->rank == 0) finish();
+  } catch (...) {  // the others then fail at their collective timeout, as on any rank's failure
+  }
+}
+
+const std::vector<SafetensorsWriter::Spec>& WholeParameterStream::specs() const { return impl_->specs; }
+
+at::Tensor WholeParameterStream::fetch(const std::string& name) {
+  Impl& s = *impl_;
+  if (s.rank != 0 || s.finished) throw Error("WholeParameterStream::fetch: only world rank 0, before finish()");
+  auto found = s.index.find(name);
+  if (found == s.index.end()) throw Error("export: no rank holds a parameter '" + name + "'");
+  if (group_size(s.world) > 1) s.announce(static_cast<std::int64_t>(found->second));
+  return s.run(found->second);
+}
+
+void WholeParameterStream::finish() {
+  Impl& s = *impl_;
+  if (s.rank != 0 || s.finished) return;
+  s.finished = true;
+  if (group_size(s.world) > 1) s.announce(-1);
+}
+
+void WholeParameterStream::serve() {
+  Impl& s = *impl_;
+  if (s.rank == 0) throw Error("WholeParameterStream::serve: every rank but world rank 0");
+  for (std::int64_t i; (i = s.announce(0)) >= 0;) s.run(static_cast<std::size_t>(i));
+}
+
 void export_hf(const HfExportSource& source, LlavaModel& model, const fs::path& directory,
-               const std::vector<std::pair<std::string, at::Tensor>>& llm_weights) {
+               WholeParameterStream* language_model) {
   const ExportPlan plan = plan_export(source, model);
   const VisionEncoderConfig* vision = plan.vision;
   const json& text_config = plan.text_config;
   const json& vision_config = plan.vision_config;
-  std::vector<std::pair<std::string, at::Tensor>> tensors;
-  if (llm_weights.empty()) {
-    for (const auto& item : model.backbone().named_parameters()) tensors.emplace_back("language_model." + item.key(), item.value());
-  } else {
-    for (const auto& [name, tensor] : llm_weights) tensors.emplace_back("language_model." + name, tensor);
+  std::optional<WholeParameterStream> own;
+  if (!language_model) language_model = &own.emplace(model.backbone(), ParallelGroups{}, c10::Device(c10::kCPU));
+  // The vision tower and the projector are whole on this rank; the language model's tensors come
+  // from language_model one at a time as the file is written.
+  std::map<std::string, at::Tensor> here;
+  std::map<std::string, std::string> streamed;  // file name -> parameter name
+  std::vector<SafetensorsWriter::Spec> specs;
+  for (const auto& spec : language_model->specs()) {
+    streamed.emplace("language_model." + spec.name, spec.name);
+    specs.push_back({"language_model." + spec.name, spec.dtype, spec.shape});
   }
+  auto add = [&](const std::string& name, const at::Tensor& tensor) {
+    here.emplace(name, tensor);
+    specs.push_back({name, tensor.scalar_type(), tensor.sizes().vec()});
+  };
   for (const auto& item : model.encoder()->named_parameters()) {
     std::string name = item.key();
     if (name.rfind("vision_model.", 0) == 0) name = name.substr(13);
     if (name.rfind("head.", 0) == 0) continue;  // SigLIP's pooling head: not part of a LLaVA tower
-    tensors.emplace_back("vision_tower." + name, item.value());
+    add("vision_tower." + name, item.value());
   }
   std::map<std::string, at::Tensor> projector;
   for (const auto& item : model.connector()->named_parameters()) projector[item.key()] = item.value();
   for (const char* layer : {"0", "2"}) {
     std::string target = std::string("multi_modal_projector.linear_") + (layer[0] == '0' ? "1." : "2.");
-    tensors.emplace_back(target + "weight", projector[std::string(layer) + ".weight"]);
-    tensors.emplace_back(target + "bias", projector[std::string(layer) + ".bias"]);
+    add(target + "weight", projector[std::string(layer) + ".weight"]);
+    add(target + "bias", projector[std::string(layer) + ".bias"]);
   }
+  const at::ScalarType llm_dtype = language_model->specs().empty() ? at::kFloat : language_model->specs().front().dtype;
 
   // Say what neva does in transformers' terms ("default" there drops exactly one leading token): a
   // SigLIP tower is "full" there.
@@ -116,7 +243,7 @@ void export_hf(const HfExportSource& source, LlavaModel& model, const fs::path& 
   // fewer under "default": pick the extra count that gives the number of features neva's tower yields.
   const std::int64_t side = model.encoder()->image_size() / plan.patch_size;
   const std::int64_t additional_tokens = model.tokens_per_image() - side * side + dropped;
-  const char* dtype = model.backbone().parameters().front().scalar_type() == at::kBFloat16 ? "bfloat16" : "float32";
+  const char* dtype = llm_dtype == at::kBFloat16 ? "bfloat16" : "float32";
   json config = {{"architectures", {"LlavaForConditionalGeneration"}},
                  {"model_type", "llava"},
                  {"dtype", dtype},
@@ -134,7 +261,15 @@ void export_hf(const HfExportSource& source, LlavaModel& model, const fs::path& 
   fs::path staging = directory.string() + ".tmp." + std::to_string(::getpid());
   fs::remove_all(staging);
   fs::create_directories(staging);
-  write_safetensors((staging / "model.safetensors").string(), tensors, {{"format", "pt"}});
+  {
+    SafetensorsWriter weights((staging / "model.safetensors").string(), std::move(specs), {{"format", "pt"}});
+    for (const auto& spec : weights.order()) {
+      auto streaming = streamed.find(spec.name);
+      weights.write(streaming != streamed.end() ? language_model->fetch(streaming->second) : here.at(spec.name));
+    }
+    weights.commit();
+  }
+  language_model->finish();
   write_file_atomically((staging / "config.json").string(), config.dump(2) + "\n");
   // What LlavaProcessor / AutoProcessor need to prepare images and expand <image> as we do.
   ImageProcessorConfig images = model.encoder()->image_processor();

@@ -77,9 +77,39 @@ class NEVA_API SafetensorsCheckpoint {
 // The safetensors name of a dtype ("F32", "BF16", ...), or nullptr when safetensors cannot store it.
 NEVA_API const char* safetensors_dtype_name(c10::ScalarType type);
 
-// Writes tensors (any device, contiguous or not) to `path` atomically: a temporary file in the same
-// directory, fsync, rename, fsync of the directory. Header padded with spaces to a multiple of 8;
-// tensors ordered by descending alignment, then name, so every tensor's data is aligned.
+// A .safetensors file written one tensor at a time: the header (every tensor's name, dtype and shape)
+// first, then each tensor's data in order(), so only the tensor being written is held in memory (a
+// checkpoint or an export larger than RAM streams through). Atomic: a temporary file in the same
+// directory, fsync, rename, fsync of the directory at commit(); not committed, nothing appears.
+// Header padded with spaces to a multiple of 8; tensors ordered by descending alignment, then name,
+// so every tensor's data is aligned.
+class NEVA_API SafetensorsWriter {
+ public:
+  struct Spec {
+    std::string name;
+    c10::ScalarType dtype;
+    std::vector<std::int64_t> shape;
+  };
+  // Throws neva::Error naming `path` and the tensor for a reserved or duplicate name, a dtype
+  // safetensors cannot store, or a negative size.
+  SafetensorsWriter(std::string path, std::vector<Spec> tensors, const std::map<std::string, std::string>& metadata = {});
+  ~SafetensorsWriter();
+  SafetensorsWriter(const SafetensorsWriter&) = delete;
+  SafetensorsWriter& operator=(const SafetensorsWriter&) = delete;
+
+  // The order write() takes the tensors in.
+  const std::vector<Spec>& order() const;
+  // The next tensor's data (any device, contiguous or not), checked against its spec.
+  void write(const at::Tensor& tensor);
+  // After the last tensor: fsync, rename into place.
+  void commit();
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Writes tensors (any device, contiguous or not) to `path` atomically, as SafetensorsWriter does.
 NEVA_API void write_safetensors(const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
                                 const std::map<std::string, std::string>& metadata = {});
 

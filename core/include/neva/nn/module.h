@@ -73,14 +73,6 @@ NEVA_API at::Tensor shard_of(const at::Tensor& whole, const ParameterSharding& s
 // every rank of it must call): the inverse of shard_of. `shard` itself when not split.
 NEVA_API at::Tensor unshard(const at::Tensor& shard, const ParameterSharding& sharding,
                             const std::shared_ptr<ProcessGroup>& tensor_group);
-// Every parameter of `root` by name, whole (unshard of each, in named_parameters order): a collective
-// over `tensor_group` under tensor parallelism, the parameters themselves without it.
-// Under expert parallelism (`expert_group` of more than one rank, each holding its share of every MoE
-// layer's experts, named "....experts.<global index>....") the result has every expert's tensors.
-NEVA_API std::vector<std::pair<std::string, at::Tensor>> whole_parameters(
-    const torch::nn::Module& root, const std::shared_ptr<ProcessGroup>& tensor_group,
-    const std::shared_ptr<ProcessGroup>& expert_group = nullptr);
-
 // Expert parallelism: from this rank's named expert tensors (names holding ".experts.<index>."; every
 // rank of `expert_group` the same number of consecutive experts, in the same order), every expert's,
 // each broadcast from the rank holding it. Tensors whose names name no expert are not taken. A

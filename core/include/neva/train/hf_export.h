@@ -4,11 +4,15 @@
 // config.json with text_config and vision_config taken from the components' own config.json files,
 // the processor files LlavaProcessor needs, and the tokenizer as neva ran it.
 #include <filesystem>
+#include <map>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "neva/api.h"
+#include "neva/context.h"
+#include "neva/io/safetensors.h"
 #include "neva/model/llava.h"
 #include "neva/vision_encoder.h"
 
@@ -31,10 +35,40 @@ struct HfExportSource {
 // vision one without an integer patch_size), more leading tokens dropped than one.
 NEVA_API void check_hf_exportable(const HfExportSource& source, LlavaModel& model);
 
+// A model's parameters whole, one at a time on world rank 0, from whichever ranks hold them: a
+// tensor-parallel group gathers the shards of one tensor (nn::unshard), and the group's first rank
+// sends it to rank 0 when rank 0 does not hold it (a later pipeline stage's layers, another
+// expert-parallel rank's experts). No rank holds more than its own shard and one whole tensor.
+//
+// Built by every rank of groups.world (a collective: the ranks exchange what they hold); then rank 0
+// fetch()es the tensors it wants, in any order, and finish()es, while every other rank serve()s
+// until then. With groups.world of one rank (or none) it is the module's own parameters.
+class NEVA_API WholeParameterStream {
+ public:
+  WholeParameterStream(const torch::nn::Module& root, const ParallelGroups& groups, c10::Device device);
+  ~WholeParameterStream();  // rank 0: finish()es if it has not (the others are released on errors too)
+  WholeParameterStream(const WholeParameterStream&) = delete;
+  WholeParameterStream& operator=(const WholeParameterStream&) = delete;
+
+  // Every parameter (name, dtype, whole shape), by name; the same on every rank.
+  const std::vector<SafetensorsWriter::Spec>& specs() const;
+  // Rank 0: the parameter whole (a collective with the ranks holding it).
+  at::Tensor fetch(const std::string& name);
+  // Rank 0: no more fetches; the other ranks return from serve().
+  void finish();
+  // Every rank but 0: takes part in rank 0's fetches until it finishes.
+  void serve();
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
 // Writes `model` at `directory`, replacing what is there in one step (readers see the old
-// directory or the new one). `llm_weights`, when given, are the language model's parameters whole
-// (nn::whole_parameters under tensor parallelism), written instead of the backbone's own shards.
+// directory or the new one), with model.safetensors streamed a tensor at a time. `language_model`,
+// when given, supplies the backbone's parameters whole from every rank (the other ranks serve() it
+// meanwhile); without it, the backbone's own parameters are written.
 NEVA_API void export_hf(const HfExportSource& source, LlavaModel& model, const std::filesystem::path& directory,
-                        const std::vector<std::pair<std::string, at::Tensor>>& llm_weights = {});
+                        WholeParameterStream* language_model = nullptr);
 
 }  // namespace neva
