@@ -28,6 +28,7 @@
 #include "neva/model/decoder.h"
 #include "neva/model/llava.h"
 #include "neva/train/checkpoints.h"
+#include "neva/train/distributed_checkpoint.h"
 #include "neva/train/loss.h"
 #include "neva/train/hf_export.h"
 #include "neva/train/trainer.h"
@@ -612,6 +613,17 @@ int check_tensor_parallel(const neva::World& world, const std::string& layout, c
       const double difference = complete ? state_difference(read_alone.trainer->gather_state(), resharded_state) : 0;
       std::cout << "rank " << world.rank << " " << layout << " then " << reload << ": difference " << difference << std::endl;
       report(world, layout + " then " + reload + " checkpoint resharded", difference == 0);
+      // The same checkpoint converted offline into the other layout's files (checkpoint convert
+      // --tp --pp): that layout reads the same state from it.
+      const fs::path converted = shared / "converted";
+      if (world.rank == 0) neva::reshard_checkpoint(neva::CheckpointReader(from_layout), converted, second.tp, second.pp);
+      barrier();
+      Replica read_converted;
+      make(read_converted, *other, world);
+      read_converted.trainer->restore(converted);
+      const neva::Trainer::State converted_state = read_converted.trainer->gather_state();  // a collective
+      const double converted_difference = complete ? state_difference(resharded_state, converted_state) : 0;
+      report(world, layout + " converted offline for " + reload, converted_difference == 0);
     }
     barrier();
     if (world.rank == 0) fs::remove_all(shared);

@@ -269,3 +269,78 @@ TEST_CASE("distributed checkpoints: a shard's place in the whole tensor (fused b
   CHECK(share[0].first.flat_begin == 5);
   CHECK(share[0].first.flat_end == 15);
 }
+
+TEST_CASE("distributed checkpoints: converted offline into a TP x PP layout's files, each tensor where that layout reads it") {
+  TempDir dir;
+  // One process's checkpoint: whole tensors with their recorded splits (dimension, fused blocks).
+  struct Source {
+    std::string name;
+    std::vector<std::int64_t> shape;
+    std::int64_t dim, blocks;
+  };
+  const std::vector<Source> sources = {
+      {"connector.0.weight", {4, 3}, 0, 1},
+      {"llm.model.embed_tokens.weight", {7, 4}, 0, 1},  // 7 rows over 2 ranks: 4 and 3
+      {"llm.model.layers.0.self_attn.qkv_proj.weight", {12, 4}, 0, 3},
+      {"exp_avg.llm.model.layers.0.self_attn.qkv_proj.weight", {12, 4}, 0, 3},
+      {"llm.model.layers.1.input_layernorm.weight", {4}, -1, 1},
+      {"llm.model.layers.3.mlp.down_proj.weight", {4, 6}, 1, 1},
+      {"llm.model.norm.weight", {4}, -1, 1},
+      {"llm.lm_head.weight", {7, 4}, 0, 1},
+      {"step.llm.lm_head.weight", {}, -1, 1}};
+  std::map<std::string, at::Tensor> whole;
+  std::vector<neva::CheckpointPiece> pieces;
+  for (const auto& source : sources) {
+    whole[source.name] = at::randn(source.shape, at::kDouble);
+    pieces.push_back({source.name, source.shape, neva::whole_region(source.shape), whole[source.name], source.dim, source.blocks});
+  }
+  const fs::path original = dir.path() / "original", converted = dir.path() / "converted";
+  fs::create_directories(original);
+  nlohmann::json content =
+      neva::merge_rank_shards({neva::write_rank_shard(original, 0, pieces, {{"rng.cpu", at::full({2}, 9, at::kByte)}})});
+  content["layout"] = {{"world_size", 1}};
+  neva::CheckpointManager::write_manifest(original, 3, content);
+  neva::write_file_atomically((original / "trainer_state.json").string(), "{\"step\": 3, \"consumed_samples\": 12}\n");
+  neva::reshard_checkpoint(neva::CheckpointReader(original), converted, 2, 2);
+
+  const neva::CheckpointReader reader(converted);
+  CHECK(reader.world_size() == 4);
+  CHECK(reader.manifest()["layout"]["tensor_model_parallel_size"] == 2);
+  CHECK(reader.manifest()["layout"]["pipeline_model_parallel_size"] == 2);
+  CHECK(reader.manifest()["layout"]["converted_from"]["world_size"] == 1);
+  CHECK(fs::exists(converted / "trainer_state.json"));
+  for (const auto& source : sources) {
+    INFO(source.name);
+    CHECK(at::equal(reader.read_whole(source.name), whole[source.name]));
+    CHECK(reader.split(source.name) == std::pair<std::int64_t, std::int64_t>{source.dim, source.blocks});
+  }
+  // Each piece's file and box: stage = layer x 2 / 4 layers (embedding, connector first; norm, head last),
+  // tensor-parallel rank r the r-th run of each block.
+  auto placed = [&](const std::string& name) {
+    std::vector<std::string> out;
+    for (const auto& shard : reader.manifest()["tensors"][name]["shards"]) {
+      out.push_back(shard["file"].get<std::string>() + " " + shard["offsets"].dump() + " " + shard["lengths"].dump());
+    }
+    std::sort(out.begin(), out.end());
+    return out;
+  };
+  using List = std::vector<std::string>;
+  CHECK(placed("connector.0.weight") == List{"rank-00000.safetensors [0,0] [2,3]", "rank-00001.safetensors [2,0] [2,3]"});
+  CHECK(placed("llm.model.embed_tokens.weight") ==
+        List{"rank-00000.safetensors [0,0] [4,4]", "rank-00001.safetensors [4,0] [3,4]"});
+  CHECK(placed("llm.model.layers.0.self_attn.qkv_proj.weight") ==
+        List{"rank-00000.safetensors [0,0] [2,4]", "rank-00000.safetensors [4,0] [2,4]", "rank-00000.safetensors [8,0] [2,4]",
+             "rank-00001.safetensors [10,0] [2,4]", "rank-00001.safetensors [2,0] [2,4]", "rank-00001.safetensors [6,0] [2,4]"});
+  CHECK(placed("exp_avg.llm.model.layers.0.self_attn.qkv_proj.weight").size() == 6);
+  CHECK(placed("llm.model.layers.1.input_layernorm.weight") == List{"rank-00000.safetensors [0] [4]"});
+  CHECK(placed("llm.model.layers.3.mlp.down_proj.weight") ==
+        List{"rank-00002.safetensors [0,0] [4,3]", "rank-00003.safetensors [0,3] [4,3]"});
+  CHECK(placed("llm.model.norm.weight") == List{"rank-00002.safetensors [0] [4]"});
+  CHECK(placed("llm.lm_head.weight") == List{"rank-00002.safetensors [0,0] [4,4]", "rank-00003.safetensors [4,0] [3,4]"});
+  CHECK(placed("step.llm.lm_head.weight") == List{"rank-00002.safetensors [] []"});
+  for (int rank = 0; rank < 4; ++rank) CHECK(at::equal(reader.own_tensor(rank, "rng.cpu"), at::full({2}, 9, at::kByte)));
+  CHECK_THROWS_WITH_AS(neva::reshard_checkpoint(neva::CheckpointReader(original), converted, 2, 2),
+                       doctest::Contains("exists and is not empty"), neva::Error);
+  CHECK_THROWS_WITH_AS(neva::reshard_checkpoint(neva::CheckpointReader(original), dir.path() / "deep", 1, 8),
+                       doctest::Contains("4 decoder layers do not split over 8 pipeline stages"), neva::Error);
+}

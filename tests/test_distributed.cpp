@@ -213,6 +213,7 @@ static void check_resharding(int ranks, const std::string& layout, const std::st
   for (int rank = 0; rank < ranks; ++rank) {
     const std::string prefix = "rank " + std::to_string(rank) + "/" + std::to_string(ranks) + " ";
     CHECK(result.out.find(prefix + layout + " then " + reload + " checkpoint resharded ok") != std::string::npos);
+    CHECK(result.out.find(prefix + layout + " converted offline for " + reload + " ok") != std::string::npos);
   }
 }
 

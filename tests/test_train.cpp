@@ -847,9 +847,26 @@ TEST_CASE("tensor parallelism under torchrun: TP2, TP2 + SP and CP2 train what o
   auto first = launch(ws.train_arguments("resumed", tp2 + " --set trainer.exit_interval=10"));
   REQUIRE_MESSAGE(first.exit_code == 0, first.err);
   fs::copy(ws.root / "resumed", ws.root / "resharded", fs::copy_options::recursive);
+  // The step-10 checkpoint converted offline into a TP2 x PP2 layout's files, then into TP2's.
+  const fs::path step10 = ws.root / "resumed" / "checkpoints" / "step-0000010";
+  auto to_four = neva_run("checkpoint convert " + step10.string() + " --to " + (ws.root / "tp2pp2-step").string() +
+                          " --tp 2 --pp 2");
+  REQUIRE_MESSAGE(to_four.exit_code == 0, to_four.err);
+  CHECK(contains(to_four.out, "in the files of 4 ranks (tensor-parallel 2 x pipeline 2)"));
+  auto to_two = neva_run("checkpoint convert " + (ws.root / "tp2pp2-step").string() + " --to " +
+                         (ws.root / "converted" / "checkpoints" / "step-0000010").string() + " --tp 2");
+  REQUIRE_MESSAGE(to_two.exit_code == 0, to_two.err);
+  CHECK(contains(neva_run("checkpoint inspect " + (ws.root / "converted" / "checkpoints" / "step-0000010").string()).out,
+                 "layout: 2 rank(s)"));
   auto second = launch(ws.train_arguments("resumed", tp2));
   REQUIRE_MESSAGE(second.exit_code == 0, second.err);
   CHECK(ws.losses("resumed") == tensor);
+  // TP2 resumes from the converted checkpoint bit for bit as from its own.
+  auto from_converted = launch(ws.train_arguments("converted", tp2));
+  REQUIRE_MESSAGE(from_converted.exit_code == 0, from_converted.err);
+  const auto converted_losses = ws.losses("converted");  // steps 11 to 20
+  REQUIRE(converted_losses.size() == 10);
+  for (std::size_t i = 0; i < 10; ++i) CHECK(converted_losses[i] == tensor[10 + i]);
   auto alone = ws.train("resharded", sizes);
   REQUIRE_MESSAGE(alone.exit_code == 0, alone.err);
   const auto resharded = ws.losses("resharded");

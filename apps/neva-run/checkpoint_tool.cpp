@@ -95,7 +95,7 @@ int inspect_checkpoint(const fs::path& given, bool as_json, std::ostream& out, s
   return 0;
 }
 
-int convert_checkpoint(const fs::path& given, const fs::path& to, std::ostream& out, std::ostream& err) {
+int convert_checkpoint(const fs::path& given, const fs::path& to, int tp, int pp, std::ostream& out, std::ostream& err) {
   const fs::path directory = step_directory(given);
   const std::string problem = CheckpointManager::verify(directory);
   if (!problem.empty()) {
@@ -103,9 +103,14 @@ int convert_checkpoint(const fs::path& given, const fs::path& to, std::ostream& 
     return 1;
   }
   const CheckpointReader reader(directory);
-  consolidate_checkpoint(reader, to);
-  out << directory.string() << " -> " << to.string() << ": " << reader.names().size() << " tensors whole in one file ("
-      << std::fixed << std::setprecision(1) << static_cast<double>(reader.bytes_read()) / 1048576.0
+  reshard_checkpoint(reader, to, tp, pp);
+  out << directory.string() << " -> " << to.string() << ": " << reader.names().size() << " tensors";
+  if (tp * pp == 1) {
+    out << " whole in one file";
+  } else {
+    out << " in the files of " << tp * pp << " ranks (tensor-parallel " << tp << " x pipeline " << pp << ")";
+  }
+  out << " (" << std::fixed << std::setprecision(1) << static_cast<double>(reader.bytes_read()) / 1048576.0
       << " MiB read); any layout resumes from it\n";
   return 0;
 }

@@ -10,10 +10,11 @@ namespace neva {
 // 1 damaged (the problem printed).
 int inspect_checkpoint(const std::filesystem::path& directory, bool json, std::ostream& out, std::ostream& err);
 
-// `neva-run checkpoint convert DIR --to OUT`: the checkpoint (checked first) with every tensor whole in
-// one file, streamed a tensor at a time (consolidate_checkpoint): what a tool outside neva reads most
-// simply, and what any layout resumes from. Returns the exit status.
-int convert_checkpoint(const std::filesystem::path& directory, const std::filesystem::path& to, std::ostream& out,
-                       std::ostream& err);
+// `neva-run checkpoint convert DIR --to OUT [--tp N --pp N]`: the checkpoint (checked first) written
+// again, streamed a piece at a time (reshard_checkpoint): every tensor whole in one file (what a tool
+// outside neva reads most simply), or split into the files a TP x PP run writes, so that each rank of
+// that layout reads its own file. Any layout resumes from either. Returns the exit status.
+int convert_checkpoint(const std::filesystem::path& directory, const std::filesystem::path& to, int tp, int pp,
+                       std::ostream& out, std::ostream& err);
 
 }  // namespace neva

@@ -114,8 +114,10 @@ int main(int argc, char** argv) {
       "  neva-run plugins [--json]                           list the plugins found\n"
       "  neva-run checkpoint inspect DIR [--json]            a checkpoint's layout, tensors and pieces; checks its\n"
       "                                                      files' sizes and SHA-256 (exit 1 when damaged)\n"
-      "  neva-run checkpoint convert DIR --to OUT            the same checkpoint with every tensor whole in one file\n"
-      "                                                      (a checkpoint of any layout resumes under any other as it is)\n\n"
+      "  neva-run checkpoint convert DIR --to OUT [--tp N --pp N]\n"
+      "                                                      the same checkpoint with every tensor whole in one file, or\n"
+      "                                                      in the files a TP x PP run writes (any layout resumes from\n"
+      "                                                      any checkpoint as it is: this only arranges the files)\n\n"
       "Plugins are searched in run.plugin_paths, --plugin-path, NEVA_PLUGIN_PATH and the install\n"
       "directory, never the current directory. Recipe keys: docs/recipes.md; example recipes: configs/.\n"
       "Check a plugin of your own with neva-conformance PLUGIN.so (docs/plugins.md).\n"
@@ -179,14 +181,22 @@ int main(int argc, char** argv) {
       ->type_name("DIR");
   checkpoint_inspect->add_flag("--json", json, "Machine-readable output");
   auto* checkpoint_convert = checkpoint->add_subcommand(
-      "convert", "Write a checkpoint with every tensor whole in one file (streamed), which any layout resumes from");
+      "convert", "Write a checkpoint again, streamed: every tensor whole in one file, or as a TP x PP run saves it "
+                 "(any layout resumes from either)");
   std::string convert_to;
+  int convert_tp = 1, convert_pp = 1;
   checkpoint_convert->add_option("dir", checkpoint_dir, "A step directory, or a run directory (its latest checkpoint)")
       ->required()
       ->type_name("DIR");
   checkpoint_convert->add_option("--to", convert_to, "The new checkpoint's directory (absent or empty)")
       ->required()
       ->type_name("OUT");
+  checkpoint_convert->add_option("--tp", convert_tp, "Tensor-parallel ranks to split the tensors for (default 1)")
+      ->check(CLI::PositiveNumber)
+      ->type_name("N");
+  checkpoint_convert->add_option("--pp", convert_pp, "Pipeline stages to split the layers over (default 1)")
+      ->check(CLI::PositiveNumber)
+      ->type_name("N");
 
   try {
     app.parse(argc, argv);
@@ -225,7 +235,7 @@ int main(int argc, char** argv) {
     if (*checkpoint_inspect) {
       return neva::inspect_checkpoint(checkpoint_dir, json, std::cout, std::cerr);
     } else if (*checkpoint_convert) {
-      return neva::convert_checkpoint(checkpoint_dir, convert_to, std::cout, std::cerr);
+      return neva::convert_checkpoint(checkpoint_dir, convert_to, convert_tp, convert_pp, std::cout, std::cerr);
     } else if (*plugins) {
       list_plugins(plugin_paths, json);
     } else if (*validate) {

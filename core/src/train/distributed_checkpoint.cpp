@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <functional>
 #include <numeric>
 
 #include "neva/error.h"
@@ -224,42 +225,71 @@ std::vector<std::pair<TensorRegion, std::int64_t>> flat_regions(const std::vecto
 
 // ------------------------------------------------------------------ writing
 
-json write_rank_shard(const fs::path& directory, int rank, const std::vector<CheckpointPiece>& pieces,
-                      const std::vector<std::pair<std::string, at::Tensor>>& own) {
+namespace {
+
+// Writes rank `rank`'s file from the pieces' descriptions (`dtypes`: each piece's stored dtype) and
+// returns its description; `data(i)` gives piece i's data as it is written (one in memory at a time).
+json write_pieces(const fs::path& directory, int rank, const std::vector<CheckpointPiece>& pieces,
+                  const std::vector<c10::ScalarType>& dtypes, const std::vector<std::pair<std::string, at::Tensor>>& own,
+                  const std::function<at::Tensor(std::size_t)>& data) {
   const std::string file = rank_file_name(rank);
-  std::vector<std::pair<std::string, at::Tensor>> tensors;
+  std::vector<SafetensorsWriter::Spec> specs;
+  std::map<std::string, std::size_t> by_key;  // piece index, or pieces.size() + own index
   std::map<std::string, int> count;
   json described = json::array();
-  for (const CheckpointPiece& piece : pieces) {
-    if (piece.data.sizes().vec() != piece.region.data_shape()) {
-      throw Error("checkpoint piece of '" + piece.name + "' holds " + shape_text(piece.data.sizes().vec()) +
-                  ", its region " + region_text(piece.region) + " needs " + shape_text(piece.region.data_shape()));
-    }
+  for (std::size_t i = 0; i < pieces.size(); ++i) {
+    const CheckpointPiece& piece = pieces[i];
     const int k = count[piece.name]++;
     const std::string key = k == 0 ? piece.name : piece.name + "@" + std::to_string(k);
-    tensors.emplace_back(key, piece.data);
+    specs.push_back({key, dtypes[i], piece.region.data_shape()});
+    by_key.emplace(key, i);
     json entry = {{"name", piece.name},
                   {"shape", piece.shape},
-                  {"dtype", dtype_text(piece.data.scalar_type())},
+                  {"dtype", dtype_text(dtypes[i])},
                   {"key", key},
                   {"offsets", piece.region.offsets},
                   {"lengths", piece.region.lengths}};
     if (piece.region.flat()) entry["flat"] = {piece.region.flat_begin, piece.region.flat_end};
+    if (piece.split_dim >= 0) entry["split"] = {piece.split_dim, piece.split_blocks};
     described.push_back(std::move(entry));
   }
   json own_names = json::array();
-  for (const auto& [name, tensor] : own) {
-    tensors.emplace_back("own/" + name, tensor);
-    own_names.push_back(name);
+  for (std::size_t i = 0; i < own.size(); ++i) {
+    specs.push_back({"own/" + own[i].first, own[i].second.scalar_type(), own[i].second.sizes().vec()});
+    by_key.emplace("own/" + own[i].first, pieces.size() + i);
+    own_names.push_back(own[i].first);
   }
   const fs::path path = directory / file;
-  write_safetensors(path.string(), tensors, {{"format", "neva-checkpoint-shard"}, {"rank", std::to_string(rank)}});
+  {
+    SafetensorsWriter writer(path.string(), std::move(specs),
+                             {{"format", "neva-checkpoint-shard"}, {"rank", std::to_string(rank)}});
+    for (const auto& spec : writer.order()) {
+      const std::size_t i = by_key.at(spec.name);
+      writer.write(i < pieces.size() ? data(i) : own[i - pieces.size()].second);
+    }
+    writer.commit();
+  }
   return {{"file", file},
           {"rank", rank},
           {"bytes", fs::file_size(path)},
           {"sha256", sha256_file(path)},
           {"own", own_names},
           {"pieces", described}};
+}
+
+}  // namespace
+
+json write_rank_shard(const fs::path& directory, int rank, const std::vector<CheckpointPiece>& pieces,
+                      const std::vector<std::pair<std::string, at::Tensor>>& own) {
+  std::vector<c10::ScalarType> dtypes;
+  for (const CheckpointPiece& piece : pieces) {
+    if (piece.data.sizes().vec() != piece.region.data_shape()) {
+      throw Error("checkpoint piece of '" + piece.name + "' holds " + shape_text(piece.data.sizes().vec()) +
+                  ", its region " + region_text(piece.region) + " needs " + shape_text(piece.region.data_shape()));
+    }
+    dtypes.push_back(piece.data.scalar_type());
+  }
+  return write_pieces(directory, rank, pieces, dtypes, own, [&pieces](std::size_t i) { return pieces[i].data; });
 }
 
 json merge_rank_shards(const std::vector<json>& ranks) {
@@ -277,6 +307,7 @@ json merge_rank_shards(const std::vector<json>& ranks) {
         throw Error("checkpoint: ranks disagree on the shape of '" + name + "': " + tensor["shape"].dump() + " and " +
                     piece.at("shape").dump() + " (" + file + ")");
       }
+      if (piece.contains("split")) tensor["split"] = piece.at("split");
       json shard = {{"file", file}, {"key", piece.at("key")}, {"offsets", piece.at("offsets")}, {"lengths", piece.at("lengths")}};
       if (piece.contains("flat")) shard["flat"] = piece.at("flat");
       tensor["shards"].push_back(std::move(shard));
@@ -407,6 +438,12 @@ CheckpointReader::CheckpointReader(const fs::path& directory) : directory_(direc
     for (const auto& [name, described] : manifest_.at("tensors").items()) {
       Tensor& tensor = tensors_[name];
       tensor.shape = described.at("shape").get<std::vector<std::int64_t>>();
+      if (described.contains("split")) {
+        tensor.split = {described.at("split").at(0).get<std::int64_t>(), described.at("split").at(1).get<std::int64_t>()};
+        const bool valid = tensor.split.first >= 0 && tensor.split.first < static_cast<std::int64_t>(tensor.shape.size()) &&
+                           tensor.split.second >= 1;
+        if (!valid) throw Error(where + "tensor '" + name + "' has split " + described.at("split").dump() + ", outside its shape " + shape_text(tensor.shape));
+      }
       std::int64_t covered = 0;
       for (const json& shard : described.at("shards")) {
         TensorRegion region{shard.at("offsets").get<std::vector<std::int64_t>>(), shard.at("lengths").get<std::vector<std::int64_t>>()};
@@ -465,6 +502,11 @@ c10::ScalarType CheckpointReader::dtype(const std::string& name) const {
 std::size_t CheckpointReader::pieces(const std::string& name) const {
   shape(name);
   return tensors_.at(name).pieces.size();
+}
+
+std::pair<std::int64_t, std::int64_t> CheckpointReader::split(const std::string& name) const {
+  shape(name);
+  return tensors_.at(name).split;
 }
 
 int CheckpointReader::world_size() const { return std::max<int>(1, static_cast<int>(own_.size())); }
@@ -585,56 +627,107 @@ at::Tensor CheckpointReader::own_tensor(int rank, const std::string& name) const
 
 // ------------------------------------------------------------------ conversion
 
-void consolidate_checkpoint(const CheckpointReader& checkpoint, const fs::path& directory) {
+namespace {
+
+// The number after `key` in `name` ("....layers.<i>...."), or -1.
+std::int64_t index_after(const std::string& name, const std::string& key) {
+  const auto at = name.find(key);
+  if (at == std::string::npos) return -1;
+  const auto begin = at + key.size(), end = name.find('.', begin);
+  if (end == std::string::npos || end == begin) return -1;
+  std::int64_t index = 0;
+  for (auto i = begin; i < end; ++i) {
+    if (name[i] < '0' || name[i] > '9') return -1;
+    index = index * 10 + (name[i] - '0');
+  }
+  return index;
+}
+
+// The parameter a state tensor belongs to ("exp_avg.<name>" -> "<name>").
+std::string parameter_of(const std::string& name) {
+  for (const char* prefix : {"exp_avg_sq.", "exp_avg.", "step."}) {
+    if (name.rfind(prefix, 0) == 0) return name.substr(std::strlen(prefix));
+  }
+  return name;
+}
+
+}  // namespace
+
+void reshard_checkpoint(const CheckpointReader& checkpoint, const fs::path& directory, int tp, int pp) {
+  if (tp < 1 || pp < 1) {
+    throw Error("checkpoint convert: --tp and --pp must be at least 1 (got " + std::to_string(tp) + " and " +
+                std::to_string(pp) + ")");
+  }
   std::error_code error;
   if (fs::exists(directory, error) && !fs::is_empty(directory, error)) {
     throw Error(directory.string() + " exists and is not empty; convert into a new directory");
   }
-  fs::create_directories(directory);
-  // Streamed (SafetensorsWriter): every tensor's dtype and shape are known from the manifest, and
-  // one tensor is in memory at a time.
-  struct Item {
-    std::string key, name;
-    c10::ScalarType dtype;
-    std::vector<std::int64_t> shape;
-    bool own;
+  const int world = tp * pp;
+  std::int64_t layers = 0;
+  for (const std::string& name : checkpoint.names()) {
+    const std::string parameter = parameter_of(name);
+    if (parameter.rfind("llm.", 0) == 0) layers = std::max(layers, index_after(parameter, ".layers.") + 1);
+  }
+  if (pp > 1 && layers < pp) {
+    throw Error(checkpoint.directory().string() + ": " + std::to_string(layers) + " decoder layers do not split over " +
+                std::to_string(pp) + " pipeline stages");
+  }
+  auto stage_of = [&](const std::string& name) -> int {
+    const std::string parameter = parameter_of(name);
+    if (parameter.rfind("llm.", 0) != 0) return 0;  // the connector, the vision tower: the first stage's
+    const std::int64_t layer = index_after(parameter, ".layers.");
+    if (layer >= 0) return static_cast<int>(layer * pp / layers);
+    return parameter.find("embed") != std::string::npos ? 0 : pp - 1;
   };
-  std::vector<Item> items;
-  for (const std::string& name : checkpoint.names()) items.push_back({name, name, checkpoint.dtype(name), checkpoint.shape(name), false});
-  json own_names = json::array();
-  if (checkpoint.world_size() > 0) {
-    for (const std::string& name : {std::string("rng.cpu"), std::string("rng.cuda")}) {
-      const at::Tensor state = checkpoint.own_tensor(0, name);
-      if (!state.defined()) continue;
-      items.push_back({"own/" + name, name, state.scalar_type(), state.sizes().vec(), true});
-      own_names.push_back(name);
+  // Every rank's pieces: a split tensor's blocks cut in tp runs; the rest whole on tp-rank 0.
+  std::vector<std::vector<CheckpointPiece>> pieces(static_cast<std::size_t>(world));
+  std::vector<std::vector<c10::ScalarType>> dtypes(static_cast<std::size_t>(world));
+  for (const std::string& name : checkpoint.names()) {
+    const std::vector<std::int64_t>& shape = checkpoint.shape(name);
+    const auto [dim, given_blocks] = checkpoint.split(name);
+    const int first = stage_of(name) * tp;
+    auto add = [&](int rank, TensorRegion region) {
+      pieces[static_cast<std::size_t>(rank)].push_back({name, shape, std::move(region), at::Tensor(), dim, given_blocks});
+      dtypes[static_cast<std::size_t>(rank)].push_back(checkpoint.dtype(name));
+    };
+    if (dim < 0 || tp == 1) {
+      add(first, whole_region(shape));
+      continue;
+    }
+    const auto d = static_cast<std::size_t>(dim);
+    const std::int64_t blocks = shape[d] % given_blocks == 0 ? given_blocks : 1;
+    const std::int64_t block = shape[d] / blocks, chunk = (block + tp - 1) / tp;
+    for (int r = 0; r < tp; ++r) {
+      for (std::int64_t b = 0; b < blocks; ++b) {
+        const std::int64_t begin = r * chunk, length = std::min(chunk, block - begin);
+        if (length <= 0) continue;
+        TensorRegion region = whole_region(shape);
+        region.offsets[d] = b * block + begin;
+        region.lengths[d] = length;
+        add(first + r, std::move(region));
+      }
     }
   }
-  json pieces = json::array();
-  std::vector<SafetensorsWriter::Spec> specs;
-  std::map<std::string, const Item*> by_key;
-  for (const Item& item : items) {
-    specs.push_back({item.key, item.dtype, item.shape});
-    by_key.emplace(item.key, &item);
-    if (!item.own) {
-      pieces.push_back({{"name", item.name}, {"shape", item.shape}, {"dtype", dtype_text(item.dtype)}, {"key", item.key},
-                        {"offsets", std::vector<std::int64_t>(item.shape.size(), 0)}, {"lengths", item.shape}});
+  fs::create_directories(directory);
+  std::vector<json> descriptions;
+  for (int rank = 0; rank < world; ++rank) {
+    std::vector<std::pair<std::string, at::Tensor>> own;
+    if (checkpoint.world_size() > 0) {
+      for (const char* name : {"rng.cpu", "rng.cuda"}) {
+        at::Tensor state = checkpoint.own_tensor(rank, name);
+        if (state.defined()) own.emplace_back(name, std::move(state));
+      }
     }
+    const auto& mine = pieces[static_cast<std::size_t>(rank)];
+    const auto& types = dtypes[static_cast<std::size_t>(rank)];
+    descriptions.push_back(write_pieces(directory, rank, mine, types, own, [&](std::size_t i) {
+      at::Tensor data = at::empty(mine[i].region.data_shape(), at::TensorOptions(types[i]));
+      checkpoint.read(mine[i].name, mine[i].region, data);
+      return data;
+    }));
   }
-  const std::string file = rank_file_name(0);
-  const fs::path path = directory / file;
-  {
-    SafetensorsWriter out(path.string(), std::move(specs), {{"format", "neva-checkpoint-shard"}, {"rank", "0"}});
-    for (const auto& spec : out.order()) {
-      const Item& item = *by_key.at(spec.name);
-      out.write(item.own ? checkpoint.own_tensor(0, item.name) : checkpoint.read_whole(item.name));
-    }
-    out.commit();
-  }
-  json description = {{"file", file}, {"rank", 0}, {"bytes", fs::file_size(path)}, {"sha256", sha256_file(path)},
-                      {"own", own_names}, {"pieces", pieces}};
-  json content = merge_rank_shards({description});
-  json layout = {{"world_size", 1}, {"tensor_model_parallel_size", 1}, {"pipeline_model_parallel_size", 1},
+  json content = merge_rank_shards(descriptions);
+  json layout = {{"world_size", world}, {"tensor_model_parallel_size", tp}, {"pipeline_model_parallel_size", pp},
                  {"virtual_pipeline_model_parallel_size", 1}, {"context_parallel_size", 1},
                  {"expert_model_parallel_size", 1}, {"data_parallel_size", 1}, {"distributed_optimizer", false}};
   if (checkpoint.manifest().is_object() && checkpoint.manifest().contains("layout")) {

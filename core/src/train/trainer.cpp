@@ -591,8 +591,13 @@ std::vector<CheckpointPiece> Trainer::state_pieces(bool owned) const {
   const std::shared_ptr<ProcessGroup>& dense_group =
       group_size(context_.groups.context) > 1 ? context_.groups.data_and_context : context_.groups.data;
   const bool first_dense = group_rank(dense_group) == 0, first_expert = group_rank(context_.groups.expert_data) == 0;
-  auto add = [&out](const std::string& name, const std::vector<std::int64_t>& shape, TensorRegion region, at::Tensor data) {
+  auto add = [&out](const std::string& name, const std::vector<std::int64_t>& shape, TensorRegion region, at::Tensor data,
+                    const nn::ParameterSharding* sharding = nullptr) {
     out.push_back({name, shape, std::move(region), std::move(data)});
+    if (sharding && sharding->tensor_parallel_dim >= 0) {
+      out.back().split_dim = sharding->tensor_parallel_dim;
+      out.back().split_blocks = sharding->partition_stride;
+    }
   };
   std::vector<std::vector<ShardSegment>> segments;
   for (const auto& t : trained_) segments.push_back(shard_segments(t.main.sizes().vec(), t.sharding, tp_rank, tp));
@@ -602,10 +607,10 @@ std::vector<CheckpointPiece> Trainer::state_pieces(bool owned) const {
       if (owned && !writes(t, share.tensor)) continue;
       const std::vector<std::int64_t> shape = nn::whole_shape(t.main, t.sharding, tp);
       for (const auto& [region, start] : flat_regions(segments[share.tensor], t.main.sizes().vec(), share.offset, share.length)) {
-        add(t.name, shape, region, share.main.narrow(0, start, region.numel()));
+        add(t.name, shape, region, share.main.narrow(0, start, region.numel()), &t.sharding);
         if (!share.exp_avg.defined()) continue;
-        add("exp_avg." + t.name, shape, region, share.exp_avg.narrow(0, start, region.numel()));
-        add("exp_avg_sq." + t.name, shape, region, share.exp_avg_sq.narrow(0, start, region.numel()));
+        add("exp_avg." + t.name, shape, region, share.exp_avg.narrow(0, start, region.numel()), &t.sharding);
+        add("exp_avg_sq." + t.name, shape, region, share.exp_avg_sq.narrow(0, start, region.numel()), &t.sharding);
       }
     }
     for (std::size_t i = 0; i < trained_.size() && distributed_->steps() > 0; ++i) {
@@ -626,10 +631,10 @@ std::vector<CheckpointPiece> Trainer::state_pieces(bool owned) const {
       auto part = [&segment](const at::Tensor& local) {
         return local.dim() == 0 ? local : local.narrow(segment.dim, segment.local_begin, segment.length);
       };
-      add(t.name, shape, segment.box, part(t.main));
+      add(t.name, shape, segment.box, part(t.main), &t.sharding);
       if (!moment) continue;
-      add("exp_avg." + t.name, shape, segment.box, part(moment->exp_avg()));
-      add("exp_avg_sq." + t.name, shape, segment.box, part(moment->exp_avg_sq()));
+      add("exp_avg." + t.name, shape, segment.box, part(moment->exp_avg()), &t.sharding);
+      add("exp_avg_sq." + t.name, shape, segment.box, part(moment->exp_avg_sq()), &t.sharding);
     }
     // A tensor that never had a gradient (an expert no token reached) has no optimizer state yet.
     if (moment && (!owned || tp_rank == 0)) add("step." + t.name, {}, whole_region({}), at::scalar_tensor(moment->step(), at::kLong));

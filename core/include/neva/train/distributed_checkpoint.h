@@ -63,6 +63,9 @@ struct CheckpointPiece {
   std::vector<std::int64_t> shape;  // the whole tensor's
   TensorRegion region;
   at::Tensor data;  // region.data_shape(), any dtype safetensors stores
+  // How the tensor splits over tensor parallelism (the manifest's "split": what an offline
+  // conversion re-splits by): the dimension (-1: not split) and its interleaved blocks.
+  std::int64_t split_dim = -1, split_blocks = 1;
 };
 
 // This checkpoint format's version (manifest "version"): 1 wrote whole tensors in model.safetensors
@@ -86,11 +89,18 @@ NEVA_API std::vector<std::string> all_gather_text(const std::shared_ptr<ProcessG
 
 class CheckpointReader;
 
-// Writes every tensor of `checkpoint` whole into <directory>/rank-00000.safetensors — streamed, one
-// tensor in memory at a time — with rank 0's own tensors, a copy of trainer_state.json and a manifest
-// (layout: one process; "converted_from": the original layout): the layout-free form of a checkpoint,
-// which any layout loads as it loads any other. `directory` must not exist or be empty.
-NEVA_API void consolidate_checkpoint(const CheckpointReader& checkpoint, const std::filesystem::path& directory);
+// Writes `checkpoint` again as a run of `tp` x `pp` ranks (tensor-parallel rank fastest) would have
+// saved it, offline: each tensor split along its recorded dimension (its manifest "split"; each
+// interleaved block split in `tp` runs, the last ones shorter when a block does not divide) into
+// rank files, a decoder layer's tensors ("llm....layers.<i>....") in stage i x pp / layers, the
+// language model's other tensors in the first stage (names with "embed") or the last, the
+// connector's and the vision tower's in the first; each rank's own tensors from the rank of that
+// number (else rank 0). Streamed: one piece in memory at a time. With tp = pp = 1, every tensor whole
+// in one file. The arrangement only decides which file a rank reads: every layout loads any
+// checkpoint. Also written: trainer_state.json, and a manifest whose layout is tp x pp with
+// "converted_from" the original's. `directory` must not exist or be empty.
+NEVA_API void reshard_checkpoint(const CheckpointReader& checkpoint, const std::filesystem::path& directory, int tp = 1,
+                                 int pp = 1);
 
 // Reads a checkpoint of either format: any region of any logical tensor, from the pieces that
 // overlap it, with a bounded staging buffer (rows of a piece at a time; never a whole file or tensor).
@@ -111,6 +121,8 @@ class NEVA_API CheckpointReader {
   const std::vector<std::int64_t>& shape(const std::string& name) const;
   c10::ScalarType dtype(const std::string& name) const;  // as stored (of the first piece)
   std::size_t pieces(const std::string& name) const;
+  // The manifest's "split" of the tensor: {dimension, blocks}; {-1, 1} when not recorded or not split.
+  std::pair<std::int64_t, std::int64_t> split(const std::string& name) const;
   // Fills `out` (region.data_shape(), any dtype: converted) with the region of tensor `name`.
   // Throws Error naming the tensor when it is absent, the region leaves it, or its pieces miss part.
   void read(const std::string& name, const TensorRegion& region, at::Tensor out) const;
@@ -133,6 +145,7 @@ class NEVA_API CheckpointReader {
   struct Tensor {
     std::vector<std::int64_t> shape;
     std::vector<Piece> pieces;
+    std::pair<std::int64_t, std::int64_t> split{-1, 1};
   };
   struct File;
   std::size_t open_file(const std::string& name);
