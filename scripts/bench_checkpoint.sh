@@ -5,7 +5,8 @@
 # training run: configs/bench/train.toml (NeVA stage 2, ~134M Llama-shaped decoder trained: ~1.6 GB of
 # weights and AdamW moments per checkpoint) for STEPS steps with no checkpoint but the last, with a
 # checkpoint every 2 steps written synchronously, and the same with async_save (the state copied at the
-# step, a thread writing while training goes on). Run after scripts/setup.sh; figures go to
+# step, a thread writing while training goes on); then the export's memory on rank 0 under one process,
+# TP2 and PP2. Run after scripts/setup.sh; figures go to
 # docs/benchmarks.md.
 #   scripts/bench_checkpoint.sh [MIB] [STEPS]
 set -euo pipefail
@@ -44,4 +45,15 @@ run sync --set exp_manager.checkpoint_callback_params.every_n_train_steps=2
 run async --set exp_manager.checkpoint_callback_params.every_n_train_steps=2 \
           --set exp_manager.checkpoint_callback_params.async_save=true
 du -sh "$work"/runs/sync/checkpoints/step-* 2>/dev/null | tail -1 || true
+# The Hugging Face export streamed to rank 0 a tensor at a time: its peak memory on top of the rank's
+# model, one process and TP2 / PP2 (one step each).
+for layout in "1 " "2 --set model.tensor_model_parallel_size=2" "2 --set model.pipeline_model_parallel_size=2"; do
+  set -- $layout
+  ranks="$1"
+  shift
+  rm -rf "$work/runs/export"
+  "$bin/neva-run" --nproc-per-node "$ranks" "$root/configs/bench/train.toml" "${common[@]}" --set trainer.max_steps=1 \
+    --set exp_manager.export_hf=true --set exp_manager.explicit_log_dir="$work/runs/export" "$@" 2>&1 |
+    sed -n "s|^train: exported .*(|export, $ranks rank(s) $*: (|p"
+done
 rm -rf "$work/runs"

@@ -221,6 +221,22 @@ double peak_rss_mib() {
   return static_cast<double>(usage.ru_maxrss) / 1024.0;  // kilobytes on Linux
 }
 
+// /proc/self/status's VmRSS or VmHWM (the peak since start, or since reset_peak_rss), MiB; 0 when unknown.
+double status_mib(const std::string& field) {
+  std::ifstream status("/proc/self/status");
+  for (std::string line; std::getline(status, line);) {
+    if (line.rfind(field + ":", 0) == 0) return std::stod(line.substr(field.size() + 1)) / 1024.0;  // kB
+  }
+  return 0;
+}
+// Starts VmHWM afresh from the current resident size (Linux's clear_refs 5); false when refused.
+bool reset_peak_rss() {
+  std::ofstream clear("/proc/self/clear_refs");
+  clear << "5";
+  clear.flush();
+  return static_cast<bool>(clear);
+}
+
 // SIGTERM (Slurm's pre-emption, a scheduler's stop) and SIGINT (Ctrl-C) while training: the current
 // step finishes, a checkpoint is written and the run exits 128 + the signal. A second signal acts as
 // if nothing were installed (the handlers reset themselves), for a user who does not want to wait. A
@@ -721,7 +737,15 @@ TrainSummary train_replica(const Recipe& recipe, const std::string& title, const
   trainer.restore_frozen_weights();  // the export writes the frozen components' fp32 weights as loaded
   if (exporting) {
     summary.hf_dir = summary.run_dir / "hf";
+    // What the export costs in memory on top of this rank's model: about its largest tensor (streamed).
+    const bool measured = reset_peak_rss();
+    const double before = status_mib("VmRSS");
     export_hf(recipe.hf_export_source(), model, summary.hf_dir, &*whole_llm);
+    if (measured && before > 0) {
+      progress.message("exported " + summary.hf_dir.string() + " (a tensor at a time: peak resident memory " +
+                       std::to_string(static_cast<long>(status_mib("VmHWM") - before)) + " MiB above the " +
+                       std::to_string(static_cast<long>(before)) + " MiB before it)");
+    }
   }
   summary.seconds = std::chrono::duration<double>(Clock::now() - started).count();
   progress.message("done: step " + std::to_string(step) + ", loss " + std::to_string(last_loss) + ", " +

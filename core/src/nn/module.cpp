@@ -257,7 +257,9 @@ at::Tensor unshard(const at::Tensor& shard, const ParameterSharding& s, const st
   std::vector<at::Tensor> distinct;
   for (std::int64_t i = 0; i < shards; ++i) distinct.push_back(all.narrow(d, i * s.tensor_parallel_replicas * local, local));
   at::Tensor whole;
-  if (s.partition_stride > 1) {
+  if (s.partition_stride == 1 && s.tensor_parallel_replicas == 1) {
+    whole = all;  // the shards in order already: no second copy
+  } else if (s.partition_stride > 1) {
     const std::int64_t chunk = local / s.partition_stride;
     std::vector<at::Tensor> parts;
     for (std::int64_t b = 0; b < s.partition_stride; ++b) {
@@ -267,7 +269,7 @@ at::Tensor unshard(const at::Tensor& shard, const ParameterSharding& s, const st
   } else {
     whole = at::cat(distinct, d);
   }
-  return s.logical_size > 0 ? whole.narrow(d, 0, s.logical_size).contiguous() : whole;
+  return s.logical_size > 0 && s.logical_size != whole.size(d) ? whole.narrow(d, 0, s.logical_size).contiguous() : whole;
 }
 
 }  // namespace neva::nn
