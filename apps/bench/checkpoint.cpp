@@ -53,7 +53,7 @@ int main(int argc, char** argv) {
     if (key == "--dir") dir = argv[i + 1];
   }
   fs::create_directories(dir);
-  const std::int64_t tensors = 64, columns = 1024;
+  const std::int64_t tensors = 64, columns = 4096;  // rows of 16 KiB: a 4096-wide fp32 weight
   const std::int64_t rows = mib * (1 << 20) / 4 / tensors / columns;
   const double bytes = static_cast<double>(tensors * rows * columns * 4);
   std::printf("state: %lld tensors of [%lld, %lld] fp32, %.0f MiB; directory %s\n", static_cast<long long>(tensors),
