@@ -1,123 +1,171 @@
+// loss.png drawn with Cairo: axes with "nice" ticks and their labels, axis titles, a title and a
+// legend, text set by Cairo in the system's sans-serif font (fontconfig; DejaVu Sans on Debian).
 #include "plot.h"
 
+#include <cairo.h>
+
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <cstdio>
+#include <array>
+#include <memory>
 
+#include "neva/error.h"
 #include "neva/io/atomic_file.h"
-#include "neva/data/image.h"
 
 namespace neva {
 
 namespace {
 
-// A 3x5 pixel font for the axis numbers: digits, '.', '-', 'e' (rows top to bottom, 3 bits each).
-std::array<int, 5> glyph(char c) {
-  switch (c) {
-    case '0': return {7, 5, 5, 5, 7};
-    case '1': return {2, 6, 2, 2, 7};
-    case '2': return {7, 1, 7, 4, 7};
-    case '3': return {7, 1, 7, 1, 7};
-    case '4': return {5, 5, 7, 1, 1};
-    case '5': return {7, 4, 7, 1, 7};
-    case '6': return {7, 4, 7, 5, 7};
-    case '7': return {7, 1, 1, 1, 1};
-    case '8': return {7, 5, 7, 5, 7};
-    case '9': return {7, 5, 7, 1, 7};
-    case '.': return {0, 0, 0, 0, 2};
-    case '-': return {0, 0, 7, 0, 0};
-    case 'e': return {0, 7, 7, 4, 7};
-    default: return {0, 0, 0, 0, 0};
+// Tick positions covering [low, high] at a step of 1, 2 or 5 x 10^k, about `count` of them.
+std::vector<double> nice_ticks(double low, double high, int count) {
+  const double raw = (high - low) / std::max(1, count);
+  const double magnitude = std::pow(10.0, std::floor(std::log10(raw)));
+  double step = magnitude;
+  for (double factor : {1.0, 2.0, 5.0, 10.0}) {
+    step = factor * magnitude;
+    if (raw <= step) break;
   }
+  std::vector<double> out;
+  for (double tick = std::ceil(low / step - 1e-9) * step; tick <= high + step * 1e-9; tick += step) {
+    out.push_back(std::abs(tick) < step * 1e-9 ? 0.0 : tick);
+  }
+  return out;
 }
 
-struct Canvas {
-  Image image;
-  Canvas(int width, int height) {
-    image.width = width;
-    image.height = height;
-    image.rgb.assign(static_cast<std::size_t>(width) * height * 3, 255);
-  }
-  void dot(int x, int y, std::array<std::uint8_t, 3> color) {
-    if (x < 0 || y < 0 || x >= image.width || y >= image.height) return;
-    std::size_t at = (static_cast<std::size_t>(y) * image.width + x) * 3;
-    for (int c = 0; c < 3; ++c) image.rgb[at + c] = color[c];
-  }
-  void line(double x0, double y0, double x1, double y1, std::array<std::uint8_t, 3> color) {
-    int steps = static_cast<int>(std::max(std::abs(x1 - x0), std::abs(y1 - y0))) + 1;
-    for (int i = 0; i <= steps; ++i) {
-      double t = static_cast<double>(i) / steps;
-      dot(static_cast<int>(std::lround(x0 + t * (x1 - x0))), static_cast<int>(std::lround(y0 + t * (y1 - y0))), color);
-    }
-  }
-  void text(int x, int y, const std::string& value, int scale = 2) {
-    for (char c : value) {
-      auto rows = glyph(c);
-      for (int r = 0; r < 5; ++r) {
-        for (int b = 0; b < 3; ++b) {
-          if (!(rows[r] >> (2 - b) & 1)) continue;
-          for (int dy = 0; dy < scale; ++dy) {
-            for (int dx = 0; dx < scale; ++dx) dot(x + b * scale + dx, y + r * scale + dy, {0, 0, 0});
-          }
-        }
-      }
-      x += 4 * scale;
-    }
-  }
-};
-
-std::string number(double value) {
+std::string label(double value) {
   char buffer[32];
-  std::snprintf(buffer, sizeof buffer, std::abs(value) >= 0.01 || value == 0 ? "%.3f" : "%.2e", value);
+  const double magnitude = std::abs(value);
+  std::snprintf(buffer, sizeof buffer, magnitude != 0 && (magnitude < 1e-3 || magnitude >= 1e6) ? "%.1e" : "%g", value);
   return buffer;
+}
+
+cairo_status_t append(void* closure, const unsigned char* data, unsigned int length) {
+  static_cast<std::string*>(closure)->append(reinterpret_cast<const char*>(data), length);
+  return CAIRO_STATUS_SUCCESS;
 }
 
 }  // namespace
 
 void write_loss_plot(const std::string& path, const std::vector<std::pair<std::int64_t, double>>& losses,
                      const std::string& title) {
-  (void)title;  // the file name says which run; the font has no letters
   std::vector<std::pair<std::int64_t, double>> points;
   for (const auto& point : losses) {
     if (std::isfinite(point.second)) points.push_back(point);
   }
   if (points.empty()) return;
-  constexpr int kWidth = 800, kHeight = 450, kLeft = 90, kRight = 20, kTop = 20, kBottom = 40;
-  Canvas canvas(kWidth, kHeight);
+  constexpr double kWidth = 800, kHeight = 480, kLeft = 80, kRight = 24, kTop = 48, kBottom = 64;
   double low = points.front().second, high = low;
   for (const auto& point : points) {
     low = std::min(low, point.second);
     high = std::max(high, point.second);
   }
-  if (high - low < 1e-12) high = low + 1;
-  const double first = static_cast<double>(points.front().first), last = static_cast<double>(points.back().first);
-  const double span = std::max(1.0, last - first);
-  auto x_of = [&](double step) { return kLeft + (step - first) / span * (kWidth - kLeft - kRight); };
+  if (high - low < 1e-12) {
+    low -= 0.5;
+    high += 0.5;
+  }
+  const double pad = (high - low) * 0.05;
+  low -= pad;
+  high += pad;
+  const double first = static_cast<double>(points.front().first);
+  const double last = std::max(first + 1, static_cast<double>(points.back().first));
+  auto x_of = [&](double step) { return kLeft + (step - first) / (last - first) * (kWidth - kLeft - kRight); };
   auto y_of = [&](double loss) { return kTop + (high - loss) / (high - low) * (kHeight - kTop - kBottom); };
 
-  for (int i = 0; i <= 4; ++i) {  // horizontal grid with the loss at each line
-    double loss = low + (high - low) * i / 4.0;
-    canvas.line(kLeft, y_of(loss), kWidth - kRight, y_of(loss), {225, 225, 225});
-    canvas.text(4, static_cast<int>(y_of(loss)) - 5, number(loss));
-  }
-  canvas.line(kLeft, kTop, kLeft, kHeight - kBottom, {0, 0, 0});
-  canvas.line(kLeft, kHeight - kBottom, kWidth - kRight, kHeight - kBottom, {0, 0, 0});
-  canvas.text(kLeft, kHeight - kBottom + 10, std::to_string(points.front().first));
-  std::string end = std::to_string(points.back().first);
-  canvas.text(kWidth - kRight - static_cast<int>(end.size()) * 8, kHeight - kBottom + 10, end);
+  std::unique_ptr<cairo_surface_t, decltype(&cairo_surface_destroy)> surface(
+      cairo_image_surface_create(CAIRO_FORMAT_RGB24, static_cast<int>(kWidth), static_cast<int>(kHeight)),
+      cairo_surface_destroy);
+  std::unique_ptr<cairo_t, decltype(&cairo_destroy)> context(cairo_create(surface.get()), cairo_destroy);
+  cairo_t* cr = context.get();
+  cairo_set_source_rgb(cr, 1, 1, 1);
+  cairo_paint(cr);
+  cairo_select_font_face(cr, "sans-serif", CAIRO_FONT_SLANT_NORMAL, CAIRO_FONT_WEIGHT_NORMAL);
+  cairo_set_font_size(cr, 12);
+  auto text = [cr](const std::string& words, double x, double y, double align_x, double align_y) {
+    cairo_text_extents_t extents;
+    cairo_text_extents(cr, words.c_str(), &extents);
+    cairo_move_to(cr, x - extents.x_bearing - extents.width * align_x, y - extents.y_bearing - extents.height * align_y);
+    cairo_show_text(cr, words.c_str());
+  };
 
+  // Grid, ticks and their labels.
+  cairo_set_line_width(cr, 1);
+  for (double tick : nice_ticks(low, high, 6)) {
+    const double y = std::round(y_of(tick)) + 0.5;
+    cairo_set_source_rgb(cr, 0.9, 0.9, 0.9);
+    cairo_move_to(cr, kLeft, y);
+    cairo_line_to(cr, kWidth - kRight, y);
+    cairo_stroke(cr);
+    cairo_set_source_rgb(cr, 0, 0, 0);
+    cairo_move_to(cr, kLeft - 5, y);
+    cairo_line_to(cr, kLeft, y);
+    cairo_stroke(cr);
+    text(label(tick), kLeft - 8, y, 1, 0.5);
+  }
+  for (double tick : nice_ticks(first, last, 8)) {
+    if (tick != std::floor(tick)) continue;  // steps are whole
+    const double x = std::round(x_of(tick)) + 0.5;
+    cairo_set_source_rgb(cr, 0, 0, 0);
+    cairo_move_to(cr, x, kHeight - kBottom);
+    cairo_line_to(cr, x, kHeight - kBottom + 5);
+    cairo_stroke(cr);
+    text(label(tick), x, kHeight - kBottom + 8, 0.5, 0);
+  }
+  cairo_rectangle(cr, kLeft + 0.5, kTop + 0.5, kWidth - kLeft - kRight, kHeight - kTop - kBottom);
+  cairo_stroke(cr);
+
+  // The loss per step (grey) and its exponential moving average (blue, weight 0.1 per new step).
+  cairo_rectangle(cr, kLeft, kTop, kWidth - kLeft - kRight, kHeight - kTop - kBottom);
+  cairo_save(cr);
+  cairo_clip(cr);
+  cairo_set_line_width(cr, 1.2);
+  cairo_set_source_rgb(cr, 0.65, 0.65, 0.65);
+  for (std::size_t i = 0; i < points.size(); ++i) {
+    const double x = x_of(static_cast<double>(points[i].first)), y = y_of(points[i].second);
+    i == 0 ? cairo_move_to(cr, x, y) : cairo_line_to(cr, x, y);
+  }
+  cairo_stroke(cr);
+  cairo_set_line_width(cr, 2);
+  cairo_set_source_rgb(cr, 0.12, 0.47, 0.71);
   double mean = points.front().second;
-  for (std::size_t i = 1; i < points.size(); ++i) {
-    canvas.line(x_of(points[i - 1].first), y_of(points[i - 1].second), x_of(points[i].first), y_of(points[i].second),
-                {170, 170, 170});
+  for (std::size_t i = 0; i < points.size(); ++i) {
+    if (i > 0) mean = 0.9 * mean + 0.1 * points[i].second;
+    const double x = x_of(static_cast<double>(points[i].first)), y = y_of(mean);
+    i == 0 ? cairo_move_to(cr, x, y) : cairo_line_to(cr, x, y);
   }
-  for (std::size_t i = 1; i < points.size(); ++i) {
-    double next = 0.9 * mean + 0.1 * points[i].second;
-    canvas.line(x_of(points[i - 1].first), y_of(mean), x_of(points[i].first), y_of(next), {31, 119, 180});
-    mean = next;
+  cairo_stroke(cr);
+  cairo_restore(cr);
+
+  // Legend, axis titles, title.
+  const double legend_x = kWidth - kRight - 190, legend_y = kTop + 14;
+  const std::pair<const char*, std::array<double, 3>> entries[] = {{"loss per step", {0.65, 0.65, 0.65}},
+                                                                    {"moving average (0.9)", {0.12, 0.47, 0.71}}};
+  for (int i = 0; i < 2; ++i) {
+    const double y = legend_y + i * 18;
+    cairo_set_source_rgb(cr, entries[i].second[0], entries[i].second[1], entries[i].second[2]);
+    cairo_move_to(cr, legend_x, y);
+    cairo_line_to(cr, legend_x + 24, y);
+    cairo_stroke(cr);
+    cairo_set_source_rgb(cr, 0, 0, 0);
+    text(entries[i].first, legend_x + 30, y, 0, 0.5);
   }
-  write_file_atomically(path, encode_png(canvas.image));
+  cairo_set_font_size(cr, 13);
+  text("optimizer step", kLeft + (kWidth - kLeft - kRight) / 2, kHeight - 24, 0.5, 0);
+  cairo_save(cr);
+  cairo_translate(cr, 18, kTop + (kHeight - kTop - kBottom) / 2);
+  cairo_rotate(cr, -M_PI / 2);
+  text("training loss", 0, 0, 0.5, 0.5);
+  cairo_restore(cr);
+  cairo_select_font_face(cr, "sans-serif", CAIRO_FONT_SLANT_NORMAL, CAIRO_FONT_WEIGHT_BOLD);
+  cairo_set_font_size(cr, 15);
+  text(title + ": training loss", kWidth / 2, 16, 0.5, 0);
+
+  cairo_surface_flush(surface.get());
+  std::string png;
+  if (cairo_surface_write_to_png_stream(surface.get(), append, &png) != CAIRO_STATUS_SUCCESS) {
+    throw Error(path + ": cannot encode the loss plot (" + cairo_status_to_string(cairo_status(cr)) + ")");
+  }
+  write_file_atomically(path, png);
 }
 
 }  // namespace neva

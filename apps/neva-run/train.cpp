@@ -42,6 +42,7 @@
 #include "neva/train/loss_spike.h"
 #include "neva/train/trainer.h"
 #include "neva/parallel/process_group.h"
+#include "tensorboard.h"
 #include "neva/precision.h"
 #include "neva/io/safetensors.h"
 #include "neva/data/tokenizer.h"
@@ -117,7 +118,9 @@ class Progress {
 // before a crash, never checkpointed) are dropped so the file reads as one run.
 class Metrics {
  public:
-  Metrics(const fs::path& path, std::int64_t resumed_step) : path_(path) {
+  // Beside the file, the same records as TensorBoard events (a new event file per launch; what a
+  // resumed run logs past its checkpoint replaces what an earlier launch logged there).
+  Metrics(const fs::path& path, std::int64_t resumed_step) : path_(path), events_(path.parent_path(), resumed_step) {
     std::vector<std::string> kept;
     if (fs::exists(path)) {
       std::ifstream in(path);
@@ -144,12 +147,14 @@ class Metrics {
   }
   void write(const json& item) {
     out_ << item.dump() << "\n" << std::flush;
+    events_.scalars(item["step"].get<std::int64_t>(), item);
     losses_.emplace_back(item["step"].get<std::int64_t>(), item["loss"].get<double>());
   }
   const std::vector<std::pair<std::int64_t, double>>& losses() const { return losses_; }
 
  private:
   fs::path path_;
+  TensorBoardWriter events_;
   std::ofstream out_;
   std::vector<std::pair<std::int64_t, double>> losses_;
 };
