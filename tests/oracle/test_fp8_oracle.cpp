@@ -119,3 +119,75 @@ TEST_CASE("fp8: the GEMM equals dequantise-then-matmul in float32, and its bfloa
   CHECK_THROWS_WITH_AS(neva::fp8::scaled_mm(torch::ones({2, 3}), torch::ones({}), torch::ones({2, 3}), torch::ones({}), at::kFloat),
                        doctest::Contains("expected float8 matrices"), neva::Error);
 }
+
+namespace {
+
+void check_close(const at::Tensor& actual, const at::Tensor& expected, const std::string& what) {
+  INFO(what);
+  REQUIRE(actual.sizes() == expected.sizes());
+  // The GEMMs are the reference's arithmetic; only the matmul's summation order may differ.
+  const double scale = expected.abs().max().item<double>();
+  CHECK((actual.to(at::kFloat) - expected).abs().max().item<double>() <= 1e-6 * std::max(scale, 1e-30));
+}
+
+}  // namespace
+
+TEST_CASE("fp8: a linear layer trains three steps as Transformer Engine's does (forward, both gradients, scales)") {
+  neva::SafetensorsFile reference((oracle_directory() / "fp8.safetensors").string());
+  for (const auto& [format, name] : {std::pair{neva::fp8::Format::Hybrid, "e5m2"}, std::pair{neva::fp8::Format::E4M3, "e4m3"}}) {
+    INFO(name);
+    neva::fp8::LinearConfig config;
+    config.format = format;
+    config.margin = 1;
+    neva::fp8::LinearState state(2);
+    for (int i = 0; i < 3; ++i) {
+      const std::string step = std::to_string(i), key = std::string(name) + "_" + step;
+      const at::Tensor x = reference.tensor("lin_x_" + step).requires_grad_();
+      const at::Tensor w = reference.tensor("lin_w_" + step).requires_grad_();
+      const at::Tensor b = reference.tensor("lin_b_" + step).requires_grad_();
+      const at::Tensor y = neva::fp8::linear(x, w, b, state, config);
+      CHECK((y.scalar_type() == at::kFloat));
+      y.backward(reference.tensor("lin_g_" + step));
+      check_close(y.detach(), reference.tensor("lin_y_" + key), "y " + key);
+      check_close(x.grad(), reference.tensor("lin_dx_" + key), "dx " + key);
+      check_close(w.grad(), reference.tensor("lin_dw_" + key), "dw " + key);
+      check_close(b.grad(), reference.tensor("lin_db_" + key), "db " + key);
+      neva::fp8::update(state, config, neva::fp8::AmaxAlgorithm::Max, 1);
+      const at::Tensor scales = at::stack({state.input.scale, state.weight.scale, state.grad_output.scale});
+      CHECK(at::equal(scales, reference.tensor("lin_scales_" + key)));
+    }
+  }
+  SUBCASE("current scaling") {
+    neva::fp8::LinearConfig config;
+    config.format = neva::fp8::Format::E4M3;
+    config.current_scaling = true;
+    config.margin = 1;
+    neva::fp8::LinearState state(1);
+    const at::Tensor x = reference.tensor("lin_x_0").requires_grad_(), w = reference.tensor("lin_w_0").requires_grad_();
+    const at::Tensor y = neva::fp8::linear(x, w, reference.tensor("lin_b_0"), state, config);
+    y.backward(reference.tensor("lin_g_0"));
+    check_close(y.detach(), reference.tensor("lin_y_current"), "y");
+    check_close(x.grad(), reference.tensor("lin_dx_current"), "dx");
+    check_close(w.grad(), reference.tensor("lin_dw_current"), "dw");
+  }
+  SUBCASE("the weight is cast once while it and its scale stay the same") {
+    neva::fp8::LinearConfig config;
+    neva::fp8::LinearState state(1);
+    const at::Tensor w = reference.tensor("lin_w_0");
+    const at::Tensor x = reference.tensor("lin_x_0");
+    neva::fp8::linear(x, w, at::Tensor(), state, config);
+    const void* first = state.weight_fp8.unsafeGetTensorImpl();
+    neva::fp8::linear(x * 2, w, at::Tensor(), state, config);  // a second micro-batch
+    CHECK(state.weight_fp8.unsafeGetTensorImpl() == first);
+    {
+      at::NoGradGuard no_grad;
+      w.mul_(0.5);  // an optimizer step (in place: the version counter moves)
+    }
+    neva::fp8::linear(x, w, at::Tensor(), state, config);
+    CHECK(state.weight_fp8.unsafeGetTensorImpl() != first);
+    const void* second = state.weight_fp8.unsafeGetTensorImpl();
+    neva::fp8::update(state, config, neva::fp8::AmaxAlgorithm::MostRecent, 1);  // a new weight scale
+    neva::fp8::linear(x, w, at::Tensor(), state, config);
+    CHECK(state.weight_fp8.unsafeGetTensorImpl() != second);
+  }
+}

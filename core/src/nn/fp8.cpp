@@ -1,6 +1,8 @@
 #include "neva/nn/fp8.h"
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/autograd.h>
 
 #include <cmath>
 #include <limits>
@@ -106,6 +108,95 @@ at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& a_scale_inv, const a
   }
   return at::matmul(a.to(at::kFloat) * scale_a.to(a.device()), (b.to(at::kFloat) * scale_b.to(a.device())).t())
       .to(out_dtype);
+}
+
+LinearState::LinearState(std::int64_t history_length)
+    : input(make_state(history_length)), weight(make_state(history_length)), grad_output(make_state(history_length)) {}
+
+namespace {
+
+at::Tensor cast_role(const at::Tensor& x, ScalingState& state, c10::ScalarType fp8, const LinearConfig& config) {
+  return config.current_scaling ? quantize_current(x, state, fp8, config.margin) : quantize(x, state, fp8);
+}
+
+// The weight in FP8 (and transposed), cast again only when the weight or its scale changed.
+void cast_weight(const at::Tensor& weight, LinearState& state, const LinearConfig& config) {
+  const void* impl = weight.unsafeGetTensorImpl();
+  const std::uint32_t version = weight._version();
+  const void* scale = state.weight.scale.unsafeGetTensorImpl();
+  const std::uint32_t scale_version = state.weight.scale._version();
+  const bool fresh = state.weight_fp8.defined() && state.cached_weight == impl && state.cached_version == version &&
+                     (config.current_scaling || (state.cached_scale == scale && state.cached_scale_version == scale_version));
+  if (fresh) return;
+  state.weight_fp8 = cast_role(weight, state.weight, at::kFloat8_e4m3fn, config).contiguous();
+  state.weight_fp8_t = state.weight_fp8.t().contiguous();
+  state.weight_fp8_scale_inv = state.weight.scale_inv.clone();
+  state.cached_weight = impl;
+  state.cached_version = version;
+  state.cached_scale = state.weight.scale.unsafeGetTensorImpl();
+  state.cached_scale_version = state.weight.scale._version();
+}
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// The product of x [M, K] and weight [N, K]^T in FP8, and its two gradients in FP8.
+struct Fp8Matmul : torch::autograd::Function<Fp8Matmul> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight, LinearState* state,
+                            const LinearConfig* config) {
+    const at::Tensor xq = cast_role(x, state->input, at::kFloat8_e4m3fn, *config);
+    const at::Tensor x_scale_inv = state->input.scale_inv.clone();
+    cast_weight(weight, *state, *config);
+    at::Tensor y = scaled_mm(xq, x_scale_inv, state->weight_fp8, state->weight_fp8_scale_inv, config->out_dtype);
+    ctx->save_for_backward({xq, x_scale_inv, state->weight_fp8_t, state->weight_fp8_scale_inv});
+    ctx->saved_data["state"] = reinterpret_cast<std::int64_t>(state);
+    ctx->saved_data["config"] = reinterpret_cast<std::int64_t>(config);
+    ctx->saved_data["x_dtype"] = x.scalar_type();
+    ctx->saved_data["weight_dtype"] = weight.scalar_type();
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    auto* state = reinterpret_cast<LinearState*>(ctx->saved_data["state"].toInt());
+    const auto* config = reinterpret_cast<const LinearConfig*>(ctx->saved_data["config"].toInt());
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &xq = saved[0], &x_scale_inv = saved[1], &weight_t = saved[2], &w_scale_inv = saved[3];
+    const at::Tensor grad = grads[0].contiguous();
+    const at::Tensor gq = cast_role(grad, state->grad_output, dtype_for(config->format, /*gradient=*/true), *config);
+    const at::Tensor g_scale_inv = state->grad_output.scale_inv.clone();
+    at::Tensor dx, dw;
+    if (ctx->needs_input_grad(0)) dx = scaled_mm(gq, g_scale_inv, weight_t, w_scale_inv, ctx->saved_data["x_dtype"].toScalarType());
+    if (ctx->needs_input_grad(1)) {
+      const c10::ScalarType dtype = ctx->saved_data["weight_dtype"].toScalarType();
+      dw = xq.size(0) == 0 ? at::zeros({weight_t.size(1), weight_t.size(0)}, grad.options().dtype(dtype))
+                           : scaled_mm(gq.t().contiguous(), g_scale_inv, xq.t().contiguous(), x_scale_inv, dtype);
+    }
+    return {dx, dw, at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, LinearState& state,
+                  const LinearConfig& config) {
+  if (weight.dim() != 2 || x.dim() < 1 || x.size(-1) != weight.size(1)) {
+    throw Error("fp8::linear: an input [..., " + std::to_string(weight.dim() == 2 ? weight.size(1) : -1) +
+                "] and a weight [out, in] were expected, got " + c10::str(x.sizes()) + " and " + c10::str(weight.sizes()));
+  }
+  // The casts and GEMMs choose their own dtypes: autocast would round the emulated GEMM to bf16.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  std::vector<std::int64_t> shape = x.sizes().vec();
+  at::Tensor y = Fp8Matmul::apply(x.reshape({-1, x.size(-1)}), weight, &state, &config);
+  shape.back() = weight.size(0);
+  y = y.view(shape);
+  return bias.defined() ? y + bias.to(y.scalar_type()) : y;
+}
+
+void update(LinearState& state, const LinearConfig& config, AmaxAlgorithm algorithm, std::int64_t interval) {
+  update(state.input, at::kFloat8_e4m3fn, config.margin, algorithm, interval);
+  update(state.weight, at::kFloat8_e4m3fn, config.margin, algorithm, interval);
+  update(state.grad_output, dtype_for(config.format, true), config.margin, algorithm, interval);
 }
 
 }  // namespace neva::fp8

@@ -136,30 +136,36 @@ LinearImpl::LinearImpl(const RuntimeContext& context, std::int64_t in_features, 
   }
 }
 
+LinearKernel::~LinearKernel() = default;
+
+at::Tensor LinearImpl::product(const at::Tensor& x, const at::Tensor& b) {
+  return kernel_ ? kernel_->linear(x, weight, b) : at::linear(x, weight, b);
+}
+
 at::Tensor LinearImpl::column_output(const at::Tensor& x) {
-  at::Tensor y = at::linear(x, weight, bias);
+  at::Tensor y = product(x, bias);
   if (!options_.gather_output) return y;
   y = gather_from_tensor_parallel_region(group_, y);
   return y.size(-1) == out_features_ ? y : y.narrow(-1, 0, out_features_);  // a padded vocabulary
 }
 
 at::Tensor LinearImpl::forward(const at::Tensor& x) {
-  if (!group_) return at::linear(x, weight, bias);
+  if (!group_) return product(x, bias);
   if (options_.parallel == Parallel::Column) return column_output(copy_to_tensor_parallel_region(group_, x));
   const at::Tensor input = options_.input_is_parallel ? x : scatter_to_tensor_parallel_region(group_, x);
-  at::Tensor y = at::linear(input, weight);
+  at::Tensor y = product(input, at::Tensor());
   y = sequence_parallel_ ? reduce_scatter_to_sequence_parallel_region(group_, y, 1) : reduce_from_tensor_parallel_region(group_, y);
   return bias.defined() ? y + bias : y;
 }
 
 at::Tensor LinearImpl::forward_entered(const at::Tensor& x) {
   if (options_.parallel != Parallel::Column) throw Error("forward_entered is for column-parallel layers");
-  return group_ ? column_output(x) : at::linear(x, weight, bias);
+  return group_ ? column_output(x) : product(x, bias);
 }
 
 at::Tensor LinearImpl::forward_unreduced(const at::Tensor& x) {
   if (options_.parallel != Parallel::Row) throw Error("forward_unreduced is for row-parallel layers");
-  return at::linear(x, weight);
+  return product(x, at::Tensor());
 }
 
 EmbeddingImpl::EmbeddingImpl(const RuntimeContext& context, std::int64_t num_embeddings, std::int64_t embedding_dim,
@@ -206,6 +212,14 @@ Conv2dImpl::Conv2dImpl(const RuntimeContext& context, std::int64_t in_channels, 
 }
 
 at::Tensor Conv2dImpl::forward(const at::Tensor& x) { return at::conv2d(x, weight, bias, {stride_, stride_}); }
+
+std::vector<std::pair<std::string, LinearImpl*>> linear_layers(torch::nn::Module& root) {
+  std::vector<std::pair<std::string, LinearImpl*>> out;
+  for (const auto& item : root.named_modules()) {
+    if (auto* layer = dynamic_cast<LinearImpl*>(item.value().get())) out.emplace_back(item.key(), layer);
+  }
+  return out;
+}
 
 Linear linear(const RuntimeContext& context, std::int64_t in_features, std::int64_t out_features,
               const LinearOptions& options) {

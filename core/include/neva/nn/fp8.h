@@ -63,4 +63,39 @@ NEVA_API void update(ScalingState& state, c10::ScalarType fp8, double margin, Am
 NEVA_API at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& a_scale_inv, const at::Tensor& b,
                               const at::Tensor& b_scale_inv, c10::ScalarType out_dtype);
 
+// How a linear layer's FP8 product is computed (fp8::linear).
+struct LinearConfig {
+  Format format = Format::Hybrid;
+  bool current_scaling = false;  // true: each cast takes its scale from its own amax (margin applies)
+  double margin = 0;
+  c10::ScalarType out_dtype = c10::ScalarType::Float;  // the compute dtype: the GEMMs' outputs
+};
+
+// The scaling state of one linear layer: its input, its weight and its output gradient (TE's
+// fp8_meta "scaling_fwd" input/weight and "scaling_bwd" grad_output), and its weight cast to FP8
+// with that weight's scale (row-major for the forward GEMM, transposed for the input gradient's),
+// kept while neither the weight (its version counter) nor the weight's scale changes: cast once per
+// optimizer step, not per micro-batch.
+struct NEVA_API LinearState {
+  explicit LinearState(std::int64_t history_length);
+  ScalingState input, weight, grad_output;
+  at::Tensor weight_fp8, weight_fp8_t, weight_fp8_scale_inv;
+  const void* cached_weight = nullptr;  // the weight's TensorImpl and version, and the scale's, it was cast with
+  std::uint32_t cached_version = 0;
+  const void* cached_scale = nullptr;
+  std::uint32_t cached_scale_version = 0;
+};
+
+// y = x @ weight^T (+ bias) with both operands cast to FP8 (E4M3) and the GEMM in FP8 (scaled_mm),
+// the output in config.out_dtype; differentiable: the backward pass casts the output gradient to FP8
+// (E5M2 under Hybrid) and computes the input gradient (grad_fp8 @ weight_fp8) and the weight
+// gradient (grad_fp8^T @ input_fp8) with FP8 GEMMs too, the bias gradient in the gradient's dtype.
+// Each cast records its amax in its role's history (delayed scaling) or sets its role's scale
+// (current scaling). Runs with autocast off whatever the caller's; `x` [..., in], `weight` [out, in].
+NEVA_API at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, LinearState& state,
+                           const LinearConfig& config);
+
+// update() of the layer's three roles (the gradient's in E5M2 under Hybrid), for delayed scaling.
+NEVA_API void update(LinearState& state, const LinearConfig& config, AmaxAlgorithm algorithm, std::int64_t interval);
+
 }  // namespace neva::fp8

@@ -14,6 +14,8 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "neva/api.h"
 #include "neva/context.h"
@@ -51,6 +53,32 @@ struct ColumnLayout {
   bool vocabulary = false;
 };
 
+// What computes a linear layer's product in place of at::linear (plugin ABI 2.4): a precision
+// recipe installs one on the layers it changes (the fp8 recipe's FP8 GEMMs, with their scaling
+// state). Every LinearImpl forward path (replicated, column, row, forward_entered,
+// forward_unreduced) calls it for its own rank's product; the tensor-parallel collectives around it
+// are unchanged. The trainer drives it once per optimizer step (step_finished), after reducing each
+// kernel's shared_maxima() with MAX over the ranks that hold copies of its layer (the
+// tensor-parallel and data-parallel replicas; for an expert's layers, the expert-data group), and
+// checkpoints its state().
+class NEVA_API LinearKernel {
+ public:
+  virtual ~LinearKernel();
+  // x @ weight^T, plus bias when defined, differentiable in x, weight and bias.
+  virtual at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) = 0;
+  // float32 tensors this kernel records during the step that must agree over its layer's replicas
+  // (amaxes, measured errors): the trainer reduces them in place with MAX before step_finished.
+  virtual std::vector<at::Tensor> shared_maxima() = 0;
+  // After each optimizer step (skipped ones too). Returns a line for the log when the kernel changed
+  // how it computes (e.g. fell back from FP8), else "".
+  virtual std::string step_finished() = 0;
+  // The tensors that are its state (not parameters), by name, live: a checkpoint saves them and a
+  // resume reads into them in place. Equal on every replica after step_finished.
+  virtual std::vector<std::pair<std::string, at::Tensor>> state() = 0;
+  // How it computes now, one word for metrics ("fp8", "bf16", ...).
+  virtual std::string mode() const = 0;
+};
+
 class NEVA_API LinearImpl : public Module {
  public:
   LinearImpl(const RuntimeContext& context, std::int64_t in_features, std::int64_t out_features,
@@ -69,17 +97,27 @@ class NEVA_API LinearImpl : public Module {
   at::Tensor forward_unreduced(const at::Tensor& x);
   std::int64_t in_features() const { return in_features_; }    // of the whole layer
   std::int64_t out_features() const { return out_features_; }  // of the whole layer
+  const LinearOptions& options() const { return options_; }
+  // The kernel computing this layer's product (null: at::linear). Plugin ABI 2.4.
+  void set_kernel(std::shared_ptr<LinearKernel> kernel) { kernel_ = std::move(kernel); }
+  const std::shared_ptr<LinearKernel>& kernel() const { return kernel_; }
 
   at::Tensor weight;  // [out, in] (this rank's shard)
   at::Tensor bias;    // [out] (this rank's shard), or undefined
 
  private:
   at::Tensor column_output(const at::Tensor& x);
+  at::Tensor product(const at::Tensor& x, const at::Tensor& bias);
   std::int64_t in_features_, out_features_;
   LinearOptions options_;
   std::shared_ptr<ProcessGroup> group_;  // the tensor-parallel group, when split over more than one rank
   bool sequence_parallel_ = false;
+  std::shared_ptr<LinearKernel> kernel_;  // appended in plugin ABI 2.4
 };
+
+// Every LinearImpl under `root` (itself included) by its path from `root` ("" for root itself), in
+// named_modules() order.
+NEVA_API std::vector<std::pair<std::string, LinearImpl*>> linear_layers(torch::nn::Module& root);
 
 // This rank's rows of a vocabulary under tensor parallelism: the vocabulary padded to a multiple of
 // make_vocab_size_divisible_by x the group's size, split evenly. Without it: [0, vocabulary).
