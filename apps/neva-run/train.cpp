@@ -472,6 +472,7 @@ TrainSummary train_replica(const Recipe& recipe, const std::string& title, const
                                                          " sample(s) a replica had read beyond it are read again)"
                                                    : "");
     }
+    if (!trainer.restore_note().empty()) progress_message_later += (progress_message_later.empty() ? "" : "; ") + trainer.restore_note();
   }
   std::int64_t step = trainer.step();
 
@@ -685,7 +686,12 @@ TrainSummary train_replica(const Recipe& recipe, const std::string& title, const
                    {"communication", communication}};
     // (token, expert) assignments over an expert's capacity, dropped this step.
     if (!dropping.empty()) item["moe_dropped_assignments"] = dropped;
+    // The precision recipe's kernel layers (model.fp8): how many compute how ("fp8", "bf16"), and
+    // this step's changes (a layer falling back), which the log shows too.
+    if (!report.linear_modes.empty()) item["linear_layers"] = report.linear_modes;
+    if (!report.linear_notes.empty()) item["linear_layer_changes"] = report.linear_notes;
     if (metrics) metrics->write(item);
+    for (const auto& note : report.linear_notes) progress.message("step " + std::to_string(step) + ": " + note);
     progress.update(step, report.loss, report.lr, report.grad_norm, tokens_all / seconds, eta);
     const bool exiting = recipe.trainer.exit_interval > 0 && step % recipe.trainer.exit_interval == 0;
     if (auto saved = profiler.after(step, step == max_steps || exiting)) progress.message(*saved);

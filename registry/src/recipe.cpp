@@ -180,9 +180,34 @@ Recipe parse_recipe(const ConfigDocument& document, const fs::path& base_directo
                                         std::to_string(recipe.model.global_batch_size));
   }
   // The precision recipe reads its keys from the model section (NeMo keeps megatron_amp_O2 there).
+  // model.fp8 (NeMo's key) puts the fp8 recipe over trainer.precision: it is asked for as
+  // "fp8:<trainer.precision>". Off, NeMo's fp8_* keys that configs carry along are accepted as they are.
+  std::string precision_plugin = recipe.trainer.precision;
+  if (model.get<bool>("fp8", false)) {
+    precision_plugin = "fp8:" + recipe.trainer.precision;
+    if (recipe.run.mode != "train") {
+      if (model.get<bool>("fp8_hybrid", false)) {
+        model.fail("fp8_hybrid", "E5M2 is for gradients, and run.mode = \"" + recipe.run.mode +
+                                     "\" computes none: use fp8_e4m3 = true (or model.fp8 = false)");
+      }
+      if (model.get<std::string>("fp8_recipe", "delayed") == "delayed") {
+        model.fail("fp8_recipe", "delayed scaling takes each scale from earlier training steps' amaxes, and run.mode = \"" +
+                                     recipe.run.mode + "\" has no steps: set fp8_recipe = \"tensorwise\" (each tensor "
+                                     "scaled by its own amax), or model.fp8 = false");
+      }
+    }
+  } else {
+    for (const char* key : {"fp8_e4m3", "fp8_hybrid"}) model.get<bool>(key, false);
+    for (const char* key : {"fp8_margin", "fp8_interval", "fp8_amax_history_len"}) model.get<std::int64_t>(key, 0);
+    model.get<std::string>("fp8_amax_compute_algo", "");
+  }
+  try {
+    registry.find(PrecisionRecipe::kKind, precision_plugin);
+  } catch (const PluginError& error) {
+    model.fail("fp8", std::string(error.what()) + " (model.fp8 needs the fp8 precision_recipe plugin)");
+  }
   recipe.precision = recipe.registry->create<PrecisionRecipe>(
-      recipe.trainer.precision, *registry.parse_config(PrecisionRecipe::kKind, recipe.trainer.precision, model),
-      RuntimeContext());
+      precision_plugin, *registry.parse_config(PrecisionRecipe::kKind, precision_plugin, model), RuntimeContext());
   {
     ConfigSection strategy = model.section("parallel_strategy");
     const std::string name = strategy.get<std::string>("name", "megatron");

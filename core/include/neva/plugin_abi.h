@@ -17,6 +17,8 @@
 //   BackboneInputs::vocab_parallel_logits (all appended).
 //   2.3: pipeline parallelism: RuntimeContext::virtual_pipeline_chunks and ::pipeline_layer_split,
 //   BackboneInputs::pipeline_chunk and ::sequence_length (all appended).
+//   2.4: nn::LinearKernel and LinearImpl::set_kernel (a member appended after LinearImpl's others):
+//   a precision recipe computing linear layers' products (the fp8 recipe).
 //
 // Plugins must build against the same LibTorch as the host (checked through torch_version), link
 // libneva_core, use hidden visibility, and register no operators statically (no TORCH_LIBRARY).
@@ -31,7 +33,7 @@
 namespace neva {
 
 inline constexpr std::uint32_t kPluginAbiMajor = 2;
-inline constexpr std::uint32_t kPluginAbiMinor = 3;
+inline constexpr std::uint32_t kPluginAbiMinor = 4;
 inline constexpr const char* kPluginEntrySymbol = "neva_plugin";
 
 struct PluginAbiVersion {

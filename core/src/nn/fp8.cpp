@@ -37,15 +37,16 @@ double max_of(c10::ScalarType fp8) {
   throw Error(std::string("fp8: ") + c10::toString(fp8) + " is not float8_e4m3fn or float8_e5m2");
 }
 
-ScalingState make_state(std::int64_t history_length) {
+ScalingState make_state(std::int64_t history_length, c10::Device device) {
   if (history_length < 1) {
     throw Error("fp8: the amax history length must be at least 1 (fp8_amax_history_len = " +
                 std::to_string(history_length) + ")");
   }
   ScalingState state;
-  state.amax_history = at::zeros({history_length}, at::kFloat);
-  state.scale = at::ones({}, at::kFloat);
-  state.scale_inv = at::ones({}, at::kFloat);
+  const at::TensorOptions options = at::TensorOptions(at::kFloat).device(device);
+  state.amax_history = at::zeros({history_length}, options);
+  state.scale = at::ones({}, options);
+  state.scale_inv = at::ones({}, options);
   return state;
 }
 
@@ -110,8 +111,10 @@ at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& a_scale_inv, const a
       .to(out_dtype);
 }
 
-LinearState::LinearState(std::int64_t history_length)
-    : input(make_state(history_length)), weight(make_state(history_length)), grad_output(make_state(history_length)) {}
+LinearState::LinearState(std::int64_t history_length, c10::Device device)
+    : input(make_state(history_length, device)),
+      weight(make_state(history_length, device)),
+      grad_output(make_state(history_length, device)) {}
 
 namespace {
 

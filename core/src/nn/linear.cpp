@@ -215,7 +215,9 @@ at::Tensor Conv2dImpl::forward(const at::Tensor& x) { return at::conv2d(x, weigh
 
 std::vector<std::pair<std::string, LinearImpl*>> linear_layers(torch::nn::Module& root) {
   std::vector<std::pair<std::string, LinearImpl*>> out;
-  for (const auto& item : root.named_modules()) {
+  if (auto* layer = dynamic_cast<LinearImpl*>(&root)) out.emplace_back("", layer);
+  // Without root itself: named_modules() would need root held by a shared_ptr.
+  for (const auto& item : root.named_modules("", /*include_self=*/false)) {
     if (auto* layer = dynamic_cast<LinearImpl*>(item.value().get())) out.emplace_back(item.key(), layer);
   }
   return out;

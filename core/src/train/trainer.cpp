@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cmath>
 #include <map>
+#include <set>
 #include <nlohmann/json.hpp>
 
 #include "neva/error.h"
@@ -134,6 +135,11 @@ Trainer::Trainer(LlavaModel& model, const PrecisionRecipe& precision, RuntimeCon
   for (auto& [prefix, module] : components(model_)) {
     modules.push_back(module);
     module->train();
+    for (auto& [path, layer] : nn::linear_layers(*module)) {
+      if (!layer->kernel()) continue;
+      const auto found = layer->own_shardings().find("weight");
+      kernel_layers_.push_back({prefix + "." + path, layer, found != layer->own_shardings().end() && found->second.expert >= 0});
+    }
     std::map<std::string, nn::ParameterSharding> shardings;
     for (auto& [name, sharding] : nn::parameter_shardings(*module)) shardings.emplace(name, sharding);
     for (const auto& item : module->named_parameters()) {
@@ -498,9 +504,49 @@ StepReport Trainer::train_step(const std::vector<TrainingBatch>& batches) {
   if (main_copies_) {
     for (auto& t : trained_) t.param.copy_(t.main);
   }
+  finish_linear_kernels(report);
   ++step_;
   report.optimizer_seconds = seconds_since(computed);
   return report;
+}
+
+void Trainer::finish_linear_kernels(StepReport& report) {
+  if (kernel_layers_.empty()) return;
+  // Dense layers' copies: the tensor-parallel ranks (each its shard) and the data-parallel (and
+  // context-parallel) replicas, which see other tokens (TE's amax reduction group). An expert's: the
+  // ranks holding that expert (expert-data), then its tensor-parallel shards. MAX is associative:
+  // reducing over one group and then another reduces over their product.
+  for (const bool experts : {false, true}) {
+    std::vector<at::Tensor> maxima;
+    for (const auto& k : kernel_layers_) {
+      if (k.expert != experts) continue;
+      for (auto& tensor : k.layer->kernel()->shared_maxima()) maxima.push_back(tensor);
+    }
+    if (maxima.empty()) continue;
+    std::vector<at::Tensor> flat;
+    for (const auto& tensor : maxima) flat.push_back(tensor.reshape({-1}).to(context_.device, at::kFloat));
+    at::Tensor joined = at::cat(flat);
+    const std::vector<std::shared_ptr<ProcessGroup>> groups =
+        experts ? std::vector<std::shared_ptr<ProcessGroup>>{context_.groups.expert_data, context_.groups.tensor}
+                : std::vector<std::shared_ptr<ProcessGroup>>{context_.groups.tensor_and_data};
+    bool reduced = false;
+    for (const auto& group : groups) {
+      if (group_size(group) <= 1) continue;
+      group->all_reduce(joined, ReduceOp::Max).wait(options_.collective_timeout);
+      reduced = true;
+    }
+    if (!reduced) continue;
+    std::int64_t offset = 0;
+    for (auto& tensor : maxima) {
+      tensor.copy_(joined.narrow(0, offset, tensor.numel()).view(tensor.sizes()));
+      offset += tensor.numel();
+    }
+  }
+  for (const auto& k : kernel_layers_) {
+    std::string note = k.layer->kernel()->step_finished();
+    if (!note.empty()) report.linear_notes.push_back(k.name + ": " + note);
+    ++report.linear_modes[k.layer->kernel()->mode()];
+  }
 }
 
 std::int64_t Trainer::optimizer_state_bytes() const {
@@ -599,6 +645,14 @@ std::vector<CheckpointPiece> Trainer::state_pieces(bool owned) const {
       out.back().split_blocks = sharding->partition_stride;
     }
   };
+  // The precision recipe's kernels' state (FP8 amax histories and scales), equal on every replica
+  // of its layer: written whole by the first.
+  for (const auto& k : kernel_layers_) {
+    if (owned && !(tp_rank == 0 && (k.expert ? first_expert : first_dense))) continue;
+    for (auto& [name, tensor] : k.layer->kernel()->state()) {
+      add(k.name + "." + name, tensor.sizes().vec(), whole_region(tensor.sizes().vec()), tensor);
+    }
+  }
   std::vector<std::vector<ShardSegment>> segments;
   for (const auto& t : trained_) segments.push_back(shard_segments(t.main.sizes().vec(), t.sharding, tp_rank, tp));
   if (distributed_) {  // ZeRO-1: each data-parallel rank its shares (flat runs of its tensor-parallel shards)
@@ -772,6 +826,11 @@ std::vector<std::uint64_t> Trainer::restore(const fs::path& directory) {
   }
   std::map<std::string, at::Tensor> parameters;
   for (const auto& t : trained_) parameters.emplace(t.name, t.param);
+  std::set<std::string> kernel_states;
+  std::vector<std::string> fresh_kernel_states;
+  for (const auto& k : kernel_layers_) {
+    for (const auto& entry : k.layer->kernel()->state()) kernel_states.insert(k.name + "." + entry.first);
+  }
   for (auto& piece : state_pieces(/*owned=*/false)) {
     if (piece.name.rfind("step.", 0) == 0) continue;
     // ZeRO-1 with main weights in the parameters' dtype: a share's main weight is a view of the
@@ -781,12 +840,25 @@ std::vector<std::uint64_t> Trainer::restore(const fs::path& directory) {
     if (!checkpoint.contains(piece.name)) {
       // Moments of a tensor the writer had not updated yet stay zero.
       if (piece.name.rfind("exp_avg", 0) == 0) continue;
+      if (kernel_states.count(piece.name)) {  // written without this recipe's kernels (bf16 before FP8)
+        fresh_kernel_states.push_back(piece.name);
+        continue;
+      }
       throw Error(directory.string() + ": the checkpoint has no tensor '" + piece.name + "'");
     }
     checkpoint.read(piece.name, piece.region, piece.data);
   }
   if (main_copies_) {
     for (auto& t : trained_) t.param.detach().copy_(t.main);
+  }
+  restore_note_.clear();
+  if (!fresh_kernel_states.empty()) {
+    if (fresh_kernel_states.size() != kernel_states.size()) {
+      throw Error(directory.string() + ": the checkpoint has part of the precision recipe's layer state, not '" +
+                  fresh_kernel_states.front() + "' (written by another model?)");
+    }
+    restore_note_ = "the checkpoint holds no state of the precision recipe's " + std::to_string(kernel_layers_.size()) +
+                    " kernel layers (written without model.fp8?): their scaling starts afresh";
   }
   const int rank = group_rank(context_.groups.world);
   const at::Tensor cpu = checkpoint.own_tensor(rank, "rng.cpu");

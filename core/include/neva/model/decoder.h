@@ -74,6 +74,7 @@ class NEVA_API DecoderBackbone : public LanguageBackbone {
   std::int64_t vocab_size() const override { return config_.vocab_size; }
   std::int64_t max_position_embeddings() const override { return config_.rope.max_position_embeddings; }
   const PipelinePlacement& placement() const { return placement_; }
+  std::int64_t num_layers() const { return config_.num_layers; }  // of the whole decoder, every stage's
   // Pipeline parallelism with tied embeddings: this stage's copy of the embedding (the first stage's
   // input embedding, the last stage's LM head), whose gradient the two stages sum; undefined otherwise.
   at::Tensor pipeline_tied_embedding() const;

@@ -37,8 +37,8 @@ struct NEVA_API ScalingState {
   std::int64_t updates = 0; // update() calls so far (the interval counts them)
 };
 
-// A fresh state: history of zeros, scale 1. Throws Error for a length < 1.
-NEVA_API ScalingState make_state(std::int64_t history_length);
+// A fresh state on `device`: history of zeros, scale 1. Throws Error for a length < 1.
+NEVA_API ScalingState make_state(std::int64_t history_length, c10::Device device = c10::Device(c10::DeviceType::CPU));
 
 // clamp(x * scale, -max, max) cast to `fp8` (round to nearest even; NaN stays NaN). `x` any float dtype.
 NEVA_API at::Tensor cast(const at::Tensor& x, const at::Tensor& scale, c10::ScalarType fp8);
@@ -77,7 +77,7 @@ struct LinearConfig {
 // kept while neither the weight (its version counter) nor the weight's scale changes: cast once per
 // optimizer step, not per micro-batch.
 struct NEVA_API LinearState {
-  explicit LinearState(std::int64_t history_length);
+  explicit LinearState(std::int64_t history_length, c10::Device device = c10::Device(c10::DeviceType::CPU));
   ScalingState input, weight, grad_output;
   at::Tensor weight_fp8, weight_fp8_t, weight_fp8_scale_inv;
   const void* cached_weight = nullptr;  // the weight's TensorImpl and version, and the scale's, it was cast with

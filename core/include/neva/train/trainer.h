@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <functional>
+#include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -24,6 +25,7 @@
 #include "neva/context.h"
 #include "neva/data/dataset.h"
 #include "neva/model/llava.h"
+#include "neva/nn/linear.h"
 #include "neva/nn/module.h"
 #include "neva/train/data_parallel.h"
 #include "neva/train/distributed_checkpoint.h"
@@ -97,6 +99,11 @@ struct StepReport {
   std::int64_t positions = 0;  // batch x sequence over this replica's micro-batches, padding included
   double forward_backward_seconds = 0, optimizer_seconds = 0;
   GradientSyncReport gradient_sync;  // data parallelism's buckets this step
+  // Linear layers computed by a precision recipe's kernel (nn::LinearKernel), by how they compute
+  // after this step ("fp8": 12, "bf16": 2), and what changed this step (a layer falling back), as the
+  // kernels said it. Empty without kernels.
+  std::map<std::string, std::int64_t> linear_modes;
+  std::vector<std::string> linear_notes;
 };
 
 class NEVA_API Trainer {
@@ -166,6 +173,9 @@ class NEVA_API Trainer {
   void restore_frozen_weights();
 
   std::int64_t step() const { return step_; }
+  // What the last restore() wants the user told ("" when nothing): a checkpoint without the
+  // precision recipe's kernel state (FP8 scaling starting afresh).
+  const std::string& restore_note() const { return restore_note_; }
   const std::vector<TrainedTensor>& trained() const { return trained_; }
   const LossSpikeGuard& guard() const { return guard_; }
   bool main_copies() const { return main_copies_; }  // megatron_amp_O2: fp32 main weights
@@ -185,6 +195,17 @@ class NEVA_API Trainer {
   // This rank's state as checkpoint pieces, views of the live tensors: what it owns (to write), or
   // everything it holds (to read into).
   std::vector<CheckpointPiece> state_pieces(bool owned) const;
+  // After each step: the kernels' shared maxima reduced over their layers' replicas, then
+  // step_finished (see nn::LinearKernel); fills report.linear_modes and linear_notes.
+  void finish_linear_kernels(StepReport& report);
+
+  // A linear layer a precision recipe's kernel computes: its checkpoint name prefix
+  // ("llm.model.layers.0.self_attn.q_proj") and whether it is an expert's.
+  struct KernelLayer {
+    std::string name;
+    nn::LinearImpl* layer;
+    bool expert;
+  };
 
   LlavaModel& model_;
   const PrecisionRecipe& precision_;
@@ -192,6 +213,7 @@ class NEVA_API Trainer {
   TrainerOptions options_;
   std::unique_ptr<Schedule> schedule_;
   std::vector<TrainedTensor> trained_;
+  std::vector<KernelLayer> kernel_layers_;
   std::vector<at::Tensor> mains_;
   std::vector<double> norm_weights_;  // each main's weight in the gradient norm (tensor parallelism)
   bool main_copies_ = false;
@@ -204,6 +226,7 @@ class NEVA_API Trainer {
   std::unique_ptr<DistributedOptimizer> distributed_;  // ZeRO-1 (instead of optimizer_)
   LossSpikeGuard guard_;
   std::int64_t step_ = 0;
+  std::string restore_note_;
 };
 
 }  // namespace neva
