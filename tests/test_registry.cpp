@@ -218,8 +218,9 @@ TEST_CASE("an unknown name lists the available plugins of that kind") {
     std::string message = error.what();
     CHECK(contains(message, "no connector plugin named 'mpl' (did you mean 'mlp'?); available: linear, mlp"));
   }
-  CHECK_THROWS_WITH_AS(registry.find("precision_recipe", "fp8"),
-                       doctest::Contains("no precision_recipe plugin named 'fp8'; available: bf16, fp32"), PluginError);
+  CHECK_THROWS_WITH_AS(registry.find("precision_recipe", "fp16"),
+                       doctest::Contains("no precision_recipe plugin named 'fp16'; available: bf16, fp32, fp8"), PluginError);
+  CHECK(registry.find("precision_recipe", "fp8:bf16").name == "fp8");  // model.fp8 over trainer.precision
   CHECK(registry.find("precision_recipe", "32").name == "fp32");  // NeMo's spelling answers
   CHECK(registry.find("precision_recipe", "bf16-mixed").name == "bf16");
 }
