@@ -24,6 +24,7 @@
 #include "neva/recipe.h"
 #include "neva/parallel/rank_grid.h"
 #include "neva/parallel_strategy.h"
+#include "neva/precision_recipe.h"
 #include "neva/registry.h"
 #include "neva/model/decoder.h"
 #include "neva/model/llava.h"
@@ -658,6 +659,99 @@ int check_tensor_parallel(const neva::World& world, const std::string& layout, c
   return failures ? 3 : 0;
 }
 
+// `fp8_train LAYOUT` ("tpT", the rest of the world data-parallel): the fp8 recipe (hybrid, delayed
+// scaling, history 3, "max", over fp32) on the tiny decoder, split over the megatron plugin's groups,
+// against the same model alone on the whole global batch (four micro-batches; each data-parallel
+// replica its share). Transformer Engine's amax reduction: after every step each layer's scaling state
+// is identical on every rank of the tensor x data group; after the first step each weight's amax
+// (the whole weight's: the largest of the shards') and so its scale equal one process's bitwise, and
+// after three steps every role's scale is within 1e-3 of one process's, the losses within 1e-3
+// (FP8 rounding turns the layouts' last-bit differences into steps of an FP8 unit).
+int check_fp8(const neva::World& world, const std::string& layout) {
+  neva::Registry::Options options;
+  options.use_environment = false;
+  neva::Registry registry(options);
+  const neva::ConfigDocument document = neva::ConfigDocument::parse(
+      "[model]\nfp8 = true\nfp8_hybrid = true\nfp8_amax_history_len = 3\nfp8_amax_compute_algo = \"max\"\n", "fp8 test");
+  auto recipe = registry.create<neva::PrecisionRecipe>(
+      "fp8:32", *registry.parse_config(neva::PrecisionRecipe::kKind, "fp8:32", document.root().section("model")),
+      neva::RuntimeContext());
+  auto strategy_config = registry.parse_config(neva::ParallelStrategy::kKind, "megatron",
+                                               neva::ConfigDocument::parse("", "fp8 test").root());
+  auto strategy = registry.create<neva::ParallelStrategy>("megatron", *strategy_config, neva::RuntimeContext());
+  neva::ParallelSizes sizes;
+  sizes.tensor = std::stoi(layout.substr(2));
+  const neva::ParallelGroups groups = strategy->build_groups(world, sizes, c10::Device(c10::DeviceType::CPU));
+  struct Run {
+    neva::RuntimeContext context = neva::RuntimeContext::seeded(5);
+    std::shared_ptr<neva::DecoderBackbone> backbone;
+    std::unique_ptr<neva::LlavaModel> model;
+    std::unique_ptr<neva::Trainer> trainer;
+    std::map<std::string, std::vector<std::pair<std::string, at::Tensor>>> states() const {
+      std::map<std::string, std::vector<std::pair<std::string, at::Tensor>>> out;
+      for (auto& [path, layer] : neva::nn::linear_layers(*backbone)) {
+        if (layer->kernel()) out[path] = layer->kernel()->state();
+      }
+      return out;
+    }
+  };
+  auto build = [&](Run& run, const neva::ParallelGroups* split) {
+    run.context.dtypes = recipe->dtype_policy();
+    if (split) run.context.groups = *split;
+    run.backbone = std::make_shared<neva::DecoderBackbone>(neva::test::tiny_decoder(), run.context);
+    recipe->prepare(*run.backbone, run.context);
+    run.model = std::make_unique<neva::LlavaModel>(nullptr, nullptr, run.backbone, -1);
+    neva::TrainerOptions trainer_options;
+    trainer_options.optim.lr = 1e-3;
+    trainer_options.optim.max_steps = 10;
+    trainer_options.source = "fp8 test";
+    run.trainer = std::make_unique<neva::Trainer>(*run.model, *recipe, run.context, trainer_options);
+  };
+  Run alone, split;
+  build(alone, nullptr);
+  build(split, &groups);
+  const int replicas = neva::group_size(groups.data), replica = neva::group_rank(groups.data);
+  double worst_loss = 0, worst_scale = 0;
+  bool consistent = true, first_weights_equal = true;
+  for (int step = 0; step < 3; ++step) {
+    std::vector<neva::TrainingBatch> all, mine;
+    for (int m = 0; m < 4; ++m) {
+      neva::TrainingBatch batch = neva::collate({neva::test::random_sample(10 + 3 * m + step, 100 * step + m, 3)}, false, 0);
+      if (m % replicas == replica) mine.push_back(batch);
+      all.push_back(std::move(batch));
+    }
+    const double expected = alone.trainer->train_step(all).loss;
+    const double got = split.trainer->train_step(mine).loss;
+    worst_loss = std::max(worst_loss, std::abs(got - expected) / std::abs(expected));
+    const auto reference = alone.states(), mine_states = split.states();
+    for (const auto& [path, state] : mine_states) {
+      const auto& other = reference.at(path);
+      for (std::size_t i = 0; i < state.size(); ++i) {
+        const at::Tensor value = state[i].second.to(at::kDouble).reshape({-1});
+        at::Tensor largest = value.clone(), smallest = -value;
+        groups.tensor_and_data->all_reduce(largest, neva::ReduceOp::Max).wait();
+        groups.tensor_and_data->all_reduce(smallest, neva::ReduceOp::Max).wait();
+        consistent = consistent && at::equal(largest, value) && at::equal(-smallest, value);
+        const std::string& name = state[i].first;
+        if (step == 0 && name.find("fp8_weight_") == 0) {
+          first_weights_equal = first_weights_equal && at::equal(state[i].second, other[i].second);
+        }
+        if (step == 2 && name.size() > 6 && name.substr(name.size() - 6) == "_scale") {
+          const double a = state[i].second.item<double>(), b = other[i].second.item<double>();
+          worst_scale = std::max(worst_scale, std::abs(a - b) / std::abs(b));
+        }
+      }
+    }
+  }
+  std::cout << "rank " << world.rank << " fp8 " << layout << " worst relative differences: loss " << worst_loss
+            << ", scale " << worst_scale << std::endl;
+  report(world, "fp8 " + layout + " scaling state identical over the tensor x data group", consistent);
+  report(world, "fp8 " + layout + " first step's weight amaxes and scales equal one process's", first_weights_equal);
+  report(world, "fp8 " + layout + " scales", worst_scale < 1e-3);
+  report(world, "fp8 " + layout + " loss", worst_loss < 1e-3);
+  return failures ? 3 : 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -666,6 +760,7 @@ int main(int argc, char** argv) {
     if (argc == 6 && std::string(argv[1]) == "groups") return check_groups(world, argv + 2);
     if (argc == 2 && std::string(argv[1]) == "dp_train") return check_data_parallel(world);
     if (argc == 3 && std::string(argv[1]) == "tp_train") return check_tensor_parallel(world, argv[2]);
+    if (argc == 3 && std::string(argv[1]) == "fp8_train") return check_fp8(world, argv[2]);
     if (argc == 4 && std::string(argv[1]) == "tp_train") return check_tensor_parallel(world, argv[2], argv[3]);
     const int n = world.size, me = world.rank;
     std::vector<int> everyone(n);

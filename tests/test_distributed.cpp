@@ -167,6 +167,25 @@ TEST_CASE("tensor x data parallelism over four processes: TP2 x DP2, ZeRO-1 and 
   SUBCASE("TP2 x DP2 + SP with ZeRO-1, one KV head") { check_tensor_parallel(4, "tp2-sp-kv1-zero"); }
 }
 
+// FP8 under tensor x data parallelism (dist_worker.cpp, check_fp8): Transformer Engine's amax
+// reduction over the tensor x data group keeps every rank's scaling state identical and equal to one
+// process's on the whole batch.
+TEST_CASE("fp8: amaxes reduced over the tensor x data group, every rank's scaling equal to one process's (TP2, TP2 x DP2)") {
+  for (const int ranks : {2, 4}) {
+    auto result = launch(ranks, " fp8_train tp2");
+    INFO("ranks: " << ranks << "\nstdout: " << result.out << "\nstderr: " << result.err);
+    CHECK(result.exit_code == 0);
+    CHECK(result.out.find("WRONG") == std::string::npos);
+    for (int rank = 0; rank < ranks; ++rank) {
+      const std::string prefix = "rank " + std::to_string(rank) + "/" + std::to_string(ranks) + " fp8 tp2 ";
+      for (const char* check : {"scaling state identical over the tensor x data group", "first step's weight amaxes and "
+                                "scales equal one process's", "scales", "loss"}) {
+        CHECK(result.out.find(prefix + check + " ok") != std::string::npos);
+      }
+    }
+  }
+}
+
 TEST_CASE("expert parallelism: Mixtral's experts over EP2 and EP4, with data parallelism, match one process (float64)") {
   // Each rank holds its experts; tokens go to them and back with all_to_all; experts' gradients
   // summed over the expert-data group, dense ones over the data group; greedy decoding too.
