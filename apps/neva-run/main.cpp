@@ -128,6 +128,8 @@ int main(int argc, char** argv) {
       "Mixtral's experts over expert_model_parallel_size ranks and each sequence over context_parallel_size\n"
       "ranks, and replicates the rest data-parallel (configs/parallel/ holds ready layouts); generate and score\n"
       "run over tensor x pipeline x expert = N processes.\n"
+      "Precision: trainer.precision = 32 | bf16 (model.megatron_amp_O2 = true: bf16 weights, fp32 main weights);\n"
+      "model.fp8 = true with fp8_hybrid or fp8_e4m3 runs the decoder layers' GEMMs in FP8 over it (docs/precision.md).\n"
       "Rank 0 writes the run directory and the answers; every rank logs to <run>/logs/rank-R.log.\n"
       "Exit codes: 0 success, 2 usage or recipe error, 1 runtime error; a training run stopped by SIGTERM or\n"
       "SIGINT checkpoints first and exits 143 or 130 (run it again to continue).",
