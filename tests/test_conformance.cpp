@@ -99,6 +99,13 @@ TEST_CASE("deliberately faulty plugins fail the check that covers their fault") 
     CHECK(status_of(report, "threads") == "fail");
     CHECK(status_of(report, "determinism") == "pass");
   }
+  SUBCASE("a torch::nn::Linear of the plugin's own, which model.fp8 cannot run in FP8") {
+    auto report = conformance(faulty("own_linear"), tiny("llama-2"));
+    CHECK(report.exit_code == 1);
+    CHECK(status_of(report, "fp8") == "fail");
+    CHECK(report.out.find("module 'side_proj' is a torch::nn::Linear built outside neva::nn::linear") != std::string::npos);
+    CHECK(status_of(report, "forward") == "pass");
+  }
   SUBCASE("a broken KV cache") {
     auto report = conformance(faulty("broken_cache"), tiny("llama-2"));
     CHECK(report.exit_code == 1);

@@ -1,7 +1,8 @@
 // Plugins with one behavioural fault each (NEVA_FAULT), which neva-conformance must catch:
 // a connector whose forward is not deterministic, one through which no gradient flows, one that
 // crashes in forward, one whose outputs depend on the rest of the batch, one that keeps per-call
-// state in a static tensor, and a language backbone whose KV cache is ignored.
+// state in a static tensor, a language backbone whose KV cache is ignored, and one with a
+// torch::nn::Linear of its own (which model.fp8 cannot swap).
 #include <ATen/ATen.h>
 #include <torch/nn/modules/linear.h>
 
@@ -17,14 +18,16 @@
 #define FAULT_BROKEN_CACHE 4
 #define FAULT_BATCH_COUPLED 5
 #define FAULT_SHARED_STATE 6
+#define FAULT_OWN_LINEAR 7
 
 namespace {
 
-#if NEVA_FAULT == FAULT_BROKEN_CACHE
+#if NEVA_FAULT == FAULT_BROKEN_CACHE || NEVA_FAULT == FAULT_OWN_LINEAR
 void read_llama_shape(const neva::HfConfig& hf, neva::DecoderConfig& d) {
   neva::read_decoder_shape(hf, {32000, 4096, 11008, 32, 32, 0, "silu", 10000.0, 2048}, d);
 }
 
+#if NEVA_FAULT == FAULT_BROKEN_CACHE
 // Decodes every step as if it were the whole sequence: the cache is silently ignored.
 class ForgetfulBackbone : public neva::DecoderBackbone {
  public:
@@ -36,6 +39,25 @@ class ForgetfulBackbone : public neva::DecoderBackbone {
     return DecoderBackbone::forward(without);
   }
 };
+#else
+// A Llama with an extra projection of the logits built as a torch::nn::Linear, outside neva::nn.
+class ForgetfulBackbone : public neva::DecoderBackbone {
+ public:
+  ForgetfulBackbone(const neva::DecoderPluginConfig& config, const neva::RuntimeContext& context)
+      : DecoderBackbone(config.decoder, context) {
+    side_ = register_module("side_proj", torch::nn::Linear(config.decoder.vocab_size, config.decoder.vocab_size));
+    side_->to(context.device, context.dtypes.params);
+  }
+  neva::BackboneOutputs forward(const neva::BackboneInputs& inputs) override {
+    neva::BackboneOutputs out = DecoderBackbone::forward(inputs);
+    out.logits = out.logits + 0.0 * side_->forward(out.logits);
+    return out;
+  }
+
+ private:
+  torch::nn::Linear side_{nullptr};
+};
+#endif
 
 neva::ComponentConfig* parse(const char*, const neva::ConfigSection& section) {
   return neva::parse_decoder_plugin_config(section, "Forgetful", "llama", &read_llama_shape);
