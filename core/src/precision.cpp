@@ -100,4 +100,11 @@ void FrozenWeightCasts::restore() {
 
 FrozenWeightCasts::~FrozenWeightCasts() { restore(); }
 
+std::unique_ptr<PrecisionScope> mixed_precision_scope(const RuntimeContext& context) {
+  const DTypePolicy& dtypes = context.dtypes;
+  if (dtypes.compute == at::kFloat) return nullptr;
+  if (dtypes.params == dtypes.compute && dtypes.main_params == dtypes.compute) return nullptr;
+  return std::make_unique<AutocastScope>(context.device.type(), dtypes.compute);
+}
+
 }  // namespace neva

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "neva/api.h"
+#include "neva/context.h"
 #include "neva/precision_recipe.h"
 
 namespace neva {
@@ -29,6 +30,11 @@ class NEVA_API AutocastScope : public PrecisionScope {
   bool was_enabled_;
   at::ScalarType previous_dtype_;
 };
+
+// What a recipe computing in a lower dtype than its weights enters around each forward pass: an
+// AutocastScope to context.dtypes.compute on the context's device; null when compute is fp32 or the
+// model is held in the compute dtype throughout (inference with bf16 weights, no fp32 copy).
+NEVA_API std::unique_ptr<PrecisionScope> mixed_precision_scope(const RuntimeContext& context);
 
 // Empty, or a warning when bf16 arithmetic on `device` would be emulated: an x86-64 CPU with neither
 // AVX512-BF16 nor AMX-BF16 (oneDNN then converts in software; measured about 50x slower than

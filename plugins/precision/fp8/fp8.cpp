@@ -251,10 +251,7 @@ class Fp8Precision : public neva::PrecisionRecipe {
   }
 
   std::unique_ptr<neva::PrecisionScope> enter_forward(const neva::RuntimeContext& context) const override {
-    const neva::DTypePolicy& dtypes = context.dtypes;
-    if (dtypes.compute == at::kFloat) return nullptr;
-    if (dtypes.params == dtypes.compute && dtypes.main_params == dtypes.compute) return nullptr;
-    return std::make_unique<neva::AutocastScope>(context.device.type(), dtypes.compute);
+    return neva::mixed_precision_scope(context);
   }
 
  private:
