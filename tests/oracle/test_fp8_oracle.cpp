@@ -115,6 +115,11 @@ TEST_CASE("fp8: the GEMM equals dequantise-then-matmul in float32, and its bfloa
     const at::Tensor inv_a = reference.tensor("mm_inv_a_" + name), inv_b = reference.tensor("mm_inv_b_" + name);
     CHECK(at::equal(neva::fp8::scaled_mm(a, inv_a, b, inv_b, at::kFloat), reference.tensor("mm_f32_" + name)));
     CHECK(at::equal(neva::fp8::scaled_mm(a, inv_a, b, inv_b, at::kBFloat16), reference.tensor("mm_bf16_" + name)));
+    // The emulation (what runs where LibTorch's kernel does not take the operands) gives the same.
+    CHECK(at::equal(neva::fp8::scaled_mm_emulated(a, inv_a, b, inv_b, at::kFloat), reference.tensor("mm_f32_" + name)));
+    CHECK(at::equal(neva::fp8::scaled_mm_emulated(a, inv_a, b, inv_b, at::kBFloat16), reference.tensor("mm_bf16_" + name)));
+    CHECK(at::equal(neva::fp8::scaled_mm(a, inv_a, b, inv_b, at::kDouble),
+                    reference.tensor("mm_f32_" + name).to(at::kDouble)));
   }
   CHECK_THROWS_WITH_AS(neva::fp8::scaled_mm(torch::ones({2, 3}), torch::ones({}), torch::ones({2, 3}), torch::ones({}), at::kFloat),
                        doctest::Contains("expected float8 matrices"), neva::Error);

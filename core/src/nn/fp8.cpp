@@ -102,13 +102,20 @@ at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& a_scale_inv, const a
   // operands' inner dimension a multiple of 16) where it takes the operands; the same arithmetic
   // otherwise. b^T is column-major as _scaled_mm wants it.
   const bool cuda_shape_ok = !a.is_cuda() || (a.size(1) % 16 == 0 && b.size(0) % 16 == 0);
-  if ((a.is_cpu() || a.is_cuda()) && cuda_shape_ok && !(a.is_cuda() && (a.scalar_type() == at::kFloat8_e5m2 &&
-                                                                        b.scalar_type() == at::kFloat8_e5m2))) {
+  const bool out_ok = out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf;
+  if ((a.is_cpu() || a.is_cuda()) && cuda_shape_ok && out_ok &&
+      !(a.is_cuda() && (a.scalar_type() == at::kFloat8_e5m2 && b.scalar_type() == at::kFloat8_e5m2))) {
     return at::_scaled_mm(a.contiguous(), b.contiguous().t(), scale_a.to(a.device()), scale_b.to(a.device()), std::nullopt,
                           std::nullopt, out_dtype);
   }
-  return at::matmul(a.to(at::kFloat) * scale_a.to(a.device()), (b.to(at::kFloat) * scale_b.to(a.device())).t())
-      .to(out_dtype);
+  return scaled_mm_emulated(a, scale_a, b, scale_b, out_dtype);
+}
+
+at::Tensor scaled_mm_emulated(const at::Tensor& a, const at::Tensor& a_scale_inv, const at::Tensor& b,
+                              const at::Tensor& b_scale_inv, c10::ScalarType out_dtype) {
+  const at::Tensor scale_a = a_scale_inv.to(a.device(), at::kFloat).reshape({});
+  const at::Tensor scale_b = b_scale_inv.to(a.device(), at::kFloat).reshape({});
+  return at::matmul(a.to(at::kFloat) * scale_a, (b.to(at::kFloat) * scale_b).t()).to(out_dtype);
 }
 
 LinearState::LinearState(std::int64_t history_length, c10::Device device)

@@ -62,6 +62,10 @@ NEVA_API void update(ScalingState& state, c10::ScalarType fp8, double margin, Am
 // emulated (dequantise, float32 matmul). Bitwise equal either way.
 NEVA_API at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& a_scale_inv, const at::Tensor& b,
                               const at::Tensor& b_scale_inv, c10::ScalarType out_dtype);
+// The emulation scaled_mm falls back to (dequantise, float32 matmul, round to out_dtype): exposed so
+// that its equality with LibTorch's kernel is tested.
+NEVA_API at::Tensor scaled_mm_emulated(const at::Tensor& a, const at::Tensor& a_scale_inv, const at::Tensor& b,
+                                       const at::Tensor& b_scale_inv, c10::ScalarType out_dtype);
 
 // How a linear layer's FP8 product is computed (fp8::linear).
 struct LinearConfig {
