@@ -81,8 +81,8 @@ std::vector<std::vector<neva::TrainingSample>> batches(int steps) {
 
 }  // namespace
 
-TEST_CASE("fp8 recipe: the decoder layers' linear layers run in FP8; embeddings, head, router and the first / last "
-          "N layers do not") {
+TEST_CASE("fp8 recipe: the decoder layers' linear layers run in FP8, not the embeddings, head, router or the first / "
+          "last N layers") {
   Setup setup(fp8_recipe("fp8_hybrid = true\nnum_layers_at_start_in_bf16 = 1\nnum_layers_at_end_in_bf16 = 1\n"), "moe");
   int fp8 = 0;
   for (const auto& [path, mode] : setup.modes()) {

@@ -62,7 +62,7 @@ TEST_CASE("the built-in plugins are listed without being instantiated") {
   CHECK(names == std::vector<std::string>{"connector/linear", "connector/mlp", "language_backbone/llama",
                                           "language_backbone/mistral", "language_backbone/mixtral",
                                           "language_backbone/nemotron4", "parallel_strategy/megatron",
-                                          "precision_recipe/bf16", "precision_recipe/fp32", "vision_encoder/clip",
+                                          "precision_recipe/bf16", "precision_recipe/fp32", "precision_recipe/fp8", "vision_encoder/clip",
                                           "vision_encoder/siglip"});
   CHECK(plugins[1].abi.major == neva::kPluginAbiMajor);
   CHECK(plugins[1].torch_version == TORCH_VERSION);
