@@ -37,11 +37,7 @@ neva::Registry::Options plugin_options() {
   return options;
 }
 
-fs::path oracle_directory() {
-  const char* directory = std::getenv("NEVA_ORACLE_DIR");
-  REQUIRE_MESSAGE(directory, "NEVA_ORACLE_DIR is not set (ctest sets it after running the oracle scripts)");
-  return fs::path(directory) / "decoder";
-}
+fs::path oracle_directory() { return neva::test::oracle_directory("decoder"); }
 
 std::shared_ptr<neva::LanguageBackbone> load(const fs::path& directory, const char* plugin = "llama",
                                              c10::ScalarType dtype = at::kFloat) {

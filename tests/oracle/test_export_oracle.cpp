@@ -18,6 +18,7 @@
 #include "neva/io/safetensors.h"
 #include "neva/train/distributed_checkpoint.h"
 #include "neva/data/tokenizer.h"
+#include "test_support.h"
 #include "builtin_plugins.h"
 
 namespace fs = std::filesystem;
@@ -92,11 +93,7 @@ void check_export(const fs::path& oracle, bool check_answer) {
   MESSAGE("transformers answers \"" << facts["answer"].get<std::string>() << "\", neva \"" << answer[0].text << "\"");
 }
 
-fs::path oracle_directory() {
-  const char* directory = std::getenv("NEVA_ORACLE_DIR");
-  REQUIRE_MESSAGE(directory, "NEVA_ORACLE_DIR is not set (ctest sets it after running the export oracles)");
-  return directory;
-}
+fs::path oracle_directory() { return neva::test::oracle_directory(); }
 
 }  // namespace
 

@@ -11,16 +11,13 @@
 #include "neva/error.h"
 #include "neva/io/safetensors.h"
 #include "neva/nn/fp8.h"
+#include "test_support.h"
 
 namespace fs = std::filesystem;
 
 namespace {
 
-fs::path oracle_directory() {
-  const char* directory = std::getenv("NEVA_ORACLE_DIR");
-  REQUIRE_MESSAGE(directory, "NEVA_ORACLE_DIR is not set (ctest sets it after running the oracle scripts)");
-  return fs::path(directory) / "fp8";
-}
+fs::path oracle_directory() { return neva::test::oracle_directory("fp8"); }
 
 c10::ScalarType dtype_named(const std::string& name) { return name == "e4m3" ? at::kFloat8_e4m3fn : at::kFloat8_e5m2; }
 

@@ -16,11 +16,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-fs::path oracle_directory() {
-  const char* directory = std::getenv("NEVA_ORACLE_DIR");
-  REQUIRE_MESSAGE(directory, "NEVA_ORACLE_DIR is not set (ctest sets it after running the oracle scripts)");
-  return fs::path(directory) / "images";
-}
+fs::path oracle_directory() { return neva::test::oracle_directory("images"); }
 
 std::vector<std::string> image_names() {
   std::ifstream in(oracle_directory() / "images.json");

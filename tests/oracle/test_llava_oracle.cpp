@@ -22,11 +22,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-fs::path oracle_directory() {
-  const char* directory = std::getenv("NEVA_ORACLE_DIR");
-  REQUIRE_MESSAGE(directory, "NEVA_ORACLE_DIR is not set (ctest sets it after running the oracle scripts)");
-  return fs::path(directory) / "llava";
-}
+fs::path oracle_directory() { return neva::test::oracle_directory("llava"); }
 
 neva::Recipe recipe_for(const fs::path& directory, const std::string& extra = "") {
   std::string text = "[model.mm_cfg]\nmm_mlp_adapter_type = \"mlp2x_gelu\"\npretrain_mm_mlp_adapter = \"" +

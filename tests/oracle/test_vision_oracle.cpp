@@ -16,11 +16,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-fs::path oracle_directory() {
-  const char* directory = std::getenv("NEVA_ORACLE_DIR");
-  REQUIRE_MESSAGE(directory, "NEVA_ORACLE_DIR is not set (ctest sets it after running the oracle scripts)");
-  return fs::path(directory) / "vision";
-}
+fs::path oracle_directory() { return neva::test::oracle_directory("vision"); }
 
 std::shared_ptr<neva::VisionEncoder> load(const fs::path& directory, const std::string& keys,
                                           c10::ScalarType dtype = at::kFloat, const std::string& plugin = "clip") {

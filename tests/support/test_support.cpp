@@ -164,4 +164,10 @@ int free_port() {
   return ntohs(address.sin_port);
 }
 
+std::filesystem::path oracle_directory(const std::string& part) {
+  const char* directory = std::getenv("NEVA_ORACLE_DIR");
+  if (!directory) throw std::runtime_error("NEVA_ORACLE_DIR is not set (ctest sets it after running the oracle scripts)");
+  return part.empty() ? std::filesystem::path(directory) : std::filesystem::path(directory) / part;
+}
+
 }  // namespace neva::test

@@ -11,7 +11,9 @@ std::filesystem::path broken_plugin_directory(const std::string& fault);  // one
 std::filesystem::path binary(const std::string& name);                  // build/bin/<name>
 std::filesystem::path source_directory();
 std::filesystem::path example_plugin_directory();  // examples/qwen2, built out of tree against the SDK
-std::filesystem::path kill_shim();  // support/kill_shim.cpp: LD_PRELOAD it to kill -9 inside checkpoint I/O
+std::filesystem::path kill_shim();
+// NEVA_ORACLE_DIR (which ctest sets after running the reference scripts) / `part`; throws when unset.
+std::filesystem::path oracle_directory(const std::string& part = "");  // support/kill_shim.cpp: LD_PRELOAD it to kill -9 inside checkpoint I/O
 
 // A fresh directory (mode 0755) removed when the object dies.
 class TempDir {

@@ -104,8 +104,9 @@ std::int64_t shard_count(const ParameterSharding& s, int tp_size) {
 
 }  // namespace
 
-std::int64_t expert_index(const std::string& name) {
-  const std::string key = ".experts.";
+std::int64_t expert_index(const std::string& name) { return path_index(name, ".experts."); }
+
+std::int64_t path_index(const std::string& name, const std::string& key) {
   const auto at = name.find(key);
   if (at == std::string::npos) return -1;
   const auto begin = at + key.size(), end = name.find('.', begin);

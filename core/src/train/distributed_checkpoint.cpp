@@ -632,20 +632,6 @@ at::Tensor CheckpointReader::own_tensor(int rank, const std::string& name) const
 
 namespace {
 
-// The number after `key` in `name` ("....layers.<i>...."), or -1.
-std::int64_t index_after(const std::string& name, const std::string& key) {
-  const auto at = name.find(key);
-  if (at == std::string::npos) return -1;
-  const auto begin = at + key.size(), end = name.find('.', begin);
-  if (end == std::string::npos || end == begin) return -1;
-  std::int64_t index = 0;
-  for (auto i = begin; i < end; ++i) {
-    if (name[i] < '0' || name[i] > '9') return -1;
-    index = index * 10 + (name[i] - '0');
-  }
-  return index;
-}
-
 // The parameter a state tensor belongs to ("exp_avg.<name>" -> "<name>").
 std::string parameter_of(const std::string& name) {
   for (const char* prefix : {"exp_avg_sq.", "exp_avg.", "step."}) {
@@ -669,7 +655,7 @@ void reshard_checkpoint(const CheckpointReader& checkpoint, const fs::path& dire
   std::int64_t layers = 0;
   for (const std::string& name : checkpoint.names()) {
     const std::string parameter = parameter_of(name);
-    if (parameter.rfind("llm.", 0) == 0) layers = std::max(layers, index_after(parameter, ".layers.") + 1);
+    if (parameter.rfind("llm.", 0) == 0) layers = std::max(layers, nn::path_index(parameter, ".layers.") + 1);
   }
   if (pp > 1 && layers < pp) {
     throw Error(checkpoint.directory().string() + ": " + std::to_string(layers) + " decoder layers do not split over " +
@@ -678,7 +664,7 @@ void reshard_checkpoint(const CheckpointReader& checkpoint, const fs::path& dire
   auto stage_of = [&](const std::string& name) -> int {
     const std::string parameter = parameter_of(name);
     if (parameter.rfind("llm.", 0) != 0) return 0;  // the connector, the vision tower: the first stage's
-    const std::int64_t layer = index_after(parameter, ".layers.");
+    const std::int64_t layer = nn::path_index(parameter, ".layers.");
     if (layer >= 0) return static_cast<int>(layer * pp / layers);
     return parameter.find("embed") != std::string::npos ? 0 : pp - 1;
   };

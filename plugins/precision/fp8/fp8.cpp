@@ -108,7 +108,7 @@ class Fp8Kernel : public neva::nn::LinearKernel {
                             ? at::autocast::get_autocast_dtype(x.device().type())
                             : x.scalar_type();
     at::Tensor y = neva::fp8::linear(x, weight, bias, state_, config_);
-    const std::int64_t step = counters_[0].item<std::int64_t>() + 1;  // the step this forward belongs to
+    const std::int64_t step = counters_.data_ptr<std::int64_t>()[0] + 1;  // the step this forward belongs to
     if (settings_->check_interval > 0 && step % settings_->check_interval == 0) {
       at::NoGradGuard no_grad;
       const at::Tensor reference = at::linear(x.detach(), weight.detach(), bias.defined() ? bias.detach() : bias).to(at::kFloat);
@@ -121,8 +121,9 @@ class Fp8Kernel : public neva::nn::LinearKernel {
 
   std::vector<at::Tensor> shared_maxima() override {
     std::vector<at::Tensor> out{error_};
+    // This step's amaxes only (entry 0): the older entries are what earlier steps reduced already.
     if (!settings_->linear.current_scaling) {
-      for (auto* role : {&state_.input, &state_.weight, &state_.grad_output}) out.push_back(role->amax_history);
+      for (auto* role : {&state_.input, &state_.weight, &state_.grad_output}) out.push_back(role->amax_history.narrow(0, 0, 1));
     }
     return out;
   }
@@ -177,21 +178,7 @@ class Fp8Kernel : public neva::nn::LinearKernel {
 };
 
 // The decoder layer a module path lies in ("model.layers.7.mlp.up_proj": 7), or -1.
-std::int64_t layer_index(const std::string& path) {
-  const std::string key = "layers.";
-  for (std::size_t at = path.find(key); at != std::string::npos; at = path.find(key, at + 1)) {
-    if (at != 0 && path[at - 1] != '.') continue;
-    std::size_t end = at + key.size();
-    std::int64_t index = 0;
-    bool digits = false;
-    while (end < path.size() && std::isdigit(static_cast<unsigned char>(path[end]))) {
-      index = index * 10 + (path[end++] - '0');
-      digits = true;
-    }
-    if (digits && (end == path.size() || path[end] == '.')) return index;
-  }
-  return -1;
-}
+std::int64_t layer_index(const std::string& path) { return neva::nn::path_index("." + path, ".layers."); }
 
 class Fp8Precision : public neva::PrecisionRecipe {
  public:

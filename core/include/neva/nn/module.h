@@ -84,6 +84,10 @@ NEVA_API std::vector<std::pair<std::string, at::Tensor>> gather_experts(
 // sent to it point to point; the other ranks get their own back. A collective over `pipeline_group`.
 NEVA_API std::vector<std::pair<std::string, at::Tensor>> gather_pipeline_stages(
     const std::vector<std::pair<std::string, at::Tensor>>& local, const std::shared_ptr<ProcessGroup>& pipeline_group);
+// The number `key` is followed by in a dotted name, up to the next dot: path_index(
+// "llm.model.layers.7.mlp.up_proj.weight", ".layers.") is 7; -1 when `key` is absent or not followed
+// by digits and a dot.
+NEVA_API std::int64_t path_index(const std::string& name, const std::string& key);
 // The expert index a name holds (".experts.<index>."), or -1.
 NEVA_API std::int64_t expert_index(const std::string& name);
 // The whole tensor's shape.
