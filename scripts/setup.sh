@@ -32,7 +32,7 @@ apt_packages=(
   build-essential cmake ninja-build ccache git python3-venv pkg-config
   libtomlplusplus-dev doctest-dev libboost-dev libboost-filesystem-dev
   nlohmann-json3-dev libgloo-dev libcli11-dev libpcre2-dev libsentencepiece-dev libjpeg-dev libpng-dev libssl-dev
-  libprotobuf-dev protobuf-compiler libcairo2-dev fonts-dejavu-core
+  libprotobuf-dev protobuf-compiler libcairo2-dev fonts-dejavu-core prometheus-cpp-dev
   clang libclang-rt-14-dev
 )
 missing=()

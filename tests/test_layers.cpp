@@ -7,6 +7,7 @@
 #include "neva/nn/module.h"
 
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/embedding.h>
 #include <torch/nn/modules/linear.h>
@@ -304,4 +305,73 @@ TEST_CASE("MoE token dropping: Megatron's capacity ceil(tokens x top_k / experts
   std::int64_t none = 0;
   CHECK((moe.forward(x) - reference(1e9, true, &none)).abs().max().item<double>() < 1e-12);
   CHECK_THROWS_WITH_AS(moe.set_capacity(1.0, "random"), doctest::Contains("\"probs\" or \"position\""), neva::Error);
+}
+
+TEST_CASE("a KV cache's rows as slots: sequences of other lengths decoded together each get their own logits") {
+  // The reference is each sequence alone through the whole decoder without a cache (the decoder
+  // itself is checked against transformers by the oracle tests).
+  for (const std::string variant : {"gated", "moe", "window"}) {
+    CAPTURE(variant);
+    neva::DecoderConfig config = tiny_decoder(variant == "moe" ? "moe" : "gated");
+    if (variant == "window") config.sliding_window = 4;
+    neva::DecoderBackbone backbone(config, neva::RuntimeContext::seeded(5));
+    at::NoGradGuard no_grad;
+    auto generator = at::make_generator<at::CPUGeneratorImpl>(11);
+    std::vector<at::Tensor> sequences;  // each a prompt then 3 more tokens
+    for (std::int64_t length : {5, 9, 3, 7}) sequences.push_back(at::randint(97, {length + 3}, generator, at::kLong));
+    auto alone = [&](const at::Tensor& ids) {
+      neva::BackboneInputs inputs;
+      inputs.embeddings = backbone.embed(ids.view({1, -1}));
+      return backbone.forward(inputs).logits[0];
+    };
+    auto cache = backbone.new_cache(4, 16);
+    auto run = [&](std::vector<std::int64_t> rows, std::vector<std::int64_t> lengths, const std::vector<at::Tensor>& ids) {
+      neva::BackboneInputs inputs;
+      inputs.embeddings = backbone.embed(at::stack(ids));
+      inputs.cache = cache.get();
+      inputs.cache_rows = at::tensor(rows, at::kLong);
+      inputs.cache_lengths = at::tensor(lengths, at::kLong);
+      return backbone.forward(inputs).logits;
+    };
+    std::vector<at::Tensor> expected;
+    for (const auto& ids : sequences) expected.push_back(alone(ids));
+    auto prompt = [&](std::size_t i) { return sequences[i].narrow(0, 0, sequences[i].size(0) - 3); };
+    // Prefill one slot at a time, in rows out of order; the fourth sequence waits.
+    const std::vector<std::int64_t> row_of{2, 0, 3, 1};
+    for (std::size_t i = 0; i < 3; ++i) {
+      at::Tensor logits = run({row_of[i]}, {0}, {prompt(i)})[0];
+      CHECK(at::allclose(logits, expected[i].narrow(0, 0, prompt(i).size(0)), 1e-5, 1e-5));
+    }
+    // Decode the three together (rows 2, 0, 3: gathered), then two of them (rows 3, 0 after the first
+    // ends) with the fourth joining by a prefill into row 1 in between.
+    std::vector<std::int64_t> length{5, 9, 3};
+    at::Tensor step = run({2, 0, 3}, length, {sequences[0].narrow(0, 5, 1), sequences[1].narrow(0, 9, 1), sequences[2].narrow(0, 3, 1)});
+    for (std::size_t i = 0; i < 3; ++i) CHECK(at::allclose(step[i][0], expected[i][length[i]], 1e-5, 1e-5));
+    at::Tensor joined = run({1}, {0}, {prompt(3)})[0];
+    CHECK(at::allclose(joined, expected[3].narrow(0, 0, 7), 1e-5, 1e-5));
+    // Rows 0 and 1 are consecutive: a view of the cache, not a gather. Two tokens at once each.
+    step = run({0, 1}, {10, 7}, {sequences[1].narrow(0, 10, 2), sequences[3].narrow(0, 7, 2)});
+    CHECK(at::allclose(step[0], expected[1].narrow(0, 10, 2), 1e-5, 1e-5));
+    CHECK(at::allclose(step[1], expected[3].narrow(0, 7, 2), 1e-5, 1e-5));
+    // A slot reused by a shorter sequence: the longer one's leftovers stay hidden.
+    at::Tensor reused = run({0}, {0}, {prompt(2)})[0];
+    CHECK(at::allclose(reused, expected[2].narrow(0, 0, 3), 1e-5, 1e-5));
+    step = run({0}, {3}, {sequences[2].narrow(0, 3, 1)});
+    CHECK(at::allclose(step[0][0], expected[2][3], 1e-5, 1e-5));
+  }
+  // Bad slots are refused by name.
+  neva::DecoderBackbone backbone(tiny_decoder(), neva::RuntimeContext::seeded(5));
+  auto cache = backbone.new_cache(2, 8);
+  neva::BackboneInputs inputs;
+  inputs.embeddings = backbone.embed(at::zeros({2, 1}, at::kLong));
+  inputs.cache = cache.get();
+  inputs.cache_rows = at::tensor(std::vector<std::int64_t>{1, 1}, at::kLong);
+  inputs.cache_lengths = at::tensor(std::vector<std::int64_t>{0, 0}, at::kLong);
+  CHECK_THROWS_WITH_AS(backbone.forward(inputs), "cache_rows[1] = 1: expected a distinct row of the 2 in the KV cache", neva::Error);
+  inputs.cache_rows = at::tensor(std::vector<std::int64_t>{0, 1}, at::kLong);
+  inputs.cache_lengths = at::tensor(std::vector<std::int64_t>{0, 8}, at::kLong);
+  CHECK_THROWS_WITH_AS(backbone.forward(inputs),
+                       "cache_lengths[1] = 8 plus 1 new tokens does not fit the KV cache's 8 tokens per row", neva::Error);
+  inputs.cache_lengths = at::tensor(std::vector<std::int64_t>{0}, at::kLong);
+  CHECK_THROWS_WITH_AS(backbone.forward(inputs), doctest::Contains("expected [2] int64 (one per row of the batch)"), neva::Error);
 }

@@ -64,7 +64,7 @@ TEST_CASE("neva-run plugins lists the built-in plugins, as text and as JSON") {
   auto list = nlohmann::json::parse(json.out);
   REQUIRE(list.size() >= 2);
   CHECK(list[1]["name"] == "mlp");  // sorted by kind, then name
-  CHECK(list[1]["abi"] == "2.4");
+  CHECK(list[1]["abi"] == "2.5");
 }
 
 TEST_CASE("a recipe file runs, validates, and takes --set overrides") {

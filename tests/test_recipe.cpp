@@ -110,7 +110,7 @@ TEST_CASE("plugin paths in a recipe resolve against the recipe's directory") {
 
 TEST_CASE("recipe errors name the place and what was expected") {
   CHECK(recipe_error(std::string(kMinimal) + "[run]\nmode = \"trian\"\n") ==
-        "recipe.toml:9:8: run.mode: expected one of inspect, train, generate, score, got 'trian' (did you mean 'train'?)");
+        "recipe.toml:9:8: run.mode: expected one of inspect, train, generate, score, serve, got 'trian' (did you mean 'train'?)");
   CHECK(recipe_error(std::string("[model]\nmicro_batch_size = 3\nglobal_batch_size = 4\n") + kMinimal) ==
         "recipe.toml:3:21: model.global_batch_size: must be a multiple of micro_batch_size (3), got 4");
   CHECK(recipe_error(std::string("[model]\nsequence_parallel = true\n") + kMinimal).find(

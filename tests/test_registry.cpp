@@ -85,19 +85,19 @@ TEST_CASE("a created component keeps its library loaded after the registry is go
 TEST_CASE("ABI major mismatch is refused with both versions named") {
   auto message = broken_problems(only({broken_plugin_directory("abi_major")}));
   CHECK(contains(message, broken_file("abi_major").string()));
-  CHECK(contains(message, "plugin ABI 3.0 is incompatible with this neva (plugin ABI 2.4)"));
+  CHECK(contains(message, "plugin ABI 3.0 is incompatible with this neva (plugin ABI 2.5)"));
 }
 
 TEST_CASE("a plugin built for plugin ABI 1 is refused with the advice to rebuild it") {
   auto message = broken_problems(only({broken_plugin_directory("abi_1")}));
   CHECK(contains(message, broken_file("abi_1").string()));
-  CHECK(contains(message, "plugin ABI 1.1 is incompatible with this neva (plugin ABI 2.4); rebuild the plugin against "
+  CHECK(contains(message, "plugin ABI 1.1 is incompatible with this neva (plugin ABI 2.5); rebuild the plugin against "
                           "this neva's SDK"));
 }
 
 TEST_CASE("a plugin built for a newer minor ABI is refused") {
   auto message = broken_problems(only({broken_plugin_directory("abi_minor")}));
-  CHECK(contains(message, "plugin ABI 2.5 is newer than this neva's 2.4"));
+  CHECK(contains(message, "plugin ABI 2.6 is newer than this neva's 2.5"));
 }
 
 TEST_CASE("a plugin built against another LibTorch is refused") {

@@ -13,6 +13,7 @@
 #include "demo.h"
 #include "inference.h"
 #include "inspect.h"
+#include "serve/serve.h"
 #include "launch.h"
 #include "train.h"
 #include "neva/error.h"
@@ -60,6 +61,10 @@ int run(const neva::Recipe& recipe) {
     neva::run_generate(recipe);
   } else if (recipe.run.mode == "score") {
     neva::run_score(recipe);
+  } else if (recipe.run.mode == "serve") {
+    neva::ServeOptions options;
+    if (const char* key = std::getenv("NEVA_API_KEY")) options.api_key = key;
+    return neva::run_serve(recipe, options);
   } else if (recipe.run.mode == "train") {
     const neva::TrainSummary summary = neva::run_train(recipe);
     if (summary.signal) return 128 + summary.signal;
@@ -107,6 +112,11 @@ int main(int argc, char** argv) {
       "        train     train either NeVA stage on LLaVA data (checkpoints, exact resume, export)\n"
       "        generate  answer [inference] prompts (with images), streamed or as JSON lines\n"
       "        score     log-probabilities of continuations from a JSONL file\n"
+      "        serve     an OpenAI-compatible HTTP server (as `neva-run serve`)\n"
+      "  neva-run serve RECIPE.toml [--host H] [--port P] [--parallel N] [--api-key K] [--set ...]\n"
+      "                                                      serve the recipe's model over HTTP: /v1/chat/completions\n"
+      "                                                      (images, streaming), /v1/completions, /v1/models, /health,\n"
+      "                                                      /metrics; N requests decoded together (docs/serving.md)\n"
       "  neva-run demo [--dir DIR] [--prepare-only] [--set ...]\n"
       "                                                      train a tiny NeVA on synthetic shapes (both stages),\n"
       "                                                      answer questions on held-out images; exit 1 below 90%\n"
@@ -164,6 +174,20 @@ int main(int argc, char** argv) {
       ->type_name("DIR");
   bool prepare_only = false;
   demo->add_flag("--prepare-only", prepare_only, "Write the dataset, base model and recipes; train nothing");
+  auto* serve = app.add_subcommand("serve", "Serve the recipe's model over an OpenAI-compatible HTTP API (docs/serving.md)");
+  serve->add_option("recipe", recipe_path, "Recipe naming the model, as for generate")->required()->type_name("RECIPE.toml");
+  add_common(serve);
+  std::string serve_host, api_key;
+  int serve_port = -1, serve_parallel = 0;
+  serve->add_option("--host", serve_host, "Address to listen on (default 127.0.0.1: this machine only)")->type_name("ADDRESS");
+  serve->add_option("--port", serve_port, "TCP port (default 8000; 0 picks a free one, printed at start)")
+      ->check(CLI::Range(0, 65535))
+      ->type_name("PORT");
+  serve->add_option("--parallel", serve_parallel, "Slots: requests decoded together (default 4)")
+      ->check(CLI::Range(1, 256))
+      ->type_name("N");
+  serve->add_option("--api-key", api_key, "Require Authorization: Bearer KEY on /v1 (or set NEVA_API_KEY)")
+      ->type_name("KEY");
   auto* validate = app.add_subcommand("validate", "Parse and check a recipe and its plugins' keys; build nothing");
   validate->add_option("recipe", recipe_path, "Recipe to check")->required()->type_name("RECIPE.toml");
   add_common(validate);
@@ -218,7 +242,7 @@ int main(int argc, char** argv) {
 
   try {
     if (nproc_per_node > 1) {
-      if (recipe_path.empty() || *demo || *validate || *plugins || *checkpoint) {
+      if (recipe_path.empty() || *demo || *validate || *plugins || *checkpoint || *serve) {
         std::cerr << "neva-run: --nproc-per-node goes with a recipe to run (neva-run --nproc-per-node N RECIPE.toml)\n";
         return kExitUsage;
       }
@@ -233,6 +257,18 @@ int main(int argc, char** argv) {
         }
       }
       return neva::launch_workers(nproc_per_node, arguments);
+    }
+    if (*serve) {
+      // The flags are recipe keys (serve.*), so that --set and the recipe can give them too.
+      std::vector<std::string> all = overrides;
+      all.push_back("run.mode=\"serve\"");
+      if (!serve_host.empty()) all.push_back("serve.host=" + nlohmann::json(serve_host).dump());
+      if (serve_port >= 0) all.push_back("serve.port=" + std::to_string(serve_port));
+      if (serve_parallel > 0) all.push_back("serve.parallel=" + std::to_string(serve_parallel));
+      neva::ServeOptions options;
+      options.api_key = api_key;
+      if (const char* key = std::getenv("NEVA_API_KEY"); options.api_key.empty() && key) options.api_key = key;
+      return neva::run_serve(load(recipe_path, all, plugin_paths), options);
     }
     if (*checkpoint_inspect) {
       return neva::inspect_checkpoint(checkpoint_dir, json, std::cout, std::cerr);

@@ -19,7 +19,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-const std::vector<std::string> kModes = {"inspect", "train", "generate", "score"};
+const std::vector<std::string> kModes = {"inspect", "train", "generate", "score", "serve"};
 
 RunConfig parse_run(const ConfigSection& run, const fs::path& base_directory) {
   RunConfig config;
@@ -104,7 +104,7 @@ Recipe parse_recipe(const ConfigDocument& document, const fs::path& base_directo
                     const Registry::Options& registry_options) {
   ConfigSection root = document.root();
   // A misspelt top-level table ([modle]) is named first: every later error would be a consequence.
-  for (const char* table : {"run", "trainer", "exp_manager", "model", "inference"}) root.section(table);
+  for (const char* table : {"run", "trainer", "exp_manager", "model", "inference", "serve"}) root.section(table);
   root.reject_unknown_keys(/*recursive=*/false);
   Recipe recipe;
   recipe.source = document.source_name();
@@ -381,7 +381,23 @@ Recipe parse_recipe(const ConfigDocument& document, const fs::path& base_directo
   if (!infer.input_file.empty() && !infer.prompts.empty()) {
     inference.fail("input_file", "give requests either as prompts or in input_file, not both");
   }
-  if (recipe.run.mode == "generate" || recipe.run.mode == "score") {
+  ConfigSection serve = root.section("serve");
+  ServeConfig& server = recipe.serve;
+  server.host = serve.get<std::string>("host", server.host);
+  server.port = serve.integer("port", server.port, 0, 65535);
+  server.parallel = serve.integer("parallel", server.parallel, 1, 256);
+  server.max_queue = serve.integer("max_queue", server.max_queue, 0, 1 << 20);
+  server.context_length = serve.integer("context_length", 0, 0);
+  server.max_tokens = serve.integer("max_tokens", 0, 0);
+  server.max_body_bytes = serve.integer("max_body_bytes", server.max_body_bytes, 1024);
+  server.read_timeout = serve.get<double>("read_timeout", server.read_timeout);
+  if (!(server.read_timeout > 0)) serve.fail("read_timeout", "expected seconds > 0");
+  server.shutdown_timeout = serve.get<double>("shutdown_timeout", server.shutdown_timeout);
+  if (!(server.shutdown_timeout >= 0)) serve.fail("shutdown_timeout", "expected seconds >= 0");
+  server.allowed_image_dir = serve.path_value("allowed_image_dir").value_or("");
+  server.model_name = serve.get<std::string>("model_name", "");
+
+  if (recipe.inference_mode()) {
     ConfigSection run = root.section("run");
     if (!mm_cfg.llm) run.fail("mode", "mode '" + recipe.run.mode + "' needs a language model: add [model.mm_cfg.llm]");
     if (recipe.model.tokenizer.empty()) {
@@ -478,7 +494,7 @@ RuntimeContext Recipe::runtime_context(const World& world) const {
   RuntimeContext context = RuntimeContext::seeded(run.seed, c10::Device(run.device));
   context.dtypes = dtype_policy();
   // Inference keeps no fp32 master copy: bf16 precision means bf16 weights (oneDNN/AMX matmuls).
-  if (run.mode == "generate" || run.mode == "score") {
+  if (inference_mode()) {
     context.dtypes.params = context.dtypes.main_params = context.dtypes.compute;
   }
   context.activations_checkpoint = model.activations_checkpoint;

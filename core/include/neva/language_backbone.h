@@ -43,6 +43,14 @@ struct BackboneInputs {
   // BackboneOutputs::logits, for the next.
   std::int64_t pipeline_chunk = 0;
   std::int64_t sequence_length = 0;
+  // Continuous batching (plugin ABI 2.5): each row of the cache is a slot holding one sequence of
+  // its own length. With `cache_lengths` ([batch] int64, on the CPU) row b of this call continues
+  // row cache_rows[b] of the cache ([batch] int64, distinct; default 0..batch-1) after its
+  // cache_lengths[b] cached tokens, and positions default to those lengths onward. The cache's own
+  // length is then neither read nor advanced: the caller keeps each slot's. Not combinable with
+  // attention_mask or segment_ids (a slot holds no padding).
+  at::Tensor cache_rows;
+  at::Tensor cache_lengths;
 };
 
 struct BackboneOutputs {

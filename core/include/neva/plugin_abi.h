@@ -19,6 +19,9 @@
 //   BackboneInputs::pipeline_chunk and ::sequence_length (all appended).
 //   2.4: nn::LinearKernel and LinearImpl::set_kernel (a member appended after LinearImpl's others):
 //   a precision recipe computing linear layers' products (the fp8 recipe).
+//   2.5: BackboneInputs::cache_rows and ::cache_lengths (appended; AttentionMask grew at its end):
+//   a KV cache whose rows are slots of their own lengths (continuous batching in neva-run serve,
+//   which refuses a backbone built against an older minor version).
 //
 // Plugins must build against the same LibTorch as the host (checked through torch_version), link
 // libneva_core, use hidden visibility, and register no operators statically (no TORCH_LIBRARY).
@@ -33,7 +36,7 @@
 namespace neva {
 
 inline constexpr std::uint32_t kPluginAbiMajor = 2;
-inline constexpr std::uint32_t kPluginAbiMinor = 4;
+inline constexpr std::uint32_t kPluginAbiMinor = 5;
 inline constexpr const char* kPluginEntrySymbol = "neva_plugin";
 
 struct PluginAbiVersion {

@@ -15,12 +15,26 @@ namespace {
 
 // transformers' RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper and
 // TopPLogitsWarper (min_tokens_to_keep = 1), on one row of fp32 logits.
-at::Tensor process_logits(at::Tensor logits, const std::set<std::int64_t>& seen, const SamplingConfig& config) {
+// Then OpenAI's frequency and presence penalties over the generated tokens.
+at::Tensor process_logits(at::Tensor logits, const std::set<std::int64_t>& seen,
+                          const std::map<std::int64_t, std::int64_t>& counts, const SamplingConfig& config) {
   if (config.repetition_penalty != 1.0 && !seen.empty()) {
     at::Tensor index = at::tensor(std::vector<std::int64_t>(seen.begin(), seen.end()), at::kLong);
     at::Tensor score = logits.index_select(0, index);
     score = at::where(score < 0, score * config.repetition_penalty, score / config.repetition_penalty);
     logits = logits.index_copy(0, index, score);
+  }
+  if ((config.frequency_penalty != 0.0 || config.presence_penalty != 0.0) && !counts.empty()) {
+    std::vector<std::int64_t> ids;
+    std::vector<float> penalty;
+    for (const auto& [id, count] : counts) {
+      ids.push_back(id);
+      penalty.push_back(static_cast<float>(config.frequency_penalty * static_cast<double>(count) + config.presence_penalty));
+    }
+    logits = logits.index_add(0, at::tensor(ids, at::kLong), -at::tensor(penalty, at::kFloat));
+  }
+  if (!config.suppressed_ids.empty()) {
+    logits = logits.index_fill(0, at::tensor(config.suppressed_ids, at::kLong), -std::numeric_limits<double>::infinity());
   }
   if (config.greedy) return logits;
   if (config.temperature != 1.0) logits = logits / config.temperature;
@@ -79,16 +93,11 @@ std::vector<GenerationResult> generate(LlavaModel& model, const Tokenizer& token
   // Left padding: every prompt ends at the same column, so each step appends one column for all.
   at::Tensor ids = at::zeros({batch, longest}, at::kLong), mask = at::zeros({batch, longest}, at::kLong);
   std::vector<at::Tensor> images;
-  std::vector<std::set<std::int64_t>> seen(batch);
   for (std::int64_t b = 0; b < batch; ++b) {
     const auto& prompt = requests[b].prompt_ids;
     std::int64_t offset = longest - static_cast<std::int64_t>(prompt.size());
     ids[b].narrow(0, offset, prompt.size()).copy_(at::tensor(prompt, at::kLong));
     mask[b].narrow(0, offset, prompt.size()).fill_(1);
-    // Ids past the vocabulary (an image placeholder such as LLaVA's -200 style ids) have no logits to penalise.
-    for (std::int64_t id : prompt) {
-      if (id >= 0 && id < model.backbone().vocab_size()) seen[b].insert(id);
-    }
     if (requests[b].pixel_values.defined()) {
       auto stacked = requests[b].pixel_values.unbind(0);
       images.insert(images.end(), stacked.begin(), stacked.end());
@@ -107,49 +116,22 @@ std::vector<GenerationResult> generate(LlavaModel& model, const Tokenizer& token
   at::Tensor logits = model.forward(inputs).logits.select(1, -1).to(at::kFloat).cpu();
 
   auto generator = at::make_generator<at::CPUGeneratorImpl>(config.seed);
-  std::vector<GenerationResult> results(batch);
-  std::vector<bool> done(batch, false);
-  std::vector<std::size_t> streamed(batch, 0);
+  std::vector<SequenceDecoder> decoders;
+  for (std::int64_t b = 0; b < batch; ++b) {
+    decoders.emplace_back(tokenizer, config, requests[b].prompt_ids, model.backbone().vocab_size(), generator);
+  }
   at::Tensor next_positions = positions.select(1, -1) + 1;
-  for (std::int64_t step = 0; step < config.max_new_tokens; ++step) {
+  for (;;) {
     std::vector<std::int64_t> chosen(batch, 0);
     for (std::int64_t b = 0; b < batch; ++b) {
-      if (done[b]) continue;
-      at::Tensor row = process_logits(logits[b], seen[b], config);
-      std::int64_t token;
-      if (config.greedy) {
-        token = row.argmax().item<std::int64_t>();
-      } else {
-        token = at::multinomial(row.softmax(0), 1, false, generator).item<std::int64_t>();
-      }
-      chosen[b] = token;
-      GenerationResult& result = results[b];
-      if (std::find(config.stop_token_ids.begin(), config.stop_token_ids.end(), token) != config.stop_token_ids.end()) {
-        done[b] = true;
-        result.finish_reason = "stop_token";
-      } else {
-        result.token_ids.push_back(token);
-        seen[b].insert(token);
-        result.text = tokenizer.decode(result.token_ids, true);
-        for (const auto& stop : config.stop_strings) {
-          std::size_t at = stop.empty() ? std::string::npos : result.text.find(stop);
-          if (at != std::string::npos) {
-            result.text.resize(at);
-            done[b] = true;
-            result.finish_reason = "stop_string";
-          }
-        }
-      }
-      if (on_text && !ends_incomplete(result.text)) {
-        std::size_t ready = done[b] ? result.text.size() : result.text.size() - held_back(result.text, config.stop_strings);
-        if (ready > streamed[b]) {
-          on_text(static_cast<std::size_t>(b), result.text.substr(streamed[b], ready - streamed[b]));
-          streamed[b] = ready;
-        }
+      if (decoders[b].done()) continue;
+      if (auto token = decoders[b].step(logits[b])) chosen[b] = *token;
+      if (on_text) {
+        std::string text = decoders[b].take_text();
+        if (!text.empty()) on_text(static_cast<std::size_t>(b), text);
       }
     }
-    if (std::all_of(done.begin(), done.end(), [](bool d) { return d; })) break;
-    if (step + 1 == config.max_new_tokens) break;
+    if (std::all_of(decoders.begin(), decoders.end(), [](const SequenceDecoder& d) { return d.done(); })) break;
 
     MultimodalInputs next;
     next.input_ids = at::tensor(chosen, at::kLong).view({batch, 1});
@@ -160,11 +142,70 @@ std::vector<GenerationResult> generate(LlavaModel& model, const Tokenizer& token
     logits = model.forward(next).logits.select(1, -1).to(at::kFloat).cpu();
     next_positions = next_positions + 1;
   }
-  for (std::int64_t b = 0; b < batch; ++b) {
-    if (results[b].finish_reason.empty()) results[b].finish_reason = "length";
-    if (on_text && results[b].text.size() > streamed[b]) on_text(static_cast<std::size_t>(b), results[b].text.substr(streamed[b]));
-  }
+  std::vector<GenerationResult> results;
+  for (const auto& decoder : decoders) results.push_back(decoder.result());
   return results;
+}
+
+SequenceDecoder::SequenceDecoder(const Tokenizer& tokenizer, const SamplingConfig& config,
+                                 const std::vector<std::int64_t>& prompt_ids, std::int64_t vocab_size,
+                                 at::Generator generator, std::int64_t top_logprobs)
+    : tokenizer_(tokenizer), config_(config), generator_(std::move(generator)), top_logprobs_(top_logprobs) {
+  // Ids past the vocabulary (an image placeholder such as LLaVA's -200 style ids) have no logits to penalise.
+  for (std::int64_t id : prompt_ids) {
+    if (id >= 0 && id < vocab_size) seen_.insert(id);
+  }
+  if (config_.max_new_tokens <= 0) result_.finish_reason = "length";
+}
+
+std::optional<std::int64_t> SequenceDecoder::step(const at::Tensor& logits) {
+  if (done()) throw Error("generation: a token was asked of a finished sequence");
+  at::Tensor row = process_logits(logits, seen_, counts_, config_);
+  std::int64_t token;
+  if (config_.greedy) {
+    token = row.argmax().item<std::int64_t>();
+  } else {
+    token = at::multinomial(row.softmax(0), 1, false, generator_).item<std::int64_t>();
+  }
+  if (std::find(config_.stop_token_ids.begin(), config_.stop_token_ids.end(), token) != config_.stop_token_ids.end()) {
+    result_.finish_reason = "stop_token";
+    return std::nullopt;
+  }
+  if (top_logprobs_ >= 0) {  // of the tokens returned (not a stop token)
+    const at::Tensor log_probs = logits.log_softmax(0);
+    TokenLogprob entry{token, log_probs[token].item<double>(), {}};
+    if (top_logprobs_ > 0) {
+      auto [values, ids] = log_probs.topk(std::min<std::int64_t>(top_logprobs_, log_probs.size(0)));
+      for (std::int64_t i = 0; i < values.size(0); ++i) entry.top.emplace_back(ids[i].item<std::int64_t>(), values[i].item<double>());
+    }
+    logprobs_.push_back(std::move(entry));
+  }
+  result_.token_ids.push_back(token);
+  seen_.insert(token);
+  ++counts_[token];
+  result_.text = tokenizer_.decode(result_.token_ids, true);
+  for (const auto& stop : config_.stop_strings) {
+    std::size_t at = stop.empty() ? std::string::npos : result_.text.find(stop);
+    if (at != std::string::npos) {
+      result_.text.resize(at);
+      result_.finish_reason = "stop_string";
+    }
+  }
+  if (done()) return std::nullopt;
+  if (static_cast<std::int64_t>(result_.token_ids.size()) >= config_.max_new_tokens) {
+    result_.finish_reason = "length";
+    return std::nullopt;
+  }
+  return token;
+}
+
+std::string SequenceDecoder::take_text() {
+  if (!done() && ends_incomplete(result_.text)) return {};
+  std::size_t ready = done() ? result_.text.size() : result_.text.size() - held_back(result_.text, config_.stop_strings);
+  if (ready <= streamed_) return {};
+  std::string text = result_.text.substr(streamed_, ready - streamed_);
+  streamed_ = ready;
+  return text;
 }
 
 std::vector<double> score_continuation(LlavaModel& model, const GenerationRequest& prompt,

@@ -77,7 +77,41 @@ class DecoderLayer : public torch::nn::Module {
 struct DecoderCache : KVCache {
   std::vector<LayerCache> layers;
   std::int64_t length = 0;
+  std::int64_t rows = 0, capacity = 0;
 };
+
+// Validated slot rows and lengths (BackboneInputs::cache_rows / cache_lengths), both int64 on the CPU.
+std::pair<at::Tensor, at::Tensor> checked_slots(const BackboneInputs& inputs, const DecoderCache* cache,
+                                                std::int64_t batch, std::int64_t seq) {
+  if (!cache) throw Error("cache_lengths (slots) were given without a KV cache");
+  if (inputs.attention_mask.defined() || inputs.segment_ids.defined()) {
+    throw Error("cache_lengths (slots) cannot be combined with an attention_mask or segment_ids");
+  }
+  auto vector_of = [batch](const at::Tensor& t, const char* name) {
+    if (t.dim() != 1 || t.size(0) != batch || t.scalar_type() != at::kLong) {
+      throw Error(std::string(name) + " has shape " + c10::str(t.sizes()) + " and dtype " + c10::str(t.scalar_type()) +
+                  ", expected [" + std::to_string(batch) + "] int64 (one per row of the batch)");
+    }
+    return t.cpu().contiguous();
+  };
+  at::Tensor lengths = vector_of(inputs.cache_lengths, "cache_lengths");
+  at::Tensor rows = inputs.cache_rows.defined() ? vector_of(inputs.cache_rows, "cache_rows") : at::arange(batch, at::kLong);
+  const std::int64_t* row = rows.data_ptr<std::int64_t>();
+  const std::int64_t* length = lengths.data_ptr<std::int64_t>();
+  std::vector<bool> used(static_cast<std::size_t>(cache->rows), false);
+  for (std::int64_t b = 0; b < batch; ++b) {
+    if (row[b] < 0 || row[b] >= cache->rows || used[static_cast<std::size_t>(row[b])]) {
+      throw Error("cache_rows[" + std::to_string(b) + "] = " + std::to_string(row[b]) + ": expected a distinct row of the " +
+                  std::to_string(cache->rows) + " in the KV cache");
+    }
+    used[static_cast<std::size_t>(row[b])] = true;
+    if (length[b] < 0 || length[b] + seq > cache->capacity) {
+      throw Error("cache_lengths[" + std::to_string(b) + "] = " + std::to_string(length[b]) + " plus " + std::to_string(seq) +
+                  " new tokens does not fit the KV cache's " + std::to_string(cache->capacity) + " tokens per row");
+    }
+  }
+  return {rows, lengths};
+}
 
 }  // namespace
 
@@ -265,11 +299,18 @@ BackboneOutputs DecoderBackbone::forward(const BackboneInputs& inputs) {
   const std::int64_t padded_seq =
       layout ? layout->padded : seq + (split_sequence ? (region_.size() - seq % region_.size()) % region_.size() : 0);
   const std::int64_t pad = padded_seq - seq;
-  const std::int64_t past = cache ? cache->length : 0;
-  at::Tensor positions =
-      inputs.positions.defined()
-          ? inputs.positions.to(context_.device)
-          : at::arange(past, past + seq, at::TensorOptions().dtype(at::kLong).device(context_.device)).expand({batch, seq});
+  const bool slots = inputs.cache_lengths.defined();
+  at::Tensor slot_rows, slot_lengths;
+  if (slots) std::tie(slot_rows, slot_lengths) = checked_slots(inputs, cache, batch, seq);
+  const std::int64_t past = cache && !slots ? cache->length : 0;
+  at::Tensor positions;
+  if (inputs.positions.defined()) {
+    positions = inputs.positions.to(context_.device);
+  } else if (slots) {
+    positions = (slot_lengths.view({batch, 1}) + at::arange(seq, slot_lengths.options()).view({1, seq})).to(context_.device);
+  } else {
+    positions = at::arange(past, past + seq, at::TensorOptions().dtype(at::kLong).device(context_.device)).expand({batch, seq});
+  }
   at::Tensor attention_mask = inputs.attention_mask, segment_ids = inputs.segment_ids;
   if (pad > 0) {
     positions = at::cat({positions, positions.narrow(1, seq - 1, 1) + at::arange(1, pad + 1, positions.options())}, 1);
@@ -279,8 +320,9 @@ BackboneOutputs DecoderBackbone::forward(const BackboneInputs& inputs) {
       segment_ids = pad_sequence(segment_ids, pad, segment_ids.max().item<double>() + 1);
     }
   }
-  auto mask = AttentionMask::build(batch, padded_seq, past, attention_mask, segment_ids, config_.sliding_window,
-                                   context_.device);
+  auto mask = slots ? AttentionMask::build_slots(slot_rows, slot_lengths, seq, config_.sliding_window, context_.device)
+                   : AttentionMask::build(batch, padded_seq, past, attention_mask, segment_ids, config_.sliding_window,
+                                          context_.device);
   if (layout) {
     mask.context_group = context_.groups.context;
     mask.context_layout = layout;
@@ -346,7 +388,7 @@ BackboneOutputs DecoderBackbone::forward(const BackboneInputs& inputs) {
     router_logits.insert(router_logits.end(), outputs.begin() + 1, outputs.end());
     i = end;
   }
-  if (cache && final_chunk_here) cache->length += seq;
+  if (cache && final_chunk_here && !slots) cache->length += seq;
   if (!last) {  // the next chunk's input
     BackboneOutputs outputs;
     outputs.logits = h;
@@ -397,6 +439,8 @@ BackboneOutputs DecoderBackbone::forward(const BackboneInputs& inputs) {
 
 std::unique_ptr<KVCache> DecoderBackbone::new_cache(std::int64_t batch, std::int64_t max_tokens) {
   auto cache = std::make_unique<DecoderCache>();
+  cache->rows = batch;
+  cache->capacity = max_tokens;
   auto options = at::TensorOptions().device(context_.device).dtype(context_.dtypes.compute);
   const std::int64_t kv_heads = split_heads(config_.num_heads, config_.num_kv_heads, region_.size()).kv_heads;
   for (std::int64_t i = 0; i < config_.num_layers; ++i) {
@@ -404,8 +448,10 @@ std::unique_ptr<KVCache> DecoderBackbone::new_cache(std::int64_t batch, std::int
       cache->layers.emplace_back();
       continue;
     }
-    cache->layers.push_back({at::empty({batch, kv_heads, max_tokens, config_.head_dim}, options),
-                             at::empty({batch, kv_heads, max_tokens, config_.head_dim}, options)});
+    // Zeros, not garbage: a slot's keys past its length are masked, and a masked NaN would still
+    // reach the output through a zero attention weight.
+    cache->layers.push_back({at::zeros({batch, kv_heads, max_tokens, config_.head_dim}, options),
+                             at::zeros({batch, kv_heads, max_tokens, config_.head_dim}, options)});
   }
   return cache;
 }

@@ -123,6 +123,8 @@ BackboneOutputs LlavaModel::forward_chunk(const MultimodalInputs& inputs, std::i
   backbone_inputs.positions = moved(inputs.positions, device_);
   backbone_inputs.segment_ids = moved(inputs.segment_ids, device_);
   backbone_inputs.cache = inputs.cache;
+  backbone_inputs.cache_rows = inputs.cache_rows;
+  backbone_inputs.cache_lengths = inputs.cache_lengths;
   backbone_inputs.logits_mask = moved(inputs.logits_mask, device_);
   backbone_inputs.vocab_parallel_logits = inputs.vocab_parallel_logits;
   backbone_inputs.pipeline_chunk = chunk;

@@ -1,6 +1,7 @@
 #include "neva/nn/attention.h"
 
 #include <ATen/ATen.h>
+#include <ATen/TensorIndexing.h>
 
 #include "neva/error.h"
 #include "neva/nn/recompute.h"
@@ -38,6 +39,31 @@ AttentionMask AttentionMask::build(std::int64_t batch, std::int64_t seq, std::in
   at::Tensor diagonal = (key_position == query_position).view({1, 1, seq, keys});
   at::Tensor empty_rows = visible.any(-1, true).logical_not();
   mask.visible = visible | (empty_rows & diagonal);
+  return mask;
+}
+
+AttentionMask AttentionMask::build_slots(const at::Tensor& cache_rows, const at::Tensor& lengths, std::int64_t seq,
+                                         std::int64_t window, c10::Device device) {
+  const std::int64_t batch = lengths.size(0);
+  const at::Tensor rows = cache_rows.contiguous(), past = lengths.contiguous();
+  const std::int64_t* row = rows.data_ptr<std::int64_t>();
+  AttentionMask mask;
+  mask.past = past.max().item<std::int64_t>();
+  mask.first_cache_row = row[0];
+  for (std::int64_t b = 1; b < batch; ++b) {
+    if (row[b] != row[0] + b) mask.first_cache_row = -1;
+  }
+  mask.cache_rows = rows.to(device);
+  mask.row_past = past.to(device);
+  const std::int64_t keys = mask.past + seq;
+  auto options = at::TensorOptions().dtype(at::kLong).device(device);
+  // Row b's i-th new token is at position row_past[b] + i; keys past it are another sequence's
+  // leftovers or not written yet, and causality already hides them.
+  at::Tensor query_position = mask.row_past.view({batch, 1, 1, 1}) + at::arange(seq, options).view({1, 1, seq, 1});
+  at::Tensor key_position = at::arange(keys, options).view({1, 1, 1, keys});
+  at::Tensor visible = key_position <= query_position;
+  if (window > 0) visible = visible & (key_position > query_position - window);
+  mask.visible = visible;
   return mask;
 }
 
@@ -109,10 +135,26 @@ at::Tensor SelfAttention::forward(const at::Tensor& x, const at::Tensor& cos, co
       throw Error("KV cache holds " + std::to_string(capacity) + " tokens; this step needs " +
                   std::to_string(mask.past + seq));
     }
-    cache->keys.narrow(2, mask.past, seq).copy_(k);
-    cache->values.narrow(2, mask.past, seq).copy_(v);
-    k = cache->keys.narrow(2, 0, mask.past + seq);
-    v = cache->values.narrow(2, 0, mask.past + seq);
+    if (mask.row_past.defined()) {  // slots: each row writes after its own tokens
+      using at::indexing::Slice;
+      const at::Tensor at_row = mask.cache_rows.view({batch, 1}).expand({batch, seq});
+      const at::Tensor at_position = mask.row_past.view({batch, 1}) + at::arange(seq, mask.row_past.options()).view({1, seq});
+      cache->keys.index_put_({at_row, Slice(), at_position}, k.transpose(1, 2));
+      cache->values.index_put_({at_row, Slice(), at_position}, v.transpose(1, 2));
+      const at::Tensor keys = cache->keys.narrow(2, 0, mask.past + seq), values = cache->values.narrow(2, 0, mask.past + seq);
+      if (mask.first_cache_row >= 0) {
+        k = keys.narrow(0, mask.first_cache_row, batch);
+        v = values.narrow(0, mask.first_cache_row, batch);
+      } else {
+        k = keys.index_select(0, mask.cache_rows);
+        v = values.index_select(0, mask.cache_rows);
+      }
+    } else {
+      cache->keys.narrow(2, mask.past, seq).copy_(k);
+      cache->values.narrow(2, mask.past, seq).copy_(v);
+      k = cache->keys.narrow(2, 0, mask.past + seq);
+      v = cache->values.narrow(2, 0, mask.past + seq);
+    }
   }
   const bool plain_causal = !visible.defined();
   const bool grouped = heads_ != kv_heads_;

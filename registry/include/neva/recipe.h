@@ -24,7 +24,7 @@
 namespace neva {
 
 struct RunConfig {
-  std::string mode = "inspect";  // what neva-run does with this recipe: inspect | train | generate | score
+  std::string mode = "inspect";  // what neva-run does with this recipe: inspect | train | generate | score | serve
   std::uint64_t seed = 1234;
   std::string device = "cpu";    // "cpu", "cuda", "cuda:N"
   std::vector<std::filesystem::path> plugin_paths;  // absolute (resolved against the recipe's directory)
@@ -116,6 +116,20 @@ struct InferenceConfig {          // inference
   std::int64_t max_image_pixels = 0;  // 0 = the built-in budget
 };
 
+struct ServeConfig {            // serve: neva-run serve (docs/serving.md)
+  std::string host = "127.0.0.1";  // loopback unless told otherwise
+  std::int64_t port = 8000;        // 0: any free port (printed)
+  std::int64_t parallel = 4;       // slots: requests decoded together, each with its own KV cache
+  std::int64_t max_queue = 64;     // requests waiting for a slot; beyond them 503 with Retry-After
+  std::int64_t context_length = 0;  // tokens per slot (prompt + answer); 0: the model's max_position_embeddings
+  std::int64_t max_tokens = 0;     // the most new tokens a request may ask for; 0: inference.tokens_to_generate
+  std::int64_t max_body_bytes = 32LL << 20;  // a request body beyond it: 413
+  double read_timeout = 30;        // seconds to receive a request's headers and body: else 408
+  double shutdown_timeout = 30;    // SIGTERM: seconds in-flight requests get to finish
+  std::string allowed_image_dir;   // file:// image URLs only below it (absolute); "" refuses file://
+  std::string model_name;          // the id /v1/models lists; "" = the recipe file's stem
+};
+
 struct ModelConfig {            // model
   ParallelSizes parallel;
   std::int64_t micro_batch_size = 1;
@@ -143,6 +157,7 @@ struct NEVA_API Recipe {
   ExpManagerConfig exp_manager;
   ModelConfig model;
   InferenceConfig inference;
+  ServeConfig serve;
   std::shared_ptr<Registry> registry;  // plugins from run.plugin_paths, NEVA_PLUGIN_PATH, install dir
   // The plugins chosen by trainer.precision (with the model section's keys: megatron_amp_O2) and
   // by [model.parallel_strategy] (name, default "megatron"; the plugin's keys, e.g. order).
@@ -150,6 +165,8 @@ struct NEVA_API Recipe {
   std::shared_ptr<ParallelStrategy> parallel_strategy;
 
   DTypePolicy dtype_policy() const;
+  // generate, score or serve: no gradients, weights in the compute dtype.
+  bool inference_mode() const { return run.mode == "generate" || run.mode == "score" || run.mode == "serve"; }
   // Device, dtypes, generator and activation checkpointing from the recipe; the process groups the
   // parallel strategy builds for `world` (a world of one by default: every group "this rank alone").
   RuntimeContext runtime_context(const World& world = World()) const;

@@ -33,6 +33,7 @@ struct MultimodalInputs {
   // the pipeline's first chunk.
   std::int64_t pipeline_chunk = -1;
   at::Tensor hidden_states;
+  at::Tensor cache_rows, cache_lengths;  // BackboneInputs::cache_rows / cache_lengths (slots)
 };
 
 class NEVA_API LlavaModel {

@@ -34,12 +34,21 @@ struct AttentionMask {
   // sequence ([batch, 1, padded, padded]) and attention runs as ring attention.
   std::shared_ptr<ProcessGroup> context_group;
   std::shared_ptr<const ContextParallelLayout> context_layout;
+  // Slots (BackboneInputs::cache_lengths): row b's new tokens go to cache row cache_rows[b] after
+  // its row_past[b] cached ones ([batch] int64 on the device); `past` is then their maximum and the
+  // keys of a call are the first past + seq of each row (the rest masked). first_cache_row >= 0
+  // when the rows are consecutive from there (the keys are then a view, not a gather).
+  at::Tensor cache_rows, row_past;
+  std::int64_t first_cache_row = -1;
 
   // `attention_mask`: optional [batch, past + seq] (1 = real token); `segment_ids`: optional
   // [batch, seq] packed-sample ids; `window`: 0 for none, else a key is visible iff q - window < k <= q.
   NEVA_API static AttentionMask build(std::int64_t batch, std::int64_t seq, std::int64_t past,
                                       const at::Tensor& attention_mask, const at::Tensor& segment_ids,
                                       std::int64_t window, c10::Device device);
+  // Slots: `cache_rows` and `lengths` are [batch] int64 on the CPU (see BackboneInputs).
+  NEVA_API static AttentionMask build_slots(const at::Tensor& cache_rows, const at::Tensor& lengths, std::int64_t seq,
+                                            std::int64_t window, c10::Device device);
 };
 
 // x [batch, seq, ...] at positions rows [batch, count] (int64): [batch, count, ...].
