@@ -112,12 +112,15 @@ void Engine::loop() {
     for (auto& slot : slots_) {
       if (slot.decoder && slot.job->cancelled.load()) release(slot);
     }
+    std::vector<Admitted> prepared;
     for (auto& [row, job, deliver] : admitted) {
-      Slot& slot = slots_[row];
-      slot.job.reset();
+      slots_[row].job.reset();
       if (job->cancelled.load()) continue;
-      admit(slot, static_cast<std::int64_t>(row), std::move(job), std::move(deliver));
+      if (auto ready = prepare(static_cast<std::int64_t>(row), std::move(job), std::move(deliver))) {
+        prepared.push_back(std::move(*ready));
+      }
     }
+    if (!prepared.empty()) prefill(std::move(prepared));
 
     // One token for every busy slot, in one forward pass.
     std::vector<std::int64_t> rows, lengths, tokens;
@@ -157,66 +160,94 @@ void Engine::loop() {
   }
 }
 
-void Engine::admit(Slot& slot, std::int64_t row, std::shared_ptr<Job> job, Deliver deliver) {
-  GenerationRequest prepared;
-  SamplingConfig sampling = job->sampling;
+std::optional<Engine::Admitted> Engine::prepare(std::int64_t row, std::shared_ptr<Job> job, Deliver deliver) {
+  Admitted admitted{row, std::move(job), std::move(deliver), {}, {}};
+  Job& request = *admitted.job;
+  admitted.sampling = request.sampling;
   try {
-    if (job->raw_prompt) {
-      prepared.prompt_ids = session_.tokenizer().encode(*job->raw_prompt, true);
+    if (request.raw_prompt) {
+      admitted.prompt.prompt_ids = session_.tokenizer().encode(*request.raw_prompt, true);
     } else {
-      prepared = session_.prepare_conversation(job->turns, job->images_per_turn, std::move(job->images), job->system,
-                                               job->where);
+      admitted.prompt = session_.prepare_conversation(request.turns, request.images_per_turn, std::move(request.images),
+                                                      request.system, request.where);
     }
-    const auto prompt = static_cast<std::int64_t>(prepared.prompt_ids.size());
-    job->prompt_tokens = prompt;
-    if (prompt == 0) throw Error(job->where + ": the prompt is empty (no tokens)");
+    const auto prompt = static_cast<std::int64_t>(admitted.prompt.prompt_ids.size());
+    request.prompt_tokens = prompt;
+    if (prompt == 0) throw Error(request.where + ": the prompt is empty (no tokens)");
     if (prompt >= context_length_) {
       throw Error("this model's context is " + std::to_string(context_length_) + " tokens per request, but the prompt is " +
                   std::to_string(prompt) + " tokens (with its images), leaving no room for an answer");
     }
-    if (job->explicit_max_tokens && prompt + sampling.max_new_tokens > context_length_) {
+    if (request.explicit_max_tokens && prompt + admitted.sampling.max_new_tokens > context_length_) {
       throw Error("this model's context is " + std::to_string(context_length_) + " tokens per request, but " +
-                  std::to_string(prompt + sampling.max_new_tokens) + " were requested (" + std::to_string(prompt) +
-                  " in the prompt, " + std::to_string(sampling.max_new_tokens) + " for the answer): shorten the "
+                  std::to_string(prompt + admitted.sampling.max_new_tokens) + " were requested (" + std::to_string(prompt) +
+                  " in the prompt, " + std::to_string(admitted.sampling.max_new_tokens) + " for the answer): shorten the "
                   "prompt or ask for fewer tokens");
     }
-    sampling.max_new_tokens = std::min(sampling.max_new_tokens, context_length_ - prompt);
+    admitted.sampling.max_new_tokens = std::min(admitted.sampling.max_new_tokens, context_length_ - prompt);
   } catch (const std::exception& error) {
-    deliver(failure(400, error.what()));
-    return;
+    admitted.deliver(failure(400, error.what()));
+    return std::nullopt;
   }
+  return admitted;
+}
+
+void Engine::prefill(std::vector<Admitted> admitted) {
+  // Right padding: row b's prompt fills positions [0, P_b) of its cache row, the padding after it is
+  // overwritten by its own next tokens and never visible before (keys past a row's length are masked).
+  std::int64_t longest = 0;
+  for (const auto& one : admitted) longest = std::max<std::int64_t>(longest, static_cast<std::int64_t>(one.prompt.prompt_ids.size()));
+  const auto batch = static_cast<std::int64_t>(admitted.size());
+  at::Tensor ids = at::zeros({batch, longest}, at::kLong), wanted = at::zeros({batch, longest}, at::kBool);
+  std::vector<std::int64_t> rows;
+  MultimodalInputs inputs;
+  for (std::int64_t b = 0; b < batch; ++b) {
+    const auto& prompt = admitted[static_cast<std::size_t>(b)].prompt;
+    const auto length = static_cast<std::int64_t>(prompt.prompt_ids.size());
+    ids[b].narrow(0, 0, length).copy_(at::tensor(prompt.prompt_ids, at::kLong));
+    wanted[b][length - 1] = true;  // only the last prompt position's logits
+    rows.push_back(admitted[static_cast<std::size_t>(b)].row);
+    inputs.images.insert(inputs.images.end(), prompt.images.begin(), prompt.images.end());
+  }
+  inputs.input_ids = ids;
+  inputs.logits_mask = wanted;
+  inputs.cache = cache_.get();
+  inputs.cache_rows = at::tensor(rows, at::kLong);
+  inputs.cache_lengths = at::zeros({batch}, at::kLong);
   at::Tensor logits;
   try {
-    MultimodalInputs inputs;
-    inputs.input_ids = at::tensor(prepared.prompt_ids, at::kLong).view({1, -1});
-    inputs.images = prepared.images;
-    inputs.cache = cache_.get();
-    inputs.cache_rows = at::tensor(std::vector<std::int64_t>{row}, at::kLong);
-    inputs.cache_lengths = at::zeros({1}, at::kLong);
-    logits = session_.model().forward(inputs).logits.select(1, -1)[0].to(at::kFloat).cpu();
-  } catch (const Error& error) {
-    deliver(failure(400, job->where + ": " + error.what()));
-    return;
+    logits = session_.model().forward(inputs).logits;
+    logits = (logits.dim() == 3 ? logits.index({wanted}) : logits).to(at::kFloat).cpu();  // [batch, vocab]
   } catch (const std::exception& error) {
+    if (batch > 1) {  // find the one that fails: each alone
+      for (auto& one : admitted) prefill({std::move(one)});
+      return;
+    }
     const std::string what = error.what();
-    deliver(failure(500, "the prompt's forward pass failed: " + what.substr(0, what.find('\n'))));
+    const bool bad_request = dynamic_cast<const Error*>(&error) != nullptr;
+    admitted[0].deliver(failure(bad_request ? 400 : 500, (bad_request ? admitted[0].job->where + ": " : "the prompt's forward pass failed: ") +
+                                                           what.substr(0, what.find('\n'))));
     return;
   }
-  if (metrics_.prompt_tokens) metrics_.prompt_tokens->Increment(static_cast<double>(prepared.prompt_ids.size()));
+  for (std::int64_t b = 0; b < batch; ++b) start(admitted[static_cast<std::size_t>(b)], logits[b]);
+}
+
+void Engine::start(Admitted& admitted, const at::Tensor& logits) {
+  Slot& slot = slots_[static_cast<std::size_t>(admitted.row)];
+  if (metrics_.prompt_tokens) metrics_.prompt_tokens->Increment(static_cast<double>(admitted.prompt.prompt_ids.size()));
   std::uint64_t seed = 0;
-  if (job->seed) {
-    seed = *job->seed;
+  if (admitted.job->seed) {
+    seed = *admitted.job->seed;
   } else {
     std::random_device device;
     seed = device() | (static_cast<std::uint64_t>(device()) << 32);
   }
-  slot.job = std::move(job);
-  slot.deliver = std::move(deliver);
-  slot.decoder = std::make_unique<SequenceDecoder>(session_.tokenizer(), sampling, prepared.prompt_ids,
+  slot.job = std::move(admitted.job);
+  slot.deliver = std::move(admitted.deliver);
+  slot.decoder = std::make_unique<SequenceDecoder>(session_.tokenizer(), admitted.sampling, admitted.prompt.prompt_ids,
                                                    session_.model().backbone().vocab_size(),
-                                                   at::make_generator<at::CPUGeneratorImpl>(seed),
-                                                   slot.job->top_logprobs);
-  slot.length = static_cast<std::int64_t>(prepared.prompt_ids.size());
+                                                   at::make_generator<at::CPUGeneratorImpl>(seed), slot.job->top_logprobs);
+  slot.length = static_cast<std::int64_t>(admitted.prompt.prompt_ids.size());
   slot.logprobs_sent = 0;
   slot.started = Clock::now();
   slot.first_token = {};

@@ -109,7 +109,19 @@ class Engine {
     Clock::time_point started, first_token;
   };
   void loop();
-  void admit(Slot& slot, std::int64_t row, std::shared_ptr<Job> job, Deliver deliver);
+  // A job taken from the queue for a free row, its prompt prepared.
+  struct Admitted {
+    std::int64_t row;
+    std::shared_ptr<Job> job;
+    Deliver deliver;
+    GenerationRequest prompt;
+    SamplingConfig sampling;
+  };
+  std::optional<Admitted> prepare(std::int64_t row, std::shared_ptr<Job> job, Deliver deliver);
+  // Prefills the admitted prompts into their rows together (right-padded to the longest), then
+  // picks each one's first token.
+  void prefill(std::vector<Admitted> admitted);
+  void start(Admitted& admitted, const at::Tensor& logits);
   void emit(Slot& slot);
   void release(Slot& slot);
 
