@@ -106,6 +106,13 @@ TEST_CASE("deliberately faulty plugins fail the check that covers their fault") 
     CHECK(report.out.find("module 'side_proj' is a torch::nn::Linear built outside neva::nn::linear") != std::string::npos);
     CHECK(status_of(report, "forward") == "pass");
   }
+  SUBCASE("KV-cache slots that ignore their rows") {
+    auto report = conformance(faulty("ignored_slots"), tiny("llama-2"));
+    CHECK(report.exit_code == 1);
+    CHECK(status_of(report, "kv_slots") == "fail");
+    CHECK(report.out.find("in KV-cache rows 2 and 0") != std::string::npos);
+    CHECK(status_of(report, "kv_cache") == "pass");
+  }
   SUBCASE("a broken KV cache") {
     auto report = conformance(faulty("broken_cache"), tiny("llama-2"));
     CHECK(report.exit_code == 1);

@@ -203,6 +203,54 @@ void check_kv_cache(const Subject& subject) {
          "incremental decoding with the KV cache differs from the full forward pass by " + std::to_string(difference));
 }
 
+// Continuous batching (plugin ABI 2.5, neva-run serve): cache rows as slots of their own lengths.
+void check_kv_slots(const Subject& subject) {
+  expect(subject.info.abi.major > 2 || subject.info.abi.minor >= 5,
+         "built for plugin ABI " + std::to_string(subject.info.abi.major) + "." + std::to_string(subject.info.abi.minor) +
+             ", before KV-cache slots (2.5): neva-run serve refuses it; rebuild it against this neva");
+  auto module = subject.build();
+  module->eval();
+  torch::NoGradGuard no_grad;
+  auto& backbone = dynamic_cast<LanguageBackbone&>(*module);
+  at::manual_seed(9);
+  const std::vector<std::int64_t> lengths{6, 3};  // prompts of two sequences, each followed by two tokens
+  std::vector<at::Tensor> ids, expected;
+  for (std::int64_t length : lengths) {
+    ids.push_back(at::randint(0, backbone.vocab_size(), {1, length + 2}, at::kLong));
+    BackboneInputs full;
+    full.embeddings = backbone.embed(ids.back());
+    expected.push_back(backbone.forward(full).logits[0]);
+  }
+  auto cache = backbone.new_cache(3, 12);
+  auto run = [&](const std::vector<std::int64_t>& rows, const std::vector<std::int64_t>& past, const at::Tensor& tokens) {
+    BackboneInputs step;
+    step.embeddings = backbone.embed(tokens);
+    step.cache = cache.get();
+    step.cache_rows = at::tensor(rows, at::kLong);
+    step.cache_lengths = at::tensor(past, at::kLong);
+    return backbone.forward(step).logits;
+  };
+  double difference = 0;
+  // Prefill the first into row 2 and the second into row 0, one at a time.
+  for (std::size_t i = 0; i < 2; ++i) {
+    at::Tensor logits = run({i == 0 ? 2 : 0}, {0}, ids[i].narrow(1, 0, lengths[i]))[0];
+    difference = std::max(difference, max_difference(logits, expected[i].narrow(0, 0, lengths[i])));
+  }
+  // Then decode both together twice, rows in either order.
+  for (std::int64_t t = 0; t < 2; ++t) {
+    const bool swapped = t == 1;
+    const std::size_t a = swapped ? 1 : 0, b = swapped ? 0 : 1;
+    at::Tensor tokens = at::cat({ids[a].narrow(1, lengths[a] + t, 1), ids[b].narrow(1, lengths[b] + t, 1)}, 0);
+    at::Tensor logits = run({a == 0 ? 2 : 0, b == 0 ? 2 : 0}, {lengths[a] + t, lengths[b] + t}, tokens);
+    difference = std::max(difference, max_difference(logits[0][0], expected[a][lengths[a] + t]));
+    difference = std::max(difference, max_difference(logits[1][0], expected[b][lengths[b] + t]));
+  }
+  const double scale = std::max(scale_of(expected[0]), scale_of(expected[1]));
+  expect(difference <= 1e-4 * scale + 1e-5,
+         "decoding two sequences of other lengths in KV-cache rows 2 and 0 (BackboneInputs::cache_rows / "
+         "cache_lengths) differs from each one's full forward pass by " + std::to_string(difference));
+}
+
 void check_batch_padding(const Subject& subject) {
   auto module = subject.build();
   module->eval();
@@ -426,6 +474,7 @@ const std::map<std::string, std::function<void(const Subject&)>>& check_bodies()
       {"determinism", check_determinism},
       {"gradients", check_gradients},
       {"kv_cache", check_kv_cache},
+      {"kv_slots", check_kv_slots},
       {"batch_padding", check_batch_padding},
       {"save_load", check_save_load},
       {"initialisation", check_initialisation},
@@ -450,6 +499,7 @@ std::vector<ConformanceCheck> conformance_checks(const std::string& kind) {
   };
   if (kind == LanguageBackbone::kKind) {
     checks.push_back({"kv_cache", "incremental decoding with the KV cache equals the full forward pass"});
+    checks.push_back({"kv_slots", "KV-cache rows as slots of other lengths decode together as each alone (serve)"});
     checks.push_back({"batch_padding", "left padding and batch company do not change a sample's logits"});
     checks.push_back({"fp8", "model.fp8 swaps the decoder layers' linears; logits within 15% of fp32's scale, gradients finite"});
   }

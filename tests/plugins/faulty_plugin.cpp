@@ -19,10 +19,11 @@
 #define FAULT_BATCH_COUPLED 5
 #define FAULT_SHARED_STATE 6
 #define FAULT_OWN_LINEAR 7
+#define FAULT_IGNORED_SLOTS 8
 
 namespace {
 
-#if NEVA_FAULT == FAULT_BROKEN_CACHE || NEVA_FAULT == FAULT_OWN_LINEAR
+#if NEVA_FAULT == FAULT_BROKEN_CACHE || NEVA_FAULT == FAULT_OWN_LINEAR || NEVA_FAULT == FAULT_IGNORED_SLOTS
 void read_llama_shape(const neva::HfConfig& hf, neva::DecoderConfig& d) {
   neva::read_decoder_shape(hf, {32000, 4096, 11008, 32, 32, 0, "silu", 10000.0, 2048}, d);
 }
@@ -36,6 +37,18 @@ class ForgetfulBackbone : public neva::DecoderBackbone {
   neva::BackboneOutputs forward(const neva::BackboneInputs& inputs) override {
     neva::BackboneInputs without = inputs;
     without.cache = nullptr;
+    return DecoderBackbone::forward(without);
+  }
+};
+#elif NEVA_FAULT == FAULT_IGNORED_SLOTS
+// Reads cache_lengths but not cache_rows: every call's rows are the cache's first rows.
+class ForgetfulBackbone : public neva::DecoderBackbone {
+ public:
+  ForgetfulBackbone(const neva::DecoderPluginConfig& config, const neva::RuntimeContext& context)
+      : DecoderBackbone(config.decoder, context) {}
+  neva::BackboneOutputs forward(const neva::BackboneInputs& inputs) override {
+    neva::BackboneInputs without = inputs;
+    without.cache_rows = at::Tensor();
     return DecoderBackbone::forward(without);
   }
 };
