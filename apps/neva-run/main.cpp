@@ -113,7 +113,7 @@ int main(int argc, char** argv) {
       "        generate  answer [inference] prompts (with images), streamed or as JSON lines\n"
       "        score     log-probabilities of continuations from a JSONL file\n"
       "        serve     an OpenAI-compatible HTTP server (as `neva-run serve`)\n"
-      "  neva-run serve RECIPE.toml [--host H] [--port P] [--parallel N] [--api-key K] [--set ...]\n"
+      "  neva-run serve RECIPE.toml [--host H] [--port P] [--parallel N] [--max-tokens N] [--api-key K]\n"
       "                                                      serve the recipe's model over HTTP: /v1/chat/completions\n"
       "                                                      (images, streaming), /v1/completions, /v1/models, /health,\n"
       "                                                      /metrics; N requests decoded together (docs/serving.md)\n"
@@ -178,13 +178,17 @@ int main(int argc, char** argv) {
   serve->add_option("recipe", recipe_path, "Recipe naming the model, as for generate")->required()->type_name("RECIPE.toml");
   add_common(serve);
   std::string serve_host, api_key;
-  int serve_port = -1, serve_parallel = 0;
+  int serve_port = -1, serve_parallel = 0, serve_max_tokens = 0;
   serve->add_option("--host", serve_host, "Address to listen on (default 127.0.0.1: this machine only)")->type_name("ADDRESS");
   serve->add_option("--port", serve_port, "TCP port (default 8000; 0 picks a free one, printed at start)")
       ->check(CLI::Range(0, 65535))
       ->type_name("PORT");
   serve->add_option("--parallel", serve_parallel, "Slots: requests decoded together (default 4)")
       ->check(CLI::Range(1, 256))
+      ->type_name("N");
+  serve->add_option("--max-tokens", serve_max_tokens,
+                    "The most new tokens a request may ask for, and its default (default inference.tokens_to_generate)")
+      ->check(CLI::PositiveNumber)
       ->type_name("N");
   serve->add_option("--api-key", api_key, "Require Authorization: Bearer KEY on /v1 (or set NEVA_API_KEY)")
       ->type_name("KEY");
@@ -265,6 +269,7 @@ int main(int argc, char** argv) {
       if (!serve_host.empty()) all.push_back("serve.host=" + nlohmann::json(serve_host).dump());
       if (serve_port >= 0) all.push_back("serve.port=" + std::to_string(serve_port));
       if (serve_parallel > 0) all.push_back("serve.parallel=" + std::to_string(serve_parallel));
+      if (serve_max_tokens > 0) all.push_back("serve.max_tokens=" + std::to_string(serve_max_tokens));
       neva::ServeOptions options;
       options.api_key = api_key;
       if (const char* key = std::getenv("NEVA_API_KEY"); options.api_key.empty() && key) options.api_key = key;

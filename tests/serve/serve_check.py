@@ -29,7 +29,8 @@ import openai
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
+from transformers import LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 NEVA_RUN, HUB_PARENT, WORK = sys.argv[1], pathlib.Path(sys.argv[2]).resolve(), pathlib.Path(sys.argv[3]).resolve()
 HUB = HUB_PARENT / "hub"
@@ -143,25 +144,61 @@ def png(width, height):
     return buffer.getvalue()
 
 
-def references():
-    """transformers' greedy answer and its log-probabilities for the image and prompt."""
-    tensors = load_file(str(HUB / "reference.safetensors"))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(HUB / "tokenizer.json"))
-    answer_ids = tensors["e2e_greedy"][0]
-    model = LlavaForConditionalGeneration.from_pretrained(str(HUB)).eval()
-    full = torch.cat([tensors["e2e_input_ids"], tensors["e2e_greedy"]], 1)
-    with torch.no_grad():
-        log_probs = model(input_ids=full, pixel_values=tensors["e2e_pixel_values"]).logits.log_softmax(-1)
-    start = tensors["e2e_input_ids"].shape[1] - 1
-    chosen = log_probs[0, start:start + len(answer_ids)].gather(1, answer_ids[:, None])[:, 0]
-    return tokenizer.decode(answer_ids.tolist(), skip_special_tokens=True), chosen.tolist()
+class Reference:
+    """transformers on the same model: greedy answers (with OpenAI's penalties when asked) and log-probabilities."""
+
+    def __init__(self):
+        self.tensors = load_file(str(HUB / "reference.safetensors"))
+        self.tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(HUB / "tokenizer.json"))
+        self.model = LlavaForConditionalGeneration.from_pretrained(str(HUB)).eval()
+        # As tests/oracle/llava_oracle.py builds it (its e2e input ids are neva's, tested).
+        self.processor = LlavaProcessor(
+            image_processor=CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}),
+            tokenizer=self.tokenizer, patch_size=7, vision_feature_select_strategy="default",
+            num_additional_image_tokens=1)
+        self.image_token = self.model.config.image_token_index
+        self.end = self.tokenizer.convert_tokens_to_ids("<|eot_id|>")
+
+    def e2e(self):
+        """The oracle's own greedy answer for the image and PROMPT, and its log-probabilities."""
+        answer_ids = self.tensors["e2e_greedy"][0]
+        full = torch.cat([self.tensors["e2e_input_ids"], self.tensors["e2e_greedy"]], 1)
+        with torch.no_grad():
+            log_probs = self.model(input_ids=full, pixel_values=self.tensors["e2e_pixel_values"]).logits.log_softmax(-1)
+        start = self.tensors["e2e_input_ids"].shape[1] - 1
+        chosen = log_probs[0, start:start + len(answer_ids)].gather(1, answer_ids[:, None])[:, 0]
+        return self.tokenizer.decode(answer_ids.tolist(), skip_special_tokens=True), chosen.tolist()
+
+    def greedy(self, prompt, steps, frequency=0.0, presence=0.0):
+        """Greedy decoding of a v1 prompt with the scene image, step by step: OpenAI's penalties over the
+        generated tokens, the image placeholder never chosen, <|eot_id|> ending it."""
+        inputs = self.processor(images=Image.open(SCENE).convert("RGB"), text=prompt, return_tensors="pt")
+        ids, counts, out = inputs["input_ids"], {}, []
+        with torch.no_grad():
+            for _ in range(steps):
+                logits = self.model(input_ids=ids, pixel_values=inputs["pixel_values"]).logits[0, -1].clone()
+                for token, count in counts.items():
+                    logits[token] -= frequency * count + presence
+                logits[self.image_token] = -float("inf")
+                token = int(logits.argmax())
+                if token == self.end:
+                    break
+                out.append(token)
+                counts[token] = counts.get(token, 0) + 1
+                ids = torch.cat([ids, torch.tensor([[token]])], 1)
+        return self.tokenizer.decode(out, skip_special_tokens=True)
+
+
+V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+             "detailed, and polite answers to the user's questions.")
 
 
 def main():
     WORK.mkdir(parents=True, exist_ok=True)
     (WORK / "allowed").mkdir(exist_ok=True)
     (WORK / "allowed" / "scene.png").write_bytes(SCENE.read_bytes())
-    expected_text, expected_logprobs = references()
+    reference = Reference()
+    expected_text, expected_logprobs = reference.e2e()
     vision = recipe("vision")
 
     # neva-run generate on the same recipe: the server must answer as it does.
@@ -200,6 +237,23 @@ def main():
         check(chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 8, "the last chunk is the usage")
         check([c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"],
               "one finish_reason, on the last choice chunk")
+
+        # A system message and earlier turns: the v1 template's layout (LLaVA's conv_vicuna_v1), as transformers answers it.
+        history = [{"role": "system", "content": "Answer in one word."},
+                   *image_message(), {"role": "assistant", "content": "A circle."},
+                   {"role": "user", "content": "What colour is it?"}]
+        layout = ("Answer in one word. USER: <image>\nWhat is in the image? ASSISTANT: A circle.</s>"
+                  "USER: What colour is it? ASSISTANT:")
+        multi = client.chat.completions.create(model="tiny-llava", messages=history, max_tokens=8, temperature=0)
+        want = reference.greedy(layout, 8)
+        check(multi.choices[0].message.content == want, f"multi-turn with a system message: {multi.choices[0].message.content!r} {want!r}")
+
+        # OpenAI's frequency and presence penalties, as transformers' logits with the formula applied.
+        penalised = client.chat.completions.create(model="tiny-llava", messages=image_message(), max_tokens=8, temperature=0,
+                                                   frequency_penalty=1.5, presence_penalty=0.5)
+        want = reference.greedy(V1_SYSTEM + " USER: <image>\n" + PROMPT + " ASSISTANT:", 8, 1.5, 0.5)
+        check(penalised.choices[0].message.content == want and want != expected_text,
+              f"frequency and presence penalties: {penalised.choices[0].message.content!r} {want!r}")
 
         # file:// below the allowed folder: the same answer.
         by_file = client.chat.completions.create(model="tiny-llava", max_tokens=8, temperature=0, messages=image_message(
