@@ -8,9 +8,10 @@
 # step, a thread writing while training goes on); then the export's memory on rank 0 under one process,
 # TP2 and PP2. Run after scripts/setup.sh; figures go to
 # docs/benchmarks.md.
-#   scripts/bench_checkpoint.sh [MIB] [STEPS]
+#   scripts/bench_checkpoint.sh [MIB] [STEPS] [--save FILE] [--compare REF]
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$root/scripts/bench_guard.sh"  # --save FILE / --compare REF (every figure's ratio)
 mib="${1:-1024}"
 steps="${2:-10}"
 work="$root/build/bench-checkpoint"

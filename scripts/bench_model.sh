@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Side-by-side: neva vs transformers (PyTorch eager, same wheel, same threads) on the benchmark
 # recipe's shapes, fp32 and bf16. Run after scripts/setup.sh. Figures go to docs/benchmarks.md.
-#   scripts/bench_model.sh [PROMPT_TOKENS] [NEW_TOKENS]
+#   scripts/bench_model.sh [PROMPT_TOKENS] [NEW_TOKENS] [--save FILE] [--compare REF]
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$root/scripts/bench_guard.sh"  # --save FILE / --compare REF (every figure's ratio)
 prompt="${1:-256}"
 new="${2:-32}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"

@@ -11,13 +11,14 @@
 # peak resident memory per rank; for the pipelines, the bubble stage 0 measured (its time blocked on
 # the pipeline group over the rest of its step) beside Megatron's (p - 1) / (v m). Run after
 # scripts/setup.sh; figures go to docs/benchmarks.md.
-#   scripts/bench_parallel.sh [STEPS]
+#   scripts/bench_parallel.sh [STEPS] [--save FILE] [--compare REF]
 # The threads are shared fairly: one process gets all cores, each of two processes half of them
 # (OMP_NUM_THREADS). BENCH_LAYOUTS="1 tp2" runs only those of: 1 dp2 dp2-zero tp2 tp2-sp cp2 pp2 pp2-v2
 # 1-moe ep2.
 # On a GPU machine, BENCH_DEVICE=cuda runs the same layouts on NCCL (one GPU per process).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$root/scripts/bench_guard.sh"  # --save FILE / --compare REF (every figure's ratio)
 steps="${1:-8}"
 cores="$(nproc)"
 work="$root/build/bench-parallel"

@@ -5,7 +5,7 @@
 # (it has no O2). MFU is model FLOPs/s over this machine's
 # measured matmul peak (neva-bench-matmul, best shape per dtype). Run after scripts/setup.sh; figures
 # go to docs/benchmarks.md.
-#   scripts/bench_train.sh [STEPS]
+#   scripts/bench_train.sh [STEPS] [--save FILE] [--compare REF]
 # Each mode runs BENCH_REPEATS (default 3) neva/transformers pairs back to back, alternating which
 # goes first; the figures are the medians and each pair's ratio is listed (a shared VM's speed drifts
 # by +-25% between minutes, so one pair can mislead).
@@ -13,6 +13,7 @@
 # transformers: torch.profiler) and prints both sides' operators by self time (scripts/profile_summary.py).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$root/scripts/bench_guard.sh"  # --save FILE / --compare REF (every figure's ratio)
 steps="${1:-10}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 work="$root/build/bench-train"
