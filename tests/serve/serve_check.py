@@ -296,6 +296,27 @@ def main():
         check(first == second, f"seed gives the same sample twice: {first!r} {second!r}")
         check(first != third, "another seed another sample")
 
+        # A temperature too small to sample with is greedy (not a division into infinities).
+        tiny = client.chat.completions.create(model="tiny-llava", messages=image_message(), max_tokens=8, temperature=1e-300)
+        check(tiny.choices[0].message.content == expected_text, "temperature 1e-300 answers greedily")
+
+        # A client that waits for "100 Continue" before its body (curl does, over 1 KiB) is invited at once.
+        body = json.dumps({"model": "tiny-llava", "max_tokens": 8, "temperature": 0, "messages": image_message()}).encode()
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Expect: 100-continue\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+        invited = sock.recv(4096)
+        sock.sendall(body)
+        answered = b""
+        while b"}}" not in answered[-400:] and len(answered) < 100000:
+            piece = sock.recv(65536)
+            if not piece:
+                break
+            answered += piece
+        sock.close()
+        check(invited.startswith(b"HTTP/1.1 100 Continue") and b" 200 OK" in answered and
+              json.dumps(expected_text)[1:-1].encode() in answered, "Expect: 100-continue is answered, then the request")
+
         # Stop: the greedy answer cut where a stop string begins.
         k = next(k for k in range(1, len(text) - 2) if text.find(text[k:k + 2]) == k and text[k:k + 2].strip())
         stopped = client.chat.completions.create(model="tiny-llava", messages=image_message(), max_tokens=8, temperature=0,
@@ -472,6 +493,10 @@ def bad_inputs(server, expected_text):
         ("an unknown endpoint", 404, "no such endpoint", server.raw("GET", "/v1/embeddings")),
         ("GET on a POST endpoint", 405, "use POST", server.raw("GET", "/v1/chat/completions")),
         ("POST on /health", 405, "use GET", server.raw("POST", "/health", "{}")),
+        ("a number beyond a double", 400, "not valid JSON",
+         post('{"messages": [{"role": "user", "content": "Hi"}], "temperature": 1e400}')),
+        ("seventeen images", 400, "more than 16 images", post({**base, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_url(SCENE)}}] * 17}]})),
         ("a body beyond serve.max_body_bytes", 413, "larger than 1048576 bytes", post("x" * (2 << 20))),
     ]
     # The context check with a prompt that fits but not with the tokens asked for.
@@ -507,6 +532,9 @@ def bad_inputs(server, expected_text):
         headers = dict(line.split(": ", 1) for line in head.decode(errors="replace").split("\r\n")[1:] if ": " in line)
         return status, headers, body
 
+    stream_body = json.dumps({**base, "stream": True, "messages": [{"role": "user", "content": "Hi"}]}).encode()
+    expect("streaming asked over HTTP/1.0", 400, "need HTTP/1.1", raw_socket(
+        b"POST /v1/chat/completions HTTP/1.0\r\nContent-Length: " + str(len(stream_body)).encode() + b"\r\n\r\n" + stream_body))
     expect("a malformed request line", 400, "malformed HTTP request", raw_socket(b"HELLO WORLD\r\n\r\n"))
     expect("headers beyond 64 KiB", 431, "headers are larger", raw_socket(
         b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n"))

@@ -46,7 +46,8 @@ bool Engine::submit(std::shared_ptr<Job> job, Deliver deliver) {
     std::lock_guard<std::mutex> lock(mutex_);
     if (draining_ || !abort_.empty()) return false;
     // Room: the free slots (taken at the next step boundary) and the queue behind them.
-    if (queue_.size() >= max_queue_ + (slots_.size() - busy_.load())) return false;
+    const std::size_t taken = busy_.load() + admitting_.load();
+    if (queue_.size() >= max_queue_ + (slots_.size() - std::min(taken, slots_.size()))) return false;
     job->queued = Clock::now();
     queue_.emplace_back(std::move(job), std::move(deliver));
     if (metrics_.queue_depth) metrics_.queue_depth->Set(static_cast<double>(queue_.size()));
@@ -80,7 +81,7 @@ std::size_t Engine::queued() const {
   return queue_.size();
 }
 
-std::size_t Engine::busy() const { return busy_.load(); }
+std::size_t Engine::busy() const { return busy_.load() + admitting_.load(); }
 
 void Engine::loop() {
   at::NoGradGuard no_grad;
@@ -106,6 +107,7 @@ void Engine::loop() {
         queue_.pop_front();
         slots_[row].job = std::get<1>(admitted.back());  // reserved
       }
+      admitting_.store(admitted.size());
       if (metrics_.queue_depth) metrics_.queue_depth->Set(static_cast<double>(queue_.size()));
     }
     // Clients that left: their slots are free before this step.
@@ -121,6 +123,7 @@ void Engine::loop() {
       }
     }
     if (!prepared.empty()) prefill(std::move(prepared));
+    admitting_.store(0);
 
     // One token for every busy slot, in one forward pass.
     std::vector<std::int64_t> rows, lengths, tokens;
@@ -154,8 +157,12 @@ void Engine::loop() {
     for (std::size_t i = 0; i < rows.size(); ++i) {
       Slot& slot = slots_[static_cast<std::size_t>(rows[i])];
       slot.length += 1;
-      if (auto token = slot.decoder->step(logits[static_cast<std::int64_t>(i)])) slot.next_token = *token;
-      emit(slot);
+      try {
+        if (auto token = slot.decoder->step(logits[static_cast<std::int64_t>(i)])) slot.next_token = *token;
+        emit(slot);
+      } catch (const std::exception& error) {  // e.g. non-finite logits to sample from: this request ends
+        fail(slot, error);
+      }
     }
   }
 }
@@ -186,7 +193,8 @@ std::optional<Engine::Admitted> Engine::prepare(std::int64_t row, std::shared_pt
     }
     admitted.sampling.max_new_tokens = std::min(admitted.sampling.max_new_tokens, context_length_ - prompt);
   } catch (const std::exception& error) {
-    admitted.deliver(failure(400, error.what()));
+    const std::string what = error.what();
+    admitted.deliver(failure(400, what.substr(0, what.find('\n'))));
     return std::nullopt;
   }
   return admitted;
@@ -252,9 +260,20 @@ void Engine::start(Admitted& admitted, const at::Tensor& logits) {
   slot.started = Clock::now();
   slot.first_token = {};
   busy_.fetch_add(1);
+  if (admitting_.load() > 0) admitting_.fetch_sub(1);  // now counted as busy
   if (metrics_.slots_busy) metrics_.slots_busy->Set(static_cast<double>(busy_.load()));
-  if (auto token = slot.decoder->step(logits)) slot.next_token = *token;
-  emit(slot);
+  try {
+    if (auto token = slot.decoder->step(logits)) slot.next_token = *token;
+    emit(slot);
+  } catch (const std::exception& error) {
+    fail(slot, error);
+  }
+}
+
+void Engine::fail(Slot& slot, const std::exception& error) {
+  const std::string what = error.what();
+  if (slot.deliver) slot.deliver(failure(500, "choosing the next token failed: " + what.substr(0, what.find('\n'))));
+  release(slot);
 }
 
 void Engine::emit(Slot& slot) {

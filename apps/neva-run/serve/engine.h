@@ -124,6 +124,7 @@ class Engine {
   void start(Admitted& admitted, const at::Tensor& logits);
   void emit(Slot& slot);
   void release(Slot& slot);
+  void fail(Slot& slot, const std::exception& error);
 
   Session& session_;
   const std::int64_t context_length_;
@@ -138,6 +139,7 @@ class Engine {
   bool draining_ = false;
   std::string abort_;  // non-empty: end every job with this error
   std::atomic<std::size_t> busy_{0};
+  std::atomic<std::size_t> admitting_{0};  // taken from the queue, being prefilled
   std::thread thread_;
 };
 

@@ -123,8 +123,9 @@ void read_sampling(const json& body, const SamplingConfig& defaults, const Limit
   }
   if (present(body, "temperature")) {
     const double temperature = number(body, "temperature", 0.0, 2.0);
-    job.sampling.greedy = temperature == 0.0;
-    if (temperature > 0) job.sampling.temperature = temperature;
+    // Below 1e-5 the softmax of logits / temperature is a one-hot in float (or overflows): greedy.
+    job.sampling.greedy = temperature < 1e-5;
+    if (!job.sampling.greedy) job.sampling.temperature = temperature;
   }
   if (present(body, "top_p")) {
     job.sampling.top_p = number(body, "top_p", 0.0, 1.0);
@@ -203,7 +204,7 @@ PendingImage read_image_url(const json& part, const Limits& limits, const std::s
     if (media != "image/png" && media != "image/jpeg" && media != "image/jpg") {
       invalid(where + ".image_url.url", "media type '" + media + "': PNG and JPEG images are supported");
     }
-    return {decode_base64(url.substr(comma + 1), where + ".image_url.url"), where};
+    return {decode_base64(url.substr(comma + 1), where + ".image_url.url"), "", where};
   }
   if (url.rfind("file://", 0) == 0) {
     if (limits.allowed_image_dir.empty()) {
@@ -216,16 +217,7 @@ PendingImage read_image_url(const json& part, const Limits& limits, const std::s
     if (error || url.size() <= 7 || url[7] != '/' || relative.empty() || *relative.begin() == "..") {
       invalid(where + ".image_url.url", "file:// images must be absolute paths below the allowed folder " + root.string());
     }
-    std::ifstream in(path, std::ios::binary);
-    if (!in) invalid(where + ".image_url.url", "cannot read " + path.string());
-    std::string bytes;
-    bytes.resize(limits.max_image_bytes + 1);
-    in.read(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-    bytes.resize(static_cast<std::size_t>(in.gcount()));
-    if (bytes.size() > limits.max_image_bytes) {
-      invalid(where + ".image_url.url", path.string() + " is larger than " + std::to_string(limits.max_image_bytes) + " bytes");
-    }
-    return {bytes, where + " (" + path.string() + ")"};
+    return {"", path.string(), where + " (" + path.string() + ")"};  // read on the worker thread
   }
   if (url.rfind("http://", 0) == 0 || url.rfind("https://", 0) == 0) {
     invalid(where + ".image_url.url", "remote image URLs are not fetched: send the image as a data: URL (base64)");
@@ -253,6 +245,9 @@ std::string read_content(const json& message, const std::string& role, const std
       text += part.at("text").get<std::string>();
     } else if (type == "image_url") {
       if (role != "user") invalid(at, "only user messages may hold images");
+      if (parsed.images.size() >= kMaxImagesPerRequest) {
+        invalid(at, "more than " + std::to_string(kMaxImagesPerRequest) + " images in one request");
+      }
       parsed.images.push_back(read_image_url(part, limits, at));
       text += "<image>\n";  // in the order of the parts; LLaVA's convention puts it first
       ++images;
@@ -390,7 +385,7 @@ json chat_logprobs(const std::vector<TokenLogprobText>& logprobs) {
   return {{"content", content}, {"refusal", nullptr}};
 }
 
-json completion_logprobs(const std::vector<TokenLogprobText>& logprobs, std::size_t offset) {
+json completion_logprobs(const std::vector<TokenLogprobText>& logprobs, std::size_t offset) {  // offset: of the first token in the text
   json tokens = json::array(), values = json::array(), tops = json::array(), offsets = json::array();
   for (const auto& entry : logprobs) {
     tokens.push_back(entry.token);
@@ -452,14 +447,14 @@ json chat_chunk(const Completion& completion, const std::string& model, const st
 }
 
 json completion_chunk(const Completion& completion, const std::string& model, const std::string& text,
-                      const std::vector<TokenLogprobText>* logprobs, const std::string& finish_reason) {
+                      const std::vector<TokenLogprobText>* logprobs, const std::string& finish_reason, std::size_t offset) {
   return {{"id", completion.id},
           {"object", "text_completion"},
           {"created", completion.created},
           {"model", model},
           {"choices", json::array({{{"index", 0},
                                     {"text", text},
-                                    {"logprobs", logprobs ? completion_logprobs(*logprobs, 0) : json()},
+                                    {"logprobs", logprobs ? completion_logprobs(*logprobs, offset) : json()},
                                     {"finish_reason", finish_reason.empty() ? json() : json(finish_reason)}}})}};
 }
 

@@ -28,9 +28,12 @@ nlohmann::json error_body(const std::string& message, const std::string& type, c
 // An image a request carries, not decoded yet: the bytes of a data: URL or a file below the
 // allowed folder.
 struct PendingImage {
-  std::string bytes;
+  std::string bytes;  // a data: URL's
+  std::string path;   // or a file's below the allowed folder, read on the worker thread
   std::string where;  // messages[i].content[j]
 };
+
+inline constexpr std::size_t kMaxImagesPerRequest = 16;
 
 struct Limits {
   std::string model_name;
@@ -69,8 +72,10 @@ nlohmann::json completion_response(const Completion& completion, const std::stri
 // One stream chunk: `first` carries the assistant role; `finish_reason` non-empty on the last.
 nlohmann::json chat_chunk(const Completion& completion, const std::string& model, const std::string& text,
                           const std::vector<TokenLogprobText>* logprobs, bool first, const std::string& finish_reason);
+// `offset`: where `text` starts in the whole completion (the logprobs' text_offset).
 nlohmann::json completion_chunk(const Completion& completion, const std::string& model, const std::string& text,
-                                const std::vector<TokenLogprobText>* logprobs, const std::string& finish_reason);
+                                const std::vector<TokenLogprobText>* logprobs, const std::string& finish_reason,
+                                std::size_t offset);
 nlohmann::json usage_chunk(const Completion& completion, const std::string& model, bool chat);
 
 }  // namespace neva::serve

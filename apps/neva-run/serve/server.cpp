@@ -23,6 +23,7 @@
 #include <atomic>
 #include <deque>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <random>
 
@@ -49,6 +50,19 @@ std::string sha256(const std::string& text) {
   unsigned int size = 0;
   EVP_Digest(text.data(), text.size(), digest, &size, EVP_sha256(), nullptr);
   return std::string(reinterpret_cast<const char*>(digest), size);
+}
+
+// A file's bytes, refused beyond `limit` bytes or unreadable (naming `where`).
+std::string read_limited(const std::string& path, std::size_t limit, const std::string& where) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw ApiError(400, where + ": cannot read " + path, "messages", "invalid_image");
+  std::string bytes(limit + 1, '\0');
+  in.read(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  bytes.resize(static_cast<std::size_t>(in.gcount()));
+  if (bytes.size() > limit) {
+    throw ApiError(400, where + ": larger than " + std::to_string(limit) + " bytes", "messages", "invalid_image");
+  }
+  return bytes;
 }
 
 std::string random_id(const char* prefix) {
@@ -150,6 +164,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
   net::steady_timer read_timer_;
   bool timed_out_ = false, keep_alive_ = false, closed_ = false;
   bool linger_ = false;  // the client may still be sending a refused body: drain it before closing
+  std::uint64_t reading_ = 0;  // the read in progress (a timer firing for an earlier one does nothing)
+  bool read_pending_ = false;
   std::string endpoint_;
   // The request being answered.
   std::shared_ptr<serve::Job> job_;
@@ -171,6 +187,7 @@ class Server {
         acceptor_(io_),
         signals_(io_, SIGTERM, SIGINT),
         shutdown_timer_(io_),
+        accept_timer_(io_),
         workers_(1) {
     const ServeConfig& config = recipe.serve;
     if (!options.api_key.empty()) api_key_digest_ = sha256(options.api_key);
@@ -246,7 +263,12 @@ class Server {
   void accept() {
     acceptor_.async_accept(net::make_strand(io_), [this](beast::error_code error, tcp::socket socket) {
       if (error) {
-        if (error != net::error::operation_aborted && acceptor_.is_open()) accept();
+        if (error == net::error::operation_aborted || !acceptor_.is_open()) return;
+        // Out of file descriptors (or another transient failure): try again shortly, not at once.
+        accept_timer_.expires_after(std::chrono::milliseconds(100));
+        accept_timer_.async_wait([this](beast::error_code code) {
+          if (!code && acceptor_.is_open()) accept();
+        });
         return;
       }
       std::make_shared<Connection>(std::move(socket), *this)->start();
@@ -284,6 +306,7 @@ class Server {
   tcp::acceptor acceptor_;
   net::signal_set signals_;
   net::steady_timer shutdown_timer_;
+  net::steady_timer accept_timer_;
   net::thread_pool workers_;
   Metrics metrics_;
   serve::Limits limits_;
@@ -303,12 +326,14 @@ void Connection::read_request() {
   parser_->body_limit(static_cast<std::uint64_t>(server_.config().max_body_bytes));
   parser_->header_limit(64 * 1024);
   timed_out_ = false;
+  read_pending_ = true;
+  const std::uint64_t generation = ++reading_;
   // Headers and body within read_timeout (slow clients are answered 408 and closed), by a timer of our
   // own so that the 408 can still be written.
   read_timer_.expires_after(std::chrono::duration_cast<std::chrono::milliseconds>(
       std::chrono::duration<double>(server_.config().read_timeout)));
-  read_timer_.async_wait([self = shared_from_this()](beast::error_code error) {
-    if (error) return;
+  read_timer_.async_wait([self = shared_from_this(), generation](beast::error_code error) {
+    if (error || !self->read_pending_ || self->reading_ != generation) return;
     self->timed_out_ = true;
     beast::error_code ignored;
     self->stream_.socket().cancel(ignored);
@@ -318,6 +343,18 @@ void Connection::read_request() {
     // curl and others wait (a second) for "100 Continue" before sending a body over 1 KiB.
     const auto& request = self->parser_->get();
     if (beast::iequals(request[http::field::expect], "100-continue") && !self->parser_->is_done()) {
+      // Not invited to send a body that would be refused unread.
+      if (request.target().starts_with("/v1") &&
+          !self->server_.authorised(std::string(request[http::field::authorization]))) {
+        self->read_timer_.cancel();
+        self->read_pending_ = false;
+        self->endpoint_ = "other";
+        self->keep_alive_ = false;
+        self->linger_ = true;
+        self->send_error(ApiError(401, "invalid or missing API key (send Authorization: Bearer <key>)", "",
+                                  "invalid_api_key", "authentication_error"));
+        return;
+      }
       auto reply = std::make_shared<http::response<http::empty_body>>(http::status::continue_, request.version());
       http::async_write(self->stream_, *reply, [self, reply](beast::error_code error, std::size_t) {
         if (error) return self->on_read(error);
@@ -336,10 +373,12 @@ void Connection::read_body() {
 
 void Connection::on_read(beast::error_code error) {
   read_timer_.cancel();
+  read_pending_ = false;
   endpoint_ = "other";
   keep_alive_ = false;
   if (timed_out_) {
     if (parser_->got_some()) {
+      linger_ = true;
       send_error(ApiError(408, "the request was not received within " + json(server_.config().read_timeout).dump() +
                                    " s (serve.read_timeout)", "", "request_timeout"));
     } else {
@@ -425,6 +464,10 @@ void Connection::handle(http::request<http::string_body> request) {
     handle_completion(request, chat);
   } catch (const ApiError& error) {
     send_error(error);
+  } catch (const std::exception& error) {  // a bug of ours, not the client's: answered, the server goes on
+    const std::string what = error.what();
+    keep_alive_ = false;
+    send_error(ApiError(500, "internal error: " + what.substr(0, what.find('\n')), "", "internal_error", "server_error"));
   }
 }
 
@@ -433,11 +476,14 @@ void Connection::handle_completion(const http::request<http::string_body>& reque
   json body;
   try {
     body = json::parse(request.body());
-  } catch (const json::parse_error& error) {  // also invalid UTF-8 in a string
+  } catch (const json::exception& error) {  // also invalid UTF-8 in a string, a number beyond a double
     throw ApiError(400, std::string("the body is not valid JSON: ") + error.what(), "", "invalid_json");
   }
   serve::ParsedRequest parsed = chat ? serve::parse_chat_request(body, server_.defaults(), server_.limits())
                                      : serve::parse_completion_request(body, server_.defaults(), server_.limits());
+  if (parsed.stream && request.version() < 11) {
+    throw ApiError(400, "'stream': server-sent events need HTTP/1.1 (chunked transfer)", "stream");
+  }
   chat_ = chat;
   stream_mode_ = parsed.stream;
   include_usage_ = parsed.include_usage;
@@ -460,13 +506,17 @@ void Connection::handle_completion(const http::request<http::string_body>& reque
     std::optional<ApiError> failure;
     try {
       for (const auto& pending : shared->images) {
-        const Image image = decode_image(pending.bytes, pending.where, self->server_.session().max_image_pixels());
+        std::string bytes = pending.bytes;
+        if (!pending.path.empty()) bytes = read_limited(pending.path, self->server_.limits().max_image_bytes, pending.where);
+        const Image image = decode_image(bytes, pending.where, self->server_.session().max_image_pixels());
         shared->job->images.push_back(self->server_.session().preprocess(image, pending.where));
       }
     } catch (const std::exception& error) {
-      failure = ApiError(400, error.what(), "messages", "invalid_image");
+      const std::string what = error.what();
+      failure = ApiError(400, what.substr(0, what.find('\n')), "messages", "invalid_image");
     }
     net::post(self->stream_.get_executor(), [self, shared, failure] {
+      if (self->closed_) return;
       if (failure) {
         self->send_error(*failure);
         return;
@@ -539,13 +589,15 @@ void Connection::on_event(serve::JobEvent event) {
   }
   if (!event.text.empty() || (logprobs && !event.logprobs.empty())) {
     stream_event(chat_ ? serve::chat_chunk(completion_, model, event.text, logprobs, false, "")
-                       : serve::completion_chunk(completion_, model, event.text, logprobs, ""));
+                       : serve::completion_chunk(completion_, model, event.text, logprobs, "",
+                                                 completion_.text.size() - event.text.size()));
   }
   if (event.final) {
     completion_.prompt_tokens = event.prompt_tokens;
     completion_.completion_tokens = event.completion_tokens;
     stream_event(chat_ ? serve::chat_chunk(completion_, model, "", nullptr, false, event.finish_reason)
-                       : serve::completion_chunk(completion_, model, "", nullptr, event.finish_reason));
+                       : serve::completion_chunk(completion_, model, "", nullptr, event.finish_reason,
+                                                 completion_.text.size()));
     if (include_usage_) stream_event(serve::usage_chunk(completion_, model, chat_));
     stream_raw("data: [DONE]\n\n", true);
   }

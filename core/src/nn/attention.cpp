@@ -139,8 +139,8 @@ at::Tensor SelfAttention::forward(const at::Tensor& x, const at::Tensor& cos, co
       using at::indexing::Slice;
       const at::Tensor at_row = mask.cache_rows.view({batch, 1}).expand({batch, seq});
       const at::Tensor at_position = mask.row_past.view({batch, 1}) + at::arange(seq, mask.row_past.options()).view({1, seq});
-      cache->keys.index_put_({at_row, Slice(), at_position}, k.transpose(1, 2));
-      cache->values.index_put_({at_row, Slice(), at_position}, v.transpose(1, 2));
+      cache->keys.index_put_({at_row, Slice(), at_position}, k.transpose(1, 2).to(cache->keys.scalar_type()));
+      cache->values.index_put_({at_row, Slice(), at_position}, v.transpose(1, 2).to(cache->values.scalar_type()));
       const at::Tensor keys = cache->keys.narrow(2, 0, mask.past + seq), values = cache->values.narrow(2, 0, mask.past + seq);
       if (mask.first_cache_row >= 0) {
         k = keys.narrow(0, mask.first_cache_row, batch);
