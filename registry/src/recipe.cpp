@@ -390,6 +390,7 @@ Recipe parse_recipe(const ConfigDocument& document, const fs::path& base_directo
   server.context_length = serve.integer("context_length", 0, 0);
   server.max_tokens = serve.integer("max_tokens", 0, 0);
   server.max_body_bytes = serve.integer("max_body_bytes", server.max_body_bytes, 1024);
+  server.max_connections = serve.integer("max_connections", server.max_connections, 1, 1 << 20);
   server.read_timeout = serve.get<double>("read_timeout", server.read_timeout);
   if (!(server.read_timeout > 0)) serve.fail("read_timeout", "expected seconds > 0");
   server.shutdown_timeout = serve.get<double>("shutdown_timeout", server.shutdown_timeout);

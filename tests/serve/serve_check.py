@@ -547,6 +547,27 @@ def bad_inputs(server, expected_text):
 def text_only_checks():
     """A text-only model: no image parts; an API key; a full queue; SIGTERM while a request runs."""
     text_only = recipe("text", vision=False, extra="max_queue = 1")
+
+    # Two connections at most: a third is told to come back, the two are served, and a place that
+    # frees is taken again.
+    limited = Server(text_only, "--set", "serve.max_connections=2")
+    try:
+        idle = [socket.create_connection(("127.0.0.1", limited.port)) for _ in range(2)]
+        time.sleep(0.2)
+        status, headers, data = limited.raw("GET", "/health")
+        message = json.loads(data)["error"]["message"]
+        check(status == 503 and headers.get("Retry-After") == "1" and "max_connections" in message,
+              f"a connection beyond serve.max_connections -> 503 with Retry-After ({status})")
+        BAD_INPUTS.append(("a connection beyond serve.max_connections", 503, message))
+        idle[0].sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        check(b" 200 OK" in idle[0].recv(4096), "the connections within the limit are served")
+        idle[1].close()
+        time.sleep(0.2)
+        check(limited.raw("GET", "/health")[0] == 200, "a freed place is taken again")
+        idle[0].close()
+    finally:
+        limited.stop()
+
     server = Server(text_only, "--parallel", "1", env={"NEVA_API_KEY": "sesame"})
     try:
         client = server.client("sesame")
@@ -582,15 +603,16 @@ def text_only_checks():
                                                max_tokens=300, temperature=0.7)
                 results.append(200)
             except openai.APIStatusError as error:
-                results.append((error.status_code, error.response.headers.get("retry-after")))
+                busy = "the server is busy" in str(error)
+                results.append((error.status_code, error.response.headers.get("retry-after"), busy))
 
         threads = [threading.Thread(target=long_request) for _ in range(6)]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
-        check(results.count(200) >= 2 and (503, "1") in results and
-              all(r == 200 or r == (503, "1") for r in results), f"a full queue: 503 with Retry-After ({results})")
+        check(results.count(200) >= 2 and (503, "1", True) in results and
+              all(r == 200 or r == (503, "1", True) for r in results), f"a full queue: 503 with Retry-After ({results})")
         BAD_INPUTS.append(("a request when every slot and the queue are full", 503, "the server is busy ..."))
 
         # SIGTERM while a request streams: it finishes, new connections are refused, exit 0.

@@ -132,6 +132,7 @@ class Server;
 class Connection : public std::enable_shared_from_this<Connection> {
  public:
   Connection(tcp::socket socket, Server& server);
+  ~Connection();
   void start() { read_request(); }
 
  private:
@@ -254,6 +255,7 @@ class Server {
     return CRYPTO_memcmp(digest.data(), api_key_digest_.data(), digest.size()) == 0;
   }
   void request_started() { ++in_flight_; }
+  std::atomic<std::int64_t>& connections() { return connections_; }
   void request_finished() {
     --in_flight_;
     maybe_stop();
@@ -271,8 +273,30 @@ class Server {
         });
         return;
       }
-      std::make_shared<Connection>(std::move(socket), *this)->start();
+      if (connections_.load() >= config().max_connections) {
+        refuse(std::move(socket));
+      } else {
+        std::make_shared<Connection>(std::move(socket), *this)->start();
+      }
       accept();
+    });
+  }
+
+  // Beyond serve.max_connections: one canned 503 and the connection closed, nothing read.
+  void refuse(tcp::socket socket) {
+    const std::string body = serve::error_body("too many open connections (serve.max_connections = " +
+                                                   std::to_string(config().max_connections) + "); retry later",
+                                               "server_error", "", "too_many_connections")
+                                 .dump();
+    auto reply = std::make_shared<std::string>("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                               "Retry-After: 1\r\nConnection: close\r\nContent-Length: " +
+                                               std::to_string(body.size()) + "\r\n\r\n" + body);
+    auto held = std::make_shared<tcp::socket>(std::move(socket));
+    metrics_.requests.Add({{"endpoint", "other"}, {"status", "503"}}).Increment();
+    net::async_write(*held, net::buffer(*reply), [held, reply](beast::error_code, std::size_t) {
+      beast::error_code ignored;
+      held->shutdown(tcp::socket::shutdown_send, ignored);
+      held->close(ignored);
     });
   }
 
@@ -302,6 +326,9 @@ class Server {
 
   Session& session_;
   const Recipe& recipe_;
+  // Connections alive (one may end on the engine thread); declared before io_, whose destruction
+  // ends the last of them.
+  std::atomic<std::int64_t> connections_{0};
   net::io_context io_{1};
   tcp::acceptor acceptor_;
   net::signal_set signals_;
@@ -319,7 +346,11 @@ class Server {
 };
 
 Connection::Connection(tcp::socket socket, Server& server)
-    : stream_(std::move(socket)), server_(server), read_timer_(stream_.get_executor()) {}
+    : stream_(std::move(socket)), server_(server), read_timer_(stream_.get_executor()) {
+  server_.connections().fetch_add(1);
+}
+
+Connection::~Connection() { server_.connections().fetch_sub(1); }
 
 void Connection::read_request() {
   parser_.emplace();

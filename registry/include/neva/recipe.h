@@ -124,6 +124,7 @@ struct ServeConfig {            // serve: neva-run serve (docs/serving.md)
   std::int64_t context_length = 0;  // tokens per slot (prompt + answer); 0: the model's max_position_embeddings
   std::int64_t max_tokens = 0;     // the most new tokens a request may ask for; 0: inference.tokens_to_generate
   std::int64_t max_body_bytes = 32LL << 20;  // a request body beyond it: 413
+  std::int64_t max_connections = 256;  // open client connections; beyond them 503 and closed
   double read_timeout = 30;        // seconds to receive a request's headers and body: else 408
   double shutdown_timeout = 30;    // SIGTERM: seconds in-flight requests get to finish
   std::string allowed_image_dir;   // file:// image URLs only below it (absolute); "" refuses file://
