@@ -147,4 +147,10 @@ TEST_CASE("connector sizes are required while nothing else provides them") {
   CHECK(recipe_error("[model.mm_cfg]\nmm_mlp_adapter_type = 'linear'\n") ==
         "recipe.toml: model.mm_cfg.mm_mlp_adapter.input_size: required while the recipe has no vision_encoder to "
         "take it from (expected an integer >= 1)");
+  // A language model alone is text only: no connector is built, so none needs sizes.
+  const std::string llm = (neva::test::source_directory() / "configs/tiny/models/llama-2/config.json").string();
+  neva::Recipe text_only = parse("[model.mm_cfg.llm]\nplugin = \"llama\"\nconfig = \"" + llm + "\"\n");
+  CHECK(!text_only.model.mm_cfg.vision_encoder);
+  neva::LlavaModel model = neva::build_model(text_only, text_only.runtime_context());
+  CHECK((model.connector() == nullptr && model.encoder() == nullptr));
 }

@@ -325,9 +325,9 @@ Recipe parse_recipe(const ConfigDocument& document, const fs::path& base_directo
     auto* encoder = dynamic_cast<VisionEncoderConfig*>(mm_cfg.vision_encoder->config.get());
     if (!encoder || encoder->hidden_size <= 0) throw PluginError(mm_cfg.vision_encoder->plugin + ": parse_config did not give a VisionEncoderConfig with its hidden_size");
     derive("input_size", sizes->input_size, encoder->hidden_size, "the vision encoder's hidden size");
-  } else {
+  } else if (!mm_cfg.llm) {  // a connector alone (inspect): its widths are all there is
     check_connector_size(adapter, "input_size", sizes->input_size, "vision_encoder");
-  }
+  }  // a language model without a vision encoder runs text only: no connector is built
   if (mm_cfg.llm) {
     auto* llm = dynamic_cast<LanguageBackboneConfig*>(mm_cfg.llm->config.get());
     if (!llm || llm->hidden_size <= 0) throw PluginError(mm_cfg.llm->plugin + ": parse_config did not give a LanguageBackboneConfig with its hidden_size");

@@ -57,8 +57,6 @@ conv_template = "v1"
 plugin = "llama"
 from_pretrained = "{hub}"
 """
-    if not vision:  # a connector is always built; without an encoder it takes nothing
-        text += "[model.mm_cfg.mm_mlp_adapter]\ninput_size = 64\n"
     if vision:
         text += f"""[model.mm_cfg]
 mm_mlp_adapter_type = "mlp2x_gelu"
