@@ -17,11 +17,12 @@ import threading
 import time
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-CORPUS = ["What is in the image? A red circle at the top left and a blue square.",
-          "Describe the picture in one word. Shapes, colours, positions: left, right, top, bottom."] * 10
+# The oracle's tokenizer and vision tower (a 320-piece byte-level BPE whose "<image>" is the image token).
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests" / "oracle"))
+from llava_oracle import VISION, make_tokenizer  # noqa: E402
+
 SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
     "bench": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16,
@@ -33,20 +34,11 @@ def make_model(directory, shape):
     if (directory / "model.safetensors").exists():
         return
     directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator(CORPUS, trainers.BpeTrainer(
-        vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=["<|begin_of_text|>", "<|eot_id|>", "<image>"]))
-    tokenizer.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
-                                                             special_tokens=[("<|begin_of_text|>", 0)])
+    tokenizer = make_tokenizer()
     text = dict(model_type="llama", vocab_size=tokenizer.get_vocab_size(), max_position_embeddings=1024,
                 rms_norm_eps=1e-5, initializer_range=0.05, bos_token_id=0, eos_token_id=1, pad_token_id=0, **SHAPES[shape])
-    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                  num_attention_heads=4, image_size=28, patch_size=7, hidden_act="quick_gelu")
     torch.manual_seed(0)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tokenizer.token_to_id("<image>"),
+    config = LlavaConfig(vision_config=VISION, text_config=text, image_token_index=tokenizer.token_to_id("<image>"),
                          projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default")
     LlavaForConditionalGeneration(config).save_pretrained(directory, safe_serialization=True)
     tokenizer.save(str(directory / "tokenizer.json"))

@@ -175,7 +175,7 @@ std::optional<Engine::Admitted> Engine::prepare(std::int64_t row, std::shared_pt
     if (request.raw_prompt) {
       admitted.prompt.prompt_ids = session_.tokenizer().encode(*request.raw_prompt, true);
     } else {
-      admitted.prompt = session_.prepare_conversation(request.turns, request.images_per_turn, std::move(request.images),
+      admitted.prompt = session_.prepare_conversation(request.turns, {}, std::move(request.images),
                                                       request.system, request.where);
     }
     const auto prompt = static_cast<std::int64_t>(admitted.prompt.prompt_ids.size());
@@ -257,7 +257,6 @@ void Engine::start(Admitted& admitted, const at::Tensor& logits) {
                                                    at::make_generator<at::CPUGeneratorImpl>(seed), slot.job->top_logprobs);
   slot.length = static_cast<std::int64_t>(admitted.prompt.prompt_ids.size());
   slot.logprobs_sent = 0;
-  slot.started = Clock::now();
   slot.first_token = {};
   busy_.fetch_add(1);
   if (admitting_.load() > 0) admitting_.fetch_sub(1);  // now counted as busy

@@ -35,8 +35,7 @@ using Clock = std::chrono::steady_clock;
 // A request as the protocol layer hands it over: the conversation with its images already decoded
 // and preprocessed (off the network thread), and how to sample.
 struct Job {
-  std::vector<Turn> turns;
-  std::vector<std::size_t> images_per_turn;
+  std::vector<Turn> turns;            // their text holds the images' <image> placeholders
   std::vector<at::Tensor> images;
   std::string system;
   std::optional<std::string> raw_prompt;  // instead of turns: text continued as it is (/v1/completions)
@@ -106,7 +105,7 @@ class Engine {
     std::int64_t length = 0;      // tokens in this slot's cache row
     std::int64_t next_token = 0;  // to feed at the next step
     std::size_t logprobs_sent = 0;
-    Clock::time_point started, first_token;
+    Clock::time_point first_token;
   };
   void loop();
   // A job taken from the queue for a free row, its prompt prepared.

@@ -57,7 +57,8 @@ bool boolean(const json& body, const char* key) {
   return value.get<bool>();
 }
 
-// The keys both endpoints take, and those refused by name because honouring them is not implemented.
+// Every OpenAI parameter this server knows: those it honours, and those outside what it serves (tools,
+// audio, JSON mode...: text generation only, docs/serving.md), refused by name in check_keys.
 const std::set<std::string> kCommonKeys = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "stream",
                                            "stream_options", "frequency_penalty", "presence_penalty", "user",
                                            "logprobs", "top_logprobs", "logit_bias", "metadata", "store", "service_tier"};
@@ -123,8 +124,7 @@ void read_sampling(const json& body, const SamplingConfig& defaults, const Limit
   }
   if (present(body, "temperature")) {
     const double temperature = number(body, "temperature", 0.0, 2.0);
-    // Below 1e-5 the softmax of logits / temperature is a one-hot in float (or overflows): greedy.
-    job.sampling.greedy = temperature < 1e-5;
+    job.sampling.greedy = temperature == 0.0;  // (a tiny one is greedy too: SequenceDecoder)
     if (!job.sampling.greedy) job.sampling.temperature = temperature;
   }
   if (present(body, "top_p")) {
@@ -226,8 +226,9 @@ PendingImage read_image_url(const json& part, const Limits& limits, const std::s
 }
 
 // A message's content: text, or parts (text and, for the user, images).
+// Each image part puts its <image> placeholder where it stands.
 std::string read_content(const json& message, const std::string& role, const std::string& where, const Limits& limits,
-                         ParsedRequest& parsed, std::size_t& images) {
+                         ParsedRequest& parsed) {
   if (!message.contains("content")) invalid(where, "missing 'content'");
   const json& content = message.at("content");
   if (content.is_string()) return content.get<std::string>();
@@ -250,7 +251,6 @@ std::string read_content(const json& message, const std::string& role, const std
       }
       parsed.images.push_back(read_image_url(part, limits, at));
       text += "<image>\n";  // in the order of the parts; LLaVA's convention puts it first
-      ++images;
     } else {
       invalid(at, "part type '" + type + "' is not supported (text and image_url are)");
     }
@@ -309,8 +309,7 @@ ParsedRequest parse_chat_request(const json& body, const SamplingConfig& default
     if (role != "system" && role != "developer" && role != "user" && role != "assistant") {
       invalid(where + ".role", "unknown role '" + role + "': expected system, developer, user or assistant");
     }
-    std::size_t images = 0;
-    const std::string text = read_content(message, role, where, limits, parsed, images);
+    const std::string text = read_content(message, role, where, limits, parsed);
     if (role == "system" || role == "developer") {  // every system message joins the template's system prompt
       job.system += (job.system.empty() ? "" : "\n") + text;
       continue;
@@ -321,16 +320,12 @@ ParsedRequest parse_chat_request(const json& body, const SamplingConfig& default
     }
     if (!job.turns.empty() && job.turns.back().role == turn_role) {  // consecutive messages of one role join
       job.turns.back().text += "\n" + text;
-      job.images_per_turn.back() += images;
     } else {
       job.turns.push_back({turn_role, text});
-      job.images_per_turn.push_back(images);
     }
   }
   if (job.turns.empty()) invalid("messages", "no user message: the model answers the last user message");
   if (job.turns.back().role != Turn::Role::User) invalid("messages", "the last message must be the user's (the model answers it)");
-  // The placeholders are in the text already: images_per_turn only counts them.
-  std::fill(job.images_per_turn.begin(), job.images_per_turn.end(), 0);
   if (present(body, "logprobs") && boolean(body, "logprobs")) job.top_logprobs = 0;
   if (present(body, "top_logprobs")) {
     if (job.top_logprobs < 0) invalid("top_logprobs", "needs logprobs = true");

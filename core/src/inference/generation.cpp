@@ -156,6 +156,9 @@ SequenceDecoder::SequenceDecoder(const Tokenizer& tokenizer, const SamplingConfi
     if (id >= 0 && id < vocab_size) seen_.insert(id);
   }
   if (config_.max_new_tokens <= 0) result_.finish_reason = "length";
+  // Below 1e-5, logits / temperature overflow or make the float softmax a one-hot: that is greedy,
+  // and sampling from it would draw from infinities.
+  if (!config_.greedy && config_.temperature < 1e-5) config_.greedy = true;
 }
 
 std::optional<std::int64_t> SequenceDecoder::step(const at::Tensor& logits) {

@@ -22,7 +22,7 @@ namespace neva {
 
 struct SamplingConfig {
   bool greedy = true;
-  double temperature = 1.0;
+  double temperature = 1.0;  // below 1e-5: greedy
   std::int64_t top_k = 0;             // 0 = off
   double top_p = 1.0;                 // 1 = off
   double repetition_penalty = 1.0;    // 1 = off; transformers' definition (divide positive logits)
