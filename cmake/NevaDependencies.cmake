@@ -41,6 +41,12 @@ find_package(OpenSSL 3 REQUIRED COMPONENTS Crypto)  # Debian libssl-dev: SHA-256
 # ProcessGroupGloo entry points and never instantiate gloo types ourselves, and never link libgloo.
 find_path(NEVA_GLOO_INCLUDE_DIR gloo/algorithm.h REQUIRED)
 
+# OpenBLAS's cblas.h (Debian libopenblas-dev), for the types of the entry points core/src/nn/cpu_blas.cpp
+# looks up in libopenblas.so.0 at run time (opened RTLD_LOCAL, never linked: LibTorch exports MKL's
+# Fortran BLAS names, which OpenBLAS also defines).
+find_path(NEVA_OPENBLAS_INCLUDE_DIR cblas.h PATHS /usr/include/${CMAKE_LIBRARY_ARCHITECTURE}/openblas-pthread
+          NO_DEFAULT_PATH REQUIRED)
+
 # CUDA toolkit headers for nccl.h (ProcessGroupNCCL.hpp); found by Torch's config already.
 find_path(NEVA_NCCL_INCLUDE_DIR nccl.h HINTS ${CUDAToolkit_INCLUDE_DIRS} /usr/local/cuda/include REQUIRED)
 

@@ -32,7 +32,7 @@ apt_packages=(
   build-essential cmake ninja-build ccache git python3-venv pkg-config
   libtomlplusplus-dev doctest-dev libboost-dev libboost-filesystem-dev
   nlohmann-json3-dev libgloo-dev libcli11-dev libpcre2-dev libsentencepiece-dev libjpeg-dev libpng-dev libssl-dev
-  libprotobuf-dev protobuf-compiler libcairo2-dev fonts-dejavu-core prometheus-cpp-dev
+  libprotobuf-dev protobuf-compiler libcairo2-dev fonts-dejavu-core prometheus-cpp-dev libopenblas-dev
   clang libclang-rt-14-dev
 )
 missing=()
@@ -102,6 +102,9 @@ case "$action" in
       export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=0:symbolize=1:detect_stack_use_after_return=true:strict_init_order=true:detect_odr_violation=1:detect_container_overflow=0:check_initialization_order=true:allocator_may_return_null=1}"
       export UBSAN_OPTIONS="${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}"
     fi
+    # The policy neva-run would re-execute itself with (neva/nn/linear.h), set once for the whole suite
+    # instead of paying a second LibTorch load in each of its hundreds of runs.
+    export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-passive}"
     cd "$build" && exec ctest --output-on-failure -j"${NEVA_JOBS:-$(nproc)}" "$@" ;;
   *) say "unknown action '$action' (expected: build, run, test)"; exit 2 ;;
 esac

@@ -8,10 +8,12 @@
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/autocast_mode.h>
 #include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/embedding.h>
 #include <torch/nn/modules/linear.h>
 
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -66,6 +68,51 @@ TEST_CASE("at tensor-parallel size 1, neva::nn's linear, embedding and conv2d ar
     const at::Tensor image = at::randn({2, 3, 16, 16});
     CHECK(at::equal(conv->forward(image), reference_conv->forward(image)));
   }
+}
+
+TEST_CASE("without autograd, fp32 linear layers on the CPU go through OpenBLAS: the product to fp32 rounding, in every layout") {
+  // scripts/setup.sh installs Debian's libopenblas; NEVA_CPU_BLAS=aten (at::linear always) is the one way out.
+  const char* choice = std::getenv("NEVA_CPU_BLAS");
+  if (!choice || std::string(choice) != "aten") CHECK(neva::nn::cpu_blas_name().rfind("OpenBLAS (", 0) == 0);
+  auto linear = neva::nn::linear(neva::RuntimeContext::seeded(3), 37, 19, {true});
+  const at::Tensor wide = at::randn({4, 37, 6});
+  const std::vector<at::Tensor> inputs = {at::randn({1, 37}), at::randn({37}), at::randn({5, 37}), at::randn({2, 3, 37}),
+                                          wide.select(2, 1), wide.transpose(1, 2)};
+  for (const at::Tensor& x : inputs) {
+    for (bool bias : {true, false}) {
+      const at::Tensor b = bias ? linear->bias : at::Tensor();
+      const at::Tensor exact = at::linear(x.to(at::kDouble), linear->weight.to(at::kDouble), bias ? b.to(at::kDouble) : b);
+      at::Tensor fast;
+      {
+        at::NoGradGuard no_grad;
+        fast = neva::nn::linear_product(x, linear->weight, b);
+        if (bias) CHECK(at::equal(linear->forward(x), fast));
+      }
+      CAPTURE(x.sizes());
+      CHECK(fast.sizes() == exact.sizes());
+      CHECK((fast.scalar_type() == at::kFloat));
+      CHECK(!fast.requires_grad());
+      CHECK((fast.to(at::kDouble) - exact).abs().max().item<double>() < 1e-5);
+      // Recorded by autograd: at::linear itself, bitwise, with its gradient.
+      const at::Tensor recorded = neva::nn::linear_product(x, linear->weight, b);
+      CHECK(recorded.requires_grad());
+      CHECK(at::equal(recorded, at::linear(x, linear->weight, b)));
+    }
+  }
+  // Other dtypes are at::linear's, and so is everything under autocast (it casts at::linear's inputs).
+  at::NoGradGuard no_grad;
+  {
+    at::autocast::set_autocast_enabled(at::kCPU, true);
+    at::autocast::set_autocast_dtype(at::kCPU, at::kBFloat16);
+    const at::Tensor cast = neva::nn::linear_product(inputs[2], linear->weight, linear->bias);
+    const at::Tensor reference = at::linear(inputs[2], linear->weight, linear->bias);
+    at::autocast::set_autocast_enabled(at::kCPU, false);
+    at::autocast::clear_cache();
+    CHECK((cast.scalar_type() == at::kBFloat16));
+    CHECK(at::equal(cast, reference));
+  }
+  const at::Tensor x = at::randn({3, 37}, at::kDouble);
+  CHECK(at::equal(neva::nn::linear_product(x, linear->weight.to(at::kDouble)), at::linear(x, linear->weight.to(at::kDouble))));
 }
 
 TEST_CASE("every parameter of a decoder says how it would be split over tensor parallelism and to which expert it belongs") {

@@ -3,7 +3,9 @@
 //   - memory bandwidth: a STREAM-style triad a = b + s * c over three float64 arrays (--mib MiB in all,
 //     at least 1 GiB by default), one ATen kernel (at::add_out with alpha) on all intra-op threads,
 //     counted as STREAM counts it (24 bytes per element: two reads and a write); the best of --runs;
-//   - GEMM peak: at::mm of square matrices (--n) in fp32 and bf16, the fastest call of ~1 s of calls.
+//   - GEMM peak: at::mm of square matrices (--n) in fp32 and bf16, the fastest call of ~1 s of calls;
+//     and fp32 through neva::nn::linear_product without autograd (OpenBLAS where installed: neva's
+//     inference linears), the denominator of their rows.
 // Prints one line per figure and, with --json FILE, the same as JSON (what --compare reads).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -15,6 +17,8 @@
 #include <cstring>
 #include <fstream>
 #include <string>
+
+#include "neva/nn/linear.h"
 
 namespace {
 
@@ -39,14 +43,15 @@ double triad_gb_per_s(std::int64_t mib, int runs) {
   return 24.0 * static_cast<double>(n) / best / 1e9;
 }
 
-double gemm_gflop_per_s(std::int64_t n, at::ScalarType dtype) {
+template <class Product>
+double gemm_gflop_per_s(std::int64_t n, at::ScalarType dtype, Product product) {
   const at::Tensor x = at::randn({n, n}).to(dtype), y = at::randn({n, n}).to(dtype);
-  for (int i = 0; i < 2; ++i) at::mm(x, y);
+  for (int i = 0; i < 2; ++i) product(x, y);
   double best = 1e30, total = 0;
   int calls = 0;
   while (total < 1.0 || calls < 3) {
     const auto start = std::chrono::steady_clock::now();
-    at::mm(x, y);
+    product(x, y);
     const double s = seconds_of(start);
     best = std::min(best, s);
     total += s;
@@ -58,6 +63,7 @@ double gemm_gflop_per_s(std::int64_t n, at::ScalarType dtype) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  neva::nn::prefer_passive_openmp(argv);  // see neva/nn/linear.h
   std::int64_t mib = 1536, n = 2048;
   int runs = 10;
   std::string json;
@@ -85,17 +91,25 @@ int main(int argc, char** argv) {
   }
   const int threads = at::get_num_threads();
   const double triad = triad_gb_per_s(mib, runs);
-  const double fp32 = gemm_gflop_per_s(n, at::kFloat), bf16 = gemm_gflop_per_s(n, at::kBFloat16);
+  auto mm = [](const at::Tensor& x, const at::Tensor& y) { return at::mm(x, y); };
+  const double fp32 = gemm_gflop_per_s(n, at::kFloat, mm), bf16 = gemm_gflop_per_s(n, at::kBFloat16, mm);
+  at::NoGradGuard no_grad;
+  const double linear = gemm_gflop_per_s(n, at::kFloat, [](const at::Tensor& x, const at::Tensor& w) {
+    return neva::nn::linear_product(x, w);
+  });
   std::printf("threads: %d\n", threads);
   std::printf("memory bandwidth (triad over %lld MiB, best of %d): %.1f GB/s\n", static_cast<long long>(mib), runs, triad);
   std::printf("GEMM peak fp32 (%lld x %lld x %lld): %.1f GFLOP/s\n", static_cast<long long>(n), static_cast<long long>(n),
               static_cast<long long>(n), fp32);
   std::printf("GEMM peak bf16 (%lld x %lld x %lld): %.1f GFLOP/s\n", static_cast<long long>(n), static_cast<long long>(n),
               static_cast<long long>(n), bf16);
+  std::printf("GEMM peak fp32, neva's inference linears (%lld x %lld x %lld, %s): %.1f GFLOP/s\n",
+              static_cast<long long>(n), static_cast<long long>(n), static_cast<long long>(n),
+              neva::nn::cpu_blas_name().c_str(), linear);
   if (!json.empty()) {
     std::ofstream out(json);
     out << "{\"threads\": " << threads << ", \"triad_gb_per_s\": " << triad << ", \"gemm_fp32_gflop_per_s\": " << fp32
-        << ", \"gemm_bf16_gflop_per_s\": " << bf16 << "}\n";
+        << ", \"gemm_bf16_gflop_per_s\": " << bf16 << ", \"gemm_fp32_inference_gflop_per_s\": " << linear << "}\n";
     if (!out) {
       std::fprintf(stderr, "neva-bench-machine: cannot write %s\n", json.c_str());
       return 1;

@@ -1,30 +1,53 @@
-// neva-bench-model RECIPE [--prompt-tokens P] [--new-tokens N] [--precision 32|bf16]
-// Prefill and decode tokens/s of the recipe's language model (batch 1, KV cache) and the encode
-// time of one image through its vision encoder, on random weights and inputs. scripts/bench_model.sh
-// runs it beside the same measurement with transformers.
+// neva-bench-model RECIPE [--prompt-tokens P] [--new-tokens N] [--precision 32|bf16] [--batch B]
+// Prefill and decode tokens/s of the recipe's language model (B sequences, greedy, KV cache) and the
+// encode time of one image through its vision encoder, on the recipe's weights (random unless it
+// names from_pretrained) and random inputs; then the time from the process's start to the first
+// decoded token and the peak resident memory. scripts/bench_model.sh and scripts/bench_decode.sh run it
+// beside the same measurement with transformers (and llama.cpp).
 #include <CLI/CLI.hpp>
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/grad_mode.h>
 
+#include <sys/resource.h>
+#include <time.h>
+#include <unistd.h>
+
 #include <chrono>
 #include <cstdio>
+#include <fstream>
+#include <sstream>
 
+#include "neva/nn/linear.h"
 #include "neva/recipe.h"
 
 namespace {
 double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
+// Seconds since this process started (its start time in /proc/self/stat, against CLOCK_BOOTTIME):
+// what a user waits, loading LibTorch and the plugins included.
+double seconds_since_process_start() {
+  std::ifstream stat("/proc/self/stat");
+  std::string text((std::istreambuf_iterator<char>(stat)), std::istreambuf_iterator<char>());
+  std::istringstream fields(text.substr(text.rfind(')') + 2));  // after "pid (comm) "
+  std::string field;
+  for (int i = 3; i <= 22 && fields >> field; ++i) {}  // field 22: starttime, in clock ticks since boot
+  timespec now{};
+  clock_gettime(CLOCK_BOOTTIME, &now);
+  return now.tv_sec + now.tv_nsec * 1e-9 - std::stod(field) / static_cast<double>(sysconf(_SC_CLK_TCK));
+}
 }  // namespace
 
 int main(int argc, char** argv) {
+  neva::nn::prefer_passive_openmp(argv);  // see neva/nn/linear.h
   CLI::App app{"Prefill/decode tokens per second and image encode time of a recipe's model (random weights)"};
   std::string recipe_path, precision = "32";
-  std::int64_t prompt_tokens = 256, new_tokens = 32;
+  std::int64_t prompt_tokens = 256, new_tokens = 32, batch = 1;
   app.add_option("recipe", recipe_path)->required();
   app.add_option("--prompt-tokens", prompt_tokens);
   app.add_option("--new-tokens", new_tokens);
   app.add_option("--precision", precision)->check(CLI::IsMember({"32", "bf16"}));
+  app.add_option("--batch", batch, "Sequences prefilled and decoded together")->check(CLI::Range(1, 4096));
   CLI11_PARSE(app, argc, argv);
 
   neva::Recipe recipe = neva::load_recipe(recipe_path, {"trainer.precision=" + precision});
@@ -35,18 +58,23 @@ int main(int argc, char** argv) {
   torch::NoGradGuard no_grad;
   model.backbone().eval();
 
-  at::Tensor prompt = at::randint(0, model.backbone().vocab_size(), {1, prompt_tokens}, at::kLong);
+  at::Tensor prompt = at::randint(0, model.backbone().vocab_size(), {batch, prompt_tokens}, at::kLong);
   auto timed_prefill = [&](neva::KVCache* cache) {
     neva::BackboneInputs inputs;
     inputs.embeddings = model.backbone().embed(prompt);
     inputs.cache = cache;
     return model.backbone().forward(inputs).logits;
   };
-  { auto warm = model.backbone().new_cache(1, prompt_tokens + new_tokens); timed_prefill(warm.get()); }
-  auto cache = model.backbone().new_cache(1, prompt_tokens + new_tokens);
+  auto warm_start = std::chrono::steady_clock::now();
+  { auto warm = model.backbone().new_cache(batch, prompt_tokens + new_tokens); timed_prefill(warm.get()); }
+  const double warm_up = seconds_since(warm_start);
+  auto cache = model.backbone().new_cache(batch, prompt_tokens + new_tokens);
   auto start = std::chrono::steady_clock::now();
   at::Tensor logits = timed_prefill(cache.get());
   double prefill = seconds_since(start);
+  // The prompt's logits give the first token. The warm-up prefill ran before the timed one: a cold
+  // start would have the first token that much earlier, so its time is taken out.
+  const double first_token = seconds_since_process_start() - warm_up;
   start = std::chrono::steady_clock::now();
   for (std::int64_t i = 0; i < new_tokens; ++i) {
     neva::BackboneInputs step;
@@ -55,9 +83,15 @@ int main(int argc, char** argv) {
     logits = model.backbone().forward(step).logits;
   }
   double decode = seconds_since(start);
-  std::printf("neva   %-5s prefill %5lld tokens: %8.1f tokens/s   decode %4lld tokens: %7.2f tokens/s\n",
-              precision.c_str(), static_cast<long long>(prompt_tokens), prompt_tokens / prefill,
-              static_cast<long long>(new_tokens), new_tokens / decode);
+  if (batch == 1) {
+    std::printf("neva   %-5s prefill %5lld tokens: %8.1f tokens/s   decode %4lld tokens: %7.2f tokens/s\n",
+                precision.c_str(), static_cast<long long>(prompt_tokens), prompt_tokens / prefill,
+                static_cast<long long>(new_tokens), new_tokens / decode);
+  } else {
+    std::printf("neva   %-5s batch %lld  prefill %5lld tokens: %8.1f tokens/s   decode %4lld tokens: %7.2f tokens/s\n",
+                precision.c_str(), static_cast<long long>(batch), static_cast<long long>(prompt_tokens),
+                batch * prompt_tokens / prefill, static_cast<long long>(new_tokens), batch * new_tokens / decode);
+  }
   if (model.encoder()) {
     model.encoder()->eval();
     const std::int64_t side = model.encoder()->image_size();
@@ -69,5 +103,10 @@ int main(int argc, char** argv) {
                 static_cast<long long>(side), static_cast<long long>(side), static_cast<long long>(features.size(1)),
                 seconds_since(start) * 1e3);
   }
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  std::printf("neva   %-5s from process start to the first token: %.2f s (the warm-up's %.2f s taken out); "
+              "peak RSS %.0f MiB\n", precision.c_str(), first_token, warm_up, usage.ru_maxrss / 1024.0);
+  std::printf("neva   %-5s fp32 linear layers without autograd: %s\n", precision.c_str(), neva::nn::cpu_blas_name().c_str());
   return 0;
 }

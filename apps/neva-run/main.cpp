@@ -18,6 +18,7 @@
 #include "train.h"
 #include "neva/error.h"
 #include "neva/recipe.h"
+#include "neva/nn/linear.h"
 
 namespace {
 
@@ -105,6 +106,7 @@ void list_plugins(const std::vector<std::string>& plugin_paths, bool json) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  neva::nn::prefer_passive_openmp(argv);  // see neva/nn/linear.h
   CLI::App app{
       "neva-run: NeVA/LLaVA vision-language models from TOML recipes, with every model part a plugin.\n\n"
       "  neva-run RECIPE.toml [--set section.key=value]...   run the recipe's run.mode:\n"
@@ -238,6 +240,14 @@ int main(int argc, char** argv) {
     return 0;
   } catch (const CLI::CallForVersion&) {
     std::cout << app.version() << "\n";
+    try {  // what computes: a bad NEVA_CPU_BLAS is reported here too
+      const char* policy = std::getenv("OMP_WAIT_POLICY");
+      std::cout << "fp32 CPU linear layers without autograd: " << neva::nn::cpu_blas_name()
+                << "; OMP_WAIT_POLICY=" << (policy ? policy : "(unset)") << "\n";
+    } catch (const neva::Error& error) {
+      std::cerr << "neva-run: " << error.what() << "\n";
+      return kExitUsage;
+    }
     return 0;
   } catch (const CLI::ParseError& error) {
     std::cerr << "neva-run: " << error.what() << " (see neva-run --help)\n";

@@ -237,6 +237,15 @@ at::Tensor SafetensorsFile::tensor(const std::string& name) const {
   return copy;
 }
 
+void SafetensorsFile::release(const std::string& name) const {
+  const SafetensorsEntry& info = entry(name);
+  const auto page = static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const auto start = reinterpret_cast<std::uintptr_t>(impl_->mapping->address) + impl_->data_start;
+  const std::uintptr_t first = (start + info.begin + page - 1) / page * page, last = (start + info.end) / page * page;
+  // Only pages wholly inside the tensor: its neighbours' bytes stay as they are.
+  if (last > first) ::madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
+}
+
 // ---------------------------------------------------------------------------------------------
 
 struct SafetensorsCheckpoint::Impl {
@@ -323,6 +332,11 @@ at::Tensor SafetensorsCheckpoint::tensor(const std::string& name) const {
   auto found = impl_->owner.find(name);
   if (found == impl_->owner.end()) throw Error(impl_->path + ": missing tensor '" + name + "'");
   return found->second->tensor(name);
+}
+
+void SafetensorsCheckpoint::release(const std::string& name) const {
+  auto found = impl_->owner.find(name);
+  if (found != impl_->owner.end()) found->second->release(name);
 }
 
 at::Tensor SafetensorsCheckpoint::tensor(const std::string& name, at::IntArrayRef shape) const {

@@ -52,6 +52,7 @@ void load_weights(torch::nn::Module& module, const SafetensorsCheckpoint& checkp
       const at::Tensor whole = checkpoint.tensor(name, nn::whole_shape(parameter, s, tp));
       parameter.copy_(nn::shard_of(whole, s, tp_rank, tp, parameter.size(s.tensor_parallel_dim)));
     }
+    checkpoint.release(name);  // copied: the mapping's pages go back (peak memory: the weights once)
     used.insert(name);
   }
   for (const auto& name : checkpoint.names()) {

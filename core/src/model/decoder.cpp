@@ -406,7 +406,7 @@ BackboneOutputs DecoderBackbone::forward(const BackboneInputs& inputs) {
   }
   BackboneOutputs outputs;
   nn::LinearImpl* head = lm_head_.get();
-  outputs.logits = head ? head->forward_entered(h) : at::linear(h, model_->embed_tokens->weight);
+  outputs.logits = head ? head->forward_entered(h) : nn::linear_product(h, model_->embed_tokens->weight);
   if (region_.group && !inputs.vocab_parallel_logits) {
     outputs.logits = gather_from_tensor_parallel_region(region_.group, outputs.logits);
     if (vocabulary_.padded != config_.vocab_size) outputs.logits = outputs.logits.narrow(-1, 0, config_.vocab_size);

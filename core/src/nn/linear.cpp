@@ -139,7 +139,7 @@ LinearImpl::LinearImpl(const RuntimeContext& context, std::int64_t in_features, 
 LinearKernel::~LinearKernel() = default;
 
 at::Tensor LinearImpl::product(const at::Tensor& x, const at::Tensor& b) {
-  return kernel_ ? kernel_->linear(x, weight, b) : at::linear(x, weight, b);
+  return kernel_ ? kernel_->linear(x, weight, b) : linear_product(x, weight, b);
 }
 
 at::Tensor LinearImpl::column_output(const at::Tensor& x) {

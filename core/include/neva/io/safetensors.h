@@ -47,6 +47,10 @@ class NEVA_API SafetensorsFile {
   const SafetensorsEntry& entry(const std::string& name) const;  // throws when absent
   // The tensor on CPU, in its stored dtype.
   at::Tensor tensor(const std::string& name) const;
+  // Gives the memory of tensor `name`'s whole pages back (madvise MADV_DONTNEED): for a reader that has
+  // copied it out, so that loading a model holds each weight once, not once more in the mapping. A
+  // view taken before reads the file again where touched (anything written through it is dropped).
+  void release(const std::string& name) const;
 
  private:
   struct Impl;
@@ -68,6 +72,8 @@ class NEVA_API SafetensorsCheckpoint {
   at::Tensor tensor(const std::string& name) const;
   // tensor(name) checked against `shape`: "<file>: tensor 'name' has shape [..], expected [..]".
   at::Tensor tensor(const std::string& name, at::IntArrayRef shape) const;
+  // SafetensorsFile::release in the file that holds it.
+  void release(const std::string& name) const;
 
  private:
   struct Impl;

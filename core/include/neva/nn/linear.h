@@ -6,7 +6,10 @@
 // At tensor-parallel size 1 each is exactly its torch::nn counterpart: the same parameter names
 // (weight, bias), shapes, initialisation formula (kaiming-uniform weights with a = sqrt(5) and
 // uniform(+-1/sqrt(fan_in)) biases for Linear and Conv2d, N(0, 1) for Embedding) and the same ATen
-// call in forward (at::linear, at::embedding, at::conv2d), so results are bitwise those of torch::nn.
+// call in forward (at::linear, at::embedding, at::conv2d), so results are bitwise those of torch::nn
+// whenever autograd records. Without autograd (generation, scoring, serving), fp32 products on the CPU
+// go through OpenBLAS instead (linear_product): the same product to fp32 rounding, twice as fast to
+// decode on AMD processors.
 // Weights are drawn from the context's generator on the CPU, in the order layers are built, then
 // moved to the context's device.
 #include <ATen/core/Tensor.h>
@@ -78,6 +81,20 @@ class NEVA_API LinearKernel {
   // How it computes now, one word for metrics ("fp8", "bf16", ...).
   virtual std::string mode() const = 0;
 };
+
+// x @ weight^T (+ bias): at::linear, except for fp32 tensors on the CPU that autograd does not record,
+// which go through OpenBLAS's cblas_sgemv / cblas_sgemm (opened with RTLD_LOCAL beside LibTorch's MKL,
+// whose GEMV and GEMM run 1.2-2x slower on AMD processors; docs/benchmarks.md). Falls back to at::linear
+// when OpenBLAS is not installed, inside a LibTorch parallel region, under CPU autocast (which casts
+// at::linear's inputs), or for other dtypes and devices. NEVA_CPU_BLAS=aten: at::linear always.
+NEVA_API at::Tensor linear_product(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias = {});
+// Which library computes linear_product's fp32 CPU products: "OpenBLAS (<its build config>)" or "ATen (MKL)".
+NEVA_API std::string cpu_blas_name();
+// First thing in a program's main(): when OMP_WAIT_POLICY is unset, re-executes the program with it set
+// to "passive" (libgomp reads it only when it loads, before main). LibTorch's OpenMP threads then sleep
+// between parallel regions instead of spinning on the cores OpenBLAS's threads need: decoding 1.8x
+// faster on the 2-vCPU EPYC, training not slower (docs/benchmarks.md). A value the user set is kept.
+NEVA_API void prefer_passive_openmp(char** argv);
 
 class NEVA_API LinearImpl : public Module {
  public:

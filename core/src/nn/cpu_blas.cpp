@@ -1,0 +1,156 @@
+// fp32 linear layers on the CPU without autograd, through OpenBLAS (Debian's libopenblas0).
+//
+// Why: the LibTorch wheel's fp32 GEMM is MKL's, and MKL picks slow code paths on AMD processors:
+// measured on the project's 2-vCPU EPYC (docs/benchmarks.md, "fp32 linear layers: MKL and OpenBLAS"),
+// MKL's GEMV reads weights at ~16 GB/s of a ~34 GB/s triad, OpenBLAS's at ~30 GB/s, and OpenBLAS's
+// GEMM is 1.2-1.5x MKL's at every row count from 2 to 1024. Decoding reads every weight once per token,
+// so the GEMV's bandwidth is the decode speed.
+//
+// How: libopenblas.so.0 is opened with RTLD_LOCAL and only its cblas_* entry points are looked up.
+// Both libraries export the Fortran names (sgemm_, sgemv_): linking OpenBLAS normally could bind
+// LibTorch's own BLAS calls to it, depending on load order. RTLD_LOCAL keeps OpenBLAS's symbols out of
+// the global scope, so LibTorch keeps MKL and only these calls reach OpenBLAS. OpenBLAS runs its own
+// thread pool, sized to LibTorch's intra-op threads at each call. Without OpenBLAS (not installed),
+// or inside a parallel region, or under CPU autocast, or whenever autograd records, the product is
+// at::linear's.
+// NEVA_CPU_BLAS=aten chooses at::linear always (bitwise LibTorch's results; the A/B of the benchmarks);
+// NEVA_CPU_BLAS=openblas requires OpenBLAS (an error when it cannot be opened).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/autocast_mode.h>
+#include <cblas.h>
+#include <dlfcn.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <climits>
+#include <cstdlib>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "neva/error.h"
+#include "neva/nn/linear.h"
+
+namespace neva::nn {
+
+namespace {
+
+struct OpenBlas {
+  decltype(&cblas_sgemm) sgemm = nullptr;
+  decltype(&cblas_sgemv) sgemv = nullptr;
+  decltype(&openblas_set_num_threads) set_num_threads = nullptr;
+  decltype(&openblas_get_config) config = nullptr;
+  std::atomic<int> threads{0};
+  std::mutex resizing;
+
+  std::string error;  // why NEVA_CPU_BLAS=openblas cannot be honoured
+
+  OpenBlas() {
+    const char* choice = std::getenv("NEVA_CPU_BLAS");
+    const std::string wanted = choice ? choice : "";
+    if (wanted == "aten") return;
+    if (!wanted.empty() && wanted != "openblas") {
+      error = "NEVA_CPU_BLAS is '" + wanted + "': expected 'openblas' or 'aten' (or unset: OpenBLAS when installed)";
+      return;
+    }
+    void* handle = ::dlopen("libopenblas.so.0", RTLD_NOW | RTLD_LOCAL);
+    if (!handle) {
+      if (!wanted.empty()) error = std::string("NEVA_CPU_BLAS=openblas, but libopenblas.so.0 cannot be opened: ") + ::dlerror();
+      return;
+    }
+    sgemm = reinterpret_cast<decltype(sgemm)>(::dlsym(handle, "cblas_sgemm"));
+    sgemv = reinterpret_cast<decltype(sgemv)>(::dlsym(handle, "cblas_sgemv"));
+    set_num_threads = reinterpret_cast<decltype(set_num_threads)>(::dlsym(handle, "openblas_set_num_threads"));
+    config = reinterpret_cast<decltype(config)>(::dlsym(handle, "openblas_get_config"));
+    if (!sgemm || !sgemv || !set_num_threads || !config) {
+      sgemm = nullptr;  // not OpenBLAS: unused
+      if (!wanted.empty()) error = "NEVA_CPU_BLAS=openblas, but libopenblas.so.0 lacks cblas_sgemm/cblas_sgemv";
+    }
+  }
+  bool loaded() const { return sgemm != nullptr; }
+
+  // OpenBLAS's pool follows LibTorch's intra-op thread count (at::set_num_threads, OMP_NUM_THREADS).
+  void follow_threads() {
+    const int wanted = at::get_num_threads();
+    if (threads.load(std::memory_order_relaxed) == wanted) return;
+    std::lock_guard<std::mutex> lock(resizing);
+    if (threads.load() == wanted) return;
+    set_num_threads(wanted);
+    threads.store(wanted);
+  }
+};
+
+OpenBlas& openblas() {
+  static OpenBlas library;
+  if (!library.error.empty()) throw Error(library.error);
+  return library;
+}
+
+bool fits_int(std::int64_t n) { return n > 0 && n <= INT_MAX; }
+
+}  // namespace
+
+std::string cpu_blas_name() {
+  OpenBlas& library = openblas();
+  return library.loaded() ? std::string("OpenBLAS (") + library.config() + ")" : "ATen (MKL)";
+}
+
+namespace {
+std::optional<at::Tensor> openblas_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  if (!x.defined() || !weight.defined() || !x.device().is_cpu() || !weight.device().is_cpu()) return std::nullopt;
+  if (x.scalar_type() != at::kFloat || weight.scalar_type() != at::kFloat || weight.dim() != 2 || x.dim() < 1) {
+    return std::nullopt;
+  }
+  if (bias.defined() && (!bias.device().is_cpu() || bias.scalar_type() != at::kFloat || bias.dim() != 1 ||
+                         bias.size(0) != weight.size(0))) {
+    return std::nullopt;
+  }
+  if (at::GradMode::is_enabled() &&
+      (x.requires_grad() || weight.requires_grad() || (bias.defined() && bias.requires_grad()))) {
+    return std::nullopt;  // autograd records at::linear
+  }
+  if (at::in_parallel_region()) return std::nullopt;  // no second pool inside LibTorch's threads
+  if (at::autocast::is_autocast_enabled(at::kCPU)) return std::nullopt;  // autocast casts at::linear's inputs
+  OpenBlas& library = openblas();
+  if (!library.loaded()) return std::nullopt;
+  const std::int64_t n = weight.size(0), k = weight.size(1);
+  if (x.size(-1) != k || !weight.is_contiguous() || !fits_int(n) || !fits_int(k)) return std::nullopt;
+  const std::int64_t m = x.numel() / k;
+  if (!fits_int(m) || !fits_int(m * n)) return std::nullopt;
+  library.follow_threads();
+
+  const at::Tensor input = x.contiguous();
+  std::vector<std::int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  // A fresh output, the bias copied in (beta = 1): never bias.expand().contiguous(), which for a single
+  // row is the bias itself, written over by the GEMV.
+  at::Tensor y = at::empty(shape, x.options());
+  if (bias.defined()) y.copy_(bias.expand(shape));
+  const float beta = bias.defined() ? 1.0f : 0.0f;
+  const int M = static_cast<int>(m), N = static_cast<int>(n), K = static_cast<int>(k);
+  if (m == 1) {
+    library.sgemv(CblasRowMajor, CblasNoTrans, N, K, 1.0f, weight.const_data_ptr<float>(), K,
+                  input.const_data_ptr<float>(), 1, beta, y.mutable_data_ptr<float>(), 1);
+  } else {
+    library.sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, N, K, 1.0f, input.const_data_ptr<float>(), K,
+                  weight.const_data_ptr<float>(), K, beta, y.mutable_data_ptr<float>(), N);
+  }
+  return y;
+}
+}  // namespace
+
+void prefer_passive_openmp(char** argv) {
+  if (std::getenv("OMP_WAIT_POLICY") != nullptr) return;  // the user's choice, or already re-executed
+  if (::setenv("OMP_WAIT_POLICY", "passive", 1) != 0) return;
+  ::execv("/proc/self/exe", argv);  // returns only on failure: then run on as started
+  ::unsetenv("OMP_WAIT_POLICY");
+}
+
+at::Tensor linear_product(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  if (auto y = openblas_linear(x, weight, bias)) return *std::move(y);
+  return at::linear(x, weight, bias);
+}
+
+}  // namespace neva::nn

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Decode and prefill of a ~1.1B-parameter Llama-shaped decoder (TinyLlama-1.1B's shape, random weights
+# made by scripts/bench_decode.py in Hugging Face's layout) through neva, transformers and llama.cpp in
+# one sitting, against this machine's memory-bandwidth bound (bytes of weights read per token / the
+# triad measured by neva-bench-machine in the same run). Run after scripts/setup.sh.
+#   scripts/bench_decode.sh [PROMPT_TOKENS] [NEW_TOKENS] [--save FILE] [--compare REF]
+# llama.cpp is llama-cpp-python 0.3.36 built from its sdist into .bench-venv (a bench-only venv that sees
+# the project's venv for torch/transformers; never a project dependency; ~7 min to build on 2 cores);
+# its GGUF files (F32, BF16) come from the converter in the same sdist. BENCH_SKIP_LLAMACPP=1 skips it.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$root/scripts/bench_guard.sh"  # --save FILE / --compare REF (every figure's ratio)
+prompt="${1:-256}"
+new="${2:-32}"
+threads="${OMP_NUM_THREADS:-$(nproc)}"
+export OMP_NUM_THREADS="$threads" TRANSFORMERS_VERBOSITY=error
+work="$root/build/bench-decode"
+llamacpp_version=0.3.36
+mkdir -p "$work"
+echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) CPUs; threads: $threads; $(date -u +%F)"
+
+[ -f "$work/model/model.safetensors" ] || "$root/.venv/bin/python" "$root/scripts/bench_decode.py" make "$work/model" >&2
+cat > "$work/neva.toml" <<'EOF'
+[run]
+mode = "inspect"
+[model.mm_cfg.llm]
+plugin = "llama"
+from_pretrained = "model"
+EOF
+
+if [ -z "${BENCH_SKIP_LLAMACPP:-}" ]; then
+  bench_python="$root/.bench-venv/bin/python"
+  if ! "$bench_python" -c "import llama_cpp" 2> /dev/null; then
+    echo "building llama-cpp-python $llamacpp_version from its sdist into .bench-venv (bench only)" >&2
+    python3 -m venv "$root/.bench-venv"
+    site="$("$bench_python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    "$root/.venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > "$site/_neva_venv.pth"
+    CMAKE_ARGS="-DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+      "$bench_python" -m pip install -q --no-binary llama-cpp-python "llama-cpp-python==$llamacpp_version" >&2
+  fi
+  sdist="$work/llama_cpp_python-$llamacpp_version"
+  if [ ! -f "$sdist/vendor/llama.cpp/convert_hf_to_gguf.py" ]; then
+    "$bench_python" -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$llamacpp_version" -d "$work" >&2
+    tar -xzf "$work/llama_cpp_python-$llamacpp_version.tar.gz" -C "$work" "llama_cpp_python-$llamacpp_version/vendor/llama.cpp"
+  fi
+  for type in f32 bf16; do
+    [ -f "$work/model-$type.gguf" ] || PYTHONPATH="$sdist/vendor/llama.cpp/gguf-py" "$bench_python" \
+      "$sdist/vendor/llama.cpp/convert_hf_to_gguf.py" "$work/model" --outtype "$type" --outfile "$work/model-$type.gguf" > /dev/null 2>&1
+  done
+fi
+
+"$root/build/bin/neva-bench-machine" | grep -E "threads|bandwidth|GEMM"
+triad="$("$root/build/bin/neva-bench-machine" --runs 5 | awk '/memory bandwidth/ { print $(NF-1) }')"
+echo "memory bandwidth again, just before the decoders (the bound's denominator): $triad GB/s"
+bound() {  # bound PRECISION -> tokens/s at the bandwidth bound, one sequence
+  local bytes
+  bytes="$("$root/.venv/bin/python" "$root/scripts/bench_decode.py" bytes "$work/model" "$1")"
+  awk -v b="$bytes" -v t="$triad" 'BEGIN { printf "%.2f", t * 1e9 / b }'
+}
+echo "weights read per decoded token: fp32 $("$root/.venv/bin/python" "$root/scripts/bench_decode.py" bytes "$work/model" 32) bytes," \
+     "bound $(bound 32) tokens/s; bf16 bound $(bound bf16) tokens/s"
+fraction() {  # fraction LINE PRECISION -> the line with its decode rate as a fraction of the bound
+  local line="$1"
+  awk -v line="$line" -v bound="$(bound "$2")" 'BEGIN {
+    n = split(line, f, " "); for (i = 1; i <= n; ++i) if (f[i] == "decode") rate = f[i + 3]
+    printf "%s   (%.2f of the bound)\n", line, rate / bound }'
+}
+cd "$work"
+for precision in 32 bf16; do
+  for blas in aten openblas; do
+    [ "$precision" = bf16 ] && [ "$blas" = aten ] && continue  # bf16 products are oneDNN's either way
+    out="$(NEVA_CPU_BLAS=$blas "$root/build/bin/neva-bench-model" neva.toml --prompt-tokens "$prompt" --new-tokens "$new" --precision "$precision")"
+    fraction "$(echo "$out" | grep decode | sed "s/^neva  /neva ($blas)/")" "$precision"
+    [ "$blas" = openblas ] || [ "$precision" = bf16 ] && echo "$out" | grep -E "first token" | sed "s/^neva  /neva ($blas)/"
+  done
+  "$root/build/bin/neva-bench-model" neva.toml --prompt-tokens "$prompt" --new-tokens "$new" --precision "$precision" --batch 8 \
+    | grep decode | sed 's/^neva  /neva (batch 8)/'
+  fraction "$("$root/.venv/bin/python" "$root/scripts/bench_decode.py" hf "$work/model" "$prompt" "$new" 1 "$precision")" "$precision"
+  if [ -z "${BENCH_SKIP_LLAMACPP:-}" ]; then
+    gguf="$work/model-$([ "$precision" = bf16 ] && echo bf16 || echo f32).gguf"
+    fraction "$("$root/.bench-venv/bin/python" "$root/scripts/bench_decode.py" llamacpp "$gguf" "$prompt" "$new" "$threads")" "$precision"
+  fi
+done
