@@ -67,11 +67,18 @@ fraction() {  # fraction LINE PRECISION -> the line with its decode rate as a fr
 }
 cd "$work"
 for precision in 32 bf16; do
-  for blas in aten openblas; do
-    [ "$precision" = bf16 ] && [ "$blas" = aten ] && continue  # bf16 products are oneDNN's either way
-    out="$(NEVA_CPU_BLAS=$blas "$root/build/bin/neva-bench-model" neva.toml --prompt-tokens "$prompt" --new-tokens "$new" --precision "$precision")"
-    fraction "$(echo "$out" | grep decode | sed "s/^neva  /neva ($blas)/")" "$precision"
-    [ "$blas" = openblas ] || [ "$precision" = bf16 ] && echo "$out" | grep -E "first token" | sed "s/^neva  /neva ($blas)/"
+  # fp32 twice: as shipped (OpenBLAS linears, passive OpenMP wait) and as before (MKL, spinning wait).
+  for run in shipped before; do
+    if [ "$precision" = bf16 ] && [ "$run" = before ]; then continue; fi  # bf16 products are oneDNN's either way
+    if [ "$run" = before ]; then
+      out="$(NEVA_CPU_BLAS=aten OMP_WAIT_POLICY=active "$root/build/bin/neva-bench-model" neva.toml --prompt-tokens "$prompt" --new-tokens "$new" --precision "$precision")"
+      label="neva (MKL, spinning)"
+    else
+      out="$("$root/build/bin/neva-bench-model" neva.toml --prompt-tokens "$prompt" --new-tokens "$new" --precision "$precision")"
+      label="neva"
+    fi
+    fraction "$(echo "$out" | grep decode | sed "s/^neva  /$label/")" "$precision"
+    if [ "$run" = shipped ]; then echo "$out" | grep -E "first token|linear layers" | sed "s/^neva  /$label/"; fi
   done
   "$root/build/bin/neva-bench-model" neva.toml --prompt-tokens "$prompt" --new-tokens "$new" --precision "$precision" --batch 8 \
     | grep decode | sed 's/^neva  /neva (batch 8)/'

@@ -71,9 +71,15 @@ TEST_CASE("at tensor-parallel size 1, neva::nn's linear, embedding and conv2d ar
 }
 
 TEST_CASE("without autograd, fp32 linear layers on the CPU go through OpenBLAS: the product to fp32 rounding, in every layout") {
-  // scripts/setup.sh installs Debian's libopenblas; NEVA_CPU_BLAS=aten (at::linear always) is the one way out.
+  // scripts/setup.sh installs Debian's libopenblas, and its test action sets OMP_WAIT_POLICY=passive as
+  // neva-run does: then OpenBLAS computes; NEVA_CPU_BLAS=aten (at::linear always) is the one way out.
   const char* choice = std::getenv("NEVA_CPU_BLAS");
-  if (!choice || std::string(choice) != "aten") CHECK(neva::nn::cpu_blas_name().rfind("OpenBLAS (", 0) == 0);
+  const char* policy = std::getenv("OMP_WAIT_POLICY");
+  const std::string blas = neva::nn::cpu_blas_name();
+  CAPTURE(blas);
+  if (choice && std::string(choice) == "aten") CHECK(blas == "ATen (MKL)");
+  else if (choice || (policy && std::string(policy) == "passive")) CHECK(blas.rfind("OpenBLAS (", 0) == 0);
+  else CHECK(blas == "ATen (MKL): OMP_WAIT_POLICY is not passive");
   auto linear = neva::nn::linear(neva::RuntimeContext::seeded(3), 37, 19, {true});
   const at::Tensor wide = at::randn({4, 37, 6});
   const std::vector<at::Tensor> inputs = {at::randn({1, 37}), at::randn({37}), at::randn({5, 37}), at::randn({2, 3, 37}),
@@ -99,8 +105,14 @@ TEST_CASE("without autograd, fp32 linear layers on the CPU go through OpenBLAS: 
       CHECK(at::equal(recorded, at::linear(x, linear->weight, b)));
     }
   }
-  // Other dtypes are at::linear's, and so is everything under autocast (it casts at::linear's inputs).
+  // Other dtypes are at::linear's, and so is everything under autocast (it casts at::linear's inputs) or
+  // in an AtenLinearScope (activation recomputation's first pass).
   at::NoGradGuard no_grad;
+  {
+    neva::nn::AtenLinearScope exact;
+    const at::Tensor wide_input = at::randn({9, 37});
+    CHECK(at::equal(neva::nn::linear_product(wide_input, linear->weight), at::linear(wide_input, linear->weight)));
+  }
   {
     at::autocast::set_autocast_enabled(at::kCPU, true);
     at::autocast::set_autocast_dtype(at::kCPU, at::kBFloat16);

@@ -1,20 +1,23 @@
 // fp32 linear layers on the CPU without autograd, through OpenBLAS (Debian's libopenblas0).
 //
 // Why: the LibTorch wheel's fp32 GEMM is MKL's, and MKL picks slow code paths on AMD processors:
-// measured on the project's 2-vCPU EPYC (docs/benchmarks.md, "fp32 linear layers: MKL and OpenBLAS"),
-// MKL's GEMV reads weights at ~16 GB/s of a ~34 GB/s triad, OpenBLAS's at ~30 GB/s, and OpenBLAS's
-// GEMM is 1.2-1.5x MKL's at every row count from 2 to 1024. Decoding reads every weight once per token,
-// so the GEMV's bandwidth is the decode speed.
+// measured on the project's 2-vCPU EPYC (docs/benchmarks.md, the decode section), MKL's GEMV read
+// weights at 16 GB/s where OpenBLAS's read 32 GB/s in the same minute, and OpenBLAS's GEMM was 1.2-1.5x
+// MKL's from 4 to 1024 rows. Decoding reads every weight once per token, so the GEMV's bandwidth is the
+// decode speed.
 //
 // How: libopenblas.so.0 is opened with RTLD_LOCAL and only its cblas_* entry points are looked up.
 // Both libraries export the Fortran names (sgemm_, sgemv_): linking OpenBLAS normally could bind
 // LibTorch's own BLAS calls to it, depending on load order. RTLD_LOCAL keeps OpenBLAS's symbols out of
 // the global scope, so LibTorch keeps MKL and only these calls reach OpenBLAS. OpenBLAS runs its own
-// thread pool, sized to LibTorch's intra-op threads at each call. Without OpenBLAS (not installed),
-// or inside a parallel region, or under CPU autocast, or whenever autograd records, the product is
-// at::linear's.
-// NEVA_CPU_BLAS=aten chooses at::linear always (bitwise LibTorch's results; the A/B of the benchmarks);
-// NEVA_CPU_BLAS=openblas requires OpenBLAS (an error when it cannot be opened).
+// thread pool, sized to LibTorch's intra-op threads at each call.
+//
+// When: by default only when OMP_WAIT_POLICY is "passive" (neva-run sets it: prefer_passive_openmp).
+// With libgomp's default spinning wait LibTorch's idle OpenMP threads hold the cores OpenBLAS's threads
+// need, and the switch is slower than MKL; a program embedding libneva_core without that setting keeps
+// at::linear. NEVA_CPU_BLAS=openblas forces OpenBLAS (an error when it cannot be opened),
+// NEVA_CPU_BLAS=aten forces at::linear (bitwise LibTorch's results). Never while autograd records,
+// under CPU autocast, inside a parallel region or an AtenLinearScope: at::linear's then.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/autocast_mode.h>
@@ -25,6 +28,7 @@
 #include <atomic>
 #include <climits>
 #include <cstdlib>
+#include <strings.h>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -45,17 +49,27 @@ struct OpenBlas {
   std::atomic<int> threads{0};
   std::mutex resizing;
 
-  std::string error;  // why NEVA_CPU_BLAS=openblas cannot be honoured
+  std::string error;    // why NEVA_CPU_BLAS cannot be honoured
+  std::string why_not;  // why OpenBLAS is not used, by default
 
   OpenBlas() {
     const char* choice = std::getenv("NEVA_CPU_BLAS");
     const std::string wanted = choice ? choice : "";
     if (wanted == "aten") return;
     if (!wanted.empty() && wanted != "openblas") {
-      error = "NEVA_CPU_BLAS is '" + wanted + "': expected 'openblas' or 'aten' (or unset: OpenBLAS when installed)";
+      error = "NEVA_CPU_BLAS is '" + wanted + "': expected 'openblas' or 'aten' (or unset: OpenBLAS when installed " +
+              "and OMP_WAIT_POLICY is passive)";
       return;
     }
+    if (wanted.empty()) {
+      const char* policy = std::getenv("OMP_WAIT_POLICY");
+      if (!policy || ::strcasecmp(policy, "passive") != 0) {
+        why_not = "OMP_WAIT_POLICY is not passive";
+        return;
+      }
+    }
     void* handle = ::dlopen("libopenblas.so.0", RTLD_NOW | RTLD_LOCAL);
+    if (!handle) why_not = "libopenblas.so.0 not found";
     if (!handle) {
       if (!wanted.empty()) error = std::string("NEVA_CPU_BLAS=openblas, but libopenblas.so.0 cannot be opened: ") + ::dlerror();
       return;
@@ -90,11 +104,17 @@ OpenBlas& openblas() {
 
 bool fits_int(std::int64_t n) { return n > 0 && n <= INT_MAX; }
 
+thread_local int aten_scopes = 0;
+
 }  // namespace
+
+AtenLinearScope::AtenLinearScope() { ++aten_scopes; }
+AtenLinearScope::~AtenLinearScope() { --aten_scopes; }
 
 std::string cpu_blas_name() {
   OpenBlas& library = openblas();
-  return library.loaded() ? std::string("OpenBLAS (") + library.config() + ")" : "ATen (MKL)";
+  if (library.loaded()) return std::string("OpenBLAS (") + library.config() + ")";
+  return "ATen (MKL)" + (library.why_not.empty() ? std::string() : ": " + library.why_not);
 }
 
 namespace {
@@ -111,6 +131,7 @@ std::optional<at::Tensor> openblas_linear(const at::Tensor& x, const at::Tensor&
       (x.requires_grad() || weight.requires_grad() || (bias.defined() && bias.requires_grad()))) {
     return std::nullopt;  // autograd records at::linear
   }
+  if (aten_scopes > 0) return std::nullopt;
   if (at::in_parallel_region()) return std::nullopt;  // no second pool inside LibTorch's threads
   if (at::autocast::is_autocast_enabled(at::kCPU)) return std::nullopt;  // autocast casts at::linear's inputs
   OpenBlas& library = openblas();
@@ -126,7 +147,9 @@ std::optional<at::Tensor> openblas_linear(const at::Tensor& x, const at::Tensor&
   shape.back() = n;
   // A fresh output, the bias copied in (beta = 1): never bias.expand().contiguous(), which for a single
   // row is the bias itself, written over by the GEMV.
-  at::Tensor y = at::empty(shape, x.options());
+  // Zeros, not empty, without a bias: beta = 0 should ignore y, but some OpenBLAS releases let a NaN
+  // in an uninitialised output through.
+  at::Tensor y = bias.defined() ? at::empty(shape, x.options()) : at::zeros(shape, x.options());
   if (bias.defined()) y.copy_(bias.expand(shape));
   const float beta = bias.defined() ? 1.0f : 0.0f;
   const int M = static_cast<int>(m), N = static_cast<int>(n), K = static_cast<int>(k);

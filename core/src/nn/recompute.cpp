@@ -1,5 +1,7 @@
 #include "neva/nn/recompute.h"
 
+#include "neva/nn/linear.h"
+
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <torch/autograd.h>
@@ -50,6 +52,8 @@ class Recompute : public torch::autograd::Function<Recompute> {
     // Autocast's weight-cast cache must stay out of both passes: a cast made here (no autograd
     // history) or in the recomputation (stale after the optimizer step) would be reused later.
     CastCacheOff off;
+    // The recomputation records with at::linear: this pass must compute exactly as it will.
+    nn::AtenLinearScope exact;
     return holder->fn(inputs.vec());
   }
 

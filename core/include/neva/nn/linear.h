@@ -8,7 +8,7 @@
 // uniform(+-1/sqrt(fan_in)) biases for Linear and Conv2d, N(0, 1) for Embedding) and the same ATen
 // call in forward (at::linear, at::embedding, at::conv2d), so results are bitwise those of torch::nn
 // whenever autograd records. Without autograd (generation, scoring, serving), fp32 products on the CPU
-// go through OpenBLAS instead (linear_product): the same product to fp32 rounding, twice as fast to
+// may go through OpenBLAS instead (linear_product): the same product to fp32 rounding, 1.7x faster to
 // decode on AMD processors.
 // Weights are drawn from the context's generator on the CPU, in the order layers are built, then
 // moved to the context's device.
@@ -84,16 +84,28 @@ class NEVA_API LinearKernel {
 
 // x @ weight^T (+ bias): at::linear, except for fp32 tensors on the CPU that autograd does not record,
 // which go through OpenBLAS's cblas_sgemv / cblas_sgemm (opened with RTLD_LOCAL beside LibTorch's MKL,
-// whose GEMV and GEMM run 1.2-2x slower on AMD processors; docs/benchmarks.md). Falls back to at::linear
-// when OpenBLAS is not installed, inside a LibTorch parallel region, under CPU autocast (which casts
-// at::linear's inputs), or for other dtypes and devices. NEVA_CPU_BLAS=aten: at::linear always.
+// whose GEMV runs at half OpenBLAS's bandwidth on AMD processors; docs/benchmarks.md) when
+// OMP_WAIT_POLICY is passive (see prefer_passive_openmp) or NEVA_CPU_BLAS=openblas. at::linear when
+// OpenBLAS is not installed, NEVA_CPU_BLAS=aten, inside a LibTorch parallel region or an
+// AtenLinearScope, under CPU autocast (which casts at::linear's inputs), or for other dtypes and devices.
 NEVA_API at::Tensor linear_product(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias = {});
-// Which library computes linear_product's fp32 CPU products: "OpenBLAS (<its build config>)" or "ATen (MKL)".
+// Which library computes linear_product's fp32 CPU products: "OpenBLAS (<its build config>)", or
+// "ATen (MKL)" with the reason.
 NEVA_API std::string cpu_blas_name();
+// While one lives on this thread, linear_product is at::linear: for what runs without autograd but
+// is computed again with it (activation recomputation's first pass), so that both passes agree bitwise.
+class NEVA_API AtenLinearScope {
+ public:
+  AtenLinearScope();
+  ~AtenLinearScope();
+  AtenLinearScope(const AtenLinearScope&) = delete;
+  AtenLinearScope& operator=(const AtenLinearScope&) = delete;
+};
 // First thing in a program's main(): when OMP_WAIT_POLICY is unset, re-executes the program with it set
-// to "passive" (libgomp reads it only when it loads, before main). LibTorch's OpenMP threads then sleep
-// between parallel regions instead of spinning on the cores OpenBLAS's threads need: decoding 1.8x
-// faster on the 2-vCPU EPYC, training not slower (docs/benchmarks.md). A value the user set is kept.
+// to "passive" (libgomp reads it only when it loads, before main), which also turns linear_product's
+// OpenBLAS path on. LibTorch's OpenMP threads then sleep between parallel regions instead of spinning
+// on the cores OpenBLAS's threads need: decoding 1.7x faster on the 2-vCPU EPYC, training not slower
+// (docs/benchmarks.md). A value the user set is kept. Costs a second load of LibTorch (~0.5 s).
 NEVA_API void prefer_passive_openmp(char** argv);
 
 class NEVA_API LinearImpl : public Module {
