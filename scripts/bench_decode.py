@@ -67,21 +67,13 @@ def hf(directory, prompt_tokens, new_tokens, batch, precision):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from bench_transformers import prefill_decode_seconds  # scripts/, beside this file
+
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
     torch.manual_seed(0)
     prompt = torch.randint(3, model.config.vocab_size, (batch, prompt_tokens))
-    with torch.no_grad():
-        model(input_ids=prompt[:, :16], use_cache=True)  # warm-up
-        start = time.perf_counter()
-        out = model(input_ids=prompt, use_cache=True)
-        prefill = time.perf_counter() - start
-        past, logits = out.past_key_values, out.logits[:, -1]
-        start = time.perf_counter()
-        for _ in range(new_tokens):
-            out = model(input_ids=logits.argmax(-1, keepdim=True), past_key_values=past, use_cache=True)
-            past, logits = out.past_key_values, out.logits[:, -1]
-        decode = time.perf_counter() - start
+    prefill, decode = prefill_decode_seconds(model, prompt, new_tokens, warm_up=prompt[:, :16])
     print(f"hf        {precision:<5} batch {batch}  prefill {prompt_tokens:4d} tokens: {batch * prompt_tokens / prefill:8.1f} "
           f"tokens/s   decode {new_tokens:3d} tokens: {batch * new_tokens / decode:7.2f} tokens/s")
 

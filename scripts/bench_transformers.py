@@ -12,16 +12,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
 
-def main():
-    llm_config, vision_config, prompt_tokens, new_tokens, precision = sys.argv[1:6]
-    prompt_tokens, new_tokens = int(prompt_tokens), int(new_tokens)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    torch.manual_seed(0)
-    config = AutoConfig.for_model(**json.load(open(llm_config)))
-    model = AutoModelForCausalLM.from_config(config).eval().to(dtype)
-    prompt = torch.randint(0, config.vocab_size, (1, prompt_tokens))
+def prefill_decode_seconds(model, prompt, new_tokens, warm_up=None):
+    """Seconds of one prefill of `prompt` (after a warm-up pass of `warm_up`, default the prompt) and of
+    `new_tokens` greedy steps with the KV cache."""
     with torch.no_grad():
-        model(input_ids=prompt, use_cache=True)  # warm-up
+        model(input_ids=prompt if warm_up is None else warm_up, use_cache=True)
         start = time.perf_counter()
         out = model(input_ids=prompt, use_cache=True)
         prefill = time.perf_counter() - start
@@ -30,7 +25,18 @@ def main():
         for _ in range(new_tokens):
             out = model(input_ids=logits.argmax(-1, keepdim=True), past_key_values=past, use_cache=True)
             past, logits = out.past_key_values, out.logits[:, -1]
-        decode = time.perf_counter() - start
+        return prefill, time.perf_counter() - start
+
+
+def main():
+    llm_config, vision_config, prompt_tokens, new_tokens, precision = sys.argv[1:6]
+    prompt_tokens, new_tokens = int(prompt_tokens), int(new_tokens)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(**json.load(open(llm_config)))
+    model = AutoModelForCausalLM.from_config(config).eval().to(dtype)
+    prompt = torch.randint(0, config.vocab_size, (1, prompt_tokens))
+    prefill, decode = prefill_decode_seconds(model, prompt, new_tokens)
     print(f"hf     {precision:<5} prefill {prompt_tokens:5d} tokens: {prompt_tokens / prefill:8.1f} tokens/s   "
           f"decode {new_tokens:4d} tokens: {new_tokens / decode:7.2f} tokens/s")
     vision = SiglipVisionModel(SiglipVisionConfig(**{k: v for k, v in json.load(open(vision_config)).items()
