@@ -49,19 +49,19 @@ if [ -z "${BENCH_SKIP_LLAMACPP:-}" ]; then
   done
 fi
 
-"$root/build/bin/neva-bench-machine" | grep -E "threads|bandwidth|GEMM"
-triad="$("$root/build/bin/neva-bench-machine" --runs 5 | awk '/memory bandwidth/ { print $(NF-1) }')"
-echo "memory bandwidth again, just before the decoders (the bound's denominator): $triad GB/s"
-bound() {  # bound PRECISION -> tokens/s at the bandwidth bound, one sequence
-  local bytes
-  bytes="$("$root/.venv/bin/python" "$root/scripts/bench_decode.py" bytes "$work/model" "$1")"
-  awk -v b="$bytes" -v t="$triad" 'BEGIN { printf "%.2f", t * 1e9 / b }'
-}
-echo "weights read per decoded token: fp32 $("$root/.venv/bin/python" "$root/scripts/bench_decode.py" bytes "$work/model" 32) bytes," \
-     "bound $(bound 32) tokens/s; bf16 bound $(bound bf16) tokens/s"
+# The limits once, right before the decoders: the triad is the bound's denominator.
+limits="$("$root/build/bin/neva-bench-machine")"
+echo "$limits"
+triad="$(echo "$limits" | awk '/memory bandwidth/ { print $(NF-1) }')"
+declare -A bytes bound
+for precision in 32 bf16; do
+  bytes[$precision]="$("$root/.venv/bin/python" "$root/scripts/bench_decode.py" bytes "$work/model" "$precision")"
+  bound[$precision]="$(awk -v b="${bytes[$precision]}" -v t="$triad" 'BEGIN { printf "%.2f", t * 1e9 / b }')"
+done
+echo "weights read per decoded token: fp32 ${bytes[32]} bytes, bound ${bound[32]} tokens/s; bf16 bound ${bound[bf16]} tokens/s"
 fraction() {  # fraction LINE PRECISION -> the line with its decode rate as a fraction of the bound
   local line="$1"
-  awk -v line="$line" -v bound="$(bound "$2")" 'BEGIN {
+  awk -v line="$line" -v bound="${bound[$2]}" 'BEGIN {
     n = split(line, f, " "); for (i = 1; i <= n; ++i) if (f[i] == "decode") rate = f[i + 3]
     printf "%s   (%.2f of the bound)\n", line, rate / bound }'
 }

@@ -69,8 +69,8 @@ struct OpenBlas {
       }
     }
     void* handle = ::dlopen("libopenblas.so.0", RTLD_NOW | RTLD_LOCAL);
-    if (!handle) why_not = "libopenblas.so.0 not found";
     if (!handle) {
+      why_not = "libopenblas.so.0 not found";
       if (!wanted.empty()) error = std::string("NEVA_CPU_BLAS=openblas, but libopenblas.so.0 cannot be opened: ") + ::dlerror();
       return;
     }
@@ -145,13 +145,11 @@ std::optional<at::Tensor> openblas_linear(const at::Tensor& x, const at::Tensor&
   const at::Tensor input = x.contiguous();
   std::vector<std::int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = n;
-  // A fresh output, the bias copied in (beta = 1): never bias.expand().contiguous(), which for a single
-  // row is the bias itself, written over by the GEMV.
-  // Zeros, not empty, without a bias: beta = 0 should ignore y, but some OpenBLAS releases let a NaN
-  // in an uninitialised output through.
-  at::Tensor y = bias.defined() ? at::empty(shape, x.options()) : at::zeros(shape, x.options());
-  if (bias.defined()) y.copy_(bias.expand(shape));
-  const float beta = bias.defined() ? 1.0f : 0.0f;
+  // A fresh output holding the bias (or zeros) that the product is added to (beta = 1): never
+  // bias.expand().contiguous(), which for a single row is the bias itself; never uninitialised memory,
+  // which some OpenBLAS releases let through as NaN even with beta = 0.
+  at::Tensor y = bias.defined() ? bias.expand(shape).clone(at::MemoryFormat::Contiguous) : at::zeros(shape, x.options());
+  const float beta = 1.0f;
   const int M = static_cast<int>(m), N = static_cast<int>(n), K = static_cast<int>(k);
   if (m == 1) {
     library.sgemv(CblasRowMajor, CblasNoTrans, N, K, 1.0f, weight.const_data_ptr<float>(), K,
