@@ -13,6 +13,7 @@
 #include <torch/nn/modules/embedding.h>
 #include <torch/nn/modules/linear.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -77,7 +78,7 @@ TEST_CASE("without autograd, fp32 linear layers on the CPU go through OpenBLAS: 
   const char* policy = std::getenv("OMP_WAIT_POLICY");
   const std::string blas = neva::nn::cpu_blas_name();
   CAPTURE(blas);
-  if (choice && std::string(choice) == "aten") CHECK(blas == "ATen (MKL)");
+  if (choice && std::string(choice) == "aten") CHECK(blas == "ATen (MKL): NEVA_CPU_BLAS=aten");
   else if (choice || (policy && std::string(policy) == "passive")) CHECK(blas.rfind("OpenBLAS (", 0) == 0);
   else CHECK(blas == "ATen (MKL): OMP_WAIT_POLICY is not passive");
   auto linear = neva::nn::linear(neva::RuntimeContext::seeded(3), 37, 19, {true});
@@ -125,6 +126,87 @@ TEST_CASE("without autograd, fp32 linear layers on the CPU go through OpenBLAS: 
   }
   const at::Tensor x = at::randn({3, 37}, at::kDouble);
   CHECK(at::equal(neva::nn::linear_product(x, linear->weight.to(at::kDouble)), at::linear(x, linear->weight.to(at::kDouble))));
+}
+
+TEST_CASE("without autograd, bf16 linear layers of up to 8 rows on the CPU go through neva's GEMV: the product to bf16 rounding") {
+  // The reference is the float64 product of the same bf16 values; the kernel sums in fp32 and rounds
+  // to bf16 once (to nearest even), so it is within half a bf16 step of the reference plus the fp32
+  // sum's error. tests/CMakeLists.txt runs this case again under NEVA_BF16_GEMV=avx2 and =scalar.
+  const char* choice = std::getenv("NEVA_CPU_BLAS");
+  const bool aten = choice && std::string(choice) == "aten";
+  const std::string kernel = neva::nn::cpu_bf16_gemv_name();
+  CAPTURE(kernel);
+  CHECK(kernel.rfind(aten ? "ATen (oneDNN)" : "neva's GEMV (", 0) == 0);
+  at::manual_seed(5);
+  at::NoGradGuard no_grad;
+  // K: whole vector steps, a tail, a decoder's width; N: fewer rows than a block, a partial last block.
+  for (const std::int64_t k : {64, 100, 2048}) {
+    for (const std::int64_t n : {1, 7, 64}) {
+      const at::Tensor weight = at::randn({n, k}).to(at::kBFloat16);
+      const at::Tensor bias = at::randn({n}).to(at::kBFloat16);
+      for (const std::int64_t m : {1, 2, 3, 5, 8}) {
+        for (bool with_bias : {true, false}) {
+          const at::Tensor b = with_bias ? bias : at::Tensor();
+          const at::Tensor x = at::randn({m, k}).to(at::kBFloat16);
+          const at::Tensor exact =
+              at::linear(x.to(at::kDouble), weight.to(at::kDouble), with_bias ? b.to(at::kDouble) : b);
+          const at::Tensor fast = neva::nn::linear_product(x, weight, b);
+          CAPTURE(k);
+          CAPTURE(n);
+          CAPTURE(m);
+          CAPTURE(with_bias);
+          REQUIRE(fast.sizes() == exact.sizes());
+          CHECK((fast.scalar_type() == at::kBFloat16));
+          // Half a bf16 step (2^-8 of the value) plus the fp32 sum's error bound.
+          const at::Tensor magnitude =
+              at::linear(x.to(at::kDouble).abs(), weight.to(at::kDouble).abs(), with_bias ? b.to(at::kDouble).abs() : b);
+          const at::Tensor allowed = exact.abs() * std::ldexp(1.0, -8) + magnitude * (k + 1) * std::ldexp(1.0, -24);
+          CHECK(((fast.to(at::kDouble) - exact).abs() <= allowed).all().item<bool>());
+          // And oneDNN's at::linear agrees to a bf16 step.
+          const at::Tensor onednn = at::linear(x, weight, b).to(at::kDouble);
+          CHECK(((fast.to(at::kDouble) - onednn).abs() <= 2 * allowed).all().item<bool>());
+        }
+      }
+    }
+  }
+  // Layouts: a vector, a [batch, 1, K] decode step, a non-contiguous input: the same values as contiguous rows.
+  const at::Tensor weight = at::randn({24, 40}).to(at::kBFloat16);
+  const at::Tensor rows = at::randn({3, 40}).to(at::kBFloat16);
+  const at::Tensor reference = neva::nn::linear_product(rows, weight);
+  CHECK(at::equal(neva::nn::linear_product(rows[1], weight), reference[1]));
+  CHECK(at::equal(neva::nn::linear_product(rows.view({3, 1, 40}), weight), reference.view({3, 1, 24})));
+  const at::Tensor spread = at::empty({40, 3}, at::kBFloat16).t().copy_(rows);
+  CHECK(!spread.is_contiguous());
+  CHECK(at::equal(neva::nn::linear_product(spread, weight), reference));
+  // More than 8 rows is a GEMM: oneDNN's, bitwise; so is anything under autograd or in an AtenLinearScope.
+  const at::Tensor many = at::randn({9, 40}).to(at::kBFloat16);
+  CHECK(at::equal(neva::nn::linear_product(many, weight), at::linear(many, weight)));
+  {
+    neva::nn::AtenLinearScope exact;
+    CHECK(at::equal(neva::nn::linear_product(rows, weight), at::linear(rows, weight)));
+  }
+  {
+    at::AutoGradMode recording(true);
+    const at::Tensor trained = weight.clone().requires_grad_(true);
+    const at::Tensor recorded = neva::nn::linear_product(rows, trained);
+    CHECK(recorded.requires_grad());
+    CHECK(at::equal(recorded, at::linear(rows, weight)));
+  }
+}
+
+TEST_CASE("inside UninitialisedParameters nothing is drawn: the generator stays where it was") {
+  const neva::RuntimeContext skipped = neva::RuntimeContext::seeded(4), fresh = neva::RuntimeContext::seeded(4);
+  {
+    neva::nn::UninitialisedParameters loaded_next;
+    auto unused = neva::nn::linear(skipped, 16, 8, {true});
+    CHECK(unused->weight.sizes() == at::IntArrayRef({8, 16}));
+    CHECK(unused->bias.sizes() == at::IntArrayRef({8}));
+    CHECK(neva::nn::embedding(skipped, 10, 4)->weight.sizes() == at::IntArrayRef({10, 4}));
+  }
+  // Afterwards (and in an inactive scope) every draw is what a fresh generator gives.
+  neva::nn::UninitialisedParameters inactive(false);
+  CHECK(at::equal(neva::nn::linear(skipped, 16, 8, {true})->weight, neva::nn::linear(fresh, 16, 8, {true})->weight));
+  CHECK(at::equal(neva::nn::embedding(skipped, 10, 4)->weight, neva::nn::embedding(fresh, 10, 4)->weight));
 }
 
 TEST_CASE("every parameter of a decoder says how it would be split over tensor parallelism and to which expert it belongs") {

@@ -9,6 +9,7 @@
 
 #include "neva/error.h"
 #include "neva/io/safetensors.h"
+#include "neva/io/weights.h"
 #include "test_support.h"
 
 using neva::SafetensorsCheckpoint;
@@ -88,6 +89,43 @@ TEST_CASE("tensors are copy-on-write views: writing to one never changes the fil
     CHECK(view.sum().item<float>() == 20);
   }
   CHECK(SafetensorsFile(path).tensor("x").sum().item<float>() == 4);
+}
+
+TEST_CASE("load_weights maps a CPU parameter of the stored dtype instead of copying it: training writes never reach the file") {
+  TempDir dir;
+  auto path = (dir.path() / "m.safetensors").string();
+  const at::Tensor stored = torch::randn({64, 64});
+  neva::write_safetensors(path, {{"x.weight", stored}, {"y.weight", torch::randn({8})}});
+  struct Part : torch::nn::Module {
+    at::Tensor a = register_parameter("a", torch::zeros({64, 64}));
+    at::Tensor b = register_parameter("b", torch::zeros({64, 64}));          // the same tensor as a's
+    at::Tensor c = register_parameter("c", torch::zeros({8}, at::kBFloat16));  // another dtype
+  };
+  const neva::WeightMap map{{{"a", "x.weight"}, {"b", "x.weight"}, {"c", "y.weight"}}, nullptr};
+  Part part;
+  const void* const a_before = part.a.data_ptr();
+  const void* const b_before = part.b.data_ptr();
+  const void* const c_before = part.c.data_ptr();
+  neva::load_weights(part, SafetensorsCheckpoint(path), map, "test part");
+  CHECK(at::equal(part.a, stored));
+  CHECK(at::equal(part.b, stored));
+  CHECK(at::equal(part.c, SafetensorsFile(path).tensor("y.weight").to(at::kBFloat16)));
+  CHECK(part.a.data_ptr() != a_before);  // mapped: the file's pages, not the construction's memory
+  CHECK(part.b.data_ptr() == b_before);  // the second user of a tensor gets a copy of its own
+  CHECK(part.c.data_ptr() == c_before);  // converted into its own memory
+  CHECK(part.a.requires_grad());
+  // An optimizer's in-place update touches the parameter only: not the file, not its other user,
+  // not a second model mapped from the same file.
+  Part second;
+  neva::load_weights(second, SafetensorsCheckpoint(path), map, "test part");
+  {
+    torch::NoGradGuard no_grad;
+    part.a.add_(1);
+  }
+  CHECK(at::equal(part.a, stored + 1));
+  CHECK(at::equal(part.b, stored));
+  CHECK(at::equal(second.a, stored));
+  CHECK(at::equal(SafetensorsFile(path).tensor("x.weight"), stored));
 }
 
 TEST_CASE("a tensor outlives the file object that mapped it") {

@@ -5,7 +5,10 @@
 //     counted as STREAM counts it (24 bytes per element: two reads and a write); the best of --runs;
 //   - GEMM peak: at::mm of square matrices (--n) in fp32 and bf16, the fastest call of ~1 s of calls;
 //     and fp32 through neva::nn::linear_product without autograd (OpenBLAS where installed: neva's
-//     inference linears), the denominator of their rows.
+//     inference linears), the denominator of their rows;
+//   - one-row products (a decode step's linears): the GB/s of weights read by at::linear and by
+//     neva::nn::linear_product without autograd, fp32 and bf16, over 512 MiB of 2048 x 5632 weights
+//     (far beyond the caches), the best of --runs sweeps.
 // Prints one line per figure and, with --json FILE, the same as JSON (what --compare reads).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -17,6 +20,7 @@
 #include <cstring>
 #include <fstream>
 #include <string>
+#include <vector>
 
 #include "neva/nn/linear.h"
 
@@ -60,6 +64,25 @@ double gemm_gflop_per_s(std::int64_t n, at::ScalarType dtype, Product product) {
   return 2.0 * static_cast<double>(n) * n * n / best / 1e9;
 }
 
+// Weight bytes per second of x [1, K] @ w^T over enough matrices [N, K] to stream them from memory.
+template <class Product>
+double gemv_gb_per_s(at::ScalarType dtype, int runs, Product product) {
+  const std::int64_t n = 5632, k = 2048;
+  const std::int64_t bytes = n * k * static_cast<std::int64_t>(c10::elementSize(dtype));
+  const std::int64_t count = std::max<std::int64_t>(4, (std::int64_t{512} << 20) / bytes);
+  std::vector<at::Tensor> weights;
+  for (std::int64_t i = 0; i < count; ++i) weights.push_back(at::randn({n, k}).to(dtype));
+  const at::Tensor x = at::randn({1, k}).to(dtype);
+  for (const at::Tensor& w : weights) product(x, w);
+  double best = 1e30;
+  for (int i = 0; i < std::max(runs, 3); ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    for (const at::Tensor& w : weights) product(x, w);
+    best = std::min(best, seconds_of(start));
+  }
+  return static_cast<double>(bytes * count) / best / 1e9;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -97,6 +120,12 @@ int main(int argc, char** argv) {
   const double linear = gemm_gflop_per_s(n, at::kFloat, [](const at::Tensor& x, const at::Tensor& w) {
     return neva::nn::linear_product(x, w);
   });
+  auto aten_linear = [](const at::Tensor& x, const at::Tensor& w) { return at::linear(x, w); };
+  auto neva_linear = [](const at::Tensor& x, const at::Tensor& w) { return neva::nn::linear_product(x, w); };
+  const double gemv_fp32_aten = gemv_gb_per_s(at::kFloat, runs, aten_linear);
+  const double gemv_fp32_neva = gemv_gb_per_s(at::kFloat, runs, neva_linear);
+  const double gemv_bf16_aten = gemv_gb_per_s(at::kBFloat16, runs, aten_linear);
+  const double gemv_bf16_neva = gemv_gb_per_s(at::kBFloat16, runs, neva_linear);
   std::printf("threads: %d\n", threads);
   std::printf("memory bandwidth (triad over %lld MiB, best of %d): %.1f GB/s\n", static_cast<long long>(mib), runs, triad);
   std::printf("GEMM peak fp32 (%lld x %lld x %lld): %.1f GFLOP/s\n", static_cast<long long>(n), static_cast<long long>(n),
@@ -106,10 +135,16 @@ int main(int argc, char** argv) {
   std::printf("GEMM peak fp32, neva's inference linears (%lld x %lld x %lld, %s): %.1f GFLOP/s\n",
               static_cast<long long>(n), static_cast<long long>(n), static_cast<long long>(n),
               neva::nn::cpu_blas_name().c_str(), linear);
+  std::printf("one-row products, weights read (5632 x 2048): fp32 at::linear %.1f GB/s, neva %.1f GB/s (%s); "
+              "bf16 at::linear %.1f GB/s, neva %.1f GB/s (%s)\n",
+              gemv_fp32_aten, gemv_fp32_neva, neva::nn::cpu_blas_name().c_str(), gemv_bf16_aten, gemv_bf16_neva,
+              neva::nn::cpu_bf16_gemv_name().c_str());
   if (!json.empty()) {
     std::ofstream out(json);
     out << "{\"threads\": " << threads << ", \"triad_gb_per_s\": " << triad << ", \"gemm_fp32_gflop_per_s\": " << fp32
-        << ", \"gemm_bf16_gflop_per_s\": " << bf16 << ", \"gemm_fp32_inference_gflop_per_s\": " << linear << "}\n";
+        << ", \"gemm_bf16_gflop_per_s\": " << bf16 << ", \"gemm_fp32_inference_gflop_per_s\": " << linear
+        << ", \"gemv_fp32_aten_gb_per_s\": " << gemv_fp32_aten << ", \"gemv_fp32_gb_per_s\": " << gemv_fp32_neva
+        << ", \"gemv_bf16_aten_gb_per_s\": " << gemv_bf16_aten << ", \"gemv_bf16_gb_per_s\": " << gemv_bf16_neva << "}\n";
     if (!out) {
       std::fprintf(stderr, "neva-bench-machine: cannot write %s\n", json.c_str());
       return 1;

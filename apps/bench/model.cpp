@@ -1,4 +1,4 @@
-// neva-bench-model RECIPE [--prompt-tokens P] [--new-tokens N] [--precision 32|bf16] [--batch B]
+// neva-bench-model RECIPE [--prompt-tokens P] [--new-tokens N] [--precision 32|bf16] [--batch B] [--encode-only]
 // Prefill and decode tokens/s of the recipe's language model (B sequences, greedy, KV cache) and the
 // encode time of one image through its vision encoder, on the recipe's weights (random unless it
 // names from_pretrained) and random inputs; then the time from the process's start to the first
@@ -48,6 +48,8 @@ int main(int argc, char** argv) {
   app.add_option("--new-tokens", new_tokens);
   app.add_option("--precision", precision)->check(CLI::IsMember({"32", "bf16"}));
   app.add_option("--batch", batch, "Sequences prefilled and decoded together")->check(CLI::Range(1, 4096));
+  bool encode_only = false;
+  app.add_flag("--encode-only", encode_only, "Only the image through the vision encoder (no language model timing)");
   CLI11_PARSE(app, argc, argv);
 
   neva::Recipe recipe = neva::load_recipe(recipe_path, {"trainer.precision=" + precision});
@@ -58,55 +60,60 @@ int main(int argc, char** argv) {
   torch::NoGradGuard no_grad;
   model.backbone().eval();
 
-  at::Tensor prompt = at::randint(0, model.backbone().vocab_size(), {batch, prompt_tokens}, at::kLong);
-  auto timed_prefill = [&](neva::KVCache* cache) {
-    neva::BackboneInputs inputs;
-    inputs.embeddings = model.backbone().embed(prompt);
-    inputs.cache = cache;
-    return model.backbone().forward(inputs).logits;
-  };
-  auto warm_start = std::chrono::steady_clock::now();
-  { auto warm = model.backbone().new_cache(batch, prompt_tokens + new_tokens); timed_prefill(warm.get()); }
-  const double warm_up = seconds_since(warm_start);
-  auto cache = model.backbone().new_cache(batch, prompt_tokens + new_tokens);
-  auto start = std::chrono::steady_clock::now();
-  at::Tensor logits = timed_prefill(cache.get());
-  double prefill = seconds_since(start);
-  // The prompt's logits give the first token. The warm-up prefill ran before the timed one: a cold
-  // start would have the first token that much earlier, so its time is taken out.
-  const double first_token = seconds_since_process_start() - warm_up;
-  start = std::chrono::steady_clock::now();
-  for (std::int64_t i = 0; i < new_tokens; ++i) {
-    neva::BackboneInputs step;
-    step.embeddings = model.backbone().embed(logits.select(1, -1).argmax(-1, true));
-    step.cache = cache.get();
-    logits = model.backbone().forward(step).logits;
-  }
-  double decode = seconds_since(start);
-  if (batch == 1) {
-    std::printf("neva   %-5s prefill %5lld tokens: %8.1f tokens/s   decode %4lld tokens: %7.2f tokens/s\n",
-                precision.c_str(), static_cast<long long>(prompt_tokens), prompt_tokens / prefill,
-                static_cast<long long>(new_tokens), new_tokens / decode);
-  } else {
-    std::printf("neva   %-5s batch %lld  prefill %5lld tokens: %8.1f tokens/s   decode %4lld tokens: %7.2f tokens/s\n",
-                precision.c_str(), static_cast<long long>(batch), static_cast<long long>(prompt_tokens),
-                batch * prompt_tokens / prefill, static_cast<long long>(new_tokens), batch * new_tokens / decode);
+  double first_token = 0, warm_up = 0;
+  if (!encode_only) {
+    at::Tensor prompt = at::randint(0, model.backbone().vocab_size(), {batch, prompt_tokens}, at::kLong);
+    auto timed_prefill = [&](neva::KVCache* cache) {
+      neva::BackboneInputs inputs;
+      inputs.embeddings = model.backbone().embed(prompt);
+      inputs.cache = cache;
+      return model.backbone().forward(inputs).logits;
+    };
+    auto warm_start = std::chrono::steady_clock::now();
+    { auto warm = model.backbone().new_cache(batch, prompt_tokens + new_tokens); timed_prefill(warm.get()); }
+    warm_up = seconds_since(warm_start);
+    auto cache = model.backbone().new_cache(batch, prompt_tokens + new_tokens);
+    auto start = std::chrono::steady_clock::now();
+    at::Tensor logits = timed_prefill(cache.get());
+    double prefill = seconds_since(start);
+    // The prompt's logits give the first token. The warm-up prefill ran before the timed one: a cold
+    // start would have the first token that much earlier, so its time is taken out.
+    first_token = seconds_since_process_start() - warm_up;
+    start = std::chrono::steady_clock::now();
+    for (std::int64_t i = 0; i < new_tokens; ++i) {
+      neva::BackboneInputs step;
+      step.embeddings = model.backbone().embed(logits.select(1, -1).argmax(-1, true));
+      step.cache = cache.get();
+      logits = model.backbone().forward(step).logits;
+    }
+    double decode = seconds_since(start);
+    if (batch == 1) {
+      std::printf("neva   %-5s prefill %5lld tokens: %8.1f tokens/s   decode %4lld tokens: %7.2f tokens/s\n",
+                  precision.c_str(), static_cast<long long>(prompt_tokens), prompt_tokens / prefill,
+                  static_cast<long long>(new_tokens), new_tokens / decode);
+    } else {
+      std::printf("neva   %-5s batch %lld  prefill %5lld tokens: %8.1f tokens/s   decode %4lld tokens: %7.2f tokens/s\n",
+                  precision.c_str(), static_cast<long long>(batch), static_cast<long long>(prompt_tokens),
+                  batch * prompt_tokens / prefill, static_cast<long long>(new_tokens), batch * new_tokens / decode);
+    }
   }
   if (model.encoder()) {
     model.encoder()->eval();
     const std::int64_t side = model.encoder()->image_size();
     at::Tensor pixels = at::randn({1, 3, side, side});
     model.encoder()->forward(pixels);  // warm-up
-    start = std::chrono::steady_clock::now();
+    const auto start = std::chrono::steady_clock::now();
     at::Tensor features = model.encoder()->forward(pixels);
     std::printf("neva   %-5s encode 1 image %lldx%lld -> %lld tokens: %8.1f ms\n", precision.c_str(),
                 static_cast<long long>(side), static_cast<long long>(side), static_cast<long long>(features.size(1)),
                 seconds_since(start) * 1e3);
   }
+  if (encode_only) return 0;
   rusage usage{};
   getrusage(RUSAGE_SELF, &usage);
   std::printf("neva   %-5s from process start to the first token: %.2f s (the warm-up's %.2f s taken out); "
               "peak RSS %.0f MiB\n", precision.c_str(), first_token, warm_up, usage.ru_maxrss / 1024.0);
   std::printf("neva   %-5s fp32 linear layers without autograd: %s\n", precision.c_str(), neva::nn::cpu_blas_name().c_str());
+  std::printf("neva   %-5s bf16 linear layers without autograd: %s\n", precision.c_str(), neva::nn::cpu_bf16_gemv_name().c_str());
   return 0;
 }

@@ -243,7 +243,8 @@ int main(int argc, char** argv) {
     try {  // what computes: a bad NEVA_CPU_BLAS is reported here too
       const char* policy = std::getenv("OMP_WAIT_POLICY");
       std::cout << "fp32 CPU linear layers without autograd: " << neva::nn::cpu_blas_name()
-                << "; OMP_WAIT_POLICY=" << (policy ? policy : "(unset)") << "\n";
+                << "; OMP_WAIT_POLICY=" << (policy ? policy : "(unset)") << "\n"
+                << "bf16 CPU linear layers without autograd: " << neva::nn::cpu_bf16_gemv_name() << "\n";
     } catch (const neva::Error& error) {
       std::cerr << "neva-run: " << error.what() << "\n";
       return kExitUsage;

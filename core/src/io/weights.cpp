@@ -33,7 +33,7 @@ WeightMap detect_layout(const SafetensorsCheckpoint& checkpoint, const std::vect
 
 void load_weights(torch::nn::Module& module, const SafetensorsCheckpoint& checkpoint, const WeightMap& map,
                   const std::string& what, const std::shared_ptr<ProcessGroup>& tensor_group) {
-  std::set<std::string> used;
+  std::set<std::string> used, mapped;
   torch::NoGradGuard no_grad;
   const int tp = group_size(tensor_group), tp_rank = group_rank(tensor_group);
   std::map<std::string, nn::ParameterSharding> shardings;
@@ -45,15 +45,28 @@ void load_weights(torch::nn::Module& module, const SafetensorsCheckpoint& checkp
     if (name.empty()) throw Error(what + ": no checkpoint name for parameter '" + item.key() + "'");
     at::Tensor& parameter = item.value();
     const auto sharding = shardings.find(item.key());
+    // A tensor the checkpoint gives to two parameters (a tied copy) is mapped into the first only:
+    // two parameters must not share memory unless the module ties them itself.
+    const bool first_use = used.insert(name).second;
     if (sharding == shardings.end() || sharding->second.tensor_parallel_dim < 0) {
-      parameter.copy_(checkpoint.tensor(name, parameter.sizes()));
+      const at::Tensor stored = checkpoint.tensor(name, parameter.sizes());
+      if (first_use && parameter.device().is_cpu() && stored.scalar_type() == parameter.scalar_type() &&
+          stored.is_contiguous()) {
+        // The parameter becomes the file's (copy-on-write) pages: nothing is copied, pages are read
+        // from the page cache when first touched, and an update (training) copies just the pages it
+        // writes. The file is never written; the mapping lives as long as the parameter.
+        parameter.set_data(stored);
+        mapped.insert(name);
+        continue;
+      }
+      parameter.copy_(stored);
     } else {  // this rank's shard of the whole tensor
       const nn::ParameterSharding& s = sharding->second;
       const at::Tensor whole = checkpoint.tensor(name, nn::whole_shape(parameter, s, tp));
       parameter.copy_(nn::shard_of(whole, s, tp_rank, tp, parameter.size(s.tensor_parallel_dim)));
     }
-    checkpoint.release(name);  // copied: the mapping's pages go back (peak memory: the weights once)
-    used.insert(name);
+    // Copied: the mapping's pages go back (peak memory: the weights once), unless a parameter maps them.
+    if (!mapped.count(name)) checkpoint.release(name);
   }
   for (const auto& name : checkpoint.names()) {
     if (used.count(name)) continue;

@@ -532,7 +532,11 @@ DecoderPluginConfig* parse_decoder_plugin_config(const ConfigSection& section, c
 
 Component* create_decoder_backbone(const ComponentConfig& config, const RuntimeContext& context) {
   const auto& plugin = dynamic_cast<const DecoderPluginConfig&>(config);
-  auto backbone = std::make_unique<DecoderBackbone>(plugin.decoder, context);
+  std::unique_ptr<DecoderBackbone> backbone;
+  {
+    nn::UninitialisedParameters loaded_next(!plugin.weights.empty());  // load() fills every parameter
+    backbone = std::make_unique<DecoderBackbone>(plugin.decoder, context);
+  }
   if (!plugin.weights.empty()) backbone->load(plugin.weights, plugin.architecture);
   return backbone.release();
 }

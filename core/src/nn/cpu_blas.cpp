@@ -34,6 +34,7 @@
 #include <string>
 #include <vector>
 
+#include "bf16_gemv.h"
 #include "neva/error.h"
 #include "neva/nn/linear.h"
 
@@ -49,13 +50,18 @@ struct OpenBlas {
   std::atomic<int> threads{0};
   std::mutex resizing;
 
+  bool aten = false;    // NEVA_CPU_BLAS=aten: every product at::linear's
   std::string error;    // why NEVA_CPU_BLAS cannot be honoured
   std::string why_not;  // why OpenBLAS is not used, by default
 
   OpenBlas() {
     const char* choice = std::getenv("NEVA_CPU_BLAS");
     const std::string wanted = choice ? choice : "";
-    if (wanted == "aten") return;
+    if (wanted == "aten") {
+      aten = true;
+      why_not = "NEVA_CPU_BLAS=aten";
+      return;
+    }
     if (!wanted.empty() && wanted != "openblas") {
       error = "NEVA_CPU_BLAS is '" + wanted + "': expected 'openblas' or 'aten' (or unset: OpenBLAS when installed " +
               "and OMP_WAIT_POLICY is passive)";
@@ -117,23 +123,52 @@ std::string cpu_blas_name() {
   return "ATen (MKL)" + (library.why_not.empty() ? std::string() : ": " + library.why_not);
 }
 
+std::string cpu_bf16_gemv_name() {
+  if (openblas().aten) return "ATen (oneDNN): NEVA_CPU_BLAS=aten";
+  return std::string("neva's GEMV (") + detail::bf16_gemv_isa() + ") up to " + std::to_string(detail::kBf16GemvMaxRows) +
+         " rows, ATen (oneDNN) beyond";
+}
+
 namespace {
-std::optional<at::Tensor> openblas_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
-  if (!x.defined() || !weight.defined() || !x.device().is_cpu() || !weight.device().is_cpu()) return std::nullopt;
-  if (x.scalar_type() != at::kFloat || weight.scalar_type() != at::kFloat || weight.dim() != 2 || x.dim() < 1) {
-    return std::nullopt;
-  }
-  if (bias.defined() && (!bias.device().is_cpu() || bias.scalar_type() != at::kFloat || bias.dim() != 1 ||
+// What every path past at::linear needs: CPU tensors of x's dtype that autograd does not record,
+// a 2-D weight and a 1-D bias that fit, outside an AtenLinearScope and CPU autocast.
+bool may_leave_aten(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  if (!x.defined() || !weight.defined() || !x.device().is_cpu() || !weight.device().is_cpu()) return false;
+  if (weight.scalar_type() != x.scalar_type() || weight.dim() != 2 || x.dim() < 1) return false;
+  if (bias.defined() && (!bias.device().is_cpu() || bias.scalar_type() != x.scalar_type() || bias.dim() != 1 ||
                          bias.size(0) != weight.size(0))) {
-    return std::nullopt;
+    return false;
   }
   if (at::GradMode::is_enabled() &&
       (x.requires_grad() || weight.requires_grad() || (bias.defined() && bias.requires_grad()))) {
-    return std::nullopt;  // autograd records at::linear
+    return false;  // autograd records at::linear
   }
-  if (aten_scopes > 0) return std::nullopt;
+  if (aten_scopes > 0) return false;
+  if (at::autocast::is_autocast_enabled(at::kCPU)) return false;  // autocast casts at::linear's inputs
+  return !openblas().aten;
+}
+
+std::vector<std::int64_t> output_shape(const at::Tensor& x, std::int64_t n) {
+  std::vector<std::int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  return shape;
+}
+
+// bf16 with up to kBf16GemvMaxRows rows (decoding): neva's GEMV (bf16_gemv.cpp); a GEMM stays oneDNN's.
+std::optional<at::Tensor> bf16_gemv_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  if (x.scalar_type() != at::kBFloat16 || !may_leave_aten(x, weight, bias)) return std::nullopt;
+  const std::int64_t n = weight.size(0), k = weight.size(1);
+  if (x.size(-1) != k || k == 0 || n == 0 || !weight.is_contiguous()) return std::nullopt;
+  const std::int64_t m = x.numel() / k;
+  if (m < 1 || m > detail::kBf16GemvMaxRows) return std::nullopt;
+  const at::Tensor y = detail::bf16_rows_times_weight(x.reshape({m, k}).contiguous(), weight,
+                                                      bias.defined() ? bias.contiguous() : bias);
+  return y.view(output_shape(x, n));
+}
+
+std::optional<at::Tensor> openblas_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  if (x.scalar_type() != at::kFloat || !may_leave_aten(x, weight, bias)) return std::nullopt;
   if (at::in_parallel_region()) return std::nullopt;  // no second pool inside LibTorch's threads
-  if (at::autocast::is_autocast_enabled(at::kCPU)) return std::nullopt;  // autocast casts at::linear's inputs
   OpenBlas& library = openblas();
   if (!library.loaded()) return std::nullopt;
   const std::int64_t n = weight.size(0), k = weight.size(1);
@@ -143,8 +178,7 @@ std::optional<at::Tensor> openblas_linear(const at::Tensor& x, const at::Tensor&
   library.follow_threads();
 
   const at::Tensor input = x.contiguous();
-  std::vector<std::int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = n;
+  const std::vector<std::int64_t> shape = output_shape(x, n);
   // A fresh output holding the bias (or zeros) that the product is added to (beta = 1): never
   // bias.expand().contiguous(), which for a single row is the bias itself; never uninitialised memory,
   // which some OpenBLAS releases let through as NaN even with beta = 0.
@@ -171,6 +205,7 @@ void prefer_passive_openmp(char** argv) {
 
 at::Tensor linear_product(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
   if (auto y = openblas_linear(x, weight, bias)) return *std::move(y);
+  if (auto y = bf16_gemv_linear(x, weight, bias)) return *std::move(y);
   return at::linear(x, weight, bias);
 }
 

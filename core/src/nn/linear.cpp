@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <string>
 
 #include "neva/error.h"
@@ -32,14 +33,32 @@ at::Tensor placed(const RuntimeContext& context, at::Tensor cpu) {
 
 }  // namespace
 
-// On the meta device (a part another pipeline stage holds, built for its shapes only) nothing is drawn.
-at::Tensor uniform_parameter(const RuntimeContext& context, at::IntArrayRef shape, double bound) {
+namespace {
+thread_local int uninitialised_scopes = 0;
+
+// On the meta device (a part another pipeline stage holds, built for its shapes only) and in an
+// UninitialisedParameters scope nothing is drawn.
+std::optional<at::Tensor> undrawn(const RuntimeContext& context, at::IntArrayRef shape) {
   if (context.device.is_meta()) return at::empty(shape, at::TensorOptions(at::kFloat).device(at::kMeta));
+  if (uninitialised_scopes > 0) return at::empty(shape, at::TensorOptions(at::kFloat).device(context.device));
+  return std::nullopt;
+}
+}  // namespace
+
+UninitialisedParameters::UninitialisedParameters(bool active) : active_(active) {
+  if (active_) ++uninitialised_scopes;
+}
+UninitialisedParameters::~UninitialisedParameters() {
+  if (active_) --uninitialised_scopes;
+}
+
+at::Tensor uniform_parameter(const RuntimeContext& context, at::IntArrayRef shape, double bound) {
+  if (auto empty = undrawn(context, shape)) return *std::move(empty);
   return placed(context, at::empty(shape, at::kFloat).uniform_(-bound, bound, context.generator));
 }
 
 at::Tensor normal_parameter(const RuntimeContext& context, at::IntArrayRef shape, double std) {
-  if (context.device.is_meta()) return at::empty(shape, at::TensorOptions(at::kFloat).device(at::kMeta));
+  if (auto empty = undrawn(context, shape)) return *std::move(empty);
   return placed(context, at::empty(shape, at::kFloat).normal_(0.0, std, context.generator));
 }
 

@@ -79,7 +79,10 @@ class ClipEncoder : public neva::VisionEncoder {
  public:
   ClipEncoder(const Config& config, const neva::RuntimeContext& context)
       : config_(config), hidden_state_(config.selected_hidden_state(config.num_layers)) {
-    vision_model_ = register_module("vision_model", std::make_shared<ClipTransformer>(context, config));
+    {
+      neva::nn::UninitialisedParameters loaded_next(!config.weights.empty());  // load_weights fills every one
+      vision_model_ = register_module("vision_model", std::make_shared<ClipTransformer>(context, config));
+    }
     // What the features never pass through is held for checkpoints but not trainable.
     vision_model_->encoder->freeze_from(hidden_state_);
     for (auto& parameter : vision_model_->post_layernorm->parameters()) parameter.set_requires_grad(false);

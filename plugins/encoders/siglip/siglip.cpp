@@ -83,7 +83,10 @@ class SiglipEncoder : public neva::VisionEncoder {
  public:
   SiglipEncoder(const Config& config, const neva::RuntimeContext& context)
       : config_(config), hidden_state_(config.selected_hidden_state(config.num_layers)) {
-    vision_model_ = register_module("vision_model", std::make_shared<SiglipTransformer>(context, config));
+    {
+      neva::nn::UninitialisedParameters loaded_next(!config.weights.empty());  // load_weights fills every one
+      vision_model_ = register_module("vision_model", std::make_shared<SiglipTransformer>(context, config));
+    }
     vision_model_->encoder->freeze_from(hidden_state_);
     to(context.device, context.dtypes.params);
     if (!config.weights.empty()) {

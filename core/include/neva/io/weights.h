@@ -42,7 +42,12 @@ NEVA_API WeightMap detect_layout(const SafetensorsCheckpoint& checkpoint, const 
                                  const std::string& what,
                                  std::function<bool(const std::string&)> may_ignore = nullptr);
 
-// Copies every parameter of `module` from `checkpoint` (converting dtype, keeping device).
+// Loads every parameter of `module` from `checkpoint` (converting dtype, keeping device). A CPU
+// parameter of the stored dtype, not split over tensor parallelism, becomes a view of the file's
+// copy-on-write mapping instead of a copy (llama.cpp's and safetensors' mmap loading): no copy, no
+// second copy in memory, pages read when first used; writing to it (training) copies the pages written
+// and never touches the file. Replacing the file with a new one (a checkpoint's rename) is safe; a
+// program truncating the file in place while neva runs is not.
 // `what` names the component in errors ("llama language model"). With a tensor-parallel group of
 // more than one rank, a parameter split over it (neva::nn's ParameterSharding) takes its shard of the
 // whole checkpoint tensor.

@@ -8,8 +8,8 @@
 // uniform(+-1/sqrt(fan_in)) biases for Linear and Conv2d, N(0, 1) for Embedding) and the same ATen
 // call in forward (at::linear, at::embedding, at::conv2d), so results are bitwise those of torch::nn
 // whenever autograd records. Without autograd (generation, scoring, serving), fp32 products on the CPU
-// may go through OpenBLAS instead (linear_product): the same product to fp32 rounding, 1.7x faster to
-// decode on AMD processors.
+// may go through OpenBLAS instead, and bf16 products of a few rows through neva's GEMV
+// (linear_product): the same product to fp32 rounding, 1.7x / 2x faster to decode on AMD processors.
 // Weights are drawn from the context's generator on the CPU, in the order layers are built, then
 // moved to the context's device.
 #include <ATen/core/Tensor.h>
@@ -82,16 +82,22 @@ class NEVA_API LinearKernel {
   virtual std::string mode() const = 0;
 };
 
-// x @ weight^T (+ bias): at::linear, except for fp32 tensors on the CPU that autograd does not record,
-// which go through OpenBLAS's cblas_sgemv / cblas_sgemm (opened with RTLD_LOCAL beside LibTorch's MKL,
-// whose GEMV runs at half OpenBLAS's bandwidth on AMD processors; docs/benchmarks.md) when
-// OMP_WAIT_POLICY is passive (see prefer_passive_openmp) or NEVA_CPU_BLAS=openblas. at::linear when
-// OpenBLAS is not installed, NEVA_CPU_BLAS=aten, inside a LibTorch parallel region or an
-// AtenLinearScope, under CPU autocast (which casts at::linear's inputs), or for other dtypes and devices.
+// x @ weight^T (+ bias): at::linear, except for CPU tensors that autograd does not record:
+//  - fp32 goes through OpenBLAS's cblas_sgemv / cblas_sgemm (opened with RTLD_LOCAL beside LibTorch's
+//    MKL, whose GEMV runs at half OpenBLAS's bandwidth on AMD processors; docs/benchmarks.md) when
+//    OMP_WAIT_POLICY is passive (see prefer_passive_openmp) or NEVA_CPU_BLAS=openblas, and not inside a
+//    LibTorch parallel region;
+//  - bf16 with at most 8 rows (decoding) goes through neva's own GEMV (AVX512-BF16 or AVX2; oneDNN's
+//    one-row products read weights at a third to a half of the bandwidth), fp32 sums rounded to bf16.
+// at::linear when OpenBLAS is not installed, NEVA_CPU_BLAS=aten, inside an AtenLinearScope, under CPU
+// autocast (which casts at::linear's inputs), or for other dtypes, shapes and devices.
 NEVA_API at::Tensor linear_product(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias = {});
 // Which library computes linear_product's fp32 CPU products: "OpenBLAS (<its build config>)", or
 // "ATen (MKL)" with the reason.
 NEVA_API std::string cpu_blas_name();
+// Which kernel computes linear_product's bf16 CPU products: "neva's GEMV (<instructions>) up to 8 rows,
+// ATen (oneDNN) beyond", or "ATen (oneDNN): NEVA_CPU_BLAS=aten".
+NEVA_API std::string cpu_bf16_gemv_name();
 // While one lives on this thread, linear_product is at::linear: for what runs without autograd but
 // is computed again with it (activation recomputation's first pass), so that both passes agree bitwise.
 class NEVA_API AtenLinearScope {
@@ -214,8 +220,25 @@ NEVA_API Embedding embedding(const RuntimeContext& context, std::int64_t num_emb
 NEVA_API Conv2d conv2d(const RuntimeContext& context, std::int64_t in_channels, std::int64_t out_channels,
                        std::int64_t kernel, std::int64_t stride, bool bias = true);
 
-// A parameter initialised from the context's generator: uniform(-bound, bound) or N(0, std).
+// A parameter initialised from the context's generator: uniform(-bound, bound) or N(0, std). Inside an
+// UninitialisedParameters scope: allocated only, nothing drawn.
 NEVA_API at::Tensor uniform_parameter(const RuntimeContext& context, at::IntArrayRef shape, double bound);
 NEVA_API at::Tensor normal_parameter(const RuntimeContext& context, at::IntArrayRef shape, double std = 1.0);
+
+// While one lives on this thread, uniform_parameter / normal_parameter allocate without drawing (the
+// memory is not even touched): for a part built only to be loaded from a checkpoint, which
+// load_weights fills wholly or refuses. Saves the draws (single-threaded: seconds for a 1B model) and
+// the memory of weights that the checkpoint's mapped pages replace. The context's generator is not
+// advanced, so parts built after it draw what they would have drawn first.
+class NEVA_API UninitialisedParameters {
+ public:
+  explicit UninitialisedParameters(bool active = true);
+  ~UninitialisedParameters();
+  UninitialisedParameters(const UninitialisedParameters&) = delete;
+  UninitialisedParameters& operator=(const UninitialisedParameters&) = delete;
+
+ private:
+  bool active_;
+};
 
 }  // namespace neva::nn
