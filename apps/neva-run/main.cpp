@@ -142,6 +142,9 @@ int main(int argc, char** argv) {
       "run over tensor x pipeline x expert = N processes.\n"
       "Precision: trainer.precision = 32 | bf16 (model.megatron_amp_O2 = true: bf16 weights, fp32 main weights);\n"
       "model.fp8 = true with fp8_hybrid or fp8_e4m3 runs the decoder layers' GEMMs in FP8 over it (docs/precision.md).\n"
+      "CPU kernels without autograd: fp32 linears on OpenBLAS, bf16 ones of up to 8 rows on neva's GEMV;\n"
+      "NEVA_CPU_BLAS=aten keeps LibTorch's everywhere, NEVA_BF16_GEMV=avx2|scalar narrows the GEMV; --version\n"
+      "names what runs.\n"
       "Rank 0 writes the run directory and the answers; every rank logs to <run>/logs/rank-R.log.\n"
       "Exit codes: 0 success, 2 usage or recipe error, 1 runtime error; a training run stopped by SIGTERM or\n"
       "SIGINT checkpoints first and exits 143 or 130 (run it again to continue).",
