@@ -137,6 +137,13 @@ TEST_CASE("without autograd, bf16 linear layers of up to 8 rows on the CPU go th
   const std::string kernel = neva::nn::cpu_bf16_gemv_name();
   CAPTURE(kernel);
   CHECK(kernel.rfind(aten ? "ATen (oneDNN)" : "neva's GEMV (", 0) == 0);
+  // The kernel NEVA_BF16_GEMV asks for is the one named; the scalar one sums in k's order, which the
+  // test repeats below to the bit (proof that it, not oneDNN, computed).
+  const char* asked = std::getenv("NEVA_BF16_GEMV");
+  const std::string wanted = asked ? asked : "";
+  const std::map<std::string, std::string> names = {{"avx512bf16", "AVX512-BF16"}, {"avx2", "AVX2"}, {"scalar", "scalar"}};
+  if (!aten && names.count(wanted)) CHECK(kernel.find("(" + names.at(wanted) + ")") != std::string::npos);
+  const bool scalar = !aten && wanted == "scalar";
   at::manual_seed(5);
   at::NoGradGuard no_grad;
   // K: whole vector steps, a tail, a decoder's width; N: fewer rows than a block, a partial last block.
@@ -165,6 +172,21 @@ TEST_CASE("without autograd, bf16 linear layers of up to 8 rows on the CPU go th
           // And oneDNN's at::linear agrees to a bf16 step.
           const at::Tensor onednn = at::linear(x, weight, b).to(at::kDouble);
           CHECK(((fast.to(at::kDouble) - onednn).abs() <= 2 * allowed).all().item<bool>());
+          if (scalar) {  // the scalar kernel's sums, in its order: fp32, k ascending, bias last, one rounding
+            const at::Tensor xs = x.to(at::kFloat).contiguous(), ws = weight.to(at::kFloat).contiguous();
+            const float* xv = xs.const_data_ptr<float>();
+            const float* wv = ws.const_data_ptr<float>();
+            at::Tensor ordered = at::empty({m, n}, at::kBFloat16);
+            for (std::int64_t i = 0; i < m; ++i) {
+              for (std::int64_t j = 0; j < n; ++j) {
+                float sum = 0.0f;
+                for (std::int64_t l = 0; l < k; ++l) sum += xv[i * k + l] * wv[j * k + l];
+                if (with_bias) sum += bias[j].item<float>();
+                ordered[i][j] = at::BFloat16(sum);
+              }
+            }
+            CHECK(at::equal(fast, ordered));
+          }
         }
       }
     }

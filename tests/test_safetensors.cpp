@@ -95,13 +95,16 @@ TEST_CASE("load_weights maps a CPU parameter of the stored dtype instead of copy
   TempDir dir;
   auto path = (dir.path() / "m.safetensors").string();
   const at::Tensor stored = torch::randn({64, 64});
-  neva::write_safetensors(path, {{"x.weight", stored}, {"y.weight", torch::randn({8})}});
+  const at::Tensor row = torch::randn({8});
+  neva::write_safetensors(path, {{"x.weight", stored}, {"y.weight", torch::randn({8})}, {"z.weight", row}});
   struct Part : torch::nn::Module {
     at::Tensor a = register_parameter("a", torch::zeros({64, 64}));
     at::Tensor b = register_parameter("b", torch::zeros({64, 64}));          // the same tensor as a's
     at::Tensor c = register_parameter("c", torch::zeros({8}, at::kBFloat16));  // another dtype
+    at::Tensor fused = torch::zeros({2, 8});
+    at::Tensor d = register_parameter("d", fused[0]);  // a view: its memory is fused's
   };
-  const neva::WeightMap map{{{"a", "x.weight"}, {"b", "x.weight"}, {"c", "y.weight"}}, nullptr};
+  const neva::WeightMap map{{{"a", "x.weight"}, {"b", "x.weight"}, {"c", "y.weight"}, {"d", "z.weight"}}, nullptr};
   Part part;
   const void* const a_before = part.a.data_ptr();
   const void* const b_before = part.b.data_ptr();
@@ -113,6 +116,8 @@ TEST_CASE("load_weights maps a CPU parameter of the stored dtype instead of copy
   CHECK(part.a.data_ptr() != a_before);  // mapped: the file's pages, not the construction's memory
   CHECK(part.b.data_ptr() == b_before);  // the second user of a tensor gets a copy of its own
   CHECK(part.c.data_ptr() == c_before);  // converted into its own memory
+  CHECK(at::equal(part.fused[0], row));   // a view is filled in place, so what shares its memory sees it
+  CHECK(at::equal(part.d, row));
   CHECK(part.a.requires_grad());
   // An optimizer's in-place update touches the parameter only: not the file, not its other user,
   // not a second model mapped from the same file.

@@ -243,11 +243,12 @@ int main(int argc, char** argv) {
     return 0;
   } catch (const CLI::CallForVersion&) {
     std::cout << app.version() << "\n";
-    try {  // what computes: a bad NEVA_CPU_BLAS is reported here too
+    try {  // what computes: a bad NEVA_CPU_BLAS or NEVA_BF16_GEMV is reported here too
       const char* policy = std::getenv("OMP_WAIT_POLICY");
-      std::cout << "fp32 CPU linear layers without autograd: " << neva::nn::cpu_blas_name()
-                << "; OMP_WAIT_POLICY=" << (policy ? policy : "(unset)") << "\n"
-                << "bf16 CPU linear layers without autograd: " << neva::nn::cpu_bf16_gemv_name() << "\n";
+      const std::string fp32 = neva::nn::cpu_blas_name(), bf16 = neva::nn::cpu_bf16_gemv_name();
+      std::cout << "fp32 CPU linear layers without autograd: " << fp32 << "; OMP_WAIT_POLICY="
+                << (policy ? policy : "(unset)") << "\n"
+                << "bf16 CPU linear layers without autograd: " << bf16 << "\n";
     } catch (const neva::Error& error) {
       std::cerr << "neva-run: " << error.what() << "\n";
       return kExitUsage;
@@ -255,6 +256,13 @@ int main(int argc, char** argv) {
     return 0;
   } catch (const CLI::ParseError& error) {
     std::cerr << "neva-run: " << error.what() << " (see neva-run --help)\n";
+    return kExitUsage;
+  }
+  try {  // a bad NEVA_CPU_BLAS or NEVA_BF16_GEMV stops the run before anything is built
+    neva::nn::cpu_blas_name();
+    neva::nn::cpu_bf16_gemv_name();
+  } catch (const neva::Error& error) {
+    std::cerr << "neva-run: " << error.what() << "\n";
     return kExitUsage;
   }
 

@@ -1,5 +1,7 @@
 #include "neva/io/weights.h"
 
+#include <torch/csrc/autograd/variable.h>
+
 #include <map>
 #include <set>
 
@@ -50,12 +52,17 @@ void load_weights(torch::nn::Module& module, const SafetensorsCheckpoint& checkp
     const bool first_use = used.insert(name).second;
     if (sharding == shardings.end() || sharding->second.tensor_parallel_dim < 0) {
       const at::Tensor stored = checkpoint.tensor(name, parameter.sizes());
-      if (first_use && parameter.device().is_cpu() && stored.scalar_type() == parameter.scalar_type() &&
+      // Only a parameter that is its storage's one user: copy_ fills memory shared with other
+      // tensors (a view of a fused buffer), set_data would leave them behind.
+      const bool alone = !parameter.is_view() && parameter.storage_offset() == 0 &&
+                         parameter.storage().use_count() == 1 && parameter.storage().nbytes() == parameter.nbytes();
+      if (first_use && alone && parameter.device().is_cpu() && stored.scalar_type() == parameter.scalar_type() &&
           stored.is_contiguous()) {
         // The parameter becomes the file's (copy-on-write) pages: nothing is copied, pages are read
         // from the page cache when first touched, and an update (training) copies just the pages it
         // writes. The file is never written; the mapping lives as long as the parameter.
         parameter.set_data(stored);
+        torch::autograd::impl::bump_version(parameter);  // as copy_ would: caches keyed on it see new values
         mapped.insert(name);
         continue;
       }

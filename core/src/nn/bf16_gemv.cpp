@@ -64,6 +64,13 @@ void tile_scalar(const std::uint16_t* x, const std::uint16_t* w, std::int64_t K,
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// The address `elements` bf16 past w, for a prefetch: past the last block it lies beyond the weight,
+// which a prefetch may name (it never faults) but pointer arithmetic may not, hence integers.
+inline const char* ahead(const std::uint16_t* w, std::int64_t elements) {
+  return reinterpret_cast<const char*>(reinterpret_cast<std::uintptr_t>(w) +
+                                       static_cast<std::uintptr_t>(elements) * sizeof(std::uint16_t));
+}
+
 #define NEVA_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
 #define NEVA_AVX2 __attribute__((target("avx2,fma")))
 
@@ -83,7 +90,7 @@ NEVA_AVX512_BF16 void tile_avx512bf16(const std::uint16_t* x, const std::uint16_
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       wv[r] = _mm512_maskz_loadu_epi16(mask, w + r * K + k);
-      _mm_prefetch(reinterpret_cast<const char*>(w + (R + r) * K + k), _MM_HINT_T1);  // the next block
+      _mm_prefetch(ahead(w, (R + r) * K + k), _MM_HINT_T1);  // the next block
     }
 #pragma GCC unroll 4
     for (int m = 0; m < MT; ++m) {
@@ -124,7 +131,7 @@ NEVA_AVX2 void tile_avx2(const std::uint16_t* x, const std::uint16_t* w, std::in
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       wv[r] = widen8(w + r * K + k);
-      if (k % 32 == 0) _mm_prefetch(reinterpret_cast<const char*>(w + (R + r) * K + k), _MM_HINT_T1);
+      if (k % 32 == 0) _mm_prefetch(ahead(w, (R + r) * K + k), _MM_HINT_T1);
     }
 #pragma GCC unroll 4
     for (int m = 0; m < MT; ++m) {

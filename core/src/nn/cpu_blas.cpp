@@ -124,9 +124,9 @@ std::string cpu_blas_name() {
 }
 
 std::string cpu_bf16_gemv_name() {
+  const std::string isa = detail::bf16_gemv_isa();  // a bad NEVA_BF16_GEMV is an error even when unused
   if (openblas().aten) return "ATen (oneDNN): NEVA_CPU_BLAS=aten";
-  return std::string("neva's GEMV (") + detail::bf16_gemv_isa() + ") up to " + std::to_string(detail::kBf16GemvMaxRows) +
-         " rows, ATen (oneDNN) beyond";
+  return "neva's GEMV (" + isa + ") up to " + std::to_string(detail::kBf16GemvMaxRows) + " rows, ATen (oneDNN) beyond";
 }
 
 namespace {

@@ -225,11 +225,12 @@ NEVA_API Conv2d conv2d(const RuntimeContext& context, std::int64_t in_channels, 
 NEVA_API at::Tensor uniform_parameter(const RuntimeContext& context, at::IntArrayRef shape, double bound);
 NEVA_API at::Tensor normal_parameter(const RuntimeContext& context, at::IntArrayRef shape, double std = 1.0);
 
-// While one lives on this thread, uniform_parameter / normal_parameter allocate without drawing (the
-// memory is not even touched): for a part built only to be loaded from a checkpoint, which
-// load_weights fills wholly or refuses. Saves the draws (single-threaded: seconds for a 1B model) and
-// the memory of weights that the checkpoint's mapped pages replace. The context's generator is not
-// advanced, so parts built after it draw what they would have drawn first.
+// While one lives on this thread, uniform_parameter / normal_parameter allocate without drawing: for a
+// part built only to be loaded from a checkpoint, which load_weights fills wholly or refuses. Saves the
+// draws (single-threaded: seconds for a 1B model) and, in fp32 on the CPU, the memory of weights that
+// the checkpoint's mapped pages replace (untouched until then). The context's generator is not
+// advanced, so parts built after it draw what the skipped part would have drawn: a connector built
+// after a loaded vision tower starts from other weights than in versions before this scope existed.
 class NEVA_API UninitialisedParameters {
  public:
   explicit UninitialisedParameters(bool active = true);
