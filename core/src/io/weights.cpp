@@ -52,10 +52,10 @@ void load_weights(torch::nn::Module& module, const SafetensorsCheckpoint& checkp
     const bool first_use = used.insert(name).second;
     if (sharding == shardings.end() || sharding->second.tensor_parallel_dim < 0) {
       const at::Tensor stored = checkpoint.tensor(name, parameter.sizes());
-      // Only a parameter that is its storage's one user: copy_ fills memory shared with other
-      // tensors (a view of a fused buffer), set_data would leave them behind.
-      const bool alone = !parameter.is_view() && parameter.storage_offset() == 0 &&
-                         parameter.storage().use_count() == 1 && parameter.storage().nbytes() == parameter.nbytes();
+      // Only a parameter that is its storage's one user and all of it: copy_ fills memory shared with
+      // other tensors (a view of a fused buffer holds its base, which holds the storage too),
+      // set_data would leave them behind.
+      const bool alone = parameter.storage().use_count() == 1 && parameter.storage().nbytes() == parameter.nbytes();
       if (first_use && alone && parameter.device().is_cpu() && stored.scalar_type() == parameter.scalar_type() &&
           stored.is_contiguous()) {
         // The parameter becomes the file's (copy-on-write) pages: nothing is copied, pages are read
