@@ -102,8 +102,9 @@ case "$action" in
       export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=0:symbolize=1:detect_stack_use_after_return=true:strict_init_order=true:detect_odr_violation=1:detect_container_overflow=0:check_initialization_order=true:allocator_may_return_null=1}"
       export UBSAN_OPTIONS="${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}"
     fi
-    # The policy neva-run would re-execute itself with (neva/nn/linear.h), set once for the whole suite
-    # instead of paying a second LibTorch load in each of its hundreds of runs.
+    # ctest runs tests side by side (and the distributed ones start several processes each) on few
+    # cores: OpenMP threads that sleep at once between parallel regions leave the cores to the others
+    # instead of spinning on them. neva-run alone keeps libgomp's default (a short spin; docs/benchmarks.md).
     export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-passive}"
     cd "$build" && exec ctest --output-on-failure -j"${NEVA_JOBS:-$(nproc)}" "$@" ;;
   *) say "unknown action '$action' (expected: build, run, test)"; exit 2 ;;

@@ -18,8 +18,11 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <mutex>
 #include <regex>
+#include <set>
 #include <sstream>
+#include <thread>
 
 #include "neva/context.h"
 #include "neva/error.h"
@@ -27,6 +30,7 @@
 #include "neva/nn/linear.h"
 #include "neva/nn/mlp.h"
 #include "neva/nn/recompute.h"
+#include "neva/nn/intra_op.h"
 #include "neva/nn/module.h"
 #include "test_support.h"
 #include "tiny_decoder.h"
@@ -72,15 +76,13 @@ TEST_CASE("at tensor-parallel size 1, neva::nn's linear, embedding and conv2d ar
 }
 
 TEST_CASE("without autograd, fp32 linear layers on the CPU go through OpenBLAS: the product to fp32 rounding, in every layout") {
-  // scripts/setup.sh installs Debian's libopenblas, and its test action sets OMP_WAIT_POLICY=passive as
-  // neva-run does: then OpenBLAS computes; NEVA_CPU_BLAS=aten (at::linear always) is the one way out.
+  // scripts/setup.sh installs Debian's libopenblas: then OpenBLAS computes, whatever the OpenMP wait
+  // policy; NEVA_CPU_BLAS=aten (at::linear always) is the one way out.
   const char* choice = std::getenv("NEVA_CPU_BLAS");
-  const char* policy = std::getenv("OMP_WAIT_POLICY");
   const std::string blas = neva::nn::cpu_blas_name();
   CAPTURE(blas);
   if (choice && std::string(choice) == "aten") CHECK(blas == "ATen (MKL): NEVA_CPU_BLAS=aten");
-  else if (choice || (policy && std::string(policy) == "passive")) CHECK(blas.rfind("OpenBLAS (", 0) == 0);
-  else CHECK(blas == "ATen (MKL): OMP_WAIT_POLICY is not passive");
+  else CHECK(blas.rfind("OpenBLAS (", 0) == 0);
   auto linear = neva::nn::linear(neva::RuntimeContext::seeded(3), 37, 19, {true});
   const at::Tensor wide = at::randn({4, 37, 6});
   const std::vector<at::Tensor> inputs = {at::randn({1, 37}), at::randn({37}), at::randn({5, 37}), at::randn({2, 3, 37}),
@@ -106,6 +108,22 @@ TEST_CASE("without autograd, fp32 linear layers on the CPU go through OpenBLAS: 
       CHECK(at::equal(recorded, at::linear(x, linear->weight, b)));
     }
   }
+  // Products split over two threads by rows of the weight, the last piece partial: a GEMV in pieces of
+  // 16 rows (150 = 9 x 16 + 6), a GEMM in one piece per thread (128 + 22 rows); the same on one thread.
+  const int threads = at::get_num_threads();
+  auto tall = neva::nn::linear(neva::RuntimeContext::seeded(4), 300, 150, {true});
+  for (const int use : {2, 1}) {
+    at::set_num_threads(use);
+    for (const std::int64_t rows : {1, 5}) {
+      at::NoGradGuard no_grad;
+      const at::Tensor x = at::randn({rows, 300});
+      const at::Tensor exact = at::linear(x.to(at::kDouble), tall->weight.to(at::kDouble), tall->bias.to(at::kDouble));
+      CAPTURE(use);
+      CAPTURE(rows);
+      CHECK((neva::nn::linear_product(x, tall->weight, tall->bias).to(at::kDouble) - exact).abs().max().item<double>() < 1e-5);
+    }
+  }
+  at::set_num_threads(threads);
   // Other dtypes are at::linear's, and so is everything under autocast (it casts at::linear's inputs) or
   // in an AtenLinearScope (activation recomputation's first pass).
   at::NoGradGuard no_grad;
@@ -126,6 +144,28 @@ TEST_CASE("without autograd, fp32 linear layers on the CPU go through OpenBLAS: 
   }
   const at::Tensor x = at::randn({3, 37}, at::kDouble);
   CHECK(at::equal(neva::nn::linear_product(x, linear->weight.to(at::kDouble)), at::linear(x, linear->weight.to(at::kDouble))));
+}
+
+TEST_CASE("neva's own CPU kernels split their work over LibTorch's intra-op threads") {
+  // at::parallel_for called from a translation unit built without -fopenmp runs the whole range on the
+  // caller's thread, silently; neva's kernels (the bf16 GEMV) go through intra_op_for, built with it.
+  const int before = at::get_num_threads();
+  at::set_num_threads(2);
+  std::mutex mutex;
+  std::set<std::thread::id> threads;
+  std::int64_t covered = 0;
+  neva::nn::intra_op_for(64, 8, [&](std::int64_t first, std::int64_t last) {
+    std::lock_guard<std::mutex> lock(mutex);
+    threads.insert(std::this_thread::get_id());
+    covered += last - first;
+  });
+  at::set_num_threads(before);
+  CHECK(covered == 64);
+  CHECK(threads.size() == 2);
+  // One grain of work or less stays on the caller's thread.
+  threads.clear();
+  neva::nn::intra_op_for(5, 8, [&](std::int64_t, std::int64_t) { threads.insert(std::this_thread::get_id()); });
+  CHECK(threads.size() == 1);
 }
 
 TEST_CASE("without autograd, bf16 linear layers of up to 8 rows on the CPU go through neva's GEMV: the product to bf16 rounding") {

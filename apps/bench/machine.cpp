@@ -86,7 +86,6 @@ double gemv_gb_per_s(at::ScalarType dtype, int runs, Product product) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  neva::nn::prefer_passive_openmp(argv);  // see neva/nn/linear.h
   std::int64_t mib = 1536, n = 2048;
   int runs = 10;
   std::string json;

@@ -39,7 +39,6 @@ double seconds_since_process_start() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  neva::nn::prefer_passive_openmp(argv);  // see neva/nn/linear.h
   CLI::App app{"Prefill/decode tokens per second and image encode time of a recipe's model (random weights)"};
   std::string recipe_path, precision = "32";
   std::int64_t prompt_tokens = 256, new_tokens = 32, batch = 1;

@@ -106,7 +106,6 @@ void list_plugins(const std::vector<std::string>& plugin_paths, bool json) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  neva::nn::prefer_passive_openmp(argv);  // see neva/nn/linear.h
   CLI::App app{
       "neva-run: NeVA/LLaVA vision-language models from TOML recipes, with every model part a plugin.\n\n"
       "  neva-run RECIPE.toml [--set section.key=value]...   run the recipe's run.mode:\n"

@@ -19,9 +19,9 @@
 #include "bf16_gemv.h"
 
 #include "neva/error.h"
+#include "neva/nn/intra_op.h"
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -250,7 +250,7 @@ at::Tensor bf16_rows_times_weight(const at::Tensor& x, const at::Tensor& weight,
   const std::int64_t blocks = (N + kWeightRows - 1) / kWeightRows;
   // At least 64 KiB of weights per task: each thread a few long streams.
   const std::int64_t grain = std::max<std::int64_t>(1, (std::int64_t{1} << 16) / (kWeightRows * K * 2));
-  at::parallel_for(0, blocks, grain, [&](std::int64_t first, std::int64_t last) {
+  intra_op_for(blocks, grain, [&](std::int64_t first, std::int64_t last) {
     float sums[kWeightRows * kMaxPass];
     for (std::int64_t block = first; block < last; ++block) {
       const std::int64_t n = block * kWeightRows;

@@ -9,26 +9,25 @@
 // How: libopenblas.so.0 is opened with RTLD_LOCAL and only its cblas_* entry points are looked up.
 // Both libraries export the Fortran names (sgemm_, sgemv_): linking OpenBLAS normally could bind
 // LibTorch's own BLAS calls to it, depending on load order. RTLD_LOCAL keeps OpenBLAS's symbols out of
-// the global scope, so LibTorch keeps MKL and only these calls reach OpenBLAS. OpenBLAS runs its own
-// thread pool, sized to LibTorch's intra-op threads at each call.
+// the global scope, so LibTorch keeps MKL and only these calls reach OpenBLAS.
 //
-// When: by default only when OMP_WAIT_POLICY is "passive" (neva-run sets it: prefer_passive_openmp).
-// With libgomp's default spinning wait LibTorch's idle OpenMP threads hold the cores OpenBLAS's threads
-// need, and the switch is slower than MKL; a program embedding libneva_core without that setting keeps
-// at::linear. NEVA_CPU_BLAS=openblas forces OpenBLAS (an error when it cannot be opened),
-// NEVA_CPU_BLAS=aten forces at::linear (bitwise LibTorch's results). Never while autograd records,
-// under CPU autocast, inside a parallel region or an AtenLinearScope: at::linear's then.
+// Threads: one pool. OpenBLAS is set to compute on the calling thread only, and each product is split
+// by rows of the weight over LibTorch's OpenMP threads (intra_op_for). OpenBLAS's own pool (its
+// default) and LibTorch's would take turns on the same cores: under libgomp's spinning wait each
+// slowed the other to below MKL's speed, and the passive wait neva used to set instead made every
+// parallel region pay a wake-up (bf16 decode 12 against 16 tokens/s; docs/benchmarks.md).
+//
+// When: whenever libopenblas.so.0 is installed. NEVA_CPU_BLAS=openblas requires it (an error when it
+// cannot be opened), NEVA_CPU_BLAS=aten forces at::linear (bitwise LibTorch's results). Never while
+// autograd records, under CPU autocast or inside an AtenLinearScope: at::linear's then.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/autocast_mode.h>
 #include <cblas.h>
 #include <dlfcn.h>
-#include <unistd.h>
 
-#include <atomic>
 #include <climits>
 #include <cstdlib>
-#include <strings.h>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -36,6 +35,7 @@
 
 #include "bf16_gemv.h"
 #include "neva/error.h"
+#include "neva/nn/intra_op.h"
 #include "neva/nn/linear.h"
 
 namespace neva::nn {
@@ -47,8 +47,7 @@ struct OpenBlas {
   decltype(&cblas_sgemv) sgemv = nullptr;
   decltype(&openblas_set_num_threads) set_num_threads = nullptr;
   decltype(&openblas_get_config) config = nullptr;
-  std::atomic<int> threads{0};
-  std::mutex resizing;
+  std::once_flag once;
 
   bool aten = false;    // NEVA_CPU_BLAS=aten: every product at::linear's
   std::string error;    // why NEVA_CPU_BLAS cannot be honoured
@@ -63,16 +62,8 @@ struct OpenBlas {
       return;
     }
     if (!wanted.empty() && wanted != "openblas") {
-      error = "NEVA_CPU_BLAS is '" + wanted + "': expected 'openblas' or 'aten' (or unset: OpenBLAS when installed " +
-              "and OMP_WAIT_POLICY is passive)";
+      error = "NEVA_CPU_BLAS is '" + wanted + "': expected 'openblas' or 'aten' (or unset: OpenBLAS when installed)";
       return;
-    }
-    if (wanted.empty()) {
-      const char* policy = std::getenv("OMP_WAIT_POLICY");
-      if (!policy || ::strcasecmp(policy, "passive") != 0) {
-        why_not = "OMP_WAIT_POLICY is not passive";
-        return;
-      }
     }
     void* handle = ::dlopen("libopenblas.so.0", RTLD_NOW | RTLD_LOCAL);
     if (!handle) {
@@ -91,14 +82,10 @@ struct OpenBlas {
   }
   bool loaded() const { return sgemm != nullptr; }
 
-  // OpenBLAS's pool follows LibTorch's intra-op thread count (at::set_num_threads, OMP_NUM_THREADS).
-  void follow_threads() {
-    const int wanted = at::get_num_threads();
-    if (threads.load(std::memory_order_relaxed) == wanted) return;
-    std::lock_guard<std::mutex> lock(resizing);
-    if (threads.load() == wanted) return;
-    set_num_threads(wanted);
-    threads.store(wanted);
+  // OpenBLAS computes on the calling thread only: neva splits each product over LibTorch's OpenMP
+  // threads (intra_op_for), so one pool runs everything and no second one waits for the cores.
+  void single_threaded() {
+    std::call_once(once, [this] { set_num_threads(1); });
   }
 };
 
@@ -168,14 +155,13 @@ std::optional<at::Tensor> bf16_gemv_linear(const at::Tensor& x, const at::Tensor
 
 std::optional<at::Tensor> openblas_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
   if (x.scalar_type() != at::kFloat || !may_leave_aten(x, weight, bias)) return std::nullopt;
-  if (at::in_parallel_region()) return std::nullopt;  // no second pool inside LibTorch's threads
   OpenBlas& library = openblas();
   if (!library.loaded()) return std::nullopt;
   const std::int64_t n = weight.size(0), k = weight.size(1);
   if (x.size(-1) != k || !weight.is_contiguous() || !fits_int(n) || !fits_int(k)) return std::nullopt;
   const std::int64_t m = x.numel() / k;
   if (!fits_int(m) || !fits_int(m * n)) return std::nullopt;
-  library.follow_threads();
+  library.single_threaded();
 
   const at::Tensor input = x.contiguous();
   const std::vector<std::int64_t> shape = output_shape(x, n);
@@ -184,24 +170,31 @@ std::optional<at::Tensor> openblas_linear(const at::Tensor& x, const at::Tensor&
   // which some OpenBLAS releases let through as NaN even with beta = 0.
   at::Tensor y = bias.defined() ? bias.expand(shape).clone(at::MemoryFormat::Contiguous) : at::zeros(shape, x.options());
   const float beta = 1.0f;
-  const int M = static_cast<int>(m), N = static_cast<int>(n), K = static_cast<int>(k);
-  if (m == 1) {
-    library.sgemv(CblasRowMajor, CblasNoTrans, N, K, 1.0f, weight.const_data_ptr<float>(), K,
-                  input.const_data_ptr<float>(), 1, beta, y.mutable_data_ptr<float>(), 1);
-  } else {
-    library.sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, N, K, 1.0f, input.const_data_ptr<float>(), K,
-                  weight.const_data_ptr<float>(), K, beta, y.mutable_data_ptr<float>(), N);
-  }
+  const int M = static_cast<int>(m), K = static_cast<int>(k);
+  const float* w = weight.const_data_ptr<float>();
+  const float* a = input.const_data_ptr<float>();
+  float* out = y.mutable_data_ptr<float>();
+  // Each thread its own rows of the weight (columns of y), in units of `unit` rows: a GEMV's in pieces
+  // of at least 64 KiB of weights, a GEMM's in one piece per thread (each packs its part of the weight
+  // once), never more than 32 pieces (OpenBLAS's per-call buffers are finite).
+  const std::int64_t unit = m == 1 ? 16 : 64;
+  const std::int64_t units = (n + unit - 1) / unit;
+  const std::int64_t threads = std::min<std::int64_t>(at::get_num_threads(), 32);
+  const std::int64_t grain =
+      m == 1 ? std::max<std::int64_t>((units + 31) / 32, (std::int64_t{1} << 16) / (unit * k * 4) + 1)
+             : (units + threads - 1) / threads;
+  intra_op_for(units, grain, [&](std::int64_t first, std::int64_t last) {
+    const std::int64_t n0 = first * unit, rows = std::min(last * unit, n) - n0;
+    if (m == 1) {
+      library.sgemv(CblasRowMajor, CblasNoTrans, static_cast<int>(rows), K, 1.0f, w + n0 * k, K, a, 1, beta, out + n0, 1);
+    } else {
+      library.sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, static_cast<int>(rows), K, 1.0f, a, K, w + n0 * k, K,
+                    beta, out + n0, static_cast<int>(n));
+    }
+  });
   return y;
 }
 }  // namespace
-
-void prefer_passive_openmp(char** argv) {
-  if (std::getenv("OMP_WAIT_POLICY") != nullptr) return;  // the user's choice, or already re-executed
-  if (::setenv("OMP_WAIT_POLICY", "passive", 1) != 0) return;
-  ::execv("/proc/self/exe", argv);  // returns only on failure: then run on as started
-  ::unsetenv("OMP_WAIT_POLICY");
-}
 
 at::Tensor linear_product(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
   if (auto y = openblas_linear(x, weight, bias)) return *std::move(y);

@@ -84,9 +84,8 @@ class NEVA_API LinearKernel {
 
 // x @ weight^T (+ bias): at::linear, except for CPU tensors that autograd does not record:
 //  - fp32 goes through OpenBLAS's cblas_sgemv / cblas_sgemm (opened with RTLD_LOCAL beside LibTorch's
-//    MKL, whose GEMV runs at half OpenBLAS's bandwidth on AMD processors; docs/benchmarks.md) when
-//    OMP_WAIT_POLICY is passive (see prefer_passive_openmp) or NEVA_CPU_BLAS=openblas, and not inside a
-//    LibTorch parallel region;
+//    MKL, whose GEMV runs at half OpenBLAS's bandwidth on AMD processors; docs/benchmarks.md), each
+//    product split over LibTorch's OpenMP threads (OpenBLAS's own pool unused);
 //  - bf16 with at most 8 rows (decoding) goes through neva's own GEMV (AVX512-BF16 or AVX2; oneDNN's
 //    one-row products read weights at a third to a half of the bandwidth), fp32 sums rounded to bf16.
 // at::linear when OpenBLAS is not installed, NEVA_CPU_BLAS=aten, inside an AtenLinearScope, under CPU
@@ -107,12 +106,6 @@ class NEVA_API AtenLinearScope {
   AtenLinearScope(const AtenLinearScope&) = delete;
   AtenLinearScope& operator=(const AtenLinearScope&) = delete;
 };
-// First thing in a program's main(): when OMP_WAIT_POLICY is unset, re-executes the program with it set
-// to "passive" (libgomp reads it only when it loads, before main), which also turns linear_product's
-// OpenBLAS path on. LibTorch's OpenMP threads then sleep between parallel regions instead of spinning
-// on the cores OpenBLAS's threads need: decoding 1.7x faster on the 2-vCPU EPYC, training not slower
-// (docs/benchmarks.md). A value the user set is kept. Costs a second load of LibTorch (~0.5 s).
-NEVA_API void prefer_passive_openmp(char** argv);
 
 class NEVA_API LinearImpl : public Module {
  public:
