@@ -67,7 +67,7 @@ fraction() {  # fraction LINE PRECISION -> the line with its decode rate as a fr
 }
 cd "$work"
 for precision in 32 bf16; do
-  # fp32 twice: as shipped (OpenBLAS linears, passive OpenMP wait) and as before (MKL, spinning wait).
+  # fp32 twice: as shipped (OpenBLAS linears in LibTorch's pool) and as before (MKL, spinning wait).
   for run in shipped before; do
     if [ "$precision" = bf16 ] && [ "$run" = before ]; then continue; fi  # bf16 products are oneDNN's either way
     if [ "$run" = before ]; then

@@ -13,8 +13,8 @@ namespace neva::nn {
 //
 // Why not at::parallel_for: its OpenMP body lives in its header, and a translation unit compiled
 // without -fopenmp (every neva and plugin target: LibTorch's CMake flags do not add it) gets the
-// serial fallback, silently. This function is compiled with -fopenmp against the wheel's libgomp
-// (core/CMakeLists.txt), so the process keeps one OpenMP runtime and one pool.
+// serial fallback, silently. This one enters the wheel's libgomp itself (core/src/nn/intra_op.cpp),
+// so the process keeps one OpenMP runtime and one pool, whatever compiler built the caller.
 NEVA_API void intra_op_for(std::int64_t n, std::int64_t grain, const std::function<void(std::int64_t, std::int64_t)>& body);
 
 }  // namespace neva::nn
