@@ -1,7 +1,10 @@
 #include "neva/io/weights.h"
 
+#include <sys/mman.h>
 #include <torch/csrc/autograd/variable.h>
+#include <unistd.h>
 
+#include <cstdint>
 #include <map>
 #include <set>
 
@@ -13,6 +16,21 @@ namespace neva {
 
 namespace {
 bool starts_with(const std::string& text, const std::string& prefix) { return text.compare(0, prefix.size(), prefix) == 0; }
+
+// A large CPU parameter about to be filled by a copy: its pages are asked to be transparent huge pages
+// (MADV_HUGEPAGE; what the kernel does with it follows /sys/kernel/mm/transparent_hugepage), which the
+// copy's first touch then allocates. Decoding streams every weight once per token, and with 4 KiB pages
+// it pays a TLB miss every 4 KiB: bf16 decode of a 1.1B Llama 5-10% faster on the project's EPYC in
+// paired runs (docs/benchmarks.md). Pages already touched (reused heap memory) stay as they are
+// until the kernel collapses them. Advice only: a refusal changes nothing but speed.
+void prefer_huge_pages(const at::Tensor& parameter) {
+  constexpr std::size_t kHugePage = std::size_t{2} << 20;
+  if (!parameter.device().is_cpu() || parameter.nbytes() < 2 * kHugePage) return;
+  const auto page = static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const auto begin = reinterpret_cast<std::uintptr_t>(parameter.data_ptr());
+  const std::uintptr_t first = (begin + page - 1) / page * page, last = (begin + parameter.nbytes()) / page * page;
+  if (last > first) ::madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+}
 }  // namespace
 
 std::string WeightMap::checkpoint_name(const std::string& module_name) const {
@@ -66,10 +84,12 @@ void load_weights(torch::nn::Module& module, const SafetensorsCheckpoint& checkp
         mapped.insert(name);
         continue;
       }
+      prefer_huge_pages(parameter);
       parameter.copy_(stored);
     } else {  // this rank's shard of the whole tensor
       const nn::ParameterSharding& s = sharding->second;
       const at::Tensor whole = checkpoint.tensor(name, nn::whole_shape(parameter, s, tp));
+      prefer_huge_pages(parameter);
       parameter.copy_(nn::shard_of(whole, s, tp_rank, tp, parameter.size(s.tensor_parallel_dim)));
     }
     // Copied: the mapping's pages go back (peak memory: the weights once), unless a parameter maps them.

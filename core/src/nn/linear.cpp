@@ -37,10 +37,15 @@ namespace {
 thread_local int uninitialised_scopes = 0;
 
 // On the meta device (a part another pipeline stage holds, built for its shapes only) and in an
-// UninitialisedParameters scope nothing is drawn.
+// UninitialisedParameters scope nothing is drawn. The latter's memory is allocated in the dtype the
+// model holds its weights in, so that the module's conversion to it is a no-op and the memory stays
+// untouched until the checkpoint's copy fills it (load_weights asks for huge pages first).
 std::optional<at::Tensor> undrawn(const RuntimeContext& context, at::IntArrayRef shape) {
   if (context.device.is_meta()) return at::empty(shape, at::TensorOptions(at::kFloat).device(at::kMeta));
-  if (uninitialised_scopes > 0) return at::empty(shape, at::TensorOptions(at::kFloat).device(context.device));
+  if (uninitialised_scopes > 0) {
+    const c10::ScalarType dtype = at::isFloatingType(context.dtypes.params) ? context.dtypes.params : at::kFloat;
+    return at::empty(shape, at::TensorOptions(dtype).device(context.device));
+  }
   return std::nullopt;
 }
 }  // namespace
