@@ -166,6 +166,25 @@ TEST_CASE("neva's own CPU kernels split their work over LibTorch's intra-op thre
   threads.clear();
   neva::nn::intra_op_for(5, 8, [&](std::int64_t, std::int64_t) { threads.insert(std::this_thread::get_id()); });
   CHECK(threads.size() == 1);
+  at::set_num_threads(2);
+  // Nested inside a chunk: that chunk's thread runs the inner range itself, whole.
+  std::int64_t nested = 0;
+  neva::nn::intra_op_for(2, 1, [&](std::int64_t first, std::int64_t) {
+    if (first != 0) return;
+    const std::thread::id outer = std::this_thread::get_id();
+    neva::nn::intra_op_for(64, 1, [&](std::int64_t a, std::int64_t b) {
+      CHECK(std::this_thread::get_id() == outer);
+      nested += b - a;
+    });
+  });
+  CHECK(nested == 64);
+  // A chunk's exception reaches the caller once the region has ended.
+  CHECK_THROWS_WITH_AS(neva::nn::intra_op_for(64, 8,
+                                              [&](std::int64_t first, std::int64_t) {
+                                                if (first > 0) throw neva::Error("second chunk failed");
+                                              }),
+                       "second chunk failed", neva::Error);
+  at::set_num_threads(before);
 }
 
 TEST_CASE("without autograd, bf16 linear layers of up to 8 rows on the CPU go through neva's GEMV: the product to bf16 rounding") {
