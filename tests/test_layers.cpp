@@ -283,6 +283,13 @@ TEST_CASE("inside UninitialisedParameters nothing is drawn: the generator stays 
     CHECK(unused->weight.sizes() == at::IntArrayRef({8, 16}));
     CHECK(unused->bias.sizes() == at::IntArrayRef({8}));
     CHECK(neva::nn::embedding(skipped, 10, 4)->weight.sizes() == at::IntArrayRef({10, 4}));
+    // Allocated in the dtype the model holds its weights in: its conversion is then a no-op, and the
+    // memory stays untouched until a checkpoint fills it (drawn weights are fp32, then converted).
+    neva::RuntimeContext bf16 = neva::RuntimeContext::seeded(4);
+    bf16.dtypes.params = at::kBFloat16;
+    auto held = neva::nn::linear(bf16, 16, 8, {true});
+    CHECK((held->weight.scalar_type() == at::kBFloat16));
+    CHECK((held->bias.scalar_type() == at::kBFloat16));
   }
   // Afterwards (and in an inactive scope) every draw is what a fresh generator gives.
   neva::nn::UninitialisedParameters inactive(false);

@@ -20,6 +20,7 @@
 
 #include "neva/error.h"
 #include "neva/io/json.h"
+#include "page_advice.h"
 
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "safetensors data is little-endian");
 
@@ -244,11 +245,9 @@ at::Tensor SafetensorsFile::tensor(const std::string& name) const {
 
 void SafetensorsFile::release(const std::string& name) const {
   const SafetensorsEntry& info = entry(name);
-  const auto page = static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE));
-  const auto start = reinterpret_cast<std::uintptr_t>(impl_->mapping->address) + impl_->data_start;
-  const std::uintptr_t first = (start + info.begin + page - 1) / page * page, last = (start + info.end) / page * page;
   // Only pages wholly inside the tensor: its neighbours' bytes stay as they are.
-  if (last > first) ::madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
+  detail::advise_whole_pages(static_cast<const char*>(impl_->mapping->address) + impl_->data_start + info.begin,
+                             info.end - info.begin, MADV_DONTNEED);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,16 +1,14 @@
 #include "neva/io/weights.h"
 
-#include <sys/mman.h>
 #include <torch/csrc/autograd/variable.h>
-#include <unistd.h>
 
-#include <cstdint>
 #include <map>
 #include <set>
 
 #include "neva/context.h"
 #include "neva/error.h"
 #include "neva/nn/module.h"
+#include "page_advice.h"
 
 namespace neva {
 
@@ -25,11 +23,9 @@ bool starts_with(const std::string& text, const std::string& prefix) { return te
 // until the kernel collapses them. Advice only: a refusal changes nothing but speed.
 void prefer_huge_pages(const at::Tensor& parameter) {
   constexpr std::size_t kHugePage = std::size_t{2} << 20;
-  if (!parameter.device().is_cpu() || parameter.nbytes() < 2 * kHugePage) return;
-  const auto page = static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE));
-  const auto begin = reinterpret_cast<std::uintptr_t>(parameter.data_ptr());
-  const std::uintptr_t first = (begin + page - 1) / page * page, last = (begin + parameter.nbytes()) / page * page;
-  if (last > first) ::madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  if (parameter.device().is_cpu() && parameter.nbytes() >= 2 * kHugePage) {
+    detail::advise_whole_pages(parameter.data_ptr(), parameter.nbytes(), MADV_HUGEPAGE);
+  }
 }
 }  // namespace
 

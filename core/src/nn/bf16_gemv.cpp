@@ -46,6 +46,14 @@ inline float widen(std::uint16_t bits) {
   return value;
 }
 
+// The sum of a vector register's lanes, stored to `lanes`, in lane order.
+template <int L>
+float sum_of(const float (&lanes)[L]) {
+  float sum = 0.0f;
+  for (const float lane : lanes) sum += lane;
+  return sum;
+}
+
 // out[m * R + r] = sum_k x[m * K + k] * w[r * K + k], for R weight rows and MT input rows.
 template <int R, int MT>
 void tile_scalar(const std::uint16_t* x, const std::uint16_t* w, std::int64_t K, float* out) {
@@ -105,9 +113,7 @@ NEVA_AVX512_BF16 void tile_avx512bf16(const std::uint16_t* x, const std::uint16_
     for (int r = 0; r < R; ++r) {
       alignas(64) float lanes[16];
       _mm512_store_ps(lanes, acc[m][r]);
-      float sum = 0.0f;
-      for (const float lane : lanes) sum += lane;
-      out[m * R + r] = sum;
+      out[m * R + r] = sum_of(lanes);
     }
   }
 }
@@ -146,8 +152,7 @@ NEVA_AVX2 void tile_avx2(const std::uint16_t* x, const std::uint16_t* w, std::in
     for (int r = 0; r < R; ++r) {
       alignas(32) float lanes[8];
       _mm256_store_ps(lanes, acc[m][r]);
-      float sum = 0.0f;
-      for (const float lane : lanes) sum += lane;
+      float sum = sum_of(lanes);
       for (std::int64_t j = k; j < K; ++j) sum += widen(x[m * K + j]) * widen(w[r * K + j]);
       out[m * R + r] = sum;
     }

@@ -174,15 +174,13 @@ std::optional<at::Tensor> openblas_linear(const at::Tensor& x, const at::Tensor&
   const float* w = weight.const_data_ptr<float>();
   const float* a = input.const_data_ptr<float>();
   float* out = y.mutable_data_ptr<float>();
-  // Each thread its own rows of the weight (columns of y), in units of `unit` rows: a GEMV's in pieces
-  // of at least 64 KiB of weights, a GEMM's in one piece per thread (each packs its part of the weight
-  // once), never more than 32 pieces (OpenBLAS's per-call buffers are finite).
+  // Each thread its own rows of the weight (columns of y), in units of `unit` rows; intra_op_for gives
+  // each thread at most one piece (a GEMM's then packs its part of the weight once). A GEMV's pieces
+  // hold at least 64 KiB of weights; never more than 32 pieces (OpenBLAS's per-call buffers are finite).
   const std::int64_t unit = m == 1 ? 16 : 64;
   const std::int64_t units = (n + unit - 1) / unit;
-  const std::int64_t threads = std::min<std::int64_t>(at::get_num_threads(), 32);
-  const std::int64_t grain =
-      m == 1 ? std::max<std::int64_t>((units + 31) / 32, (std::int64_t{1} << 16) / (unit * k * 4) + 1)
-             : (units + threads - 1) / threads;
+  const std::int64_t least = m == 1 ? (std::int64_t{1} << 16) / (unit * k * 4) + 1 : 1;
+  const std::int64_t grain = std::max<std::int64_t>((units + 31) / 32, least);
   intra_op_for(units, grain, [&](std::int64_t first, std::int64_t last) {
     const std::int64_t n0 = first * unit, rows = std::min(last * unit, n) - n0;
     if (m == 1) {
