@@ -75,7 +75,7 @@ TEST_CASE("at tensor-parallel size 1, neva::nn's linear, embedding and conv2d ar
   }
 }
 
-TEST_CASE("without autograd, fp32 linear layers on the CPU go through OpenBLAS: the product to fp32 rounding, in every layout") {
+TEST_CASE("without autograd, fp32 linear layers of more than 8 rows on the CPU go through OpenBLAS: the product to fp32 rounding, in every layout") {
   // scripts/setup.sh installs Debian's libopenblas: then OpenBLAS computes, whatever the OpenMP wait
   // policy; NEVA_CPU_BLAS=aten (at::linear always) is the one way out.
   const char* choice = std::getenv("NEVA_CPU_BLAS");
@@ -84,9 +84,9 @@ TEST_CASE("without autograd, fp32 linear layers on the CPU go through OpenBLAS: 
   if (choice && std::string(choice) == "aten") CHECK(blas == "ATen (MKL): NEVA_CPU_BLAS=aten");
   else CHECK(blas.rfind("OpenBLAS (", 0) == 0);
   auto linear = neva::nn::linear(neva::RuntimeContext::seeded(3), 37, 19, {true});
-  const at::Tensor wide = at::randn({4, 37, 6});
-  const std::vector<at::Tensor> inputs = {at::randn({1, 37}), at::randn({37}), at::randn({5, 37}), at::randn({2, 3, 37}),
-                                          wide.select(2, 1), wide.transpose(1, 2)};
+  // (Up to 8 rows are neva's GEMV's: the cases below.)
+  const at::Tensor wide = at::randn({12, 37, 6});
+  const std::vector<at::Tensor> inputs = {at::randn({9, 37}), at::randn({2, 5, 37}), wide.select(2, 1), wide.transpose(1, 2)};
   for (const at::Tensor& x : inputs) {
     for (bool bias : {true, false}) {
       const at::Tensor b = bias ? linear->bias : at::Tensor();
@@ -108,13 +108,13 @@ TEST_CASE("without autograd, fp32 linear layers on the CPU go through OpenBLAS: 
       CHECK(at::equal(recorded, at::linear(x, linear->weight, b)));
     }
   }
-  // Products split over two threads by rows of the weight, the last piece partial: a GEMV in pieces of
-  // 16 rows (150 = 9 x 16 + 6), a GEMM in one piece per thread (128 + 22 rows); the same on one thread.
+  // Products split over two threads by rows of the weight, the last piece partial: one piece per thread
+  // (128 + 22 rows); the same on one thread.
   const int threads = at::get_num_threads();
   auto tall = neva::nn::linear(neva::RuntimeContext::seeded(4), 300, 150, {true});
   for (const int use : {2, 1}) {
     at::set_num_threads(use);
-    for (const std::int64_t rows : {1, 5}) {
+    for (const std::int64_t rows : {9, 40}) {
       at::NoGradGuard no_grad;
       const at::Tensor x = at::randn({rows, 300});
       const at::Tensor exact = at::linear(x.to(at::kDouble), tall->weight.to(at::kDouble), tall->bias.to(at::kDouble));
@@ -187,33 +187,40 @@ TEST_CASE("neva's own CPU kernels split their work over LibTorch's intra-op thre
   at::set_num_threads(before);
 }
 
-TEST_CASE("without autograd, bf16 linear layers of up to 8 rows on the CPU go through neva's GEMV: the product to bf16 rounding") {
-  // The reference is the float64 product of the same bf16 values; the kernel sums in fp32 and rounds
-  // to bf16 once (to nearest even), so it is within half a bf16 step of the reference plus the fp32
-  // sum's error. tests/CMakeLists.txt runs this case again under NEVA_BF16_GEMV=avx2 and =scalar.
+namespace {
+// neva's GEMV against the float64 product of the same values: it sums in fp32 (and rounds bf16 results
+// once, to nearest even), so it is within the fp32 sum's error bound of the reference (plus half a bf16
+// step for bf16). tests/CMakeLists.txt runs both dtypes' cases again under NEVA_GEMV=avx2 and =scalar.
+void check_gemv(at::ScalarType dtype) {
+  const bool bf16 = dtype == at::kBFloat16;
   const char* choice = std::getenv("NEVA_CPU_BLAS");
   const bool aten = choice && std::string(choice) == "aten";
-  const std::string kernel = neva::nn::cpu_bf16_gemv_name();
+  const std::string kernel = bf16 ? neva::nn::cpu_bf16_gemv_name() : neva::nn::cpu_fp32_gemv_name();
   CAPTURE(kernel);
-  CHECK(kernel.rfind(aten ? "ATen (oneDNN)" : "neva's GEMV (", 0) == 0);
-  // The kernel NEVA_BF16_GEMV asks for is the one named; the scalar one sums in k's order, which the
-  // test repeats below to the bit (proof that it, not oneDNN, computed).
-  const char* asked = std::getenv("NEVA_BF16_GEMV");
+  CHECK(kernel.rfind(aten ? "ATen (" : "neva's GEMV (", 0) == 0);
+  // The kernel NEVA_GEMV allows is the one named (bf16 at avx512: AVX512-BF16 where the CPU has it); the
+  // scalar one sums in k's order, which the test repeats below to the bit (proof that it, not a
+  // library, computed).
+  const char* asked = std::getenv("NEVA_GEMV");
   const std::string wanted = asked ? asked : "";
-  const std::map<std::string, std::string> names = {{"avx512bf16", "AVX512-BF16"}, {"avx2", "AVX2"}, {"scalar", "scalar"}};
-  if (!aten && names.count(wanted)) CHECK(kernel.find("(" + names.at(wanted) + ")") != std::string::npos);
+  const std::map<std::string, std::string> names = {
+      {"avx512", bf16 ? "AVX512-BF16" : "AVX-512"}, {"avx2", "AVX2"}, {"scalar", "scalar"}};
+  if (!aten && names.count(wanted) && !(bf16 && wanted == "avx512")) {
+    CHECK(kernel.find("(" + names.at(wanted) + ")") != std::string::npos);
+  }
   const bool scalar = !aten && wanted == "scalar";
   at::manual_seed(5);
   at::NoGradGuard no_grad;
-  // K: whole vector steps, a tail, a decoder's width; N: fewer rows than a block, a partial last block.
-  for (const std::int64_t k : {64, 100, 2048}) {
-    for (const std::int64_t n : {1, 7, 64}) {
-      const at::Tensor weight = at::randn({n, k}).to(at::kBFloat16);
-      const at::Tensor bias = at::randn({n}).to(at::kBFloat16);
-      for (const std::int64_t m : {1, 2, 3, 5, 8}) {
+  // K: fewer than a vector step, whole vector steps, a tail, a decoder's width; N: fewer rows than a
+  // block, a whole block of 8 and one more, several blocks.
+  for (const std::int64_t k : {5, 64, 100, 2048}) {
+    for (const std::int64_t n : {1, 7, 8, 9, 64}) {
+      const at::Tensor weight = at::randn({n, k}).to(dtype);
+      const at::Tensor bias = at::randn({n}).to(dtype);
+      for (const std::int64_t m : {1, 2, 3, 4, 5, 8}) {
         for (bool with_bias : {true, false}) {
           const at::Tensor b = with_bias ? bias : at::Tensor();
-          const at::Tensor x = at::randn({m, k}).to(at::kBFloat16);
+          const at::Tensor x = at::randn({m, k}).to(dtype);
           const at::Tensor exact =
               at::linear(x.to(at::kDouble), weight.to(at::kDouble), with_bias ? b.to(at::kDouble) : b);
           const at::Tensor fast = neva::nn::linear_product(x, weight, b);
@@ -222,46 +229,48 @@ TEST_CASE("without autograd, bf16 linear layers of up to 8 rows on the CPU go th
           CAPTURE(m);
           CAPTURE(with_bias);
           REQUIRE(fast.sizes() == exact.sizes());
-          CHECK((fast.scalar_type() == at::kBFloat16));
-          // Half a bf16 step (2^-8 of the value) plus the fp32 sum's error bound.
+          CHECK((fast.scalar_type() == dtype));
+          // The fp32 sum's error bound, plus half a bf16 step (2^-8 of the value) for bf16.
           const at::Tensor magnitude =
               at::linear(x.to(at::kDouble).abs(), weight.to(at::kDouble).abs(), with_bias ? b.to(at::kDouble).abs() : b);
-          const at::Tensor allowed = exact.abs() * std::ldexp(1.0, -8) + magnitude * (k + 1) * std::ldexp(1.0, -24);
+          const at::Tensor allowed =
+              (bf16 ? exact.abs() * std::ldexp(1.0, -8) : at::zeros_like(exact)) + magnitude * (k + 1) * std::ldexp(1.0, -24);
           CHECK(((fast.to(at::kDouble) - exact).abs() <= allowed).all().item<bool>());
-          // And oneDNN's at::linear agrees to a bf16 step.
-          const at::Tensor onednn = at::linear(x, weight, b).to(at::kDouble);
-          CHECK(((fast.to(at::kDouble) - onednn).abs() <= 2 * allowed).all().item<bool>());
+          // And LibTorch's at::linear (oneDNN, MKL) agrees as closely.
+          const at::Tensor library = at::linear(x, weight, b).to(at::kDouble);
+          CHECK(((fast.to(at::kDouble) - library).abs() <= 2 * allowed).all().item<bool>());
           if (scalar) {  // the scalar kernel's sums, in its order: fp32, k ascending, bias last, one rounding
             const at::Tensor xs = x.to(at::kFloat).contiguous(), ws = weight.to(at::kFloat).contiguous();
             const float* xv = xs.const_data_ptr<float>();
             const float* wv = ws.const_data_ptr<float>();
-            at::Tensor ordered = at::empty({m, n}, at::kBFloat16);
+            at::Tensor ordered = at::empty({m, n}, at::kFloat);
             for (std::int64_t i = 0; i < m; ++i) {
               for (std::int64_t j = 0; j < n; ++j) {
                 float sum = 0.0f;
                 for (std::int64_t l = 0; l < k; ++l) sum += xv[i * k + l] * wv[j * k + l];
                 if (with_bias) sum += bias[j].item<float>();
-                ordered[i][j] = at::BFloat16(sum);
+                ordered[i][j] = sum;
               }
             }
-            CHECK(at::equal(fast, ordered));
+            CHECK(at::equal(fast, ordered.to(dtype)));
           }
         }
       }
     }
   }
   // Layouts: a vector, a [batch, 1, K] decode step, a non-contiguous input: the same values as contiguous rows.
-  const at::Tensor weight = at::randn({24, 40}).to(at::kBFloat16);
-  const at::Tensor rows = at::randn({3, 40}).to(at::kBFloat16);
+  const at::Tensor weight = at::randn({24, 40}).to(dtype);
+  const at::Tensor rows = at::randn({3, 40}).to(dtype);
   const at::Tensor reference = neva::nn::linear_product(rows, weight);
   CHECK(at::equal(neva::nn::linear_product(rows[1], weight), reference[1]));
   CHECK(at::equal(neva::nn::linear_product(rows.view({3, 1, 40}), weight), reference.view({3, 1, 24})));
-  const at::Tensor spread = at::empty({40, 3}, at::kBFloat16).t().copy_(rows);
+  const at::Tensor spread = at::empty({40, 3}, dtype).t().copy_(rows);
   CHECK(!spread.is_contiguous());
   CHECK(at::equal(neva::nn::linear_product(spread, weight), reference));
-  // More than 8 rows is a GEMM: oneDNN's, bitwise; so is anything under autograd or in an AtenLinearScope.
-  const at::Tensor many = at::randn({9, 40}).to(at::kBFloat16);
-  CHECK(at::equal(neva::nn::linear_product(many, weight), at::linear(many, weight)));
+  // More than 8 rows is a GEMM: oneDNN's for bf16, bitwise (fp32: OpenBLAS's, the case above); so is
+  // anything under autograd or in an AtenLinearScope (at::linear's).
+  const at::Tensor many = at::randn({9, 40}).to(dtype);
+  if (bf16) CHECK(at::equal(neva::nn::linear_product(many, weight), at::linear(many, weight)));
   {
     neva::nn::AtenLinearScope exact;
     CHECK(at::equal(neva::nn::linear_product(rows, weight), at::linear(rows, weight)));
@@ -273,6 +282,15 @@ TEST_CASE("without autograd, bf16 linear layers of up to 8 rows on the CPU go th
     CHECK(recorded.requires_grad());
     CHECK(at::equal(recorded, at::linear(rows, weight)));
   }
+}
+}  // namespace
+
+TEST_CASE("without autograd, bf16 linear layers of up to 8 rows on the CPU go through neva's GEMV: the product to bf16 rounding") {
+  check_gemv(at::kBFloat16);
+}
+
+TEST_CASE("without autograd, fp32 linear layers of up to 8 rows on the CPU go through neva's GEMV: the product to fp32 rounding") {
+  check_gemv(at::kFloat);
 }
 
 TEST_CASE("inside UninitialisedParameters nothing is drawn: the generator stays where it was") {

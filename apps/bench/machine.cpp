@@ -136,7 +136,7 @@ int main(int argc, char** argv) {
               neva::nn::cpu_blas_name().c_str(), linear);
   std::printf("one-row products, weights read (5632 x 2048): fp32 at::linear %.1f GB/s, neva %.1f GB/s (%s); "
               "bf16 at::linear %.1f GB/s, neva %.1f GB/s (%s)\n",
-              gemv_fp32_aten, gemv_fp32_neva, neva::nn::cpu_blas_name().c_str(), gemv_bf16_aten, gemv_bf16_neva,
+              gemv_fp32_aten, gemv_fp32_neva, neva::nn::cpu_fp32_gemv_name().c_str(), gemv_bf16_aten, gemv_bf16_neva,
               neva::nn::cpu_bf16_gemv_name().c_str());
   if (!json.empty()) {
     std::ofstream out(json);

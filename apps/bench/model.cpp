@@ -110,7 +110,7 @@ int main(int argc, char** argv) {
   getrusage(RUSAGE_SELF, &usage);
   std::printf("neva   %-5s from process start to the first token: %.2f s (the end of the first, cold prefill); "
               "peak RSS %.0f MiB\n", precision.c_str(), first_token, usage.ru_maxrss / 1024.0);
-  std::printf("neva   %-5s fp32 linear layers without autograd: %s\n", precision.c_str(), neva::nn::cpu_blas_name().c_str());
+  std::printf("neva   %-5s fp32 linear layers without autograd: %s\n", precision.c_str(), neva::nn::cpu_fp32_gemv_name().c_str());
   std::printf("neva   %-5s bf16 linear layers without autograd: %s\n", precision.c_str(), neva::nn::cpu_bf16_gemv_name().c_str());
   return 0;
 }

@@ -141,9 +141,9 @@ int main(int argc, char** argv) {
       "run over tensor x pipeline x expert = N processes.\n"
       "Precision: trainer.precision = 32 | bf16 (model.megatron_amp_O2 = true: bf16 weights, fp32 main weights);\n"
       "model.fp8 = true with fp8_hybrid or fp8_e4m3 runs the decoder layers' GEMMs in FP8 over it (docs/precision.md).\n"
-      "CPU kernels without autograd: fp32 linears on OpenBLAS, bf16 ones of up to 8 rows on neva's GEMV;\n"
-      "NEVA_CPU_BLAS=aten keeps LibTorch's everywhere, NEVA_BF16_GEMV=avx2|scalar narrows the GEMV; --version\n"
-      "names what runs.\n"
+      "CPU kernels without autograd: linears of up to 8 rows (decoding) on neva's GEMV, larger fp32 ones on\n"
+      "OpenBLAS; NEVA_CPU_BLAS=aten keeps LibTorch's everywhere, NEVA_GEMV=avx2|scalar narrows the GEMV;\n"
+      "--version names what runs.\n"
       "Rank 0 writes the run directory and the answers; every rank logs to <run>/logs/rank-R.log.\n"
       "Exit codes: 0 success, 2 usage or recipe error, 1 runtime error; a training run stopped by SIGTERM or\n"
       "SIGINT checkpoints first and exits 143 or 130 (run it again to continue).",
@@ -242,9 +242,9 @@ int main(int argc, char** argv) {
     return 0;
   } catch (const CLI::CallForVersion&) {
     std::cout << app.version() << "\n";
-    try {  // what computes: a bad NEVA_CPU_BLAS or NEVA_BF16_GEMV is reported here too
+    try {  // what computes: a bad NEVA_CPU_BLAS or NEVA_GEMV is reported here too
       const char* policy = std::getenv("OMP_WAIT_POLICY");
-      const std::string fp32 = neva::nn::cpu_blas_name(), bf16 = neva::nn::cpu_bf16_gemv_name();
+      const std::string fp32 = neva::nn::cpu_fp32_gemv_name(), bf16 = neva::nn::cpu_bf16_gemv_name();
       std::cout << "fp32 CPU linear layers without autograd: " << fp32 << "; OMP_WAIT_POLICY="
                 << (policy ? policy : "(unset)") << "\n"
                 << "bf16 CPU linear layers without autograd: " << bf16 << "\n";
@@ -257,8 +257,8 @@ int main(int argc, char** argv) {
     std::cerr << "neva-run: " << error.what() << " (see neva-run --help)\n";
     return kExitUsage;
   }
-  try {  // a bad NEVA_CPU_BLAS or NEVA_BF16_GEMV stops the run before anything is built
-    neva::nn::cpu_blas_name();
+  try {  // a bad NEVA_CPU_BLAS or NEVA_GEMV stops the run before anything is built
+    neva::nn::cpu_fp32_gemv_name();
     neva::nn::cpu_bf16_gemv_name();
   } catch (const neva::Error& error) {
     std::cerr << "neva-run: " << error.what() << "\n";

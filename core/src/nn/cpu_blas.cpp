@@ -1,10 +1,11 @@
-// fp32 linear layers on the CPU without autograd, through OpenBLAS (Debian's libopenblas0).
+// Linear layers on the CPU without autograd: products of up to 8 rows (decoding) on neva's GEMV
+// (gemv.cpp, fp32 and bf16), larger fp32 ones through OpenBLAS (Debian's libopenblas0).
 //
-// Why: the LibTorch wheel's fp32 GEMM is MKL's, and MKL picks slow code paths on AMD processors:
-// measured on the project's 2-vCPU EPYC (docs/benchmarks.md, the decode section), MKL's GEMV read
-// weights at 16 GB/s where OpenBLAS's read 32 GB/s in the same minute, and OpenBLAS's GEMM was 1.2-1.5x
-// MKL's from 4 to 1024 rows. Decoding reads every weight once per token, so the GEMV's bandwidth is the
-// decode speed.
+// Why OpenBLAS: the LibTorch wheel's fp32 GEMM is MKL's, and MKL picks slow code paths on AMD
+// processors: measured on the project's 2-vCPU EPYC (docs/benchmarks.md, the decode section), MKL's
+// GEMV read weights at 16 GB/s where OpenBLAS's read 32 GB/s in the same minute, and OpenBLAS's GEMM was
+// 1.2-1.5x MKL's from 4 to 1024 rows (prefill, image towers). Its GEMV has since given way to neva's,
+// which reads faster still (gemv.cpp).
 //
 // How: libopenblas.so.0 is opened with RTLD_LOCAL and only its cblas_* entry points are looked up.
 // Both libraries export the Fortran names (sgemm_, sgemv_): linking OpenBLAS normally could bind
@@ -17,7 +18,7 @@
 // slowed the other to below MKL's speed, and the passive wait neva used to set instead made every
 // parallel region pay a wake-up (bf16 decode 12 against 16 tokens/s; docs/benchmarks.md).
 //
-// When: whenever libopenblas.so.0 is installed. NEVA_CPU_BLAS=openblas requires it (an error when it
+// When: fp32 products of more than 8 rows, whenever libopenblas.so.0 is installed. NEVA_CPU_BLAS=openblas requires it (an error when it
 // cannot be opened), NEVA_CPU_BLAS=aten forces at::linear (bitwise LibTorch's results). Never while
 // autograd records, under CPU autocast or inside an AtenLinearScope: at::linear's then.
 #include <ATen/ATen.h>
@@ -33,7 +34,7 @@
 #include <string>
 #include <vector>
 
-#include "bf16_gemv.h"
+#include "gemv.h"
 #include "neva/error.h"
 #include "neva/nn/intra_op.h"
 #include "neva/nn/linear.h"
@@ -44,7 +45,6 @@ namespace {
 
 struct OpenBlas {
   decltype(&cblas_sgemm) sgemm = nullptr;
-  decltype(&cblas_sgemv) sgemv = nullptr;
   decltype(&openblas_set_num_threads) set_num_threads = nullptr;
   decltype(&openblas_get_config) config = nullptr;
   std::once_flag once;
@@ -72,12 +72,11 @@ struct OpenBlas {
       return;
     }
     sgemm = reinterpret_cast<decltype(sgemm)>(::dlsym(handle, "cblas_sgemm"));
-    sgemv = reinterpret_cast<decltype(sgemv)>(::dlsym(handle, "cblas_sgemv"));
     set_num_threads = reinterpret_cast<decltype(set_num_threads)>(::dlsym(handle, "openblas_set_num_threads"));
     config = reinterpret_cast<decltype(config)>(::dlsym(handle, "openblas_get_config"));
-    if (!sgemm || !sgemv || !set_num_threads || !config) {
+    if (!sgemm || !set_num_threads || !config) {
       sgemm = nullptr;  // not OpenBLAS: unused
-      if (!wanted.empty()) error = "NEVA_CPU_BLAS=openblas, but libopenblas.so.0 lacks cblas_sgemm/cblas_sgemv";
+      if (!wanted.empty()) error = "NEVA_CPU_BLAS=openblas, but libopenblas.so.0 lacks cblas_sgemm";
     }
   }
   bool loaded() const { return sgemm != nullptr; }
@@ -110,10 +109,17 @@ std::string cpu_blas_name() {
   return "ATen (MKL)" + (library.why_not.empty() ? std::string() : ": " + library.why_not);
 }
 
+std::string cpu_fp32_gemv_name() {
+  const std::string isa = detail::gemv_isa(at::kFloat);  // a bad NEVA_GEMV is an error even when unused
+  if (openblas().aten) return "ATen (MKL): NEVA_CPU_BLAS=aten";
+  return "neva's GEMV (" + isa + ") up to " + std::to_string(detail::kGemvMaxRows) + " rows, " + cpu_blas_name() +
+         " beyond";
+}
+
 std::string cpu_bf16_gemv_name() {
-  const std::string isa = detail::bf16_gemv_isa();  // a bad NEVA_BF16_GEMV is an error even when unused
+  const std::string isa = detail::gemv_isa(at::kBFloat16);  // a bad NEVA_GEMV is an error even when unused
   if (openblas().aten) return "ATen (oneDNN): NEVA_CPU_BLAS=aten";
-  return "neva's GEMV (" + isa + ") up to " + std::to_string(detail::kBf16GemvMaxRows) + " rows, ATen (oneDNN) beyond";
+  return "neva's GEMV (" + isa + ") up to " + std::to_string(detail::kGemvMaxRows) + " rows, ATen (oneDNN) beyond";
 }
 
 namespace {
@@ -141,15 +147,18 @@ std::vector<std::int64_t> output_shape(const at::Tensor& x, std::int64_t n) {
   return shape;
 }
 
-// bf16 with up to kBf16GemvMaxRows rows (decoding): neva's GEMV (bf16_gemv.cpp); a GEMM stays oneDNN's.
-std::optional<at::Tensor> bf16_gemv_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
-  if (x.scalar_type() != at::kBFloat16 || !may_leave_aten(x, weight, bias)) return std::nullopt;
+// fp32 or bf16 with up to kGemvMaxRows rows (decoding): neva's GEMV (gemv.cpp); a GEMM is OpenBLAS's
+// (fp32) or oneDNN's (bf16).
+std::optional<at::Tensor> gemv_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  if ((x.scalar_type() != at::kBFloat16 && x.scalar_type() != at::kFloat) || !may_leave_aten(x, weight, bias)) {
+    return std::nullopt;
+  }
   const std::int64_t n = weight.size(0), k = weight.size(1);
   if (x.size(-1) != k || k == 0 || n == 0 || !weight.is_contiguous()) return std::nullopt;
   const std::int64_t m = x.numel() / k;
-  if (m < 1 || m > detail::kBf16GemvMaxRows) return std::nullopt;
-  const at::Tensor y = detail::bf16_rows_times_weight(x.reshape({m, k}).contiguous(), weight,
-                                                      bias.defined() ? bias.contiguous() : bias);
+  if (m < 1 || m > detail::kGemvMaxRows) return std::nullopt;
+  const at::Tensor y =
+      detail::rows_times_weight(x.reshape({m, k}).contiguous(), weight, bias.defined() ? bias.contiguous() : bias);
   return y.view(output_shape(x, n));
 }
 
@@ -174,29 +183,23 @@ std::optional<at::Tensor> openblas_linear(const at::Tensor& x, const at::Tensor&
   const float* w = weight.const_data_ptr<float>();
   const float* a = input.const_data_ptr<float>();
   float* out = y.mutable_data_ptr<float>();
-  // Each thread its own rows of the weight (columns of y), in units of `unit` rows; intra_op_for gives
-  // each thread at most one piece (a GEMM's then packs its part of the weight once). A GEMV's pieces
-  // hold at least 64 KiB of weights; never more than 32 pieces (OpenBLAS's per-call buffers are finite).
-  const std::int64_t unit = m == 1 ? 16 : 64;
+  // Each thread its own rows of the weight (columns of y), in units of 64 rows; intra_op_for gives each
+  // thread at most one piece (the GEMM then packs its part of the weight once), never more than 32
+  // pieces (OpenBLAS's per-call buffers are finite).
+  const std::int64_t unit = 64;
   const std::int64_t units = (n + unit - 1) / unit;
-  const std::int64_t least = m == 1 ? (std::int64_t{1} << 16) / (unit * k * 4) + 1 : 1;
-  const std::int64_t grain = std::max<std::int64_t>((units + 31) / 32, least);
-  intra_op_for(units, grain, [&](std::int64_t first, std::int64_t last) {
+  intra_op_for(units, (units + 31) / 32, [&](std::int64_t first, std::int64_t last) {
     const std::int64_t n0 = first * unit, rows = std::min(last * unit, n) - n0;
-    if (m == 1) {
-      library.sgemv(CblasRowMajor, CblasNoTrans, static_cast<int>(rows), K, 1.0f, w + n0 * k, K, a, 1, beta, out + n0, 1);
-    } else {
-      library.sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, static_cast<int>(rows), K, 1.0f, a, K, w + n0 * k, K,
-                    beta, out + n0, static_cast<int>(n));
-    }
+    library.sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, static_cast<int>(rows), K, 1.0f, a, K, w + n0 * k, K,
+                  beta, out + n0, static_cast<int>(n));
   });
   return y;
 }
 }  // namespace
 
 at::Tensor linear_product(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  if (auto y = gemv_linear(x, weight, bias)) return *std::move(y);
   if (auto y = openblas_linear(x, weight, bias)) return *std::move(y);
-  if (auto y = bf16_gemv_linear(x, weight, bias)) return *std::move(y);
   return at::linear(x, weight, bias);
 }
 

@@ -7,9 +7,9 @@
 // (weight, bias), shapes, initialisation formula (kaiming-uniform weights with a = sqrt(5) and
 // uniform(+-1/sqrt(fan_in)) biases for Linear and Conv2d, N(0, 1) for Embedding) and the same ATen
 // call in forward (at::linear, at::embedding, at::conv2d), so results are bitwise those of torch::nn
-// whenever autograd records. Without autograd (generation, scoring, serving), fp32 products on the CPU
-// may go through OpenBLAS instead, and bf16 products of a few rows through neva's GEMV
-// (linear_product): the same product to fp32 rounding, 1.7x / 2x faster to decode on AMD processors.
+// whenever autograd records. Without autograd (generation, scoring, serving), products of a few rows on
+// the CPU go through neva's GEMV and larger fp32 ones through OpenBLAS (linear_product): the same product
+// to fp32 rounding, 2x faster to decode on AMD processors.
 // Weights are drawn from the context's generator on the CPU, in the order layers are built, then
 // moved to the context's device.
 #include <ATen/core/Tensor.h>
@@ -83,18 +83,24 @@ class NEVA_API LinearKernel {
 };
 
 // x @ weight^T (+ bias): at::linear, except for CPU tensors that autograd does not record:
-//  - fp32 goes through OpenBLAS's cblas_sgemv / cblas_sgemm (opened with RTLD_LOCAL beside LibTorch's
-//    MKL, whose GEMV runs at half OpenBLAS's bandwidth on AMD processors; docs/benchmarks.md), each
-//    product split over LibTorch's OpenMP threads (OpenBLAS's own pool unused);
-//  - bf16 with at most 8 rows (decoding) goes through neva's own GEMV (AVX512-BF16 or AVX2; oneDNN's
-//    one-row products read weights at a third to a half of the bandwidth), fp32 sums rounded to bf16.
-// at::linear when OpenBLAS is not installed, NEVA_CPU_BLAS=aten, inside an AtenLinearScope, under CPU
-// autocast (which casts at::linear's inputs), or for other dtypes, shapes and devices.
+//  - fp32 and bf16 products of at most 8 rows (decoding) go through neva's own GEMV (AVX-512, AVX512-BF16
+//    or AVX2; fp32 sums): it reads weights faster than OpenBLAS's sgemv and 2-3x faster than the
+//    wheel's MKL and oneDNN one-row products on AMD processors (docs/benchmarks.md); bf16 results are
+//    rounded once, to nearest even;
+//  - larger fp32 products go through OpenBLAS's cblas_sgemm (opened with RTLD_LOCAL beside LibTorch's
+//    MKL, whose GEMM is 1.2-1.5x slower on AMD processors), each split over LibTorch's OpenMP threads
+//    (OpenBLAS's own pool unused).
+// at::linear when NEVA_CPU_BLAS=aten, inside an AtenLinearScope, under CPU autocast (which casts
+// at::linear's inputs), for larger fp32 products when OpenBLAS is not installed, larger bf16 ones, and
+// other dtypes, shapes and devices.
 NEVA_API at::Tensor linear_product(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias = {});
-// Which library computes linear_product's fp32 CPU products: "OpenBLAS (<its build config>)", or
+// Which library computes linear_product's larger fp32 CPU products: "OpenBLAS (<its build config>)", or
 // "ATen (MKL)" with the reason.
 NEVA_API std::string cpu_blas_name();
-// Which kernel computes linear_product's bf16 CPU products: "neva's GEMV (<instructions>) up to 8 rows,
+// Which kernels compute linear_product's fp32 CPU products: "neva's GEMV (<instructions>) up to 8 rows,
+// <cpu_blas_name()> beyond", or "ATen (MKL): NEVA_CPU_BLAS=aten".
+NEVA_API std::string cpu_fp32_gemv_name();
+// Which kernels compute linear_product's bf16 CPU products: "neva's GEMV (<instructions>) up to 8 rows,
 // ATen (oneDNN) beyond", or "ATen (oneDNN): NEVA_CPU_BLAS=aten".
 NEVA_API std::string cpu_bf16_gemv_name();
 // While one lives on this thread, linear_product is at::linear: for what runs without autograd but
