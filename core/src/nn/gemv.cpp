@@ -10,11 +10,11 @@
 //   stream with AVX-512 widen-and-FMA was 0.8-1.0x this.
 // - fp32: MKL's GEMV (the wheel's) reads at half OpenBLAS's bandwidth on AMD processors, and OpenBLAS's
 //   sgemv itself (Debian's 0.3.21, its Cooperlake kernel on this Zen 4) read a Llama-1.1B's layer
-//   sequence at 34-42 GB/s where this kernel's 8-row blocks with prefetching read 36-60 GB/s in the
+//   sequence at 30-42 GB/s where 8-row blocks with prefetching (this kernel) read 34-60 GB/s in the
 //   same minutes; llama.cpp's fp32 decode read 36-44 GB/s beside neva's 29-30 through OpenBLAS.
 //
-// How: each task takes blocks of weight rows (4 for bf16 and AVX2, 8 for fp32 on AVX-512) and, for a
-// few input rows at a time, streams them once with (weight rows) x (input rows) fp32 accumulators in
+// How: each task takes blocks of weight rows (8 on AVX-512, 4 on AVX2) and, for a few input rows at a
+// time, streams them once with (weight rows) x (input rows) fp32 accumulators in
 // registers, prefetching the next block into L2 as it goes (AVX512-BF16's vdpbf16ps: 32 products a
 // step; AVX-512 FMA: 16; AVX2: FMA, 8 a step, bf16 widened to fp32 by a shift; scalar elsewhere). The
 // bias is added in fp32; bf16 sums are rounded to bf16 to nearest even, as oneDNN does.
@@ -117,17 +117,15 @@ NEVA_AVX512_BF16 void tile_avx512bf16(const Bf16* x, const Bf16* w, std::int64_t
   for (std::int64_t k = 0; k < K; k += 32) {
     const __mmask32 mask =
         K - k >= 32 ? static_cast<__mmask32>(~0u) : static_cast<__mmask32>((std::uint64_t{1} << (K - k)) - 1);
-    __m512i wv[R];
-#pragma GCC unroll 4
+    __m512i xv[MT];
+#pragma GCC unroll 8
+    for (int m = 0; m < MT; ++m) xv[m] = _mm512_maskz_loadu_epi16(mask, x + m * K + k);
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      wv[r] = _mm512_maskz_loadu_epi16(mask, w + r * K + k);
+      const __m512i wv = _mm512_maskz_loadu_epi16(mask, w + r * K + k);
       _mm_prefetch(ahead(w, (R + r) * K + k), _MM_HINT_T1);  // the next block
-    }
-#pragma GCC unroll 4
-    for (int m = 0; m < MT; ++m) {
-      const __m512i xv = _mm512_maskz_loadu_epi16(mask, x + m * K + k);
-#pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], (__m512bh)wv[r], (__m512bh)xv);
+#pragma GCC unroll 8
+      for (int m = 0; m < MT; ++m) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], (__m512bh)wv, (__m512bh)xv[m]);
     }
   }
   store_sums<R, MT>(acc, out);
@@ -272,9 +270,10 @@ const Kernel<Bf16>& kernel<Bf16>() {
                                    {tile_scalar<Bf16, 4, 1>, tile_scalar<Bf16, 4, 2>, tile_scalar<Bf16, 4, 3>, tile_scalar<Bf16, 4, 4>},
                                    {tile_scalar<Bf16, 1, 1>, tile_scalar<Bf16, 1, 2>, tile_scalar<Bf16, 1, 3>, tile_scalar<Bf16, 1, 4>}};
 #if defined(__x86_64__)
-  static const Kernel<Bf16> avx512{"AVX512-BF16", 4, 4,
-                                   {tile_avx512bf16<4, 1>, tile_avx512bf16<4, 2>, tile_avx512bf16<4, 3>, tile_avx512bf16<4, 4>},
-                                   {tile_avx512bf16<1, 1>, tile_avx512bf16<1, 2>, tile_avx512bf16<1, 3>, tile_avx512bf16<1, 4>}};
+  // AVX-512's 32 registers: 8 x 3 accumulators, 3 input vectors and a weight one (8 rows a block read
+  // 1.0-1.27x faster than 4 in five alternating decode runs).
+  static const Kernel<Bf16> avx512{"AVX512-BF16", 8, 3, {tile_avx512bf16<8, 1>, tile_avx512bf16<8, 2>, tile_avx512bf16<8, 3>},
+                                   {tile_avx512bf16<1, 1>, tile_avx512bf16<1, 2>, tile_avx512bf16<1, 3>}};
   // AVX2's 16 registers: 4 x 2 accumulators, 4 weight vectors and an input one.
   static const Kernel<Bf16> avx2{"AVX2", 4, 2, {tile_avx2<Bf16, 4, 1>, tile_avx2<Bf16, 4, 2>},
                                  {tile_avx2<Bf16, 1, 1>, tile_avx2<Bf16, 1, 2>}};
