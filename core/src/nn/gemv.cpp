@@ -30,6 +30,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -108,9 +109,9 @@ NEVA_AVX512 void store_sums(const __m512 (&acc)[MT][R], float* out) {
 template <int R, int MT>
 NEVA_AVX512_BF16 void tile_avx512bf16(const Bf16* x, const Bf16* w, std::int64_t K, float* out) {
   __m512 acc[MT][R];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int m = 0; m < MT; ++m) {
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
   }
   // Masked loads throughout (a full mask but for the last step): the tail needs no second loop.
@@ -261,43 +262,42 @@ struct Kernel {
   Tile<T> row[kMaxPass];
 };
 
+#if defined(__x86_64__)
+// The AVX-512 tile for each dtype: vdpbf16ps for bf16, FMA for fp32.
 template <typename T>
-const Kernel<T>& kernel();
-
+struct Avx512;
 template <>
-const Kernel<Bf16>& kernel<Bf16>() {
-  static const Kernel<Bf16> scalar{"scalar", 4, 4,
-                                   {tile_scalar<Bf16, 4, 1>, tile_scalar<Bf16, 4, 2>, tile_scalar<Bf16, 4, 3>, tile_scalar<Bf16, 4, 4>},
-                                   {tile_scalar<Bf16, 1, 1>, tile_scalar<Bf16, 1, 2>, tile_scalar<Bf16, 1, 3>, tile_scalar<Bf16, 1, 4>}};
+struct Avx512<Bf16> {
+  static constexpr const char* name = "AVX512-BF16";
+  template <int R, int MT>
+  static constexpr Tile<Bf16> tile = tile_avx512bf16<R, MT>;
+};
+template <>
+struct Avx512<float> {
+  static constexpr const char* name = "AVX-512";
+  template <int R, int MT>
+  static constexpr Tile<float> tile = tile_avx512<R, MT>;
+};
+#endif
+
+// The best kernel family for T that the CPU has and NEVA_GEMV allows.
+template <typename T>
+const Kernel<T>& kernel() {
+  static const Kernel<T> scalar{"scalar", 4, 4, {tile_scalar<T, 4, 1>, tile_scalar<T, 4, 2>, tile_scalar<T, 4, 3>, tile_scalar<T, 4, 4>},
+                                {tile_scalar<T, 1, 1>, tile_scalar<T, 1, 2>, tile_scalar<T, 1, 3>, tile_scalar<T, 1, 4>}};
 #if defined(__x86_64__)
   // AVX-512's 32 registers: 8 x 3 accumulators, 3 input vectors and a weight one (8 rows a block read
-  // 1.0-1.27x faster than 4 in five alternating decode runs).
-  static const Kernel<Bf16> avx512{"AVX512-BF16", 8, 3, {tile_avx512bf16<8, 1>, tile_avx512bf16<8, 2>, tile_avx512bf16<8, 3>},
-                                   {tile_avx512bf16<1, 1>, tile_avx512bf16<1, 2>, tile_avx512bf16<1, 3>}};
+  // 1.0-1.27x faster than 4 in five alternating bf16 decode runs).
+  using A = Avx512<T>;
+  static const Kernel<T> avx512{A::name, 8, 3,
+                                {A::template tile<8, 1>, A::template tile<8, 2>, A::template tile<8, 3>},
+                                {A::template tile<1, 1>, A::template tile<1, 2>, A::template tile<1, 3>}};
   // AVX2's 16 registers: 4 x 2 accumulators, 4 weight vectors and an input one.
-  static const Kernel<Bf16> avx2{"AVX2", 4, 2, {tile_avx2<Bf16, 4, 1>, tile_avx2<Bf16, 4, 2>},
-                                 {tile_avx2<Bf16, 1, 1>, tile_avx2<Bf16, 1, 2>}};
+  static const Kernel<T> avx2{"AVX2", 4, 2, {tile_avx2<T, 4, 1>, tile_avx2<T, 4, 2>}, {tile_avx2<T, 1, 1>, tile_avx2<T, 1, 2>}};
   const Choice& choice = chosen();
-  if (choice.level == Level::Avx512 && choice.bf16_instructions) return avx512;
+  const bool has_avx512_tile = std::is_same_v<T, float> || choice.bf16_instructions;
+  if (choice.level == Level::Avx512 && has_avx512_tile) return avx512;
   if (choice.level >= Level::Avx2) return avx2;
-#endif
-  return scalar;
-}
-
-template <>
-const Kernel<float>& kernel<float>() {
-  static const Kernel<float> scalar{"scalar", 4, 4,
-                                    {tile_scalar<float, 4, 1>, tile_scalar<float, 4, 2>, tile_scalar<float, 4, 3>, tile_scalar<float, 4, 4>},
-                                    {tile_scalar<float, 1, 1>, tile_scalar<float, 1, 2>, tile_scalar<float, 1, 3>, tile_scalar<float, 1, 4>}};
-#if defined(__x86_64__)
-  // AVX-512's 32 registers: 8 x 3 accumulators, 3 input vectors and a weight one.
-  static const Kernel<float> avx512{"AVX-512", 8, 3, {tile_avx512<8, 1>, tile_avx512<8, 2>, tile_avx512<8, 3>},
-                                    {tile_avx512<1, 1>, tile_avx512<1, 2>, tile_avx512<1, 3>}};
-  static const Kernel<float> avx2{"AVX2", 4, 2, {tile_avx2<float, 4, 1>, tile_avx2<float, 4, 2>},
-                                  {tile_avx2<float, 1, 1>, tile_avx2<float, 1, 2>}};
-  const Choice& choice = chosen();
-  if (choice.level == Level::Avx512) return avx512;
-  if (choice.level == Level::Avx2) return avx2;
 #endif
   return scalar;
 }
