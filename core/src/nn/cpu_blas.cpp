@@ -18,9 +18,10 @@
 // slowed the other to below MKL's speed, and the passive wait neva used to set instead made every
 // parallel region pay a wake-up (bf16 decode 12 against 16 tokens/s; docs/benchmarks.md).
 //
-// When: fp32 products of more than 8 rows, whenever libopenblas.so.0 is installed. NEVA_CPU_BLAS=openblas requires it (an error when it
-// cannot be opened), NEVA_CPU_BLAS=aten forces at::linear (bitwise LibTorch's results). Never while
-// autograd records, under CPU autocast or inside an AtenLinearScope: at::linear's then.
+// When: fp32 products of more than 8 rows, whenever libopenblas.so.0 is installed.
+// NEVA_CPU_BLAS=openblas requires it (an error when it cannot be opened), NEVA_CPU_BLAS=aten forces
+// at::linear (bitwise LibTorch's results). Never while autograd records, under CPU autocast or inside an
+// AtenLinearScope: at::linear's then.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/autocast_mode.h>
