@@ -7,6 +7,9 @@
 # llama.cpp is llama-cpp-python 0.3.36 built from its sdist into .bench-venv (a bench-only venv that sees
 # the project's venv for torch/transformers; never a project dependency; ~7 min to build on 2 cores);
 # its GGUF files (F32, BF16) come from the converter in the same sdist. BENCH_SKIP_LLAMACPP=1 skips it.
+# BENCH_PAIRS=N adds, per precision, N neva / llama.cpp decode pairs run back to back (the order
+# flipping each pair), each pair's ratio and their median: the table's runs are minutes apart, and this
+# VM's bandwidth drifts by a third between minutes.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/scripts/bench_guard.sh"  # --save FILE / --compare REF (every figure's ratio)
@@ -102,3 +105,24 @@ for precision in 32 bf16; do
     fraction "$("$root/.bench-venv/bin/python" "$root/scripts/bench_decode.py" llamacpp "$gguf" "$prompt" "$new" "$threads")" "$precision"
   fi
 done
+# Alternating pairs (BENCH_PAIRS): the decode ratio that the VM's drift does not decide.
+decode_rate() { awk '{ for (i = 1; i <= NF; ++i) if ($i == "decode") print $(i + 3) }'; }
+if [ "${BENCH_PAIRS:-0}" -gt 0 ] && [ -z "${BENCH_SKIP_LLAMACPP:-}" ]; then
+  for precision in 32 bf16; do
+    gguf="$work/model-$([ "$precision" = bf16 ] && echo bf16 || echo f32).gguf"
+    pairs=()
+    for ((r = 1; r <= BENCH_PAIRS; r++)); do
+      run_neva() { "$root/build/bin/neva-bench-model" neva.toml --prompt-tokens "$prompt" --new-tokens "$new" --precision "$precision" | decode_rate; }
+      run_llamacpp() { "$root/.bench-venv/bin/python" "$root/scripts/bench_decode.py" llamacpp "$gguf" "$prompt" "$new" "$threads" | decode_rate; }
+      if ((r % 2)); then a="$(run_neva)"; b="$(run_llamacpp)"; else b="$(run_llamacpp)"; a="$(run_neva)"; fi
+      pairs+=("$a/$b")
+    done
+    "$root/.venv/bin/python" - "$precision" "${pairs[@]}" <<'PY'
+import statistics, sys
+precision, pairs = sys.argv[1], [tuple(map(float, p.split("/"))) for p in sys.argv[2:]]
+ratios = [a / b for a, b in pairs]
+shown = ", ".join(f"{a:.2f}/{b:.2f}={a / b:.2f}x" for a, b in pairs)
+print(f"pairs {precision:<4} decode neva/llama.cpp: {shown}; median {statistics.median(ratios):.2f}x")
+PY
+  done
+fi
