@@ -84,7 +84,7 @@ class NEVA_API LinearKernel {
 
 // x @ weight^T (+ bias): at::linear, except for CPU tensors that autograd does not record:
 //  - fp32 and bf16 products of at most 8 rows (decoding) go through neva's own GEMV (AVX-512, AVX512-BF16
-//    or AVX2; fp32 sums): it reads weights faster than OpenBLAS's sgemv and 2-3x faster than the
+//    or AVX2; fp32 sums): it reads weights faster than OpenBLAS's sgemv and about 2x faster than the
 //    wheel's MKL and oneDNN one-row products on AMD processors (docs/benchmarks.md); bf16 results are
 //    rounded once, to nearest even;
 //  - larger fp32 products go through OpenBLAS's cblas_sgemm (opened with RTLD_LOCAL beside LibTorch's
