@@ -441,7 +441,13 @@ std::unique_ptr<KVCache> DecoderBackbone::new_cache(std::int64_t batch, std::int
   auto cache = std::make_unique<DecoderCache>();
   cache->rows = batch;
   cache->capacity = max_tokens;
-  auto options = at::TensorOptions().device(context_.device).dtype(context_.dtypes.compute);
+  // A bf16 model on the CPU keeps its keys and values in fp32 (each already rounded to bf16 by its
+  // projection) and attends over them in fp32 (SelfAttention): the wheel's bf16 SDPA runs MKL's
+  // generic bf16 GEMV on AMD processors, 2-8x slower than fp32 SDPA over the same keys, and widening a
+  // bf16 cache at every step costs more than the attention itself at 1024 keys (docs/benchmarks.md).
+  // Twice the cache's memory, for decode steps that stay fast as the context grows.
+  const bool fp32_cache = context_.device.is_cpu() && context_.dtypes.compute == at::kBFloat16;
+  auto options = at::TensorOptions().device(context_.device).dtype(fp32_cache ? at::kFloat : context_.dtypes.compute);
   const std::int64_t kv_heads = split_heads(config_.num_heads, config_.num_kv_heads, region_.size()).kv_heads;
   for (std::int64_t i = 0; i < config_.num_layers; ++i) {
     if (!model_->by_index[static_cast<std::size_t>(i)]) {  // another pipeline stage's layer

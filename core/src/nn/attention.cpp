@@ -9,12 +9,6 @@
 
 namespace neva {
 
-namespace {
-// Queries up to this many (a decode step's, per sequence) attend in fp32 when the model computes in
-// bf16 on the CPU (below).
-constexpr std::int64_t kWidenedQueries = 8;
-}  // namespace
-
 AttentionMask AttentionMask::build(std::int64_t batch, std::int64_t seq, std::int64_t past,
                                    const at::Tensor& attention_mask, const at::Tensor& segment_ids,
                                    std::int64_t window, c10::Device device) {
@@ -182,15 +176,11 @@ at::Tensor SelfAttention::forward(const at::Tensor& x, const at::Tensor& cos, co
                                              plain_causal ? std::optional<at::Tensor>() : qkv[3], 0.0, plain_causal,
                                              scale, grouped)};
   };
-  // Decoding in bf16 on the CPU: the wheel's bf16 SDPA runs MKL's generic bf16 GEMV
-  // (mkl_blas_def_xgemv_bf16bf16f32) on AMD processors, 7% of a 1.1B decode step; widening the
-  // cached keys and values to fp32 and running fp32 SDPA is 2-6x faster for one query over 32-1024
-  // keys (docs/benchmarks.md), and no less exact (fp32 sums either way; bf16 SDPA also rounds its
-  // probabilities to bf16). The output is rounded to bf16 once.
-  const bool widen = cache && q.device().is_cpu() && q.scalar_type() == at::kBFloat16 && queries <= kWidenedQueries &&
-                     !at::GradMode::is_enabled();
+  // A cache kept in fp32 for a bf16 model (DecoderBackbone::new_cache on the CPU): attention runs in
+  // fp32 over it (the queries widened, fp32 sums either way) and its output is rounded to bf16 once.
+  const bool widen = cache && k.scalar_type() == at::kFloat && q.scalar_type() == at::kBFloat16;
   std::vector<at::Tensor> operands{q, k, v};
-  if (widen) operands = {q.to(at::kFloat), k.to(at::kFloat), v.to(at::kFloat)};
+  if (widen) operands = {q.to(at::kFloat), k, v};
   if (!plain_causal) operands.push_back(visible);
   at::Tensor out = (config_.recompute_core && !cache) ? recomputed(core, operands)[0] : core(operands)[0];
   if (widen) out = out.to(at::kBFloat16);
