@@ -258,15 +258,27 @@ void check_gemv(at::ScalarType dtype) {
       }
     }
   }
-  // Layouts: a vector, a [batch, 1, K] decode step, a non-contiguous input: the same values as contiguous rows.
   const at::Tensor weight = at::randn({24, 40}).to(dtype);
   const at::Tensor rows = at::randn({3, 40}).to(dtype);
-  const at::Tensor reference = neva::nn::linear_product(rows, weight);
-  CHECK(at::equal(neva::nn::linear_product(rows[1], weight), reference[1]));
-  CHECK(at::equal(neva::nn::linear_product(rows.view({3, 1, 40}), weight), reference.view({3, 1, 24})));
-  const at::Tensor spread = at::empty({40, 3}, dtype).t().copy_(rows);
-  CHECK(!spread.is_contiguous());
-  CHECK(at::equal(neva::nn::linear_product(spread, weight), reference));
+  if (!aten) {  // properties of neva's GEMV (LibTorch's GEMV and GEMM paths round differently)
+    // Layouts: a vector, a [batch, 1, K] decode step, a non-contiguous input: the same values as
+    // contiguous rows.
+    const at::Tensor reference = neva::nn::linear_product(rows, weight);
+    CHECK(at::equal(neva::nn::linear_product(rows[1], weight), reference[1]));
+    CHECK(at::equal(neva::nn::linear_product(rows.view({3, 1, 40}), weight), reference.view({3, 1, 24})));
+    const at::Tensor spread = at::empty({40, 3}, dtype).t().copy_(rows);
+    CHECK(!spread.is_contiguous());
+    CHECK(at::equal(neva::nn::linear_product(spread, weight), reference));
+    // A row's sums do not depend on the rows beside it (every row through the same tile order, 1 to 8
+    // rows): a sequence decodes to the same bits alone or batched.
+    const at::Tensor eight = at::randn({8, 100}).to(dtype);
+    const at::Tensor uneven = at::randn({19, 100}).to(dtype);  // two blocks of 8 and a partial one
+    const at::Tensor together = neva::nn::linear_product(eight, uneven);
+    for (std::int64_t m = 1; m < 8; ++m) {
+      CAPTURE(m);
+      CHECK(at::equal(neva::nn::linear_product(eight.narrow(0, 8 - m, m), uneven), together.narrow(0, 8 - m, m)));
+    }
+  }
   // More than 8 rows is a GEMM: oneDNN's for bf16, bitwise (fp32: OpenBLAS's, the case above); so is
   // anything under autograd or in an AtenLinearScope (at::linear's).
   const at::Tensor many = at::randn({9, 40}).to(dtype);
