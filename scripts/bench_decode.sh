@@ -76,11 +76,18 @@ for precision in 32 bf16; do
   bound[$precision]="$(awk -v b="${bytes[$precision]}" -v t="$triad" 'BEGIN { printf "%.2f", t * 1e9 / b }')"
 done
 echo "weights read per decoded token: fp32 ${bytes[32]} bytes, bound ${bound[32]} tokens/s; bf16 bound ${bound[bf16]} tokens/s"
+decode_rate() { awk '{ for (i = 1; i <= NF; ++i) if ($i == "decode") print $(i + 3) }'; }
 fraction() {  # fraction LINE PRECISION -> the line with its decode rate as a fraction of the bound
-  local line="$1"
-  awk -v line="$line" -v bound="${bound[$2]}" 'BEGIN {
-    n = split(line, f, " "); for (i = 1; i <= n; ++i) if (f[i] == "decode") rate = f[i + 3]
-    printf "%s   (%.2f of the bound)\n", line, rate / bound }'
+  local rate
+  rate="$(echo "$1" | decode_rate)"
+  awk -v line="$1" -v rate="$rate" -v bound="${bound[$2]}" 'BEGIN { printf "%s   (%.2f of the bound)\n", line, rate / bound }'
+}
+neva_line() {  # neva_line PRECISION [--batch N] -> neva-bench-model's report
+  "$root/build/bin/neva-bench-model" neva.toml --prompt-tokens "$prompt" --new-tokens "$new" --precision "$@"
+}
+llamacpp_line() {  # llamacpp_line PRECISION -> llama.cpp's line, from the GGUF of that precision
+  "$root/.bench-venv/bin/python" "$root/scripts/bench_decode.py" llamacpp \
+    "$work/model-$([ "$1" = bf16 ] && echo bf16 || echo f32).gguf" "$prompt" "$new" "$threads"
 }
 cd "$work"
 for precision in 32 bf16; do
@@ -88,33 +95,29 @@ for precision in 32 bf16; do
   for run in shipped before; do
     if [ "$precision" = bf16 ] && [ "$run" = before ]; then continue; fi  # bf16 products are oneDNN's either way
     if [ "$run" = before ]; then
-      out="$(NEVA_CPU_BLAS=aten OMP_WAIT_POLICY=active "$root/build/bin/neva-bench-model" neva.toml --prompt-tokens "$prompt" --new-tokens "$new" --precision "$precision")"
+      out="$(NEVA_CPU_BLAS=aten OMP_WAIT_POLICY=active neva_line "$precision")"
       label="neva (MKL, spinning)"
     else
-      out="$("$root/build/bin/neva-bench-model" neva.toml --prompt-tokens "$prompt" --new-tokens "$new" --precision "$precision")"
+      out="$(neva_line "$precision")"
       label="neva"
     fi
     fraction "$(echo "$out" | grep decode | sed "s/^neva  /$label/")" "$precision"
     if [ "$run" = shipped ]; then echo "$out" | grep -E "first token|linear layers" | sed "s/^neva  /$label/"; fi
   done
-  "$root/build/bin/neva-bench-model" neva.toml --prompt-tokens "$prompt" --new-tokens "$new" --precision "$precision" --batch 8 \
-    | grep decode | sed 's/^neva  /neva (batch 8)/'
+  neva_line "$precision" --batch 8 | grep decode | sed 's/^neva  /neva (batch 8)/'
   fraction "$("$root/.venv/bin/python" "$root/scripts/bench_decode.py" hf "$work/model" "$prompt" "$new" 1 "$precision")" "$precision"
-  if [ -z "${BENCH_SKIP_LLAMACPP:-}" ]; then
-    gguf="$work/model-$([ "$precision" = bf16 ] && echo bf16 || echo f32).gguf"
-    fraction "$("$root/.bench-venv/bin/python" "$root/scripts/bench_decode.py" llamacpp "$gguf" "$prompt" "$new" "$threads")" "$precision"
-  fi
+  [ -n "${BENCH_SKIP_LLAMACPP:-}" ] || fraction "$(llamacpp_line "$precision")" "$precision"
 done
 # Alternating pairs (BENCH_PAIRS): the decode ratio that the VM's drift does not decide.
-decode_rate() { awk '{ for (i = 1; i <= NF; ++i) if ($i == "decode") print $(i + 3) }'; }
 if [ "${BENCH_PAIRS:-0}" -gt 0 ] && [ -z "${BENCH_SKIP_LLAMACPP:-}" ]; then
   for precision in 32 bf16; do
-    gguf="$work/model-$([ "$precision" = bf16 ] && echo bf16 || echo f32).gguf"
     pairs=()
     for ((r = 1; r <= BENCH_PAIRS; r++)); do
-      run_neva() { "$root/build/bin/neva-bench-model" neva.toml --prompt-tokens "$prompt" --new-tokens "$new" --precision "$precision" | decode_rate; }
-      run_llamacpp() { "$root/.bench-venv/bin/python" "$root/scripts/bench_decode.py" llamacpp "$gguf" "$prompt" "$new" "$threads" | decode_rate; }
-      if ((r % 2)); then a="$(run_neva)"; b="$(run_llamacpp)"; else b="$(run_llamacpp)"; a="$(run_neva)"; fi
+      if ((r % 2)); then
+        a="$(neva_line "$precision" | decode_rate)"; b="$(llamacpp_line "$precision" | decode_rate)"
+      else
+        b="$(llamacpp_line "$precision" | decode_rate)"; a="$(neva_line "$precision" | decode_rate)"
+      fi
       pairs+=("$a/$b")
     done
     "$root/.venv/bin/python" - "$precision" "${pairs[@]}" <<'PY'

@@ -132,6 +132,8 @@ NEVA_AVX512_BF16 void tile_avx512bf16(const Bf16* x, const Bf16* w, std::int64_t
   store_sums<R, MT>(acc, out);
 }
 
+// The same shape as tile_avx512bf16, kept apart: a template's target attribute covers every
+// instantiation, and this tile must run on AVX-512 processors without AVX512-BF16.
 template <int R, int MT>
 NEVA_AVX512 void tile_avx512(const float* x, const float* w, std::int64_t K, float* out) {
   __m512 acc[MT][R];
